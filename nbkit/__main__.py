@@ -1,0 +1,3 @@
+from nbkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""`session.json`: the manifest of one session, as dataclasses.
+
+The manifest is the single source of truth about a session: which base model it trains, which images
+and captions it uses, the training settings, how far training got, and what was run. It carries a
+`schema_version`; `upgrade` turns any older manifest into the current shape, and `Manifest.from_dict`
+rejects unknown keys so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Literal
+
+from nbkit.config import StrictConfig
+from nbkit.errors import NbkitError
+from nbkit.train_config import TrainConfig
+
+SCHEMA_VERSION = 2
+
+Stage = Literal["idle", "text_encoder", "unet", "done"]
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class BaseModelRef(StrictConfig):
+    """The base model a session trains on.
+
+    Args:
+        source: a registry key (e.g. `sd15`), a hub repo id, a local folder or file, or a URL.
+        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        prediction_type: `epsilon` or `v_prediction`.
+        resolution: the training resolution in pixels (square).
+        revision: a hub revision, if pinned.
+    """
+
+    source: str
+    family: str
+    prediction_type: str = "epsilon"
+    resolution: int = 512
+    revision: str | None = None
+
+
+@dataclasses.dataclass
+class ImageRecord(StrictConfig):
+    """One instance image the session trains on (paths are relative to the session folder)."""
+
+    file: str
+    original: str
+    sha256: str
+    caption: str
+    width: int
+    height: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TrainingState(StrictConfig):
+    """How far training got; `last_checkpoint` is relative to the session folder."""
+
+    stage: Stage = "idle"
+    step: int = 0
+    last_checkpoint: str | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class RunRecord(StrictConfig):
+    """One entry of the session's history: a training run, a conversion, an import."""
+
+    kind: str
+    started: str
+    finished: str | None = None
+    status: Literal["running", "ok", "failed", "interrupted"] = "running"
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Manifest(StrictConfig):
+    name: str
+    schema_version: int = SCHEMA_VERSION
+    created: str = dataclasses.field(default_factory=now_iso)
+    updated: str = dataclasses.field(default_factory=now_iso)
+    base_model: BaseModelRef | None = None
+    training: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    state: TrainingState = dataclasses.field(default_factory=TrainingState)
+    images: list[ImageRecord] = dataclasses.field(default_factory=list)
+    history: list[RunRecord] = dataclasses.field(default_factory=list)
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 (nbkit 0.0) kept a flat layout: model id, resolution and step counts at the top level."""
+    data = dict(data)
+    upgraded: dict[str, Any] = {"name": data.pop("name"), "schema_version": 2}
+    for key in ("created", "updated"):
+        if key in data:
+            upgraded[key] = data.pop(key)
+    model = data.pop("model", None)
+    resolution = data.pop("resolution", 512)
+    if model:
+        upgraded["base_model"] = {
+            "source": model,
+            "family": data.pop("family", "sd1"),
+            "prediction_type": "v_prediction" if data.pop("v_prediction", False) else "epsilon",
+            "resolution": resolution,
+        }
+    training = {"resolution": resolution}
+    for old, new in (
+        ("unet_steps", "unet_steps"),
+        ("unet_lr", "unet_lr"),
+        ("text_encoder_steps", "text_encoder_steps"),
+        ("text_encoder_lr", "text_encoder_lr"),
+        ("seed", "seed"),
+    ):
+        if old in data:
+            training[new] = data.pop(old)
+    upgraded["training"] = training
+    if "step" in data:
+        upgraded["state"] = {"step": data.pop("step"), "stage": data.pop("stage", "idle")}
+    data.pop("schema_version", None)
+    if data:
+        raise NbkitError(f"unknown key '{sorted(data)[0]}' in a schema 1 session.json")
+    return upgraded
+
+
+_UPGRADES = {1: _upgrade_v1}
+
+
+def upgrade(data: dict[str, Any], *, where: str = "session.json") -> dict[str, Any]:
+    """Bring a manifest dict of any known schema version up to `SCHEMA_VERSION`."""
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise NbkitError(f"{where} has no integer schema_version", fix="restore it from a backup or export")
+    if version > SCHEMA_VERSION:
+        raise NbkitError(
+            f"{where} has schema_version {version}, newer than this nbkit understands ({SCHEMA_VERSION})",
+            fix="upgrade nbkit (pip install -U nbkit)",
+        )
+    while version < SCHEMA_VERSION:
+        data = _UPGRADES[version](data)
+        version = data["schema_version"]
+    return data
+
+
+def load_manifest(data: dict[str, Any], *, where: str = "session.json") -> Manifest:
+    return Manifest.from_dict(upgrade(data, where=where), where=where)

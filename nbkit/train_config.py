@@ -1,0 +1,60 @@
+"""The DreamBooth training settings stored in `session.json`.
+
+Defaults follow the fast-DreamBooth notebook that users know (UNet 1500 steps at 2e-6, text encoder
+350 steps at 1e-6, 512 px, fp16 on GPU); everything else is what diffusers' and kohya's trainers
+consider a sound default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from nbkit.config import StrictConfig
+
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]
+
+
+@dataclasses.dataclass
+class PriorPreservation(StrictConfig):
+    """Class images that keep the model's idea of the class word (prior preservation).
+
+    `num_images == 0` turns it off.
+    """
+
+    class_prompt: str = ""
+    num_images: int = 0
+    loss_weight: float = 1.0
+    generation_steps: int = 25
+
+
+@dataclasses.dataclass
+class TrainConfig(StrictConfig):
+    """Settings for one two-stage DreamBooth run (stage 1: text encoder, stage 2: UNet)."""
+
+    resolution: int = 512
+    text_encoder_steps: int = 350
+    text_encoder_lr: float = 1e-6
+    unet_steps: int = 1500
+    unet_lr: float = 2e-6
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr_schedule: LrSchedule = "linear"
+    lr_warmup_steps: int = 0
+    seed: int | None = None
+    offset_noise: float = 0.0
+    min_snr_gamma: float | None = None
+    random_flip: bool = False
+    external_captions: bool = True
+    prior: PriorPreservation = dataclasses.field(default_factory=PriorPreservation)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_prompts: list[str] = dataclasses.field(default_factory=list)
+    sample_steps: int = 25
+    sample_seed: int = 1234
+    mixed_precision: MixedPrecision = "auto"
+    gradient_checkpointing: bool = True
+    use_8bit_adam: bool = True
+    lora_rank: int = 0
+    lora_alpha: float | None = None

@@ -1,0 +1,35 @@
+"""Shared test set-up: no network, few threads, and tiny models built once per test run."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub: a test that reaches the network is a bug.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own storage root, never the user's ~/nbkit."""
+    monkeypatch.setenv("NBKIT_HOME", str(tmp_path / "nbkit-home"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(family)` -> a diffusers folder of that tiny family, built once per run."""
+    from nbkit.models.tiny import save_tiny_pipeline
+
+    built: dict[str, os.PathLike] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = save_tiny_pipeline(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
