@@ -46,7 +46,14 @@ class BaseModelRef(StrictConfig):
 
 @dataclasses.dataclass
 class ImageRecord(StrictConfig):
-    """One instance image the session trains on (paths are relative to the session folder)."""
+    """One instance image the session trains on (paths are relative to the session folder).
+
+    `file` is the processed copy training reads (`width` x `height`); `original` the upload as it was.
+    `sha256` hashes the decoded upright RGB pixels of the original (`nbkit.images.checks.pixel_sha256`),
+    so a renamed or re-saved copy of the same photo is recognised. `caption` is the full caption
+    training uses; `token` the instance token from the file name (what fast-DreamBooth trains on
+    without external captions). Boxes are `[left, top, right, bottom]` in pixels of the upright original.
+    """
 
     file: str
     original: str
@@ -55,6 +62,15 @@ class ImageRecord(StrictConfig):
     width: int
     height: int
     notes: list[str] = dataclasses.field(default_factory=list)
+    source: str = ""
+    token: str = ""
+    caption_source: Literal["filename", "txt", "editor"] = "filename"
+    original_width: int = 0
+    original_height: int = 0
+    crop: Literal["smart", "center", "none"] = "smart"
+    focus: Literal["face", "saliency", "center", "none", "manual"] = "center"
+    crop_box: list[int] | None = None
+    face_box: list[int] | None = None
 
 
 @dataclasses.dataclass

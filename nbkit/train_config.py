@@ -42,6 +42,7 @@ class TrainConfig(StrictConfig):
     gradient_accumulation: int = 1
     lr_schedule: LrSchedule = "linear"
     lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
     seed: int | None = None
     offset_noise: float = 0.0
     min_snr_gamma: float | None = None

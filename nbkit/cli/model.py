@@ -1,0 +1,87 @@
+"""`nbkit model`: list the base models, build tiny ones, fetch models into the cache, inspect a model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("model", help="base models: list, fetch, inspect, build tiny ones")
+    actions = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="the base models nbkit offers")
+    listing.set_defaults(func=list_command)
+
+    tiny = actions.add_parser("tiny", help="save a tiny random-weight model (offline) as a diffusers folder")
+    tiny.add_argument("family", metavar="FAMILY", help="sd1, sd2, sd2-v or sdxl (tiny-sd1 ... also accepted)")
+    tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    tiny.set_defaults(func=tiny_command)
+
+    fetch = actions.add_parser("fetch", help="download a model into the cache and print its local path")
+    fetch.add_argument("source", metavar="SOURCE", help="registry key, owner/name[@revision], path or URL")
+    fetch.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    precision = fetch.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--fp16", dest="fp16", action="store_true", default=None, help="the hub's fp16 files"
+    )
+    precision.add_argument("--full", dest="fp16", action="store_false", help="the hub's full-precision files")
+    fetch.add_argument("--sha256", default=None, help="expected sha256 of a URL download")
+    fetch.set_defaults(func=fetch_command)
+
+    info = actions.add_parser("info", help="tell a model's family, prediction type and resolution")
+    info.add_argument("source", metavar="PATH", help="a diffusers folder (or any source `fetch` takes)")
+    info.set_defaults(func=info_command)
+
+
+def list_command(args: argparse.Namespace) -> int:
+    from nbkit.models.registry import MODELS
+
+    rows = [("KEY", "FAMILY", "PREDICTION", "NATIVE", "RANGE", "SOURCE")]
+    for spec in MODELS.values():
+        allowed = spec.allowed_resolutions
+        source = spec.repo_id if spec.source == "hub" else "built offline by nbkit"
+        rows.append(
+            (spec.key, spec.family, spec.prediction_type, str(spec.native_resolution),
+             f"{allowed[0]}-{allowed[-1]}", source)
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def tiny_command(args: argparse.Namespace) -> int:
+    from nbkit.models.tiny import save_tiny_pipeline
+
+    family = args.family.removeprefix("tiny-")
+    print(save_tiny_pipeline(family, args.out_dir))
+    return 0
+
+
+def fetch_command(args: argparse.Namespace) -> int:
+    from nbkit.models.sources import resolve_source
+
+    resolved = resolve_source(
+        args.source, revision=args.revision, fp16=args.fp16, expected_sha256=args.sha256
+    )
+    print(resolved.path)
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    from nbkit.models.loading import detect_family_from_config
+    from nbkit.models.registry import FAMILIES
+    from nbkit.models.sources import resolve_source
+
+    resolved = resolve_source(args.source)
+    print(f"path:       {resolved.path}")
+    if resolved.kind == "single_file":
+        print("kind:       single-file checkpoint (`nbkit convert` reads its family from the weights)")
+        return 0
+    detected = detect_family_from_config(resolved.path)
+    print("kind:       diffusers folder" + (f" ({resolved.variant} weights)" if resolved.variant else ""))
+    print(f"family:     {detected.family} ({FAMILIES[detected.family].title})")
+    print(f"prediction: {detected.prediction_type}")
+    print(f"resolution: {detected.native_resolution}")
+    return 0

@@ -1,0 +1,184 @@
+"""`nbkit session ...`: create, open, list, show, rename, delete, export, import and unlock sessions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nbkit.errors import NbkitError
+from nbkit.lock import force_unlock, live_holder
+from nbkit.manifest import BaseModelRef
+from nbkit.session import Session, session_path
+from nbkit.session_store import delete_session, export_session, import_session, list_sessions, rename_session
+
+
+def _base_model(source: str, family: str | None, resolution: int | None) -> BaseModelRef:
+    from nbkit.models.registry import find_model, get_family
+
+    spec = find_model(source)
+    if spec is not None:
+        if family is not None and family != spec.family:
+            raise NbkitError(f"{spec.key} is a {spec.family} model, not {family}", fix="leave out --family")
+        return BaseModelRef(
+            spec.key, spec.family, spec.prediction_type, resolution or spec.native_resolution, spec.revision
+        )
+    if family is None:
+        raise NbkitError(
+            f"{source!r} is not a model nbkit knows, so its family is needed",
+            fix="add --family sd1, sd2, sd2-v or sdxl",
+        )
+    facts = get_family(family)
+    return BaseModelRef(source, family, facts.prediction_type, resolution or facts.native_resolution)
+
+
+def create(args: argparse.Namespace) -> int:
+    base = _base_model(args.base_model, args.family, args.resolution) if args.base_model else None
+    session = Session.create(args.name, root=args.root, base_model=base, exist_ok=args.exist_ok)
+    print(f"Session {session.name} is at {session.path}")
+    return 0
+
+
+def open_(args: argparse.Namespace) -> int:
+    print(Session.open(args.name, root=args.root).path)
+    return 0
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def list_(args: argparse.Namespace) -> int:
+    rows = list_sessions(args.root)
+    if args.json:
+        print(json.dumps([{**vars(row), "path": str(row.path)} for row in rows], indent=2))
+        return 0
+    if not rows:
+        print("No sessions yet; create one with `nbkit session create NAME`.")
+        return 0
+    header = ("NAME", "UPDATED", "SIZE", "IMAGES", "STAGE", "STEP", "BASE MODEL", "NOTE")
+    table = [
+        (
+            row.name,
+            (row.updated or "-")[:16].replace("T", " "),
+            _size(row.size),
+            str(row.images),
+            row.stage or "-",
+            "-" if row.step is None else str(row.step),
+            row.base_model or "-",
+            f"UNREADABLE: {row.problem}"
+            if row.problem
+            else (f"locked by {row.locked_by}" if row.locked_by else ""),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header) - 1)]
+    for line in [header, *table]:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1]]).rstrip())
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    session = Session.open(args.name, root=args.root)
+    manifest = session.manifest
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    base = manifest.base_model
+    holder = live_holder(session.path)
+    print(f"Session     {session.name}")
+    print(f"Folder      {session.path}")
+    print(f"Created     {manifest.created}   updated {manifest.updated}")
+    print(f"Base model  {f'{base.source} ({base.family}, {base.resolution} px)' if base else '-'}")
+    print(f"Images      {len(manifest.images)} in the manifest")
+    print(f"Training    stage {manifest.state.stage}, step {manifest.state.step}")
+    print(f"Checkpoint  {manifest.state.last_checkpoint or '-'}")
+    print(f"Lock        {holder.describe() if holder else 'free'}")
+    for record in manifest.history[-5:]:
+        print(f"  {record.started}  {record.kind:<10} {record.status}")
+    return 0
+
+
+def rename(args: argparse.Namespace) -> int:
+    session = rename_session(args.old, args.new, root=args.root)
+    print(f"Renamed to {session.name} ({session.path})")
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    path = session_path(args.name, args.root)
+    delete_session(args.name, root=args.root, confirm=args.yes)
+    print(f"Deleted {path}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    print(f"Exported to {export_session(args.name, args.out, root=args.root)}")
+    return 0
+
+
+def import_(args: argparse.Namespace) -> int:
+    session = import_session(args.src, name=args.name, root=args.root)
+    print(f"Imported as {session.name} ({session.path})")
+    return 0
+
+
+def unlock(args: argparse.Namespace) -> int:
+    path = session_path(args.name, args.root)
+    if not path.is_dir():
+        raise NbkitError(f"there is no session named '{path.name}'", path=path.parent)
+    removed = force_unlock(path)
+    print(f"Removed the lock of {removed.describe()}" if removed else f"{args.name} was not locked")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("session", help="create, list, rename, delete, export and import sessions")
+    parser.set_defaults(func=lambda _: parser.print_help() or 1)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="storage root (default: Drive on Colab, else NBKIT_HOME or ~/nbkit)",
+    )
+
+    def action(name: str, func, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(func=func)
+        return sub
+
+    sub = action("create", create, "make a new session (spaces in NAME become '_')")
+    sub.add_argument("name")
+    sub.add_argument(
+        "--base-model", help="a registry key (sd15, sdxl, ...), hub repo id, folder, file or URL"
+    )
+    sub.add_argument(
+        "--family", choices=["sd1", "sd2", "sd2-v", "sdxl"], help="needed for models nbkit does not know"
+    )
+    sub.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
+    sub.add_argument("--exist-ok", action="store_true", help="open the session if it already exists")
+    action("open", open_, "check a session, tidy interrupted writes, print its folder").add_argument("name")
+    action("list", list_, "list sessions as a table").add_argument("--json", action="store_true")
+    sub = action("show", show, "describe one session")
+    sub.add_argument("name")
+    sub.add_argument("--json", action="store_true", help="print the whole session.json")
+    sub = action("rename", rename, "rename a session")
+    sub.add_argument("old")
+    sub.add_argument("new")
+    sub = action("delete", delete, "delete a session and everything in it")
+    sub.add_argument("name")
+    sub.add_argument("--yes", action="store_true", help="really delete (required)")
+    sub = action("export", export, "write a session to a zip file")
+    sub.add_argument("name")
+    sub.add_argument("out", type=Path, help="the zip file, or a folder to write NAME.zip into")
+    sub = action("import", import_, "make a session from an exported zip or a session folder")
+    sub.add_argument("src", type=Path)
+    sub.add_argument("--name", help="import under this name (needed if the session already exists)")
+    action("unlock", unlock, "remove a session's lock when its holder is gone for sure").add_argument("name")

@@ -1,0 +1,209 @@
+"""The base models users pick from, and the facts about each model family.
+
+`FAMILIES` is the one place that knows what sets SD 1.x, SD 2.x (epsilon and v-prediction) and SDXL
+apart: prediction type, native resolution, the resolutions that make sense, the text encoders. The
+conversion and training code read it from here rather than repeating those facts.
+
+`MODELS` are the choices a notebook offers: the four real hub models and a tiny random-weight model of
+each family that nbkit builds offline for tests and demos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Literal
+
+from nbkit.errors import NbkitError
+
+PredictionType = Literal["epsilon", "v_prediction"]
+RESOLUTION_STEP = 64  # VAE downsamples by 8, the UNet by 8 more: sizes must divide by 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    """What a model family is.
+
+    Args:
+        name: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        title: the name people know it by.
+        prediction_type: what its UNet predicts, `epsilon` or `v_prediction`.
+        native_resolution: the square size it was trained at, in pixels.
+        allowed_resolutions: the sizes that give sensible images without forcing.
+        pipeline_class: the diffusers pipeline class that runs it.
+        text_encoder_count: 1, or 2 for SDXL.
+        cross_attention_dim: the real models' text-embedding width the UNet attends to.
+    """
+
+    name: str
+    title: str
+    prediction_type: PredictionType
+    native_resolution: int
+    allowed_resolutions: range
+    pipeline_class: str
+    text_encoder_count: int
+    cross_attention_dim: int
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec("sd1", "SD 1.x", "epsilon", 512, range(384, 641, 64), "StableDiffusionPipeline", 1, 768),
+        FamilySpec("sd2", "SD 2.x (512)", "epsilon", 512, range(384, 641, 64), "StableDiffusionPipeline", 1, 1024),
+        FamilySpec(
+            "sd2-v", "SD 2.x (768, v-prediction)", "v_prediction", 768, range(640, 961, 64),
+            "StableDiffusionPipeline", 1, 1024,
+        ),
+        FamilySpec("sdxl", "SDXL", "epsilon", 1024, range(768, 1153, 64), "StableDiffusionXLPipeline", 2, 2048),
+    )
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A base model users can pick.
+
+    Args:
+        key: the short name (`sd15`, `sdxl`, `tiny-sd1`, ...).
+        family: a key of `FAMILIES`.
+        title: a one-line description for menus.
+        repo_id: the Hugging Face hub repository, or None for models nbkit builds itself.
+        source: `hub` (downloaded) or `tiny` (built locally by `nbkit.models.tiny`).
+        native_resolution: the square size the model was trained at.
+        allowed_resolutions: the sizes accepted without `force`.
+        variant: the weight variant to download by default (`fp16` halves the download).
+        revision: a pinned hub revision, or None for the default branch.
+        aliases: other names that mean this model (renamed hub repositories).
+    """
+
+    key: str
+    family: str
+    title: str
+    repo_id: str | None
+    source: Literal["hub", "tiny"]
+    native_resolution: int
+    allowed_resolutions: range
+    variant: str | None = None
+    revision: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return FAMILIES[self.family].prediction_type
+
+    @property
+    def family_spec(self) -> FamilySpec:
+        return FAMILIES[self.family]
+
+
+def _hub(key: str, repo_id: str, family: str, title: str, aliases: tuple[str, ...] = ()) -> ModelSpec:
+    facts = FAMILIES[family]
+    return ModelSpec(
+        key, family, title, repo_id, "hub", facts.native_resolution, facts.allowed_resolutions,
+        variant="fp16", aliases=aliases,
+    )  # fmt: skip
+
+
+# The tiny models keep the real VAE's factor of 8 and the real UNet depths, so 64 px (an 8x8 latent)
+# is the smallest size that goes through every level; sd2-v is built at 128, as 768 is to 512.
+# These match nbkit.models.tiny.TINY_RESOLUTION (a test checks), without importing it.
+TINY_NATIVE_RESOLUTION = {"sd1": 64, "sd2": 64, "sd2-v": 128, "sdxl": 64}
+TINY_RESOLUTIONS = range(64, 257, 64)
+
+
+def _tiny(family: str) -> ModelSpec:
+    return ModelSpec(
+        f"tiny-{family}", family, f"Tiny random {FAMILIES[family].title} (offline, for tests and demos)",
+        None, "tiny", TINY_NATIVE_RESOLUTION[family], TINY_RESOLUTIONS,
+    )  # fmt: skip
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        _hub("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd1", "Stable Diffusion 1.5",
+             aliases=("runwayml/stable-diffusion-v1-5",)),
+        _hub("sd21-512", "stabilityai/stable-diffusion-2-1-base", "sd2", "Stable Diffusion 2.1 base (512 px)"),
+        _hub("sd21-768", "stabilityai/stable-diffusion-2-1", "sd2-v", "Stable Diffusion 2.1 (768 px, v-prediction)"),
+        _hub("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "Stable Diffusion XL base 1.0"),
+        *(_tiny(family) for family in FAMILIES),
+    )
+}  # fmt: skip
+
+
+def get_family(name: str) -> FamilySpec:
+    """Return the facts of family `name`, or raise `NbkitError` listing the families."""
+    if name not in FAMILIES:
+        raise NbkitError(
+            f"unknown model family {name!r}",
+            fix=f"use one of: {', '.join(FAMILIES)}",
+        )
+    return FAMILIES[name]
+
+
+def find_model(key_or_repo: str) -> ModelSpec | None:
+    """Return the registry entry for a key, hub repo id or alias (case-insensitive), or None."""
+    wanted = key_or_repo.strip().lower()
+    for spec in MODELS.values():
+        names = (spec.key, spec.repo_id or "", *spec.aliases)
+        if wanted in (name.lower() for name in names):
+            return spec
+    return None
+
+
+def get_model(key_or_repo: str) -> ModelSpec:
+    """Return the registry entry for a key (`sd15`), hub repo id or alias.
+
+    Args:
+        key_or_repo: what the user typed.
+
+    Raises:
+        NbkitError: when it names no registry model; the message lists the keys.
+    """
+    spec = find_model(key_or_repo)
+    if spec is None:
+        raise NbkitError(
+            f"{key_or_repo!r} is not a model nbkit knows",
+            fix=f"use one of: {', '.join(MODELS)}; or give a hub repo id (owner/name), a local "
+            "diffusers folder, a .safetensors file or a URL",
+        )
+    return spec
+
+
+def validate_resolution(spec: ModelSpec, px: int, *, force: bool = False) -> int:
+    """Check a square training/generation size against what the model was trained for.
+
+    Args:
+        spec: the model.
+        px: the size in pixels.
+        force: accept a size outside the model's sensible range, with a warning.
+
+    Returns:
+        `px`, when it is accepted.
+
+    Raises:
+        NbkitError: when `px` is not a positive multiple of 64, or outside the sensible range without force.
+    """
+    if isinstance(px, bool) or not isinstance(px, int) or px <= 0:
+        raise NbkitError(f"resolution {px!r} is not a positive whole number of pixels")
+    if px % RESOLUTION_STEP:
+        lower = max(RESOLUTION_STEP, px // RESOLUTION_STEP * RESOLUTION_STEP)
+        raise NbkitError(
+            f"resolution {px} is not a multiple of {RESOLUTION_STEP} (the VAE and UNet halve it 6 times)",
+            fix=f"use {lower} or {lower + RESOLUTION_STEP}",
+        )
+    allowed = spec.allowed_resolutions
+    if px in allowed:
+        return px
+    title = FAMILIES[spec.family].title
+    effect = (
+        "usually gives doubled subjects" if px > allowed[-1] else "usually gives smeared, low-detail images"
+    )
+    reason = f"{title} was trained at {spec.native_resolution}; {px} needs --force-resolution and {effect}"
+    if not force:
+        raise NbkitError(
+            f"resolution {px} is outside {allowed[0]}-{allowed[-1]} for {spec.key}: {reason}",
+            fix=f"use {spec.native_resolution}, or pass --force-resolution (force=True) to try it anyway",
+        )
+    warnings.warn(f"forcing resolution {px} on {spec.key}: {reason}", UserWarning, stacklevel=2)
+    return px

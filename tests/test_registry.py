@@ -1,0 +1,138 @@
+"""The base-model registry, the family facts and resolution validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbkit.cli import main
+from nbkit.errors import NbkitError
+from nbkit.models import registry
+from nbkit.models.registry import FAMILIES, MODELS, get_family, get_model, validate_resolution
+
+
+def test_family_facts():
+    facts = {
+        name: (f.prediction_type, f.native_resolution, f.text_encoder_count) for name, f in FAMILIES.items()
+    }
+    assert facts == {
+        "sd1": ("epsilon", 512, 1),
+        "sd2": ("epsilon", 512, 1),
+        "sd2-v": ("v_prediction", 768, 1),
+        "sdxl": ("epsilon", 1024, 2),
+    }
+    with pytest.raises(NbkitError, match="sd1, sd2, sd2-v, sdxl"):
+        get_family("sd3")
+
+
+@pytest.mark.parametrize(
+    ("key", "repo_id", "family", "prediction", "native"),
+    [
+        ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd1", "epsilon", 512),
+        ("sd21-512", "stabilityai/stable-diffusion-2-1-base", "sd2", "epsilon", 512),
+        ("sd21-768", "stabilityai/stable-diffusion-2-1", "sd2-v", "v_prediction", 768),
+        ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "epsilon", 1024),
+    ],
+)
+def test_hub_models(key, repo_id, family, prediction, native):
+    spec = get_model(key)
+    assert (spec.repo_id, spec.family, spec.prediction_type, spec.native_resolution) == (
+        repo_id,
+        family,
+        prediction,
+        native,
+    )
+    assert spec.source == "hub" and native in spec.allowed_resolutions
+    assert get_model(repo_id) is spec
+    assert get_model(repo_id.upper()) is spec
+
+
+def test_renamed_repo_is_an_alias():
+    assert get_model("runwayml/stable-diffusion-v1-5").key == "sd15"
+
+
+def test_tiny_models_match_what_nbkit_builds():
+    from nbkit.models.tiny import TINY_FAMILIES, TINY_RESOLUTION
+
+    for family in TINY_FAMILIES:
+        spec = get_model(f"tiny-{family}")
+        assert (spec.family, spec.source, spec.repo_id) == (family, "tiny", None)
+        assert spec.native_resolution == TINY_RESOLUTION[family]
+        assert spec.native_resolution in spec.allowed_resolutions
+
+
+def test_unknown_model_lists_the_keys():
+    with pytest.raises(NbkitError) as caught:
+        get_model("sd-1.5")
+    message = str(caught.value)
+    assert "'sd-1.5' is not a model nbkit knows" in message
+    assert all(key in message for key in MODELS)
+
+
+@pytest.mark.parametrize(
+    ("key", "px", "accepted"),
+    [
+        ("sd15", 512, True),
+        ("sd15", 384, True),
+        ("sd15", 640, True),
+        ("sd15", 768, False),
+        ("sd15", 256, False),
+        ("sd21-512", 768, False),
+        ("sd21-768", 768, True),
+        ("sd21-768", 512, False),
+        ("sdxl", 1024, True),
+        ("sdxl", 768, True),
+        ("sdxl", 512, False),
+        ("sdxl", 704, False),
+        ("tiny-sd1", 64, True),
+        ("tiny-sd2-v", 128, True),
+        ("tiny-sdxl", 512, False),
+    ],
+)
+def test_resolution_table(key, px, accepted):
+    spec = get_model(key)
+    if accepted:
+        assert validate_resolution(spec, px) == px
+    else:
+        with pytest.raises(NbkitError, match="needs --force-resolution"):
+            validate_resolution(spec, px)
+        with pytest.warns(UserWarning, match=f"forcing resolution {px}"):
+            assert validate_resolution(spec, px, force=True) == px
+
+
+def test_768_on_sd15_says_why():
+    with pytest.raises(NbkitError) as caught:
+        validate_resolution(get_model("sd15"), 768)
+    assert (
+        "SD 1.x was trained at 512; 768 needs --force-resolution and usually gives doubled subjects"
+        in str(caught.value)
+    )
+
+
+def test_sdxl_below_768_says_why():
+    with pytest.raises(NbkitError, match="SDXL was trained at 1024; 512 needs --force-resolution"):
+        validate_resolution(get_model("sdxl"), 512)
+
+
+@pytest.mark.parametrize("px", [520, 500, 1000, 0, -512, 512.0, True, "512"])
+def test_bad_sizes_are_refused_even_with_force(px):
+    with pytest.raises(NbkitError, match=r"multiple of 64|positive whole number"):
+        validate_resolution(get_model("sd15"), px, force=True)
+
+
+def test_520_suggests_the_neighbours():
+    with pytest.raises(NbkitError, match="use 512 or 576"):
+        validate_resolution(get_model("sd15"), 520)
+
+
+def test_specs_are_frozen():
+    with pytest.raises(AttributeError):
+        registry.MODELS["sd15"].family = "sdxl"
+
+
+def test_cli_model_list(capsys):
+    assert main(["model", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["KEY", "FAMILY", "PREDICTION", "NATIVE", "RANGE", "SOURCE"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(MODELS)
+    assert rows["sd21-768"][:5] == ["sd21-768", "sd2-v", "v_prediction", "768", "640-960"]
