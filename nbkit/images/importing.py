@@ -1,0 +1,381 @@
+"""Import instance images into a session: check, de-duplicate, crop, caption, record.
+
+The import works file by file and never lets one bad file stop the others; each gets a row in the
+report. It never touches what the session already has: new files get new names (a clash becomes
+`name (2)`), every file is written atomically, session.json is saved once at the end, and if anything
+fails before that save the files written so far are removed again. Files kept per image:
+
+- `instance_images/originals/<name>`: the file exactly as uploaded (re-crop and audit need it);
+- `instance_images/<stem>.png`: the processed copy training reads, square at the training
+  resolution (PNG: lossless, so re-saving never adds JPEG artifacts the model could learn);
+- `captions/<stem>.txt`: a mirror of the caption recorded in session.json.
+
+Duplicates are found by `pixel_sha256`, the hash of the decoded, upright RGB pixels, not of the file
+bytes: a photo renamed, re-saved losslessly, stripped of its EXIF, or stored rotated with an EXIF tag
+instead of rotated pixels is still the same picture and is skipped. (A re-compressed JPEG has
+different pixels and is not caught; neither would a file hash catch it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from nbkit.errors import NbkitError
+from nbkit.fsio import atomic_write_bytes, clean_temporaries
+from nbkit.images.captions import (
+    CaptionMode,
+    check_caption_mode,
+    compose_caption,
+    decode_caption_file,
+    token_from_filename,
+    token_warnings,
+    write_caption_file,
+)
+from nbkit.images.checks import DEFAULT_MAX_PIXELS, WARNING_PREFIX, CheckedImage, check_image, pixel_sha256
+from nbkit.images.contact_sheet import write_contact_sheet
+from nbkit.images.crop import CropChoice, CropMode, FaceDetector, check_crop_mode, choose_crop, render_crop
+from nbkit.images.report import ImageReport
+from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
+from nbkit.manifest import ImageRecord, RunRecord, now_iso
+
+if TYPE_CHECKING:
+    from nbkit.session import Session
+
+INSTANCE_DIR = "instance_images"
+ORIGINALS_DIR = "originals"
+PROCESSED_SUFFIX = ".png"
+RESOLUTION_STEP = 64
+FORMAT_SUFFIXES = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "TIFF": ".tif",
+}
+
+
+@dataclasses.dataclass
+class _Batch:
+    """What one import has decided so far (nothing in session.json changes until the end)."""
+
+    records: list[ImageRecord] = dataclasses.field(default_factory=list)
+    written: list[Path] = dataclasses.field(default_factory=list)
+    hashes: dict[str, str] = dataclasses.field(default_factory=dict)
+    taken: set[str] = dataclasses.field(default_factory=set)
+
+
+def session_resolution(session: Session) -> int:
+    """The square size instance images are processed at: the base model's, else the training config's."""
+    manifest = session.manifest
+    return manifest.base_model.resolution if manifest.base_model is not None else manifest.training.resolution
+
+
+def check_resolution(resolution: int) -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+        raise NbkitError(f"resolution {resolution!r} is not a positive whole number of pixels")
+    if resolution % RESOLUTION_STEP:
+        lower = max(RESOLUTION_STEP, resolution // RESOLUTION_STEP * RESOLUTION_STEP)
+        raise NbkitError(
+            f"resolution {resolution} is not a multiple of {RESOLUTION_STEP}",
+            fix=f"use {lower} or {lower + 64}",
+        )
+    return resolution
+
+
+def import_images(
+    session: Session,
+    sources: Iterable[Source] | Mapping[str, bytes],
+    *,
+    crop: CropMode = "smart",
+    captions: CaptionMode = "extend",
+    resolution: int | None = None,
+    tokenizer=None,
+    recursive: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> ImageReport:
+    """Import pictures into `session` and return the report (one row per file).
+
+    Args:
+        session: the session to add to.
+        sources: file paths, folders (a Drive folder), .zip files, http(s) URLs, `(name, bytes)` pairs,
+            or a `{name: bytes}` mapping as Colab's `files.upload()` returns. `.txt` files caption the
+            image with the same stem.
+        crop: `smart` (faces, else saliency), `center`, or `none` (short side scaled, not squared).
+        captions: what a `.txt` caption does to the file-name token: `extend` (appended after it, as
+            fast-DreamBooth does) or `override`.
+        resolution: the processed size; defaults to the session's (`session_resolution`).
+        tokenizer: a CLIP tokenizer, to warn when the instance token is a word the model knows.
+        recursive: look into sub-folders of folders.
+        max_bytes: the largest file accepted, also for downloads.
+        max_pixels: the decompression-bomb guard.
+        timeout: seconds a download may wait for the server.
+    """
+    check_crop_mode(crop)
+    check_caption_mode(captions)
+    resolution = check_resolution(resolution if resolution is not None else session_resolution(session))
+    detector = FaceDetector() if crop == "smart" else None
+    gathered = gather(sources, max_bytes=max_bytes, timeout=timeout, recursive=recursive)
+    report = ImageReport(title=f'Import into session "{session.name}"')
+    for source, error in gathered.failures:
+        report.add(source, "error", error.message, fix=error.fix)
+    with session.lock("importing images"):
+        return _import_locked(
+            session, gathered, report, resolution, crop, captions, detector, max_pixels, tokenizer
+        )
+
+
+def _import_locked(
+    session: Session,
+    gathered: Gathered,
+    report: ImageReport,
+    resolution: int,
+    crop: CropMode,
+    captions: CaptionMode,
+    detector: FaceDetector | None,
+    max_pixels: int,
+    tokenizer,
+) -> ImageReport:
+    folder = session.dir(INSTANCE_DIR)
+    had_originals = (folder / ORIGINALS_DIR).is_dir()
+    for directory in (folder, folder / ORIGINALS_DIR):
+        clean_temporaries(directory)  # what a killed import left half-written; we hold the lock
+    texts = _read_caption_files(gathered.captions, report)
+    batch = _Batch(
+        hashes={record.sha256: PurePath(record.file).name for record in session.manifest.images},
+        taken=_taken_stems(session, folder),
+    )
+    used_texts: set[str] = set()
+    started = now_iso()
+    try:
+        for candidate in gathered.images:
+            record = _import_one(candidate, session, batch, report, resolution, crop, detector, max_pixels)
+            if record is None:
+                continue
+            stem_key = PurePath(candidate.name).stem.casefold()  # after reading: a download may rename it
+            text = texts.get(stem_key, (None, None))[1]
+            stem = PurePath(record.file).stem
+            if text is None and stem == PurePath(candidate.name).stem:
+                text = _existing_caption_file(session, stem)
+            record.caption = compose_caption(record.token, text or "", captions)
+            record.caption_source = "txt" if text else "filename"
+            used_texts.add(stem_key)
+        updates = _captions_for_existing(session, texts, used_texts, captions, report)
+        if batch.records or updates:
+            _commit(session, batch, updates, report, crop, resolution, started)
+    except BaseException:
+        for path in batch.written:
+            path.unlink(missing_ok=True)
+        if not had_originals:
+            with contextlib.suppress(OSError):
+                (folder / ORIGINALS_DIR).rmdir()
+        raise
+    for record in [*batch.records, *updates]:
+        write_caption_file(session, record)
+    if batch.records or updates:
+        report.contact_sheet = write_contact_sheet(session)
+    report.warnings = token_warnings([record.token for record in session.manifest.images], tokenizer)
+    return report
+
+
+def _import_one(
+    candidate: Candidate,
+    session: Session,
+    batch: _Batch,
+    report: ImageReport,
+    resolution: int,
+    crop: CropMode,
+    detector: FaceDetector | None,
+    max_pixels: int,
+) -> ImageRecord | None:
+    try:
+        data = candidate.read()
+        checked = check_image(data, name=candidate.name, max_pixels=max_pixels, resolution=resolution)
+    except NbkitError as error:
+        report.add(candidate.display, "error", error.message, fix=error.fix)
+        return None
+    digest = pixel_sha256(checked.image)
+    if digest in batch.hashes:
+        report.add(candidate.display, "duplicate", f"same picture as {batch.hashes[digest]}")
+        return None
+    choice = choose_crop(checked.image, crop, detector)
+    processed = render_crop(checked.image, choice.box, resolution, square=crop != "none")
+
+    stem = unique_stem(PurePath(candidate.name).stem, batch.taken)
+    original = f"{INSTANCE_DIR}/{ORIGINALS_DIR}/{stem}{_original_suffix(candidate.name, checked)}"
+    file = f"{INSTANCE_DIR}/{stem}{PROCESSED_SUFFIX}"
+    for relative, payload in ((original, data), (file, encode_png(processed))):
+        batch.written.append(session.path / relative)
+        atomic_write_bytes(session.path / relative, payload)
+    batch.taken.add(stem.casefold())
+    batch.hashes[digest] = PurePath(file).name
+
+    record = ImageRecord(
+        file=file,
+        original=original,
+        sha256=digest,
+        caption="",
+        width=processed.width,
+        height=processed.height,
+        notes=[*checked.notes, *(WARNING_PREFIX + warning for warning in checked.warnings)],
+        source=candidate.source,
+        token=token_from_filename(candidate.name),
+        original_width=checked.image.width,
+        original_height=checked.image.height,
+    )
+    apply_choice(record, choice, crop)
+    batch.records.append(record)
+    report.add(
+        candidate.display,
+        "warning" if checked.warnings else "ok",
+        describe(checked, choice),
+        saved_as=file,
+    )
+    return record
+
+
+def apply_choice(record: ImageRecord, choice: CropChoice, crop: CropMode) -> None:
+    """Copy a crop decision into an image record."""
+    record.crop = crop
+    record.focus = choice.focus
+    record.crop_box = list(choice.box)
+    record.face_box = list(choice.faces[0]) if choice.faces else None
+
+
+def describe(checked: CheckedImage, choice: CropChoice) -> str:
+    """The report's reason for an imported picture: size, format, crop, conversions and warnings."""
+    crop = {"face": "face crop", "saliency": "saliency crop", "center": "center crop"}.get(choice.focus)
+    parts = [
+        f"{checked.image.width}x{checked.image.height} {checked.format}",
+        crop,
+        *checked.notes,
+        *checked.warnings,
+    ]
+    return "; ".join(part for part in parts if part)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def unique_stem(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem (2)`, `stem (3)`, ... whichever is free (compared case-insensitively, as Drive
+    and macOS do). The token is unaffected: a trailing ` (n)` is a copy counter."""
+    candidate, number = stem, 2
+    while candidate.casefold() in taken:
+        candidate, number = f"{stem} ({number})", number + 1
+    return candidate
+
+
+def _taken_stems(session: Session, folder: Path) -> set[str]:
+    """Stems no new image may use: every recorded image, and any file already in the folders
+    (a user's own file or a leftover is never overwritten)."""
+    taken = {PurePath(record.file).stem.casefold() for record in session.manifest.images}
+    taken |= {PurePath(record.original).stem.casefold() for record in session.manifest.images}
+    for directory in (folder, folder / ORIGINALS_DIR):
+        if directory.is_dir():
+            taken |= {path.stem.casefold() for path in directory.iterdir()}
+    return taken
+
+
+def _original_suffix(name: str, checked: CheckedImage) -> str:
+    suffix = PurePath(name).suffix.lower()
+    if suffix in Image.registered_extensions():
+        return suffix
+    return FORMAT_SUFFIXES.get(checked.format, "." + checked.format.lower())
+
+
+def _read_caption_files(candidates: list[Candidate], report: ImageReport) -> dict[str, tuple[str, str]]:
+    texts: dict[str, tuple[str, str]] = {}
+    for candidate in candidates:
+        try:
+            text = decode_caption_file(candidate.read(), candidate.name)
+        except NbkitError as error:
+            report.add(candidate.display, "error", error.message, fix=error.fix)
+            continue
+        texts[PurePath(candidate.name).stem.casefold()] = (candidate.display, text)
+    return texts
+
+
+def _existing_caption_file(session: Session, stem: str) -> str | None:
+    """A caption put in the session's `captions/` before its image arrived (the fast-DreamBooth way)."""
+    path = session.path / "captions" / f"{stem}.txt"
+    if not path.is_file():
+        return None
+    try:
+        return decode_caption_file(path.read_bytes(), path.name)
+    except NbkitError:
+        return None
+
+
+def _captions_for_existing(
+    session: Session,
+    texts: dict[str, tuple[str, str]],
+    used: set[str],
+    mode: CaptionMode,
+    report: ImageReport,
+) -> list[ImageRecord]:
+    """Caption files uploaded without their image caption the session's image of that stem."""
+    records = {PurePath(record.file).stem.casefold(): record for record in session.manifest.images}
+    updates = []
+    for stem_key, (source, text) in texts.items():
+        if stem_key in used:
+            report.add(source, "ok", "caption file for the image imported with it")
+        elif stem_key in records:
+            record = records[stem_key]
+            updated = dataclasses.replace(
+                record, caption=compose_caption(record.token, text, mode), caption_source="txt"
+            )
+            updates.append(updated)
+            report.add(source, "ok", f'caption for {PurePath(record.file).name}: "{updated.caption}"')
+        else:
+            report.add(
+                source,
+                "warning",
+                "caption file matches no image",
+                fix="give it the same name as its image (zwx (1).txt for zwx (1).jpg)",
+            )
+    return updates
+
+
+def _commit(
+    session: Session,
+    batch: _Batch,
+    updates: list[ImageRecord],
+    report: ImageReport,
+    crop: str,
+    resolution: int,
+    started: str,
+) -> None:
+    """Record the batch in session.json with one save; on failure the in-memory manifest is restored."""
+    manifest = session.manifest
+    images, history = list(manifest.images), list(manifest.history)
+    by_file = {record.file: record for record in updates}
+    manifest.images = [by_file.get(record.file, record) for record in manifest.images] + batch.records
+    detail = {
+        "imported": len(batch.records),
+        "duplicates": len(report.by_status("duplicate")),
+        "errors": len(report.by_status("error")),
+        "captions_updated": len(updates),
+        "crop": crop,
+        "resolution": resolution,
+    }
+    manifest.history.append(
+        RunRecord(kind="images", started=started, finished=now_iso(), status="ok", detail=detail)
+    )
+    try:
+        session.save()
+    except BaseException:
+        manifest.images, manifest.history = images, history
+        raise

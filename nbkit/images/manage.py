@@ -1,0 +1,222 @@
+"""List, re-crop and remove a session's instance images.
+
+Re-cropping works from the kept originals, so changing the crop mode, the resolution (say, after
+switching from SD 1.5 to SDXL) or fixing one crop by hand never compounds resampling losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import PurePath
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from nbkit.errors import NbkitError
+from nbkit.fsio import atomic_write_bytes
+from nbkit.images.captions import caption_path, find_record, token_warnings
+from nbkit.images.checks import DEFAULT_MAX_PIXELS, WARNING_PREFIX, CheckedImage, check_image
+from nbkit.images.contact_sheet import write_contact_sheet
+from nbkit.images.crop import (
+    Box,
+    CropChoice,
+    CropMode,
+    FaceDetector,
+    check_crop_mode,
+    choose_crop,
+    render_crop,
+)
+from nbkit.images.importing import apply_choice, check_resolution, describe, encode_png, session_resolution
+from nbkit.images.report import ImageReport
+from nbkit.manifest import ImageRecord, RunRecord, now_iso
+
+if TYPE_CHECKING:
+    from nbkit.session import Session
+
+
+def list_images(session: Session, *, tokenizer=None) -> ImageReport:
+    """A table of the session's images: caption, crop, and any warning; missing files are errors.
+
+    Args:
+        session: the session.
+        tokenizer: a CLIP tokenizer, to warn when the instance token is a word the model knows.
+    """
+    report = ImageReport(title=f'Images of session "{session.name}"')
+    for record in session.manifest.images:
+        warnings = [note[len(WARNING_PREFIX) :] for note in record.notes if note.startswith(WARNING_PREFIX)]
+        notes = [note for note in record.notes if not note.startswith(WARNING_PREFIX)]
+        missing = [path for path in (record.file, record.original) if not (session.path / path).is_file()]
+        reason = "; ".join(
+            [
+                f'caption "{record.caption}"',
+                f"{record.width}x{record.height}, {record.focus} crop",
+                *notes,
+                *warnings,
+            ]
+        )
+        if missing:
+            report.add(record.file, "error", f"missing {', '.join(missing)}", fix="import the photo again")
+        else:
+            report.add(
+                PurePath(record.file).name, "warning" if warnings else "ok", reason, saved_as=record.file
+            )
+    report.warnings = token_warnings([record.token for record in session.manifest.images], tokenizer)
+    path = session.path / "contact_sheet.png"
+    report.contact_sheet = path if path.is_file() else None
+    return report
+
+
+def recrop_images(
+    session: Session,
+    names: Iterable[str] | None = None,
+    *,
+    crop: CropMode = "smart",
+    resolution: int | None = None,
+    box: Box | None = None,
+) -> ImageReport:
+    """Crop images again from their originals and save session.json once.
+
+    Args:
+        session: the session.
+        names: the images (see `find_record`); all when None.
+        crop: `smart`, `center` or `none`.
+        resolution: the processed size; defaults to the session's.
+        box: a hand-picked `(left, top, right, bottom)` in pixels of the upright original, square
+            unless `crop` is `none`; only with `names`.
+    """
+    check_crop_mode(crop)
+    resolution = check_resolution(resolution if resolution is not None else session_resolution(session))
+    records = _select(session, names)
+    if box is not None and names is None:
+        raise NbkitError("a crop box needs the image it is for", fix="name the image(s) to crop by hand")
+    detector = FaceDetector() if crop == "smart" and box is None else None
+    report = ImageReport(title=f'Re-crop in session "{session.name}"')
+    with session.lock("cropping images"):
+        results = []
+        for record in records:
+            try:
+                checked, choice, processed = _recrop_one(session, record, crop, resolution, box, detector)
+            except NbkitError as error:
+                report.add(PurePath(record.file).name, "error", error.message, fix=error.fix)
+                continue
+            notes = [*checked.notes, *(WARNING_PREFIX + warning for warning in checked.warnings)]
+            results.append((record, choice, notes, encode_png(processed), processed.size))
+            reason = f"{describe(checked, choice)}; now {processed.width}x{processed.height}"
+            report.add(
+                PurePath(record.file).name,
+                "warning" if checked.warnings else "ok",
+                reason,
+                saved_as=record.file,
+            )
+        if not results:
+            return report
+        started = now_iso()
+        # Every crop is computed before the first file is replaced, so a bad original changes nothing.
+        for record, choice, notes, png, (width, height) in results:
+            atomic_write_bytes(session.path / record.file, png)
+            apply_choice(record, choice, crop)
+            record.notes, record.width, record.height = notes, width, height
+        detail = {"recropped": len(results), "crop": crop, "resolution": resolution}
+        session.manifest.history.append(
+            RunRecord(kind="images", started=started, finished=now_iso(), status="ok", detail=detail)
+        )
+        session.save()
+        report.contact_sheet = write_contact_sheet(session)
+    return report
+
+
+def _recrop_one(
+    session: Session,
+    record: ImageRecord,
+    crop: CropMode,
+    resolution: int,
+    box: Box | None,
+    detector: FaceDetector | None,
+) -> tuple[CheckedImage, CropChoice, Image.Image]:
+    try:
+        data = (session.path / record.original).read_bytes()
+    except OSError as error:
+        raise NbkitError(
+            f"its original is unreadable: {error.strerror}", fix="import the photo again"
+        ) from None
+    checked = check_image(data, name=record.original, max_pixels=DEFAULT_MAX_PIXELS, resolution=resolution)
+    if box is None:
+        choice = choose_crop(checked.image, crop, detector)
+    else:
+        choice = CropChoice(box=check_box(box, checked.image.size, square=crop != "none"), focus="manual")
+    return checked, choice, render_crop(checked.image, choice.box, resolution, square=crop != "none")
+
+
+def remove_images(session: Session, names: Iterable[str] | None = None) -> ImageReport:
+    """Remove images from the session: record first (one save), then their files.
+
+    Args:
+        session: the session.
+        names: the images (see `find_record`); all when None.
+    """
+    records = _select(session, names)
+    report = ImageReport(title=f'Remove from session "{session.name}"')
+    if not records:
+        return report
+    doomed = {id(record) for record in records}
+    session.manifest.images = [record for record in session.manifest.images if id(record) not in doomed]
+    session.manifest.history.append(
+        RunRecord(
+            kind="images",
+            started=now_iso(),
+            finished=now_iso(),
+            status="ok",
+            detail={"removed": len(records)},
+        )
+    )
+    session.save()
+    for record in records:
+        # Files go only after session.json no longer names them: a kill in between leaves orphans,
+        # never a session that points at missing files.
+        for path in (
+            session.path / record.file,
+            session.path / record.original,
+            caption_path(session, record),
+        ):
+            path.unlink(missing_ok=True)
+        report.add(PurePath(record.file).name, "ok", "removed")
+    report.contact_sheet = write_contact_sheet(session)
+    return report
+
+
+def check_box(box: Box, size: tuple[int, int], *, square: bool) -> Box:
+    """Validate a hand-picked crop box against a picture's size.
+
+    Args:
+        box: `(left, top, right, bottom)`.
+        size: the upright picture's `(width, height)`.
+        square: whether the box must be square.
+    """
+    values = tuple(box)
+    if len(values) != 4 or not all(
+        isinstance(value, int) and not isinstance(value, bool) for value in values
+    ):
+        raise NbkitError(
+            f"crop box {box!r} is not four whole numbers", fix="give left,top,right,bottom in pixels"
+        )
+    left, top, right, bottom = values
+    width, height = size
+    if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+        raise NbkitError(f"crop box {values} is outside the {width}x{height} picture")
+    if square and right - left != bottom - top:
+        raise NbkitError(
+            f"crop box {values} is {right - left}x{bottom - top}, not square",
+            fix="make right-left equal bottom-top, or crop with mode 'none'",
+        )
+    return values  # type: ignore[return-value]
+
+
+def _select(session: Session, names: Iterable[str] | None) -> list[ImageRecord]:
+    if names is None:
+        return list(session.manifest.images)
+    selected: list[ImageRecord] = []
+    for name in names:
+        record = find_record(session, name)
+        if all(record is not other for other in selected):
+            selected.append(record)
+    return selected
