@@ -19,7 +19,9 @@ SUBCOMMANDS = ["session", "model", "convert", "images", "train", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbkit", description="Personal Stable Diffusion models, end to end.")
+    parser = argparse.ArgumentParser(
+        prog="nbkit", description="Personal Stable Diffusion models, end to end."
+    )
     parser.add_argument("--version", action="version", version=f"nbkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:

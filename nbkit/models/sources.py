@@ -166,6 +166,18 @@ def resolve_local(path: Path) -> ResolvedSource:
     return ResolvedSource("diffusers", path, None, check_diffusers_folder(path))
 
 
+def required_components(index: dict) -> list[str]:
+    """The components a pipeline's model_index.json lists that must be on disk to load it."""
+    return [
+        name
+        for name, entry in index.items()
+        if not name.startswith("_")
+        and isinstance(entry, list)
+        and None not in entry
+        and name not in OPTIONAL_COMPONENTS
+    ]
+
+
 def check_diffusers_folder(folder: Path) -> str | None:
     """Check `folder` holds a loadable diffusers pipeline and return its weight variant.
 
@@ -186,14 +198,7 @@ def check_diffusers_folder(folder: Path) -> str | None:
     except ValueError as error:
         raise NbkitError(f"model_index.json is not valid JSON ({error})", path=index_file) from error
     missing, variants = [], set()
-    for name, entry in index.items():
-        if (
-            name.startswith("_")
-            or not isinstance(entry, list)
-            or None in entry
-            or name in OPTIONAL_COMPONENTS
-        ):
-            continue
+    for name in required_components(index):
         component = folder / name
         configs = list(component.glob("*.json")) if component.is_dir() else []
         if not configs:
@@ -274,14 +279,7 @@ def hub_patterns(index: dict, variant: str | None) -> tuple[list[str], list[str]
         variant: `fp16` for the fp16 weight files, None for the full-precision ones.
     """
     allow = ["model_index.json"]
-    for name, entry in index.items():
-        if (
-            name.startswith("_")
-            or not isinstance(entry, list)
-            or None in entry
-            or name in OPTIONAL_COMPONENTS
-        ):
-            continue
+    for name in required_components(index):
         weights = f"{name}/*.fp16*.safetensors" if variant == "fp16" else f"{name}/*.safetensors"
         allow += [f"{name}/*.json", f"{name}/*.txt", weights]
     # Pickled .bin is never fetched (safetensors only); EMA copies are training leftovers.

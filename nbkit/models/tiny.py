@@ -109,6 +109,9 @@ def _sd_unet(family: str, cross_attention_dim: int):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(32, 32, 32, 64),
         layers_per_block=2,
+        # At 64 px the deepest level is 1x1; 8 groups (real models: 32 at 8x8) keep more than one value
+        # per group there, which group norm needs to train at batch size 1.
+        norm_num_groups=8,
         # SD1 has 8 heads everywhere; SD2 has as many as keep heads 64 wide (5, 10, 20, 20), here 16.
         attention_head_dim=(2, 2, 2, 4) if sd2 else 8,
         cross_attention_dim=cross_attention_dim,

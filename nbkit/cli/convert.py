@@ -1,0 +1,91 @@
+"""`nbkit convert SRC OUT`: diffusers folder <-> single-file checkpoint.
+
+- SRC a diffusers folder, OUT a `.safetensors`/`.ckpt` name: one file in the original layout.
+- SRC a checkpoint, OUT a `.safetensors`/`.ckpt` name: re-encoded (pickle -> safetensors, fp32 -> fp16).
+- SRC a checkpoint, OUT any other name: a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nbkit.errors import NbkitError
+
+FAMILY_CHOICES = ("sd1", "sd2", "sd2-v", "sdxl")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert between a diffusers folder and a single .safetensors/.ckpt file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="a diffusers model folder, or a .safetensors/.ckpt file")
+    parser.add_argument("out", metavar="OUT", help="the file (.safetensors/.ckpt) or folder to write")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default=None,
+        help="weights' precision (default: fp16 for a single file, fp32 for a diffusers folder)",
+    )
+    parser.add_argument(
+        "--format", choices=("safetensors", "ckpt"), default=None, help="default: from OUT's suffix"
+    )
+    parser.add_argument(
+        "--family",
+        choices=FAMILY_CHOICES,
+        default=None,
+        help="the model family, needed only for SD 2.x files that do not say whether they are "
+        "512 px epsilon (sd2) or 768 px v-prediction (sd2-v)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip reading the output back to check it")
+    parser.set_defaults(func=command)
+
+
+def _to_folder(args: argparse.Namespace) -> int:
+    import torch
+
+    from nbkit.convert import load_single_file
+    from nbkit.fsio import atomic_directory
+
+    out = Path(args.out)
+    if out.is_file():
+        raise NbkitError(
+            "the output is an existing file, not a folder", path=out, fix="give a new folder name"
+        )
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "fp32"]
+    pipeline = load_single_file(args.src, family=args.family, torch_dtype=dtype)
+    with atomic_directory(out) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+    print(f"Converted {args.src}\n       -> {out} (diffusers folder, {args.dtype or 'fp32'})")
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    to_single_file = args.format is not None or Path(args.out).suffix.lower() in SINGLE_FILE_SUFFIXES
+    if not src.exists():
+        raise NbkitError("no such file or folder", path=src, fix="check the path")
+    if not to_single_file:
+        if src.is_dir():
+            raise NbkitError(
+                f"{args.out!r} is not a .safetensors or .ckpt name, and SRC is already a diffusers folder",
+                path=args.out,
+                fix="name the output .safetensors (or .ckpt), or pass --format",
+            )
+        return _to_folder(args)
+    from nbkit.convert import convert_to_single_file
+
+    report = convert_to_single_file(
+        src,
+        args.out,
+        dtype=args.dtype or "fp16",
+        fmt=args.format,
+        verify=not args.no_verify,
+        family=args.family,
+    )
+    print(report)
+    return 0

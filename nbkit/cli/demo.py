@@ -1,0 +1,31 @@
+"""`nbkit demo`: every stage end to end on the embedded tiny model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run the whole flow on the tiny offline model")
+    parser.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sd2-v", "sdxl"])
+    parser.add_argument(
+        "--root", type=Path, default=None, help="storage root (default: $NBKIT_HOME or ~/nbkit)"
+    )
+    parser.add_argument("--session", default=None, help="session name (default: demo-<family>-<timestamp>)")
+    parser.add_argument("--te-steps", type=int, default=4, help="text-encoder steps")
+    parser.add_argument("--unet-steps", type=int, default=8, help="UNet steps")
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    from nbkit.demo import run_demo
+
+    run_demo(
+        family=args.family,
+        root=args.root,
+        session_name=args.session,
+        text_encoder_steps=args.te_steps,
+        unet_steps=args.unet_steps,
+    )
+    return 0

@@ -1,0 +1,170 @@
+"""Open model files safely, whatever their name says they are.
+
+The format is told from the first bytes, not the suffix: users bring safetensors files named .ckpt and
+the reverse. Pickled checkpoints are read only with `torch.load(weights_only=True)`, which builds
+tensors and plain containers and refuses anything else before it runs, so a file that tries to run
+code is rejected with a message saying so, and nothing of it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from nbkit.convert.safetensors_stream import MAX_HEADER_BYTES
+from nbkit.errors import NbkitError
+
+FileFormat = Literal["safetensors", "torch-zip", "torch-legacy"]
+PICKLE_PROTOCOL_OPCODE = 0x80
+SNIFF_BYTES = 64
+MAX_STATE_DICT_NESTING = 4
+# Where nbkit's .ckpt files keep their header metadata, beside "state_dict" (A1111 and ComfyUI ignore it).
+CKPT_METADATA_KEY = "nbkit_metadata"
+
+
+def sniff_format(path: str | os.PathLike) -> FileFormat:
+    """Tell a model file's format from its first bytes.
+
+    Args:
+        path: the file.
+
+    Raises:
+        NbkitError: for a missing, empty or unrecognised file (a Git LFS pointer or a web page saved by
+            a failed download is named as such).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NbkitError("no such file", path=path, fix="check the path")
+    size = path.stat().st_size
+    if size == 0:
+        raise NbkitError("the file is empty (0 bytes)", path=path, fix="download or copy it again")
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    # safetensors before pickle: a header length whose low byte is 0x80 looks like a PROTO opcode.
+    if len(head) >= 9:
+        (header_length,) = struct.unpack("<Q", head[:8])
+        if header_length <= MAX_HEADER_BYTES and head[8:9] == b"{":
+            return "safetensors"
+    if head[0] == PICKLE_PROTOCOL_OPCODE and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-legacy"
+    if head.startswith(b"version https://git-lfs"):
+        raise NbkitError(
+            "this is a Git LFS pointer, not the model itself",
+            path=path,
+            fix="download the real file (git lfs pull, or the hub's download link)",
+        )
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        raise NbkitError(
+            "this is a web page, not a model: the download link returned HTML (a login or error page?)",
+            path=path,
+            fix="download the model again; Civitai and private hub models need a token",
+        )
+    raise NbkitError(
+        "not a model file nbkit can read: it is neither .safetensors nor a PyTorch checkpoint",
+        path=path,
+        fix="check that this is the checkpoint you meant; it may be damaged or in another format",
+    )
+
+
+def _refused_global(error: Exception) -> str | None:
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return match.group(1) if match else None
+
+
+def load_pickled_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a .ckpt/.pt/.bin file's tensors without running any code from it.
+
+    Zip-format files are memory-mapped, so tensors are read from disk only when used. A checkpoint
+    nested in `state_dict` (as Lightning saves them) is unwrapped; entries that are not tensors
+    (`global_step`, `epoch`) are dropped.
+
+    Args:
+        path: the file.
+
+    Returns:
+        `(tensors, metadata)`.
+
+    Raises:
+        NbkitError: when the file asks to run code, is truncated or damaged, or holds no tensors.
+    """
+    path = Path(path)
+    file_format = sniff_format(path)
+    if file_format == "safetensors":
+        raise NbkitError("this is a .safetensors file, not a pickled checkpoint", path=path)
+    try:
+        with _torch_loadable(path) as loadable:
+            loaded = torch.load(
+                loadable, map_location="cpu", weights_only=True, mmap=file_format == "torch-zip"
+            )
+    except pickle.UnpicklingError as error:
+        refused = _refused_global(error)
+        if refused is None and "truncated" not in str(error):
+            raise NbkitError(
+                f"refused to load: the pickle in it is not plain tensors ({str(error).splitlines()[-1][:200]})",
+                path=path,
+                fix="get a .safetensors version of this model",
+            ) from error
+        if refused is not None:
+            raise NbkitError(
+                f"refused to load: unpickling it would call {refused}, i.e. run code from the file; nbkit "
+                "only reads plain tensors from .ckpt files, and nothing of this one was run",
+                path=path,
+                fix="get a .safetensors version of this model; if you trust its source, convert it with a "
+                "tool you trust first",
+            ) from error
+        raise _damaged(path, error) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, struct.error) as error:
+        raise _damaged(path, error) from error
+    metadata = loaded.get(CKPT_METADATA_KEY) if isinstance(loaded, dict) else None
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        metadata = {}
+    return _state_dict_of(loaded, path), metadata
+
+
+@contextlib.contextmanager
+def _torch_loadable(path: Path) -> Iterator[Path]:
+    """`path`, or a link to it without the .safetensors suffix, which torch.load would hand to safetensors."""
+    if path.suffix.lower() != ".safetensors":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="nbkit-ckpt-") as folder:
+        link = Path(folder) / "checkpoint.ckpt"
+        os.symlink(path.resolve(), link)
+        yield link
+
+
+def _damaged(path: Path, error: Exception) -> NbkitError:
+    first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return NbkitError(
+        f"the checkpoint is truncated or damaged and cannot be read ({first_line})",
+        path=path,
+        fix="download or copy it again",
+    )
+
+
+def _state_dict_of(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(MAX_STATE_DICT_NESTING):
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise NbkitError(f"the checkpoint holds a {type(loaded).__name__}, not a state dict", path=path)
+    tensors = {
+        key: value
+        for key, value in loaded.items()
+        if isinstance(key, str) and isinstance(value, torch.Tensor)
+    }
+    if not tensors:
+        raise NbkitError("the checkpoint holds no tensors", path=path, fix="check that this is a model file")
+    return tensors

@@ -1,0 +1,315 @@
+"""diffusers folder (or another checkpoint) -> one .safetensors / .ckpt file in the original layout.
+
+The conversion is planned from names, shapes and configs alone (`keymaps_*`), then streamed: each
+output tensor is read into a reused buffer, cast, checksummed, hashed and written, header first, in
+one pass, so memory stays at about one tensor whatever the model's size. The file is written under a
+temporary name, read back and checked (unless `verify=False`), and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbkit.convert.checkpoint_io import CKPT_METADATA_KEY
+from nbkit.convert.detect import detect_family, resolve_family
+from nbkit.convert.hashes import model_hashes
+from nbkit.convert.layout import LAYOUTS
+from nbkit.convert.metadata import DERIVED_KEYS, METADATA_CONFIGS, build_metadata, stored_configs
+from nbkit.convert.plan import TensorRecipe
+from nbkit.convert.report import ConversionReport
+from nbkit.convert.safetensors_stream import StreamingSafetensorsWriter, TensorRecord, byte_view, checksum
+from nbkit.convert.streaming import TensorMaker, background_fsync, output_dtype, overlapped, torch_threads
+from nbkit.convert.tensor_sources import TensorSource, open_component, open_tensor_file
+from nbkit.convert.verify import verify_single_file
+from nbkit.errors import NbkitError
+from nbkit.fsio import TRANSIENT_ERRNOS, atomic_path, read_json
+from nbkit.models.registry import FAMILIES
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
+# Config entries that describe where a model was loaded from, not what it is.
+_LOCAL_CONFIG_KEYS = ("_name_or_path", "_commit_hash")
+
+
+@dataclass
+class ConversionPlan:
+    """Everything a conversion needs before it writes a byte.
+
+    Args:
+        recipes: the output tensors, in writing order.
+        sources: component name -> its open tensor source.
+        family, prediction_type, native_resolution: what the model is.
+        configs: diffusers configs to store in the metadata (so nbkit can load the file back exactly).
+        carried_metadata: metadata of a source checkpoint worth keeping (training settings and the like).
+    """
+
+    recipes: list[TensorRecipe]
+    sources: dict[str, TensorSource]
+    family: str
+    prediction_type: str
+    native_resolution: int
+    configs: dict[str, Any] | None = None
+    carried_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in _LOCAL_CONFIG_KEYS}
+
+
+def _plan_folder(folder: Path, family: str | None, stack: contextlib.ExitStack) -> ConversionPlan:
+    guess = detect_family(folder)
+    chosen = resolve_family(guess, family, folder)
+    if chosen != guess.family:
+        raise NbkitError(
+            f"this diffusers model is {guess.family} (from its configs), not {chosen}",
+            path=folder,
+            fix=f"drop --family, or pass --family {guess.family}",
+        )
+    configs: dict[str, Any] = {"model_index": _clean_config(read_json(folder / "model_index.json"))}
+    recipes: list[TensorRecipe] = []
+    sources: dict[str, TensorSource] = {}
+    for component in LAYOUTS[chosen]:
+        if not (folder / component.name / "config.json").is_file():
+            raise NbkitError(
+                f"the model folder has no {component.name}/config.json",
+                path=folder,
+                fix="download or save the model again; the folder is incomplete",
+            )
+        config = _clean_config(read_json(folder / component.name / "config.json"))
+        source = stack.enter_context(open_component(folder / component.name))
+        shapes = {name: info.shape for name, info in source.infos.items()}
+        recipes += component.recipes(shapes, config)
+        sources[component.name] = source
+        configs[component.name] = config
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file():
+        configs["scheduler"] = _clean_config(read_json(scheduler_config))
+    return ConversionPlan(recipes, sources, chosen, guess.prediction_type, guess.native_resolution, configs)
+
+
+def _plan_file(path: Path, family: str | None, stack: contextlib.ExitStack) -> ConversionPlan:
+    source = stack.enter_context(open_tensor_file(path))
+    shapes = {name: info.shape for name, info in source.infos.items()}
+    guess = detect_family(shapes, metadata=source.metadata, path=path)
+    chosen = resolve_family(guess, family, path)
+    recipes = [TensorRecipe(name, "checkpoint", (name,), info.shape) for name, info in source.infos.items()]
+    facts = FAMILIES[chosen]
+    prediction = guess.prediction_type if chosen == guess.family else facts.prediction_type
+    resolution = guess.native_resolution if chosen == guess.family else facts.native_resolution
+    skipped = (*DERIVED_KEYS, METADATA_CONFIGS, "format")  # derived again for the new file
+    carried = {key: value for key, value in source.metadata.items() if key not in skipped}
+    configs = stored_configs(source.metadata)
+    return ConversionPlan(
+        recipes,
+        {"checkpoint": source},
+        chosen,
+        prediction,
+        resolution or facts.native_resolution,
+        configs,
+        carried,
+    )
+
+
+def _write_safetensors(plan: ConversionPlan, target: torch.dtype, metadata: dict[str, str], tmp: Path):
+    maker = TensorMaker(plan.recipes, plan.sources, target)
+    layout = [(recipe.key, maker.dtype_of(recipe), recipe.shape) for recipe in plan.recipes]
+    with open(tmp, "wb") as handle, torch_threads(1):
+        writer = StreamingSafetensorsWriter(handle, layout, metadata)
+
+        def make(recipe: TensorRecipe, slot: int) -> tuple[memoryview, int]:
+            data = byte_view(maker.make(recipe, slot))
+            return data, checksum(data)  # here, so the worker only hashes and writes
+
+        overlapped(plan.recipes, make, lambda recipe, made: writer.write(recipe.key, *made))
+        writer.close()
+    return writer.records, writer.hasher.hashes()
+
+
+def _write_ckpt(plan: ConversionPlan, target: torch.dtype, metadata: dict[str, str], tmp: Path):
+    # torch.save needs every tensor at once: .ckpt output holds one copy of the (converted) model.
+    maker = TensorMaker(plan.recipes, plan.sources, target)
+    state_dict = {recipe.key: maker.make(recipe).clone() for recipe in plan.recipes}
+    records = {
+        key: TensorRecord(tensor.dtype, tuple(tensor.shape), checksum(byte_view(tensor)))
+        for key, tensor in state_dict.items()
+    }
+    torch.save({"state_dict": state_dict, CKPT_METADATA_KEY: metadata}, tmp)
+    del state_dict
+    return records, model_hashes(tmp)
+
+
+def _check_inputs(src: Path, out: Path, dtype: str, fmt: str | None) -> tuple[torch.dtype, str, Path]:
+    if dtype not in DTYPES:
+        raise NbkitError(
+            f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", fix="use --dtype fp16, bf16 or fp32"
+        )
+    if fmt is not None and fmt not in ("safetensors", "ckpt"):
+        raise NbkitError(
+            f"format {fmt!r} is not safetensors or ckpt", fix="use --format safetensors or --format ckpt"
+        )
+    if src.is_dir():
+        if not (src / "model_index.json").is_file():
+            raise NbkitError(
+                "not a diffusers model folder (no model_index.json)", path=src, fix="give the model's folder"
+            )
+    elif not src.is_file():
+        raise NbkitError("no such file or folder", path=src, fix="check the path")
+    suffix_format = FORMATS.get(out.suffix.lower())
+    if suffix_format is None:
+        if fmt is None:
+            raise NbkitError(
+                f"cannot tell the output format from the name {out.name!r}",
+                path=out,
+                fix="name it .safetensors or .ckpt, or pass --format",
+            )
+        out = out.with_name(out.name + (".safetensors" if fmt == "safetensors" else ".ckpt"))
+    elif fmt is not None and fmt != suffix_format:
+        raise NbkitError(
+            f"the output is named {out.suffix} but --format {fmt} was asked for",
+            path=out,
+            fix=f"name it {'.safetensors' if fmt == 'safetensors' else '.ckpt'} or drop --format",
+        )
+    if out.exists() and out.resolve() == src.resolve():
+        raise NbkitError("the output would overwrite the source", path=out, fix="choose another output name")
+    if out.is_dir():
+        raise NbkitError("the output is an existing folder", path=out, fix="give a file name")
+    return DTYPES[dtype], fmt or suffix_format, out
+
+
+@contextlib.contextmanager
+def open_plan(src: str | os.PathLike, *, family: str | None = None) -> Iterator[ConversionPlan]:
+    """Plan the conversion of a diffusers folder or a checkpoint file; sources stay open inside.
+
+    Args:
+        src: a diffusers pipeline folder, or a .safetensors/.ckpt checkpoint to re-encode.
+        family: the user's family choice (needed for ambiguous SD 2.x checkpoints).
+    """
+    src = Path(src)
+    with contextlib.ExitStack() as stack:
+        yield (_plan_folder if src.is_dir() else _plan_file)(src, family, stack)
+
+
+def convert_to_single_file(
+    src_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    dtype: str = "fp16",
+    fmt: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    verify: bool = True,
+    family: str | None = None,
+) -> ConversionReport:
+    """Convert a diffusers model to one checkpoint file in the original (A1111/ComfyUI) layout.
+
+    Args:
+        src_dir: a diffusers pipeline folder; or a .safetensors/.ckpt checkpoint, which is re-encoded
+            (.ckpt -> .safetensors, fp32 -> fp16) with its keys unchanged.
+        out_path: the file to write; `.safetensors` (recommended) or `.ckpt` (`{"state_dict": ...}`).
+        dtype: `fp16` (default), `bf16` or `fp32` for the floating-point weights.
+        fmt: `safetensors` or `ckpt`; None takes it from `out_path`'s suffix.
+        metadata: extra header metadata (training passes its settings); non-strings are stored as JSON.
+        verify: read the file back and check every tensor's shape, dtype and checksum before it
+            replaces `out_path`.
+        family: `sd1`, `sd2`, `sd2-v` or `sdxl`; needed only for SD 2.x checkpoints that do not say
+            whether they are 512 px epsilon or 768 px v-prediction models.
+
+    Returns:
+        A `ConversionReport` with the hashes A1111 shows.
+
+    Raises:
+        NbkitError: for a bad source, an ambiguous family, a bad output name, or a failed verification.
+            No partial output is ever left at `out_path`.
+    """
+    started = time.perf_counter()
+    src = Path(src_dir)
+    target, fmt, out = _check_inputs(src, Path(out_path), dtype, fmt)
+    with open_plan(src, family=family) as plan:
+        header = build_metadata(
+            family=plan.family,
+            prediction_type=plan.prediction_type,
+            resolution=plan.native_resolution,
+            title=out.stem,
+            configs=plan.configs,
+            extra={**plan.carried_metadata, **(metadata or {})},
+        )
+        _check_free_space(plan, target, out)
+        try:
+            with atomic_path(out) as tmp:
+                if fmt == "safetensors":
+                    records, hashes = _write_safetensors(plan, target, header, tmp)
+                else:
+                    records, hashes = _write_ckpt(plan, target, header, tmp)
+                if verify:
+                    with background_fsync(tmp):  # the disk writes while verification reads the page cache
+                        verify_single_file(tmp, records)
+                size = tmp.stat().st_size
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, *TRANSIENT_ERRNOS):
+                raise
+            raise _write_failed(out, error) from error
+    return ConversionReport(
+        source=str(src),
+        output=str(out),
+        format=fmt,
+        dtype=dtype,
+        family=plan.family,
+        prediction_type=plan.prediction_type,
+        native_resolution=plan.native_resolution,
+        tensor_count=len(records),
+        parameter_count=sum(_numel(record.shape) for record in records.values()),
+        file_size=size,
+        sha256=hashes[0],
+        short_hash=hashes[1],
+        legacy_hash=hashes[2],
+        verified=verify,
+        seconds=time.perf_counter() - started,
+        metadata=header,
+    )
+
+
+def _check_free_space(plan: ConversionPlan, target: torch.dtype, out: Path) -> None:
+    """Fail before writing gigabytes when the output cannot fit (Colab disks and Drive fill up)."""
+    needed = sum(
+        _numel(recipe.shape)
+        * output_dtype(plan.sources[recipe.component].infos[recipe.sources[0]].dtype, target).itemsize
+        for recipe in plan.recipes
+    )
+    folder = out.parent if out.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise NbkitError(
+            f"not enough space: the output needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free",
+            path=out,
+            fix="free some space (old checkpoints, the trash of Google Drive) or write elsewhere",
+        )
+
+
+def _write_failed(out: Path, error: OSError) -> NbkitError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NbkitError(
+            "the disk filled up while writing; nothing was left behind",
+            path=out,
+            fix="free some space (old checkpoints, the trash of Google Drive) or write elsewhere",
+        )
+    return NbkitError(
+        f"reading or writing failed ({error.strerror or error}); nothing was left behind",
+        path=out,
+        fix="if this is Google Drive, remount it (drive.mount(..., force_remount=True)) and convert again",
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count

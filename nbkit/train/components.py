@@ -1,0 +1,219 @@
+"""The models a DreamBooth run trains, and how prompts become UNet conditioning.
+
+SD 1.x and 2.x condition the UNet on one CLIP text encoder's last hidden state. SDXL concatenates
+the penultimate hidden states of two encoders and adds the second encoder's pooled, projected output
+and six "time ids" (original size, crop corner, target size) through `added_cond_kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+
+# peft target modules, as in diffusers' DreamBooth LoRA examples.
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclasses.dataclass
+class Components:
+    """A loaded base pipeline and the DDPM scheduler that noises training latents.
+
+    Args:
+        pipeline: the diffusers pipeline; training changes its own `unet` and text encoders in place,
+            so it renders samples with the weights as they are.
+        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        noise_scheduler: the training scheduler (its `prediction_type` picks the loss target).
+    """
+
+    pipeline: Any
+    family: str
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def unet(self):
+        return self.pipeline.unet
+
+    @property
+    def vae(self):
+        return self.pipeline.vae
+
+    @property
+    def text_encoder_roles(self) -> list[str]:
+        return ["text_encoder", "text_encoder_2"] if self.family == "sdxl" else ["text_encoder"]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipeline, role) for role in self.text_encoder_roles]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        names = ["tokenizer", "tokenizer_2"] if self.family == "sdxl" else ["tokenizer"]
+        return [getattr(self.pipeline, name) for name in names]
+
+    def model(self, role: str) -> torch.nn.Module:
+        """The module called `role` (`unet`, `text_encoder` or `text_encoder_2`)."""
+        return getattr(self.pipeline, role)
+
+
+def load_components(source: str, family: str, prediction_type: str, dtype: torch.dtype) -> Components:
+    """Load the base model and make its training scheduler.
+
+    Args:
+        source: what `nbkit.models.loading.load_pipeline` accepts (registry key, folder, file, ...).
+        family: the session's model family; a model of another family is an error.
+        prediction_type: `epsilon` or `v_prediction`; overrides what the scheduler config says, since
+            some SD 2.x 768 uploads ship an epsilon scheduler config.
+        dtype: the weights' dtype for frozen parts (trained parts are upcast to float32 later).
+    """
+    from nbkit.models.loading import load_pipeline
+
+    pipeline = load_pipeline(source, family=family, torch_dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, prediction_type=prediction_type)
+    for model in [pipeline.unet, pipeline.vae, *Components(pipeline, family, noise_scheduler).text_encoders]:
+        model.requires_grad_(False)
+    return Components(pipeline, family, noise_scheduler)
+
+
+def tokenize(components: Components, captions: Sequence[str]) -> list[torch.Tensor]:
+    """Token ids of `captions`, one (len(captions), max_length) tensor per tokenizer."""
+    return [
+        tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        for tokenizer in components.tokenizers
+    ]
+
+
+def encode_tokens(
+    family: str, text_encoders: Sequence[torch.nn.Module], token_ids: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn token ids into (prompt embeddings, pooled embeddings or None), as the pipelines do.
+
+    Args:
+        family: the model family.
+        text_encoders: the encoders in pipeline order; may be accelerate-wrapped (DDP) modules.
+        token_ids: one id tensor per encoder, on the encoders' device.
+    """
+    if family != "sdxl":
+        return text_encoders[0](token_ids[0])[0], None
+    hidden, pooled = [], None
+    for encoder, ids in zip(text_encoders, token_ids, strict=True):
+        output = encoder(ids, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled = output[0]  # the last encoder's projected, pooled output (text_embeds)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def add_lora(
+    model: torch.nn.Module, *, rank: int, alpha: float | None, targets: list[str], seed: int
+) -> None:
+    """Add a trainable LoRA adapter to `model` (diffusers' or transformers' `add_adapter`).
+
+    The adapter's random initialisation is seeded so that a resumed run builds the same one.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(config)
+
+
+def has_lora(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def trained_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a trained model: its LoRA weights, or its full state dict."""
+    if has_lora(model):
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def load_trained_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, where: str) -> None:
+    """Put `trained_state_dict`'s output back into `model` (which must have the same adapters)."""
+    if has_lora(model):
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise ValueError(f"{where}: LoRA weights do not fit the model: {result.unexpected_keys[:3]}")
+        return
+    model.load_state_dict(state, strict=True)
+
+
+def trainable_parameters(models: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [parameter for model in models for parameter in model.parameters() if parameter.requires_grad]
+
+
+def make_trainable(model: torch.nn.Module, *, lora: bool) -> None:
+    """Unfreeze a model for its stage: the LoRA weights only, or everything; trained weights in fp32."""
+    if lora:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+    else:
+        model.requires_grad_(True)
+    # Mixed precision keeps the master copy of what trains in float32 (autocast runs the math in fp16).
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    model.train()
+
+
+def freeze(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Freeze a model after (or instead of) its stage and store it in the frozen-weight dtype."""
+    model.requires_grad_(False)
+    cast_to(model, dtype)
+    model.eval()
+
+
+def cast_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point weights to `dtype`, skipping models already there."""
+    if any(parameter.dtype != dtype for parameter in model.parameters()):
+        # torch's own `to`: diffusers' override warns about fp32-only modules even when a model has none.
+        torch.nn.Module.to(model, dtype=dtype)
+
+
+def enable_memory_savers(
+    components: Components, *, gradient_checkpointing: bool, device: torch.device
+) -> str:
+    """Turn on gradient checkpointing and the fastest attention available; returns the attention's name.
+
+    PyTorch's scaled_dot_product_attention is diffusers' default; xformers is used only where it is
+    installed, CUDA is there, and it runs (a build for another torch fails its self-test).
+    """
+    if gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        for encoder in components.text_encoders:
+            # transformers 5 renamed it; older releases only have the gradient_ name.
+            if hasattr(encoder, "activation_checkpointing_enable"):
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is not None:
+            try:
+                components.unet.enable_xformers_memory_efficient_attention()
+                return "xformers"
+            except Exception:  # a build for another torch/CUDA; SDPA is nearly as fast
+                components.unet.disable_xformers_memory_efficient_attention()
+    return "sdpa"

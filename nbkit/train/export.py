@@ -1,0 +1,87 @@
+"""The end of a run: the trained model into the session's `models/` folder.
+
+A full fine-tune becomes a diffusers folder `models/<name>/` and a single-file fp16 checkpoint
+`models/<name>.safetensors` (through `nbkit.convert`, which also checks it loads), carrying the
+training config in its header. A LoRA run becomes `models/<name>-lora/` with the LoRA in diffusers
+format and in the kohya format A1111 and ComfyUI load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbkit.fsio import atomic_directory
+from nbkit.train.components import Components, cast_to
+
+
+def training_metadata(
+    config: dict[str, Any], *, session: str, base_model: dict[str, Any], steps: dict[str, int]
+) -> dict[str, str]:
+    """Header metadata recording how the model was trained (all values are strings, as safetensors wants)."""
+    return {
+        "nbkit.session": session,
+        "nbkit.base_model": json.dumps(base_model, sort_keys=True),
+        "nbkit.training": json.dumps(config, sort_keys=True),
+        "nbkit.steps": json.dumps(steps, sort_keys=True),
+    }
+
+
+def export_full_model(
+    components: Components, models_dir: Path, name: str, *, dtype: torch.dtype, metadata: dict[str, str]
+) -> tuple[Path, Path]:
+    """Save the pipeline as `models_dir/name/` and `models_dir/name.safetensors`.
+
+    Args:
+        components: the trained models (their pipeline is saved as is, after a cast to `dtype`).
+        models_dir: the session's `models/` folder.
+        name: the model's name.
+        dtype: the folder's weight dtype (fp16 after a GPU run, fp32 after a CPU one).
+        metadata: header metadata for the single file.
+
+    Returns:
+        (the diffusers folder, the single file).
+    """
+    from nbkit.convert import convert_to_single_file
+
+    pipeline = components.pipeline
+    for model in (components.unet, components.vae, *components.text_encoders):
+        cast_to(model, dtype)
+    folder = models_dir / name
+    with atomic_directory(folder) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+    single_file = models_dir / f"{name}.safetensors"
+    convert_to_single_file(
+        folder, single_file, dtype="fp16", metadata=metadata, verify=True, family=components.family
+    )
+    return folder, single_file
+
+
+def export_lora(
+    components: Components,
+    trained_roles: dict[str, str],
+    models_dir: Path,
+    name: str,
+    *,
+    metadata: dict[str, str],
+) -> dict[str, Path]:
+    """Save the LoRA adapters of the trained components in diffusers and kohya formats."""
+    from nbkit.train.lora_export import save_lora
+
+    unet = components.unet if "unet" in trained_roles else None
+    text_encoders = [
+        components.model(role) if role in trained_roles else None for role in components.text_encoder_roles
+    ]
+    if not any(text_encoders):
+        text_encoders = None
+    return save_lora(
+        unet,
+        text_encoders,
+        models_dir / f"{name}-lora",
+        family=components.family,
+        metadata=metadata,
+        name=name,
+    )

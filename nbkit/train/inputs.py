@@ -1,0 +1,248 @@
+"""What a run trains with: the effective config, the base model, and the checks made before any work.
+
+Everything here is cheap and runs before a model is loaded, so a bad setting, a session without
+photos or a resolution the model was not made for fails in a second, not after a 5 GB download.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbkit.errors import NbkitError
+from nbkit.manifest import BaseModelRef
+from nbkit.models.registry import MODELS, ModelSpec, find_model, get_family, validate_resolution
+from nbkit.train_config import TrainConfig
+
+# Settings a resumed run must share with its checkpoint, or the weights would not fit or mean something else.
+RESUME_KEYS = (
+    "resolution",
+    "batch_size",
+    "gradient_accumulation",
+    "seed",
+    "lora_rank",
+    "lora_alpha",
+    "random_flip",
+)
+RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
+
+
+def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> TrainConfig:
+    """The session's stored config with `overrides` applied; nested `prior` settings merge key by key.
+
+    Args:
+        stored: the config in `session.json`.
+        overrides: field names of `TrainConfig` and their new values; `prior` may be a partial dict.
+    """
+    data = stored.to_dict()
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return TrainConfig.from_dict(data, where="training settings")
+
+
+def base_model_ref(source: str) -> BaseModelRef:
+    """Describe a base model given as a registry key, hub repo id or diffusers folder."""
+    spec = find_model(source)
+    if spec is not None:
+        return BaseModelRef(
+            source=spec.key,
+            family=spec.family,
+            prediction_type=spec.prediction_type,
+            resolution=spec.native_resolution,
+            revision=spec.revision,
+        )
+    from nbkit.models.loading import detect_family_from_config
+    from nbkit.models.sources import resolve_source
+
+    resolved = resolve_source(source)
+    if resolved.kind != "diffusers":
+        raise NbkitError(
+            "a single-file checkpoint does not say which model family it is",
+            path=resolved.path,
+            fix="create the session with this model and its family (nbkit session create --model ...), "
+            "or convert it to a diffusers folder first",
+        )
+    detected = detect_family_from_config(resolved.path)
+    return BaseModelRef(
+        source=source,
+        family=detected.family,
+        prediction_type=detected.prediction_type,
+        resolution=detected.native_resolution,
+    )
+
+
+def model_spec(base_model: BaseModelRef) -> ModelSpec:
+    """The registry entry of the base model, or one made from its family for other models.
+
+    A local folder whose native size is below its family's range is one of nbkit's tiny test models
+    and gets the tiny models' resolution range.
+    """
+    spec = find_model(base_model.source)
+    if spec is not None:
+        return spec
+    family = get_family(base_model.family)
+    native = family.native_resolution
+    folder = Path(base_model.source).expanduser()
+    if (folder / "model_index.json").is_file():
+        from nbkit.models.loading import detect_family_from_config
+
+        native = detect_family_from_config(folder).native_resolution
+    if native < family.allowed_resolutions[0]:
+        return MODELS[f"tiny-{base_model.family}"]
+    return ModelSpec(
+        key=base_model.source,
+        family=base_model.family,
+        title=base_model.source,
+        repo_id=None,
+        source="hub",
+        native_resolution=native,
+        allowed_resolutions=family.allowed_resolutions,
+    )
+
+
+def _require(condition: bool, message: str, fix: str) -> None:
+    if not condition:
+        raise NbkitError(message, fix=fix)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Reject settings that cannot train, naming the setting and the value."""
+    _require(
+        config.text_encoder_steps >= 0, f"text_encoder_steps is {config.text_encoder_steps}", "use 0 or more"
+    )
+    _require(config.unet_steps >= 0, f"unet_steps is {config.unet_steps}", "use 0 or more")
+    _require(
+        config.text_encoder_steps + config.unet_steps > 0,
+        "both text_encoder_steps and unet_steps are 0: there is nothing to train",
+        "set --unet-steps (e.g. 1500) and/or --te-steps (e.g. 350)",
+    )
+    for name, steps in (("text_encoder_lr", config.text_encoder_steps), ("unet_lr", config.unet_steps)):
+        value = getattr(config, name)
+        _require(
+            steps == 0 or (math.isfinite(value) and value > 0),
+            f"{name} is {value}",
+            "use a positive rate, e.g. 2e-6",
+        )
+    _require(config.batch_size >= 1, f"batch_size is {config.batch_size}", "use 1 or more")
+    _require(
+        config.gradient_accumulation >= 1,
+        f"gradient_accumulation is {config.gradient_accumulation}",
+        "use 1 or more",
+    )
+    _require(config.lr_warmup_steps >= 0, f"lr_warmup_steps is {config.lr_warmup_steps}", "use 0 or more")
+    _require(config.max_grad_norm >= 0, f"max_grad_norm is {config.max_grad_norm}", "use 0 (off) or more")
+    _require(config.offset_noise >= 0, f"offset_noise is {config.offset_noise}", "use 0 (off) to about 0.1")
+    _require(
+        config.min_snr_gamma is None or config.min_snr_gamma > 0,
+        f"min_snr_gamma is {config.min_snr_gamma}",
+        "use a positive value (5 is usual) or leave it unset",
+    )
+    _require(
+        config.checkpoint_every >= 0,
+        f"checkpoint_every is {config.checkpoint_every}",
+        "use 0 (stage ends only) or more",
+    )
+    _require(
+        config.keep_checkpoints >= 1, f"keep_checkpoints is {config.keep_checkpoints}", "keep at least 1"
+    )
+    _require(
+        config.lora_rank >= 0, f"lora_rank is {config.lora_rank}", "use 0 (full fine-tune) or a rank like 16"
+    )
+    _require(
+        config.lora_alpha is None or config.lora_alpha > 0,
+        f"lora_alpha is {config.lora_alpha}",
+        "use a positive value or leave it unset (= rank)",
+    )
+    prior = config.prior
+    _require(prior.num_images >= 0, f"prior.num_images is {prior.num_images}", "use 0 (off) or more")
+    _require(
+        prior.num_images == 0 or prior.class_prompt.strip(),
+        f"prior preservation asks for {prior.num_images} class images but the class prompt is empty",
+        "set --prior-class-prompt (e.g. 'photo of a dog'), or --prior-images 0",
+    )
+    _require(
+        prior.loss_weight >= 0, f"prior.loss_weight is {prior.loss_weight}", "use 0 or more (1.0 is usual)"
+    )
+    _require(
+        config.seed is None or 0 <= config.seed < 2**63, f"seed is {config.seed}", "use a whole number >= 0"
+    )
+
+
+def check_images(session_path: Path, images: list) -> None:
+    """The session must have instance images, each present and captioned."""
+    if not images:
+        raise NbkitError(
+            "the session has no instance images",
+            path=session_path / "instance_images",
+            fix="add photos of your subject first (the 'Instance images' cell, or `nbkit images add`)",
+        )
+    for record in images:
+        path = session_path / record.file
+        if not path.is_file():
+            raise NbkitError(
+                "an instance image listed in session.json is missing",
+                path=path,
+                fix="add it again, or remove it from the session (`nbkit images`)",
+            )
+        if not record.caption.strip():
+            raise NbkitError(
+                "this instance image has an empty caption",
+                path=path,
+                fix="give it a caption with your subject's token (the captions cell, or captions/<name>.txt)",
+            )
+
+
+def check_resolution(base_model: BaseModelRef, resolution: int) -> None:
+    validate_resolution(model_spec(base_model), resolution)
+
+
+def check_resume(config: TrainConfig, base_model: BaseModelRef, saved: dict[str, Any], where: Path) -> None:
+    """A resumed run must keep the settings its checkpoint was trained with."""
+    saved_config, saved_model = saved.get("config", {}), saved.get("base_model", {})
+    current = config.to_dict()
+    mismatches = [
+        (key, saved_config.get(key), current[key])
+        for key in RESUME_KEYS
+        if saved_config.get(key) != current[key]
+    ]
+    saved_prior = saved_config.get("prior", {})
+    mismatches += [
+        (f"prior.{key}", saved_prior.get(key), current["prior"][key])
+        for key in RESUME_PRIOR_KEYS
+        if saved_prior.get(key) != current["prior"][key]
+    ]
+    for key in ("source", "family"):
+        if saved_model.get(key) != getattr(base_model, key):
+            mismatches.append((f"base model {key}", saved_model.get(key), getattr(base_model, key)))
+    if mismatches:
+        key, before, now = mismatches[0]
+        raise NbkitError(
+            f"cannot resume: {key} was {before!r} in the checkpoint but is {now!r} now",
+            path=where,
+            fix=f"resume with the checkpoint's {key} (drop the new setting), or start over with --restart",
+        )
+
+
+def resolve_precision(setting: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """accelerate's mixed-precision mode and the dtype of frozen weights for `setting` on `device`.
+
+    `auto` is bf16 on GPUs that do it natively (Ampere and newer), fp16 on older ones, `no` on CPU.
+    """
+    if setting == "auto":
+        if device.type != "cuda":
+            setting = "no"
+        else:
+            setting = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if setting == "fp16" and device.type != "cuda":
+        raise NbkitError(
+            "fp16 mixed precision needs a CUDA GPU, and this run has none",
+            fix="use mixed_precision 'auto' or 'no' (or 'bf16') on a CPU",
+        )
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    return setting, dtypes[setting]

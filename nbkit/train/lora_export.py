@@ -1,0 +1,215 @@
+"""Write a trained LoRA in diffusers format and in the kohya format A1111 and ComfyUI load.
+
+The models come in with peft adapters added by `add_adapter(LoraConfig(...))`, as in diffusers'
+DreamBooth LoRA example. The diffusers file is what `pipeline.load_lora_weights(folder)` reads; the
+kohya file (`lora_unet_*`, `lora_te_*` or `lora_te1_*`/`lora_te2_*`, `.lora_down`/`.lora_up`/`.alpha`)
+is what A1111's `<lora:name:1>` and ComfyUI's LoRA loader read. Kohya files carry the scale as
+`alpha / rank`; it is taken from each peft layer's own scaling, so `lora_alpha != rank`,
+`rank_pattern` and rsLoRA all export correctly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from nbkit.fsio import atomic_path
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+# family -> (modelspec architecture, default resolution, prediction type, text encoder count)
+FAMILIES = {
+    "sd1": ("stable-diffusion-v1", 512, "epsilon", 1),
+    "sd2": ("stable-diffusion-v2-512", 512, "epsilon", 1),
+    "sd2-v": ("stable-diffusion-v2-768-v", 768, "v", 1),
+    "sdxl": ("stable-diffusion-xl-v1-base", 1024, "epsilon", 2),
+}
+
+
+def _unwrap(model: Any) -> Any:
+    # accelerate wraps models in DistributedDataParallel (.module) and torch.compile in ._orig_mod.
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def check_inputs(
+    unet: Any, text_encoders: list, out_dir: Path | None, family: str, adapter_name: str
+) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    if out_dir is None:
+        raise ValueError("out_dir is required")
+    limit = FAMILIES[family][3]
+    if len(text_encoders) > limit:
+        raise ValueError(f"family {family!r} has {limit} text encoder(s), got {len(text_encoders)}")
+    models = [("unet", unet)] + [(f"text_encoders[{i}]", model) for i, model in enumerate(text_encoders)]
+    if all(model is None for _, model in models):
+        raise ValueError("nothing to save: give a LoRA-adapted unet and/or text encoder")
+    for name, model in models:
+        if model is not None and adapter_name not in (getattr(model, "peft_config", None) or {}):
+            raise ValueError(f"{name} ({type(model).__name__}) has no LoRA adapter named {adapter_name!r}")
+
+
+def kohya_prefix(component: str, family: str) -> str:
+    """Kohya's key prefix for a pipeline component: SDXL numbers its two text encoders."""
+    if component == "unet":
+        return "lora_unet"
+    if family != "sdxl":
+        return "lora_te"
+    return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]
+
+
+def _kohya_root(model: Any, prefix: str) -> str:
+    # Kohya names text encoder modules as transformers 4 did (`text_model.encoder.layers...`);
+    # transformers 5 dropped the `text_model.` level from CLIPTextModel (not from ...WithProjection).
+    return "text_model." if prefix.startswith("lora_te") and not hasattr(model, "text_model") else ""
+
+
+def kohya_alphas(model: Any, prefix: str, adapter_name: str = "default") -> dict[str, float]:
+    """The kohya `alpha` of every LoRA layer of `model`, keyed by its kohya module name.
+
+    Kohya applies `alpha / rank`; peft applies `scaling`, so alpha is `scaling * rank`.
+
+    Args:
+        model: a peft-adapted model.
+        prefix: `lora_unet`, `lora_te`, `lora_te1` or `lora_te2`.
+        adapter_name: the peft adapter to read.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    alphas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            key = f"{prefix}_{(_kohya_root(model, prefix) + name).replace('.', '_')}"
+            alphas[key] = float(module.scaling[adapter_name] * module.r[adapter_name])
+    return alphas
+
+
+def kohya_state_dict(model: Any, component: str, prefix: str, adapter_name: str = "default") -> dict:
+    """The LoRA weights of `model` in kohya layout, `alpha`s included.
+
+    Args:
+        model: a peft-adapted UNet or text encoder.
+        component: `unet`, `text_encoder` or `text_encoder_2` (diffusers' names).
+        prefix: the kohya prefix for it (`lora_unet`, `lora_te`, `lora_te1`, `lora_te2`).
+        adapter_name: the peft adapter to export.
+    """
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # diffusers' converter names components by their pipeline prefix and always says `lora_te1`
+    # for the first text encoder; single-encoder families use kohya's `lora_te`.
+    root = f"{component}.{_kohya_root(model, prefix)}"
+    converted = convert_state_dict_to_kohya({root + key: value for key, value in peft_state.items()})
+    diffusers_prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[
+        component
+    ]
+    alphas = kohya_alphas(model, prefix, adapter_name)
+    state = {}
+    for key, value in converted.items():
+        key = prefix + key[len(diffusers_prefix) :]
+        module, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            # The converter writes alpha = rank; the real one comes from the layer's scaling.
+            value = torch.tensor(alphas[module], dtype=torch.float32)
+        state[key] = value
+    return state
+
+
+def save_lora(
+    unet: Any = None,
+    text_encoders: list | None = None,
+    out_dir: Path | None = None,
+    *,
+    family: str,
+    metadata: dict[str, Any],
+    name: str | None = None,
+    adapter_name: str = "default",
+    dtype: Any = "float32",
+) -> dict[str, Path]:
+    """Save LoRA adapters as a diffusers LoRA file and a kohya/A1111 `.safetensors`.
+
+    Args:
+        unet: the UNet with a LoRA adapter, or None when only text encoders were trained.
+        text_encoders: the text encoder(s) in pipeline order (`[text_encoder, text_encoder_2]` for
+            SDXL); an entry may be None when that encoder was not trained.
+        out_dir: the folder to write into (created if missing); both files are written atomically.
+        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        metadata: extra header metadata for the kohya file; non-string values are JSON-encoded and
+            `modelspec.*` keys override the defaults (e.g. `modelspec.title`, `modelspec.resolution`).
+        name: the kohya file's stem, which A1111 shows as the LoRA's name; defaults to the folder name.
+        adapter_name: the peft adapter to export.
+        dtype: the dtype both files store ("float32", "float16" or "bfloat16"); LoRA files are
+            small, so fp32 by default keeps them exactly as trained.
+
+    Returns:
+        `{"diffusers": <folder>/pytorch_lora_weights.safetensors, "kohya": <folder>/<name>.safetensors}`.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    text_encoders = [_unwrap(model) if model is not None else None for model in (text_encoders or [])]
+    unet = _unwrap(unet) if unet is not None else None
+    check_inputs(unet, text_encoders, out_dir, family, adapter_name)
+    out_dir = Path(out_dir)
+    name = name or out_dir.name
+    torch_dtype = getattr(torch, str(dtype).removeprefix("torch."))
+    architecture, resolution, prediction_type, _ = FAMILIES[family]
+
+    def cast(state: dict) -> dict:
+        return {key: value.detach().to("cpu", torch_dtype).contiguous() for key, value in state.items()}
+
+    # (a) diffusers format, through the pipeline class's own writer, with each adapter's LoraConfig
+    # so that loading restores lora_alpha (and with it the scale) exactly.
+    components = [("unet", unet), *zip(("text_encoder", "text_encoder_2"), text_encoders, strict=False)]
+    layers, adapter_metadata = {}, {}
+    for component, model in components:
+        if model is None:
+            continue
+        layers[f"{component}_lora_layers"] = cast(get_peft_model_state_dict(model, adapter_name=adapter_name))
+        adapter_metadata[f"{component}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    diffusers_path = out_dir / DIFFUSERS_WEIGHT_NAME
+    with atomic_path(diffusers_path) as tmp:
+        pipeline_class.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers, **adapter_metadata)
+
+    # (b) kohya format with modelspec metadata.
+    kohya = {}
+    for component, model in components:
+        if model is None:
+            continue
+        kohya.update(kohya_state_dict(model, component, kohya_prefix(component, family), adapter_name))
+    first_config = next(model for _, model in components if model is not None).peft_config[adapter_name]
+    header = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(first_config.r),
+        "ss_network_alpha": _format_number(first_config.lora_alpha),
+    }
+    header.update(
+        {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    )
+    kohya_path = out_dir / f"{name}.safetensors"
+    with atomic_path(kohya_path) as tmp:
+        save_file(cast(kohya), os.fspath(tmp), metadata=header)
+    return {"diffusers": diffusers_path, "kohya": kohya_path}
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,383 @@
+"""The two DreamBooth stages: the text encoder(s) with the UNet frozen, then the UNet alone.
+
+Both stages share one step function. Stage 1 runs the frozen UNet with gradients flowing only into
+the text encoder; stage 2 runs the UNet on prompt embeddings computed once per caption by the (now
+frozen) text encoder. Every random draw of a step (images, flips, latent samples, noise, timesteps,
+dropout) is seeded from (seed, stage, step, micro-batch, process), so a run resumed from a checkpoint
+takes exactly the steps an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from nbkit.train import checkpointing
+from nbkit.train.components import (
+    TEXT_ENCODER_LORA_TARGETS,
+    UNET_LORA_TARGETS,
+    Components,
+    add_lora,
+    encode_tokens,
+    freeze,
+    has_lora,
+    load_trained_state_dict,
+    make_trainable,
+    trainable_parameters,
+    trained_state_dict,
+)
+from nbkit.train.data import (
+    STREAM_INIT,
+    STREAM_STEP,
+    LatentCache,
+    batch_indices,
+    derive_seed,
+)
+from nbkit.train.loss import dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from nbkit.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage.
+
+    Args:
+        name: `text_encoder` or `unet` (also the checkpoint folder prefix).
+        index: 1 or 2, mixed into the step seeds.
+        steps: optimizer steps in the stage.
+        learning_rate: the peak learning rate.
+        roles: the pipeline components it trains.
+    """
+
+    name: str
+    index: int
+    steps: int
+    learning_rate: float
+    roles: tuple[str, ...]
+
+
+class ImageSet:
+    """Instance or class images with cached latents, their captions, and an order stream.
+
+    Args:
+        latents: the cached VAE latents, one row per image.
+        captions: the prompt of each image.
+        stream: the random stream that shuffles this set.
+        token_ids: each caption's token ids, one tensor per tokenizer (for stage 1).
+    """
+
+    def __init__(self, latents: LatentCache, captions: list[str], stream: int, token_ids: list[torch.Tensor]):
+        self.latents = latents
+        self.captions = captions
+        self.stream = stream
+        self.token_ids = token_ids
+        self.embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def cache_embeddings(self, components: Components) -> None:
+        """Encode each distinct caption once with the frozen text encoder(s), for stage 2."""
+        device = components.unet.device
+        distinct = {caption: index for index, caption in enumerate(self.captions)}
+        encoded = {}
+        with torch.no_grad():
+            for caption, index in distinct.items():
+                ids = [ids[index : index + 1].to(device) for ids in self.token_ids]
+                embeds, pooled = encode_tokens(components.family, components.text_encoders, ids)
+                encoded[caption] = (embeds[0], None if pooled is None else pooled[0])
+        embeds = torch.stack([encoded[caption][0] for caption in self.captions])
+        pooled = None if components.family != "sdxl" else torch.stack([encoded[c][1] for c in self.captions])
+        self.embeddings = (embeds, pooled)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a stage needs that outlives it.
+
+    Args:
+        accelerator: the run's accelerator.
+        components: the models.
+        config: the effective training config.
+        seed: the run's seed.
+        weight_dtype: dtype of frozen weights (fp16/bf16 under mixed precision, else fp32).
+        instance: the instance images.
+        prior: the class images, or None without prior preservation.
+        scratch: local folder for checkpoint staging.
+        checkpoints_dir: the session's `checkpoints/` folder.
+        trained_roles: components changed so far, mapped to `lora` or `full`.
+        on_checkpoint: called on the main process with (stage, step, published folder).
+        on_step: called on the main process with (stage, step, loss, lr).
+        steps_left: optimizer steps this call may still take (None: no limit).
+        base_state: what every checkpoint's `trainer_state.json` records besides stage and step
+            (the config and base model a resume is checked against).
+    """
+
+    accelerator: Accelerator
+    components: Components
+    config: TrainConfig
+    seed: int
+    weight_dtype: torch.dtype
+    instance: ImageSet
+    prior: ImageSet | None
+    scratch: Path
+    checkpoints_dir: Path
+    trained_roles: dict[str, str]
+    on_checkpoint: Callable[[Stage, int, Path], None]
+    on_step: Callable[[Stage, int, float, float], None]
+    steps_left: int | None = None
+    base_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_frozen_roles(
+    context: RunContext, checkpoint: checkpointing.Checkpoint, skip: tuple[str, ...]
+) -> None:
+    """Restore components an earlier stage trained (not those in `skip`) from a checkpoint, frozen."""
+    roles = checkpoint.state()["roles"]
+    for role, kind in roles.items():
+        if role in skip:
+            continue
+        model = context.components.model(role)
+        if kind == "lora" and not has_lora(model):
+            _add_role_lora(context, role)
+        load_trained_state_dict(
+            model, checkpointing.load_weights(checkpoint.path, role), where=str(checkpoint.path)
+        )
+        freeze(model, context.weight_dtype)
+        context.trained_roles[role] = kind
+
+
+def _add_role_lora(context: RunContext, role: str) -> None:
+    targets = UNET_LORA_TARGETS if role == "unet" else TEXT_ENCODER_LORA_TARGETS
+    role_index = ("text_encoder", "text_encoder_2", "unet").index(role)
+    add_lora(
+        context.components.model(role),
+        rank=context.config.lora_rank,
+        alpha=context.config.lora_alpha,
+        targets=targets,
+        seed=derive_seed(context.seed, STREAM_INIT, role_index),
+    )
+
+
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], learning_rate: float, *, use_8bit: bool, device: torch.device
+):
+    """AdamW; bitsandbytes' 8-bit AdamW where it is installed and the GPU is CUDA."""
+    if use_8bit and device.type == "cuda":
+        try:
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(parameters, lr=learning_rate)
+        except ImportError:
+            logger.warning("use_8bit_adam is set but bitsandbytes is not installed; using torch's AdamW")
+    # The fused kernel does the whole update in one pass; per-tensor AdamW was ~40% of a small-model
+    # step on CPU (bench/train.py).
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in parameters)
+    return torch.optim.AdamW(parameters, lr=learning_rate, fused=fused)
+
+
+def run_stage(
+    context: RunContext, stage: Stage, *, start_step: int, resume_from: checkpointing.Checkpoint | None
+) -> bool:
+    """Train `stage` from `start_step` to its end (or until `context.steps_left` runs out).
+
+    Returns whether the stage reached its last step; the trained models are frozen afterwards.
+    """
+    accelerator, config = context.accelerator, context.config
+    lora = config.lora_rank > 0
+    models = [context.components.model(role) for role in stage.roles]
+    for role, model in zip(stage.roles, models, strict=True):
+        if lora and not has_lora(model):
+            _add_role_lora(context, role)
+        make_trainable(model, lora=lora)
+        context.trained_roles[role] = "lora" if lora else "full"
+    parameters = trainable_parameters(models)
+    optimizer = make_optimizer(
+        parameters, stage.learning_rate, use_8bit=config.use_8bit_adam, device=accelerator.device
+    )
+    # accelerate steps a prepared scheduler once per process, so the schedule counts in those units.
+    lr_scheduler = get_scheduler(
+        config.lr_schedule,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=stage.steps * accelerator.num_processes,
+    )
+    *wrapped, optimizer, lr_scheduler = accelerator.prepare(*models, optimizer, lr_scheduler)
+    hooks = [
+        accelerator.register_save_state_pre_hook(
+            lambda _models, weights, folder: _save_roles(context, weights, folder)
+        ),
+        accelerator.register_load_state_pre_hook(
+            lambda loaded, folder: _load_roles(context, stage, loaded, folder)
+        ),
+    ]
+    try:
+        if resume_from is not None and resume_from.stage == stage.name:
+            accelerator.load_state(str(resume_from.path))
+        if stage.name == "unet":
+            for images in (context.instance, context.prior):
+                if images is not None:
+                    images.cache_embeddings(context.components)
+        return _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_scheduler)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        accelerator.free_memory()
+        for model in models:
+            freeze(model, context.weight_dtype)
+
+
+def _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_scheduler) -> bool:
+    accelerator, config = context.accelerator, context.config
+    progress = tqdm(
+        total=stage.steps,
+        initial=start_step,
+        desc=f"stage {stage.index} ({stage.name.replace('_', ' ')})",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
+    every = config.checkpoint_every
+    with progress:
+        for step in range(start_step + 1, stage.steps + 1):
+            if context.steps_left is not None and context.steps_left <= 0:
+                return False
+            learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step uses
+            loss = _optimizer_step(context, stage, step, wrapped, parameters, optimizer, lr_scheduler)
+            if accelerator.is_main_process:
+                context.on_step(stage, step, loss, learning_rate)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+            progress.update()
+            if step == stage.steps or (every > 0 and step % every == 0):
+                save_checkpoint(context, stage, step)
+            if context.steps_left is not None:
+                context.steps_left -= 1
+    return True
+
+
+def _optimizer_step(context, stage, step, wrapped, parameters, optimizer, lr_scheduler) -> float:
+    accelerator, config = context.accelerator, context.config
+    accumulation = config.gradient_accumulation
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(accumulation):
+        with contextlib.ExitStack() as stack:
+            if micro < accumulation - 1:  # only the last micro-batch all-reduces gradients
+                for model in wrapped:
+                    stack.enter_context(accelerator.no_sync(model))
+            loss = _micro_batch_loss(context, stage, step, micro, wrapped)
+            accelerator.backward(loss / accumulation)
+        total += loss.detach() / accumulation
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(total, reduction="mean"))
+
+
+def _draw(context: RunContext, images: ImageSet, stage: Stage, first: int, generator, text_encoders):
+    config, device = context.config, context.accelerator.device
+    indices = batch_indices(
+        seed=context.seed,
+        stream=images.stream,
+        stage_index=stage.index,
+        first_position=first,
+        batch_size=config.batch_size,
+        count=len(images.captions),
+    )
+    if config.random_flip:
+        flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()
+    else:
+        flips = [False] * len(indices)
+    latents = images.latents.sample(indices, flips, generator)
+    if images.embeddings is not None and stage.name == "unet":
+        embeds, pooled = images.embeddings
+        embeds, pooled = embeds[indices], None if pooled is None else pooled[indices]
+    else:
+        ids = [token_ids[indices].to(device) for token_ids in images.token_ids]
+        embeds, pooled = encode_tokens(context.components.family, text_encoders, ids)
+    return latents, embeds, pooled, images.latents.time_ids(indices)
+
+
+def _micro_batch_loss(context: RunContext, stage: Stage, step: int, micro: int, wrapped) -> torch.Tensor:
+    accelerator, config, components = context.accelerator, context.config, context.components
+    step_seed = derive_seed(context.seed, STREAM_STEP, stage.index, step, micro, accelerator.process_index)
+    torch.manual_seed(step_seed)  # dropout, or anything else that reads the global RNG
+    generator = torch.Generator().manual_seed(step_seed)
+    draws_before = ((step - 1) * config.gradient_accumulation + micro) * accelerator.num_processes
+    first = (draws_before + accelerator.process_index) * config.batch_size
+    text_encoders = wrapped if stage.name == "text_encoder" else components.text_encoders
+    unet = wrapped[0] if stage.name == "unet" else components.unet
+    with accelerator.autocast():
+        parts = [_draw(context, context.instance, stage, first, generator, text_encoders)]
+        if context.prior is not None:
+            parts.append(_draw(context, context.prior, stage, first, generator, text_encoders))
+        latents, embeds, pooled, time_ids = (
+            None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True)
+        )
+        scheduler = components.noise_scheduler
+        noise = sample_noise(latents, generator, config.offset_noise)
+        timesteps = sample_timesteps(latents.shape[0], scheduler, generator).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(scheduler, latents, noise, timesteps)
+        extra = {}
+        if components.family == "sdxl":
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds, **extra).sample
+    total, _, _ = dreambooth_loss(
+        prediction,
+        target,
+        weights=min_snr_weights(scheduler, timesteps, config.min_snr_gamma),
+        num_class=0 if context.prior is None else config.batch_size,
+        prior_loss_weight=config.prior.loss_weight,
+    )
+    return total
+
+
+def _save_roles(context: RunContext, weights: list, folder: str) -> None:
+    # Only what training changed goes in, as a LoRA or full state dict per component.
+    weights.clear()
+    if context.accelerator.is_main_process:
+        for role in context.trained_roles:
+            checkpointing.save_weights(Path(folder), role, trained_state_dict(context.components.model(role)))
+
+
+def _load_roles(context: RunContext, stage: Stage, loaded: list, folder: str) -> None:
+    loaded.clear()  # accelerate would look for its own model.safetensors otherwise
+    for role in stage.roles:
+        state = checkpointing.load_weights(Path(folder), role)
+        load_trained_state_dict(context.components.model(role), state, where=folder)
+
+
+def save_checkpoint(context: RunContext, stage: Stage, step: int) -> Path:
+    """Save the run's state locally, then move it into the session (main process) and report it."""
+    accelerator = context.accelerator
+    local = context.scratch / "checkpoints" / checkpointing.checkpoint_name(stage.name, step)
+    if accelerator.is_main_process and local.exists():
+        shutil.rmtree(local)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(local))
+    accelerator.wait_for_everyone()
+    published = context.checkpoints_dir / local.name
+    if accelerator.is_main_process:
+        state = {
+            **context.base_state,
+            "stage": stage.name,
+            "step": step,
+            "roles": dict(context.trained_roles),
+            "num_processes": accelerator.num_processes,
+        }
+        checkpointing.finish_local(local, state)
+        published = checkpointing.publish(local, context.checkpoints_dir)
+        shutil.rmtree(local, ignore_errors=True)
+        context.on_checkpoint(stage, step, published)
+    accelerator.wait_for_everyone()
+    return published

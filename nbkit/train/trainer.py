@@ -1,0 +1,400 @@
+"""`train()`: one two-stage DreamBooth run on a session, from checks to exported model.
+
+The main process holds the session's lock, owns `session.json` and writes everything into the
+session; other processes (under `accelerate launch --num_processes N`) train their share of each
+batch and wait at the barriers. The run's effective settings are saved into `session.json` before
+training starts, and `state` there follows the checkpoints, always naming a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+from nbkit.env import local_scratch
+from nbkit.errors import NbkitError
+from nbkit.manifest import TrainingState
+from nbkit.session import Session
+from nbkit.train import checkpointing
+from nbkit.train.components import enable_memory_savers, load_components, tokenize
+from nbkit.train.data import STREAM_CLASS_ORDER, STREAM_INSTANCE_ORDER, LatentCache, copy_to_scratch
+from nbkit.train.export import export_full_model, export_lora, training_metadata
+from nbkit.train.inputs import (
+    base_model_ref,
+    check_config,
+    check_images,
+    check_resolution,
+    check_resume,
+    merge_config,
+    resolve_precision,
+)
+from nbkit.train.stages import ImageSet, RunContext, Stage, load_frozen_roles, run_stage
+from nbkit.train_config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a `train()` call did.
+
+    Args:
+        session: the session folder.
+        finished: True when both stages ran to the end and the model was exported.
+        stage: the stage reached (`text_encoder`, `unet` or `done`).
+        step: optimizer steps done in that stage.
+        seed: the run's seed.
+        last_checkpoint: the newest checkpoint folder, if any.
+        model_dir: the exported diffusers folder (full fine-tune).
+        single_file: the exported single-file `.safetensors` (full fine-tune).
+        lora_files: the exported LoRA files, `diffusers` and `kohya` (LoRA runs).
+        samples: the sample grids rendered during this call.
+        loss_plot: the loss curve PNG, if one was drawn.
+        losses: (stage, step, loss) of every step this call took.
+        config: the effective training settings.
+    """
+
+    session: Path
+    finished: bool
+    stage: str
+    step: int
+    seed: int
+    last_checkpoint: Path | None = None
+    model_dir: Path | None = None
+    single_file: Path | None = None
+    lora_files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    samples: list[Path] = dataclasses.field(default_factory=list)
+    loss_plot: Path | None = None
+    losses: list[tuple[str, int, float]] = dataclasses.field(default_factory=list)
+    config: TrainConfig | None = None
+
+
+def train(
+    session: Session | str,
+    config_overrides: dict[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    root: str | Path | None = None,
+    max_steps_this_run: int | None = None,
+) -> TrainResult:
+    """Train the session's model: stage 1 (text encoder), stage 2 (UNet), then export.
+
+    Args:
+        session: an open `Session` or a session name.
+        config_overrides: `TrainConfig` fields to change (saved back into `session.json`), plus
+            `model` to switch the base model (registry key, hub id or folder).
+        resume: continue from the session's last complete checkpoint (a fresh start if there is none).
+        restart: delete the checkpoints of an unfinished earlier run and start over.
+        root: the storage root, when `session` is a name (default: `nbkit.env.storage_root()`).
+        max_steps_this_run: stop after this many optimizer steps, as a disconnect would (for tests and
+            for splitting a run over several sittings); the next call resumes with `resume=True`.
+
+    Raises:
+        NbkitError: before any work when the session is locked by another kernel, has no (captioned)
+            instance images, its resolution does not suit the model, or a setting is invalid; during
+            training when memory runs out, naming the settings to lower.
+    """
+    if resume and restart:
+        raise NbkitError(
+            "resume and restart both set", fix="pass one of them: --resume continues, --restart starts over"
+        )
+    if max_steps_this_run is not None and max_steps_this_run < 1:
+        raise NbkitError(
+            f"max_steps_this_run is {max_steps_this_run}", fix="use 1 or more, or leave it unset"
+        )
+    session = session if isinstance(session, Session) else Session.open(session, root=root)
+    overrides = dict(config_overrides or {})
+    model_source = overrides.pop("model", None)
+    base_model = base_model_ref(model_source) if model_source else session.manifest.base_model
+    if model_source and "resolution" not in overrides:
+        overrides["resolution"] = base_model.resolution  # the stored size belongs to the old model
+    if base_model is None:
+        raise NbkitError(
+            "the session has no base model",
+            path=session.path,
+            fix="choose one with --model (e.g. --model sd15)",
+        )
+    config = merge_config(session.manifest.training, overrides)
+    check_config(config)
+    check_images(session.path, session.manifest.images)
+    check_resolution(base_model, config.resolution)
+
+    # The first PartialState fixes the backend for the process: it must see ACCELERATE_USE_CPU, which
+    # is how several CPU processes under `accelerate launch` get gloo instead of running alone.
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    mixed_precision, weight_dtype = resolve_precision(config.mixed_precision, device)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    with contextlib.ExitStack() as stack:
+        plan: dict[str, Any] = {}
+        record = None
+        if accelerator.is_main_process:
+            stack.enter_context(session.lock("training"))
+            plan = _plan(session, base_model, config, resume=resume, restart=restart)
+            record = stack.enter_context(session.run_record("train", {"resume": resume}))
+        plan = broadcast_object_list([plan])[0]
+        config = TrainConfig.from_dict(plan["config"], where="training settings")
+        resume_from = _checkpoint_at(plan["resume_from"])
+        try:
+            result = _execute(
+                session, accelerator, base_model, config, weight_dtype, resume_from, max_steps_this_run
+            )
+        except Exception as error:
+            from nbkit.train.oom import explain_oom, is_oom
+
+            if is_oom(error):
+                raise explain_oom(config, error, family=base_model.family) from error
+            raise
+        if record is not None:
+            record.detail.update(
+                seed=result.seed, stage=result.stage, step=result.step, finished=result.finished
+            )
+    if record is not None and not result.finished:
+        record.status = "interrupted"  # stopped by max_steps_this_run; resume continues it
+        session.save()
+    return result
+
+
+def _plan(
+    session: Session, base_model, config: TrainConfig, *, resume: bool, restart: bool
+) -> dict[str, Any]:
+    """Decide where the run starts and save the effective settings (main process, lock held)."""
+    checkpoints_dir = session.dir("checkpoints")
+    last = checkpointing.last_good_checkpoint(checkpoints_dir)
+    if last is not None and not resume:
+        if not restart and session.manifest.state.stage != "done":
+            raise NbkitError(
+                f"the session has an unfinished run (last checkpoint {last.path.name})",
+                path=last.path,
+                fix="continue it with --resume (resume=True), or start over with --restart (restart=True), "
+                "which deletes its checkpoints",
+            )
+        checkpointing.prune(checkpoints_dir, keep=0)
+        last = None
+    if last is not None:
+        saved = last.state()
+        if config.seed is None:
+            config = config.replace(seed=saved["config"]["seed"])
+        check_resume(config, base_model, saved, last.path)
+    if config.seed is None:  # a random one, as fast-DreamBooth; shown and saved, so runs can be repeated
+        config = config.replace(seed=random.SystemRandom().randint(1, 999_999))
+    session.manifest.base_model = base_model
+    session.manifest.training = config
+    if last is None:
+        session.manifest.state = TrainingState(stage="idle", step=0, last_checkpoint=None, seed=config.seed)
+    session.save()
+    return {"config": config.to_dict(), "resume_from": None if last is None else str(last.path)}
+
+
+def _checkpoint_at(path: str | None) -> checkpointing.Checkpoint | None:
+    if path is None:
+        return None
+    stage, _, step = Path(path).name.rpartition("-")
+    return checkpointing.Checkpoint(stage, int(step), Path(path))
+
+
+def _image_sets(session: Session, accelerator: Accelerator, components, config: TrainConfig, scratch: Path):
+    device = accelerator.device
+    records = session.manifest.images
+    with accelerator.main_process_first():  # the main process copies; the others find the copies
+        paths = copy_to_scratch([session.path / record.file for record in records], scratch / "instance")
+    captions = [record.caption for record in records]
+    latents = LatentCache(components.vae, paths, config.resolution, flip=config.random_flip, device=device)
+    instance = ImageSet(latents, captions, STREAM_INSTANCE_ORDER, tokenize(components, captions))
+    prior = config.prior
+    if prior.num_images == 0:
+        return instance, None
+    from nbkit.train.class_images import class_image_path, ensure_class_images
+
+    class_dir = session.dir("class_images")
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            ensure_class_images(
+                components.pipeline,
+                prior.class_prompt,
+                prior.num_images,
+                class_dir,
+                seed=0,  # fixed, so the set is reused whatever the training seed
+                steps=prior.generation_steps,
+                resolution=config.resolution,
+                model=session.manifest.base_model.source,
+            )
+        sources = [class_image_path(class_dir, index) for index in range(prior.num_images)]
+        class_paths = copy_to_scratch(sources, scratch / "class")
+    class_captions = [prior.class_prompt] * len(class_paths)
+    class_latents = LatentCache(
+        components.vae, class_paths, config.resolution, flip=config.random_flip, device=device
+    )
+    return instance, ImageSet(
+        class_latents, class_captions, STREAM_CLASS_ORDER, tokenize(components, class_captions)
+    )
+
+
+def _execute(session, accelerator, base_model, config, weight_dtype, resume_from, max_steps) -> TrainResult:
+    main, device = accelerator.is_main_process, accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    scratch = local_scratch() / "train" / session.name
+    if main:
+        shutil.rmtree(scratch / "checkpoints", ignore_errors=True)  # staging of a killed run
+    accelerator.wait_for_everyone()
+    components = load_components(
+        base_model.source, base_model.family, base_model.prediction_type, weight_dtype
+    )
+    components.pipeline.to(device)
+    enable_memory_savers(components, gradient_checkpointing=config.gradient_checkpointing, device=device)
+    instance, prior = _image_sets(session, accelerator, components, config, scratch)
+
+    result = TrainResult(
+        session=session.path, finished=False, stage="idle", step=0, seed=config.seed, config=config
+    )
+    reporter = _Reporter(session, components, config, result, accelerator) if main else None
+    context = RunContext(
+        accelerator=accelerator,
+        components=components,
+        config=config,
+        seed=config.seed,
+        weight_dtype=weight_dtype,
+        instance=instance,
+        prior=prior,
+        scratch=scratch,
+        checkpoints_dir=session.path / "checkpoints",
+        trained_roles={},
+        on_checkpoint=reporter.on_checkpoint if reporter else _ignore,
+        on_step=reporter.on_step if reporter else _ignore,
+        steps_left=max_steps,
+        base_state={"config": config.to_dict(), "base_model": base_model.to_dict()},
+    )
+    stages = [
+        Stage(
+            "text_encoder",
+            1,
+            config.text_encoder_steps,
+            config.text_encoder_lr,
+            tuple(components.text_encoder_roles),
+        ),
+        Stage("unet", 2, config.unet_steps, config.unet_lr, ("unet",)),
+    ]
+    stages = [stage for stage in stages if stage.steps > 0]
+    try:
+        finished = _run_stages(context, stages, resume_from, result)
+        if finished and main:
+            reporter.export(context.trained_roles, weight_dtype)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    accelerator.wait_for_everyone()
+    result.finished = finished
+    return result
+
+
+def _run_stages(context: RunContext, stages: list[Stage], resume_from, result: TrainResult) -> bool:
+    start = {stage.name: 0 for stage in stages}
+    pending = list(stages)
+    if resume_from is not None:
+        order = checkpointing.STAGES.index(resume_from.stage)
+        # Stages before the checkpoint's are done; its own is done if it reached its last step.
+        pending = [
+            stage
+            for stage in stages
+            if checkpointing.STAGES.index(stage.name) > order
+            or (stage.name == resume_from.stage and resume_from.step < stage.steps)
+        ]
+        resumed = [stage for stage in pending if stage.name == resume_from.stage]
+        load_frozen_roles(context, resume_from, skip=resumed[0].roles if resumed else ())
+        start[resume_from.stage] = resume_from.step
+        result.stage, result.step = resume_from.stage, resume_from.step
+        result.last_checkpoint = resume_from.path
+    for stage in pending:
+        from_checkpoint = resume_from if resume_from is not None and resume_from.stage == stage.name else None
+        if not run_stage(context, stage, start_step=start[stage.name], resume_from=from_checkpoint):
+            return False
+    return True
+
+
+def _ignore(*_args) -> None:
+    return None
+
+
+class _Reporter:
+    """Main-process bookkeeping: the manifest's state, pruning, samples, the loss log and export."""
+
+    def __init__(self, session: Session, components, config: TrainConfig, result: TrainResult, accelerator):
+        from nbkit.train.progress_log import TrainingLog
+
+        self.session, self.components, self.config = session, components, config
+        self.result, self.accelerator = result, accelerator
+        self.log = TrainingLog(session.dir("logs"))
+
+    def on_step(self, stage: Stage, step: int, loss: float, learning_rate: float) -> None:
+        offset = self.config.text_encoder_steps if stage.name == "unet" else 0
+        self.log.log(offset + step, stage.name, loss, learning_rate)
+        self.result.losses.append((stage.name, step, loss))
+        self.result.stage, self.result.step = stage.name, step
+
+    def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
+        manifest = self.session.manifest
+        relative = path.relative_to(self.session.path).as_posix()
+        manifest.state = TrainingState(
+            stage=stage.name, step=step, last_checkpoint=relative, seed=self.config.seed
+        )
+        self.session.save()  # only now, with the checkpoint complete in the session
+        checkpointing.prune(self.session.path / "checkpoints", self.config.keep_checkpoints)
+        self.result.last_checkpoint = path
+        if self.config.sample_prompts:
+            self.result.samples.append(self._render_samples(path.name))
+        self.log.flush()
+        self.result.loss_plot = self.log.plot(self.session.dir("logs") / "loss.png")
+
+    def _render_samples(self, name: str) -> Path:
+        from nbkit.train.samples import render_samples
+
+        models = [self.components.unet, *self.components.text_encoders]
+        modes = [model.training for model in models]
+        for model in models:
+            model.eval()
+        try:
+            with self.accelerator.autocast():
+                return render_samples(
+                    self.components.pipeline,
+                    self.config.sample_prompts,
+                    seed=self.config.sample_seed,
+                    steps=self.config.sample_steps,
+                    resolution=self.config.resolution,
+                    out_path=self.session.dir("outputs") / "samples" / f"{name}.png",
+                    model_name=self.session.name,
+                )
+        finally:
+            for model, mode in zip(models, modes, strict=True):
+                model.train(mode)
+
+    def export(self, trained_roles: dict[str, str], weight_dtype: torch.dtype) -> None:
+        manifest, config = self.session.manifest, self.config
+        metadata = training_metadata(
+            config.to_dict(),
+            session=self.session.name,
+            base_model=manifest.base_model.to_dict(),
+            steps={"text_encoder": config.text_encoder_steps, "unet": config.unet_steps},
+        )
+        models_dir = self.session.dir("models")
+        if config.lora_rank > 0:
+            self.result.lora_files = export_lora(
+                self.components, trained_roles, models_dir, self.session.name, metadata=metadata
+            )
+        else:
+            self.result.model_dir, self.result.single_file = export_full_model(
+                self.components, models_dir, self.session.name, dtype=weight_dtype, metadata=metadata
+            )
+        manifest.state = dataclasses.replace(manifest.state, stage="done")
+        self.session.save()
+        self.result.stage = "done"
+
+    def close(self) -> None:
+        self.log.close()

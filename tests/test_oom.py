@@ -1,0 +1,111 @@
+"""Out-of-memory detection and the advice that names the settings to lower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nbkit.errors import NbkitError
+from nbkit.train.oom import explain_oom, is_oom, suggestions
+from nbkit.train_config import PriorPreservation, TrainConfig
+
+
+def _real_cpu_oom() -> RuntimeError:
+    try:
+        torch.empty(1 << 50, dtype=torch.uint8)  # a petabyte: the allocator refuses at once
+    except RuntimeError as error:
+        return error
+    pytest.skip("this machine allocated a petabyte")
+
+
+def _chained(error: BaseException) -> BaseException:
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            raise RuntimeError("training step failed") from inner
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+        RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"),
+        MemoryError(),
+        _chained(torch.OutOfMemoryError("CUDA out of memory.")),
+    ],
+    ids=["cuda", "mps", "python", "chained"],
+)
+def test_is_oom_recognises_allocation_failures(error):
+    assert is_oom(error)
+
+
+def test_is_oom_recognises_a_real_cpu_allocation_failure():
+    assert is_oom(_real_cpu_oom())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("out of memory"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"), KeyError("x")],
+)
+def test_is_oom_rejects_other_errors(error):
+    assert not is_oom(error)
+
+
+def test_explain_oom_names_every_setting_worth_lowering_with_current_values():
+    config = TrainConfig(
+        resolution=768,
+        batch_size=4,
+        gradient_accumulation=2,
+        gradient_checkpointing=False,
+        mixed_precision="no",
+        use_8bit_adam=False,
+        lora_rank=0,
+        text_encoder_steps=350,
+        prior=PriorPreservation(class_prompt="a dog", num_images=100),
+    )
+    error = explain_oom(config, torch.OutOfMemoryError("CUDA out of memory"), family="sd1")
+    text = str(error)
+    assert isinstance(error, NbkitError)
+    assert "GPU memory" in text and "768px" in text and "batch size 4" in text
+    for expected in (
+        "gradient_checkpointing: true",
+        "mixed_precision",
+        "use_8bit_adam: true",
+        "--lora-rank",
+        "--batch-size` is 4",
+        "`gradient_accumulation` 8",
+        "prior preservation",
+        "--resolution` is 768; try 576",
+        "--te-steps 0",
+    ):
+        assert expected in text, expected
+
+
+def test_explain_oom_leaves_out_what_is_already_set():
+    config = TrainConfig(
+        resolution=512,
+        batch_size=1,
+        gradient_checkpointing=True,
+        mixed_precision="fp16",
+        use_8bit_adam=True,
+        lora_rank=16,
+        text_encoder_steps=350,
+    )
+    tips = " ".join(suggestions(config, family="sdxl", stage="unet"))
+    for absent in (
+        "gradient_checkpointing",
+        "mixed_precision",
+        "use_8bit_adam",
+        "--lora-rank",
+        "--batch-size",
+    ):
+        assert absent not in tips, absent
+    assert "--te-steps" not in tips  # the crash was in stage 2, where the text encoder is frozen
+    assert "--resolution" not in tips  # SDXL below 768 px is not worth suggesting
+    assert "every memory-saving setting" in str(
+        explain_oom(config, _real_cpu_oom(), family="sdxl", stage="unet")
+    )
+    assert "system (CPU) memory in the unet stage" in str(explain_oom(config, _real_cpu_oom(), stage="unet"))
