@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbkit.env import storage_root
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
 from nbkit.lock import SessionLock, live_holder
@@ -52,23 +53,13 @@ NAME_RULES = (
 )
 
 
-def _default_root() -> Path:
-    try:
-        from nbkit.env import storage_root
-    except ImportError as error:
-        if error.name != "nbkit.env":
-            raise
-        return Path(os.environ.get("NBKIT_HOME", "~/nbkit")).expanduser()
-    return Path(storage_root())
-
-
 def sessions_dir(root: str | os.PathLike | None = None) -> Path:
     """The folder that holds all sessions: `<root>/Sessions`.
 
     Args:
         root: the storage root (default: `nbkit.env.storage_root()`).
     """
-    return Path(root if root is not None else _default_root()) / SESSIONS_DIR
+    return Path(root if root is not None else storage_root()) / SESSIONS_DIR
 
 
 def validate_session_name(name: str) -> str:

@@ -137,12 +137,6 @@ def test_default_root_is_the_storage_root(tmp_path, monkeypatch):
     assert session.path == tmp_path / "home" / "Sessions" / "dog"
 
 
-def test_default_root_without_nbkit_env_falls_back_to_nbkit_home(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "nbkit.env", None)  # as if nbkit.env did not exist
-    monkeypatch.setenv("NBKIT_HOME", str(tmp_path / "home"))
-    assert nbkit.session._default_root() == tmp_path / "home"
-
-
 def test_dir_creates_known_kinds_and_rejects_others(tmp_path):
     session = Session.create("dog", root=tmp_path)
     shutil.rmtree(session.path / "outputs")
