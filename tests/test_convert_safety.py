@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,12 @@ def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tm
 
     assert sniff_format(path) == "safetensors"
     assert torch.equal(load_file(path)["w"], tensor)
+
+
+def test_checksum_is_plain_crc32_whichever_implementation_computes_it():
+    """zlib-ng's CRC-32 is used when installed; verification relies on it matching zlib's."""
+    from nbkit.convert.safetensors_stream import checksum
+
+    data = bytes(range(256)) * 4099
+    assert checksum(data) == zlib.crc32(data)
+    assert checksum(memoryview(data)[7:]) == zlib.crc32(data[7:])

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import select
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from child_process import kill, start_child, wait_for_line
 
 from nbkit.errors import DriveDisconnectedError
 from nbkit.fsio import (
@@ -28,28 +24,6 @@ from nbkit.fsio import (
 )
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-
-
-def start_child(code: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_line(child: subprocess.Popen, expected: str, timeout: float = 30.0) -> None:
-    ready, _, _ = select.select([child.stdout], [], [], timeout)
-    line = child.stdout.readline().strip() if ready else ""
-    if line != expected:
-        child.kill()
-        raise AssertionError(f"child said {line!r}, not {expected!r}; stderr: {child.stderr.read()}")
-
-
-def kill(child: subprocess.Popen) -> None:
-    os.kill(child.pid, signal.SIGKILL)
-    assert child.wait(timeout=30) == -signal.SIGKILL
 
 
 def temporaries(folder: Path) -> list[str]:

@@ -6,38 +6,20 @@ import dataclasses
 import datetime
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import psutil
 import pytest
+from child_process import start_child, wait_for_line
 
 from nbkit.errors import SessionLockedError
 from nbkit.lock import LOCK_NAME, LockInfo, SessionLock, force_unlock, live_holder, read_lock
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-
-
-def start_child(code: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_line(child: subprocess.Popen, expected: str, timeout: float = 30.0) -> None:
-    ready, _, _ = select.select([child.stdout], [], [], timeout)
-    line = child.stdout.readline().strip() if ready else ""
-    if line != expected:
-        child.kill()
-        raise AssertionError(f"child said {line!r}, not {expected!r}; stderr: {child.stderr.read()}")
 
 
 def stamp(seconds_ago: float) -> str:

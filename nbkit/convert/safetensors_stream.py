@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,11 @@ import torch
 
 from nbkit.convert.hashes import StreamHasher
 from nbkit.errors import NbkitError
+
+try:  # zlib-ng's CRC-32 (SIMD) gives the same values as zlib's, about 8x faster
+    from zlib_ng.zlib_ng import crc32
+except ImportError:
+    from zlib import crc32
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -175,8 +179,8 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 def checksum(data: memoryview | bytes) -> int:
-    """The checksum verification compares: CRC-32 of the tensor's bytes (fast, and zlib releases the GIL)."""
-    return zlib.crc32(data)
+    """The checksum verification compares: CRC-32 of the tensor's bytes (fast, and releases the GIL)."""
+    return crc32(data)
 
 
 @dataclass(frozen=True)
