@@ -44,6 +44,7 @@ from nbkit.images.crop import CropChoice, CropMode, FaceDetector, check_crop_mod
 from nbkit.images.report import ImageReport
 from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
 from nbkit.manifest import ImageRecord, RunRecord, now_iso
+from nbkit.models.registry import check_resolution_step
 
 if TYPE_CHECKING:
     from nbkit.session import Session
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 INSTANCE_DIR = "instance_images"
 ORIGINALS_DIR = "originals"
 PROCESSED_SUFFIX = ".png"
-RESOLUTION_STEP = 64
 FORMAT_SUFFIXES = {
     "JPEG": ".jpg",
     "MPO": ".jpg",
@@ -76,18 +76,6 @@ def session_resolution(session: Session) -> int:
     """The square size instance images are processed at: the base model's, else the training config's."""
     manifest = session.manifest
     return manifest.base_model.resolution if manifest.base_model is not None else manifest.training.resolution
-
-
-def check_resolution(resolution: int) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
-        raise NbkitError(f"resolution {resolution!r} is not a positive whole number of pixels")
-    if resolution % RESOLUTION_STEP:
-        lower = max(RESOLUTION_STEP, resolution // RESOLUTION_STEP * RESOLUTION_STEP)
-        raise NbkitError(
-            f"resolution {resolution} is not a multiple of {RESOLUTION_STEP}",
-            fix=f"use {lower} or {lower + 64}",
-        )
-    return resolution
 
 
 def import_images(
@@ -122,7 +110,7 @@ def import_images(
     """
     check_crop_mode(crop)
     check_caption_mode(captions)
-    resolution = check_resolution(resolution if resolution is not None else session_resolution(session))
+    resolution = check_resolution_step(resolution if resolution is not None else session_resolution(session))
     detector = FaceDetector() if crop == "smart" else None
     gathered = gather(sources, max_bytes=max_bytes, timeout=timeout, recursive=recursive)
     report = ImageReport(title=f'Import into session "{session.name}"')

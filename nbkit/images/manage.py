@@ -26,9 +26,10 @@ from nbkit.images.crop import (
     choose_crop,
     render_crop,
 )
-from nbkit.images.importing import apply_choice, check_resolution, describe, encode_png, session_resolution
+from nbkit.images.importing import apply_choice, describe, encode_png, session_resolution
 from nbkit.images.report import ImageReport
 from nbkit.manifest import ImageRecord, RunRecord, now_iso
+from nbkit.models.registry import check_resolution_step
 
 if TYPE_CHECKING:
     from nbkit.session import Session
@@ -85,7 +86,7 @@ def recrop_images(
             unless `crop` is `none`; only with `names`.
     """
     check_crop_mode(crop)
-    resolution = check_resolution(resolution if resolution is not None else session_resolution(session))
+    resolution = check_resolution_step(resolution if resolution is not None else session_resolution(session))
     records = _select(session, names)
     if box is not None and names is None:
         raise NbkitError("a crop box needs the image it is for", fix="name the image(s) to crop by hand")

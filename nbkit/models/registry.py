@@ -170,6 +170,23 @@ def get_model(key_or_repo: str) -> ModelSpec:
     return spec
 
 
+def check_resolution_step(px: int) -> int:
+    """Check that `px` is a positive multiple of 64, the sizes any Stable Diffusion model can take.
+
+    Raises:
+        NbkitError: naming the size and the nearest sizes that work.
+    """
+    if isinstance(px, bool) or not isinstance(px, int) or px <= 0:
+        raise NbkitError(f"resolution {px!r} is not a positive whole number of pixels")
+    if px % RESOLUTION_STEP:
+        lower = max(RESOLUTION_STEP, px // RESOLUTION_STEP * RESOLUTION_STEP)
+        raise NbkitError(
+            f"resolution {px} is not a multiple of {RESOLUTION_STEP} (the VAE and UNet halve it 6 times)",
+            fix=f"use {lower} or {lower + RESOLUTION_STEP}",
+        )
+    return px
+
+
 def validate_resolution(spec: ModelSpec, px: int, *, force: bool = False) -> int:
     """Check a square training/generation size against what the model was trained for.
 
@@ -184,14 +201,7 @@ def validate_resolution(spec: ModelSpec, px: int, *, force: bool = False) -> int
     Raises:
         NbkitError: when `px` is not a positive multiple of 64, or outside the sensible range without force.
     """
-    if isinstance(px, bool) or not isinstance(px, int) or px <= 0:
-        raise NbkitError(f"resolution {px!r} is not a positive whole number of pixels")
-    if px % RESOLUTION_STEP:
-        lower = max(RESOLUTION_STEP, px // RESOLUTION_STEP * RESOLUTION_STEP)
-        raise NbkitError(
-            f"resolution {px} is not a multiple of {RESOLUTION_STEP} (the VAE and UNet halve it 6 times)",
-            fix=f"use {lower} or {lower + RESOLUTION_STEP}",
-        )
+    check_resolution_step(px)
     allowed = spec.allowed_resolutions
     if px in allowed:
         return px

@@ -17,6 +17,7 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_path, atomic_write_json, clean_temporaries, read_json, retry_io
+from nbkit.train.samples import check_generation
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,7 @@ def check_inputs(prompt: str, count: int, seed: int, steps: int, resolution: int
         )
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if resolution < 8 or resolution % 8:
-        raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_generation(seed, steps, resolution)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 

@@ -71,15 +71,20 @@ def format_infotext(prompt: str, negative_prompt: str, parameters: dict[str, Any
     return "\n".join(lines)
 
 
-def check_inputs(prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float) -> None:
-    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+def check_generation(seed: int, steps: int, resolution: int) -> None:
+    """The settings every fixed-seed generation (samples, class images) needs."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if resolution < 8 or resolution % 8:
         raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+
+
+def check_inputs(prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float) -> None:
+    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    check_generation(seed, steps, resolution)
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
 
