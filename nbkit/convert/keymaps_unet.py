@@ -112,11 +112,19 @@ def split_module(key: str, module_map: Mapping[str, Any]) -> tuple[str, str] | N
     return None
 
 
-def _resnet_part(rest: str, key: str) -> str:
+def resnet_part(rest: str, key: str, parts: Mapping[str, str], model: str) -> str:
+    """Rename the part of a ResNet block weight (`conv1.weight` -> `in_layers.2.weight`) by `parts`.
+
+    Args:
+        rest: the key after the block's module path.
+        key: the whole diffusers key, for the error message.
+        parts: diffusers part -> original part.
+        model: `UNet` or `VAE`, for the error message.
+    """
     head, _, tail = rest.partition(".")
-    if head not in RESNET_PARTS:
-        raise NbkitError(f"UNet weight {key!r} is not part of a standard ResNet block")
-    return f"{RESNET_PARTS[head]}.{tail}"
+    if head not in parts:
+        raise NbkitError(f"{model} weight {key!r} is not part of a standard ResNet block")
+    return f"{parts[head]}.{tail}"
 
 
 def unet_recipes(
@@ -146,7 +154,7 @@ def unet_recipes(
         module, rest = found
         ldm_module, kind = module_map[module]
         if kind == "resnet":
-            rest = _resnet_part(rest, key)
+            rest = resnet_part(rest, key, RESNET_PARTS, "UNet")
         recipes.append(renamed(f"{prefix}{ldm_module}.{rest}", component, key, shape))
     check_plan_covers(recipes, component, shapes)
     return recipes

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nbkit.convert.keymaps_unet import split_module
+from nbkit.convert.keymaps_unet import resnet_part, split_module
 from nbkit.convert.plan import Shape, TensorRecipe, apply_recipes, check_plan_covers, renamed
 from nbkit.errors import NbkitError
 
@@ -127,10 +127,7 @@ def vae_recipes(
         ldm_module, kind = module_map[module]
         out_shape = tuple(shape)
         if kind == "resnet":
-            head, _, tail = rest.partition(".")
-            if head not in RESNET_PARTS:
-                raise NbkitError(f"VAE weight {key!r} is not part of a standard ResNet block")
-            rest = f"{RESNET_PARTS[head]}.{tail}"
+            rest = resnet_part(rest, key, RESNET_PARTS, "VAE")
         elif kind == "attention":
             rest, out_shape = _attention_part(rest, out_shape, key)
         recipes.append(renamed(f"{prefix}{ldm_module}.{rest}", component, key, out_shape))
