@@ -26,6 +26,8 @@ def test_readme_commands_set_up_a_pinned_venv(marker):
     assert "\n" not in command, "each quick-start command is one line"
     assert command.startswith("python3 -m venv .venv && ")
     assert "torch==2.13.0" in command, "an unpinned torch pulls a multi-GB CUDA build"
+    assert "--require-hashes -r wheels/dev-lock.txt" in command, "installs go through the committed lock"
+    assert "--no-deps -e ." in command, "nbkit itself must not re-resolve what the lock pinned"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nbkit.compat import check_versions
+
+# A bad transformers/peft/diffusers/accelerate pairing is reported here, in one paragraph, rather
+# than as a traceback deep in a run.
+check_versions("train")
+
 if TYPE_CHECKING:
     from nbkit.train.trainer import TrainResult, train
 
