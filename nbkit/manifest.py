@@ -95,6 +95,39 @@ class RunRecord(StrictConfig):
 
 
 @dataclasses.dataclass
+class ExportedModel(StrictConfig):
+    """A model the session exported; every path is relative to the session folder.
+
+    The web UI's model list and the notebooks read these records instead of globbing `models/`.
+
+    Args:
+        name: unique in the session (the session name for the final export).
+        kind: `full` (a diffusers folder and a single file) or `lora` (adapters applied on `base_model`).
+        files: role -> path: `folder` and `single_file` for a full model; `diffusers` and `kohya` for a LoRA.
+        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        resolution: the size it was trained at, in pixels.
+        base_model: the source it was trained from (what a LoRA is applied on).
+        stage: the training stage it came from (`unet`, `text_encoder`).
+        step: the optimizer step of that stage.
+        created: when it was written.
+        sha256: path -> sha256 of each single file (A1111's full hash; the short hash is its first 10 hex).
+        versions: package -> version of nbkit, torch, diffusers, transformers, peft, accelerate used.
+    """
+
+    name: str
+    kind: Literal["full", "lora"]
+    files: dict[str, str]
+    family: str
+    resolution: int
+    base_model: str
+    stage: str = "unet"
+    step: int = 0
+    created: str = dataclasses.field(default_factory=now_iso)
+    sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class Manifest(StrictConfig):
     name: str
     schema_version: int = SCHEMA_VERSION
@@ -105,6 +138,7 @@ class Manifest(StrictConfig):
     state: TrainingState = dataclasses.field(default_factory=TrainingState)
     images: list[ImageRecord] = dataclasses.field(default_factory=list)
     history: list[RunRecord] = dataclasses.field(default_factory=list)
+    models: list[ExportedModel] = dataclasses.field(default_factory=list)
 
 
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
