@@ -97,12 +97,7 @@ def run_demo(
 
     cache_root = Path(root) / "models-cache" if root is not None else None
     model_dir = timed("tiny model", lambda: tiny_model_path(family, cache_root=cache_root))
-    base = BaseModelRef(
-        source=spec.key,
-        family=spec.family,
-        prediction_type=spec.prediction_type,
-        resolution=spec.native_resolution,
-    )
+    base = BaseModelRef(source=spec.key, family=spec.family, prediction_type=spec.prediction_type)
     session = timed("session", lambda: Session.create(name, root=root, base_model=base))
     result = DemoResult(session=session, timings=timings)
     result.artifacts["session"] = session.path
@@ -115,7 +110,6 @@ def run_demo(
     result.artifacts["contact sheet"] = report.contact_sheet
 
     overrides = {
-        "resolution": spec.native_resolution,
         "text_encoder_steps": text_encoder_steps,
         "text_encoder_lr": 1e-4,
         "unet_steps": unet_steps,

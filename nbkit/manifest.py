@@ -16,7 +16,7 @@ from nbkit.config import StrictConfig
 from nbkit.errors import NbkitError
 from nbkit.train_config import TrainConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Stage = Literal["idle", "text_encoder", "unet", "done"]
 
@@ -33,14 +33,15 @@ class BaseModelRef(StrictConfig):
         source: a registry key (e.g. `sd15`), a hub repo id, a local folder or file, or a URL.
         family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
         prediction_type: `epsilon` or `v_prediction`.
-        resolution: the training resolution in pixels (square).
         revision: a hub revision, if pinned.
+
+    The training size is not here: it is `training.resolution`, the one place it lives (the model's
+    native size is a registry fact, `nbkit.train.inputs.native_resolution`).
     """
 
     source: str
     family: str
     prediction_type: str = "epsilon"
-    resolution: int = 512
     revision: str | None = None
 
 
@@ -75,12 +76,12 @@ class ImageRecord(StrictConfig):
 
 @dataclasses.dataclass
 class TrainingState(StrictConfig):
-    """How far training got; `last_checkpoint` is relative to the session folder."""
+    """How far training got: the stage, its step, and the last good checkpoint (relative to the session
+    folder), which a resume starts from. The seed is `training.seed`."""
 
     stage: Stage = "idle"
     step: int = 0
     last_checkpoint: str | None = None
-    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -140,6 +141,41 @@ class Manifest(StrictConfig):
     history: list[RunRecord] = dataclasses.field(default_factory=list)
     models: list[ExportedModel] = dataclasses.field(default_factory=list)
 
+    def record_run(self, kind: str, status: str, detail: dict[str, Any] | None = None) -> RunRecord:
+        """Append a finished entry to the history (the one way runs are recorded); the caller saves.
+
+        Args:
+            kind: what ran, e.g. `train`, `images`, `import`.
+            status: `ok`, `failed`, `interrupted` (or `running`).
+            detail: JSON-serialisable facts about the run.
+        """
+        stamp = now_iso()
+        record = RunRecord.from_dict(
+            {
+                "kind": kind,
+                "started": stamp,
+                "finished": stamp,
+                "status": status,
+                "detail": dict(detail or {}),
+            },
+            where="run record",
+        )
+        self.history.append(record)
+        return record
+
+    def close_stale_runs(self) -> list[RunRecord]:
+        """Mark runs still `running` as `interrupted`: called with the session's lock held, when no run
+        can still be going (a killed kernel never closes its record)."""
+        stale = [record for record in self.history if record.status == "running"]
+        for record in stale:
+            record.status, record.finished = "interrupted", now_iso()
+            record.detail.setdefault("note", "the process stopped without closing this run (killed?)")
+        return stale
+
+    def add_model(self, model: ExportedModel) -> None:
+        """Record an exported model, replacing an earlier record of the same name."""
+        self.models = [known for known in self.models if known.name != model.name] + [model]
+
 
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     """v1 (nbkit 0.0) kept a flat layout: model id, resolution and step counts at the top level."""
@@ -176,7 +212,26 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
-_UPGRADES = {1: _upgrade_v1}
+def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v2 kept the resolution twice (base model and training) and the seed twice (state and training)."""
+    data = {**data, "schema_version": 3}
+    training = dict(data.get("training") or {})
+    base = data.get("base_model")
+    if base is not None:
+        base = dict(base)
+        resolution = base.pop("resolution", None)
+        training.setdefault("resolution", resolution or 512)
+        data["base_model"] = base
+    state = dict(data.get("state") or {})
+    seed = state.pop("seed", None)
+    if training.get("seed") is None and seed is not None:
+        training["seed"] = seed
+    training.pop("external_captions", None)  # nothing ever read it
+    data["training"], data["state"] = training, state
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}
 
 
 def upgrade(data: dict[str, Any], *, where: str = "session.json") -> dict[str, Any]:

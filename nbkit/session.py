@@ -30,6 +30,7 @@ from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
 from nbkit.lock import SessionLock, live_holder
 from nbkit.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
+from nbkit.models.base_model import native_resolution
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -223,6 +224,7 @@ class Session:
         *,
         root: str | os.PathLike | None = None,
         base_model: BaseModelRef | None = None,
+        resolution: int | None = None,
         exist_ok: bool = False,
     ) -> Session:
         """Make a new session folder from the template.
@@ -230,7 +232,8 @@ class Session:
         Args:
             name: the session name (see `validate_session_name`; spaces become `_`).
             root: the storage root (default: `nbkit.env.storage_root()`).
-            base_model: the model to train on; also sets the training resolution.
+            base_model: the model to train on.
+            resolution: the training size (`training.resolution`); default: the base model's native size.
             exist_ok: open an existing session of that name instead of failing.
         """
         path = session_path(name, root)
@@ -248,23 +251,31 @@ class Session:
                     path=path,
                     fix="open it (Session.open / `nbkit session open`), pick another name, or delete it first",
                 )
-            return cls._open_existing(name, path, base_model)
+            return cls._open_existing(name, path, base_model, resolution)
         manifest = _template_manifest(name)
         if base_model is not None:
             manifest.base_model = base_model
-            manifest.training = manifest.training.replace(resolution=base_model.resolution)
+            manifest.training = manifest.training.replace(
+                resolution=resolution or native_resolution(base_model)
+            )
+        elif resolution is not None:
+            manifest.training = manifest.training.replace(resolution=resolution)
         with atomic_directory(path) as tmp:
             _copy_layout(_template(), tmp)
             (tmp / MANIFEST_NAME).write_bytes(serialise_manifest(manifest))
         return cls.open(name, root=root)
 
     @classmethod
-    def _open_existing(cls, name: str, path: Path, base_model: BaseModelRef | None) -> Session:
+    def _open_existing(
+        cls, name: str, path: Path, base_model: BaseModelRef | None, resolution: int | None
+    ) -> Session:
         session = cls.open(name, root=path.parent.parent)
         current = session.manifest.base_model
         if base_model is not None and current is None:
             session.manifest.base_model = base_model
-            session.manifest.training = session.manifest.training.replace(resolution=base_model.resolution)
+            session.manifest.training = session.manifest.training.replace(
+                resolution=resolution or native_resolution(base_model)
+            )
             session.save()
         elif base_model is not None and current != base_model:
             raise NbkitError(
@@ -331,30 +342,27 @@ class Session:
         retry_io(lambda: folder.mkdir(parents=True, exist_ok=True), what=f"creating {folder}")
         return folder
 
-    def lock(self, purpose: str) -> SessionLock:
-        """The session's lock, to use as `with session.lock("training"): ...`."""
-        return SessionLock(self.path, purpose)
+    @contextlib.contextmanager
+    def lock(self, purpose: str) -> Iterator[SessionLock]:
+        """Hold the session's lock: `with session.lock("training"): ...`.
+
+        Holding it means no other run can be going, so a run the history still calls `running` was
+        killed (its kernel never closed it): it is closed as `interrupted` here.
+        """
+        with SessionLock(self.path, purpose) as held:
+            if self.manifest.close_stale_runs():
+                self.save()
+            yield held
 
     def record_run(self, kind: str, status: str, detail: dict[str, Any] | None = None) -> RunRecord:
-        """Append a finished entry to the session's history and save.
+        """Append a finished entry to the session's history (`Manifest.record_run`) and save.
 
         Args:
             kind: what ran, e.g. `train`, `convert`, `import`.
             status: `ok`, `failed` or `interrupted` (or `running`).
             detail: JSON-serialisable facts about the run.
         """
-        stamp = now_iso()
-        record = RunRecord.from_dict(
-            {
-                "kind": kind,
-                "started": stamp,
-                "finished": stamp,
-                "status": status,
-                "detail": dict(detail or {}),
-            },
-            where="run record",
-        )
-        self.manifest.history.append(record)
+        record = self.manifest.record_run(kind, status, detail)
         self.save()
         return record
 
@@ -374,7 +382,7 @@ class Session:
         status = "failed"
         try:
             yield record
-            status = "ok"
+            status = "ok" if record.status == "running" else record.status  # the body may have said
         except KeyboardInterrupt:
             status = "interrupted"
             raise
@@ -401,7 +409,8 @@ def missing_session_error(name: str, folder: Path) -> NbkitError:
     return NbkitError(
         f"there is no session named '{name}'",
         path=folder,
-        fix=f"{hint}list sessions with `nbkit session list`, or create it with Session.create",
+        fix=f"{hint}list sessions with `nbkit session list`, or create it with `nbkit session create {name}` "
+        "(Python: Session.create)",
     )
 
 

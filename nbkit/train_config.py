@@ -31,7 +31,15 @@ class PriorPreservation(StrictConfig):
 
 @dataclasses.dataclass
 class TrainConfig(StrictConfig):
-    """Settings for one two-stage DreamBooth run (stage 1: text encoder, stage 2: UNet)."""
+    """Settings for one two-stage DreamBooth run (stage 1: text encoder, stage 2: UNet).
+
+    `resolution` is the session's one training size (images are cropped at it). `seed` is the run's
+    seed, drawn at random and stored here when the first run starts. `deterministic` makes a killed and
+    resumed run bit-exact with an uninterrupted one: one CPU thread, and on a GPU deterministic kernels
+    (`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG`); slower, so off by default, when a
+    resume still continues with the same steps, data order, optimizer and schedule state, but the last
+    bits of the weights may differ from an uninterrupted run.
+    """
 
     resolution: int = 512
     text_encoder_steps: int = 350
@@ -47,7 +55,6 @@ class TrainConfig(StrictConfig):
     offset_noise: float = 0.0
     min_snr_gamma: float | None = None
     random_flip: bool = False
-    external_captions: bool = True
     prior: PriorPreservation = dataclasses.field(default_factory=PriorPreservation)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -59,3 +66,4 @@ class TrainConfig(StrictConfig):
     use_8bit_adam: bool = True
     lora_rank: int = 0
     lora_alpha: float | None = None
+    deterministic: bool = False

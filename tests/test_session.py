@@ -19,7 +19,7 @@ from nbkit.cli import main
 from nbkit.errors import NbkitError, SessionLockedError
 from nbkit.fsio import TEMP_PREFIX
 from nbkit.lock import LOCK_NAME
-from nbkit.manifest import BaseModelRef, ImageRecord
+from nbkit.manifest import SCHEMA_VERSION, BaseModelRef, ImageRecord
 from nbkit.session import (
     BACKUP_NAME,
     KINDS,
@@ -36,7 +36,7 @@ from nbkit.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
-SD15 = BaseModelRef("sd15", "sd1", "epsilon", 512)
+SD15 = BaseModelRef("sd15", "sd1", "epsilon")
 
 
 def make_session(root: Path, name: str = "dog") -> Session:
@@ -102,16 +102,20 @@ def test_bad_template_key_is_reported(tmp_path, monkeypatch):
 
 
 def test_base_model_sets_the_training_resolution(tmp_path):
-    base = BaseModelRef("sdxl", "sdxl", "epsilon", 1024)
+    base = BaseModelRef("sdxl", "sdxl", "epsilon")
     session = Session.create("xl", root=tmp_path, base_model=base)
     assert session.manifest.base_model == base
     assert session.manifest.training.resolution == 1024
     assert Session.open("xl", root=tmp_path).manifest.base_model == base
+    assert (
+        Session.create("xl-768", root=tmp_path, base_model=base, resolution=768).manifest.training.resolution
+        == 768
+    )
 
 
 def test_create_refuses_an_existing_session_unless_exist_ok(tmp_path):
     Session.create("cat", root=tmp_path)
-    xl = BaseModelRef("sdxl", "sdxl", "epsilon", 1024)
+    xl = BaseModelRef("sdxl", "sdxl", "epsilon")
     cat = Session.create("cat", root=tmp_path, exist_ok=True, base_model=xl)
     assert (cat.manifest.base_model, cat.manifest.training.resolution) == (xl, 1024)
     assert Session.open("cat", root=tmp_path).manifest == cat.manifest
@@ -119,7 +123,7 @@ def test_create_refuses_an_existing_session_unless_exist_ok(tmp_path):
     with pytest.raises(NbkitError, match="session 'dog' already exists"):
         Session.create("dog", root=tmp_path)
     assert Session.create("dog", root=tmp_path, exist_ok=True, base_model=SD15).manifest == first.manifest
-    other = BaseModelRef("sdxl", "sdxl", "epsilon", 1024)
+    other = BaseModelRef("sdxl", "sdxl", "epsilon")
     with pytest.raises(NbkitError, match="already exists with base model 'sd15'"):
         Session.create("dog", root=tmp_path, exist_ok=True, base_model=other)
 
@@ -222,11 +226,11 @@ def test_schema1_session_is_upgraded_on_open_and_saved_as_current(tmp_path):
     folder.mkdir(parents=True)
     shutil.copy(FIXTURES / "session_schema1.json", folder / "session.json")
     session = Session.open("old-dog", root=tmp_path)
-    assert session.manifest.schema_version == 2
+    assert session.manifest.schema_version == SCHEMA_VERSION
     assert session.manifest.state.step == 800
     assert session.manifest.training.unet_steps == 1200
     session.save()
-    assert json.loads((folder / "session.json").read_text())["schema_version"] == 2
+    assert json.loads((folder / "session.json").read_text())["schema_version"] == SCHEMA_VERSION
     assert (folder / BACKUP_NAME).read_bytes() == (FIXTURES / "session_schema1.json").read_bytes()
 
 
@@ -505,7 +509,7 @@ def test_import_upgrades_a_schema1_zip(tmp_path):
         archive.writestr("old-dog/instance_images/a.png", b"png")
     session = import_session(archive_path, root=tmp_path)
     assert session.name == "old-dog"
-    assert session.manifest.schema_version == 2
+    assert session.manifest.schema_version == SCHEMA_VERSION
     assert session.manifest.state.step == 800
     assert (session.path / "instance_images" / "a.png").read_bytes() == b"png"
 
@@ -592,8 +596,8 @@ def test_cli_session_commands(tmp_path, capsys):
         main(["session", "create", "custom", "--base-model", "/x.safetensors", "--family", "sd2-v", *root])
         == 0
     )
-    custom = Session.open("custom", root=tmp_path).manifest.base_model
-    assert (custom.prediction_type, custom.resolution) == ("v_prediction", 768)
+    custom = Session.open("custom", root=tmp_path).manifest
+    assert (custom.base_model.prediction_type, custom.training.resolution) == ("v_prediction", 768)
     capsys.readouterr()
 
     assert main(["session", "list", *root]) == 0
@@ -606,7 +610,8 @@ def test_cli_session_commands(tmp_path, capsys):
     assert main(["session", "show", "My_Dog", "--json", *root]) == 0
     assert json.loads(capsys.readouterr().out)["base_model"]["source"] == "sd15"
     assert main(["session", "show", "My_Dog", *root]) == 0
-    assert "sd15 (sd1, 512 px)" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "sd15 (sd1)" in shown and "Resolution  512 px" in shown
     assert main(["session", "open", "My_Dog", *root]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "Sessions" / "My_Dog")
 

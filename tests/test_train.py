@@ -18,6 +18,7 @@ from test_train_support import (
 from nbkit.errors import NbkitError, SessionLockedError
 from nbkit.session import Session
 from nbkit.train import stages, trainer
+from nbkit.train.plan import plan_run
 from nbkit.train.trainer import train
 
 
@@ -261,12 +262,19 @@ def test_errors_come_before_any_work(tiny_model_dir, monkeypatch):
         train("checks")
     assert Session.open("checks").manifest.history == []  # nothing ran
 
-    # Switching the base model takes the new model's resolution unless one is given.
+    # Switching the base model takes the new model's resolution unless one is given; a start that
+    # fails before training (here: at loading) writes nothing into the session.
+    switch = make_session("switch", base_dir, "sd1", resolution=128)
+    before = (switch.path / "session.json").read_bytes()
+    plan = plan_run(switch, {"model": "tiny-sdxl"})
+    assert (plan.base_model.source, plan.base_model.family, plan.config.resolution) == (
+        "tiny-sdxl",
+        "sdxl",
+        64,
+    )
     with pytest.raises(AssertionError, match="a model was loaded"):
-        train(make_session("switch", base_dir, "sd1", resolution=128), {"model": "tiny-sdxl"})
-    manifest = Session.open("switch").manifest
-    assert (manifest.base_model.source, manifest.base_model.family) == ("tiny-sdxl", "sdxl")
-    assert manifest.training.resolution == 64
+        train(switch, {"model": "tiny-sdxl"})
+    assert (switch.path / "session.json").read_bytes() == before
 
 
 def test_an_unfinished_run_needs_resume_or_restart(tiny_model_dir):
@@ -287,7 +295,7 @@ def test_an_unfinished_run_needs_resume_or_restart(tiny_model_dir):
     assert (restarted.stage, restarted.step) == ("text_encoder", 1)
     session = Session.open("unfinished")
     assert 1 <= restarted.seed <= 999_999 and session.manifest.training.seed == restarted.seed
-    assert session.manifest.state.seed == restarted.seed and session.manifest.training.unet_lr == 5e-4
+    assert session.manifest.training.unet_lr == 5e-4
     names = sorted(path.name for path in (session.path / "checkpoints").iterdir())
     assert names == ["text_encoder-000001"]  # the old run's checkpoints are gone
 
@@ -296,7 +304,7 @@ def test_running_out_of_memory_names_the_settings_to_lower(tiny_model_dir, monke
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "_execute", out_of_memory)
+    monkeypatch.setattr(trainer, "_run_stages", out_of_memory)  # after the run has started
     make_session("oom", tiny_model_dir("sd1"), "sd1")
     with pytest.raises(NbkitError, match="ran out of") as error:
         train("oom")

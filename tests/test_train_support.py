@@ -62,10 +62,8 @@ def make_session(
     """A session on the tiny model at `model_dir` with `images` subject photos and FAST settings."""
     resolution = TINY_RESOLUTION[family]
     prediction = "v_prediction" if family == "sd2-v" else "epsilon"
-    base = BaseModelRef(
-        source=str(model_dir), family=family, prediction_type=prediction, resolution=resolution
-    )
-    session = Session.create(name, root=root, base_model=base)
+    base = BaseModelRef(source=str(model_dir), family=family, prediction_type=prediction)
+    session = Session.create(name, root=root, base_model=base, resolution=resolution)
     for index in range(images):
         image = subject_image(index, resolution)
         relative = f"instance_images/zwx_{index}.png"

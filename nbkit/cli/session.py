@@ -13,28 +13,27 @@ from nbkit.session import Session, session_path
 from nbkit.session_store import delete_session, export_session, import_session, list_sessions, rename_session
 
 
-def _base_model(source: str, family: str | None, resolution: int | None) -> BaseModelRef:
+def _base_model(source: str, family: str | None) -> BaseModelRef:
     from nbkit.models.registry import find_model, get_family
 
     spec = find_model(source)
     if spec is not None:
         if family is not None and family != spec.family:
             raise NbkitError(f"{spec.key} is a {spec.family} model, not {family}", fix="leave out --family")
-        return BaseModelRef(
-            spec.key, spec.family, spec.prediction_type, resolution or spec.native_resolution, spec.revision
-        )
+        return BaseModelRef(spec.key, spec.family, spec.prediction_type, spec.revision)
     if family is None:
         raise NbkitError(
             f"{source!r} is not a model nbkit knows, so its family is needed",
             fix="add --family sd1, sd2, sd2-v or sdxl",
         )
-    facts = get_family(family)
-    return BaseModelRef(source, family, facts.prediction_type, resolution or facts.native_resolution)
+    return BaseModelRef(source, family, get_family(family).prediction_type)
 
 
 def create(args: argparse.Namespace) -> int:
-    base = _base_model(args.base_model, args.family, args.resolution) if args.base_model else None
-    session = Session.create(args.name, root=args.root, base_model=base, exist_ok=args.exist_ok)
+    base = _base_model(args.base_model, args.family) if args.base_model else None
+    session = Session.create(
+        args.name, root=args.root, base_model=base, resolution=args.resolution, exist_ok=args.exist_ok
+    )
     print(f"Session {session.name} is at {session.path}")
     return 0
 
@@ -94,10 +93,14 @@ def show(args: argparse.Namespace) -> int:
     print(f"Session     {session.name}")
     print(f"Folder      {session.path}")
     print(f"Created     {manifest.created}   updated {manifest.updated}")
-    print(f"Base model  {f'{base.source} ({base.family}, {base.resolution} px)' if base else '-'}")
+    print(f"Base model  {f'{base.source} ({base.family})' if base else '-'}")
+    print(f"Resolution  {manifest.training.resolution} px")
     print(f"Images      {len(manifest.images)} in the manifest")
     print(f"Training    stage {manifest.state.stage}, step {manifest.state.step}")
     print(f"Checkpoint  {manifest.state.last_checkpoint or '-'}")
+    for model in manifest.models or ():
+        main_file = model.files.get("single_file") or model.files.get("kohya") or model.name
+        print(f"Model       {model.name} ({model.kind}, {model.family}, {model.resolution} px): {main_file}")
     print(f"Lock        {holder.describe() if holder else 'free'}")
     for record in manifest.history[-5:]:
         print(f"  {record.started}  {record.kind:<10} {record.status}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from nbkit.train_config import TrainConfig
+
 # CLI option -> TrainConfig field, for the plain one-value options.
 FIELDS = {
     "resolution": "resolution",
@@ -34,6 +36,7 @@ FIELDS = {
     "random_flip": "random_flip",
     "gradient_checkpointing": "gradient_checkpointing",
     "use_8bit_adam": "use_8bit_adam",
+    "deterministic": "deterministic",
 }
 PRIOR_FIELDS = {
     "prior_class_prompt": "class_prompt",
@@ -42,61 +45,170 @@ PRIOR_FIELDS = {
 }
 
 
+def _default(field: str) -> str:
+    """A new session's value of a TrainConfig field (or `prior.` field), for the help text."""
+    config = TrainConfig()
+    value = (
+        getattr(config.prior, field.removeprefix("prior."))
+        if field.startswith("prior.")
+        else getattr(config, field)
+    )
+    if value is None or value == "" or value == []:
+        return "none"
+    return str(value)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a session's model (text encoder, then UNet) and export it",
-        description="Two-stage DreamBooth. Options not given keep the session's stored settings.",
+        description="Two-stage DreamBooth. Options left out keep the session's stored settings; the "
+        "defaults shown are a new session's. Every input is checked before a model is loaded.",
     )
     parser.add_argument("session", metavar="SESSION", help="the session name")
     parser.add_argument("--root", help="the storage root (default: Google Drive on Colab, else NBKIT_HOME)")
-    parser.add_argument("--model", help="switch the base model (registry key, hub id or diffusers folder)")
-    parser.add_argument("--resolution", type=int, metavar="PX", help="square training size in pixels")
-    parser.add_argument("--te-steps", type=int, metavar="N", help="stage 1 (text encoder) steps; 0 skips it")
-    parser.add_argument("--te-lr", type=float, metavar="LR", help="stage 1 learning rate")
-    parser.add_argument("--unet-steps", type=int, metavar="N", help="stage 2 (UNet) steps; 0 skips it")
-    parser.add_argument("--unet-lr", type=float, metavar="LR", help="stage 2 learning rate")
-    parser.add_argument("--batch-size", type=int, metavar="N")
-    parser.add_argument("--gradient-accumulation", type=int, metavar="N")
     parser.add_argument(
-        "--lr-schedule", choices=["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]
+        "--model", help="switch the base model: registry key (`nbkit model list`), hub id or diffusers folder"
     )
-    parser.add_argument("--warmup-steps", type=int, metavar="N")
-    parser.add_argument(
-        "--seed", type=int, metavar="S", help="random seed (default: the stored one, else random)"
+
+    def option(flag: str, field: str, text: str, **kwargs) -> None:
+        parser.add_argument(flag, help=f"{text} (default: {_default(field)})", **kwargs)
+
+    option(
+        "--resolution",
+        "resolution",
+        "square training size in pixels; a change re-crops the photos",
+        type=int,
+        metavar="PX",
     )
-    parser.add_argument(
-        "--offset-noise", type=float, metavar="X", help="offset noise strength, e.g. 0.1 (0: off)"
+    option(
+        "--te-steps", "text_encoder_steps", "stage 1 (text encoder) steps; 0 skips it", type=int, metavar="N"
     )
-    parser.add_argument("--min-snr-gamma", type=float, metavar="G", help="Min-SNR loss weighting, e.g. 5")
-    parser.add_argument("--checkpoint-every", type=int, metavar="N", help="save a checkpoint every N steps")
-    parser.add_argument("--keep-checkpoints", type=int, metavar="K", help="how many checkpoints to keep")
-    parser.add_argument("--prior-class-prompt", metavar="TEXT", help="class prompt for prior preservation")
-    parser.add_argument("--prior-images", type=int, metavar="N", help="number of class images (0: off)")
-    parser.add_argument("--prior-loss-weight", type=float, metavar="W")
-    parser.add_argument(
-        "--lora-rank", type=int, metavar="R", help="train a LoRA of this rank (0: full fine-tune)"
+    option("--te-lr", "text_encoder_lr", "stage 1 learning rate", type=float, metavar="LR")
+    option("--unet-steps", "unet_steps", "stage 2 (UNet) steps; 0 skips it", type=int, metavar="N")
+    option("--unet-lr", "unet_lr", "stage 2 learning rate", type=float, metavar="LR")
+    option("--batch-size", "batch_size", "images per step (per GPU)", type=int, metavar="N")
+    option(
+        "--gradient-accumulation",
+        "gradient_accumulation",
+        "micro-batches summed per optimizer step",
+        type=int,
+        metavar="N",
     )
-    parser.add_argument("--lora-alpha", type=float, metavar="A")
-    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"])
-    parser.add_argument(
+    option(
+        "--lr-schedule",
+        "lr_schedule",
+        "how the learning rate changes over a stage",
+        choices=["constant", "constant_with_warmup", "linear", "cosine", "polynomial"],
+    )
+    option(
+        "--warmup-steps", "lr_warmup_steps", "learning-rate warm-up steps per stage", type=int, metavar="N"
+    )
+    option(
+        "--seed",
+        "seed",
+        "random seed; none draws one when the first run starts and stores it",
+        type=int,
+        metavar="S",
+    )
+    option(
+        "--offset-noise", "offset_noise", "offset noise strength, e.g. 0.1 (0: off)", type=float, metavar="X"
+    )
+    option(
+        "--min-snr-gamma",
+        "min_snr_gamma",
+        "Min-SNR loss weighting, e.g. 5 (none: off)",
+        type=float,
+        metavar="G",
+    )
+    option(
+        "--checkpoint-every",
+        "checkpoint_every",
+        "save a checkpoint every N steps (0: stage ends only)",
+        type=int,
+        metavar="N",
+    )
+    option("--keep-checkpoints", "keep_checkpoints", "how many checkpoints to keep", type=int, metavar="K")
+    option(
+        "--prior-class-prompt", "prior.class_prompt", "class prompt for prior preservation", metavar="TEXT"
+    )
+    option(
+        "--prior-images",
+        "prior.num_images",
+        "number of class images (0: no prior preservation)",
+        type=int,
+        metavar="N",
+    )
+    option(
+        "--prior-loss-weight",
+        "prior.loss_weight",
+        "weight of the class images' loss",
+        type=float,
+        metavar="W",
+    )
+    option("--lora-rank", "lora_rank", "train a LoRA of this rank (0: full fine-tune)", type=int, metavar="R")
+    option("--lora-alpha", "lora_alpha", "LoRA alpha (none: the rank)", type=float, metavar="A")
+    option(
+        "--mixed-precision",
+        "mixed_precision",
+        "auto: bf16 on Ampere+ GPUs, fp16 on older ones, no on CPU",
+        choices=["auto", "no", "fp16", "bf16"],
+    )
+    option(
         "--sample-prompt",
+        "sample_prompts",
+        "render this prompt at every checkpoint (repeatable)",
         action="append",
         metavar="TEXT",
-        help="render this prompt at every checkpoint (repeatable)",
     )
-    parser.add_argument("--sample-steps", type=int, metavar="N")
-    parser.add_argument("--sample-seed", type=int, metavar="S")
-    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None)
+    option("--sample-steps", "sample_steps", "denoising steps of the sample images", type=int, metavar="N")
+    option("--sample-seed", "sample_seed", "seed of the sample images", type=int, metavar="S")
+    option(
+        "--random-flip",
+        "random_flip",
+        "mirror photos at random",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    option(
+        "--gradient-checkpointing",
+        "gradient_checkpointing",
+        "recompute activations to save GPU memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    option(
+        "--use-8bit-adam",
+        "use_8bit_adam",
+        "bitsandbytes' 8-bit AdamW on CUDA (saves memory)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    option(
+        "--deterministic",
+        "deterministic",
+        "bit-exact resume after a kill: one CPU thread, deterministic GPU kernels (slower)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    mode.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
     mode.add_argument(
-        "--restart", action="store_true", help="delete an unfinished run's checkpoints and start over"
+        "--restart",
+        action="store_true",
+        help="start over: delete an unfinished run's checkpoints, or train a finished session again "
+        "(replacing its exported model)",
     )
     parser.add_argument(
-        "--max-steps-this-run", type=int, metavar="N", help="stop after N steps (resume later)"
+        "--force-resolution",
+        action="store_true",
+        help="accept a resolution outside the model's sensible range",
+    )
+    parser.add_argument(
+        "--max-steps-this-run",
+        type=int,
+        metavar="N",
+        help="stop after N steps with a checkpoint there; --resume continues (default: no limit)",
     )
     parser.set_defaults(func=command)
 
@@ -121,23 +233,25 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command(args: argparse.Namespace) -> int:
+    from nbkit.session import Session
+    from nbkit.train.plan import plan_run
+
+    session = Session.open(args.session, root=args.root)
+    options = {"resume": args.resume, "restart": args.restart, "force_resolution": args.force_resolution}
+    overrides = overrides_from_args(args)
+    plan_run(session, overrides, **options)  # every input error in a second, before torch and diffusers load
+
     from accelerate import PartialState
 
     from nbkit.train import train
 
-    result = train(
-        args.session,
-        overrides_from_args(args),
-        resume=args.resume,
-        restart=args.restart,
-        max_steps_this_run=args.max_steps_this_run,
-        root=args.root,
-    )
+    result = train(session, overrides, max_steps_this_run=args.max_steps_this_run, **options)
     if not PartialState().is_main_process:
         return 0  # under `accelerate launch` one process reports
     if not result.finished:
         print(
-            f"stopped at {result.stage} step {result.step}; continue with: nbkit train {args.session} --resume"
+            f"stopped at {result.stage} step {result.step} (checkpoint {result.last_checkpoint}); "
+            f"continue with: nbkit train {args.session} --resume"
         )
         return 0
     for label, path in (

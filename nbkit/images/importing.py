@@ -73,9 +73,8 @@ class _Batch:
 
 
 def session_resolution(session: Session) -> int:
-    """The square size instance images are processed at: the base model's, else the training config's."""
-    manifest = session.manifest
-    return manifest.base_model.resolution if manifest.base_model is not None else manifest.training.resolution
+    """The square size instance images are processed at: the session's one training size."""
+    return session.manifest.training.resolution
 
 
 def import_images(

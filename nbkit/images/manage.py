@@ -28,7 +28,7 @@ from nbkit.images.crop import (
 )
 from nbkit.images.importing import apply_choice, describe, encode_png, session_resolution
 from nbkit.images.report import ImageReport
-from nbkit.manifest import ImageRecord, RunRecord, now_iso
+from nbkit.manifest import ImageRecord
 from nbkit.models.registry import check_resolution_step
 
 if TYPE_CHECKING:
@@ -90,40 +90,73 @@ def recrop_images(
     records = _select(session, names)
     if box is not None and names is None:
         raise NbkitError("a crop box needs the image it is for", fix="name the image(s) to crop by hand")
-    detector = FaceDetector() if crop == "smart" and box is None else None
     report = ImageReport(title=f'Re-crop in session "{session.name}"')
     with session.lock("cropping images"):
-        results = []
-        for record in records:
-            try:
-                checked, choice, processed = _recrop_one(session, record, crop, resolution, box, detector)
-            except NbkitError as error:
-                report.add(PurePath(record.file).name, "error", error.message, fix=error.fix)
-                continue
-            notes = [*checked.notes, *(WARNING_PREFIX + warning for warning in checked.warnings)]
-            results.append((record, choice, notes, encode_png(processed), processed.size))
-            reason = f"{describe(checked, choice)}; now {processed.width}x{processed.height}"
-            report.add(
-                PurePath(record.file).name,
-                "warning" if checked.warnings else "ok",
-                reason,
-                saved_as=record.file,
-            )
-        if not results:
-            return report
-        started = now_iso()
-        # Every crop is computed before the first file is replaced, so a bad original changes nothing.
-        for record, choice, notes, png, (width, height) in results:
-            atomic_write_bytes(session.path / record.file, png)
-            apply_choice(record, choice, crop)
-            record.notes, record.width, record.height = notes, width, height
-        detail = {"recropped": len(results), "crop": crop, "resolution": resolution}
-        session.manifest.history.append(
-            RunRecord(kind="images", started=started, finished=now_iso(), status="ok", detail=detail)
-        )
-        session.save()
-        report.contact_sheet = write_contact_sheet(session)
+        _recrop(session, [(record, crop, box) for record in records], resolution, report)
     return report
+
+
+def recrop_for_resolution(session: Session, files: Iterable[str], resolution: int) -> ImageReport:
+    """Crop images again at a new training size, each as it was cropped before (its mode, its hand-picked
+    box); for a caller that already holds the session's lock (training).
+
+    Args:
+        session: the session.
+        files: the images' `file` paths (as in session.json).
+        resolution: the new size.
+    """
+    wanted = set(files)
+    jobs = [
+        (record, record.crop, record.crop_box if record.focus == "manual" else None)
+        for record in session.manifest.images
+        if record.file in wanted
+    ]
+    report = ImageReport(title=f'Re-crop at {resolution} px in session "{session.name}"')
+    _recrop(session, jobs, check_resolution_step(resolution), report)
+    failed = [row for row in report.rows if row.status == "error"]
+    if failed:
+        raise NbkitError(
+            f"{len(failed)} image(s) could not be cropped again at {resolution} px: {failed[0].reason}",
+            path=session.path / "instance_images" / failed[0].file,
+            fix="import those photos again, or remove them (`nbkit images remove`)",
+        )
+    return report
+
+
+def _recrop(
+    session: Session,
+    jobs: list[tuple[ImageRecord, CropMode, Box | None]],
+    resolution: int,
+    report: ImageReport,
+) -> None:
+    """Crop each (record, mode, box) again and save session.json once (the caller holds the lock)."""
+    detector = FaceDetector() if any(crop == "smart" and box is None for _, crop, box in jobs) else None
+    results = []
+    for record, crop, box in jobs:
+        try:
+            checked, choice, processed = _recrop_one(session, record, crop, resolution, box, detector)
+        except NbkitError as error:
+            report.add(PurePath(record.file).name, "error", error.message, fix=error.fix)
+            continue
+        notes = [*checked.notes, *(WARNING_PREFIX + warning for warning in checked.warnings)]
+        results.append((record, crop, choice, notes, encode_png(processed), processed.size))
+        reason = f"{describe(checked, choice)}; now {processed.width}x{processed.height}"
+        report.add(
+            PurePath(record.file).name, "warning" if checked.warnings else "ok", reason, saved_as=record.file
+        )
+    if not results:
+        return
+    # Every crop is computed before the first file is replaced, so a bad original changes nothing.
+    for record, crop, choice, notes, png, (width, height) in results:
+        atomic_write_bytes(session.path / record.file, png)
+        apply_choice(record, choice, crop)
+        record.notes, record.width, record.height = notes, width, height
+    modes = sorted({crop for _, crop, _ in jobs})
+    session.manifest.record_run(
+        "images", "ok", {"recropped": len(results), "crop": ",".join(modes), "resolution": resolution}
+    )
+    session.save()
+    report.contact_sheet = write_contact_sheet(session)
 
 
 def _recrop_one(
@@ -161,15 +194,7 @@ def remove_images(session: Session, names: Iterable[str] | None = None) -> Image
         return report
     doomed = {id(record) for record in records}
     session.manifest.images = [record for record in session.manifest.images if id(record) not in doomed]
-    session.manifest.history.append(
-        RunRecord(
-            kind="images",
-            started=now_iso(),
-            finished=now_iso(),
-            status="ok",
-            detail={"removed": len(records)},
-        )
-    )
+    session.manifest.record_run("images", "ok", {"removed": len(records)})
     session.save()
     for record in records:
         # Files go only after session.json no longer names them: a kill in between leaves orphans,

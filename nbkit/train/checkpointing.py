@@ -17,10 +17,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import (
@@ -39,6 +36,9 @@ NAME_PATTERN = re.compile(r"^(text_encoder|unet)-(\d{6,})$")
 # session, so they can SIGKILL it there.
 PAUSE_ENV = "NBKIT_TEST_PAUSE_CHECKPOINT_WRITE"
 PAUSE_MARKER = "nbkit-test: paused writing checkpoint"
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,16 @@ def checkpoint_name(stage: str, step: int) -> str:
 
 def save_weights(folder: Path, role: str, state: dict[str, torch.Tensor]) -> Path:
     """Write a state dict as `<folder>/<role>.safetensors` (on CPU, contiguous, dtypes kept)."""
+    from safetensors.torch import save_file
+
     path = folder / f"{role}.safetensors"
     save_file({key: value.detach().to("cpu").contiguous() for key, value in state.items()}, os.fspath(path))
     return path
 
 
 def load_weights(folder: Path, role: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = folder / f"{role}.safetensors"
     if not path.is_file():
         raise NbkitError(
@@ -92,26 +96,57 @@ def finish_local(folder: Path, state: dict[str, Any]) -> None:
     atomic_write_json(folder / STATE_NAME, {**state, "files": files})
 
 
-def is_complete(folder: Path) -> bool:
-    """Whether `folder` is a whole checkpoint: its state file reads and every listed file has its size."""
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a whole checkpoint (None when it is): its state file must read and every
+    file it lists must be there with its recorded size."""
     try:
         state = read_json(folder / STATE_NAME)
-        files = state["files"]
-        return all((folder / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    except (OSError, ValueError) as error:
+        return f"its {STATE_NAME} cannot be read ({type(error).__name__})"
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        return f"its {STATE_NAME} lists no files"
+    for name, size in files.items():
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written"
+    return None
+
+
+def is_complete(folder: Path) -> bool:
+    return checkpoint_problem(folder) is None
+
+
+def scan_checkpoints(folder: Path) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
+    """The complete checkpoints in `folder`, oldest first (stage 1 before stage 2, then by step), and
+    the damaged ones with the reason each fails its check."""
+    if not folder.is_dir():
+        return [], []
+    found, damaged = [], []
+    for entry in folder.iterdir():
+        match = NAME_PATTERN.match(entry.name)
+        if not (match and entry.is_dir()):
+            continue
+        problem = checkpoint_problem(entry)
+        if problem is None:
+            found.append(Checkpoint(match.group(1), int(match.group(2)), entry))
+        else:
+            damaged.append((entry, problem))
+    return sorted(found, key=lambda checkpoint: checkpoint.order), sorted(damaged)
 
 
 def list_checkpoints(folder: Path) -> list[Checkpoint]:
-    """The complete checkpoints in `folder`, oldest first (stage 1 before stage 2, then by step)."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for entry in folder.iterdir():
-        match = NAME_PATTERN.match(entry.name)
-        if match and entry.is_dir() and is_complete(entry):
-            found.append(Checkpoint(match.group(1), int(match.group(2)), entry))
-    return sorted(found, key=lambda checkpoint: checkpoint.order)
+    """The complete checkpoints in `folder`, oldest first."""
+    return scan_checkpoints(folder)[0]
+
+
+def checkpoint_at(path: Path) -> Checkpoint | None:
+    """The checkpoint a folder name describes (`unet-000180`), or None for another name."""
+    match = NAME_PATTERN.match(path.name)
+    return Checkpoint(match.group(1), int(match.group(2)), path) if match else None
 
 
 def last_good_checkpoint(folder: Path) -> Checkpoint | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import cast_training_params
 
 # peft target modules, as in diffusers' DreamBooth LoRA examples.
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -171,9 +172,7 @@ def make_trainable(model: torch.nn.Module, *, lora: bool) -> None:
     else:
         model.requires_grad_(True)
     # Mixed precision keeps the master copy of what trains in float32 (autocast runs the math in fp16).
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+    cast_training_params(model, dtype=torch.float32)
     model.train()
 
 

@@ -8,14 +8,41 @@ format and in the kohya format A1111 and ComfyUI load.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nbkit.fsio import atomic_directory
 from nbkit.train.components import Components, cast_to
+
+if TYPE_CHECKING:
+    from nbkit.convert.report import ConversionReport
+
+# What a model records it was trained with, so a problem report can name the stack.
+RECORDED_PACKAGES = ("nbkit", "torch", "diffusers", "transformers", "accelerate", "peft")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions of `RECORDED_PACKAGES` (those present)."""
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = package_metadata.version(package)
+        except package_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def training_metadata(
@@ -32,7 +59,7 @@ def training_metadata(
 
 def export_full_model(
     components: Components, models_dir: Path, name: str, *, dtype: torch.dtype, metadata: dict[str, str]
-) -> tuple[Path, Path]:
+) -> tuple[Path, ConversionReport]:
     """Save the pipeline as `models_dir/name/` and `models_dir/name.safetensors`.
 
     Args:
@@ -43,7 +70,7 @@ def export_full_model(
         metadata: header metadata for the single file.
 
     Returns:
-        (the diffusers folder, the single file).
+        (the diffusers folder, the conversion report of the single file: its path, hashes, size).
     """
     from nbkit.convert import convert_to_single_file
 
@@ -53,11 +80,15 @@ def export_full_model(
     folder = models_dir / name
     with atomic_directory(folder) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-    single_file = models_dir / f"{name}.safetensors"
-    convert_to_single_file(
-        folder, single_file, dtype="fp16", metadata=metadata, verify=True, family=components.family
+    report = convert_to_single_file(
+        folder,
+        models_dir / f"{name}.safetensors",
+        dtype="fp16",
+        metadata=metadata,
+        verify=True,
+        family=components.family,
     )
-    return folder, single_file
+    return folder, report
 
 
 def export_lora(

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from nbkit.errors import NbkitError
 from nbkit.manifest import BaseModelRef
-from nbkit.models.registry import MODELS, ModelSpec, find_model, get_family, validate_resolution
+from nbkit.models.base_model import model_spec
+from nbkit.models.registry import validate_resolution
 from nbkit.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Settings a resumed run must share with its checkpoint, or the weights would not fit or mean something else.
 RESUME_KEYS = (
@@ -44,66 +46,6 @@ def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> Train
         else:
             data[key] = value
     return TrainConfig.from_dict(data, where="training settings")
-
-
-def base_model_ref(source: str) -> BaseModelRef:
-    """Describe a base model given as a registry key, hub repo id or diffusers folder."""
-    spec = find_model(source)
-    if spec is not None:
-        return BaseModelRef(
-            source=spec.key,
-            family=spec.family,
-            prediction_type=spec.prediction_type,
-            resolution=spec.native_resolution,
-            revision=spec.revision,
-        )
-    from nbkit.models.loading import detect_family_from_config
-    from nbkit.models.sources import resolve_source
-
-    resolved = resolve_source(source)
-    if resolved.kind != "diffusers":
-        raise NbkitError(
-            "a single-file checkpoint does not say which model family it is",
-            path=resolved.path,
-            fix="create the session with this model and its family (nbkit session create --model ...), "
-            "or convert it to a diffusers folder first",
-        )
-    detected = detect_family_from_config(resolved.path)
-    return BaseModelRef(
-        source=source,
-        family=detected.family,
-        prediction_type=detected.prediction_type,
-        resolution=detected.native_resolution,
-    )
-
-
-def model_spec(base_model: BaseModelRef) -> ModelSpec:
-    """The registry entry of the base model, or one made from its family for other models.
-
-    A local folder whose native size is below its family's range is one of nbkit's tiny test models
-    and gets the tiny models' resolution range.
-    """
-    spec = find_model(base_model.source)
-    if spec is not None:
-        return spec
-    family = get_family(base_model.family)
-    native = family.native_resolution
-    folder = Path(base_model.source).expanduser()
-    if (folder / "model_index.json").is_file():
-        from nbkit.models.loading import detect_family_from_config
-
-        native = detect_family_from_config(folder).native_resolution
-    if native < family.allowed_resolutions[0]:
-        return MODELS[f"tiny-{base_model.family}"]
-    return ModelSpec(
-        key=base_model.source,
-        family=base_model.family,
-        title=base_model.source,
-        repo_id=None,
-        source="hub",
-        native_resolution=native,
-        allowed_resolutions=family.allowed_resolutions,
-    )
 
 
 def _require(condition: bool, message: str, fix: str) -> None:
@@ -198,8 +140,8 @@ def check_images(session_path: Path, images: list) -> None:
             )
 
 
-def check_resolution(base_model: BaseModelRef, resolution: int) -> None:
-    validate_resolution(model_spec(base_model), resolution)
+def check_resolution(base_model: BaseModelRef, resolution: int, *, force: bool = False) -> None:
+    validate_resolution(model_spec(base_model), resolution, force=force)
 
 
 def check_resume(config: TrainConfig, base_model: BaseModelRef, saved: dict[str, Any], where: Path) -> None:
@@ -234,6 +176,8 @@ def resolve_precision(setting: str, device: torch.device) -> tuple[str, torch.dt
 
     `auto` is bf16 on GPUs that do it natively (Ampere and newer), fp16 on older ones, `no` on CPU.
     """
+    import torch
+
     if setting == "auto":
         if device.type != "cuda":
             setting = "no"

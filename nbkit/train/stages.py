@@ -256,10 +256,14 @@ def _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_schedul
                 context.on_step(stage, step, loss, learning_rate)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
             progress.update()
-            if step == stage.steps or (every > 0 and step % every == 0):
-                save_checkpoint(context, stage, step)
             if context.steps_left is not None:
                 context.steps_left -= 1
+            # A stop on request (max_steps_this_run) checkpoints where it stops, so a resume loses nothing.
+            stopping = context.steps_left is not None and context.steps_left <= 0 and step < stage.steps
+            if step == stage.steps or (every > 0 and step % every == 0) or stopping:
+                save_checkpoint(context, stage, step)
+            if stopping:
+                return False
     return True
 
 

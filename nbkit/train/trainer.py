@@ -2,16 +2,19 @@
 
 The main process holds the session's lock, owns `session.json` and writes everything into the
 session; other processes (under `accelerate launch --num_processes N`) train their share of each
-batch and wait at the barriers. The run's effective settings are saved into `session.json` before
-training starts, and `state` there follows the checkpoints, always naming a complete one.
+batch and wait at the barriers. Nothing is written into the session until the base model has loaded
+(`nbkit.train.plan`); from then on `state` in `session.json` follows the checkpoints, always naming a
+complete one, and the exported model is recorded in its `models` list.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
+import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +24,20 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from nbkit.env import local_scratch
 from nbkit.errors import NbkitError
-from nbkit.manifest import TrainingState
+from nbkit.manifest import ExportedModel, TrainingState
 from nbkit.session import Session
 from nbkit.train import checkpointing
 from nbkit.train.components import enable_memory_savers, load_components, tokenize
 from nbkit.train.data import STREAM_CLASS_ORDER, STREAM_INSTANCE_ORDER, LatentCache, copy_to_scratch
-from nbkit.train.export import export_full_model, export_lora, training_metadata
-from nbkit.train.inputs import (
-    base_model_ref,
-    check_config,
-    check_images,
-    check_resolution,
-    check_resume,
-    merge_config,
-    resolve_precision,
+from nbkit.train.export import (
+    export_full_model,
+    export_lora,
+    file_sha256,
+    package_versions,
+    training_metadata,
 )
+from nbkit.train.inputs import resolve_precision
+from nbkit.train.plan import RunPlan, describe_skipped, plan_run, start_run
 from nbkit.train.stages import ImageSet, RunContext, Stage, load_frozen_roles, run_stage
 from nbkit.train_config import TrainConfig
 
@@ -83,120 +85,99 @@ def train(
     restart: bool = False,
     root: str | Path | None = None,
     max_steps_this_run: int | None = None,
+    force_resolution: bool = False,
 ) -> TrainResult:
     """Train the session's model: stage 1 (text encoder), stage 2 (UNet), then export.
 
     Args:
         session: an open `Session` or a session name.
-        config_overrides: `TrainConfig` fields to change (saved back into `session.json`), plus
-            `model` to switch the base model (registry key, hub id or folder).
-        resume: continue from the session's last complete checkpoint (a fresh start if there is none).
-        restart: delete the checkpoints of an unfinished earlier run and start over.
+        config_overrides: `TrainConfig` fields to change (saved into `session.json` once the run starts),
+            plus `model` to switch the base model (registry key, hub id or folder).
+        resume: continue from the session's last good checkpoint (a fresh start if there is none).
+        restart: start over: delete an unfinished run's checkpoints, or train a finished session again
+            (its exported model is replaced).
         root: the storage root, when `session` is a name (default: `nbkit.env.storage_root()`).
-        max_steps_this_run: stop after this many optimizer steps, as a disconnect would (for tests and
-            for splitting a run over several sittings); the next call resumes with `resume=True`.
+        max_steps_this_run: stop after this many optimizer steps, with a checkpoint at that step, as a
+            planned disconnect (for splitting a run over several sittings); `resume=True` continues.
+        force_resolution: accept a resolution outside the model's sensible range.
 
     Raises:
         NbkitError: before any work when the session is locked by another kernel, has no (captioned)
-            instance images, its resolution does not suit the model, or a setting is invalid; during
-            training when memory runs out, naming the settings to lower.
+            instance images, its resolution does not suit the model, a setting is invalid, or an earlier
+            run needs --resume/--restart; during training when memory runs out, naming the settings to lower.
     """
-    if resume and restart:
-        raise NbkitError(
-            "resume and restart both set", fix="pass one of them: --resume continues, --restart starts over"
-        )
     if max_steps_this_run is not None and max_steps_this_run < 1:
         raise NbkitError(
             f"max_steps_this_run is {max_steps_this_run}", fix="use 1 or more, or leave it unset"
         )
     session = session if isinstance(session, Session) else Session.open(session, root=root)
-    overrides = dict(config_overrides or {})
-    model_source = overrides.pop("model", None)
-    base_model = base_model_ref(model_source) if model_source else session.manifest.base_model
-    if model_source and "resolution" not in overrides:
-        overrides["resolution"] = base_model.resolution  # the stored size belongs to the old model
-    if base_model is None:
-        raise NbkitError(
-            "the session has no base model",
-            path=session.path,
-            fix="choose one with --model (e.g. --model sd15)",
-        )
-    config = merge_config(session.manifest.training, overrides)
-    check_config(config)
-    check_images(session.path, session.manifest.images)
-    check_resolution(base_model, config.resolution)
+    options = {"resume": resume, "restart": restart, "force_resolution": force_resolution}
+    plan_run(session, config_overrides, **options)  # every input error, before the GPU is touched
 
     # The first PartialState fixes the backend for the process: it must see ACCELERATE_USE_CPU, which
     # is how several CPU processes under `accelerate launch` get gloo instead of running alone.
-    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
-    mixed_precision, weight_dtype = resolve_precision(config.mixed_precision, device)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     with contextlib.ExitStack() as stack:
-        plan: dict[str, Any] = {}
-        record = None
-        if accelerator.is_main_process:
+        plan_data: dict[str, Any] = {}
+        if state.is_main_process:
             stack.enter_context(session.lock("training"))
-            plan = _plan(session, base_model, config, resume=resume, restart=restart)
-            record = stack.enter_context(session.run_record("train", {"resume": resume}))
-        plan = broadcast_object_list([plan])[0]
-        config = TrainConfig.from_dict(plan["config"], where="training settings")
-        resume_from = _checkpoint_at(plan["resume_from"])
+            plan_data = plan_run(session, config_overrides, **options).to_dict()  # again, lock held
+        plan = RunPlan.from_dict(broadcast_object_list([plan_data])[0])
+        for line in describe_skipped(plan) if state.is_main_process else ():
+            warnings.warn(line, UserWarning, stacklevel=2)
+        if plan.config.deterministic:
+            stack.enter_context(deterministic_mode(state.device))
+        mixed_precision, weight_dtype = resolve_precision(plan.config.mixed_precision, state.device)
+        accelerator = Accelerator(mixed_precision=mixed_precision)
         try:
-            result = _execute(
-                session, accelerator, base_model, config, weight_dtype, resume_from, max_steps_this_run
-            )
+            result = _execute(session, accelerator, plan, weight_dtype, max_steps_this_run, stack)
         except Exception as error:
             from nbkit.train.oom import explain_oom, is_oom
 
             if is_oom(error):
-                raise explain_oom(config, error, family=base_model.family) from error
+                raise explain_oom(plan.config, error, family=plan.base_model.family) from error
             raise
-        if record is not None:
-            record.detail.update(
-                seed=result.seed, stage=result.stage, step=result.step, finished=result.finished
-            )
-    if record is not None and not result.finished:
-        record.status = "interrupted"  # stopped by max_steps_this_run; resume continues it
-        session.save()
     return result
 
 
-def _plan(
-    session: Session, base_model, config: TrainConfig, *, resume: bool, restart: bool
-) -> dict[str, Any]:
-    """Decide where the run starts and save the effective settings (main process, lock held)."""
-    checkpoints_dir = session.dir("checkpoints")
-    last = checkpointing.last_good_checkpoint(checkpoints_dir)
-    if last is not None and not resume:
-        if not restart and session.manifest.state.stage != "done":
-            raise NbkitError(
-                f"the session has an unfinished run (last checkpoint {last.path.name})",
-                path=last.path,
-                fix="continue it with --resume (resume=True), or start over with --restart (restart=True), "
-                "which deletes its checkpoints",
-            )
-        checkpointing.prune(checkpoints_dir, keep=0)
-        last = None
-    if last is not None:
-        saved = last.state()
-        if config.seed is None:
-            config = config.replace(seed=saved["config"]["seed"])
-        check_resume(config, base_model, saved, last.path)
-    if config.seed is None:  # a random one, as fast-DreamBooth; shown and saved, so runs can be repeated
-        config = config.replace(seed=random.SystemRandom().randint(1, 999_999))
-    session.manifest.base_model = base_model
-    session.manifest.training = config
-    if last is None:
-        session.manifest.state = TrainingState(stage="idle", step=0, last_checkpoint=None, seed=config.seed)
-    session.save()
-    return {"config": config.to_dict(), "resume_from": None if last is None else str(last.path)}
+@contextlib.contextmanager
+def deterministic_mode(device: torch.device) -> Iterator[None]:
+    """Bit-exact kernels for a run: one CPU thread (reductions split over threads sum in another order)
+    and, on a GPU, deterministic algorithms with the cuBLAS workspace they need."""
+    threads = torch.get_num_threads()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _checkpoint_at(path: str | None) -> checkpointing.Checkpoint | None:
-    if path is None:
-        return None
-    stage, _, step = Path(path).name.rpartition("-")
-    return checkpointing.Checkpoint(stage, int(step), Path(path))
+def _begin(session: Session, plan: RunPlan, stack: contextlib.ExitStack):
+    """The run really starts: re-crop for a new resolution, apply the plan, open the history record."""
+    if plan.recrop:
+        from nbkit.images.manage import recrop_for_resolution
+
+        print(
+            f"nbkit: {len(plan.recrop)} instance image(s) are not {plan.config.resolution} px: "
+            "cropping them again from the kept originals"
+        )
+        recrop_for_resolution(session, plan.recrop, plan.config.resolution)
+    session.manifest.close_stale_runs()
+    start_run(session, plan)
+    detail: dict[str, Any] = {
+        "resume_from": None if plan.resume_from is None else plan.resume_from.path.name,
+        "restart": plan.clear_checkpoints,
+        "seed": plan.config.seed,
+    }
+    if plan.skipped:
+        detail["skipped_checkpoints"] = describe_skipped(plan)
+    return stack.enter_context(session.run_record("train", detail))
 
 
 def _image_sets(session: Session, accelerator: Accelerator, components, config: TrainConfig, scratch: Path):
@@ -236,8 +217,9 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
     )
 
 
-def _execute(session, accelerator, base_model, config, weight_dtype, resume_from, max_steps) -> TrainResult:
+def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack) -> TrainResult:
     main, device = accelerator.is_main_process, accelerator.device
+    base_model, config, resume_from = plan.base_model, plan.config, plan.resume_from
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -250,6 +232,8 @@ def _execute(session, accelerator, base_model, config, weight_dtype, resume_from
     )
     components.pipeline.to(device)
     enable_memory_savers(components, gradient_checkpointing=config.gradient_checkpointing, device=device)
+    record = _begin(session, plan, stack) if main else None
+    accelerator.wait_for_everyone()  # the other processes read the re-cropped images
     instance, prior = _image_sets(session, accelerator, components, config, scratch)
 
     result = TrainResult(
@@ -292,6 +276,10 @@ def _execute(session, accelerator, base_model, config, weight_dtype, resume_from
             reporter.close()
     accelerator.wait_for_everyone()
     result.finished = finished
+    if record is not None:
+        record.detail.update(stage=result.stage, step=result.step, finished=finished)
+        if not finished:
+            record.status = "interrupted"  # stopped by max_steps_this_run; resume continues it
     return result
 
 
@@ -342,9 +330,7 @@ class _Reporter:
     def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
         manifest = self.session.manifest
         relative = path.relative_to(self.session.path).as_posix()
-        manifest.state = TrainingState(
-            stage=stage.name, step=step, last_checkpoint=relative, seed=self.config.seed
-        )
+        manifest.state = TrainingState(stage=stage.name, step=step, last_checkpoint=relative)
         self.session.save()  # only now, with the checkpoint complete in the session
         checkpointing.prune(self.session.path / "checkpoints", self.config.keep_checkpoints)
         self.result.last_checkpoint = path
@@ -376,25 +362,50 @@ class _Reporter:
                 model.train(mode)
 
     def export(self, trained_roles: dict[str, str], weight_dtype: torch.dtype) -> None:
-        manifest, config = self.session.manifest, self.config
+        session, config, result = self.session, self.config, self.result
+        manifest = session.manifest
         metadata = training_metadata(
             config.to_dict(),
-            session=self.session.name,
+            session=session.name,
             base_model=manifest.base_model.to_dict(),
             steps={"text_encoder": config.text_encoder_steps, "unet": config.unet_steps},
         )
-        models_dir = self.session.dir("models")
+        models_dir = session.dir("models")
         if config.lora_rank > 0:
-            self.result.lora_files = export_lora(
-                self.components, trained_roles, models_dir, self.session.name, metadata=metadata
+            result.lora_files = export_lora(
+                self.components, trained_roles, models_dir, session.name, metadata=metadata
             )
+            files, hashed = dict(result.lora_files), [result.lora_files["kohya"]]
+            sha256 = {}
         else:
-            self.result.model_dir, self.result.single_file = export_full_model(
-                self.components, models_dir, self.session.name, dtype=weight_dtype, metadata=metadata
+            result.model_dir, report = export_full_model(
+                self.components, models_dir, session.name, dtype=weight_dtype, metadata=metadata
             )
+            result.single_file = Path(report.output)
+            files, hashed = {"folder": result.model_dir, "single_file": result.single_file}, []
+            sha256 = {self._relative(result.single_file): report.sha256}
+        sha256.update({self._relative(path): file_sha256(path) for path in hashed})
+        last_stage = "unet" if config.unet_steps > 0 else "text_encoder"
+        manifest.add_model(
+            ExportedModel(
+                name=session.name,
+                kind="lora" if config.lora_rank > 0 else "full",
+                files={role: self._relative(path) for role, path in files.items()},
+                family=manifest.base_model.family,
+                resolution=config.resolution,
+                base_model=manifest.base_model.source,
+                stage=last_stage,
+                step=config.unet_steps if last_stage == "unet" else config.text_encoder_steps,
+                sha256=sha256,
+                versions=package_versions(),
+            )
+        )
         manifest.state = dataclasses.replace(manifest.state, stage="done")
-        self.session.save()
-        self.result.stage = "done"
+        session.save()
+        result.stage = "done"
+
+    def _relative(self, path: Path) -> str:
+        return Path(path).relative_to(self.session.path).as_posix()
 
     def close(self) -> None:
         self.log.close()
