@@ -30,10 +30,6 @@ def test_readme_commands_set_up_a_pinned_venv(marker):
     assert "--no-deps -e ." in command, "nbkit itself must not re-resolve what the lock pinned"
 
 
-def test_ci_runs_the_readme_test_command():
-    assert "test-command" in (REPO / ".ci" / "run").read_text()
-
-
 @pytest.mark.slow
 def test_demo_command_finishes(tmp_path):
     """Runs the demo command's nbkit part in this environment (the venv part is what CI just did)."""
