@@ -77,7 +77,14 @@ def info_command(args: argparse.Namespace) -> int:
     resolved = resolve_source(args.source)
     print(f"path:       {resolved.path}")
     if resolved.kind == "single_file":
-        print("kind:       single-file checkpoint (`nbkit convert` reads its family from the weights)")
+        from nbkit.convert.checkpoint_io import check_pickled_checkpoint
+
+        # The same check loading runs: a pickle that would run code is refused here too, saying why.
+        file_format = check_pickled_checkpoint(resolved.path)
+        described = "safetensors" if file_format == "safetensors" else "PyTorch pickle of plain tensors"
+        print(
+            f"kind:       single-file checkpoint, {described} (`nbkit convert` reads its family from the weights)"
+        )
         return 0
     detected = detect_family_from_config(resolved.path)
     print("kind:       diffusers folder" + (f" ({resolved.variant} weights)" if resolved.variant else ""))
