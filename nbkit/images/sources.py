@@ -12,6 +12,7 @@ import dataclasses
 import email.message
 import os
 import re
+import stat
 import time
 import unicodedata
 import urllib.error
@@ -19,7 +20,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 
 from nbkit import __version__
 from nbkit.errors import NbkitError
@@ -141,8 +142,22 @@ def _add_path(gathered: Gathered, path: Path, max_bytes: int, recursive: bool) -
         files = [
             file for file in path.glob(pattern) if file.is_file() and not _is_junk(file.relative_to(path))
         ]
+        inside = path.resolve()
         for file in sorted(files, key=lambda file: natural_key(str(file.relative_to(path)))):
             label = f"{path.name}/{file.relative_to(path)}"
+            # A link (or a file in a linked folder) may point anywhere; only what lies in the folder
+            # the user chose is imported, so a stray link cannot pull /etc/passwd into a session.
+            if not file.resolve().is_relative_to(inside):
+                gathered.failures.append(
+                    (
+                        label,
+                        NbkitError(
+                            "a symbolic link to a file outside the imported folder; not followed",
+                            fix="copy the picture itself into the folder",
+                        ),
+                    )
+                )
+                continue
             _add(
                 gathered,
                 Candidate(safe_filename(file.name), str(file), _reader_for_file(file, max_bytes), label),
@@ -169,6 +184,10 @@ def _add_zip(gathered: Gathered, path: Path, max_bytes: int) -> None:
         return
     named = [(_member_name(info), info) for info in members]
     for name, info in sorted(named, key=lambda pair: natural_key(pair[0])):
+        refused = _refused_member(name, info)
+        if refused is not None:
+            gathered.failures.append((f"{path.name}:{name}", refused))
+            continue
         if _is_junk(PurePath(name)):
             continue
         reader = _reader_for_member(path, info, max_bytes)
@@ -319,6 +338,19 @@ def _reader_for_member(path: Path, info: zipfile.ZipInfo, max_bytes: int) -> Cal
         return data
 
     return read
+
+
+def _refused_member(name: str, info: zipfile.ZipInfo) -> NbkitError | None:
+    """Why a zip entry is refused: a path that climbs out (`../`) or is absolute, or a link."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix) or ".." in PurePosixPath(posix).parts:
+        return NbkitError(
+            "its path points outside the zip's folder (absolute or with ../); not imported",
+            fix="zip the pictures again from their own folder",
+        )
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return NbkitError("a symbolic link, not a picture; not followed", fix="zip the pictures themselves")
+    return None
 
 
 def _member_name(info: zipfile.ZipInfo) -> str:
