@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny = actions.add_parser("tiny", help="save a tiny random-weight model (offline) as a diffusers folder")
     tiny.add_argument("family", metavar="FAMILY", help="sd1, sd2, sd2-v or sdxl (tiny-sd1 ... also accepted)")
     tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    tiny.set_defaults(func=tiny_command)
+    tiny.set_defaults(func=tiny_command, loads_models=True)
 
     fetch = actions.add_parser("fetch", help="download a model into the cache and print its local path")
     fetch.add_argument("source", metavar="SOURCE", help="registry key, owner/name[@revision], path or URL")
