@@ -13,7 +13,6 @@ nbkit's warnings are `NbkitWarning`s (or UserWarnings raised from nbkit's code),
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
@@ -25,7 +24,7 @@ _VERBOSITY_VARIABLES = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY"
 _LOGGING_MODULES = ("transformers.utils.logging", "diffusers.utils.logging")
 _NBKIT_DIR = str(Path(__file__).resolve().parent)
 _NBKIT_MODULES = r"nbkit(\..*)?$"
-_show_warning = warnings.showwarning  # Python's own, for everything that is not nbkit's
+_format_warning = warnings.formatwarning  # Python's own, for everything that is not nbkit's
 
 
 class NbkitWarning(UserWarning):
@@ -44,7 +43,7 @@ def quiet_libraries(verbose: bool = False, *, import_libraries: bool = True) -> 
             (seconds, as they import torch); when False, a library imported later still gets the
             quiet verbosity through its environment variable, but diffusers' loader bar stays on.
     """
-    warnings.showwarning = _show_nbkit_warnings_cleanly
+    warnings.formatwarning = format_warning
     if verbose:
         return
     # Environment variables reach libraries imported later and processes started later (accelerate).
@@ -76,11 +75,8 @@ def is_nbkit_warning(category: type[Warning], filename: str) -> bool:
     return issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_NBKIT_DIR + os.sep)
 
 
-def _show_nbkit_warnings_cleanly(message, category, filename, lineno, file=None, line=None) -> None:
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` that writes nbkit's warnings as one `nbkit: warning: ...` line."""
     if not is_nbkit_warning(category, filename):
-        _show_warning(message, category, filename, lineno, file, line)
-        return
-    stream = file if file is not None else sys.stderr
-    text = " ".join(str(message).split())
-    with contextlib.suppress(OSError):  # stderr gone (a closed pipe): as Python's own, say nothing
-        stream.write(f"nbkit: warning: {text}\n")
+        return _format_warning(message, category, filename, lineno, line)
+    return "nbkit: warning: " + " ".join(str(message).split()) + "\n"
