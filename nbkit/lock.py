@@ -26,6 +26,7 @@ import psutil
 
 from nbkit.errors import NbkitError, SessionLockedError
 from nbkit.fsio import atomic_write_json, fsync_dir, retry_io
+from nbkit.quiet import NbkitWarning
 
 LOCK_NAME = ".lock"
 HEARTBEAT_INTERVAL_S = 30.0
@@ -194,6 +195,7 @@ class SessionLock:
                 raise self._locked_error(holder)
             warnings.warn(
                 f"{self.path}: taking over a stale lock held by {holder.describe()}: {reason}",
+                NbkitWarning,
                 stacklevel=2,
             )
             self._remove_if_unchanged(holder)
@@ -285,6 +287,7 @@ class SessionLock:
                 warnings.warn(
                     f"{self.path}: the lock was taken over by {current.describe()}; "
                     f"this kernel's {self.purpose!r} no longer holds the session",
+                    NbkitWarning,
                     stacklevel=1,
                 )
                 return
@@ -292,4 +295,4 @@ class SessionLock:
             try:
                 atomic_write_json(self.path, dataclasses.asdict(info))
             except (OSError, NbkitError) as error:
-                warnings.warn(f"{self.path}: heartbeat failed: {error}", stacklevel=1)
+                warnings.warn(f"{self.path}: heartbeat failed: {error}", NbkitWarning, stacklevel=1)

@@ -26,7 +26,8 @@ from typing import BinaryIO
 from nbkit.errors import NbkitError, SessionLockedError
 from nbkit.fsio import OLD_PREFIX, TEMP_PREFIX, atomic_directory, atomic_path, retry_io
 from nbkit.lock import LOCK_NAME, SessionLock, live_holder
-from nbkit.manifest import Manifest, RunRecord, load_manifest, now_iso
+from nbkit.manifest import Manifest, RunRecord, TrainingState, load_manifest, now_iso
+from nbkit.quiet import NbkitWarning
 from nbkit.session import (
     BACKUP_NAME,
     MANIFEST_NAME,
@@ -42,6 +43,7 @@ from nbkit.session import (
 DELETED_PREFIX = f"{TEMP_PREFIX}deleted-"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Worth compressing; images, weights and checkpoints are stored as they are (deflate gains nothing).
+CHECKPOINTS_DIR = "checkpoints"
 COMPRESSED_SUFFIXES = {".json", ".txt", ".caption", ".csv", ".log", ".md", ".yaml", ".yml", ".toml"}
 
 
@@ -179,25 +181,86 @@ def _skipped(relative: PurePosixPath) -> bool:
     return any(part.startswith((TEMP_PREFIX, OLD_PREFIX)) or part == "__MACOSX" for part in relative.parts)
 
 
-def _session_files(folder: Path) -> Iterator[tuple[Path, PurePosixPath]]:
-    """(path, path relative to `folder`) of every directory and file to export, sorted, links left out."""
+def _session_files(folder: Path, leave_out: tuple[str, ...] = ()) -> Iterator[tuple[Path, PurePosixPath]]:
+    """(path, path relative to `folder`) of every directory and file to export, sorted, links left out.
+
+    Args:
+        folder: the session folder.
+        leave_out: top-level folders not to walk into (e.g. `checkpoints`).
+    """
     for directory, dirs, files in os.walk(folder):
         dirs.sort()
         base = PurePosixPath(Path(directory).relative_to(folder).as_posix())
         for name in [*dirs, *sorted(files)]:
             path, relative = Path(directory) / name, base / name
-            if _skipped(relative):
+            if _skipped(relative) or (name in dirs and relative.as_posix() in leave_out):
                 if name in dirs:
                     dirs.remove(name)
                 continue
             if path.is_symlink():
-                warnings.warn(f"{path}: not exporting a symbolic link", stacklevel=3)
+                warnings.warn(f"{path}: not exporting a symbolic link", NbkitWarning, stacklevel=3)
                 continue
             yield path, relative
 
 
-def export_session(name: str, out_zip: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """Write session `name` to a zip file, atomically; returns the zip's path.
+@dataclasses.dataclass
+class SessionExport:
+    """What `export_session` wrote; usable as a path (`os.fspath`, `import_session(export)`).
+
+    Args:
+        path: the zip file.
+        size: its size in bytes.
+        left_out: the folders left out of it (relative to the session), with their size in bytes.
+    """
+
+    path: Path
+    size: int
+    left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:  # the path, as for any os.PathLike; `summary()` has the sizes
+        return os.fspath(self.path)
+
+    def summary(self) -> str:
+        """One line for people: where the zip is, its size, and what it leaves out."""
+        text = f"Exported to {self.path} ({format_size(self.size)})"
+        if self.left_out:
+            parts = ", ".join(f"{folder}/ ({format_size(size)})" for folder, size in self.left_out.items())
+            text += f"; left out {parts}"
+        return text
+
+
+def format_size(size: float) -> str:
+    """`512 B`, `14.2 MB`: a byte count for messages."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _without_checkpoints(manifest: Manifest) -> Manifest:
+    """The manifest of a copy that has no checkpoints: it points at none, and an unfinished run,
+    which cannot be resumed without them, starts over (a finished one stays finished)."""
+    state = manifest.state
+    if state.stage == "done":
+        state = dataclasses.replace(state, last_checkpoint=None)
+    else:
+        state = TrainingState(stage="idle", step=0, last_checkpoint=None, seed=state.seed)
+    return dataclasses.replace(manifest, state=state)
+
+
+def export_session(
+    name: str,
+    out_zip: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    include_checkpoints: bool = True,
+) -> SessionExport:
+    """Write session `name` to a zip file, atomically.
 
     The session is locked while it is read, so a training run cannot change it half way.
 
@@ -205,6 +268,13 @@ def export_session(name: str, out_zip: str | os.PathLike, root: str | os.PathLik
         name: the session name.
         out_zip: the zip file to write, or an existing folder to write `<name>.zip` into.
         root: the storage root (default: `nbkit.env.storage_root()`).
+        overwrite: replace an existing zip of that name (otherwise it is an error).
+        include_checkpoints: also export `checkpoints/` (the training state to resume from, optimizer
+            included: often the larger part of a session). Without them the copy's manifest points at
+            no checkpoint, and an unfinished run there starts over.
+
+    Returns:
+        The zip's path and size and what was left out (`SessionExport.summary()` says it in words).
     """
     folder = session_path(name, root)
     if not folder.is_dir():
@@ -218,18 +288,29 @@ def export_session(name: str, out_zip: str | os.PathLike, root: str | os.PathLik
             path=out,
             fix="write the zip somewhere outside the session folder",
         )
+    if out.exists() and not overwrite:
+        raise NbkitError(
+            "the export file already exists; not overwriting it",
+            path=out,
+            fix="choose another file name, or pass --overwrite (overwrite=True) to replace it",
+        )
+    leave_out = () if include_checkpoints else (CHECKPOINTS_DIR,)
     with SessionLock(folder, "export"), atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         session = Session.open(folder.name, root=root)
-        for path, relative in _session_files(session.path):
+        manifest = session.manifest if include_checkpoints else _without_checkpoints(session.manifest)
+        for path, relative in _session_files(session.path, leave_out):
             arcname = f"{session.name}/{relative}"
             if relative == PurePosixPath(MANIFEST_NAME):
-                archive.writestr(arcname, serialise_manifest(session.manifest), zipfile.ZIP_DEFLATED)
+                archive.writestr(arcname, serialise_manifest(manifest), zipfile.ZIP_DEFLATED)
             elif path.is_dir():
                 archive.write(path, arcname)
             else:
                 compress = path.suffix.lower() in COMPRESSED_SUFFIXES
                 archive.write(path, arcname, zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
-    return out
+        left_out = {
+            name: _folder_size(session.path / name) for name in leave_out if (session.path / name).is_dir()
+        }
+    return SessionExport(out, out.stat().st_size, left_out)
 
 
 def _checked_zip_entries(archive: zipfile.ZipFile, src: Path) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
@@ -282,6 +363,16 @@ def _check_manifest_paths(manifest: Manifest, present: set[PurePosixPath], where
                 path=where,
                 fix="export the session again (`nbkit session export`), or copy the whole session folder",
             )
+
+
+def _missing_checkpoint(manifest: Manifest, present: set[PurePosixPath]) -> str | None:
+    """The manifest's last checkpoint when the import does not bring it (an export without checkpoints,
+    or a hand-made zip), so the new session never points at a folder it does not have."""
+    last = manifest.state.last_checkpoint
+    if not last:
+        return None
+    folder = PurePosixPath(last)
+    return None if any(path == folder or folder in path.parents for path in present) else last
 
 
 def import_session(
@@ -345,9 +436,14 @@ def _build(
             fix="import under a new name (name=... or `--name NEW`), or delete/rename the existing session first",
         )
     _check_manifest_paths(manifest, set(openers), where)
+    detail = {"source": str(src)}
+    missing = _missing_checkpoint(manifest, set(openers))
+    if missing is not None:
+        manifest = _without_checkpoints(manifest)
+        detail["checkpoint_not_included"] = missing
     manifest.name = target.name
     stamp = now_iso()
-    manifest.history.append(RunRecord("import", stamp, stamp, "ok", {"source": str(src)}))
+    manifest.history.append(RunRecord("import", stamp, stamp, "ok", detail))
     with atomic_directory(target) as tmp:
         for relative, opener in sorted(openers.items()):
             destination = tmp.joinpath(*relative.parts)

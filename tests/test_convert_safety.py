@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -189,3 +192,60 @@ def test_checksum_is_plain_crc32_whichever_implementation_computes_it():
     data = bytes(range(256)) * 4099
     assert checksum(data) == zlib.crc32(data)
     assert checksum(memoryview(data)[7:]) == zlib.crc32(data[7:])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_plain_tensors_in_a_newer_pickle_protocol_say_what_they_are_and_how_to_resave(tmp_path, legacy):
+    path = tmp_path / "model v2.ckpt"
+    tensors = {"model.diffusion_model.out.2.bias": torch.arange(4, dtype=torch.float16)}
+    torch.save({"state_dict": tensors}, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=4)
+    with pytest.raises(
+        NbkitError, match="holds only plain tensors, but they were pickled with protocol 4"
+    ) as caught:
+        load_single_file(path)
+    assert str(path) in str(caught.value) and "not plain tensors" not in str(caught.value)
+    command = caught.value.fix.split("trust the file: ", 1)[1]
+    assert "weights_only=False" in command and '"' + str(tmp_path / "model v2.safetensors") + '"' in command
+    # The one-liner does what it says (here, where the file is trusted: we just wrote it).
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    subprocess.run([sys.executable, *argv[1:]], check=True, timeout=120)
+    assert load_file(tmp_path / "model v2.safetensors")["model.diffusion_model.out.2.bias"].tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_code_in_a_newer_pickle_protocol_is_refused_by_name(tmp_path, legacy):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "evil.ckpt"
+    torch.save(
+        {"state_dict": {"a": torch.zeros(2)}, "x": _CreatesMarker(marker)},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+        pickle_protocol=4,
+    )
+    with pytest.raises(NbkitError, match=r"unpickling it would call (builtins|io)\.open, i\.e\. run code"):
+        load_single_file(path)
+    assert not marker.exists()
+
+
+def test_model_info_runs_the_loading_safety_check(tmp_path, capsys):
+    from nbkit.cli import main
+
+    marker = tmp_path / "MARKER"
+    evil, plain = tmp_path / "evil.ckpt", tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(2)}, "x": _CreatesMarker(marker)}, evil)
+    torch.save({"state_dict": {"a": torch.zeros(2)}}, plain)
+    assert main(["model", "info", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"nbkit: error: {evil}: refused to load: unpickling it would call" in err
+        and ".open, i.e. run code" in err
+    )
+    assert not marker.exists()
+    assert main(["model", "info", str(plain)]) == 0
+    assert "single-file checkpoint, PyTorch pickle of plain tensors" in capsys.readouterr().out

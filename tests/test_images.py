@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import resource
 import struct
@@ -508,3 +509,51 @@ def test_safe_filename(given, safe):
     from nbkit.images import safe_filename
 
     assert safe_filename(given) == safe
+
+
+SECRET_TEXT = "root:x:0:0:root:/root:/bin/bash\n"
+
+
+def test_zip_entries_that_climb_out_or_are_links_are_refused_by_name(session, tmp_path):
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("trip/zwx (1).jpg", encode(astronaut(), "JPEG"))
+        zipped.writestr("../zwx (2).jpg", encode(chelsea(), "JPEG"))
+        zipped.writestr("/abs/zwx (3).jpg", encode(chelsea(), "JPEG"))
+        zipped.writestr("trip/../../zwx (4).jpg", encode(chelsea(), "JPEG"))
+        link = zipfile.ZipInfo("trip/zwx (5).jpg")
+        link.external_attr = (0o120777 << 16) | 0
+        zipped.writestr(link, "/etc/passwd")
+    report = import_images(session, [archive])
+    assert [Path(row.file).name for row in report.imported] == ["zwx (1).jpg"]
+    for member in ("../zwx (2).jpg", "/abs/zwx (3).jpg", "trip/../../zwx (4).jpg"):
+        row = report.row(f"photos.zip:{member}")
+        assert row.status == "error" and "points outside the zip's folder" in row.reason
+    row = report.row("photos.zip:trip/zwx (5).jpg")
+    assert row.status == "error" and "symbolic link" in row.reason
+    assert "/etc/passwd" not in str(report)
+    assert len(session.manifest.images) == 1
+
+
+def test_links_out_of_an_imported_folder_are_refused_and_nothing_is_echoed(session, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET_TEXT)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "zwx (1).jpg").write_bytes(encode(astronaut(), "JPEG"))
+    (folder / "zwx (2).jpg").symlink_to(secret)  # points outside: refused
+    (folder / "zwx (3).jpg").symlink_to(folder / "zwx (1).jpg")  # inside: followed (a duplicate)
+    (folder / "zwx (4).txt").symlink_to(secret)  # a caption link outside: refused too
+    (folder / "notes.jpg").write_text(SECRET_TEXT)  # a text file named .jpg, inside
+    report = import_images(session, [folder])
+    refused = report.row("photos/zwx (2).jpg")
+    assert (
+        refused.status == "error" and "symbolic link to a file outside the imported folder" in refused.reason
+    )
+    assert report.row("photos/zwx (4).txt").status == "error"
+    assert report.row("photos/zwx (3).jpg").status == "duplicate"
+    text = report.row("photos/notes.jpg")
+    assert text.status == "error" and text.reason.endswith("the file holds text")
+    for rendered in (str(report), report._repr_html_(), json.dumps([vars(row) for row in report.rows])):
+        assert "root:" not in rendered and "/bin/bash" not in rendered
+    assert [record.caption for record in session.manifest.images] == ["zwx"]

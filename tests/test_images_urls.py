@@ -114,3 +114,16 @@ def test_drive_share_links_become_download_links():
     share = "https://drive.google.com/file/d/1AbC-d_9/view?usp=sharing"
     assert drive_download_url(share) == "https://drive.google.com/uc?export=download&id=1AbC-d_9"
     assert drive_download_url("https://example.com/a.jpg") == "https://example.com/a.jpg"
+
+
+def test_image_links_and_model_urls_share_one_downloader_and_one_name_cleaner(server):
+    from nbkit.images import sources
+    from nbkit.models import download as model_download
+
+    assert sources.safe_filename is model_download.safe_filename
+    assert sources.open_url is model_download.open_url and sources.iter_body is model_download.iter_body
+    assert model_download.filename_from_response(
+        "http://h/x", 'attachment; filename="../../Zoe\u0308 (1).JPG"'
+    ) == ("Zoë (1).jpg")
+    with pytest.raises(NbkitError, match=r"did not answer within 0\.3 s"):
+        download(f"{server}/slow.jpg", timeout=0.3)

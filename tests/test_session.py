@@ -25,12 +25,14 @@ from nbkit.session import (
     KINDS,
     NAME_RULES,
     Session,
+    validate_session_name,
+)
+from nbkit.session_store import (
     delete_session,
     export_session,
     import_session,
     list_sessions,
     rename_session,
-    validate_session_name,
 )
 from nbkit.train_config import TrainConfig
 
@@ -458,7 +460,8 @@ def test_export_import_round_trip(tmp_path):
     (tmp_path / "exports").mkdir()
     with pytest.warns(UserWarning, match=r"taking over a stale lock .* last heartbeat was \d+ s ago"):
         out = export_session("dog", tmp_path / "exports", root=tmp_path)
-    assert out == tmp_path / "exports" / "dog.zip"
+    assert out.path == tmp_path / "exports" / "dog.zip" and out.size == out.path.stat().st_size
+    assert out.left_out == {}
     names = zipfile.ZipFile(out).namelist()
     assert "dog/session.json" in names and "dog/checkpoints/step-500/unet.safetensors" in names
     assert not [n for n in names if LOCK_NAME in n or BACKUP_NAME in n or TEMP_PREFIX in n]
@@ -583,6 +586,101 @@ def test_export_refuses_a_locked_session_and_a_zip_inside_the_session(tmp_path):
 
 
 # --- command line --------------------------------------------------------------------------------
+
+
+def test_export_never_overwrites_a_zip_unless_asked(tmp_path, capsys):
+    make_session(tmp_path)
+    out = tmp_path / "dog.zip"
+    out.write_bytes(b"my other backup")
+    with pytest.raises(NbkitError, match="already exists; not overwriting it") as caught:
+        export_session("dog", out, root=tmp_path)
+    assert str(out) in str(caught.value) and "--overwrite" in caught.value.fix
+    assert out.read_bytes() == b"my other backup"
+    root = ["--root", str(tmp_path)]
+    assert main(["session", "export", "dog", str(out), *root]) == 2
+    assert "not overwriting it" in capsys.readouterr().err and out.read_bytes() == b"my other backup"
+    assert main(["session", "export", "dog", str(out), "--overwrite", *root]) == 0
+    assert "dog/session.json" in zipfile.ZipFile(out).namelist()
+    assert export_session("dog", tmp_path, root=tmp_path, overwrite=True).path == out
+
+
+def test_export_without_checkpoints_imports_cleanly_and_says_what_it_left_out(tmp_path, capsys):
+    session = make_session(tmp_path)
+    full = export_session("dog", tmp_path / "full.zip", root=tmp_path)
+    light = export_session("dog", tmp_path / "light.zip", root=tmp_path, include_checkpoints=False)
+    names = zipfile.ZipFile(light).namelist()
+    assert not [name for name in names if "checkpoints" in name]
+    assert "dog/instance_images/img-0.png" in names
+    assert light.left_out == {"checkpoints": 4096} and light.size < full.size
+    assert (
+        light.summary()
+        == f"Exported to {light.path} ({light.size / 1024:.1f} KB); left out checkpoints/ (4.0 KB)"
+    )
+
+    copy = import_session(light, name="light", root=tmp_path)
+    state = copy.manifest.state
+    assert (state.stage, state.step, state.last_checkpoint) == ("idle", 0, None)
+    assert not (copy.path / "checkpoints").exists() or not any((copy.path / "checkpoints").iterdir())
+    assert copy.manifest.images == session.manifest.images
+    assert Session.open("dog", root=tmp_path).manifest.state.last_checkpoint == "checkpoints/step-500"
+
+    capsys.readouterr()
+    root = ["--root", str(tmp_path)]
+    assert main(["session", "export", "dog", str(tmp_path / "cli.zip"), "--no-checkpoints", *root]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        rf"Exported to {re.escape(str(tmp_path / 'cli.zip'))} \(\d+\.\d KB\); left out checkpoints/ \(4\.0 KB\)",
+        printed,
+    )
+    assert main(["session", "import", str(tmp_path / "cli.zip"), "--name", "cli", *root]) == 0
+
+
+def test_import_of_a_zip_without_the_checkpoint_its_manifest_names(tmp_path):
+    session = make_session(tmp_path)
+    session.manifest.state.stage = "done"
+    session.save()
+    archive_path = tmp_path / "hand-made.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        for path in session.path.rglob("*"):
+            if "checkpoints" not in path.parts and path.is_file():
+                archive.write(path, path.relative_to(session.path.parent).as_posix())
+    copy = import_session(archive_path, name="copy", root=tmp_path)
+    assert (copy.manifest.state.stage, copy.manifest.state.last_checkpoint) == ("done", None)
+    assert copy.manifest.history[-1].detail == {
+        "source": str(archive_path),
+        "checkpoint_not_included": "checkpoints/step-500",
+    }
+
+
+def test_cli_shows_nbkit_warnings_as_one_clean_line(tmp_path):
+    make_session(tmp_path)
+    (tmp_path / "Sessions" / "dog" / LOCK_NAME).write_text(
+        json.dumps(
+            {"pid": 1, "host": "gone", "purpose": "training", "started": "x", "heartbeat": "2020-01-01"}
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nbkit",
+            "session",
+            "export",
+            "dog",
+            str(tmp_path / "dog.zip"),
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbkit: warning: "), result.stderr
+    assert "taking over a stale lock" in lines[0]
+    assert ".py:" not in result.stderr and "UserWarning" not in result.stderr
 
 
 def test_cli_session_commands(tmp_path, capsys):

@@ -150,14 +150,18 @@ def test_uncached_repo_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert SECRET not in message + output.out + output.err
 
 
-def test_hub_token_lookup():
-    assert hub_token({"HF_TOKEN": "a"}, colab_secret=lambda name: "b") == "a"
-    assert hub_token({}, colab_secret={"HF_TOKEN": "b"}.get) == "b"
+def test_hub_token_is_huggingface_hubs_own_lookup(monkeypatch, tmp_path):
+    import huggingface_hub.constants
 
-    def no_access(name):
-        raise RuntimeError("NotebookAccessError")
-
-    assert hub_token({}, colab_secret=no_access) is None
+    # Never the login of whoever runs the tests.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert hub_token() == "hf_from_env"
+    assert download.token_for_url("https://huggingface.co/a/b/resolve/main/x.safetensors") == "hf_from_env"
+    monkeypatch.delenv("HF_TOKEN")
+    assert hub_token() is None
+    assert download.token_for_url("https://huggingface.co/a/b/resolve/main/x.safetensors") is None
 
 
 # ---------------------------------------------------------------- tiny models and family detection
@@ -446,7 +450,6 @@ def test_urls_and_tokens_are_kept_out_of_messages():
     )
     environ = {"CIVITAI_TOKEN": "c", "HF_TOKEN": "h"}
     assert download.token_for_url("https://civitai.com/api/download/models/1", environ) == "c"
-    assert download.token_for_url("https://huggingface.co/a/b/resolve/main/x.safetensors", environ) == "h"
     assert download.token_for_url("https://example.com/x.safetensors", environ) is None
 
 

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny = actions.add_parser("tiny", help="save a tiny random-weight model (offline) as a diffusers folder")
     tiny.add_argument("family", metavar="FAMILY", help="sd1, sd2, sd2-v or sdxl (tiny-sd1 ... also accepted)")
     tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    tiny.set_defaults(func=tiny_command)
+    tiny.set_defaults(func=tiny_command, loads_models=True)
 
     fetch = actions.add_parser("fetch", help="download a model into the cache and print its local path")
     fetch.add_argument("source", metavar="SOURCE", help="registry key, owner/name[@revision], path or URL")
@@ -77,7 +77,14 @@ def info_command(args: argparse.Namespace) -> int:
     resolved = resolve_source(args.source)
     print(f"path:       {resolved.path}")
     if resolved.kind == "single_file":
-        print("kind:       single-file checkpoint (`nbkit convert` reads its family from the weights)")
+        from nbkit.convert.checkpoint_io import check_pickled_checkpoint
+
+        # The same check loading runs: a pickle that would run code is refused here too, saying why.
+        file_format = check_pickled_checkpoint(resolved.path)
+        described = "safetensors" if file_format == "safetensors" else "PyTorch pickle of plain tensors"
+        print(
+            f"kind:       single-file checkpoint, {described} (`nbkit convert` reads its family from the weights)"
+        )
         return 0
     detected = detect_family_from_config(resolved.path)
     print("kind:       diffusers folder" + (f" ({resolved.variant} weights)" if resolved.variant else ""))

@@ -10,7 +10,14 @@ from nbkit.errors import NbkitError
 from nbkit.lock import force_unlock, live_holder
 from nbkit.manifest import BaseModelRef
 from nbkit.session import Session, session_path
-from nbkit.session_store import delete_session, export_session, import_session, list_sessions, rename_session
+from nbkit.session_store import (
+    delete_session,
+    export_session,
+    format_size,
+    import_session,
+    list_sessions,
+    rename_session,
+)
 
 
 def _base_model(source: str, family: str | None) -> BaseModelRef:
@@ -43,14 +50,6 @@ def open_(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def list_(args: argparse.Namespace) -> int:
     rows = list_sessions(args.root)
     if args.json:
@@ -64,7 +63,7 @@ def list_(args: argparse.Namespace) -> int:
         (
             row.name,
             (row.updated or "-")[:16].replace("T", " "),
-            _size(row.size),
+            format_size(row.size),
             str(row.images),
             row.stage or "-",
             "-" if row.step is None else str(row.step),
@@ -121,7 +120,14 @@ def delete(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    print(f"Exported to {export_session(args.name, args.out, root=args.root)}")
+    exported = export_session(
+        args.name,
+        args.out,
+        root=args.root,
+        overwrite=args.overwrite,
+        include_checkpoints=args.checkpoints,
+    )
+    print(exported.summary())
     return 0
 
 
@@ -181,6 +187,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = action("export", export, "write a session to a zip file")
     sub.add_argument("name")
     sub.add_argument("out", type=Path, help="the zip file, or a folder to write NAME.zip into")
+    sub.add_argument("--overwrite", action="store_true", help="replace the zip if it already exists")
+    sub.add_argument(
+        "--no-checkpoints",
+        dest="checkpoints",
+        action="store_false",
+        help="leave out checkpoints/ (training states with optimizer, often most of the size); "
+        "the copy cannot resume an unfinished run",
+    )
     sub = action("import", import_, "make a session from an exported zip or a session folder")
     sub.add_argument("src", type=Path)
     sub.add_argument("--name", help="import under this name (needed if the session already exists)")

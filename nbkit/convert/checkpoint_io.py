@@ -9,9 +9,13 @@ code is rejected with a message saying so, and nothing of it runs.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import pickle
+import pickletools
 import re
+import shlex
 import struct
 import tempfile
 import zipfile
@@ -26,6 +30,11 @@ from nbkit.errors import NbkitError
 
 FileFormat = Literal["safetensors", "torch-zip", "torch-legacy"]
 PICKLE_PROTOCOL_OPCODE = 0x80
+# torch's safe loader (weights_only=True) reads only the opcodes of pickle protocol 2.
+SAFE_LOADER_PROTOCOL = 2
+# A legacy (non-zip) file is a run of pickles: magic number, format version, system info, the object.
+LEGACY_PICKLES = 4
+MAX_PICKLE_OPS = 50_000_000
 SNIFF_BYTES = 64
 MAX_STATE_DICT_NESTING = 4
 # Where nbkit's .ckpt files keep their header metadata, beside "state_dict" (A1111 and ComfyUI ignore it).
@@ -83,12 +92,146 @@ def _refused_global(error: Exception) -> str | None:
     return match.group(1) if match else None
 
 
+def check_pickled_checkpoint(path: str | os.PathLike) -> FileFormat:
+    """Refuse a pickled checkpoint that would run code, or that torch's safe loader cannot read.
+
+    The pickle is only read as opcodes (`pickletools`), never executed: every function it would call
+    must be one `torch.load(weights_only=True)` allows (tensor and storage rebuilders, `OrderedDict`).
+    `load_pickled_checkpoint` runs this first, and `nbkit model info` runs it alone.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The file's format.
+
+    Raises:
+        NbkitError: naming the function a code-running pickle would call, or, for plain tensors pickled
+            with a protocol newer than 2, saying so and how to re-save the file.
+    """
+    path = Path(path)
+    file_format = sniff_format(path)
+    if file_format == "safetensors":
+        return file_format
+    try:
+        protocol, names = _pickle_globals(path, file_format)
+    except (
+        ValueError,
+        EOFError,
+        KeyError,
+        IndexError,
+        zipfile.BadZipFile,
+        OSError,
+        pickle.PickleError,
+    ) as error:
+        raise _damaged(path, error) from error
+    allowed = _safe_globals()
+    refused = sorted(name for name in names if name not in allowed)
+    if refused:
+        raise _code_error(path, ", ".join(refused))
+    if protocol > SAFE_LOADER_PROTOCOL:
+        raise NbkitError(
+            f"this checkpoint holds only plain tensors, but they were pickled with protocol {protocol} "
+            f"({'zip' if file_format == 'torch-zip' else 'legacy, non-zip'} torch format), which torch's safe "
+            "loader (weights_only=True) cannot read, so nbkit does not open it",
+            path=path,
+            fix=f"re-save it as .safetensors on a machine where you trust the file: {resave_command(path)}",
+        )
+    return file_format
+
+
+def resave_command(path: str | os.PathLike) -> str:
+    """The shell one-liner that re-saves a checkpoint's tensors as `<stem>.safetensors` next to it.
+
+    It unpickles with `weights_only=False` (torch cannot read newer pickle protocols otherwise), so it
+    is for files whose pickle `check_pickled_checkpoint` found to hold only tensors.
+    """
+    path = Path(path)
+    target = path.with_suffix(".safetensors")
+    script = (
+        "import torch; from safetensors.torch import save_file; "
+        f'sd = torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=False); '
+        'sd = sd.get("state_dict", sd); '
+        "save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
+        f"{json.dumps(str(target))})"
+    )
+    return f"python -c {shlex.quote(script)}"
+
+
+def _safe_globals() -> set[str]:
+    """The `module.name` of every function and class torch's weights_only loader lets a pickle use."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    extra = {f"{obj.__module__}.{obj.__qualname__}" for obj in torch.serialization.get_safe_globals()
+             if hasattr(obj, "__qualname__")}  # fmt: skip
+    return set(_get_allowed_globals()) | extra
+
+
+def _pickle_globals(path: Path, file_format: FileFormat) -> tuple[int, set[str]]:
+    """(protocol, the `module.name` of every global) of the checkpoint's pickles, read as opcodes only."""
+    if file_format == "torch-zip":
+        with zipfile.ZipFile(path) as archive:
+            pickled = [
+                name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"
+            ]
+            if not pickled:
+                raise KeyError("the zip has no data.pkl")
+            return _scan(io.BytesIO(archive.read(pickled[0])), count=1)
+    with open(path, "rb") as handle:
+        return _scan(handle, count=LEGACY_PICKLES)
+
+
+def _scan(stream, *, count: int) -> tuple[int, set[str]]:
+    protocol, names = 0, set()
+    for _ in range(count):
+        start = stream.tell()
+        if not stream.read(1):
+            break  # a plain pickle.dump file holds one pickle, not torch's run of them
+        stream.seek(start)
+        # STACK_GLOBAL (protocol 4+) takes module and name from the stack: follow the strings pushed
+        # and memoised, which is all a pickler puts there before it.
+        memo, pushed = {}, []
+        for ops, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+            if ops > MAX_PICKLE_OPS:
+                raise ValueError("the pickle is implausibly long")
+            name = opcode.name
+            if name == "PROTO":
+                protocol = max(protocol, arg)
+            elif name in ("GLOBAL", "INST"):
+                names.add(arg.replace(" ", "."))
+            elif name == "STACK_GLOBAL":
+                module, attribute = pushed[-2:] if len(pushed) >= 2 else (None, None)
+                names.add(f"{module}.{attribute}" if module and attribute else "<a function it computes>")
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed.append(memo.get(arg))
+            elif isinstance(arg, str) and name.endswith(("UNICODE", "STRING")):
+                pushed.append(arg)
+            elif opcode.stack_after:
+                pushed.append(None)
+    return protocol, names
+
+
+def _code_error(path: Path, refused: str) -> NbkitError:
+    return NbkitError(
+        f"refused to load: unpickling it would call {refused}, i.e. run code from the file; nbkit "
+        "only reads plain tensors from .ckpt files, and nothing of this one was run",
+        path=path,
+        fix="get a .safetensors version of this model; if you trust its source, convert it with a "
+        "tool you trust first",
+    )
+
+
 def load_pickled_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a .ckpt/.pt/.bin file's tensors without running any code from it.
 
-    Zip-format files are memory-mapped, so tensors are read from disk only when used. A checkpoint
-    nested in `state_dict` (as Lightning saves them) is unwrapped; entries that are not tensors
-    (`global_step`, `epoch`) are dropped.
+    `check_pickled_checkpoint` reads the pickle's opcodes first; then `torch.load(weights_only=True)`
+    builds the tensors. Zip-format files are memory-mapped, so tensors are read from disk only when
+    used. A checkpoint nested in `state_dict` (as Lightning saves them) is unwrapped; entries that are
+    not tensors (`global_step`, `epoch`) are dropped.
 
     Args:
         path: the file.
@@ -100,7 +243,7 @@ def load_pickled_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
         NbkitError: when the file asks to run code, is truncated or damaged, or holds no tensors.
     """
     path = Path(path)
-    file_format = sniff_format(path)
+    file_format = check_pickled_checkpoint(path)
     if file_format == "safetensors":
         raise NbkitError("this is a .safetensors file, not a pickled checkpoint", path=path)
     try:
@@ -110,19 +253,13 @@ def load_pickled_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
             )
     except pickle.UnpicklingError as error:
         refused = _refused_global(error)
-        if refused is None and "truncated" not in str(error):
-            raise NbkitError(
-                f"refused to load: the pickle in it is not plain tensors ({str(error).splitlines()[-1][:200]})",
-                path=path,
-                fix="get a .safetensors version of this model",
-            ) from error
         if refused is not None:
+            raise _code_error(path, refused) from error
+        if "truncated" not in str(error):
             raise NbkitError(
-                f"refused to load: unpickling it would call {refused}, i.e. run code from the file; nbkit "
-                "only reads plain tensors from .ckpt files, and nothing of this one was run",
+                f"refused to load: torch's safe loader cannot read its pickle ({str(error).splitlines()[-1][:200]})",
                 path=path,
-                fix="get a .safetensors version of this model; if you trust its source, convert it with a "
-                "tool you trust first",
+                fix=f"re-save it as .safetensors on a machine where you trust the file: {resave_command(path)}",
             ) from error
         raise _damaged(path, error) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, struct.error) as error:

@@ -325,7 +325,8 @@ def _captions_for_existing(
                 record, caption=compose_caption(record.token, text, mode), caption_source="txt"
             )
             updates.append(updated)
-            report.add(source, "ok", f'caption for {PurePath(record.file).name}: "{updated.caption}"')
+            # The caption is in session.json and captions/; the report names it, never quotes a file.
+            report.add(source, "ok", f"caption for {PurePath(record.file).name}")
         else:
             report.add(
                 source,

@@ -9,29 +9,25 @@ and a source that cannot be read becomes a row in the report instead of an excep
 from __future__ import annotations
 
 import dataclasses
-import email.message
 import os
 import re
+import stat
 import time
-import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 
-from nbkit import __version__
 from nbkit.errors import NbkitError
+from nbkit.models.download import filename_from_response, iter_body, open_url, safe_filename, safe_url
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
-CHUNK_BYTES = 256 * 1024
 CAPTION_SUFFIX = ".txt"
 # Left behind by operating systems and archivers; never the user's photos.
 JUNK_NAMES = {"thumbs.db", "desktop.ini", ".ds_store", "__macosx", ".picasa.ini"}
-MAX_STEM_BYTES = 150  # room for " (12)", the extension and Drive's 255-byte name limit
 ZIP_UTF8_FLAG = 0x800
+PAGE_FIX = "open it, right-click the picture, choose 'Copy image address' and use that link"
 
 Source = str | os.PathLike | tuple[str, bytes]
 
@@ -64,28 +60,6 @@ class Gathered:
     images: list[Candidate] = dataclasses.field(default_factory=list)
     captions: list[Candidate] = dataclasses.field(default_factory=list)
     failures: list[tuple[str, NbkitError]] = dataclasses.field(default_factory=list)
-
-
-def safe_filename(name: str, *, default: str = "image") -> str:
-    """A file name safe on Linux, Drive and Windows that keeps what users typed.
-
-    Unicode (NFC-normalised, as macOS zips store it decomposed), spaces and parentheses stay, so
-    `zwx (1).jpg` and `Zoë am Strand.jpg` survive; path separators become `_`, control and
-    invisible format characters go, leading dots go (no hidden files), and long names are shortened.
-
-    Args:
-        name: the name as given (any directory part is dropped).
-        default: the stem to use when nothing is left.
-    """
-    name = unicodedata.normalize("NFC", name.replace("\\", "/").rsplit("/", 1)[-1])
-    name = "".join(char for char in name if unicodedata.category(char) not in ("Cc", "Cf", "Zl", "Zp"))
-    name = re.sub(r'[<>:"|?*]', "_", name).strip().lstrip(".").strip()
-    stem, suffix = os.path.splitext(name)
-    suffix = suffix if re.fullmatch(r"\.[\w]{1,8}", suffix) else ""
-    stem = stem.strip() or default
-    while len(stem.encode("utf-8")) > MAX_STEM_BYTES:
-        stem = stem[:-1]
-    return stem.rstrip() + suffix.lower()
 
 
 def natural_key(name: str) -> tuple[list, list]:
@@ -141,8 +115,22 @@ def _add_path(gathered: Gathered, path: Path, max_bytes: int, recursive: bool) -
         files = [
             file for file in path.glob(pattern) if file.is_file() and not _is_junk(file.relative_to(path))
         ]
+        inside = path.resolve()
         for file in sorted(files, key=lambda file: natural_key(str(file.relative_to(path)))):
             label = f"{path.name}/{file.relative_to(path)}"
+            # A link (or a file in a linked folder) may point anywhere; only what lies in the folder
+            # the user chose is imported, so a stray link cannot pull /etc/passwd into a session.
+            if not file.resolve().is_relative_to(inside):
+                gathered.failures.append(
+                    (
+                        label,
+                        NbkitError(
+                            "a symbolic link to a file outside the imported folder; not followed",
+                            fix="copy the picture itself into the folder",
+                        ),
+                    )
+                )
+                continue
             _add(
                 gathered,
                 Candidate(safe_filename(file.name), str(file), _reader_for_file(file, max_bytes), label),
@@ -169,6 +157,10 @@ def _add_zip(gathered: Gathered, path: Path, max_bytes: int) -> None:
         return
     named = [(_member_name(info), info) for info in members]
     for name, info in sorted(named, key=lambda pair: natural_key(pair[0])):
+        refused = _refused_member(name, info)
+        if refused is not None:
+            gathered.failures.append((f"{path.name}:{name}", refused))
+            continue
         if _is_junk(PurePath(name)):
             continue
         reader = _reader_for_member(path, info, max_bytes)
@@ -216,51 +208,22 @@ def download(
     Returns:
         The file name the server gives (or the URL's last path part) and the bytes.
     """
-    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
-        raise NbkitError("only http(s) links can be downloaded", path=url)
-    request = urllib.request.Request(url, headers={"User-Agent": f"nbkit/{__version__}", "Accept": "image/*"})
     deadline = time.monotonic() + 10 * timeout
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if urllib.parse.urlsplit(response.geturl()).scheme.lower() not in ("http", "https"):
-                raise NbkitError("the link redirects away from http(s)", path=url)
-            _check_headers(response.headers, max_bytes)
-            chunks, total = [], 0
-            while chunk := response.read(CHUNK_BYTES):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise _too_big(max_bytes)
-                if time.monotonic() > deadline:
-                    raise NbkitError(
-                        f"the download took longer than {10 * timeout:.0f} s",
-                        fix="download it yourself and upload the file",
-                    )
-                chunks.append(chunk)
-            name = response.headers.get_filename() or urllib.parse.unquote(
-                urllib.parse.urlsplit(response.geturl()).path
+    response = open_url(url, timeout=timeout, accept="image/*", what="an image", page_fix=PAGE_FIX)
+    with response:
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            raise _too_big(max_bytes)
+        where = safe_url(url)
+        data = b"".join(
+            iter_body(
+                response, where=where, max_bytes=max_bytes, deadline=deadline, too_big=_too_big(max_bytes)
             )
-    except urllib.error.HTTPError as error:
-        raise NbkitError(
-            f"the server answered HTTP {error.code} {error.reason}", fix="check the link opens in a browser"
-        ) from None
-    except urllib.error.URLError as error:
-        raise NbkitError(
-            f"could not download it: {error.reason}", fix="check the link and the connection"
-        ) from None
-    except TimeoutError:
-        raise NbkitError(f"the server did not answer within {timeout:.0f} s", fix="try again later") from None
-    return safe_filename(name), b"".join(chunks)
-
-
-def _check_headers(headers: email.message.Message, max_bytes: int) -> None:
-    if headers.get_content_type() in ("text/html", "application/xhtml+xml"):
-        raise NbkitError(
-            "the link gives a web page, not an image",
-            fix="open it, right-click the picture, choose 'Copy image address' and use that link",
         )
-    length = headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise _too_big(max_bytes)
+        name = filename_from_response(
+            response.url or url, response.headers.get("Content-Disposition"), default="image"
+        )
+    return name, data
 
 
 def _too_big(max_bytes: int) -> NbkitError:
@@ -319,6 +282,19 @@ def _reader_for_member(path: Path, info: zipfile.ZipInfo, max_bytes: int) -> Cal
         return data
 
     return read
+
+
+def _refused_member(name: str, info: zipfile.ZipInfo) -> NbkitError | None:
+    """Why a zip entry is refused: a path that climbs out (`../`) or is absolute, or a link."""
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix) or ".." in PurePosixPath(posix).parts:
+        return NbkitError(
+            "its path points outside the zip's folder (absolute or with ../); not imported",
+            fix="zip the pictures again from their own folder",
+        )
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return NbkitError("a symbolic link, not a picture; not followed", fix="zip the pictures themselves")
+    return None
 
 
 def _member_name(info: zipfile.ZipInfo) -> str:

@@ -1,4 +1,5 @@
-"""Resumable downloads of single model files from plain http(s) URLs (Civitai and the like).
+"""Downloads over http(s): resumable model files (Civitai and the like), and the one request and file
+name cleaner that image links (`nbkit.images.sources`) use too.
 
 Each URL gets its own folder under the cache, named by a hash of the URL, holding `download.part`
 while bytes arrive, the finished file under its real name, and `download.json` recording that name,
@@ -17,11 +18,14 @@ import email.message
 import hashlib
 import os
 import re
+import time
+import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nbkit import __version__
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_json, fsync_dir, read_json
 
@@ -29,6 +33,12 @@ PART_NAME = "download.part"
 RECORD_NAME = "download.json"
 CHUNK_SIZE = 1 << 20
 TIMEOUT_S = (15.0, 60.0)  # connect, and between bytes
+MAX_STEM_BYTES = 150  # room for " (12)", the extension and Drive's 255-byte name limit
+WEB_PAGE_TYPES = ("text/html", "application/xhtml+xml")
+MODEL_PAGE_FIX = (
+    "use the file's direct download link (Civitai: the Download button's URL); the site "
+    "may also want an access token (CIVITAI_TOKEN)"
+)
 
 
 def safe_url(url: str) -> str:
@@ -42,17 +52,43 @@ def safe_url(url: str) -> str:
 
 
 def token_for_url(url: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The token the user set up for the URL's host: CIVITAI_TOKEN for Civitai, HF_TOKEN for the hub."""
+    """The token the user set up for the URL's host: CIVITAI_TOKEN for Civitai, the Hugging Face token
+    (HF_TOKEN, the Colab secret or `hf auth login`, as huggingface_hub finds it) for the hub."""
     environ = os.environ if environ is None else environ
     host = (urllib.parse.urlsplit(url).hostname or "").lower()
     if host == "civitai.com" or host.endswith(".civitai.com"):
         return environ.get("CIVITAI_TOKEN") or environ.get("CIVITAI_API_TOKEN") or None
     if host == "huggingface.co" or host.endswith(".huggingface.co"):
-        return environ.get("HF_TOKEN") or None
+        from huggingface_hub import get_token
+
+        return get_token()
     return None
 
 
-def filename_from_response(url: str, content_disposition: str | None) -> str:
+def safe_filename(name: str, *, default: str = "image") -> str:
+    """A file name safe on Linux, Drive and Windows that keeps what users typed.
+
+    Unicode (NFC-normalised, as macOS zips store it decomposed), spaces and parentheses stay, so
+    `zwx (1).jpg` and `Zoë am Strand.jpg` survive; any directory part is dropped (a server or a zip
+    must not pick where nbkit writes), control and invisible format characters go, characters Windows
+    forbids become `_`, leading dots go (no hidden files), and long names are shortened.
+
+    Args:
+        name: the name as given.
+        default: the stem to use when nothing is left.
+    """
+    name = unicodedata.normalize("NFC", name.replace("\\", "/").rsplit("/", 1)[-1])
+    name = "".join(char for char in name if unicodedata.category(char) not in ("Cc", "Cf", "Zl", "Zp"))
+    name = re.sub(r'[<>:"|?*]', "_", name).strip().lstrip(".").strip()
+    stem, suffix = os.path.splitext(name)
+    suffix = suffix if re.fullmatch(r"\.\w{1,12}", suffix) else ""
+    stem = stem.strip() or default
+    while len(stem.encode("utf-8")) > MAX_STEM_BYTES:
+        stem = stem[:-1]
+    return stem.rstrip() + suffix.lower()
+
+
+def filename_from_response(url: str, content_disposition: str | None, *, default: str = "model") -> str:
     """Pick a safe file name: the server's Content-Disposition name, else the URL's last segment."""
     name = None
     if content_disposition:
@@ -61,9 +97,80 @@ def filename_from_response(url: str, content_disposition: str | None) -> str:
         name = message.get_filename()  # handles RFC 2231 `filename*=UTF-8''...` too
     if not name:
         name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    # Keep only the base name and harmless characters: the server must not pick where we write.
-    name = re.sub(r"[^\w.\-+ ()\[\]]", "_", name.replace("\\", "/").rsplit("/", 1)[-1]).strip(" .")
-    return name or "model"
+    return safe_filename(name, default=default)
+
+
+def open_url(
+    url: str,
+    *,
+    session: Any | None = None,
+    token: str | None = None,
+    offset: int = 0,
+    timeout: float | tuple[float, float] = TIMEOUT_S,
+    accept: str = "*/*",
+    what: str = "a model file",
+    page_fix: str = MODEL_PAGE_FIX,
+) -> Any:
+    """Send a streamed GET and check the answer; the caller reads the body (and closes the response).
+
+    Args:
+        url: an http(s) URL.
+        session: a `requests.Session` or stand-in (default: a new one).
+        token: a bearer token, sent only as a header (requests drops it on a redirect to another host).
+        offset: ask for the bytes from here on (a Range request); 0 for the whole file.
+        timeout: seconds to connect and to wait between bytes (one number for both, or a pair).
+        accept: the Accept header.
+        what: what the link should give, for the message when it gives a web page instead.
+        page_fix: the fix for that message.
+
+    Returns:
+        The response; a 416 (nothing past `offset`) is returned for the caller to judge.
+
+    Raises:
+        NbkitError: for another scheme, no answer, an HTTP error or a web page. Messages show the URL
+            without its query, which may hold a token.
+    """
+    import requests
+
+    where = safe_url(url)
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise NbkitError(f"only http(s) links can be downloaded, not {where}", fix="use an http(s) link")
+    # identity: a gzip-encoded body would not match Content-Length or resume by byte offset.
+    headers = {"User-Agent": f"nbkit/{__version__}", "Accept": accept, "Accept-Encoding": "identity"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    session = session if session is not None else requests.Session()
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout)
+    except requests.Timeout:
+        wait = timeout[1] if isinstance(timeout, tuple) else timeout
+        raise NbkitError(f"{where} did not answer within {wait:g} s", fix="try again later") from None
+    except requests.RequestException as error:
+        raise NbkitError(
+            f"cannot reach {where} ({error.__class__.__name__})",
+            fix="check the URL and the internet connection, then run the same command again",
+        ) from None  # the original text may echo the URL's query, which can hold a token
+    status = response.status_code
+    try:
+        if status in (401, 403):
+            raise NbkitError(
+                f"{where} refused the download (HTTP {status}): it needs an access token or a login",
+                fix="create an API token on the site and set it in the environment (CIVITAI_TOKEN for "
+                "Civitai, HF_TOKEN for Hugging Face; on Colab add it under Secrets), then run again",
+            )
+        if status == 404:
+            raise NbkitError(f"{where} does not exist (HTTP 404)", fix="check the URL")
+        if status >= 400 and status != 416:
+            raise NbkitError(f"{where} answered HTTP {status}", fix="try again later, or check the URL")
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if status != 416 and content_type in WEB_PAGE_TYPES:
+            raise NbkitError(f"{where} sent a web page, not {what}", fix=page_fix)
+    except NbkitError:
+        response.close()
+        raise
+    return response
 
 
 def _sniff_suffix(path: Path) -> str:
@@ -142,24 +249,10 @@ def _fetch(
     session: Any,
     progress: bool,
 ) -> Path:
-    import requests
-
     part = folder / PART_NAME
     offset = part.stat().st_size if part.exists() else 0
-    # identity: a gzip-encoded body would not match Content-Length or resume by byte offset.
-    headers = {"Accept-Encoding": "identity"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
     where = safe_url(url)
-    try:
-        response = session.get(url, headers=headers, stream=True, timeout=TIMEOUT_S)
-    except requests.RequestException as error:
-        raise NbkitError(
-            f"cannot reach {where} ({error.__class__.__name__})",
-            fix="check the URL and the internet connection, then run the same command again",
-        ) from None  # the original text may echo the URL's query, which can hold a token
+    response = open_url(url, session=session, token=token, offset=offset)
     with response:
         total, offset = _check_response(response, where, offset, part)
         if offset == 0 or not record.get("filename"):
@@ -204,7 +297,7 @@ def _fetch(
 
 
 def _check_response(response: Any, where: str, offset: int, part: Path) -> tuple[int | None, int]:
-    """Validate the status and return (total size or None, offset the body starts at)."""
+    """Judge a resumed answer (`open_url` checked the rest): (total size or None, offset the body starts at)."""
     status = response.status_code
     if status == 416 and offset:
         # Nothing left past our offset: the part is complete if the server's total agrees.
@@ -215,22 +308,6 @@ def _check_response(response: Any, where: str, offset: int, part: Path) -> tuple
         raise NbkitError(
             f"the server for {where} refused to resume the partial download; it was removed",
             fix="run the same command again to download from the start",
-        )
-    if status in (401, 403):
-        raise NbkitError(
-            f"{where} refused the download (HTTP {status}): it needs an access token or a login",
-            fix="create an API token on the site and set it in the environment (CIVITAI_TOKEN for "
-            "Civitai, HF_TOKEN for Hugging Face; on Colab add it under Secrets), then run again",
-        )
-    if status == 404:
-        raise NbkitError(f"{where} does not exist (HTTP 404)", fix="check the URL")
-    if status >= 400:
-        raise NbkitError(f"{where} answered HTTP {status}", fix="try again later, or check the URL")
-    if response.headers.get("Content-Type", "").startswith("text/html"):
-        raise NbkitError(
-            f"{where} sent a web page, not a model file",
-            fix="use the file's direct download link (Civitai: the Download button's URL); the site "
-            "may also want an access token (CIVITAI_TOKEN)",
         )
     if status == 206:
         start = _content_range_start(response.headers.get("Content-Range"))
@@ -254,10 +331,41 @@ def _content_range_total(value: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def iter_body(
+    response: Any,
+    *,
+    where: str,
+    written: int = 0,
+    total: int | None = None,
+    max_bytes: int | None = None,
+    deadline: float | None = None,
+    too_big: NbkitError | None = None,
+):
+    """Yield the response body in chunks, refusing more than `max_bytes` or a download past `deadline`
+    (a `time.monotonic()` value); a connection that breaks off is an NbkitError saying how far it got."""
+    import requests
+
+    try:
+        for chunk in response.iter_content(CHUNK_SIZE):
+            written += len(chunk)
+            if max_bytes is not None and written > max_bytes:
+                raise too_big or NbkitError(f"{where} sends more than {max_bytes} bytes")
+            if deadline is not None and time.monotonic() > deadline:
+                raise NbkitError(
+                    f"the download from {where} took too long", fix="download it yourself and upload the file"
+                )
+            yield chunk
+    except requests.RequestException as error:
+        of_total = f" of {total}" if total is not None else ""
+        raise NbkitError(
+            f"the download from {where} broke off after {written}{of_total} bytes ({error.__class__.__name__})",
+            fix="run the same command again: it resumes where it stopped",
+        ) from None
+
+
 def _stream_body(
     response: Any, part: Path, digest: Any, *, offset: int, total: int | None, where: str, progress: bool
 ) -> None:
-    import requests
     from tqdm.auto import tqdm
 
     written = offset
@@ -266,20 +374,15 @@ def _stream_body(
     )
     try:
         with bar, open(part, "ab" if offset else "wb") as handle:
-            for chunk in response.iter_content(CHUNK_SIZE):
+            for chunk in iter_body(response, where=where, written=offset, total=total):
                 handle.write(chunk)
                 digest.update(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
             handle.flush()
             os.fsync(handle.fileno())
-    except requests.RequestException as error:
-        of_total = f" of {total}" if total is not None else ""
-        raise NbkitError(
-            f"the download from {where} broke off after {written}{of_total} bytes ({error.__class__.__name__})",
-            path=part,
-            fix="run the same command again: it resumes where it stopped",
-        ) from None
+    except NbkitError as error:
+        raise NbkitError(error.message, path=part, fix=error.fix) from None
     except OSError as error:  # the cache is on Drive on Colab, and Drive drops out now and then
         raise NbkitError(
             f"writing the download failed after {written} bytes: {error.strerror}",

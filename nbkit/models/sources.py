@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import os
 import re
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -62,28 +60,13 @@ def models_cache(cache_root: str | os.PathLike | None = None) -> Path:
     return storage_root() / "models-cache"
 
 
-def hub_token(
-    environ: Mapping[str, str] | None = None, colab_secret: Callable[[str], str | None] | None = None
-) -> str | None:
-    """The user's Hugging Face token: HF_TOKEN from the environment, else Colab's `HF_TOKEN` secret.
+def hub_token() -> str | None:
+    """The user's Hugging Face token, found as huggingface_hub finds it: HF_TOKEN, Colab's `HF_TOKEN`
+    secret, or the file `hf auth login` writes. It goes only to huggingface_hub, never to a file or
+    a message."""
+    from huggingface_hub import get_token
 
-    Args:
-        environ: the environment (default `os.environ`).
-        colab_secret: reads a Colab secret (default: `google.colab.userdata.get` when in Colab).
-    """
-    environ = os.environ if environ is None else environ
-    token = environ.get("HF_TOKEN") or environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        return token
-    if colab_secret is None:
-        try:
-            colab_secret = importlib.import_module("google.colab.userdata").get
-        except ImportError:
-            return None
-    try:
-        return colab_secret("HF_TOKEN") or None
-    except Exception:  # no such secret, access not granted, or not inside a notebook kernel
-        return None
+    return get_token()
 
 
 def resolve_source(
