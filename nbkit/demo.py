@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import tempfile
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,14 +29,15 @@ class DemoResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def make_demo_photos(out_dir: Path, count: int = 4, size: int = 160, seed: int = 0) -> list[Path]:
+def make_demo_photos(count: int = 4, size: int = 160, seed: int = 0) -> dict[str, bytes]:
     """Draw `count` deterministic pictures of one "subject" (a striped ball) on varied backgrounds.
 
-    Named the fast-DreamBooth way, `zwx (1).png`, so captions come from the file names.
+    Named the fast-DreamBooth way, `zwx (1).png`, so captions come from the file names; returned as
+    uploads (name -> PNG bytes), as a notebook's upload widget gives them, so the session records no
+    temporary folder as their source.
     """
     rng = np.random.default_rng(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    photos = {}
     for index in range(1, count + 1):
         background = tuple(int(v) for v in rng.integers(40, 220, size=3))
         image = Image.new("RGB", (size + 32 * (index % 2), size), background)
@@ -51,10 +52,10 @@ def make_demo_photos(out_dir: Path, count: int = 4, size: int = 160, seed: int =
                 fill=(250, 250, 250),
                 width=3,
             )
-        path = out_dir / f"{DEMO_TOKEN} ({index}).png"
-        image.save(path)
-        paths.append(path)
-    return paths
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        photos[f"{DEMO_TOKEN} ({index}).png"] = buffer.getvalue()
+    return photos
 
 
 def run_demo(
@@ -103,9 +104,7 @@ def run_demo(
     result.artifacts["session"] = session.path
     result.artifacts["base model"] = Path(model_dir)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        photos = make_demo_photos(Path(scratch))
-        report = timed("images", lambda: import_images(session, photos))
+    report = timed("images", lambda: import_images(session, make_demo_photos()))
     log(str(report))
     result.artifacts["contact sheet"] = report.contact_sheet
 

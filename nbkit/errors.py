@@ -32,6 +32,11 @@ class NbkitError(Exception):
         return text
 
 
+class NbkitWarning(UserWarning):
+    """A warning nbkit gives the user (a stale lock taken over, a checkpoint skipped): shown even when
+    the libraries are quiet, as one `nbkit: warning: ...` line (`nbkit.quiet`)."""
+
+
 class SessionLockedError(NbkitError):
     """Another live kernel holds the session's lock."""
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from nbkit.errors import NbkitError, SessionLockedError
+from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError
 from nbkit.fsio import atomic_write_json, fsync_dir, retry_io
-from nbkit.quiet import NbkitWarning
 
 LOCK_NAME = ".lock"
 HEARTBEAT_INTERVAL_S = 30.0

@@ -19,6 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from nbkit.errors import NbkitWarning
+
 # The loggers and progress bars of these libraries are switched off unless verbose.
 _VERBOSITY_VARIABLES = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
 _LOGGING_MODULES = ("transformers.utils.logging", "diffusers.utils.logging")
@@ -26,10 +28,7 @@ _NBKIT_DIR = str(Path(__file__).resolve().parent)
 _NBKIT_MODULES = r"nbkit(\..*)?$"
 _format_warning = warnings.formatwarning  # Python's own, for everything that is not nbkit's
 
-
-class NbkitWarning(UserWarning):
-    """A warning nbkit gives the user (a stale lock taken over, a file left out): shown even when the
-    libraries are quiet, as one `nbkit: warning: ...` line."""
+__all__ = ["NbkitWarning", "format_warning", "quiet_libraries"]
 
 
 def quiet_libraries(verbose: bool = False, *, import_libraries: bool = True) -> None:

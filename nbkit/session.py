@@ -7,8 +7,7 @@ keeps the previous good `session.json` as `session.json.bak`, which `Session.ope
 a warning, when `session.json` is unreadable. Long operations hold the session's lock (`nbkit.lock`)
 so two kernels never train into the same folder.
 
-Listing, renaming, deleting, exporting and importing sessions live in `nbkit.session_store` and are
-importable from here as well.
+Listing, renaming, deleting, exporting and importing sessions live in `nbkit.session_store`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbkit.env import storage_root
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
 from nbkit.lock import SessionLock, live_holder
 from nbkit.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
@@ -304,7 +303,7 @@ class Session:
                 clean_temporaries(folder)
         loaded = read_manifest(path)
         if loaded.fallback_note:
-            warnings.warn(loaded.fallback_note, stacklevel=2)
+            warnings.warn(loaded.fallback_note, NbkitWarning, stacklevel=2)
         manifest = loaded.manifest
         manifest.name = name  # the folder is the identity; it may have been renamed by hand
         session = cls(name, path, manifest)
@@ -319,7 +318,7 @@ class Session:
             raise NbkitError(
                 "session.json was changed by another notebook or kernel since this session was opened",
                 path=file,
-                fix="reopen the session (Session.open) to load those changes and repeat yours; "
+                fix="reopen the session (`nbkit session open`, Session.open) to load those changes and repeat yours; "
                 "stop the other notebook first if it still works on this session",
             )
         self.manifest.name = self.name
@@ -421,23 +420,3 @@ def session_folders(folder: Path) -> list[Path]:
         (entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
         key=lambda entry: entry.name.casefold(),
     )
-
-
-_STORE_API = {
-    "SessionInfo",
-    "list_sessions",
-    "rename_session",
-    "delete_session",
-    "export_session",
-    "import_session",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # The operations on many sessions live in nbkit.session_store, which imports this module; they are
-    # importable from here too, resolved on first use so that neither import runs into the other.
-    if name in _STORE_API:
-        from nbkit import session_store
-
-        return getattr(session_store, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

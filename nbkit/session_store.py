@@ -23,11 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from nbkit.errors import NbkitError, SessionLockedError
+from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError
 from nbkit.fsio import OLD_PREFIX, TEMP_PREFIX, atomic_directory, atomic_path, retry_io
 from nbkit.lock import LOCK_NAME, SessionLock, live_holder
-from nbkit.manifest import Manifest, RunRecord, TrainingState, load_manifest, now_iso
-from nbkit.quiet import NbkitWarning
+from nbkit.manifest import Manifest, TrainingState, load_manifest
 from nbkit.session import (
     BACKUP_NAME,
     MANIFEST_NAME,
@@ -442,8 +441,7 @@ def _build(
         manifest = _without_checkpoints(manifest)
         detail["checkpoint_not_included"] = missing
     manifest.name = target.name
-    stamp = now_iso()
-    manifest.history.append(RunRecord("import", stamp, stamp, "ok", detail))
+    manifest.record_run("import", "ok", detail)
     with atomic_directory(target) as tmp:
         for relative, opener in sorted(openers.items()):
             destination = tmp.joinpath(*relative.parts)

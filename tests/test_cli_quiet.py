@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import nbkit.cli
-from nbkit.quiet import NbkitWarning, quiet_libraries
+from nbkit.errors import NbkitWarning, quiet_libraries
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -243,7 +243,10 @@ def command(args: argparse.Namespace) -> int:
 
     from accelerate import PartialState
 
+    from nbkit.quiet import quiet_libraries
     from nbkit.train import train
+
+    quiet_libraries(args.verbose)
 
     result = train(session, overrides, max_steps_this_run=args.max_steps_this_run, **options)
     if not PartialState().is_main_process:

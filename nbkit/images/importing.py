@@ -43,7 +43,7 @@ from nbkit.images.contact_sheet import write_contact_sheet
 from nbkit.images.crop import CropChoice, CropMode, FaceDetector, check_crop_mode, choose_crop, render_crop
 from nbkit.images.report import ImageReport
 from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
-from nbkit.manifest import ImageRecord, RunRecord, now_iso
+from nbkit.manifest import ImageRecord, now_iso
 from nbkit.models.registry import check_resolution_step
 
 if TYPE_CHECKING:
@@ -359,9 +359,7 @@ def _commit(
         "crop": crop,
         "resolution": resolution,
     }
-    manifest.history.append(
-        RunRecord(kind="images", started=started, finished=now_iso(), status="ok", detail=detail)
-    )
+    manifest.record_run("images", "ok", detail, started=started)
     try:
         session.save()
     except BaseException:

@@ -23,7 +23,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from nbkit.env import local_scratch
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.manifest import ExportedModel, TrainingState
 from nbkit.session import Session
 from nbkit.train import checkpointing
@@ -124,7 +124,7 @@ def train(
             plan_data = plan_run(session, config_overrides, **options).to_dict()  # again, lock held
         plan = RunPlan.from_dict(broadcast_object_list([plan_data])[0])
         for line in describe_skipped(plan) if state.is_main_process else ():
-            warnings.warn(line, UserWarning, stacklevel=2)
+            warnings.warn(line, NbkitWarning, stacklevel=2)
         if plan.config.deterministic:
             stack.enter_context(deterministic_mode(state.device))
         mixed_precision, weight_dtype = resolve_precision(plan.config.mixed_precision, state.device)
