@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import nbkit.cli
-from nbkit.errors import NbkitWarning, quiet_libraries
+from nbkit.errors import NbkitWarning
+from nbkit.quiet import quiet_libraries
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
+from nbkit import gpu
 from nbkit.env import local_scratch
 from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.manifest import ExportedModel, TrainingState
@@ -118,6 +119,7 @@ def train(
     # is how several CPU processes under `accelerate launch` get gloo instead of running alone.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     with contextlib.ExitStack() as stack:
+        stack.enter_context(gpu.lease(gpu.TRAINING, wait=False))  # the web UI says "training in progress"
         plan_data: dict[str, Any] = {}
         if state.is_main_process:
             stack.enter_context(session.lock("training"))
