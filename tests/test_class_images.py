@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from nbkit.errors import NbkitError
+from nbkit.infotext import parse_infotext, read_infotext
 from nbkit.train.class_images import ensure_class_images
 
 SETTINGS = {"seed": 11, "steps": 2, "resolution": 64}
@@ -24,6 +25,9 @@ class CountingPipeline:
     def __call__(self, **kwargs):
         self.images += len(kwargs["prompt"])
         return self.pipeline(**kwargs)
+
+    def __getattr__(self, name):  # scheduler, guidance_scale, ...: the wrapped pipeline's
+        return getattr(self.pipeline, name)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,12 @@ def test_generated_once_then_reused(sd1_pipeline, tmp_path):
     assert pipeline.images == 3
     assert all(Image.open(path).size == (64, 64) for path in paths)
     assert json.loads((tmp_path / "manifest.json").read_text())["prompt"] == "a photo of a dog"
+    # Each image says how it was made, as A1111's own images do.
+    made = [parse_infotext(read_infotext(path)) for path in paths]
+    assert [(info.prompt, info.seed, info.steps, info.size) for info in made] == [
+        ("a photo of a dog", 11 + index, 2, (64, 64)) for index in range(3)
+    ]
+    assert made[0].sampler == "PLMS" and made[0].cfg_scale == 7.5  # the pipeline's own, as before
     before = [path.read_bytes() for path in paths]
     assert ensure_class_images(pipeline, "a photo of a dog", 3, tmp_path, **SETTINGS) == paths
     assert pipeline.images == 3  # nothing generated the second time

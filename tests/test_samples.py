@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nbkit.train.samples import format_infotext, render_samples, show_samples
+from nbkit.generate import VERSION
+from nbkit.infotext import format_infotext, parse_infotext
+from nbkit.train.samples import render_samples, show_samples
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,9 @@ def test_grid_has_one_labelled_tile_per_prompt_and_a1111_infotext(sd1_pipeline, 
     assert infotext.splitlines() == [
         "a photo of sks dog",
         "Negative prompt: blurry",
-        "Steps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 42, Size: 64x64",
+        f"Steps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 42, Size: 64x64, Version: {VERSION}",
     ]
+    assert parse_infotext(infotext).seed == 42
     assert per_image[1].splitlines()[0] == prompts[1] and "Seed: 43," in per_image[1]
     assert [p.name for p in out.parent.iterdir()] == ["step-00010.png"]  # no temporaries left
 
@@ -73,6 +76,9 @@ def test_bad_inputs_name_the_value(sd1_pipeline, tmp_path):
         render_samples(sd1_pipeline, ["x"], seed=0, steps=2, resolution=60, out_path=tmp_path / "x.png")
     with pytest.raises(ValueError, match="non-empty list"):
         render_samples(sd1_pipeline, [], seed=0, steps=2, resolution=64, out_path=tmp_path / "x.png")
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        render_samples(sd1_pipeline, ["x"], seed=-1, steps=2, resolution=64, out_path=tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_show_samples_is_a_no_op_outside_a_notebook(tmp_path):
@@ -90,5 +96,5 @@ def test_sdxl_grid_names_its_sampler(tiny_model_dir, tmp_path):
     )
     with Image.open(out) as grid:
         assert grid.text["parameters"] == (
-            "zwx, a dog: portrait\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 64x64"
+            f"zwx, a dog: portrait\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 64x64, Version: {VERSION}"
         )

@@ -2,7 +2,9 @@
 
 Image `i` is `class-{i:04d}.png`, drawn with seed `seed + i`, so it does not depend on how many
 images were made before it or in which batch: a generation cut off by a disconnect resumes at the
-first missing file and ends with the same set as an uninterrupted one. `manifest.json` records what
+first missing file and ends with the same set as an uninterrupted one. Images come from
+`nbkit.generate` with the base model's own scheduler and default guidance, and carry their A1111
+infotext. `manifest.json` records what
 the set was made from (prompt, seed, steps, resolution, model); when the run asks for something else,
 the old images no longer match and the set is regenerated from scratch.
 """
@@ -16,8 +18,10 @@ from typing import Any
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.fsio import atomic_path, atomic_write_json, clean_temporaries, read_json, retry_io
-from nbkit.train.samples import check_generation
+from nbkit.fsio import atomic_write_json, clean_temporaries, read_json, retry_io
+from nbkit.generate import GenerationSettings, generate_images
+from nbkit.generate import check_inputs as check_generation
+from nbkit.infotext import save_image
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +33,41 @@ def class_image_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"class-{index:04d}.png"
 
 
-def check_inputs(prompt: str, count: int, seed: int, steps: int, resolution: int, batch_size: int) -> None:
-    if not prompt.strip():
+def _settings(
+    prompt: str, negative_prompt: str, seeds: list[int], steps: int, resolution: int, batch_size: int
+) -> GenerationSettings:
+    return GenerationSettings(
+        prompts=[prompt] * len(seeds),
+        negative_prompt=negative_prompt,
+        seeds=seeds,
+        steps=steps,
+        width=resolution,
+        height=resolution,
+        guidance_scale=None,  # the pipeline's default, as the sets made before nbkit.generate
+        sampler=None,
+        batch_size=batch_size,
+    )
+
+
+def check_inputs(
+    prompt: str,
+    count: int,
+    seed: int,
+    steps: int,
+    resolution: int,
+    batch_size: int,
+    negative_prompt: str = "",
+) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
         raise NbkitError(
             "prior preservation is on but the class prompt is empty",
             fix="set the class prompt (e.g. --prior-class-prompt 'photo of a person') or --prior-images 0",
         )
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    check_generation(seed, steps, resolution)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_generation(_settings(prompt, negative_prompt, [seed], steps, resolution, batch_size))
 
 
 def _is_valid(path: Path, resolution: int) -> bool:
@@ -110,10 +138,9 @@ def ensure_class_images(
     Returns:
         The paths of images 0 to `count - 1`.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    check_inputs(prompt, count, seed, steps, resolution, batch_size)
+    check_inputs(prompt, count, seed, steps, resolution, batch_size, negative_prompt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out_dir)  # half-written images of a generation killed mid-save
@@ -131,21 +158,18 @@ def ensure_class_images(
     if not missing:
         return paths
     progress = tqdm(total=count, initial=count - len(missing), desc="class images", unit="img")
-    for start in range(0, len(missing), batch_size):
-        batch = missing[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + index) for index in batch]
-        images = pipeline(
-            prompt=[prompt] * len(batch),
-            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-            num_inference_steps=steps,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            output_type="pil",
-        ).images
-        for index, image in zip(batch, images, strict=True):
-            with atomic_path(paths[index]) as tmp:
-                image.save(tmp, format="PNG")
-        progress.update(len(batch))
-    progress.close()
+    settings = _settings(
+        prompt, negative_prompt, [seed + index for index in missing], steps, resolution, batch_size
+    )
+
+    def save(indices: list[int], images: list[Image.Image], infotexts: list[str]) -> None:
+        # Saved batch by batch, so a disconnect loses at most the batch being drawn.
+        for index, image, infotext in zip(indices, images, infotexts, strict=True):
+            save_image(image, paths[missing[index]], infotext)
+        progress.update(len(indices))
+
+    try:
+        generate_images(pipeline, settings, on_batch=save)
+    finally:
+        progress.close()
     return paths

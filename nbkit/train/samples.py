@@ -1,9 +1,11 @@
 """Sample images during training: one image per prompt with fixed seeds, saved as a labelled grid.
 
-Image `i` is drawn with seed `seed + i` on a CPU generator, so the grids of successive checkpoints
-show the same noise and differ only by what the model learned, on any device. The grid PNG carries an
-AUTOMATIC1111 `parameters` text chunk (the first image's infotext, as A1111 does for its grids) so
-"PNG Info" in A1111 or nbkit's UI reads it back; `nbkit-samples` holds every image's infotext.
+Image `i` is drawn with seed `seed + i` on a CPU generator (through `nbkit.generate`), so the grids of
+successive checkpoints show the same noise and differ only by what the model learned, on any device.
+The pipeline's own scheduler is used, so a grid shows the model as it was trained to sample. The grid
+PNG carries an AUTOMATIC1111 `parameters` text chunk (the first image's infotext, as A1111 does for
+its grids) so "PNG Info" in A1111 or nbkit's UI reads it back; `nbkit-samples` holds every image's
+infotext.
 """
 
 from __future__ import annotations
@@ -13,80 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 
-from nbkit.fsio import atomic_path
+from nbkit.generate import generate
+from nbkit.infotext import save_image
 
-# diffusers scheduler class -> the sampler name A1111 shows for it.
-SAMPLER_NAMES = {
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "EulerDiscreteScheduler": "Euler",
-    "LMSDiscreteScheduler": "LMS",
-    "HeunDiscreteScheduler": "Heun",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
-    "DPMSolverSDEScheduler": "DPM++ SDE",
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "UniPCMultistepScheduler": "UniPC",
-    "LCMScheduler": "LCM",
-}
 MAX_COLUMNS = 4
-
-
-def sampler_name(scheduler: Any) -> str:
-    """The A1111 sampler name for a diffusers scheduler (its class name when A1111 has none)."""
-    name = type(scheduler).__name__
-    if name == "DPMSolverMultistepScheduler" and "sde" in str(scheduler.config.get("algorithm_type", "")):
-        return "DPM++ 2M SDE"
-    return SAMPLER_NAMES.get(name, name)
-
-
-def _infotext_value(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value)
-    # A1111 JSON-quotes values that would break its `Key: value, ...` parsing.
-    return json.dumps(text) if any(char in text for char in ",:\n") else text
-
-
-def format_infotext(prompt: str, negative_prompt: str, parameters: dict[str, Any]) -> str:
-    """An A1111 infotext: the prompt, `Negative prompt: ...` when given, then `Key: value` pairs.
-
-    Args:
-        prompt: the positive prompt.
-        negative_prompt: the negative prompt ("" for none).
-        parameters: ordered `Key: value` pairs; None values are skipped.
-    """
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(
-        ", ".join(
-            f"{key}: {_infotext_value(value)}" for key, value in parameters.items() if value is not None
-        )
-    )
-    return "\n".join(lines)
-
-
-def check_generation(seed: int, steps: int, resolution: int) -> None:
-    """The settings every fixed-seed generation (samples, class images) needs."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if resolution < 8 or resolution % 8:
-        raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-
-
-def check_inputs(prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float) -> None:
-    if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    check_generation(seed, steps, resolution)
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+SAMPLES_KEY = "nbkit-samples"
 
 
 def render_samples(
@@ -106,7 +41,7 @@ def render_samples(
     Args:
         pipeline: a diffusers text-to-image pipeline (SD1/SD2/SDXL) with the weights to show.
         prompts: the sample prompts; image `i` uses seed `seed + i`.
-        seed: the first image's seed.
+        seed: the first image's seed (>= 0: samples are never random).
         steps: inference steps per image.
         resolution: width and height in pixels.
         out_path: the grid's path (written atomically).
@@ -117,40 +52,27 @@ def render_samples(
     Returns:
         `out_path`.
     """
-    import torch
-
-    check_inputs(prompts, seed, steps, resolution, guidance_scale)
-    images, infotexts = [], []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator("cpu").manual_seed(seed + index)
-        result = pipeline(
-            prompt=prompt,
-            negative_prompt=negative_prompt or None,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generator,
-            output_type="pil",
-        )
-        images.append(result.images[0])
-        parameters = {
-            "Steps": steps,
-            "Sampler": sampler_name(pipeline.scheduler),
-            "CFG scale": guidance_scale,
-            "Seed": seed + index,
-            "Size": f"{resolution}x{resolution}",
-            "Model": model_name,
-        }
-        infotexts.append(format_infotext(prompt, negative_prompt, parameters))
-    grid = make_grid(images, prompts)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotexts[0])
-    info.add_text("nbkit-samples", json.dumps(infotexts, ensure_ascii=False))
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        grid.save(tmp, format="PNG", pnginfo=info)
-    return out_path
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    result = generate(
+        pipeline,
+        prompts,
+        negative_prompt=negative_prompt,
+        seeds=seed,
+        steps=steps,
+        width=resolution,
+        height=resolution,
+        guidance_scale=guidance_scale,
+        sampler=None,
+        model_name=model_name,
+    )
+    grid = make_grid(result.images, prompts)
+    return save_image(
+        grid,
+        out_path,
+        result.infotexts[0],
+        extra_text={SAMPLES_KEY: json.dumps(result.infotexts, ensure_ascii=False)},
+    )
 
 
 def make_grid(images: list[Image.Image], labels: list[str]) -> Image.Image:

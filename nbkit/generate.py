@@ -1,0 +1,547 @@
+"""Text-to-image generation: the one loop behind sample grids, class images and the web UI.
+
+`generate` runs a diffusers pipeline as it is, batch by batch, each image with its own CPU
+`torch.Generator`, so image `i` depends on its own seed only (not on the batch it was drawn in, nor on
+the device). Seeds follow A1111: one seed `s` gives `s, s+1, ...`; `-1` draws a random one and the
+result reports the seeds used. A sampler name swaps in the matching diffusers scheduler
+(`nbkit.samplers`) for the call only; the caller's pipeline keeps its own. Each image comes back with
+its A1111 infotext.
+
+`GenerationSettings` holds one request, so the web UI can extend it (img2img, inpainting, hires fix)
+and report progress through `on_step` and stop through `interrupt`.
+
+`load_session_pipeline` loads a model a session exported (`session.manifest.models`) into a one-slot
+cache: asking for another model frees the previous one first, so a notebook GPU never holds two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nbkit
+from nbkit.errors import NbkitError
+from nbkit.infotext import format_infotext
+from nbkit.samplers import build_scheduler, resolve, sampler_name, schedule_label
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from nbkit.manifest import ExportedModel
+    from nbkit.session import Session
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this
+SIZE_MULTIPLE = 8  # the VAE's downsampling factor
+# Not a PEP 440 version on purpose: A1111 turns on back-compat switches for infotexts whose Version
+# parses as older than its own (e.g. "Old prompt editing timelines" below 1.6).
+VERSION = f"nbkit {nbkit.__version__}"
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    """One text-to-image request.
+
+    Args:
+        prompts: one prompt per image.
+        negative_prompt: one for all images, or one per image.
+        seeds: one seed for image 0 (image `i` gets `seed + i`; -1: random), or one per image (-1
+            entries random).
+        steps: sampling steps.
+        width: image width in pixels, a multiple of 8.
+        height: image height in pixels, a multiple of 8.
+        guidance_scale: classifier-free guidance (A1111's "CFG scale"); None: the pipeline's default.
+        sampler: an A1111 sampler name ("Euler a", "DPM++ 2M Karras"); None: the pipeline's own scheduler.
+        schedule: an A1111 schedule type ("Automatic", "Karras", ...); with `sampler` only.
+        batch_size: images per pipeline call.
+        model_name: the infotext's `Model`.
+        model_hash: the infotext's `Model hash` (A1111's 10-hex short hash).
+        extra_parameters: more infotext pairs, written after `Model` (e.g. "Lora hashes").
+    """
+
+    prompts: list[str]
+    negative_prompt: str | list[str] = ""
+    seeds: int | list[int] = -1
+    steps: int = 20
+    width: int = 512
+    height: int = 512
+    guidance_scale: float | None = 7.0
+    sampler: str | None = "Euler a"
+    schedule: str | None = "Automatic"
+    batch_size: int = 1
+    model_name: str | None = None
+    model_hash: str | None = None
+    extra_parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def negative_prompts(self) -> list[str]:
+        """The negative prompt of each image."""
+        if isinstance(self.negative_prompt, str):
+            return [self.negative_prompt] * len(self.prompts)
+        return list(self.negative_prompt)
+
+
+@dataclasses.dataclass
+class StepProgress:
+    """What `on_step` is told after each denoising step.
+
+    Args:
+        batch: the batch being drawn (0-based).
+        batches: how many batches the request has.
+        images: the indices of the batch's images in the request.
+        step: the steps done in this batch (1-based).
+        steps: the batch's steps in all (second-order samplers take about twice `settings.steps`).
+        latents: the current latents, for a preview.
+    """
+
+    batch: int
+    batches: int
+    images: list[int]
+    step: int
+    steps: int
+    latents: Any = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What `generate` made.
+
+    Args:
+        images: the images, in request order (fewer than asked when interrupted).
+        infotexts: each image's A1111 infotext.
+        seeds: each image's seed (the random ones drawn for -1).
+        settings: the request.
+        interrupted: True when `interrupt` stopped it early.
+    """
+
+    images: list[Image.Image]
+    infotexts: list[str]
+    seeds: list[int]
+    settings: GenerationSettings
+    interrupted: bool = False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_inputs(settings: GenerationSettings) -> None:
+    """Check a request before anything is generated; raises ValueError naming the bad value.
+
+    Args:
+        settings: the request.
+    """
+    prompts = settings.prompts
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    negative = settings.negative_prompt
+    if not isinstance(negative, str):
+        if not isinstance(negative, list) or not all(isinstance(n, str) for n in negative):
+            raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative!r}")
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+    seeds = settings.seeds
+    if isinstance(seeds, list):
+        if len(seeds) != len(prompts):
+            raise ValueError(
+                f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed or one per prompt"
+            )
+        bad = [seed for seed in seeds if not _is_int(seed) or not -1 <= seed <= MAX_SEED]
+    else:
+        bad = [] if _is_int(seeds) and -1 <= seeds <= MAX_SEED - len(prompts) + 1 else [seeds]
+    if bad:
+        raise ValueError(f"seeds must be integers from 0 to {MAX_SEED} (or -1 for random), got {bad[0]!r}")
+    if not _is_int(settings.steps) or settings.steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {settings.steps!r}")
+    for name in ("width", "height"):
+        value = getattr(settings, name)
+        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
+    guidance = settings.guidance_scale
+    if guidance is not None and (not _is_number(guidance) or guidance < 0):
+        raise ValueError(f"guidance_scale must be a number >= 0, got {guidance!r}")
+    if not _is_int(settings.batch_size) or settings.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {settings.batch_size!r}")
+    if settings.sampler is not None:
+        resolve(settings.sampler, settings.schedule)  # unknown names: ValueError listing the valid ones
+    if not isinstance(settings.extra_parameters, dict):
+        raise ValueError(f"extra_parameters must be a dict, got {settings.extra_parameters!r}")
+
+
+def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None = None) -> list[int]:
+    """Each image's seed, as A1111 assigns them.
+
+    Args:
+        seeds: one seed (image `i` gets `seed + i`; -1 draws one random seed first) or one per image
+            (each -1 drawn separately).
+        count: how many images.
+        rng: where random seeds come from (default: the `random` module).
+    """
+    draw = (rng or random).randrange
+    if isinstance(seeds, list):
+        return [draw(RANDOM_SEED_RANGE) if seed == -1 else seed for seed in seeds]
+    first = draw(RANDOM_SEED_RANGE) if seeds == -1 else seeds
+    return [first + index for index in range(count)]
+
+
+def _step_callback(
+    on_step: Callable[[StepProgress], None] | None,
+    interrupt: threading.Event | None,
+    batch: int,
+    batches: int,
+    images: list[int],
+) -> Callable | None:
+    if on_step is None and interrupt is None:
+        return None
+
+    def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            total = getattr(pipeline, "num_timesteps", None) or index + 1
+            on_step(StepProgress(batch, batches, images, index + 1, total, tensors.get("latents")))
+        if interrupt is not None and interrupt.is_set():
+            pipeline._interrupt = True  # diffusers skips the remaining steps and decodes what it has
+        return tensors
+
+    return callback
+
+
+def _parameters(settings: GenerationSettings, scheduler: Any, guidance: Any, seed: int) -> dict[str, Any]:
+    if settings.sampler is not None:
+        sampler, schedule = resolve(settings.sampler, settings.schedule)
+        names = (sampler.name, schedule.label)
+    else:
+        names = (sampler_name(scheduler), schedule_label(scheduler))
+    return {
+        "Steps": settings.steps,
+        "Sampler": names[0],
+        "Schedule type": names[1],
+        "CFG scale": guidance,
+        "Seed": seed,
+        "Size": f"{settings.width}x{settings.height}",
+        "Model hash": settings.model_hash,
+        "Model": settings.model_name,
+        **settings.extra_parameters,
+        "Version": VERSION,
+    }
+
+
+def generate_images(
+    pipeline: Any,
+    settings: GenerationSettings,
+    *,
+    on_step: Callable[[StepProgress], None] | None = None,
+    interrupt: threading.Event | None = None,
+    on_batch: Callable[[list[int], list[Image.Image], list[str]], None] | None = None,
+) -> GenerationResult:
+    """Run one text-to-image request (see `generate` for the keyword form).
+
+    Args:
+        pipeline: a diffusers text-to-image pipeline (SD1/SD2/SDXL), used as it is.
+        settings: the request.
+        on_step: called after every denoising step with a `StepProgress`.
+        interrupt: when set, the current batch ends after its current step (its images are
+            decoded as they are, as A1111 does) and no further batch starts.
+        on_batch: called with the image indices, images and infotexts of each finished batch (to
+            save them as they come).
+    """
+    import torch
+
+    check_inputs(settings)
+    count = len(settings.prompts)
+    seeds = resolve_seeds(settings.seeds, count)
+    negatives = settings.negative_prompts()
+    original = pipeline.scheduler
+    scheduler = original
+    if settings.sampler is not None:
+        scheduler = build_scheduler(original.config, settings.sampler, settings.schedule)
+    starts = list(range(0, count, settings.batch_size))
+    images: list[Image.Image] = []
+    infotexts: list[str] = []
+    interrupted = False
+    kwargs: dict[str, Any] = {}
+    if settings.guidance_scale is not None:
+        kwargs["guidance_scale"] = settings.guidance_scale
+    try:
+        if scheduler is not original:
+            pipeline.scheduler = scheduler
+        for batch, start in enumerate(starts):
+            if interrupt is not None and interrupt.is_set():
+                interrupted = True
+                break
+            indices = list(range(start, min(start + settings.batch_size, count)))
+            batch_seeds = [seeds[index] for index in indices]
+            batch_negatives = [negatives[index] for index in indices]
+            if hasattr(scheduler, "noise_sampler_seed"):
+                # DPM++ SDE draws Brownian noise from its own seed: per image, as A1111 does.
+                scheduler.noise_sampler_seed = batch_seeds if len(batch_seeds) > 1 else batch_seeds[0]
+            output = pipeline(
+                prompt=[settings.prompts[index] for index in indices],
+                # None rather than "": SDXL uses zeros, not the encoded empty prompt, for no negative.
+                negative_prompt=batch_negatives if any(batch_negatives) else None,
+                num_inference_steps=settings.steps,
+                height=settings.height,
+                width=settings.width,
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
+                output_type="pil",
+                callback_on_step_end=_step_callback(on_step, interrupt, batch, len(starts), indices),
+                **kwargs,
+            )
+            guidance = settings.guidance_scale
+            if guidance is None:
+                guidance = getattr(pipeline, "guidance_scale", None)
+            for index, image in zip(indices, output.images, strict=True):
+                images.append(image)
+                parameters = _parameters(settings, scheduler, guidance, seeds[index])
+                infotexts.append(format_infotext(settings.prompts[index], negatives[index], parameters))
+            if on_batch is not None:
+                on_batch(indices, images[-len(indices) :], infotexts[-len(indices) :])
+            if interrupt is not None and interrupt.is_set():
+                interrupted = True
+                break
+    finally:
+        if scheduler is not original:
+            pipeline.scheduler = original
+    return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted)
+
+
+def generate(
+    pipeline: Any,
+    prompts: list[str],
+    *,
+    seeds: int | list[int],
+    steps: int,
+    width: int,
+    height: int,
+    guidance_scale: float | None,
+    negative_prompt: str | list[str] = "",
+    sampler: str | None = "Euler a",
+    schedule: str | None = "Automatic",
+    batch_size: int = 1,
+    model_name: str | None = None,
+    model_hash: str | None = None,
+    extra_parameters: dict[str, Any] | None = None,
+    on_step: Callable[[StepProgress], None] | None = None,
+    interrupt: threading.Event | None = None,
+    on_batch: Callable[[list[int], list[Image.Image], list[str]], None] | None = None,
+) -> GenerationResult:
+    """Generate one image per prompt with a diffusers text-to-image pipeline.
+
+    Args:
+        pipeline: a diffusers SD1/SD2/SDXL text-to-image pipeline; its scheduler is restored after.
+        prompts: one prompt per image.
+        seeds: one seed (image `i` gets `seed + i`; -1: random) or one per image.
+        steps: sampling steps.
+        width: width in pixels (a multiple of 8).
+        height: height in pixels (a multiple of 8).
+        guidance_scale: A1111's "CFG scale"; None: the pipeline's default.
+        negative_prompt: one for all images, or one per image.
+        sampler: an A1111 sampler name; None keeps the pipeline's scheduler.
+        schedule: an A1111 schedule type (with `sampler`).
+        batch_size: images per pipeline call.
+        model_name: the infotext's `Model`.
+        model_hash: the infotext's `Model hash`.
+        extra_parameters: more infotext pairs after `Model`.
+        on_step: progress callback, called after every denoising step.
+        interrupt: an event that stops generation early when set.
+        on_batch: called with each finished batch's image indices, images and infotexts.
+
+    Returns:
+        A `GenerationResult` with the images, their infotexts and the seeds used.
+    """
+    settings = GenerationSettings(
+        prompts=prompts,
+        negative_prompt=negative_prompt,
+        seeds=seeds,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        schedule=schedule,
+        batch_size=batch_size,
+        model_name=model_name,
+        model_hash=model_hash,
+        extra_parameters=dict(extra_parameters or {}),
+    )
+    return generate_images(pipeline, settings, on_step=on_step, interrupt=interrupt, on_batch=on_batch)
+
+
+# --- session models ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Slot:
+    key: tuple | None = None
+    pipeline: Any = None
+    model: ExportedModel | None = None
+
+
+_SLOT = _Slot()
+_SLOT_LOCK = threading.Lock()
+
+
+def find_model(session: Session, model: str | None = None) -> ExportedModel:
+    """The exported model `model` of `session` (None: the newest).
+
+    Args:
+        session: an open session.
+        model: an `ExportedModel.name`, or None.
+    """
+    models = session.manifest.models
+    if not models:
+        raise NbkitError(
+            f"session {session.name!r} has no exported models yet",
+            path=session.path,
+            fix="train the session (its last step exports the model) or export a checkpoint",
+        )
+    if model is None:
+        # The newest by creation time; the later entry wins a tie.
+        return max(enumerate(models), key=lambda item: (item[1].created, item[0]))[1]
+    for record in models:
+        if record.name == model:
+            return record
+    names = ", ".join(record.name for record in models)
+    raise NbkitError(
+        f"session {session.name!r} has no model named {model!r}; its models are: {names}",
+        path=session.path,
+        fix="pick one of those names (or None for the newest)",
+    )
+
+
+def _session_file(session: Session, record: ExportedModel, role: str) -> Path | None:
+    relative = record.files.get(role)
+    return session.path / relative if relative else None
+
+
+def _load_record(session: Session, record: ExportedModel, device: Any, dtype: Any) -> Any:
+    from nbkit.models.loading import load_pipeline
+
+    if record.kind == "full":
+        for role in ("folder", "single_file"):
+            path = _session_file(session, record, role)
+            if path is not None and path.exists():
+                return load_pipeline(path, family=record.family, torch_dtype=dtype, device=device)
+        raise NbkitError(
+            f"model {record.name!r} lists {', '.join(record.files.values()) or 'no files'}, "
+            "but none of them exists",
+            path=session.path / "models",
+            fix="export the model again, or restore the missing files from Drive's trash",
+        )
+    if record.kind == "lora":
+        paths = [_session_file(session, record, role) for role in ("diffusers", "kohya")]
+        found = [path for path in paths if path is not None and path.is_file()]
+        if not found:
+            raise NbkitError(
+                f"LoRA {record.name!r} lists {', '.join(record.files.values()) or 'no files'}, "
+                "but none of them exists",
+                path=session.path / "models",
+                fix="export the LoRA again, or restore the missing files from Drive's trash",
+            )
+        pipeline = load_pipeline(record.base_model, family=record.family, torch_dtype=dtype, device=device)
+        pipeline.load_lora_weights(str(found[0]))
+        return pipeline
+    raise NbkitError(f"model {record.name!r} has unknown kind {record.kind!r}", path=session.path)
+
+
+def _default_device_and_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
+    import torch
+
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def release_pipeline() -> None:
+    """Drop the cached pipeline and give its memory back (CUDA included)."""
+    with _SLOT_LOCK:
+        _release()
+
+
+def _release() -> None:
+    _SLOT.key = _SLOT.pipeline = _SLOT.model = None
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def loaded_model() -> ExportedModel | None:
+    """The session model the cache holds, or None."""
+    return _SLOT.model
+
+
+def load_session_pipeline(
+    session: Session, model: str | None = None, *, device: Any = None, dtype: Any = None
+) -> Any:
+    """Load a model the session exported, through a one-slot cache.
+
+    The same model (and device and dtype) again returns the cached pipeline; another one frees the
+    cached pipeline first. A `full` model loads from its diffusers folder (else its single file); a
+    `lora` loads its base model (`ExportedModel.base_model`) and applies the LoRA with
+    `load_lora_weights` (the diffusers file, else the kohya one).
+
+    Args:
+        session: an open session.
+        model: an `ExportedModel.name` from `session.manifest.models`; None: the newest.
+        device: where to run (default: CUDA when available, else the CPU).
+        dtype: the weights' dtype (default: float16 on CUDA, float32 on the CPU).
+
+    Returns:
+        A diffusers pipeline.
+    """
+    record = find_model(session, model)
+    device, dtype = _default_device_and_dtype(device, dtype)
+    key = (
+        str(session.path),
+        record.name,
+        record.created,
+        json.dumps(record.files, sort_keys=True),
+        record.base_model,
+        str(device),
+        str(dtype),
+    )
+    with _SLOT_LOCK:
+        if _SLOT.key == key:
+            return _SLOT.pipeline
+        if _SLOT.pipeline is not None:
+            _release()
+        pipeline = _load_record(session, record, device, dtype)
+        _SLOT.key, _SLOT.pipeline, _SLOT.model = key, pipeline, record
+        return pipeline
+
+
+def infotext_fields(record: ExportedModel) -> dict[str, Any]:
+    """The `model_name`, `model_hash` and `extra_parameters` that `generate` writes for a session model.
+
+    A full model is named as A1111 names a checkpoint (its file's stem, hashed by its short hash); a
+    LoRA names its base model and adds `Lora hashes` (A1111's 12-hex LoRA hash) when its kohya file
+    has a recorded sha256.
+
+    Args:
+        record: an `ExportedModel`.
+    """
+    if record.kind == "lora":
+        kohya = record.files.get("kohya")
+        extra = {}
+        if kohya and kohya in record.sha256:
+            extra["Lora hashes"] = f"{Path(kohya).stem}: {record.sha256[kohya][:12]}"
+        base = record.base_model.rstrip("/").rsplit("/", 1)[-1]
+        return {"model_name": Path(base).stem or base, "model_hash": None, "extra_parameters": extra}
+    single = record.files.get("single_file")
+    digest = record.sha256.get(single) if single else None
+    return {
+        "model_name": Path(single).stem if single else record.name,
+        "model_hash": digest[:10] if digest else None,
+        "extra_parameters": {},
+    }
