@@ -103,8 +103,6 @@ def _original_style_base(report, folder: Path, path: Path) -> dict[str, torch.Te
 
 
 def test_the_base_models_own_tensors_are_carried_through(sd2, tmp_path):
-    from diffusers import DiffusionPipeline
-
     folder, report = sd2
     base = tmp_path / "v2-1_768-ema-pruned.safetensors"
     originals = _original_style_base(report, folder, base)
@@ -115,9 +113,16 @@ def test_the_base_models_own_tensors_are_carried_through(sd2, tmp_path):
     assert json.loads(out.metadata[METADATA_TEXT_EXTRAS]) == {base.name: extras}
     assert all(torch.equal(written[key], originals[key]) for key in extras)
     assert f"{OPEN_CLIP}text_projection" in extras and f"{OPEN_CLIP}logit_scale" in extras
-    # The diffusers weights still come back exactly, through both readers.
-    reference = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    _assert_same_weights(reference, load_single_file(out.output))
+    # The text encoder still loads as the diffusers model's, to the bit.
+    loaded = load_single_file(out.output).text_encoder.state_dict()
+    saved = load_file(folder / "text_encoder" / "model.safetensors")
+    saved = {
+        key.removeprefix("text_model."): value for key, value in saved.items() if "position_ids" not in key
+    }
+    loaded = {
+        key.removeprefix("text_model."): value for key, value in loaded.items() if "position_ids" not in key
+    }
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[key], loaded[key]) for key in saved)
     # A base of nbkit's own keeps saying where its extras came from.
     again = convert_to_single_file(folder, tmp_path / "again.safetensors", base_checkpoint=report.output)
     assert json.loads(again.metadata[METADATA_TEXT_EXTRAS]) == {

@@ -171,6 +171,8 @@ def save_lora(
     text_encoders = [unwrap(model) for model in (text_encoders or [])]
     unet = unwrap(unet)
     check_inputs(unet, text_encoders, out_dir, family, adapter_name, resolution)
+    if MODELSPEC_HASH_KEY in metadata:
+        raise ValueError(f"metadata may not set {MODELSPEC_HASH_KEY}: it is the hash of the tensors written")
     out_dir = Path(out_dir)
     name = name or out_dir.name
     torch_dtype = getattr(torch, str(dtype).removeprefix("torch."))
@@ -217,11 +219,7 @@ def save_lora(
         "ss_network_alpha": _format_number(first_config.lora_alpha),
     }
     header.update(
-        {
-            key: value if isinstance(value, str) else json.dumps(value)
-            for key, value in metadata.items()
-            if key != MODELSPEC_HASH_KEY  # the hash is of the tensors written, never a caller's value
-        }
+        {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     )
     kohya_path = out_dir / f"{name}.safetensors"
     # In memory: LoRA files are small, and the modelspec hash goes into the header before the data.
