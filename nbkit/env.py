@@ -33,6 +33,19 @@ COLAB_CONTENT = Path("/content")
 COLAB_DRIVE_MOUNT = Path("/content/drive")
 KAGGLE_ROOT = Path("/kaggle")
 REMOUNT_HINT = "from google.colab import drive; drive.mount('/content/drive', force_remount=True)"
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere
+
+
+def has_native_bf16(compute_capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of this compute capability computes in bfloat16 natively (Ampere and newer).
+
+    `torch.cuda.is_bf16_supported()` says yes on a T4 because it can emulate bf16, slowly; training
+    wants the native kind. The one rule both the runtime report and mixed-precision `auto` follow.
+
+    Args:
+        compute_capability: the GPU's (major, minor), as `torch.cuda.get_device_capability` gives it.
+    """
+    return tuple(compute_capability) >= NATIVE_BF16_CAPABILITY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +176,7 @@ def detect_runtime(
         gpu_name=props.name,
         gpu_memory_bytes=int(props.total_memory),
         compute_capability=capability,
-        # torch.cuda.is_bf16_supported() says yes on a T4 because it can emulate bf16, slowly;
-        # training wants the native kind, which starts with Ampere.
-        bf16_supported=capability >= (8, 0),
+        bf16_supported=has_native_bf16(capability),
     )
 
 

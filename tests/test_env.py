@@ -219,3 +219,18 @@ def test_local_scratch_locations(kind, environ, expected):
 def test_local_scratch_is_created(tmp_path):
     path = env.local_scratch(runtime=env.Runtime(kind="python"), environ={"XDG_CACHE_HOME": str(tmp_path)})
     assert path == tmp_path / "nbkit" and path.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("capability", "native"),
+    [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)],
+)
+def test_one_bf16_rule_for_the_report_and_for_mixed_precision(monkeypatch, capability, native):
+    import torch
+
+    from nbkit.train.inputs import resolve_precision
+
+    assert env.has_native_bf16(capability) is native
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    setting, dtype = resolve_precision("auto", torch.device("cuda", 0))
+    assert (setting, dtype) == (("bf16", torch.bfloat16) if native else ("fp16", torch.float16))

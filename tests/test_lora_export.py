@@ -150,3 +150,47 @@ def test_bad_inputs_name_the_problem(tiny_model_dir, tmp_path):
         save_lora(None, [pipeline.text_encoder, pipeline.text_encoder], tmp_path, family="sd1", metadata={})
     with pytest.raises(ValueError, match="nothing to save"):
         save_lora(None, [None], tmp_path, family="sd1", metadata={})
+    _add_trained_lora(pipeline, text_encoders=False)
+    with pytest.raises(ValueError, match="resolution must be a positive"):
+        save_lora(pipeline.unet, None, tmp_path, family="sd1", metadata={}, resolution=0)
+    with pytest.raises(ValueError, match="hash of the tensors"):
+        save_lora(pipeline.unet, None, tmp_path, family="sd1", metadata={"modelspec.hash_sha256": "0x1"})
+
+
+def test_modelspec_keys_match_a_full_model_of_the_family(tiny_model_dir, tmp_path):
+    """Resolution as trained, the hash of the tensors, and the family's names as a full model has them."""
+    import hashlib
+    import struct
+
+    from nbkit.convert import convert_to_single_file
+
+    pipeline = _load(tiny_model_dir, "sd2-v")
+    _add_trained_lora(pipeline, text_encoders=True)
+    # What accelerate may hand back: a wrapper, taken off with accelerate's own helper.
+    wrapped = torch.nn.DataParallel(pipeline.unet)
+    files = save_lora(
+        wrapped,
+        _text_encoders(pipeline),
+        tmp_path / "lora",
+        family="sd2-v",
+        metadata={},
+        resolution=192,
+        description="my dog, sks",
+        author="Ann",
+    )
+    with safe_open(files["kohya"], "pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.resolution"] == "192x192"
+    assert header["modelspec.prediction_type"] == "v"
+    assert (header["modelspec.description"], header["modelspec.author"]) == ("my dog, sks", "Ann")
+    data = files["kohya"].read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    assert header["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data[8 + length :]).hexdigest()
+
+    full = convert_to_single_file(tiny_model_dir("sd2-v"), tmp_path / "full.safetensors").metadata
+    assert header["modelspec.architecture"] == full["modelspec.architecture"] + "/lora"
+    assert header["modelspec.implementation"] == full["modelspec.implementation"]
+
+    default = save_lora(pipeline.unet, None, tmp_path / "default", family="sd2-v", metadata={})
+    with safe_open(default["kohya"], "pt") as handle:
+        assert handle.metadata()["modelspec.resolution"] == "768x768"  # no size given: the family's

@@ -109,3 +109,12 @@ def test_explain_oom_leaves_out_what_is_already_set():
         explain_oom(config, _real_cpu_oom(), family="sdxl", stage="unet")
     )
     assert "system (CPU) memory in the unet stage" in str(explain_oom(config, _real_cpu_oom(), stage="unet"))
+
+
+def test_the_resolution_advice_never_goes_below_what_training_accepts():
+    from nbkit.models.registry import get_model, validate_resolution
+
+    tips = " ".join(suggestions(TrainConfig(resolution=768), family="sd2-v"))
+    assert "--resolution` is 768; try 640" in tips
+    validate_resolution(get_model("sd21-768"), 640)  # the suggestion is accepted without forcing
+    assert "--resolution" not in " ".join(suggestions(TrainConfig(resolution=640), family="sd2-v"))

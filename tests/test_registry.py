@@ -50,14 +50,21 @@ def test_renamed_repo_is_an_alias():
     assert get_model("runwayml/stable-diffusion-v1-5").key == "sd15"
 
 
-def test_tiny_models_match_what_nbkit_builds():
-    from nbkit.models.tiny import TINY_FAMILIES, TINY_RESOLUTION
-
-    for family in TINY_FAMILIES:
+def test_tiny_models_are_registered():
+    for family in FAMILIES:
         spec = get_model(f"tiny-{family}")
         assert (spec.family, spec.source, spec.repo_id) == (family, "tiny", None)
-        assert spec.native_resolution == TINY_RESOLUTION[family]
         assert spec.native_resolution in spec.allowed_resolutions
+
+
+def test_modelspec_names_of_each_family():
+    assert {name: spec.modelspec_architecture for name, spec in FAMILIES.items()} == {
+        "sd1": "stable-diffusion-v1",
+        "sd2": "stable-diffusion-v2-512",
+        "sd2-v": "stable-diffusion-v2-768-v",
+        "sdxl": "stable-diffusion-xl-v1-base",
+    }
+    assert FAMILIES["sdxl"].modelspec_implementation == "https://github.com/Stability-AI/generative-models"
 
 
 def test_unknown_model_lists_the_keys():
@@ -106,6 +113,15 @@ def test_768_on_sd15_says_why():
         "SD 1.x was trained at 512; 768 needs --force-resolution and usually gives doubled subjects"
         in str(caught.value)
     )
+
+
+def test_a_tiny_model_says_what_it_is_built_at():
+    with pytest.raises(NbkitError) as caught:
+        validate_resolution(get_model("tiny-sd1"), 512)
+    message = str(caught.value)
+    assert "the tiny test model tiny-sd1 is built at 64 px (SD 1.x itself was trained at 512)" in message
+    assert "SD 1.x was trained at 64" not in message
+    assert "--force-resolution (force_resolution=True in Python)" in message
 
 
 def test_sdxl_below_768_says_why():

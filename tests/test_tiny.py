@@ -17,7 +17,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from nbkit.errors import NbkitError
-from nbkit.models.tiny import TINY_FAMILIES, TINY_RESOLUTION, build_tiny_pipeline, save_tiny_pipeline
+from nbkit.models.registry import TINY_NATIVE_RESOLUTION
+from nbkit.models.tiny import TINY_FAMILIES, build_tiny_pipeline, save_tiny_pipeline
 from nbkit.models.tiny_vision import (
     DEFAULT_LABELS,
     TINY_CLASSIFIER_RESOLUTION,
@@ -53,7 +54,7 @@ def test_saved_family_loads_and_generates(tiny_model_dir, family):
     assert _folder_bytes(folder) < 10 * 2**20
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert type(pipeline) is PIPELINE_CLASS[family]
-    assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == TINY_RESOLUTION[family]
+    assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == TINY_NATIVE_RESOLUTION[family]
     pipeline.set_progress_bar_config(disable=True)
     # No height/width: the pipeline's default size must be the tiny native resolution.
     images = pipeline(
@@ -62,7 +63,7 @@ def test_saved_family_loads_and_generates(tiny_model_dir, family):
         output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
-    size = TINY_RESOLUTION[family]
+    size = TINY_NATIVE_RESOLUTION[family]
     assert images.shape == (1, size, size, 3)
     assert np.isfinite(images).all()
     assert images.std() > 0.01
@@ -101,10 +102,6 @@ def test_sd2_matches_sd21_layout(tiny_model_dir, family, prediction_type):
     assert pipeline.text_encoder.config.hidden_act == "gelu"
     assert pipeline.tokenizer.pad_token == "!"
     assert pipeline.tokenizer.pad_token_id == 0
-
-
-def test_sd2_v_native_resolution_is_larger():
-    assert TINY_RESOLUTION["sd2-v"] > TINY_RESOLUTION["sd2"]
 
 
 def test_sdxl_has_two_text_encoders_and_text_time(tiny_model_dir):

@@ -9,7 +9,7 @@
 
 from nbkit.convert.detect import FamilyGuess, detect_family, resolve_family
 from nbkit.convert.from_single_file import load_single_file
-from nbkit.convert.hashes import model_hashes
+from nbkit.convert.hashes import model_hashes, modelspec_hash
 from nbkit.convert.report import ConversionReport
 from nbkit.convert.single_file import convert_to_single_file
 from nbkit.convert.verify import verify_single_file
@@ -21,6 +21,7 @@ __all__ = [
     "detect_family",
     "load_single_file",
     "model_hashes",
+    "modelspec_hash",
     "resolve_family",
     "verify_single_file",
 ]

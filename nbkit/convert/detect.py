@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.convert.keymaps_unet import LDM_UNET_PREFIX
-from nbkit.convert.metadata import ARCHITECTURES, METADATA_FAMILY, METADATA_PREDICTION, METADATA_RESOLUTION
+from nbkit.convert.metadata import METADATA_FAMILY, METADATA_PREDICTION, METADATA_RESOLUTION
 from nbkit.convert.tensor_sources import open_tensor_file
 from nbkit.errors import NbkitError
-from nbkit.models.registry import FAMILIES
+from nbkit.models.registry import FAMILIES, detect_family_from_config
 
 SD2_FAMILIES = ("sd2", "sd2-v")
 # Keys some trainers add to mark a v-prediction model (ComfyUI and kohya's scripts read them).
@@ -84,8 +84,6 @@ def detect_family(
 
 
 def _from_folder(folder: Path) -> FamilyGuess:
-    from nbkit.models.loading import detect_family_from_config
-
     detected = detect_family_from_config(folder)
     return FamilyGuess(
         detected.family,
@@ -146,7 +144,7 @@ def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     family = metadata.get(METADATA_FAMILY)
     if family in FAMILIES:
         return family
-    by_architecture = {architecture: name for name, architecture in ARCHITECTURES.items()}
+    by_architecture = {spec.modelspec_architecture: name for name, spec in FAMILIES.items()}
     return by_architecture.get(metadata.get("modelspec.architecture", ""))
 
 

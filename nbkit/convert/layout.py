@@ -22,11 +22,15 @@ class ComponentLayout:
         name: the diffusers component (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
         prefix: its key prefix in the original layout.
         plan: the key-map function (`unet_recipes`, `vae_recipes`, `clip_recipes`, `open_clip_recipes`).
+        trailing_blocks: residual blocks the original text tower has after the diffusers model's last
+            layer: 1 for SD 2.x, whose diffusers text encoder stops at the penultimate block it uses
+            (see `nbkit.convert.text_extras`).
     """
 
     name: str
     prefix: str
     plan: PlanFunction
+    trailing_blocks: int = 0
 
     @property
     def open_clip(self) -> bool:
@@ -38,7 +42,11 @@ class ComponentLayout:
 
 _UNET = ComponentLayout("unet", LDM_UNET_PREFIX, unet_recipes)
 _VAE = ComponentLayout("vae", LDM_VAE_PREFIX, vae_recipes)
-_SD2 = (_UNET, _VAE, ComponentLayout("text_encoder", "cond_stage_model.model.", open_clip_recipes))
+_SD2 = (
+    _UNET,
+    _VAE,
+    ComponentLayout("text_encoder", "cond_stage_model.model.", open_clip_recipes, trailing_blocks=1),
+)
 
 LAYOUTS: dict[str, tuple[ComponentLayout, ...]] = {
     "sd1": (_UNET, _VAE, ComponentLayout("text_encoder", "cond_stage_model.transformer.", clip_recipes)),

@@ -25,7 +25,10 @@ class ConversionReport:
         legacy_hash: A1111's old 8-hex hash.
         verified: whether every tensor was read back and checked.
         seconds: wall time of the conversion, verification included.
-        metadata: the metadata written (the safetensors header; beside the state dict in a .ckpt).
+        metadata: the metadata written (the safetensors header; beside the state dict in a .ckpt),
+            `modelspec.hash_sha256` included.
+        config_file: the original config written beside the file for A1111 (`<stem>.yaml`, sd2-v
+            only), or None.
     """
 
     source: str
@@ -44,6 +47,7 @@ class ConversionReport:
     verified: bool
     seconds: float
     metadata: dict[str, str] = field(default_factory=dict)
+    config_file: str | None = None
 
     def __str__(self) -> str:
         verified = (
@@ -51,16 +55,17 @@ class ConversionReport:
             if self.verified
             else "not verified (--no-verify)"
         )
-        return "\n".join(
-            [
-                f"Converted {self.source}",
-                f"       -> {self.output}",
-                f"  family:      {self.family} ({self.prediction_type}, {self.native_resolution} px)",
-                f"  format:      {self.format}, {self.dtype}, {self.tensor_count} tensors, "
-                f"{self.parameter_count / 1e6:.1f} M parameters, {self.file_size / 2**20:.1f} MiB",
-                f"  model hash:  {self.short_hash} (sha256 {self.sha256})",
-                f"  legacy hash: {self.legacy_hash}",
-                f"  verified:    {verified}",
-                f"  time:        {self.seconds:.1f} s",
-            ]
-        )
+        lines = [
+            f"Converted {self.source}",
+            f"       -> {self.output}",
+            f"  family:      {self.family} ({self.prediction_type}, {self.native_resolution} px)",
+            f"  format:      {self.format}, {self.dtype}, {self.tensor_count} tensors, "
+            f"{self.parameter_count / 1e6:.1f} M parameters, {self.file_size / 2**20:.1f} MiB",
+            f"  model hash:  {self.short_hash} (sha256 {self.sha256})",
+            f"  legacy hash: {self.legacy_hash}",
+            f"  verified:    {verified}",
+            f"  time:        {self.seconds:.1f} s",
+        ]
+        if self.config_file:
+            lines.insert(-1, f"  config:      {self.config_file} (A1111 reads it: v-prediction)")
+        return "\n".join(lines)

@@ -9,6 +9,7 @@ reused buffer, and the output is written header first, then the tensors in one p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -19,7 +20,12 @@ from typing import BinaryIO
 
 import torch
 
-from nbkit.convert.hashes import StreamHasher
+from nbkit.convert.hashes import (
+    MODELSPEC_HASH_KEY,
+    MODELSPEC_HASH_PLACEHOLDER,
+    fill_hash_placeholder,
+    modelspec_hash_value,
+)
 from nbkit.errors import NbkitError
 
 try:  # zlib-ng's CRC-32 (SIMD) gives the same values as zlib's, about 8x faster
@@ -202,12 +208,19 @@ class StreamingSafetensorsWriter:
     """Write a .safetensors file in one pass: the whole header first, then each tensor in order.
 
     The tensors' names, dtypes and shapes must be known up front (they are: conversion plans them from
-    the source's header); their bytes then arrive one at a time and are never all in memory.
+    the source's header); their bytes then arrive one at a time and are never all in memory. The sha256
+    of the data is taken on the way; when `metadata` holds `modelspec.hash_sha256` as the placeholder,
+    `close()` writes the real value over it (the handle must be seekable).
 
     Args:
         handle: a binary file opened for writing, positioned at 0.
         layout: (name, dtype, shape) of every tensor, in the order they will be written.
         metadata: the `__metadata__` strings.
+
+    Attributes:
+        records: name -> `TensorRecord` of every tensor written.
+        metadata: the metadata as finally written (the hash filled in after `close()`).
+        modelspec_hash: `modelspec.hash_sha256` of the data, after `close()`.
     """
 
     def __init__(
@@ -217,8 +230,10 @@ class StreamingSafetensorsWriter:
         metadata: dict[str, str],
     ):
         self._handle = handle
-        self.hasher = StreamHasher()
+        self._data_sha256 = hashlib.sha256()
         self.records: dict[str, TensorRecord] = {}
+        self.metadata = dict(metadata)
+        self.modelspec_hash: str | None = None
         self._pending: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
@@ -238,12 +253,9 @@ class StreamingSafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
-        self._emit(memoryview(struct.pack("<Q", len(encoded)) + encoded))
+        self._header = encoded
+        self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self._pending.reverse()  # pop() from the end is O(1)
-
-    def _emit(self, data: memoryview) -> None:
-        self._handle.write(data)
-        self.hasher.update(data)
 
     def write(self, name: str, data: memoryview, data_checksum: int | None = None) -> None:
         """Write the bytes of the next tensor, which must be `name` with the planned size.
@@ -256,14 +268,22 @@ class StreamingSafetensorsWriter:
         expected_name, dtype, shape, nbytes = self._pending.pop()
         if name != expected_name or len(data) != nbytes:
             raise ValueError(f"expected {expected_name!r} ({nbytes} bytes), got {name!r} ({len(data)} bytes)")
-        self._emit(data)
+        self._handle.write(data)
+        self._data_sha256.update(data)
         if data_checksum is None:
             data_checksum = checksum(data)
         self.records[name] = TensorRecord(dtype, shape, data_checksum)
 
     def close(self) -> None:
-        """Check that every planned tensor was written."""
+        """Check that every planned tensor was written, and fill in the modelspec hash."""
         if self._pending:
             raise ValueError(
                 f"{len(self._pending)} planned tensors were never written, e.g. {self._pending[-1][0]!r}"
             )
+        self.modelspec_hash = modelspec_hash_value(self._data_sha256)
+        if self.metadata.get(MODELSPEC_HASH_KEY) == MODELSPEC_HASH_PLACEHOLDER:
+            end = self._handle.tell()
+            self._handle.seek(8)
+            self._handle.write(fill_hash_placeholder(self._header, self.modelspec_hash))
+            self._handle.seek(end)
+            self.metadata[MODELSPEC_HASH_KEY] = self.modelspec_hash

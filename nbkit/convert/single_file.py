@@ -4,12 +4,17 @@ The conversion is planned from names, shapes and configs alone (`keymaps_*`), th
 output tensor is read into a reused buffer, cast, checksummed, hashed and written, header first, in
 one pass, so memory stays at about one tensor whatever the model's size. The file is written under a
 temporary name, read back and checked (unless `verify=False`), and only then renamed into place.
+
+What the original checkpoints carry and diffusers drops (SD 2.x's last text block) is written too, from
+the base model's single file when there is one (`nbkit.convert.text_extras`). An sd2-v file gets
+Stability's `v2-inference-v.yaml` beside it under its own name, which A1111 reads first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import time
@@ -22,23 +27,39 @@ import torch
 
 from nbkit.convert.checkpoint_io import CKPT_METADATA_KEY
 from nbkit.convert.detect import detect_family, resolve_family
-from nbkit.convert.hashes import model_hashes
+from nbkit.convert.from_single_file import shipped_config_dir
+from nbkit.convert.hashes import (
+    MODELSPEC_HASH_KEY,
+    MODELSPEC_HASH_PLACEHOLDER,
+    model_hashes,
+    modelspec_hash_value,
+)
 from nbkit.convert.layout import LAYOUTS
-from nbkit.convert.metadata import DERIVED_KEYS, METADATA_CONFIGS, build_metadata, stored_configs
+from nbkit.convert.metadata import (
+    DERIVED_KEYS,
+    METADATA_CONFIGS,
+    METADATA_TEXT_EXTRAS,
+    build_metadata,
+    stored_configs,
+)
 from nbkit.convert.plan import TensorRecipe
 from nbkit.convert.report import ConversionReport
 from nbkit.convert.safetensors_stream import StreamingSafetensorsWriter, TensorRecord, byte_view, checksum
 from nbkit.convert.streaming import TensorMaker, background_fsync, output_dtype, overlapped, torch_threads
-from nbkit.convert.tensor_sources import TensorSource, open_component, open_tensor_file
+from nbkit.convert.tensor_sources import TensorSource, ZerosSource, open_component, open_tensor_file
+from nbkit.convert.text_extras import BASE_SOURCE, IDENTITY_SOURCE, open_base, text_encoder_extras
 from nbkit.convert.verify import verify_single_file
 from nbkit.errors import NbkitError
-from nbkit.fsio import TRANSIENT_ERRNOS, atomic_path, read_json
+from nbkit.fsio import TRANSIENT_ERRNOS, atomic_path, atomic_write_text, read_json
 from nbkit.models.registry import FAMILIES
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
 # Config entries that describe where a model was loaded from, not what it is.
 _LOCAL_CONFIG_KEYS = ("_name_or_path", "_commit_hash")
+# The original (LDM) config A1111 must find beside a file of the family, as `<file stem>.yaml`: SD 2.x
+# 768-v and 512 models have the same weights' names and shapes, and without it A1111 guesses.
+ORIGINAL_CONFIGS = {"sd2-v": "v2-inference-v.yaml"}
 
 
 @dataclass
@@ -51,6 +72,7 @@ class ConversionPlan:
         family, prediction_type, native_resolution: what the model is.
         configs: diffusers configs to store in the metadata (so nbkit can load the file back exactly).
         carried_metadata: metadata of a source checkpoint worth keeping (training settings and the like).
+        text_extras: tensors written beyond the diffusers model's, {where from: [keys]}.
     """
 
     recipes: list[TensorRecipe]
@@ -60,13 +82,16 @@ class ConversionPlan:
     native_resolution: int
     configs: dict[str, Any] | None = None
     carried_metadata: dict[str, str] = field(default_factory=dict)
+    text_extras: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key not in _LOCAL_CONFIG_KEYS}
 
 
-def _plan_folder(folder: Path, family: str | None, stack: contextlib.ExitStack) -> ConversionPlan:
+def _plan_folder(
+    folder: Path, family: str | None, stack: contextlib.ExitStack, base_checkpoint: Path | None
+) -> ConversionPlan:
     guess = detect_family(folder)
     chosen = resolve_family(guess, family, folder)
     if chosen != guess.family:
@@ -78,6 +103,9 @@ def _plan_folder(folder: Path, family: str | None, stack: contextlib.ExitStack) 
     configs: dict[str, Any] = {"model_index": _clean_config(read_json(folder / "model_index.json"))}
     recipes: list[TensorRecipe] = []
     sources: dict[str, TensorSource] = {}
+    text_extras: dict[str, list[str]] = {}
+    base = open_base(base_checkpoint, LAYOUTS[chosen], stack)
+    identity = ZerosSource(folder)
     for component in LAYOUTS[chosen]:
         if not (folder / component.name / "config.json").is_file():
             raise NbkitError(
@@ -88,16 +116,44 @@ def _plan_folder(folder: Path, family: str | None, stack: contextlib.ExitStack) 
         config = _clean_config(read_json(folder / component.name / "config.json"))
         source = stack.enter_context(open_component(folder / component.name))
         shapes = {name: info.shape for name, info in source.infos.items()}
-        recipes += component.recipes(shapes, config)
+        planned = component.recipes(shapes, config)
+        recipes += planned
         sources[component.name] = source
         configs[component.name] = config
+        if component.open_clip:
+            dtype = source.infos[planned[0].sources[0]].dtype
+            extras, origins = text_encoder_extras(component, planned, config, dtype, base, identity)
+            recipes += extras
+            for origin, keys in origins.items():
+                text_extras.setdefault(origin, []).extend(keys)
+    if base is not None:
+        sources[BASE_SOURCE] = base
+    if identity.infos:
+        sources[IDENTITY_SOURCE] = identity
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
         configs["scheduler"] = _clean_config(read_json(scheduler_config))
-    return ConversionPlan(recipes, sources, chosen, guess.prediction_type, guess.native_resolution, configs)
+    return ConversionPlan(
+        recipes,
+        sources,
+        chosen,
+        guess.prediction_type,
+        guess.native_resolution,
+        configs,
+        text_extras=text_extras,
+    )
 
 
-def _plan_file(path: Path, family: str | None, stack: contextlib.ExitStack) -> ConversionPlan:
+def _plan_file(
+    path: Path, family: str | None, stack: contextlib.ExitStack, base_checkpoint: Path | None
+) -> ConversionPlan:
+    if base_checkpoint is not None:
+        raise NbkitError(
+            "base_checkpoint is for converting a diffusers folder; a checkpoint file is re-encoded with "
+            "its own tensors",
+            path=path,
+            fix="leave base_checkpoint out, or convert the model's diffusers folder",
+        )
     source = stack.enter_context(open_tensor_file(path))
     shapes = {name: info.shape for name, info in source.infos.items()}
     guess = detect_family(shapes, metadata=source.metadata, path=path)
@@ -132,20 +188,25 @@ def _write_safetensors(plan: ConversionPlan, target: torch.dtype, metadata: dict
 
         overlapped(plan.recipes, make, lambda recipe, made: writer.write(recipe.key, *made))
         writer.close()
-    return writer.records, writer.hasher.hashes()
+    return writer.records, writer.modelspec_hash
 
 
 def _write_ckpt(plan: ConversionPlan, target: torch.dtype, metadata: dict[str, str], tmp: Path):
     # torch.save needs every tensor at once: .ckpt output holds one copy of the (converted) model.
     maker = TensorMaker(plan.recipes, plan.sources, target)
     state_dict = {recipe.key: maker.make(recipe).clone() for recipe in plan.recipes}
-    records = {
-        key: TensorRecord(tensor.dtype, tuple(tensor.shape), checksum(byte_view(tensor)))
-        for key, tensor in state_dict.items()
-    }
+    records = {}
+    data_sha256 = hashlib.sha256()  # what the data section of the same tensors as .safetensors hashes to
+    for key, tensor in state_dict.items():
+        data = byte_view(tensor)
+        records[key] = TensorRecord(tensor.dtype, tuple(tensor.shape), checksum(data))
+        data_sha256.update(data)
+    spec_hash = modelspec_hash_value(data_sha256)
+    if metadata.get(MODELSPEC_HASH_KEY) == MODELSPEC_HASH_PLACEHOLDER:
+        metadata[MODELSPEC_HASH_KEY] = spec_hash
     torch.save({"state_dict": state_dict, CKPT_METADATA_KEY: metadata}, tmp)
     del state_dict
-    return records, model_hashes(tmp)
+    return records, spec_hash
 
 
 def _check_inputs(src: Path, out: Path, dtype: str, fmt: str | None) -> tuple[torch.dtype, str, Path]:
@@ -187,16 +248,23 @@ def _check_inputs(src: Path, out: Path, dtype: str, fmt: str | None) -> tuple[to
 
 
 @contextlib.contextmanager
-def open_plan(src: str | os.PathLike, *, family: str | None = None) -> Iterator[ConversionPlan]:
+def open_plan(
+    src: str | os.PathLike,
+    *,
+    family: str | None = None,
+    base_checkpoint: str | os.PathLike | None = None,
+) -> Iterator[ConversionPlan]:
     """Plan the conversion of a diffusers folder or a checkpoint file; sources stay open inside.
 
     Args:
         src: a diffusers pipeline folder, or a .safetensors/.ckpt checkpoint to re-encode.
         family: the user's family choice (needed for ambiguous SD 2.x checkpoints).
+        base_checkpoint: the base model's single file, to copy what diffusers dropped from (folders only).
     """
     src = Path(src)
+    base = Path(base_checkpoint) if base_checkpoint is not None else None
     with contextlib.ExitStack() as stack:
-        yield (_plan_folder if src.is_dir() else _plan_file)(src, family, stack)
+        yield (_plan_folder if src.is_dir() else _plan_file)(src, family, stack, base)
 
 
 def convert_to_single_file(
@@ -208,6 +276,9 @@ def convert_to_single_file(
     metadata: Mapping[str, Any] | None = None,
     verify: bool = True,
     family: str | None = None,
+    base_checkpoint: str | os.PathLike | None = None,
+    description: str | None = None,
+    author: str | None = None,
 ) -> ConversionReport:
     """Convert a diffusers model to one checkpoint file in the original (A1111/ComfyUI) layout.
 
@@ -219,12 +290,20 @@ def convert_to_single_file(
         fmt: `safetensors` or `ckpt`; None takes it from `out_path`'s suffix.
         metadata: extra header metadata (training passes its settings); non-strings are stored as JSON.
         verify: read the file back and check every tensor's shape, dtype and checksum before it
-            replaces `out_path`.
+            replaces `out_path` (the A1111 hashes come from that read; without it the file is read
+            once more to hash it).
         family: `sd1`, `sd2`, `sd2-v` or `sdxl`; needed only for SD 2.x checkpoints that do not say
             whether they are 512 px epsilon or 768 px v-prediction models.
+        base_checkpoint: the single file of the model `src_dir` was trained from, when there is one:
+            the text-encoder tensors the original layout has and diffusers drops (SD 2.x's last
+            OpenCLIP block, `text_projection`, `logit_scale`) are copied from it. Without it, SD 2.x's
+            last block is written as an identity block (see `nbkit.convert.text_extras`).
+        description: `modelspec.description` (default: the source's, else a line saying what it is).
+        author: `modelspec.author` (default: the source's, else none).
 
     Returns:
-        A `ConversionReport` with the hashes A1111 shows.
+        A `ConversionReport` with the hashes A1111 shows; an sd2-v file also gets `<out stem>.yaml`
+        (Stability's v2-inference-v.yaml) beside it, for A1111.
 
     Raises:
         NbkitError: for a bad source, an ambiguous family, a bad output name, or a failed verification.
@@ -233,26 +312,39 @@ def convert_to_single_file(
     started = time.perf_counter()
     src = Path(src_dir)
     target, fmt, out = _check_inputs(src, Path(out_path), dtype, fmt)
-    with open_plan(src, family=family) as plan:
+    with open_plan(src, family=family, base_checkpoint=base_checkpoint) as plan:
+        extra = {**plan.carried_metadata, **(metadata or {})}
+        if plan.text_extras:
+            extra[METADATA_TEXT_EXTRAS] = plan.text_extras
+        if description is not None:
+            extra["modelspec.description"] = description
+        if author is not None:
+            extra["modelspec.author"] = author
+        title = FAMILIES[plan.family].title
         header = build_metadata(
             family=plan.family,
             prediction_type=plan.prediction_type,
             resolution=plan.native_resolution,
             title=out.stem,
+            description=f"{title} model, converted to a single file by nbkit from {src.name}",
             configs=plan.configs,
-            extra={**plan.carried_metadata, **(metadata or {})},
+            extra=extra,
         )
         _check_free_space(plan, target, out)
         try:
             with atomic_path(out) as tmp:
                 if fmt == "safetensors":
-                    records, hashes = _write_safetensors(plan, target, header, tmp)
+                    records, spec_hash = _write_safetensors(plan, target, header, tmp)
                 else:
-                    records, hashes = _write_ckpt(plan, target, header, tmp)
+                    records, spec_hash = _write_ckpt(plan, target, header, tmp)
+                header[MODELSPEC_HASH_KEY] = spec_hash
                 if verify:
                     with background_fsync(tmp):  # the disk writes while verification reads the page cache
-                        verify_single_file(tmp, records)
+                        hashes = verify_single_file(tmp, records)
+                else:
+                    hashes = model_hashes(tmp)
                 size = tmp.stat().st_size
+            config_file = _write_original_config(plan.family, out)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT, *TRANSIENT_ERRNOS):
                 raise
@@ -274,7 +366,26 @@ def convert_to_single_file(
         verified=verify,
         seconds=time.perf_counter() - started,
         metadata=header,
+        config_file=str(config_file) if config_file is not None else None,
     )
+
+
+def _write_original_config(family: str, out: Path) -> Path | None:
+    """Write the family's original config beside `out` as `<stem>.yaml`, or remove a stale one of ours.
+
+    A1111 takes `<stem>.yaml` as the checkpoint's config before anything else, so one left from an
+    earlier sd2-v file of the same name would make it treat another family's model as v-prediction. A
+    .yaml that is not nbkit's is the user's and is left alone.
+    """
+    beside = out.with_suffix(".yaml")
+    name = ORIGINAL_CONFIGS.get(family)
+    if name is None:
+        ours = {(shipped_config_dir(f) / n).read_text(encoding="utf-8") for f, n in ORIGINAL_CONFIGS.items()}
+        if beside.is_file() and beside.read_text(encoding="utf-8", errors="replace") in ours:
+            beside.unlink()
+        return None
+    atomic_write_text(beside, (shipped_config_dir(family) / name).read_text(encoding="utf-8"))
+    return beside
 
 
 def _check_free_space(plan: ConversionPlan, target: torch.dtype, out: Path) -> None:

@@ -105,6 +105,22 @@ class StateDictSource(TensorSource):
         self._tensors = {}
 
 
+class ZerosSource(TensorSource):
+    """Tensors of zeros, declared with `add` and made as they are read (no memory held for them)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metadata = {}
+        self.infos = {}
+
+    def add(self, name: str, info: TensorInfo) -> None:
+        self.infos[name] = info
+
+    def read_into(self, name: str, buffer: memoryview) -> None:
+        if len(buffer):
+            torch.frombuffer(buffer, dtype=torch.uint8).zero_()
+
+
 class ShardedSource(TensorSource):
     """Several files read as one (a sharded component: `*.safetensors.index.json`)."""
 

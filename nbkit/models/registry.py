@@ -1,8 +1,10 @@
 """The base models users pick from, and the facts about each model family.
 
 `FAMILIES` is the one place that knows what sets SD 1.x, SD 2.x (epsilon and v-prediction) and SDXL
-apart: prediction type, native resolution, the resolutions that make sense, the text encoders. The
-conversion and training code read it from here rather than repeating those facts.
+apart: prediction type, native resolution, the resolutions that make sense, the text encoders, the
+names the SAI model spec gives them. The conversion, LoRA export and training code read it from here
+rather than repeating those facts, and `detect_family_from_config` tells a diffusers folder's family
+from its configs with them.
 
 `MODELS` are the choices a notebook offers: the four real hub models and a tiny random-weight model of
 each family that nbkit builds offline for tests and demos.
@@ -11,10 +13,13 @@ each family that nbkit builds offline for tests and demos.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
-from typing import Literal
+from pathlib import Path
+from typing import Literal, NamedTuple
 
 from nbkit.errors import NbkitError
+from nbkit.fsio import read_json
 
 PredictionType = Literal["epsilon", "v_prediction"]
 RESOLUTION_STEP = 64  # VAE downsamples by 8, the UNet by 8 more: sizes must divide by 64
@@ -33,6 +38,9 @@ class FamilySpec:
         pipeline_class: the diffusers pipeline class that runs it.
         text_encoder_count: 1, or 2 for SDXL.
         cross_attention_dim: the real models' text-embedding width the UNet attends to.
+        modelspec_architecture: the SAI model spec's `modelspec.architecture` (LoRAs append `/lora`).
+        modelspec_implementation: the SAI model spec's `modelspec.implementation`: the code base whose
+            names the original (single-file) layout uses.
     """
 
     name: str
@@ -43,18 +51,38 @@ class FamilySpec:
     pipeline_class: str
     text_encoder_count: int
     cross_attention_dim: int
+    modelspec_architecture: str
+    modelspec_implementation: str
 
+    @property
+    def smallest_useful_resolution(self) -> int:
+        """Below this size the model forgets what it knows; memory advice never goes lower."""
+        return self.allowed_resolutions[0]
+
+
+_COMPVIS = "https://github.com/CompVis/stable-diffusion"
+_STABILITY_SD2 = "https://github.com/Stability-AI/stablediffusion"
+_STABILITY_SGM = "https://github.com/Stability-AI/generative-models"
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in (
-        FamilySpec("sd1", "SD 1.x", "epsilon", 512, range(384, 641, 64), "StableDiffusionPipeline", 1, 768),
-        FamilySpec("sd2", "SD 2.x (512)", "epsilon", 512, range(384, 641, 64), "StableDiffusionPipeline", 1, 1024),
+        FamilySpec(
+            "sd1", "SD 1.x", "epsilon", 512, range(384, 641, 64), "StableDiffusionPipeline", 1, 768,
+            "stable-diffusion-v1", _COMPVIS,
+        ),
+        FamilySpec(
+            "sd2", "SD 2.x (512)", "epsilon", 512, range(384, 641, 64), "StableDiffusionPipeline", 1, 1024,
+            "stable-diffusion-v2-512", _STABILITY_SD2,
+        ),
         FamilySpec(
             "sd2-v", "SD 2.x (768, v-prediction)", "v_prediction", 768, range(640, 961, 64),
-            "StableDiffusionPipeline", 1, 1024,
+            "StableDiffusionPipeline", 1, 1024, "stable-diffusion-v2-768-v", _STABILITY_SD2,
         ),
-        FamilySpec("sdxl", "SDXL", "epsilon", 1024, range(768, 1153, 64), "StableDiffusionXLPipeline", 2, 2048),
+        FamilySpec(
+            "sdxl", "SDXL", "epsilon", 1024, range(768, 1153, 64), "StableDiffusionXLPipeline", 2, 2048,
+            "stable-diffusion-xl-v1-base", _STABILITY_SGM,
+        ),
     )
 }  # fmt: skip
 
@@ -106,7 +134,7 @@ def _hub(key: str, repo_id: str, family: str, title: str, aliases: tuple[str, ..
 
 # The tiny models keep the real VAE's factor of 8 and the real UNet depths, so 64 px (an 8x8 latent)
 # is the smallest size that goes through every level; sd2-v is built at 128, as 768 is to 512.
-# These match nbkit.models.tiny.TINY_RESOLUTION (a test checks), without importing it.
+# nbkit.models.tiny builds them at these sizes.
 TINY_NATIVE_RESOLUTION = {"sd1": 64, "sd2": 64, "sd2-v": 128, "sdxl": 64}
 TINY_RESOLUTIONS = range(64, 257, 64)
 
@@ -205,15 +233,99 @@ def validate_resolution(spec: ModelSpec, px: int, *, force: bool = False) -> int
     allowed = spec.allowed_resolutions
     if px in allowed:
         return px
-    title = FAMILIES[spec.family].title
+    family = FAMILIES[spec.family]
+    if spec.source == "tiny":
+        # The tiny models are built small; saying "SD 1.x was trained at 64" would be false.
+        trained = (
+            f"the tiny test model {spec.key} is built at {spec.native_resolution} px "
+            f"({family.title} itself was trained at {family.native_resolution})"
+        )
+    else:
+        trained = f"{family.title} was trained at {spec.native_resolution}"
     effect = (
         "usually gives doubled subjects" if px > allowed[-1] else "usually gives smeared, low-detail images"
     )
-    reason = f"{title} was trained at {spec.native_resolution}; {px} needs --force-resolution and {effect}"
+    reason = f"{trained}; {px} needs --force-resolution and {effect}"
     if not force:
         raise NbkitError(
             f"resolution {px} is outside {allowed[0]}-{allowed[-1]} for {spec.key}: {reason}",
-            fix=f"use {spec.native_resolution}, or pass --force-resolution (force=True) to try it anyway",
+            fix=f"use {spec.native_resolution}, or pass --force-resolution (force_resolution=True in "
+            "Python) to try it anyway",
         )
     warnings.warn(f"forcing resolution {px} on {spec.key}: {reason}", UserWarning, stacklevel=2)
     return px
+
+
+class DetectedFamily(NamedTuple):
+    """What a model folder's configs say it is.
+
+    Args:
+        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        prediction_type: `epsilon` or `v_prediction` (from the scheduler).
+        native_resolution: the UNet's default image size in pixels.
+    """
+
+    family: str
+    prediction_type: str
+    native_resolution: int
+
+
+def _config(folder: Path, name: str) -> dict:
+    path = folder / name
+    if not path.is_file():
+        return {}
+    try:
+        return read_json(path)
+    except ValueError as error:
+        raise NbkitError(
+            f"not valid JSON ({error})", path=path, fix="download or save the model again"
+        ) from error
+
+
+def detect_family_from_config(folder: str | os.PathLike) -> DetectedFamily:
+    """Tell the family, prediction type and native resolution of a diffusers folder from its configs.
+
+    Never from file sizes: SDXL has a second text encoder and `text_time` conditioning, SD 2.x has
+    OpenCLIP (1024-wide cross attention, linear projections, gelu), and the scheduler says whether the
+    UNet predicts noise or v.
+
+    Args:
+        folder: a diffusers pipeline folder (with model_index.json and unet/config.json).
+
+    Raises:
+        NbkitError: when the folder lacks model_index.json or unet/config.json, or a config is not JSON.
+    """
+    folder = Path(folder)
+    index = _config(folder, "model_index.json")
+    unet = _config(folder, "unet/config.json")
+    if not index or not unet:
+        raise NbkitError(
+            "cannot tell the model family: model_index.json or unet/config.json is missing",
+            path=folder,
+            fix="give a diffusers pipeline folder",
+        )
+    text_encoder = _config(folder, "text_encoder/config.json")
+    scheduler = _config(folder, "scheduler/scheduler_config.json")
+    vae = _config(folder, "vae/config.json")
+
+    second_encoder = index.get("text_encoder_2")
+    has_second_encoder = isinstance(second_encoder, list) and None not in second_encoder
+    if has_second_encoder or unet.get("addition_embed_type") == "text_time":
+        family = "sdxl"
+    else:
+        cross_attention = unet.get("cross_attention_dim")
+        cross_attention = cross_attention[0] if isinstance(cross_attention, list | tuple) else cross_attention
+        open_clip_width = FAMILIES["sd2"].cross_attention_dim
+        # OpenCLIP ViT-H: 1024 wide, plain gelu (CLIP ViT-L of SD 1.x uses quick_gelu).
+        open_clip = (
+            text_encoder.get("hidden_act") == "gelu" or text_encoder.get("hidden_size") == open_clip_width
+        )
+        sd2 = cross_attention == open_clip_width or unet.get("use_linear_projection") or open_clip
+        family = "sd2" if sd2 else "sd1"
+    prediction_type = scheduler.get("prediction_type") or "epsilon"
+    if family == "sd2" and prediction_type == "v_prediction":
+        family = "sd2-v"
+    sample_size = unet.get("sample_size") or FAMILIES[family].native_resolution // 8
+    sample_size = max(sample_size) if isinstance(sample_size, list | tuple) else sample_size
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    return DetectedFamily(family, prediction_type, int(sample_size) * vae_scale)

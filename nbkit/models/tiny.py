@@ -9,10 +9,11 @@ path nbkit runs on them is the real one, on CPU, in seconds:
 - `sd2-v`: stabilityai/stable-diffusion-2-1, the 768-v model (as `sd2`, with v-prediction and DDIM).
 - `sdxl`: stabilityai/stable-diffusion-xl-base-1.0 (two text encoders, 3-level UNet, text_time).
 
-The tiny "native resolution" (`TINY_RESOLUTION`) plays the part of 512/768/1024 px: it is the
-pipeline's default image size (`unet.config.sample_size * 8`, as in the real models), a size that goes
-through every VAE and UNet level without odd feature maps. sd2-v keeps a larger native size than sd2, as
-768 is to 512. `NATIVE_RESOLUTION` is the real model's size.
+The tiny "native resolution" (the registry's `TINY_NATIVE_RESOLUTION`, also importable here as
+`TINY_RESOLUTION`) plays the part of 512/768/1024 px: it is the pipeline's default image size
+(`unet.config.sample_size * 8`, as in the real models), a size that goes through every VAE and UNet
+level without odd feature maps. sd2-v keeps a larger native size than sd2, as 768 is to 512. The real
+models' sizes are the registry's `FAMILIES[family].native_resolution`.
 
 diffusers and transformers are imported inside the functions so that importing this module (for
 `TINY_FAMILIES` in a CLI parser) stays instant.
@@ -26,18 +27,15 @@ from typing import TYPE_CHECKING
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_directory
+from nbkit.models.registry import TINY_NATIVE_RESOLUTION
 from nbkit.models.tokenizer import make_clip_tokenizer, write_clip_vocab_files
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-TINY_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
-
-# Pixels; each is a multiple of 8 (VAE) * 2**(UNet levels - 1).
-TINY_RESOLUTION = {"sd1": 64, "sd2": 64, "sd2-v": 128, "sdxl": 64}
-
-# The real resolution each family stands for, for display and for default training settings.
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
+TINY_FAMILIES = tuple(TINY_NATIVE_RESOLUTION)
+# Pixels; each is a multiple of 8 (VAE) * 2**(UNet levels - 1). The registry's table, not a copy.
+TINY_RESOLUTION = TINY_NATIVE_RESOLUTION
 
 _BETAS = {
     "beta_start": 0.00085,

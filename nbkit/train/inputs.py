@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbkit.env import has_native_bf16
 from nbkit.errors import NbkitError
 from nbkit.manifest import BaseModelRef
 from nbkit.models.base_model import model_spec
@@ -182,7 +183,7 @@ def resolve_precision(setting: str, device: torch.device) -> tuple[str, torch.dt
         if device.type != "cuda":
             setting = "no"
         else:
-            setting = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+            setting = "bf16" if has_native_bf16(torch.cuda.get_device_capability(device)) else "fp16"
     if setting == "fp16" and device.type != "cuda":
         raise NbkitError(
             "fp16 mixed precision needs a CUDA GPU, and this run has none",

@@ -5,45 +5,42 @@ DreamBooth LoRA example. The diffusers file is what `pipeline.load_lora_weights(
 kohya file (`lora_unet_*`, `lora_te_*` or `lora_te1_*`/`lora_te2_*`, `.lora_down`/`.lora_up`/`.alpha`)
 is what A1111's `<lora:name:1>` and ComfyUI's LoRA loader read. Kohya files carry the scale as
 `alpha / rank`; it is taken from each peft layer's own scaling, so `lora_alpha != rank`,
-`rank_pattern` and rsLoRA all export correctly.
+`rank_pattern` and rsLoRA all export correctly. Its header carries the SAI model spec keys, built by
+`nbkit.convert.metadata` from the registry's family facts as a full model's are, with the LoRA's own
+training resolution and `modelspec.hash_sha256` of its tensors.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from nbkit.fsio import atomic_path
+from nbkit.convert.hashes import MODELSPEC_HASH_KEY, with_modelspec_hash
+from nbkit.convert.metadata import modelspec_metadata
+from nbkit.fsio import atomic_path, atomic_write_bytes
+from nbkit.models.registry import FAMILIES
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
-# family -> (modelspec architecture, default resolution, prediction type, text encoder count)
-FAMILIES = {
-    "sd1": ("stable-diffusion-v1", 512, "epsilon", 1),
-    "sd2": ("stable-diffusion-v2-512", 512, "epsilon", 1),
-    "sd2-v": ("stable-diffusion-v2-768-v", 768, "v", 1),
-    "sdxl": ("stable-diffusion-xl-v1-base", 1024, "epsilon", 2),
-}
-
-
-def _unwrap(model: Any) -> Any:
-    # accelerate wraps models in DistributedDataParallel (.module) and torch.compile in ._orig_mod.
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
 
 def check_inputs(
-    unet: Any, text_encoders: list, out_dir: Path | None, family: str, adapter_name: str
+    unet: Any,
+    text_encoders: list,
+    out_dir: Path | None,
+    family: str,
+    adapter_name: str,
+    resolution: int | None = None,
 ) -> None:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     if out_dir is None:
         raise ValueError("out_dir is required")
-    limit = FAMILIES[family][3]
+    if resolution is not None and (
+        isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0
+    ):
+        raise ValueError(f"resolution must be a positive number of pixels, got {resolution!r}")
+    limit = FAMILIES[family].text_encoder_count
     if len(text_encoders) > limit:
         raise ValueError(f"family {family!r} has {limit} text encoder(s), got {len(text_encoders)}")
     models = [("unet", unet)] + [(f"text_encoders[{i}]", model) for i, model in enumerate(text_encoders)]
@@ -132,8 +129,14 @@ def save_lora(
     name: str | None = None,
     adapter_name: str = "default",
     dtype: Any = "float32",
+    resolution: int | None = None,
+    description: str | None = None,
+    author: str | None = None,
 ) -> dict[str, Path]:
     """Save LoRA adapters as a diffusers LoRA file and a kohya/A1111 `.safetensors`.
+
+    Pass the models themselves, not accelerate's wrappers; a wrapper (DistributedDataParallel,
+    torch.compile) is taken off with accelerate's own `extract_model_from_parallel`.
 
     Args:
         unet: the UNet with a LoRA adapter, or None when only text encoders were trained.
@@ -142,27 +145,39 @@ def save_lora(
         out_dir: the folder to write into (created if missing); both files are written atomically.
         family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
         metadata: extra header metadata for the kohya file; non-string values are JSON-encoded and
-            `modelspec.*` keys override the defaults (e.g. `modelspec.title`, `modelspec.resolution`).
+            `modelspec.*` keys override the defaults (e.g. `modelspec.title`), except
+            `modelspec.hash_sha256`, which is always the hash of the tensors written.
         name: the kohya file's stem, which A1111 shows as the LoRA's name; defaults to the folder name.
         adapter_name: the peft adapter to export.
         dtype: the dtype both files store ("float32", "float16" or "bfloat16"); LoRA files are
             small, so fp32 by default keeps them exactly as trained.
+        resolution: the square size the LoRA trained at, its `modelspec.resolution`; None says the
+            family's native size.
+        description: `modelspec.description` (default: a line naming the family and resolution).
+        author: `modelspec.author` (default: none).
 
     Returns:
         `{"diffusers": <folder>/pytorch_lora_weights.safetensors, "kohya": <folder>/<name>.safetensors}`.
     """
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from accelerate.utils import extract_model_from_parallel
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    text_encoders = [_unwrap(model) if model is not None else None for model in (text_encoders or [])]
-    unet = _unwrap(unet) if unet is not None else None
-    check_inputs(unet, text_encoders, out_dir, family, adapter_name)
+    def unwrap(model: Any) -> Any:
+        return None if model is None else extract_model_from_parallel(model, keep_torch_compile=False)
+
+    text_encoders = [unwrap(model) for model in (text_encoders or [])]
+    unet = unwrap(unet)
+    check_inputs(unet, text_encoders, out_dir, family, adapter_name, resolution)
+    if MODELSPEC_HASH_KEY in metadata:
+        raise ValueError(f"metadata may not set {MODELSPEC_HASH_KEY}: it is the hash of the tensors written")
     out_dir = Path(out_dir)
     name = name or out_dir.name
     torch_dtype = getattr(torch, str(dtype).removeprefix("torch."))
-    architecture, resolution, prediction_type, _ = FAMILIES[family]
+    facts = FAMILIES[family]
+    resolution = resolution or facts.native_resolution
 
     def cast(state: dict) -> dict:
         return {key: value.detach().to("cpu", torch_dtype).contiguous() for key, value in state.items()}
@@ -176,7 +191,7 @@ def save_lora(
             continue
         layers[f"{component}_lora_layers"] = cast(get_peft_model_state_dict(model, adapter_name=adapter_name))
         adapter_metadata[f"{component}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = getattr(diffusers, facts.pipeline_class)
     diffusers_path = out_dir / DIFFUSERS_WEIGHT_NAME
     with atomic_path(diffusers_path) as tmp:
         pipeline_class.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers, **adapter_metadata)
@@ -189,15 +204,16 @@ def save_lora(
         kohya.update(kohya_state_dict(model, component, kohya_prefix(component, family), adapter_name))
     first_config = next(model for _, model in components if model is not None).peft_config[adapter_name]
     header = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if family == "sdxl"
-        else "diffusers",
-        "modelspec.title": name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": prediction_type,
-        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **modelspec_metadata(
+            family=family,
+            title=name,
+            resolution=resolution,
+            prediction_type=facts.prediction_type,
+            description=description
+            or f"LoRA for {facts.title} models, trained at {resolution} px with nbkit",
+            author=author,
+            lora=True,
+        ),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first_config.r),
         "ss_network_alpha": _format_number(first_config.lora_alpha),
@@ -206,8 +222,8 @@ def save_lora(
         {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     )
     kohya_path = out_dir / f"{name}.safetensors"
-    with atomic_path(kohya_path) as tmp:
-        save_file(cast(kohya), os.fspath(tmp), metadata=header)
+    # In memory: LoRA files are small, and the modelspec hash goes into the header before the data.
+    atomic_write_bytes(kohya_path, with_modelspec_hash(save(cast(kohya), metadata=header)))
     return {"diffusers": diffusers_path, "kohya": kohya_path}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbkit.errors import NbkitError
+from nbkit.models.registry import FAMILIES
 
 # Messages the allocators of each backend put in their errors (torch raises plain RuntimeErrors for
 # some of them, and accelerate or a DataLoader worker may wrap them in another exception).
@@ -19,9 +20,6 @@ OOM_MARKERS = (
     "not enough memory",  # Windows' CPU allocator
     "cublas_status_alloc_failed",
 )
-
-# The smallest resolution worth suggesting per family: below it the model forgets what it knows.
-MIN_USEFUL_RESOLUTION = {"sd1": 384, "sd2": 384, "sd2-v": 512, "sdxl": 768}
 
 
 def is_oom(error: BaseException) -> bool:
@@ -98,7 +96,9 @@ def suggestions(config: Any, *, family: str | None = None, stage: str | None = N
             "prior preservation doubles every batch (instance + class images); turn it off to halve it"
         )
     resolution = getattr(config, "resolution", None)
-    floor = MIN_USEFUL_RESOLUTION.get(family or "", 384)
+    # Never below what training accepts without --force-resolution: the family's smallest useful size.
+    known = [FAMILIES[family]] if family in FAMILIES else list(FAMILIES.values())
+    floor = min(spec.smallest_useful_resolution for spec in known)
     if resolution is not None and resolution > floor:
         lower = max(floor, (resolution * 3 // 4) // 64 * 64)
         tips.append(f"lower the resolution (`--resolution` is {resolution}; try {lower})")
