@@ -6,9 +6,7 @@ import hashlib
 import http.server
 import json
 import shutil
-import sys
 import threading
-import types
 from pathlib import Path
 
 import pytest
@@ -169,7 +167,7 @@ def test_hub_token_is_huggingface_hubs_own_lookup(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v", "sdxl"])
 def test_family_detection_on_every_tiny_family(tiny_model_dir, family):
-    from nbkit.models.tiny import TINY_RESOLUTION
+    from nbkit.models.registry import TINY_NATIVE_RESOLUTION as TINY_RESOLUTION
 
     detected = detect_family_from_config(tiny_model_dir(family))
     prediction = "v_prediction" if family == "sd2-v" else "epsilon"
@@ -209,6 +207,8 @@ def test_tiny_key_is_built_once_and_loaded(monkeypatch):
 
 
 def test_single_file_goes_to_the_converter(tmp_path, monkeypatch):
+    import nbkit.models.loading as loading
+
     checkpoint = tmp_path / "mine.safetensors"
     checkpoint.write_bytes(b"x")
     calls = []
@@ -218,21 +218,13 @@ def test_single_file_goes_to_the_converter(tmp_path, monkeypatch):
             calls.append(("to", device, dtype))
             return self
 
-    def load_single_file(path, *, family=None):
-        calls.append((Path(path), family))
+    def load_single_file(path, *, family=None, torch_dtype=None):
+        calls.append((Path(path), family, torch_dtype))
         return Loaded()
 
-    monkeypatch.setitem(
-        sys.modules, "nbkit.convert", types.SimpleNamespace(load_single_file=load_single_file)
-    )
+    monkeypatch.setattr(loading, "load_single_file", load_single_file)
     load_pipeline(checkpoint, family="sd2", device="cpu")
-    assert calls == [(checkpoint, "sd2"), ("to", "cpu", None)]
-    monkeypatch.setitem(sys.modules, "nbkit.convert", None)  # as if nbkit.convert were not installed
-    with pytest.raises(NbkitError, match=r"needs nbkit\.convert\.load_single_file"):
-        load_pipeline(checkpoint)
-    monkeypatch.setitem(sys.modules, "nbkit.convert", types.SimpleNamespace())  # an older nbkit.convert
-    with pytest.raises(NbkitError, match=r"needs nbkit\.convert\.load_single_file"):
-        load_pipeline(checkpoint)
+    assert calls == [(checkpoint, "sd2", None), ("to", "cpu", None)]
 
 
 def test_cli_info_and_fetch(tiny_model_dir, capsys):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from nbkit.manifest import BaseModelRef, ImageRecord
-from nbkit.models.tiny import TINY_RESOLUTION
+from nbkit.models.registry import TINY_NATIVE_RESOLUTION as TINY_RESOLUTION
 from nbkit.session import Session
 
 PROMPT = "photo of zwx toy"

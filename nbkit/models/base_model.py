@@ -9,8 +9,7 @@ from pathlib import Path
 
 from nbkit.errors import NbkitError
 from nbkit.manifest import BaseModelRef
-from nbkit.models.loading import detect_family_from_config
-from nbkit.models.registry import MODELS, ModelSpec, find_model, get_family
+from nbkit.models.registry import MODELS, ModelSpec, detect_family_from_config, find_model, get_family
 from nbkit.models.sources import resolve_source
 
 

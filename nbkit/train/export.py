@@ -58,7 +58,13 @@ def training_metadata(
 
 
 def export_full_model(
-    components: Components, models_dir: Path, name: str, *, dtype: torch.dtype, metadata: dict[str, str]
+    components: Components,
+    models_dir: Path,
+    name: str,
+    *,
+    dtype: torch.dtype,
+    metadata: dict[str, str],
+    base_checkpoint: Path | None = None,
 ) -> tuple[Path, ConversionReport]:
     """Save the pipeline as `models_dir/name/` and `models_dir/name.safetensors`.
 
@@ -68,6 +74,8 @@ def export_full_model(
         name: the model's name.
         dtype: the folder's weight dtype (fp16 after a GPU run, fp32 after a CPU one).
         metadata: header metadata for the single file.
+        base_checkpoint: the base model's own single file, when it came as one: SD 2.x exports take the
+            text encoder's last block from it, as the original checkpoints carry it.
 
     Returns:
         (the diffusers folder, the conversion report of the single file: its path, hashes, size).
@@ -87,6 +95,8 @@ def export_full_model(
         metadata=metadata,
         verify=True,
         family=components.family,
+        base_checkpoint=base_checkpoint,
+        description=f"DreamBooth fine-tune of {components.family} by nbkit (session {name})",
     )
     return folder, report
 
@@ -98,8 +108,13 @@ def export_lora(
     name: str,
     *,
     metadata: dict[str, str],
+    resolution: int,
 ) -> dict[str, Path]:
-    """Save the LoRA adapters of the trained components in diffusers and kohya formats."""
+    """Save the LoRA adapters of the trained components in diffusers and kohya formats.
+
+    Args:
+        resolution: the size the LoRA trained at (its `modelspec.resolution`).
+    """
     from nbkit.train.lora_export import save_lora
 
     unet = components.unet if "unet" in trained_roles else None
@@ -115,4 +130,5 @@ def export_lora(
         family=components.family,
         metadata=metadata,
         name=name,
+        resolution=resolution,
     )

@@ -375,13 +375,25 @@ class _Reporter:
         models_dir = session.dir("models")
         if config.lora_rank > 0:
             result.lora_files = export_lora(
-                self.components, trained_roles, models_dir, session.name, metadata=metadata
+                self.components,
+                trained_roles,
+                models_dir,
+                session.name,
+                metadata=metadata,
+                resolution=config.resolution,
             )
             files, hashed = dict(result.lora_files), [result.lora_files["kohya"]]
             sha256 = {}
         else:
+            source = Path(manifest.base_model.source).expanduser()
+            base_file = source if source.suffix in (".safetensors", ".ckpt") and source.is_file() else None
             result.model_dir, report = export_full_model(
-                self.components, models_dir, session.name, dtype=weight_dtype, metadata=metadata
+                self.components,
+                models_dir,
+                session.name,
+                dtype=weight_dtype,
+                metadata=metadata,
+                base_checkpoint=base_file,
             )
             result.single_file = Path(report.output)
             files, hashed = {"folder": result.model_dir, "single_file": result.single_file}, []
