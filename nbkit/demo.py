@@ -7,9 +7,11 @@ went. Every stage calls the same code the notebooks call; nothing here is demo-o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +67,8 @@ def run_demo(
     session_name: str | None = None,
     text_encoder_steps: int = 4,
     unet_steps: int = 8,
+    web_ui: bool = False,
+    keep_ui: bool = False,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run every stage on the tiny model of `family` and return what was made.
@@ -75,6 +79,9 @@ def run_demo(
         session_name: defaults to `demo-<family>-<timestamp>`.
         text_encoder_steps: stage 1 steps.
         unet_steps: stage 2 steps.
+        web_ui: end by starting the web UI on loopback with the trained model and making one A1111 API
+            request to it.
+        keep_ui: keep the web UI running (until Ctrl+C) instead of shutting it down.
         log: where progress lines go.
     """
     from nbkit.env import describe_runtime
@@ -135,6 +142,11 @@ def run_demo(
         )
         result.artifacts["from single file"] = check
 
+    if web_ui:
+        result.artifacts["web UI answer"] = timed(
+            "web UI", lambda: try_web_ui(session, spec.native_resolution, keep_running=keep_ui, log=log)
+        )
+
     log("")
     log(f"Session {session.name} is at {session.path}")
     for label, path in result.artifacts.items():
@@ -159,3 +171,38 @@ def render_from_single_file(single_file: Path, session: Session, resolution: int
         out_path=session.dir("outputs") / f"from-single-file-{short_hash}.png",
         model_name=single_file.stem,
     )
+
+
+def try_web_ui(session: Session, resolution: int, *, keep_running: bool, log: Callable[[str], None]) -> Path:
+    """Serve the session's model on loopback, ask the A1111 API for one image, and shut down (or keep
+    serving until Ctrl+C). Returns the saved image."""
+    import requests
+
+    from nbkit.webui import launch
+
+    ui = launch(session=session, host="127.0.0.1")
+    try:
+        response = requests.post(
+            f"{ui.local_url.rstrip('/')}/sdapi/v1/txt2img",
+            json={
+                "prompt": f"photo of {DEMO_TOKEN}",
+                "steps": 2,
+                "width": resolution,
+                "height": resolution,
+                "seed": 1234,
+            },
+            timeout=600,
+        )
+        response.raise_for_status()
+        images = response.json()["images"]
+        saved = max(session.dir("outputs").rglob("*.png"), key=lambda path: path.stat().st_mtime)
+        log(
+            f"web UI at {ui.local_url}: POST /sdapi/v1/txt2img answered with {len(images)} image ({saved.name})"
+        )
+        if keep_running:
+            log("The web UI keeps running; press Ctrl+C (or interrupt the cell) to stop it.")
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
+        return saved
+    finally:
+        ui.close()

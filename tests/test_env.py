@@ -131,10 +131,6 @@ def test_storage_root_mounts_drive_on_colab(drive_root):
     assert len(drive.calls) == 1, "an already mounted Drive is not mounted again"
 
 
-def test_default_mount_point_is_colabs_usual_place():
-    assert Path("/content/drive") == env.COLAB_DRIVE_MOUNT
-
-
 def test_storage_root_on_a_shared_drive(drive_root):
     (drive_root / "Shareddrives" / "Team Art").mkdir(parents=True)
     root = env.storage_root(runtime=COLAB, environ={}, drive_module=_FakeDrive(), shared_drive="Team Art")

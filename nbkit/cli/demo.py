@@ -15,6 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--session", default=None, help="session name (default: demo-<family>-<timestamp>)")
     parser.add_argument("--te-steps", type=int, default=4, help="text-encoder steps")
     parser.add_argument("--unet-steps", type=int, default=8, help="UNet steps")
+    parser.add_argument(
+        "--keep-ui", action="store_true", help="keep the web UI running at the end (until Ctrl+C)"
+    )
+    parser.add_argument("--no-ui", action="store_true", help="skip the web UI step at the end")
     parser.set_defaults(func=command)
 
 
@@ -27,5 +31,7 @@ def command(args: argparse.Namespace) -> int:
         session_name=args.session,
         text_encoder_steps=args.te_steps,
         unet_steps=args.unet_steps,
+        web_ui=False,  # TODO until the web UI lands
+        keep_ui=args.keep_ui,
     )
     return 0
