@@ -141,19 +141,22 @@ class Manifest(StrictConfig):
     history: list[RunRecord] = dataclasses.field(default_factory=list)
     models: list[ExportedModel] = dataclasses.field(default_factory=list)
 
-    def record_run(self, kind: str, status: str, detail: dict[str, Any] | None = None) -> RunRecord:
+    def record_run(
+        self, kind: str, status: str, detail: dict[str, Any] | None = None, *, started: str | None = None
+    ) -> RunRecord:
         """Append a finished entry to the history (the one way runs are recorded); the caller saves.
 
         Args:
             kind: what ran, e.g. `train`, `images`, `import`.
             status: `ok`, `failed`, `interrupted` (or `running`).
             detail: JSON-serialisable facts about the run.
+            started: when it started (default: now).
         """
         stamp = now_iso()
         record = RunRecord.from_dict(
             {
                 "kind": kind,
-                "started": stamp,
+                "started": started or stamp,
                 "finished": stamp,
                 "status": status,
                 "detail": dict(detail or {}),

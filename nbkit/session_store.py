@@ -247,7 +247,7 @@ def _without_checkpoints(manifest: Manifest) -> Manifest:
     if state.stage == "done":
         state = dataclasses.replace(state, last_checkpoint=None)
     else:
-        state = TrainingState(stage="idle", step=0, last_checkpoint=None, seed=state.seed)
+        state = TrainingState()  # the seed stays in training.seed
     return dataclasses.replace(manifest, state=state)
 
 
