@@ -7,8 +7,11 @@ result reports the seeds used. A sampler name swaps in the matching diffusers sc
 (`nbkit.samplers`) for the call only; the caller's pipeline keeps its own. Each image comes back with
 its A1111 infotext.
 
-`GenerationSettings` holds one request, so the web UI can extend it (img2img, inpainting, hires fix)
-and report progress through `on_step` and stop through `interrupt`.
+`GenerationSettings` holds one request. The web UI runs img2img, inpainting and ControlNet through the
+same loop (a pipeline sharing the model's components, its extra inputs in `GenerationSettings.inputs`),
+adds A1111's hires fix (`HiresFix`: upscale the first pass, in latent space or as pixels, then an
+img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
+(the whole request) and `skip` (the current batch).
 
 `load_session_pipeline` loads a model a session exported (`session.manifest.models`) into a one-slot
 cache: asking for another model frees the previous one first, so a notebook GPU never holds two.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import json
 import random
 import threading
@@ -39,9 +43,64 @@ if TYPE_CHECKING:
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this
 SIZE_MULTIPLE = 8  # the VAE's downsampling factor
+# A1111's latent upscalers: torch interpolation mode and antialiasing.
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# A1111's pixel upscalers nbkit has; "None" is A1111's plain Lanczos resize. Its model-based ones
+# (ESRGAN, SwinIR, LDSR, ...) are done with Lanczos, and the infotext says so.
+PIXEL_UPSCALERS = ("Lanczos", "Nearest", "None")
 # Not a PEP 440 version on purpose: A1111 turns on back-compat switches for infotexts whose Version
 # parses as older than its own (e.g. "Old prompt editing timelines" below 1.6).
 VERSION = f"nbkit {nbkit.__version__}"
+
+
+@dataclasses.dataclass
+class HiresFix:
+    """A1111's hires fix: upscale each first-pass image, then redraw it with an img2img pass.
+
+    Args:
+        scale: the upscale factor (the size is rounded down to a multiple of 8).
+        upscaler: an A1111 upscaler name: the `LATENT_UPSCALERS` work on latents, `PIXEL_UPSCALERS` on
+            the decoded image; any other (a model-based one such as "R-ESRGAN 4x+") is done with Lanczos.
+        steps: the second pass's steps (0: as many as the first pass).
+        denoising_strength: how much the second pass redraws (0..1].
+    """
+
+    scale: float = 2.0
+    upscaler: str = "Latent"
+    steps: int = 0
+    denoising_strength: float = 0.7
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The upscaled (width, height)."""
+        return (
+            int(width * self.scale) // SIZE_MULTIPLE * SIZE_MULTIPLE,
+            int(height * self.scale) // SIZE_MULTIPLE * SIZE_MULTIPLE,
+        )
+
+    @property
+    def used_upscaler(self) -> str:
+        """The upscaler that is really used (Lanczos for the ones nbkit does not have)."""
+        known = self.upscaler in LATENT_UPSCALERS or self.upscaler in PIXEL_UPSCALERS
+        return self.upscaler if known else "Lanczos"
+
+    def parameters(self, settings: GenerationSettings) -> dict[str, Any]:
+        """The infotext pairs A1111 writes for it."""
+        pairs: dict[str, Any] = {
+            "Denoising strength": self.denoising_strength,
+            "Hires upscale": self.scale,
+            "Hires steps": self.steps or None,
+            "Hires upscaler": self.used_upscaler,
+        }
+        if self.used_upscaler != self.upscaler:
+            pairs["Hires upscaler requested"] = self.upscaler
+        return pairs
 
 
 @dataclasses.dataclass
@@ -63,6 +122,11 @@ class GenerationSettings:
         model_name: the infotext's `Model`.
         model_hash: the infotext's `Model hash` (A1111's 10-hex short hash).
         extra_parameters: more infotext pairs, written after `Model` (e.g. "Lora hashes").
+        infotext_prompts: the prompts the infotexts name, when they differ from `prompts` (A1111
+            writes the prompt as typed, `<lora:...>` tags and all, while the model sees it without).
+        inputs: more arguments for every pipeline call (img2img's `image` and `strength`, a mask, a
+            control image); a PIL image is given once per image of the batch.
+        hires: A1111's hires fix (text-to-image only), or None.
     """
 
     prompts: list[str]
@@ -78,6 +142,9 @@ class GenerationSettings:
     model_name: str | None = None
     model_hash: str | None = None
     extra_parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    infotext_prompts: list[str] | None = None
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hires: HiresFix | None = None
 
     def negative_prompts(self) -> list[str]:
         """The negative prompt of each image."""
@@ -97,6 +164,7 @@ class StepProgress:
         step: the steps done in this batch (1-based).
         steps: the batch's steps in all (second-order samplers take about twice `settings.steps`).
         latents: the current latents, for a preview.
+        hires: True during the hires fix's second pass.
     """
 
     batch: int
@@ -105,6 +173,7 @@ class StepProgress:
     step: int
     steps: int
     latents: Any = None
+    hires: bool = False
 
 
 @dataclasses.dataclass
@@ -175,6 +244,26 @@ def check_inputs(settings: GenerationSettings) -> None:
         resolve(settings.sampler, settings.schedule)  # unknown names: ValueError listing the valid ones
     if not isinstance(settings.extra_parameters, dict):
         raise ValueError(f"extra_parameters must be a dict, got {settings.extra_parameters!r}")
+    shown = settings.infotext_prompts
+    if shown is not None and (not isinstance(shown, list) or len(shown) != len(prompts)):
+        raise ValueError(f"infotext_prompts must be a list of {len(prompts)} prompts, got {shown!r}")
+    if not isinstance(settings.inputs, dict):
+        raise ValueError(f"inputs must be a dict, got {settings.inputs!r}")
+    hires = settings.hires
+    if hires is not None:
+        if not _is_number(hires.scale) or not 1 <= hires.scale <= 8:
+            raise ValueError(f"hires scale must be a number from 1 to 8, got {hires.scale!r}")
+        if not _is_int(hires.steps) or hires.steps < 0:
+            raise ValueError(f"hires steps must be an integer >= 0, got {hires.steps!r}")
+        strength = hires.denoising_strength
+        if not _is_number(strength) or not 0 < strength <= 1:
+            raise ValueError(f"hires denoising_strength must be in (0, 1], got {strength!r}")
+        if int((hires.steps or settings.steps) * strength) < 1:
+            raise ValueError(
+                f"hires denoising_strength {strength} of {hires.steps or settings.steps} steps leaves no step"
+            )
+        if not isinstance(hires.upscaler, str) or not hires.upscaler.strip():
+            raise ValueError(f"hires upscaler must be a name, got {hires.upscaler!r}")
 
 
 def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None = None) -> list[int]:
@@ -195,23 +284,76 @@ def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None 
 
 def _step_callback(
     on_step: Callable[[StepProgress], None] | None,
-    interrupt: threading.Event | None,
+    stops: list[threading.Event],
     batch: int,
     batches: int,
     images: list[int],
+    hires: bool = False,
 ) -> Callable | None:
-    if on_step is None and interrupt is None:
+    if on_step is None and not stops:
         return None
 
     def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             total = getattr(pipeline, "num_timesteps", None) or index + 1
-            on_step(StepProgress(batch, batches, images, index + 1, total, tensors.get("latents")))
-        if interrupt is not None and interrupt.is_set():
+            on_step(StepProgress(batch, batches, images, index + 1, total, tensors.get("latents"), hires))
+        if any(event.is_set() for event in stops):
             pipeline._interrupt = True  # diffusers skips the remaining steps and decodes what it has
         return tensors
 
     return callback
+
+
+def _accepts(pipeline: Any, name: str) -> bool:
+    parameters = inspect.signature(pipeline.__call__).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _per_image(inputs: dict[str, Any], count: int) -> dict[str, Any]:
+    from PIL import Image
+
+    return {
+        key: [value] * count if isinstance(value, Image.Image) else value for key, value in inputs.items()
+    }
+
+
+def decode_latents(pipeline: Any, latents: Any) -> list[Image.Image]:
+    """PIL images from a pipeline's latents (as `output_type="pil"` would make them)."""
+    import torch
+
+    vae = pipeline.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    with torch.no_grad():
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            pixels = vae.decode(latents.to(vae.device, dtype) / vae.config.scaling_factor).sample
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+    return pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+
+def upscale(images: Any, hires: HiresFix, width: int, height: int) -> Any:
+    """First-pass output upscaled to (width, height): latents for latent upscalers, else PIL images.
+
+    Args:
+        images: a latent tensor (latent upscalers) or PIL images.
+        hires: the hires settings.
+        width: the target width in pixels.
+        height: the target height in pixels.
+    """
+    from PIL import Image
+
+    if hires.used_upscaler in LATENT_UPSCALERS:
+        import torch
+
+        mode, antialias = LATENT_UPSCALERS[hires.used_upscaler]
+        size = (height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
+        return torch.nn.functional.interpolate(images, size=size, mode=mode, antialias=antialias)
+    resample = Image.Resampling.NEAREST if hires.used_upscaler == "Nearest" else Image.Resampling.LANCZOS
+    return [image.resize((width, height), resample) for image in images]
 
 
 def _parameters(settings: GenerationSettings, scheduler: Any, guidance: Any, seed: int) -> dict[str, Any]:
@@ -229,6 +371,7 @@ def _parameters(settings: GenerationSettings, scheduler: Any, guidance: Any, see
         "Size": f"{settings.width}x{settings.height}",
         "Model hash": settings.model_hash,
         "Model": settings.model_name,
+        **(settings.hires.parameters(settings) if settings.hires is not None else {}),
         **settings.extra_parameters,
         "Version": VERSION,
     }
@@ -241,17 +384,24 @@ def generate_images(
     on_step: Callable[[StepProgress], None] | None = None,
     interrupt: threading.Event | None = None,
     on_batch: Callable[[list[int], list[Image.Image], list[str]], None] | None = None,
+    skip: threading.Event | None = None,
+    hires_pipeline: Any = None,
 ) -> GenerationResult:
-    """Run one text-to-image request (see `generate` for the keyword form).
+    """Run one request (see `generate` for the keyword form).
 
     Args:
-        pipeline: a diffusers text-to-image pipeline (SD1/SD2/SDXL), used as it is.
+        pipeline: a diffusers SD1/SD2/SDXL pipeline, used as it is: text-to-image, or img2img,
+            inpainting or ControlNet with their inputs in `settings.inputs`.
         settings: the request.
         on_step: called after every denoising step with a `StepProgress`.
         interrupt: when set, the current batch ends after its current step (its images are
             decoded as they are, as A1111 does) and no further batch starts.
         on_batch: called with the image indices, images and infotexts of each finished batch (to
             save them as they come).
+        skip: when set, the current batch ends after its current step (its images are kept, as
+            A1111 does) and the next batch starts; it is cleared for the next batch.
+        hires_pipeline: the img2img pipeline of the hires fix's second pass (default: one made with
+            `AutoPipelineForImage2Image.from_pipe(pipeline)`, sharing its components).
     """
     import torch
 
@@ -259,57 +409,99 @@ def generate_images(
     count = len(settings.prompts)
     seeds = resolve_seeds(settings.seeds, count)
     negatives = settings.negative_prompts()
-    original = pipeline.scheduler
-    scheduler = original
+    shown_prompts = settings.infotext_prompts or settings.prompts
+    hires = settings.hires
+    if hires is not None and hires_pipeline is None:
+        from diffusers import AutoPipelineForImage2Image
+
+        hires_pipeline = AutoPipelineForImage2Image.from_pipe(pipeline)
+    pipelines = [pipeline] + ([hires_pipeline] if hires is not None else [])
+    originals = [p.scheduler for p in pipelines]
+    schedulers = list(originals)
     if settings.sampler is not None:
-        scheduler = build_scheduler(original.config, settings.sampler, settings.schedule)
+        schedulers = [
+            build_scheduler(p.scheduler.config, settings.sampler, settings.schedule) for p in pipelines
+        ]
+    scheduler = schedulers[0]
     starts = list(range(0, count, settings.batch_size))
     images: list[Image.Image] = []
     infotexts: list[str] = []
     interrupted = False
+    stops = [event for event in (interrupt, skip) if event is not None]
     kwargs: dict[str, Any] = {}
     if settings.guidance_scale is not None:
         kwargs["guidance_scale"] = settings.guidance_scale
+    if _accepts(pipeline, "height"):  # img2img pipelines take the size from their image
+        kwargs.update(height=settings.height, width=settings.width)
+    latent_hires = hires is not None and hires.used_upscaler in LATENT_UPSCALERS
     try:
-        if scheduler is not original:
-            pipeline.scheduler = scheduler
+        for p, new in zip(pipelines, schedulers, strict=True):
+            p.scheduler = new
         for batch, start in enumerate(starts):
             if interrupt is not None and interrupt.is_set():
                 interrupted = True
                 break
+            if skip is not None:
+                skip.clear()  # as A1111: a skip asked between batches does not carry over
             indices = list(range(start, min(start + settings.batch_size, count)))
             batch_seeds = [seeds[index] for index in indices]
             batch_negatives = [negatives[index] for index in indices]
-            if hasattr(scheduler, "noise_sampler_seed"):
-                # DPM++ SDE draws Brownian noise from its own seed: per image, as A1111 does.
-                scheduler.noise_sampler_seed = batch_seeds if len(batch_seeds) > 1 else batch_seeds[0]
+            for new in schedulers:
+                if hasattr(new, "noise_sampler_seed"):
+                    # DPM++ SDE draws Brownian noise from its own seed: per image, as A1111 does.
+                    new.noise_sampler_seed = batch_seeds if len(batch_seeds) > 1 else batch_seeds[0]
+            prompts = [settings.prompts[index] for index in indices]
+            # None rather than "": SDXL uses zeros, not the encoded empty prompt, for no negative.
+            negative = batch_negatives if any(batch_negatives) else None
             output = pipeline(
-                prompt=[settings.prompts[index] for index in indices],
-                # None rather than "": SDXL uses zeros, not the encoded empty prompt, for no negative.
-                negative_prompt=batch_negatives if any(batch_negatives) else None,
+                prompt=prompts,
+                negative_prompt=negative,
                 num_inference_steps=settings.steps,
-                height=settings.height,
-                width=settings.width,
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
-                output_type="pil",
-                callback_on_step_end=_step_callback(on_step, interrupt, batch, len(starts), indices),
+                output_type="latent" if latent_hires else "pil",
+                callback_on_step_end=_step_callback(on_step, stops, batch, len(starts), indices),
+                **_per_image(settings.inputs, len(indices)),
                 **kwargs,
             )
+            batch_images = output.images
+            if hires is not None:
+                if any(event.is_set() for event in stops):
+                    # Stopped in the first pass: no second pass (A1111 returns the first pass too).
+                    if latent_hires:
+                        batch_images = decode_latents(pipeline, batch_images)
+                else:
+                    width, height = hires.size(settings.width, settings.height)
+                    second = (
+                        {"guidance_scale": kwargs["guidance_scale"]} if "guidance_scale" in kwargs else {}
+                    )
+                    batch_images = hires_pipeline(
+                        prompt=prompts,
+                        negative_prompt=negative,
+                        image=upscale(batch_images, hires, width, height),
+                        strength=hires.denoising_strength,
+                        num_inference_steps=hires.steps or settings.steps,
+                        generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
+                        output_type="pil",
+                        callback_on_step_end=_step_callback(
+                            on_step, stops, batch, len(starts), indices, hires=True
+                        ),
+                        **second,
+                    ).images
             guidance = settings.guidance_scale
             if guidance is None:
                 guidance = getattr(pipeline, "guidance_scale", None)
-            for index, image in zip(indices, output.images, strict=True):
+            for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
                 parameters = _parameters(settings, scheduler, guidance, seeds[index])
-                infotexts.append(format_infotext(settings.prompts[index], negatives[index], parameters))
+                infotexts.append(format_infotext(shown_prompts[index], negatives[index], parameters))
             if on_batch is not None:
                 on_batch(indices, images[-len(indices) :], infotexts[-len(indices) :])
             if interrupt is not None and interrupt.is_set():
                 interrupted = True
                 break
     finally:
-        if scheduler is not original:
-            pipeline.scheduler = original
+        for p, original in zip(pipelines, originals, strict=True):
+            p.scheduler = original
     return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted)
 
 
@@ -332,6 +524,7 @@ def generate(
     on_step: Callable[[StepProgress], None] | None = None,
     interrupt: threading.Event | None = None,
     on_batch: Callable[[list[int], list[Image.Image], list[str]], None] | None = None,
+    skip: threading.Event | None = None,
 ) -> GenerationResult:
     """Generate one image per prompt with a diffusers text-to-image pipeline.
 
@@ -353,6 +546,7 @@ def generate(
         on_step: progress callback, called after every denoising step.
         interrupt: an event that stops generation early when set.
         on_batch: called with each finished batch's image indices, images and infotexts.
+        skip: an event that ends the current batch early when set (the next one still runs).
 
     Returns:
         A `GenerationResult` with the images, their infotexts and the seeds used.
@@ -372,7 +566,9 @@ def generate(
         model_hash=model_hash,
         extra_parameters=dict(extra_parameters or {}),
     )
-    return generate_images(pipeline, settings, on_step=on_step, interrupt=interrupt, on_batch=on_batch)
+    return generate_images(
+        pipeline, settings, on_step=on_step, interrupt=interrupt, on_batch=on_batch, skip=skip
+    )
 
 
 # --- session models ---------------------------------------------------------------------------------

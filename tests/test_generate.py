@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import threading
@@ -340,3 +341,30 @@ def test_infotext_fields_name_the_model_as_a1111_does():
         "model_hash": None,
         "extra_parameters": {"Lora hashes": "dog: aaaaaaaaaaaa"},
     }
+
+
+def test_hires_fix_skip_and_infotext_prompts(sd1):
+    from nbkit.generate import GenerationSettings, HiresFix, generate_images
+
+    settings = GenerationSettings(
+        prompts=["a dog"] * 2,
+        infotext_prompts=["a dog <lora:x:1>"] * 2,
+        seeds=3,
+        batch_size=1,
+        hires=HiresFix(scale=2, upscaler="Latent (bicubic)", denoising_strength=0.5),
+        **{**FAST, "guidance_scale": 7.0},
+    )
+    skip = threading.Event()
+
+    def on_step(step):
+        if step.batch == 0 and not step.hires and step.step == 1:
+            skip.set()  # batch 0 ends in its first pass: no hires pass for it
+
+    result = generate_images(sd1, settings, on_step=on_step, skip=skip)
+    assert [image.size for image in result.images] == [(64, 64), (128, 128)]
+    assert not result.interrupted and not skip.is_set()
+    info = parse_infotext(result.infotexts[1])
+    assert info.prompt == "a dog <lora:x:1>"
+    assert info.parameters["Hires upscaler"] == "Latent (bicubic)" and info.parameters["Hires upscale"] == "2"
+    with pytest.raises(ValueError, match="hires scale"):
+        generate_images(sd1, dataclasses.replace(settings, hires=HiresFix(scale=0)))

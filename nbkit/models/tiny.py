@@ -293,3 +293,81 @@ def _pickle_transformers_weights(folder: Path) -> None:
     weights = folder / "model.safetensors"
     torch.save(load_file(weights), folder / "pytorch_model.bin")
     weights.unlink()
+
+
+def build_tiny_controlnet(family: str, *, seed: int = 0):
+    """A tiny ControlNet for the tiny `family` model, made from its UNet (`ControlNetModel.from_unet`).
+
+    A fresh ControlNet's zero convolutions make it do nothing; here they get small random weights, so
+    that a control map visibly changes the image, as a trained ControlNet's does.
+
+    Args:
+        family: one of `TINY_FAMILIES`.
+        seed: seed for the tiny UNet it copies and for the zero convolutions' weights.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    check_family(family)
+    pipeline = build_tiny_pipeline(family, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        controlnet = ControlNetModel.from_unet(pipeline.unet)
+        with torch.no_grad():
+            for name, parameter in controlnet.named_parameters():
+                if name.startswith(
+                    ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")
+                ):
+                    parameter.copy_(torch.randn_like(parameter) * 0.2)
+    return controlnet
+
+
+def save_tiny_controlnet(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Build a tiny ControlNet (`build_tiny_controlnet`) and save it as a diffusers folder.
+
+    Args:
+        family: one of `TINY_FAMILIES`.
+        out_dir: the folder, replaced atomically (new, empty, or a model saved earlier).
+        seed: as for `build_tiny_controlnet`.
+    """
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, "config.json")
+    controlnet = build_tiny_controlnet(family, seed=seed)
+    with atomic_directory(out_dir) as temporary:
+        controlnet.save_pretrained(temporary)
+    return out_dir
+
+
+def save_tiny_depth_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Save a tiny random DPT depth-estimation model with its image processor, loadable with
+    `AutoModelForDepthEstimation` / `AutoImageProcessor` (stands in for a real depth model offline).
+
+    Args:
+        out_dir: the folder, replaced atomically (new, empty, or a model saved earlier).
+        seed: seed for the weights.
+    """
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, "config.json")
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        backbone_out_indices=(0, 1, 2, 3),
+        neck_hidden_sizes=(16, 16, 16, 16),
+        fusion_hidden_size=16,
+        use_auxiliary_head=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(config)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    with atomic_directory(out_dir) as temporary:
+        model.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+    return out_dir

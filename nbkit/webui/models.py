@@ -4,19 +4,26 @@ Checkpoints come from: the session's exported models (`session.json`'s `models`)
 models, and single files in `<storage root>/models/`. A checkpoint's A1111 title is
 `<file name> [<short hash>]`; POST `/sdapi/v1/options` and the model dropdown accept a title, a
 model name or a hash. LoRAs come from the session's LoRA exports and `<storage root>/loras/`.
+
+The files of the models and loras folders are hashed once: their sha256 is kept in a small
+`.nbkit-hashes.json` beside them, keyed by name, size and modification time, so a refresh re-hashes
+only new or changed files (a 7 GB checkpoint on Drive takes a minute to hash).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
 from typing import Literal
 
 from nbkit.errors import NbkitError
+from nbkit.fsio import atomic_write_json, read_json
 from nbkit.models.registry import MODELS
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+HASH_CACHE = ".nbkit-hashes.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +141,17 @@ class ModelCatalog:
                         )
                     )
         if self.storage_root is not None:
-            for path in _files(self.storage_root / "models", CHECKPOINT_SUFFIXES):
-                checkpoints.append(ModelEntry(path.name, path.stem, str(path), str(path), "file"))
+            models = _files(self.storage_root / "models", CHECKPOINT_SUFFIXES)
+            for path, sha256 in zip(models, file_hashes(models), strict=True):
+                checkpoints.append(
+                    ModelEntry(
+                        _title(path.name, sha256), path.stem, str(path), str(path), "file", None, sha256
+                    )
+                )
+            lora_files = _files(self.storage_root / "loras", (".safetensors",))
             loras += [
-                LoraEntry(path.stem, path) for path in _files(self.storage_root / "loras", (".safetensors",))
+                LoraEntry(path.stem, path, sha256)
+                for path, sha256 in zip(lora_files, file_hashes(lora_files), strict=True)
             ]
         if self.include_base_models:
             for spec in MODELS.values():
@@ -148,9 +162,15 @@ class ModelCatalog:
         self.loras = loras
 
     def add(self, source: str, family: str | None = None) -> ModelEntry:
-        """Offer a custom path, folder, hub id or URL; returns its entry."""
+        """Offer a custom path, folder, hub id or URL; returns its entry (a local file gets its hash)."""
         name = Path(source.rstrip("/")).name or source
-        entry = ModelEntry(name, Path(name).stem, source, source, "file", family)
+        path = Path(source).expanduser()
+        sha256 = None
+        if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            from nbkit.convert.hashes import model_hashes
+
+            sha256 = model_hashes(path)[0]
+        entry = ModelEntry(_title(name, sha256), Path(name).stem, source, source, "file", family, sha256)
         self._extra.append(entry)
         self.checkpoints.append(entry)
         return entry
@@ -177,6 +197,44 @@ class ModelCatalog:
                 return entry
         known = ", ".join(entry.name for entry in self.loras) or "none"
         raise NbkitError(f"no LoRA is called {name!r}", fix=f"the LoRAs are: {known}")
+
+
+def file_hashes(paths: list[Path]) -> list[str | None]:
+    """The sha256 of each file, from the `.nbkit-hashes.json` beside it when the file is unchanged.
+
+    New or changed files are hashed and the cache rewritten (atomically); a folder that cannot be
+    written (read-only) still gets its hashes, only not cached.
+
+    Args:
+        paths: files, any number of folders.
+    """
+    from nbkit.convert.hashes import model_hashes
+
+    result: list[str | None] = []
+    caches: dict[Path, dict] = {}
+    changed: set[Path] = set()
+    for path in paths:
+        folder = path.parent
+        if folder not in caches:
+            try:
+                cache = read_json(folder / HASH_CACHE)
+            except (OSError, ValueError, NbkitError):
+                cache = {}
+            caches[folder] = cache if isinstance(cache, dict) else {}
+        stat = path.stat()
+        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        known = caches[folder].get(path.name)
+        if isinstance(known, dict) and all(known.get(k) == v for k, v in key.items()) and known.get("sha256"):
+            result.append(known["sha256"])
+            continue
+        sha256 = model_hashes(path)[0]
+        caches[folder][path.name] = {**key, "sha256": sha256}
+        changed.add(folder)
+        result.append(sha256)
+    for folder in changed:
+        with contextlib.suppress(OSError):  # a read-only folder: hashed again next time
+            atomic_write_json(folder / HASH_CACHE, caches[folder])
+    return result
 
 
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:

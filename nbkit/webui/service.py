@@ -4,6 +4,13 @@ One `GenerationService` holds one loaded checkpoint and runs requests on it: txt
 inpaint on shared components, with A1111's samplers, seeds, batches, hires fix, LoRAs and ControlNet.
 The UI and the API build a `GenerationRequest` and hand `service.generate` to the `GpuQueue`, so
 requests run one at a time; `progress()`, `interrupt()` and `skip()` may be called from any thread.
+
+img2img, inpainting and ControlNet pipelines are made per request with diffusers' `from_pipe` from
+the loaded pipeline: they share its modules (no second copy of the weights), and a chosen VAE or a
+ControlNet is passed in as one more component. LoRAs named in the prompt are loaded into the shared
+modules for the request and unloaded after it. Inpainting follows A1111: the mask is blurred by
+`mask_blur`, "masked content" prepares the masked area, and the result is pasted over the original
+through the blurred mask, so the unmasked area keeps its pixels exactly.
 """
 
 from __future__ import annotations
@@ -12,15 +19,31 @@ import dataclasses
 import gc
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from nbkit.errors import NbkitError
+from nbkit.webui import controlnet as cn
+from nbkit.webui.lora import applied_loras, lora_hash, lora_hashes_text, parse_loras
 from nbkit.webui.models import ModelCatalog, ModelEntry
 from nbkit.webui.outputs import OutputStore
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
+MODES = ("txt2img", "img2img", "inpaint")
+# A1111's "Approx cheap" live preview: a linear map from the 4 latent channels to RGB, per family.
+PREVIEW_COEFFICIENTS = {
+    "sd": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
+    "sdxl": (
+        (0.3448, 0.4168, 0.4395),
+        (-0.1953, -0.0290, 0.0250),
+        (0.1074, 0.0886, -0.0163),
+        (-0.3730, -0.2499, -0.2088),
+    ),
+}
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
+ATTENTION = ("sdpa", "xformers")
 
 
 @dataclasses.dataclass
@@ -28,16 +51,24 @@ class ControlNetUnit:
     """One ControlNet applied to a request.
 
     Args:
-        model: a ControlNet registry key or path (`nbkit.webui.controlnet`).
+        model: a ControlNet registry key, hub repo id or local folder (`nbkit.webui.controlnet`).
         image: the input picture (preprocessed unless `preprocessor` is `none`).
         preprocessor: `canny`, `depth` or `none` (the image already is a control map).
         weight: the conditioning scale.
+        guidance_start: the fraction of the steps where the ControlNet starts acting.
+        guidance_end: the fraction of the steps where it stops.
+        low_threshold: Canny's low threshold.
+        high_threshold: Canny's high threshold.
     """
 
     model: str
     image: Image.Image
     preprocessor: str = "none"
     weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    low_threshold: int = 100
+    high_threshold: int = 200
 
 
 @dataclasses.dataclass
@@ -102,6 +133,7 @@ class GenerationRequest:
 
 
 @dataclasses.dataclass
+@dataclasses.dataclass
 class GenerationOutput:
     """What a request made.
 
@@ -114,6 +146,7 @@ class GenerationOutput:
         model: the checkpoint used.
         interrupted: True when stopped early.
         seconds: wall time.
+        control_image: the ControlNet's control map, when one was used.
     """
 
     images: list[Image.Image]
@@ -124,6 +157,7 @@ class GenerationOutput:
     model: ModelEntry | None
     interrupted: bool = False
     seconds: float = 0.0
+    control_image: Image.Image | None = None
 
 
 @dataclasses.dataclass
@@ -171,6 +205,97 @@ class Progress:
         return elapsed / self.fraction - elapsed
 
 
+def latent_preview(latents: Any, sdxl: bool = False) -> Image.Image:
+    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size)."""
+    import torch
+
+    coefficients = torch.tensor(PREVIEW_COEFFICIENTS["sdxl" if sdxl else "sd"], dtype=torch.float32)
+    rgb = torch.einsum("lxy,lr->rxy", latents[0].detach().float().cpu()[:4], coefficients)
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels)
+
+
+def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
+    """A1111's mask blur: a Gaussian of sigma `radius`, across then down (kernel 2*int(2.5r+0.5)+1)."""
+    if radius <= 0:
+        return mask
+    import cv2
+    import numpy as np
+
+    size = 2 * int(2.5 * radius + 0.5) + 1
+    pixels = cv2.GaussianBlur(np.asarray(mask), (size, 1), radius)
+    return Image.fromarray(cv2.GaussianBlur(pixels, (1, size), radius))
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content: the masked area gets the colours around it, from ever finer blurs
+    of the unmasked picture laid over each other."""
+    masked = Image.new("RGBa", image.size)
+    masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask))
+    result = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            result.alpha_composite(blurred)
+    return result.convert("RGB")
+
+
+def check_request(request: GenerationRequest) -> None:
+    """Check a request's own fields before anything loads; raises ValueError naming the bad value.
+
+    (Sizes, steps, seeds and samplers are checked by `nbkit.generate.check_inputs`.)
+
+    Args:
+        request: the request.
+    """
+
+    def whole(name: str, low: int, high: int | None = None) -> None:
+        value = getattr(request, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            span = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+
+    if request.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {request.mode!r}")
+    whole("batch_size", 1)
+    whole("n_iter", 1)
+    whole("resize_mode", 0, 3)
+    if request.mode != "txt2img":
+        if not isinstance(request.init_image, Image.Image):
+            raise ValueError(f"{request.mode} needs an init image")
+        strength = request.denoising_strength
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+            raise ValueError(f"denoising_strength must be in (0, 1], got {strength!r}")
+        if isinstance(request.steps, int) and int(request.steps * strength) < 1:
+            raise ValueError(
+                f"denoising_strength {strength} of {request.steps} steps leaves no step to run; "
+                "raise the steps or the strength"
+            )
+    if request.mode == "inpaint":
+        if not isinstance(request.mask, Image.Image):
+            raise ValueError("inpaint needs a mask (white: repaint)")
+        whole("mask_blur", 0, 256)
+        whole("inpainting_fill", 0, 3)
+    if request.controlnet is not None:
+        unit = request.controlnet
+        if not isinstance(unit.image, Image.Image):
+            raise ValueError("the ControlNet unit needs an image")
+        if unit.preprocessor.strip().lower() not in cn.PREPROCESSORS:
+            raise ValueError(
+                f"preprocessor must be one of {', '.join(cn.PREPROCESSORS)}, got {unit.preprocessor!r}"
+            )
+        if not 0 <= unit.guidance_start < unit.guidance_end <= 1:
+            raise ValueError(
+                f"ControlNet guidance must satisfy 0 <= start < end <= 1, got {unit.guidance_start}, "
+                f"{unit.guidance_end}"
+            )
+
+
 class GenerationService:
     """One loaded checkpoint and the requests that run on it.
 
@@ -181,6 +306,8 @@ class GenerationService:
             catalog's first, loaded on the first request.
         device: `cuda`/`cpu` (default: CUDA when available).
         low_vram: on a GPU, attention slicing, VAE tiling and model CPU offload.
+        attention: `sdpa` (PyTorch's scaled dot-product attention, diffusers' default) or `xformers`
+            (used only when it imports and runs with this torch; else SDPA, said in `notes`).
     """
 
     def __init__(
@@ -191,21 +318,33 @@ class GenerationService:
         model: str | None = None,
         device: str | None = None,
         low_vram: bool = False,
+        attention: str = "sdpa",
     ):
         import torch
 
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.catalog = catalog
         self.outputs = outputs
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.low_vram = low_vram
+        self.attention = attention
         self.pipeline: Any = None
         self.current: ModelEntry | None = None
+        self.notes: list[str] = []
+        self.preview_every = 5  # steps between live previews
+        self.depth_model = cn.DEFAULT_DEPTH_MODEL  # what the depth preprocessor loads
         self._wanted = model
         self._progress = Progress()
         self._progress_lock = threading.Lock()
         self._interrupt = threading.Event()
         self._skip = threading.Event()
+        self._passes = 1
+        self._vae: tuple[str, Any] | None = None
+        self._controlnet: tuple[str, Any] | None = None
+        self._depth: cn.DepthEstimator | None = None
+        self._lora_hashes: dict[tuple, str] = {}
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -235,17 +374,28 @@ class GenerationService:
             self._set_progress(job="", textinfo="")
         return entry
 
+    @property
+    def _offload(self) -> bool:
+        return self.device.type == "cuda" and self.low_vram
+
     def _place(self, pipeline: Any) -> Any:
-        if self.device.type == "cuda" and self.low_vram:
+        if self.device.type == "cuda" and self.attention == "xformers":
+            try:
+                pipeline.enable_xformers_memory_efficient_attention()
+            except Exception as error:  # not installed, or built for another torch: SDPA stays
+                self.notes.append(f"xformers is not usable here ({error}); using PyTorch SDPA attention")
+        if self._offload:
             pipeline.enable_attention_slicing()
             pipeline.enable_vae_tiling()
-            pipeline.enable_model_cpu_offload()
+            pipeline.enable_model_cpu_offload(device=self.device)
             return pipeline
         return pipeline.to(self.device)
 
     def unload(self) -> None:
-        """Free the loaded weights (CUDA memory included)."""
+        """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
         self.pipeline = self.current = None
+        self._vae = self._controlnet = None
+        self._depth = None
         gc.collect()
         import torch
 
@@ -260,24 +410,201 @@ class GenerationService:
             self.select_model(self._wanted or self.catalog.checkpoints[0].title)
         return self.current
 
+    def _load_vae(self, source: str) -> Any:
+        """The VAE at `source` (cached for the next request): a VAE folder, a pipeline folder with
+        `vae/`, or a single file (diffusers or original layout, read with the model's VAE config)."""
+        if self._vae is not None and self._vae[0] == source:
+            return self._vae[1]
+        from diffusers import AutoencoderKL
+
+        path = Path(source).expanduser()
+        self._vae = None
+        try:
+            if path.is_dir():
+                subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=self.dtype)
+            elif path.is_file():
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as config:
+                    self.pipeline.vae.save_config(config)
+                    vae = AutoencoderKL.from_single_file(
+                        str(path), config=config, torch_dtype=self.dtype, local_files_only=True
+                    )
+            else:
+                raise NbkitError("no such VAE file or folder", path=path, fix="check the path")
+        except (OSError, ValueError, KeyError) as error:
+            raise NbkitError(
+                f"could not load this VAE: {error}",
+                path=path,
+                fix="give a diffusers VAE folder or a VAE file",
+            ) from error
+        if vae.config.latent_channels != self.pipeline.vae.config.latent_channels:
+            raise NbkitError(
+                f"this VAE has {vae.config.latent_channels} latent channels, the model "
+                f"{self.pipeline.vae.config.latent_channels}",
+                path=path,
+                fix="pick a VAE made for this model's family",
+            )
+        vae = vae if self._offload else vae.to(self.device)
+        self._vae = (source, vae)
+        return vae
+
+    def _load_controlnet(self, unit: ControlNetUnit) -> tuple[cn.ControlNetSource, Any]:
+        source = cn.find_controlnet(unit.model)
+        cn.check_compatible(source, self.pipeline.unet.config, self.current.family if self.current else None)
+        if self._controlnet is None or self._controlnet[0] != source.source:
+            self._controlnet = None  # free the old one first
+            model = cn.load_controlnet(source, torch_dtype=self.dtype)
+            self._controlnet = (source.source, model if self._offload else model.to(self.device))
+        return source, self._controlnet[1]
+
+    def _depth_estimator(self) -> cn.DepthEstimator:
+        if self._depth is None or self._depth.name != self.depth_model:
+            self._depth = cn.DepthEstimator(self.depth_model, device=self.device)
+        return self._depth
+
+    def _derive(self, mode: str, **components: Any) -> Any:
+        """A `mode` pipeline on the loaded pipeline's modules (plus a VAE or ControlNet override)."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        components = {name: value for name, value in components.items() if value is not None}
+        if mode == "txt2img" and not components and not self._offload:
+            return self.pipeline
+        auto = {
+            "txt2img": AutoPipelineForText2Image,
+            "img2img": AutoPipelineForImage2Image,
+            "inpaint": AutoPipelineForInpainting,
+        }[mode]
+        pipeline = auto.from_pipe(self.pipeline, **components)
+        pipeline.set_progress_bar_config(disable=True)
+        if self._offload:
+            # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.
+            pipeline.enable_model_cpu_offload(device=self.device)
+        return pipeline
+
+    def _lora_hash(self, path: Path) -> str | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._lora_hashes:
+            self._lora_hashes[key] = lora_hash(path)
+        return self._lora_hashes[key]
+
+    def memory(self) -> dict[str, Any]:
+        """A1111's /sdapi/v1/memory: RAM, and CUDA memory (or why there is none)."""
+        import psutil
+        import torch
+
+        ram = psutil.virtual_memory()
+        result: dict[str, Any] = {
+            "ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}
+        }
+        if not torch.cuda.is_available():
+            result["cuda"] = {"error": "CUDA is not available"}
+            return result
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+
+        def pair(name: str) -> dict[str, int]:
+            return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+        result["cuda"] = {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": pair("active_bytes"),
+            "allocated": pair("allocated_bytes"),
+            "reserved": pair("reserved_bytes"),
+            "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+        }
+        return result
+
     # --- generation ---------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest) -> GenerationOutput:
         """Run one request on the loaded checkpoint (load it first if needed). Not thread-safe: call it
         through the `GpuQueue`."""
-        if request.mode != "txt2img" or request.enable_hr or request.controlnet is not None:
-            raise NbkitError(f"{request.mode} with these options is not available yet")
-        from nbkit.generate import GenerationSettings, generate_images
+        from nbkit.generate import GenerationSettings, HiresFix, generate_images, resolve_seeds
 
         started = time.time()
+        check_request(request)
         entry = self.ensure_model()
         self._interrupt.clear()
         self._skip.clear()
         count = request.batch_size * request.n_iter
+        prompt, tags = parse_loras(request.prompt)
+        loras = [(tag, self.catalog.find_lora(tag.name)) for tag in tags]
+        extra: dict[str, Any] = {}
+        vae = None
+        if request.vae:
+            vae = self._load_vae(request.vae)
+            vae_path = Path(request.vae).expanduser()
+            if vae_path.is_file():
+                from nbkit.convert.hashes import model_hashes
+
+                extra["VAE hash"] = model_hashes(vae_path)[1]
+            extra["VAE"] = vae_path.name
+        seeds = resolve_seeds(request.seed, count)
+        inputs: dict[str, Any] = {}
+        init = original = mask = None
+        if request.mode != "txt2img":
+            init = original = cn.resize_for_generation(
+                request.init_image, request.width, request.height, request.resize_mode
+            )
+            inputs.update(image=init, strength=request.denoising_strength)
+            extra["Denoising strength"] = request.denoising_strength
+        if request.mode == "inpaint":
+            mask = cn.resize_for_generation(
+                request.mask.convert("RGB"), request.width, request.height, request.resize_mode
+            ).convert("L")
+            if request.inpainting_mask_invert:
+                mask = ImageOps.invert(mask)
+            init = self._masked_content(init, mask, request.inpainting_fill, seeds[0])
+            mask = blur_mask(mask, request.mask_blur)
+            inputs.update(image=init, mask_image=mask)
+            extra["Mask blur"] = request.mask_blur
+        controlnet = control_image = None
+        if request.controlnet is not None:
+            unit = request.controlnet
+            source, controlnet = self._load_controlnet(unit)
+            depth = self._depth_estimator() if unit.preprocessor.strip().lower() == "depth" else None
+            control_image = cn.preprocess(
+                unit.image,
+                unit.preprocessor,
+                request.width,
+                request.height,
+                resize_mode=request.resize_mode,
+                depth=depth,
+                low_threshold=unit.low_threshold,
+                high_threshold=unit.high_threshold,
+            )
+            inputs["image" if request.mode == "txt2img" else "control_image"] = control_image
+            inputs.update(
+                controlnet_conditioning_scale=unit.weight,
+                control_guidance_start=unit.guidance_start,
+                control_guidance_end=unit.guidance_end,
+            )
+            extra["ControlNet 0"] = (
+                f"Module: {unit.preprocessor.strip().lower()}, Model: {source.name}, Weight: {unit.weight}, "
+                f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}"
+            )
+        hires = None
+        if request.enable_hr and request.mode == "txt2img":  # A1111's img2img has no hires fix
+            hires = HiresFix(
+                scale=request.hr_scale,
+                upscaler=request.hr_upscaler,
+                steps=request.hr_second_pass_steps,
+                denoising_strength=request.denoising_strength,
+            )
+        lora_text = lora_hashes_text([(tag.name, self._lora_hash(lora.path)) for tag, lora in loras])
+        if lora_text:
+            extra["Lora hashes"] = lora_text
         settings = GenerationSettings(
-            prompts=[request.prompt] * count,
+            prompts=[prompt] * count,
             negative_prompt=request.negative_prompt,
-            seeds=request.seed,
+            seeds=seeds,
             steps=request.steps,
             width=request.width,
             height=request.height,
@@ -287,19 +614,54 @@ class GenerationService:
             batch_size=request.batch_size,
             model_name=entry.model_name,
             model_hash=entry.hash,
+            extra_parameters=extra,
+            infotext_prompts=[request.prompt] * count,
+            inputs=inputs,
+            hires=hires,
         )
-        self._set_progress(job=request.mode, job_no=0, job_count=request.n_iter, started=started)
+        task = self._derive(request.mode, vae=vae, controlnet=controlnet)
+        hires_pipeline = self._derive("img2img", vae=vae) if hires is not None else None
+        self._passes = 2 if hires is not None else 1
+        self._set_progress(
+            job=request.mode,
+            job_no=0,
+            job_count=request.n_iter * self._passes,
+            sampling_step=0,
+            sampling_steps=request.steps,
+            started=started,
+            preview=None,
+            textinfo="",
+        )
         try:
-            result = generate_images(
-                self.pipeline, settings, on_step=self._on_step, interrupt=self._interrupt
-            )
+            with applied_loras(self.pipeline, [(tag, lora.path) for tag, lora in loras]):
+                result = generate_images(
+                    task,
+                    settings,
+                    on_step=self._on_step,
+                    interrupt=self._interrupt,
+                    skip=self._skip,
+                    hires_pipeline=hires_pipeline,
+                )
         finally:
-            self._set_progress(job="", job_count=0, sampling_step=0, sampling_steps=0, started=None)
+            del task, hires_pipeline
+            self._set_progress(
+                job="",
+                job_count=0,
+                sampling_step=0,
+                sampling_steps=0,
+                started=None,
+                preview=None,
+                textinfo="",
+            )
+        images = result.images
+        if request.mode == "inpaint":
+            # A1111 pastes the original back through the blurred mask: unmasked pixels stay exactly.
+            images = [Image.composite(image.convert("RGB"), original, mask) for image in images]
         paths = []
-        if request.save_images and self.outputs is not None and result.images:
-            paths = self.outputs.save(result.images, result.infotexts, result.seeds)
+        if request.save_images and self.outputs is not None and images:
+            paths = self.outputs.save(images, result.infotexts, result.seeds)
         return GenerationOutput(
-            result.images,
+            images,
             result.infotexts,
             result.seeds,
             paths,
@@ -307,18 +669,46 @@ class GenerationService:
             entry,
             interrupted=result.interrupted,
             seconds=time.time() - started,
+            control_image=control_image,
         )
+
+    @staticmethod
+    def _masked_content(image: Image.Image, mask: Image.Image, fill: int, seed: int) -> Image.Image:
+        """The init image with A1111's "masked content" prepared in the (unblurred) masked area.
+
+        0 fill (surrounding colours), 1 original (as it is); A1111's 2 latent noise and 3 latent
+        nothing work in latent space, which the diffusers pipelines do not expose: they are
+        approximated in pixels by seeded noise and by mid grey (which encodes to about zero latents).
+        """
+        import numpy as np
+
+        if fill == 1:
+            return image
+        if fill == 0:
+            return fill_masked(image, mask)
+        if fill == 2:
+            rng = np.random.default_rng(seed)
+            noise = Image.fromarray(rng.integers(0, 256, (image.height, image.width, 3), dtype=np.uint8))
+        else:
+            noise = Image.new("RGB", image.size, (128, 128, 128))
+        return Image.composite(noise, image, mask.point(lambda value: 255 if value >= 128 else 0))
 
     # --- progress -----------------------------------------------------------------------------------
 
     def _on_step(self, step) -> None:
-        self._set_progress(
-            job_no=step.batch,
-            job_count=step.batches,
-            sampling_step=step.step,
-            sampling_steps=step.steps,
-            textinfo=f"Batch {step.batch + 1}/{step.batches}, step {step.step}/{step.steps}",
-        )
+        changes: dict[str, Any] = {
+            "job_no": step.batch * self._passes + (1 if step.hires else 0),
+            "job_count": step.batches * self._passes,
+            "sampling_step": step.step,
+            "sampling_steps": step.steps,
+            "textinfo": f"Batch {step.batch + 1}/{step.batches}, {'hires ' if step.hires else ''}"
+            f"step {step.step}/{step.steps}",
+        }
+        every = max(1, int(self.preview_every))
+        if step.latents is not None and (step.step % every == 0 or step.step == step.steps):
+            sdxl = self.pipeline is not None and "text_encoder_2" in self.pipeline.components
+            changes["preview"] = latent_preview(step.latents, sdxl)
+        self._set_progress(**changes)
 
     def _set_progress(self, **changes: Any) -> None:
         with self._progress_lock:
