@@ -30,7 +30,13 @@ def browser(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1300"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1300",
+    ):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
     service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
@@ -59,24 +65,35 @@ def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
 
     browser.get(server.url)
     # gradio's login form: nothing of the UI is there before logging in.
-    username = _wait(lambda: browser.find_element(By.CSS_SELECTOR, "input[type='text'], input[name='username']"), 60, "the login form")
+    username = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "input[type='text'], input[name='username']"),
+        60,
+        "the login form",
+    )
     assert not browser.find_elements(By.CSS_SELECTOR, "#txt2img-generate")
     username.send_keys(USER)
     browser.find_element(By.CSS_SELECTOR, "input[type='password']").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "button[type='submit'], button.lg").click()
 
-    prompt = _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-prompt textarea"), 60, "the txt2img tab")
+    prompt = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-prompt textarea"), 60, "the txt2img tab"
+    )
     for elem_id, value in (("txt2img-width", "64"), ("txt2img-height", "64")):
         number = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type='number']")
         number.clear()
         number.send_keys(value)
-    steps = browser.find_element(By.XPATH, "//label[contains(., 'Sampling steps')]/ancestor::div[contains(@class,'block')][1]//input[@type='number']")
+    steps = browser.find_element(
+        By.XPATH,
+        "//label[contains(., 'Sampling steps')]/ancestor::div[contains(@class,'block')][1]//input[@type='number']",
+    )
     steps.clear()
     steps.send_keys("3")
     prompt.send_keys("a photo of sks dog")
     browser.find_element(By.CSS_SELECTOR, "#txt2img-generate").click()
 
-    image = _wait(lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-gallery img"), 120, "an image in the gallery")
+    image = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-gallery img"), 120, "an image in the gallery"
+    )
     info = _wait(
         lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-info textarea").get_attribute("value"),
         30,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-USER, PASSWORD = "u", "p"
+USER, PASSWORD = "tester", "s3cret-pw-for-tests"
 STARTUP_SECONDS = 180
 
 
@@ -65,7 +65,18 @@ class ServerProcess:
 def start_server(root: Path, model: Path, *extra: str, env: dict | None = None) -> ServerProcess:
     """Start `python -m nbkit ui` on a free loopback port and wait until its API answers."""
     port = free_port()
-    command = [sys.executable, "-m", "nbkit", "ui", "--model", str(model), "--port", str(port), "--root", str(root)]
+    command = [
+        sys.executable,
+        "-m",
+        "nbkit",
+        "ui",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--root",
+        str(root),
+    ]
     command += ["--no-base-models", *extra]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "NBKIT_HOME": str(root), **(env or {})}
     process = subprocess.Popen(
@@ -99,9 +110,17 @@ _shared: dict[str, ServerProcess] = {}
 
 
 def shared_server(tmp_root: Path, model: Path) -> ServerProcess:
-    """The test run's one `nbkit ui --auth u:p` server (started on first use)."""
+    """The test run's one `nbkit ui --auth u:p` server (started on first use).
+
+    It offers a second tiny checkpoint, `tiny-other` (other random weights), for model switching.
+    """
     if "main" not in _shared or _shared["main"].process.poll() is not None:
-        _shared["main"] = start_server(tmp_root, model, "--auth", f"{USER}:{PASSWORD}", "--max-queue", "24")
+        from nbkit.models.tiny import save_tiny_pipeline
+
+        other = save_tiny_pipeline("sd1", tmp_root / "tiny-other", seed=1)
+        _shared["main"] = start_server(
+            tmp_root, model, "--auth", f"{USER}:{PASSWORD}", "--max-queue", "24", "--extra-model", str(other)
+        )
         atexit.register(_shared["main"].stop)
     return _shared["main"]
 

@@ -147,10 +147,15 @@ def announce(ui: WebUI, file: Any = None) -> None:
 
             links = [f'<a href="{html.escape(ui.local_url)}" target="_blank">{html.escape(ui.local_url)}</a>']
             if ui.public_url:
-                links.insert(0, f'<a href="{html.escape(ui.public_url)}" target="_blank"><b>{html.escape(ui.public_url)}</b></a>')
+                links.insert(
+                    0,
+                    f'<a href="{html.escape(ui.public_url)}" target="_blank"><b>{html.escape(ui.public_url)}</b></a>',
+                )
             body = "<br>".join(links)
             if ui.tunnel_error:
-                body += f"<br><span style='color:#b45309'>Tunnel not open: {html.escape(ui.tunnel_error)}</span>"
+                body += (
+                    f"<br><span style='color:#b45309'>Tunnel not open: {html.escape(ui.tunnel_error)}</span>"
+                )
             if ui.password is not None:
                 body += (
                     f"<br>Login: user <code>{html.escape(ui.username)}</code>, "
@@ -192,6 +197,7 @@ def launch(
     limits: Any = None,
     tunnel_options: dict[str, Any] | None = None,
     include_base_models: bool = True,
+    extra_models: list[str] | None = None,
     quiet: bool = False,
 ) -> WebUI:
     """Start the web UI and the A1111 API on one server.
@@ -214,6 +220,7 @@ def launch(
         limits: `nbkit.webui.security.Limits` (default caps: 2048x2048, 150 steps, 16 images, 20 MB).
         tunnel_options: extra keyword arguments for `nbkit.tunnel.open_tunnel`.
         include_base_models: list the registry's base models (downloaded when picked).
+        extra_models: more checkpoints to offer (paths, folders, URLs or hub ids), loaded when picked.
         quiet: do not print the URLs (the handle still has them).
     """
     if tunnel not in TUNNELS:
@@ -231,14 +238,18 @@ def launch(
     root_path = storage_root() if root is None else os.fspath(root)
     if isinstance(session, str):
         session = Session.open(session, root=root_path)
-    outputs = OutputStore(session.dir("outputs") if session is not None else os.path.join(root_path, "outputs"))
+    outputs = OutputStore(
+        session.dir("outputs") if session is not None else os.path.join(root_path, "outputs")
+    )
     catalog = ModelCatalog(session, root_path, include_base_models=include_base_models)
-    if model is not None:
-        _offer(catalog, model)
+    for source in [*(extra_models or []), *([model] if model is not None else [])]:
+        _offer(catalog, source)
     service = GenerationService(catalog, outputs, model=model, device=device, low_vram=low_vram)
     queue = GpuQueue(max_queue)
     try:
-        app = create_app(service, queue, credentials=credentials, limits=limits or Limits(), share_outputs=share_outputs)
+        app = create_app(
+            service, queue, credentials=credentials, limits=limits or Limits(), share_outputs=share_outputs
+        )
         server = Server(app, host, port)
         server.start()
     except BaseException:
@@ -246,7 +257,12 @@ def launch(
         raise
     tunnel_handle, tunnel_error = _open_tunnel(tunnel, host, server.port, tunnel_options or {})
     ui = WebUI(
-        server=server, service=service, queue=queue, credentials=credentials, tunnel=tunnel_handle, tunnel_error=tunnel_error
+        server=server,
+        service=service,
+        queue=queue,
+        credentials=credentials,
+        tunnel=tunnel_handle,
+        tunnel_error=tunnel_error,
     )
     if model is not None or any(entry.kind != "base" for entry in catalog.checkpoints):
         # Load the first checkpoint now, through the queue, so the first request does not wait for it;

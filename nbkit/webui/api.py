@@ -153,7 +153,8 @@ def decode_image(text: str, limits: Limits, what: str) -> Image.Image:
         # Check the header's size before decoding pixels: a small file can declare a huge image.
         if image.width * image.height > 4 * limits.max_pixels:
             raise LimitError(
-                f"{what} is {image.width}x{image.height}, above this server's limit", fix="send a smaller image"
+                f"{what} is {image.width}x{image.height}, above this server's limit",
+                fix="send a smaller image",
             )
         image.load()
     except LimitError:
@@ -267,12 +268,16 @@ def to_generation_request(body: _Request, limits: Limits) -> GenerationRequest:
     else:
         assert isinstance(body, Img2ImgRequest)
         if not body.init_images:
-            raise ApiError(422, "img2img needs init_images: a list with at least one base64 image", "ValidationError")
+            raise ApiError(
+                422, "img2img needs init_images: a list with at least one base64 image", "ValidationError"
+            )
         fields.update(
             mode="inpaint" if body.mask else "img2img",
             init_image=decode_image(body.init_images[0], limits, "init_images[0]"),
             mask=decode_image(body.mask, limits, "mask") if body.mask else None,
-            mask_blur=body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y),
+            mask_blur=body.mask_blur
+            if body.mask_blur is not None
+            else max(body.mask_blur_x, body.mask_blur_y),
             inpainting_fill=body.inpainting_fill,
             inpainting_mask_invert=bool(body.inpainting_mask_invert),
             resize_mode=body.resize_mode,
@@ -311,7 +316,9 @@ def build_info(body: _Request, request: GenerationRequest, output: GenerationOut
         "sd_vae_hash": None,
         "seed_resize_from_w": body.seed_resize_from_w,
         "seed_resize_from_h": body.seed_resize_from_h,
-        "denoising_strength": request.denoising_strength if request.mode != "txt2img" or request.enable_hr else None,
+        "denoising_strength": request.denoising_strength
+        if request.mode != "txt2img" or request.enable_hr
+        else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": list(output.infotexts),
@@ -354,7 +361,10 @@ def memory_info() -> dict[str, Any]:
         stats = torch.cuda.memory_stats()
         cuda: dict[str, Any] = {
             "system": {"free": free, "used": total - free, "total": total},
-            "active": {"current": stats.get("active_bytes.all.current", 0), "peak": stats.get("active_bytes.all.peak", 0)},
+            "active": {
+                "current": stats.get("active_bytes.all.current", 0),
+                "peak": stats.get("active_bytes.all.peak", 0),
+            },
             "allocated": {
                 "current": stats.get("allocated_bytes.all.current", 0),
                 "peak": stats.get("allocated_bytes.all.peak", 0),
@@ -410,9 +420,20 @@ def create_router(state: ApiState) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
     service = state.service
 
+    def _checkpoint(key: Any) -> str:
+        """The title of a listed checkpoint (A1111 accepts a title, a name or a hash; never a new path)."""
+        if not isinstance(key, str) or not key.strip():
+            raise ApiError(400, "sd_model_checkpoint must be a checkpoint title, name or hash")
+        try:
+            return service.catalog.find(key).title
+        except NbkitError as error:
+            raise ApiError(400, str(error), "CheckpointNotFound") from None
+
     async def generate(body: _Request) -> dict[str, Any]:
         request = await run_in_threadpool(to_generation_request, body, state.limits)
         model = (body.override_settings or {}).get("sd_model_checkpoint")
+        if model is not None:
+            model = _checkpoint(model)
         restore = body.override_settings_restore_afterwards
 
         def job() -> GenerationOutput:
@@ -427,7 +448,9 @@ def create_router(state: ApiState) -> APIRouter:
 
         output = await run_queued(state, job)
         images = await run_in_threadpool(
-            lambda: [encode_png(image, text) for image, text in zip(output.images, output.infotexts, strict=True)]
+            lambda: [
+                encode_png(image, text) for image, text in zip(output.images, output.infotexts, strict=True)
+            ]
         )
         return {
             "images": images if body.send_images else [],
@@ -472,14 +495,11 @@ def create_router(state: ApiState) -> APIRouter:
     async def set_options(body: dict[str, Any]) -> None:
         key = body.get("sd_model_checkpoint")
         if key is not None:
-            if not isinstance(key, str) or not key.strip():
-                raise ApiError(400, "sd_model_checkpoint must be a checkpoint title, name or hash")
-            try:
-                service.catalog.find(key)
-            except NbkitError as error:
-                raise ApiError(400, str(error), "CheckpointNotFound") from None
-            await run_queued(state, lambda: service.select_model(key))
-        state.options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
+            title = _checkpoint(key)
+            await run_queued(state, lambda: service.select_model(title))
+        state.options.update(
+            {k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
+        )
         return None
 
     @router.get("/samplers")
@@ -492,7 +512,10 @@ def create_router(state: ApiState) -> APIRouter:
 
     @router.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in HR_UPSCALERS]
+        return [
+            {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for name in HR_UPSCALERS
+        ]
 
     @router.get("/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict[str, Any]]:
@@ -581,7 +604,12 @@ def create_router(state: ApiState) -> APIRouter:
 def _error(status: int, error: str, detail: Any, errors: Any = None, body: Any = "") -> JSONResponse:
     return JSONResponse(
         status_code=status,
-        content={"error": error, "detail": detail, "body": body, "errors": errors if errors is not None else detail},
+        content={
+            "error": error,
+            "detail": detail,
+            "body": body,
+            "errors": errors if errors is not None else detail,
+        },
     )
 
 
@@ -611,7 +639,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, error: RequestValidationError) -> JSONResponse:
         errors = [
-            {key: value for key, value in item.items() if key in ("loc", "msg", "type")} for item in error.errors()
+            {key: value for key, value in item.items() if key in ("loc", "msg", "type")}
+            for item in error.errors()
         ]
         detail = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in errors)
         return _error(422, "RequestValidationError", detail, errors)

@@ -142,7 +142,9 @@ def resolve_credentials(
     if isinstance(auth, str):
         return parse_auth(auth)
     if auth is not None:
-        raise ValueError(f"auth must be 'USER:PASS', a (user, password) pair or None, not {type(auth).__name__}")
+        raise ValueError(
+            f"auth must be 'USER:PASS', a (user, password) pair or None, not {type(auth).__name__}"
+        )
     if needs_password(host, tunnel):
         return Credentials(DEFAULT_USERNAME, generate_password(), generated=True)
     return None

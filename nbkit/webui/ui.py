@@ -18,15 +18,15 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home, offline or not
 
-import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
+import gradio as gr
+from PIL import Image
 
-from nbkit.errors import NbkitError  # noqa: E402
-from nbkit.infotext import parse_infotext, read_infotext  # noqa: E402
-from nbkit.samplers import SAMPLERS, SCHEDULES  # noqa: E402
-from nbkit.webui.queue import GpuQueue, QueueFull  # noqa: E402
-from nbkit.webui.security import LimitError, Limits, check_request_caps  # noqa: E402
-from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService  # noqa: E402
+from nbkit.errors import NbkitError
+from nbkit.infotext import parse_infotext, read_infotext
+from nbkit.samplers import SAMPLERS, SCHEDULES
+from nbkit.webui.queue import GpuQueue, QueueFull
+from nbkit.webui.security import LimitError, Limits, check_request_caps
+from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService
 
 HR_UPSCALERS = ["Latent", "Lanczos"]
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill"]
@@ -91,18 +91,27 @@ class _Panel:
         with gr.Row():
             with gr.Column(scale=6):
                 f["prompt"] = gr.Textbox(
-                    label="Prompt", lines=3, placeholder="Prompt (Ctrl+Enter to generate)", elem_id=f"{mode}-prompt"
+                    label="Prompt",
+                    lines=3,
+                    placeholder="Prompt (Ctrl+Enter to generate)",
+                    elem_id=f"{mode}-prompt",
                 )
-                f["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}-negative")
+                f["negative_prompt"] = gr.Textbox(
+                    label="Negative prompt", lines=2, elem_id=f"{mode}-negative"
+                )
             with gr.Column(scale=1, min_width=160):
-                self.generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}-generate", elem_classes="nbkit-generate")
+                self.generate = gr.Button(
+                    "Generate", variant="primary", elem_id=f"{mode}-generate", elem_classes="nbkit-generate"
+                )
                 with gr.Row():
                     self.interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{mode}-interrupt")
                     self.skip = gr.Button("Skip", size="sm", elem_id=f"{mode}-skip")
         with gr.Row():
             with gr.Column(scale=1):
                 if mode == "img2img":
-                    f["init_image"] = gr.Image(label="Image for img2img", type="pil", image_mode="RGB", height=360)
+                    f["init_image"] = gr.Image(
+                        label="Image for img2img", type="pil", image_mode="RGB", height=360
+                    )
                 elif mode == "inpaint":
                     f["mask_editor"] = gr.ImageMask(
                         label="Image and mask (paint over what to repaint)",
@@ -115,11 +124,17 @@ class _Panel:
                     with gr.Row():
                         f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
                         f["inpainting_mask_invert"] = gr.Radio(
-                            ["Inpaint masked", "Inpaint not masked"], value="Inpaint masked", label="Mask mode"
+                            ["Inpaint masked", "Inpaint not masked"],
+                            value="Inpaint masked",
+                            label="Mask mode",
                         )
-                    f["inpainting_fill"] = gr.Radio(MASKED_CONTENT, value="original", label="Masked content", type="index")
+                    f["inpainting_fill"] = gr.Radio(
+                        MASKED_CONTENT, value="original", label="Masked content", type="index"
+                    )
                 elif mode == "controlnet":
-                    f["control_image"] = gr.Image(label="Control image", type="pil", image_mode="RGB", height=300)
+                    f["control_image"] = gr.Image(
+                        label="Control image", type="pil", image_mode="RGB", height=300
+                    )
                     with gr.Row():
                         f["cn_preprocessor"] = gr.Dropdown(PREPROCESSORS, value="canny", label="Preprocessor")
                         f["cn_model"] = gr.Dropdown(
@@ -127,11 +142,15 @@ class _Panel:
                         )
                     f["cn_weight"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
                 if mode in ("img2img", "inpaint"):
-                    f["resize_mode"] = gr.Radio(RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index")
+                    f["resize_mode"] = gr.Radio(
+                        RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index"
+                    )
                 with gr.Row():
                     f["sampler_name"] = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampling method")
                     f["scheduler"] = gr.Dropdown(
-                        [schedule.label for schedule in SCHEDULES.values()], value="Automatic", label="Schedule type"
+                        [schedule.label for schedule in SCHEDULES.values()],
+                        value="Automatic",
+                        label="Schedule type",
                     )
                 f["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps")
                 if mode == "txt2img":
@@ -139,31 +158,56 @@ class _Panel:
                         f["enable_hr"] = gr.Checkbox(label="Enable hires. fix", value=False)
                         with gr.Row():
                             f["hr_upscaler"] = gr.Dropdown(HR_UPSCALERS, value="Latent", label="Upscaler")
-                            f["hr_second_pass_steps"] = gr.Slider(0, limits.max_steps, value=0, step=1, label="Hires steps")
+                            f["hr_second_pass_steps"] = gr.Slider(
+                                0, limits.max_steps, value=0, step=1, label="Hires steps"
+                            )
                         with gr.Row():
-                            f["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength")
+                            f["denoising_strength"] = gr.Slider(
+                                0, 1, value=0.7, step=0.01, label="Denoising strength"
+                            )
                             f["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by")
                 side = min(2048, int(limits.max_pixels**0.5) * 2)
                 with gr.Row():
                     with gr.Column():
-                        f["width"] = gr.Slider(64, side, value=512, step=8, label="Width", elem_id=f"{mode}-width")
-                        f["height"] = gr.Slider(64, side, value=512, step=8, label="Height", elem_id=f"{mode}-height")
+                        f["width"] = gr.Slider(
+                            64, side, value=512, step=8, label="Width", elem_id=f"{mode}-width"
+                        )
+                        f["height"] = gr.Slider(
+                            64, side, value=512, step=8, label="Height", elem_id=f"{mode}-height"
+                        )
                     with gr.Column():
                         f["n_iter"] = gr.Slider(1, limits.max_images, value=1, step=1, label="Batch count")
-                        f["batch_size"] = gr.Slider(1, min(8, limits.max_images), value=1, step=1, label="Batch size")
+                        f["batch_size"] = gr.Slider(
+                            1, min(8, limits.max_images), value=1, step=1, label="Batch size"
+                        )
                 f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale")
                 if mode in ("img2img", "inpaint"):
-                    f["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength")
+                    f["denoising_strength"] = gr.Slider(
+                        0, 1, value=0.75, step=0.01, label="Denoising strength"
+                    )
                 with gr.Row():
-                    f["seed"] = gr.Number(value=-1, precision=0, label="Seed", scale=4, elem_id=f"{mode}-seed")
-                    self.dice = gr.Button("⚄", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-random-seed")
-                    self.reuse = gr.Button("♻", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-reuse-seed")
+                    f["seed"] = gr.Number(
+                        value=-1, precision=0, label="Seed", scale=4, elem_id=f"{mode}-seed"
+                    )
+                    self.dice = gr.Button(
+                        "⚄", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-random-seed"
+                    )
+                    self.reuse = gr.Button(
+                        "♻", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-reuse-seed"
+                    )
             with gr.Column(scale=1):
                 self.progress = gr.HTML(_progress_html(0, "Idle"), elem_id=f"{mode}-progress")
                 self.gallery = gr.Gallery(
-                    label="Output", columns=2, height=480, format="png", elem_id=f"{mode}-gallery", interactive=False
+                    label="Output",
+                    columns=2,
+                    height=480,
+                    format="png",
+                    elem_id=f"{mode}-gallery",
+                    interactive=False,
                 )
-                self.infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id=f"{mode}-info")
+                self.infotext = gr.Textbox(
+                    label="Generation parameters", lines=4, interactive=False, elem_id=f"{mode}-info"
+                )
         self.seeds = gr.State([])
         self.infotexts = gr.State([])
         self.selected = gr.State(0)
@@ -231,7 +275,10 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
             denoising_strength=float(values["denoising_strength"]),
         )
     if mode in ("img2img", "inpaint"):
-        fields.update(denoising_strength=float(values["denoising_strength"]), resize_mode=int(values["resize_mode"] or 0))
+        fields.update(
+            denoising_strength=float(values["denoising_strength"]),
+            resize_mode=int(values["resize_mode"] or 0),
+        )
     if mode == "img2img":
         if values.get("init_image") is None:
             raise NbkitError("img2img needs an image", fix="drop a picture into the image box first")
@@ -252,7 +299,9 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         )
     elif mode == "controlnet":
         if values.get("control_image") is None:
-            raise NbkitError("ControlNet needs a control image", fix="drop a picture into the control image box")
+            raise NbkitError(
+                "ControlNet needs a control image", fix="drop a picture into the control image box"
+            )
         if not values.get("cn_model"):
             raise NbkitError("pick a ControlNet model", fix="choose one that matches the checkpoint's family")
         fields["controlnet"] = ControlNetUnit(
@@ -293,7 +342,9 @@ def _generate_handler(
                 text = snapshot.textinfo or f"Step {snapshot.sampling_step}/{snapshot.sampling_steps}"
                 yield gr.skip(), gr.skip(), _progress_html(snapshot.fraction, text), gr.skip(), gr.skip()
             else:
-                text = snapshot.textinfo or (f"Waiting in the queue ({waited} ahead)" if waited else "Starting")
+                text = snapshot.textinfo or (
+                    f"Waiting in the queue ({waited} ahead)" if waited else "Starting"
+                )
                 yield gr.skip(), gr.skip(), _progress_html(0, text), gr.skip(), gr.skip()
             time.sleep(POLL_SECONDS)
         try:
@@ -314,7 +365,9 @@ def _generate_handler(
     return run
 
 
-def _wire_panel(panel: _Panel, mode: str, service: GenerationService, queue: GpuQueue, limits: Limits) -> None:
+def _wire_panel(
+    panel: _Panel, mode: str, service: GenerationService, queue: GpuQueue, limits: Limits
+) -> None:
     handler = _generate_handler(mode, panel, service, queue, limits)
     outputs = [panel.gallery, panel.infotext, panel.progress, panel.seeds, panel.infotexts]
     panel.generate.click(handler, inputs=panel.inputs, outputs=outputs, concurrency_limit=None)
@@ -329,7 +382,9 @@ def _wire_panel(panel: _Panel, mode: str, service: GenerationService, queue: Gpu
             return gr.skip()
         return seeds[min(index or 0, len(seeds) - 1)]
 
-    panel.reuse.click(reuse, inputs=[panel.seeds, panel.selected], outputs=panel.fields["seed"], concurrency_limit=None)
+    panel.reuse.click(
+        reuse, inputs=[panel.seeds, panel.selected], outputs=panel.fields["seed"], concurrency_limit=None
+    )
 
     def select(texts: list, event: gr.SelectData) -> tuple:
         index = event.index if isinstance(event.index, int) else 0
@@ -404,23 +459,40 @@ def build_ui(
     with gr.Blocks(title="nbkit web UI", analytics_enabled=False) as blocks:
         with gr.Row():
             model = gr.Dropdown(
-                titles(), value=current(), label="Stable Diffusion checkpoint", scale=6, allow_custom_value=True,
+                titles(),
+                value=current(),
+                label="Stable Diffusion checkpoint",
+                scale=6,
+                allow_custom_value=True,
                 elem_id="nbkit-model",
             )
             refresh = gr.Button("↻", elem_classes="nbkit-tool", scale=0, elem_id="nbkit-refresh")
             status = gr.Markdown("", elem_id="nbkit-status")
         panels: dict[str, _Panel] = {}
         with gr.Tabs(elem_id="nbkit-tabs") as tabs:
-            for mode, label in (("txt2img", "txt2img"), ("img2img", "img2img"), ("inpaint", "Inpaint"), ("controlnet", "ControlNet")):
+            for mode, label in (
+                ("txt2img", "txt2img"),
+                ("img2img", "img2img"),
+                ("inpaint", "Inpaint"),
+                ("controlnet", "ControlNet"),
+            ):
                 with gr.Tab(label, id=mode):
                     panels[mode] = _Panel(mode, limits)
                     _wire_panel(panels[mode], mode, service, queue, limits)
             with gr.Tab("PNG Info", id="pnginfo"):
                 with gr.Row():
                     with gr.Column():
-                        png_image = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload", "clipboard"], height=400)
+                        png_image = gr.Image(
+                            label="Source",
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            height=400,
+                        )
                     with gr.Column():
-                        png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-text")
+                        png_text = gr.Textbox(
+                            label="Parameters", lines=6, interactive=False, elem_id="pnginfo-text"
+                        )
                         png_table = gr.HTML()
                         send = gr.Button("Send to txt2img", elem_id="pnginfo-send")
                 png_image.change(_png_info, inputs=png_image, outputs=[png_text, png_table])
@@ -429,8 +501,16 @@ def build_ui(
                     _send_to_txt2img,
                     inputs=png_text,
                     outputs=[
-                        tabs, t2i["prompt"], t2i["negative_prompt"], t2i["steps"], t2i["sampler_name"], t2i["scheduler"],
-                        t2i["cfg_scale"], t2i["seed"], t2i["width"], t2i["height"],
+                        tabs,
+                        t2i["prompt"],
+                        t2i["negative_prompt"],
+                        t2i["steps"],
+                        t2i["sampler_name"],
+                        t2i["scheduler"],
+                        t2i["cfg_scale"],
+                        t2i["seed"],
+                        t2i["width"],
+                        t2i["height"],
                     ],
                 )
             if share_outputs and service.outputs is not None:
@@ -438,20 +518,26 @@ def build_ui(
                     with gr.Row():
                         outputs_refresh = gr.Button("Refresh", size="sm")
                         zip_button = gr.Button("Download all as zip", size="sm")
-                    outputs_gallery = gr.Gallery(label="Outputs (newest first)", columns=6, height=520, interactive=False)
+                    outputs_gallery = gr.Gallery(
+                        label="Outputs (newest first)", columns=6, height=520, interactive=False
+                    )
                     outputs_info = gr.Textbox(label="Parameters", lines=4, interactive=False)
                     zip_file = gr.File(label="Zip", visible=True, interactive=False)
                     outputs_texts = gr.State([])
 
                     def list_outputs() -> tuple[list, list]:
                         saved = service.outputs.list()
-                        return [(str(item.path), item.relative) for item in saved], [item.infotext or "" for item in saved]
+                        return [(str(item.path), item.relative) for item in saved], [
+                            item.infotext or "" for item in saved
+                        ]
 
                     def make_zip() -> str:
                         data = service.outputs.zip_bytes()
                         if not data or len(data) <= 22:
                             gr.Warning("There are no images in the outputs folder yet")
-                        handle, path = tempfile.mkstemp(suffix=".zip", prefix="outputs-", dir=os.environ.get("GRADIO_TEMP_DIR"))
+                        handle, path = tempfile.mkstemp(
+                            suffix=".zip", prefix="outputs-", dir=os.environ.get("GRADIO_TEMP_DIR")
+                        )
                         with os.fdopen(handle, "wb") as file:
                             file.write(data)
                         return path
@@ -511,6 +597,10 @@ def build_ui(
 
         model.input(switch, inputs=model, outputs=status)
         refresh.click(do_refresh, outputs=model)
+    # gradio embeds the API description (labels, defaults, checkpoint titles) in every page, the login
+    # page included; the UI is for people and /sdapi/v1 is the API, so gradio's own is kept private.
+    for function in blocks.fns.values():
+        function.api_visibility = "private"
     return blocks
 
 
