@@ -1,0 +1,74 @@
+"""`nbkit ui`: the A1111-like web UI and API on one server, until Ctrl+C."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TUNNELS = ["none", "gradio", "ngrok", "localtunnel", "cloudflared"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ui",
+        help="start the web UI and the A1111-compatible API",
+        description="Serve an AUTOMATIC1111-like web UI and its REST API (/sdapi/v1) on one port, until "
+        "Ctrl+C. Reachable beyond this machine (a tunnel or a non-loopback --host) only with a password: "
+        "--auth, or a generated one that is printed.",
+    )
+    parser.add_argument("--session", default=None, help="session whose models and outputs folder to use")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint to load first: title, name, hash, path or URL"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    parser.add_argument(
+        "--tunnel", default="none", choices=TUNNELS, help="public link provider (default: none)"
+    )
+    parser.add_argument(
+        "--auth", default=None, metavar="USER:PASS", help="login for the UI and the API (HTTP Basic)"
+    )
+    parser.add_argument("--lowvram", action="store_true", help="attention slicing, VAE tiling, CPU offload")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="storage root (default: $NBKIT_HOME or ~/nbkit)"
+    )
+    parser.add_argument("--max-queue", type=int, default=32, help="requests that may wait; one more gets 503")
+    parser.add_argument(
+        "--extra-model",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also offer this checkpoint (repeatable)",
+    )
+    parser.add_argument(
+        "--no-base-models", action="store_true", help="do not list the registry's base models"
+    )
+    parser.set_defaults(func=command, loads_models=True)
+
+
+def command(args: argparse.Namespace) -> int:
+    from nbkit.webui import launch
+
+    if args.max_queue < 1:
+        raise SystemExit("nbkit ui: error: --max-queue must be at least 1")
+    ui = launch(
+        session=args.session,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        tunnel=args.tunnel,
+        auth=args.auth,
+        low_vram=args.lowvram,
+        root=args.root,
+        device=args.device,
+        max_queue=args.max_queue,
+        include_base_models=not args.no_base_models,
+        extra_models=args.extra_model,
+    )
+    print("Press Ctrl+C to stop.", flush=True)
+    ui.wait()
+    print("nbkit web UI stopped.", flush=True)
+    return 0

@@ -1,0 +1,607 @@
+"""The gradio Blocks UI, shaped like AUTOMATIC1111's so its users feel at home.
+
+Tabs txt2img, img2img, inpaint (the mask is drawn in the browser), ControlNet, PNG Info, Outputs and
+Settings; a checkpoint dropdown with refresh on top. Every generation goes through the `GpuQueue`
+(the API's queue): the Generate handler submits the job and, while it waits, streams a progress bar.
+Errors (a bad value, a full queue, "training in progress") appear as messages in the page
+(`gr.Warning` / `gr.Error`), never as a dead page.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home, offline or not
+
+import gradio as gr
+from PIL import Image
+
+from nbkit.errors import NbkitError
+from nbkit.infotext import parse_infotext, read_infotext
+from nbkit.samplers import SAMPLERS, SCHEDULES
+from nbkit.webui.queue import GpuQueue, QueueFull
+from nbkit.webui.security import LimitError, Limits, check_request_caps
+from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService
+
+HR_UPSCALERS = ["Latent", "Lanczos"]
+RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill"]
+MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
+PREPROCESSORS = ["none", "canny", "depth"]
+POLL_SECONDS = 0.25
+TABS = ("txt2img", "img2img", "inpaint", "controlnet")
+
+CSS = """
+.nbkit-progress {position: relative; height: 22px; border-radius: 6px; background: var(--neutral-200);
+  overflow: hidden; margin: 4px 0;}
+.nbkit-progress > div {height: 100%; background: var(--color-accent); transition: width 0.2s;}
+.nbkit-progress > span {position: absolute; left: 8px; top: 2px; font-size: 13px;}
+#nbkit-generate button, .nbkit-generate {min-height: 80px; font-size: 1.2em;}
+.nbkit-tool {max-width: 44px; min-width: 44px !important;}
+"""
+
+
+def theme() -> Any:
+    """gradio's default theme with system fonts: nothing is fetched from Google Fonts."""
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+
+
+def _progress_html(fraction: float, text: str) -> str:
+    percent = max(0.0, min(1.0, fraction)) * 100
+    return (
+        f'<div class="nbkit-progress" data-progress="{percent:.0f}"><div style="width:{percent:.1f}%"></div>'
+        f"<span>{html.escape(text)}</span></div>"
+    )
+
+
+def _mask_from_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """(picture, mask) from an ImageMask value: the mask is white where the user painted."""
+    if not value or value.get("background") is None:
+        return None, None
+    background = value["background"].convert("RGB")
+    mask = Image.new("L", background.size, 0)
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A").point(lambda a: 255 if a > 0 else 0)
+        if alpha.size != mask.size:
+            alpha = alpha.resize(mask.size)
+        mask.paste(255, (0, 0), alpha)
+    return background, mask
+
+
+def _gallery_items(paths: list, images: list) -> list:
+    """Saved files when there are (downloads then keep the parameters chunk), else the images."""
+    return [str(path) for path in paths] if paths else list(images)
+
+
+class _Panel:
+    """The generation settings of one tab (each tab has its own, as in A1111)."""
+
+    def __init__(self, mode: str, limits: Limits):
+        self.mode = mode
+        self.fields: dict[str, Any] = {}
+        f = self.fields
+        with gr.Row():
+            with gr.Column(scale=6):
+                f["prompt"] = gr.Textbox(
+                    label="Prompt",
+                    lines=3,
+                    placeholder="Prompt (Ctrl+Enter to generate)",
+                    elem_id=f"{mode}-prompt",
+                )
+                f["negative_prompt"] = gr.Textbox(
+                    label="Negative prompt", lines=2, elem_id=f"{mode}-negative"
+                )
+            with gr.Column(scale=1, min_width=160):
+                self.generate = gr.Button(
+                    "Generate", variant="primary", elem_id=f"{mode}-generate", elem_classes="nbkit-generate"
+                )
+                with gr.Row():
+                    self.interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{mode}-interrupt")
+                    self.skip = gr.Button("Skip", size="sm", elem_id=f"{mode}-skip")
+        with gr.Row():
+            with gr.Column(scale=1):
+                if mode == "img2img":
+                    f["init_image"] = gr.Image(
+                        label="Image for img2img", type="pil", image_mode="RGB", height=360
+                    )
+                elif mode == "inpaint":
+                    f["mask_editor"] = gr.ImageMask(
+                        label="Image and mask (paint over what to repaint)",
+                        type="pil",
+                        height=420,
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        layers=False,
+                        transforms=(),
+                    )
+                    with gr.Row():
+                        f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
+                        f["inpainting_mask_invert"] = gr.Radio(
+                            ["Inpaint masked", "Inpaint not masked"],
+                            value="Inpaint masked",
+                            label="Mask mode",
+                        )
+                    f["inpainting_fill"] = gr.Radio(
+                        MASKED_CONTENT, value="original", label="Masked content", type="index"
+                    )
+                elif mode == "controlnet":
+                    f["control_image"] = gr.Image(
+                        label="Control image", type="pil", image_mode="RGB", height=300
+                    )
+                    with gr.Row():
+                        f["cn_preprocessor"] = gr.Dropdown(PREPROCESSORS, value="canny", label="Preprocessor")
+                        f["cn_model"] = gr.Dropdown(
+                            _controlnet_choices(), label="ControlNet model", allow_custom_value=True
+                        )
+                    f["cn_weight"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
+                if mode in ("img2img", "inpaint"):
+                    f["resize_mode"] = gr.Radio(
+                        RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index"
+                    )
+                with gr.Row():
+                    f["sampler_name"] = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampling method")
+                    f["scheduler"] = gr.Dropdown(
+                        [schedule.label for schedule in SCHEDULES.values()],
+                        value="Automatic",
+                        label="Schedule type",
+                    )
+                f["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps")
+                if mode == "txt2img":
+                    with gr.Accordion("Hires. fix", open=False):
+                        f["enable_hr"] = gr.Checkbox(label="Enable hires. fix", value=False)
+                        with gr.Row():
+                            f["hr_upscaler"] = gr.Dropdown(HR_UPSCALERS, value="Latent", label="Upscaler")
+                            f["hr_second_pass_steps"] = gr.Slider(
+                                0, limits.max_steps, value=0, step=1, label="Hires steps"
+                            )
+                        with gr.Row():
+                            f["denoising_strength"] = gr.Slider(
+                                0, 1, value=0.7, step=0.01, label="Denoising strength"
+                            )
+                            f["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by")
+                side = min(2048, int(limits.max_pixels**0.5) * 2)
+                with gr.Row():
+                    with gr.Column():
+                        f["width"] = gr.Slider(
+                            64, side, value=512, step=8, label="Width", elem_id=f"{mode}-width"
+                        )
+                        f["height"] = gr.Slider(
+                            64, side, value=512, step=8, label="Height", elem_id=f"{mode}-height"
+                        )
+                    with gr.Column():
+                        f["n_iter"] = gr.Slider(1, limits.max_images, value=1, step=1, label="Batch count")
+                        f["batch_size"] = gr.Slider(
+                            1, min(8, limits.max_images), value=1, step=1, label="Batch size"
+                        )
+                f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale")
+                if mode in ("img2img", "inpaint"):
+                    f["denoising_strength"] = gr.Slider(
+                        0, 1, value=0.75, step=0.01, label="Denoising strength"
+                    )
+                with gr.Row():
+                    f["seed"] = gr.Number(
+                        value=-1, precision=0, label="Seed", scale=4, elem_id=f"{mode}-seed"
+                    )
+                    self.dice = gr.Button(
+                        "⚄", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-random-seed"
+                    )
+                    self.reuse = gr.Button(
+                        "♻", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-reuse-seed"
+                    )
+            with gr.Column(scale=1):
+                self.progress = gr.HTML(_progress_html(0, "Idle"), elem_id=f"{mode}-progress")
+                self.gallery = gr.Gallery(
+                    label="Output",
+                    columns=2,
+                    height=480,
+                    format="png",
+                    elem_id=f"{mode}-gallery",
+                    interactive=False,
+                )
+                self.infotext = gr.Textbox(
+                    label="Generation parameters", lines=4, interactive=False, elem_id=f"{mode}-info"
+                )
+        self.seeds = gr.State([])
+        self.infotexts = gr.State([])
+        self.selected = gr.State(0)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.fields)
+
+    @property
+    def inputs(self) -> list[Any]:
+        return list(self.fields.values())
+
+
+def _controlnet_choices() -> list[str]:
+    try:
+        from nbkit.webui import controlnet  # BACKEND's registry, when merged
+    except ImportError:
+        return []
+    registry = getattr(controlnet, "CONTROLNETS", None) or getattr(controlnet, "REGISTRY", None) or {}
+    return sorted(str(key) for key in registry)
+
+
+def build_request(mode: str, values: dict[str, Any], limits: Limits) -> GenerationRequest:
+    """A `GenerationRequest` from one tab's values, after the caps are checked.
+
+    Args:
+        mode: `txt2img`, `img2img`, `inpaint` or `controlnet` (txt2img with a ControlNet unit).
+        values: the tab's field values by name.
+        limits: the request caps.
+    """
+    width, height = int(values["width"]), int(values["height"])
+    hires = bool(values.get("enable_hr"))
+    scale = float(values.get("hr_scale") or 2)
+    check_request_caps(
+        width=width,
+        height=height,
+        steps=int(values["steps"]),
+        batch_size=int(values["batch_size"]),
+        n_iter=int(values["n_iter"]),
+        limits=limits,
+        final_size=(int(width * scale), int(height * scale)) if hires else None,
+        second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
+    )
+    fields: dict[str, Any] = dict(
+        mode="txt2img",
+        prompt=values["prompt"] or "",
+        negative_prompt=values["negative_prompt"] or "",
+        seed=int(values["seed"] if values["seed"] is not None else -1),
+        batch_size=int(values["batch_size"]),
+        n_iter=int(values["n_iter"]),
+        steps=int(values["steps"]),
+        cfg_scale=float(values["cfg_scale"]),
+        width=width,
+        height=height,
+        sampler_name=values["sampler_name"] or "Euler a",
+        scheduler=values["scheduler"] or "Automatic",
+        save_images=True,
+    )
+    if mode == "txt2img" and hires:
+        fields.update(
+            enable_hr=True,
+            hr_scale=scale,
+            hr_upscaler=values["hr_upscaler"] or "Latent",
+            hr_second_pass_steps=int(values["hr_second_pass_steps"] or 0),
+            denoising_strength=float(values["denoising_strength"]),
+        )
+    if mode in ("img2img", "inpaint"):
+        fields.update(
+            denoising_strength=float(values["denoising_strength"]),
+            resize_mode=int(values["resize_mode"] or 0),
+        )
+    if mode == "img2img":
+        if values.get("init_image") is None:
+            raise NbkitError("img2img needs an image", fix="drop a picture into the image box first")
+        fields.update(mode="img2img", init_image=values["init_image"])
+    elif mode == "inpaint":
+        image, mask = _mask_from_editor(values.get("mask_editor"))
+        if image is None:
+            raise NbkitError("inpaint needs an image", fix="drop a picture into the image box first")
+        if mask is None or mask.getbbox() is None:
+            raise NbkitError("inpaint needs a mask", fix="paint over the part of the picture to repaint")
+        fields.update(
+            mode="inpaint",
+            init_image=image,
+            mask=mask,
+            mask_blur=int(values["mask_blur"]),
+            inpainting_fill=int(values["inpainting_fill"] if values["inpainting_fill"] is not None else 1),
+            inpainting_mask_invert=values["inpainting_mask_invert"] == "Inpaint not masked",
+        )
+    elif mode == "controlnet":
+        if values.get("control_image") is None:
+            raise NbkitError(
+                "ControlNet needs a control image", fix="drop a picture into the control image box"
+            )
+        if not values.get("cn_model"):
+            raise NbkitError("pick a ControlNet model", fix="choose one that matches the checkpoint's family")
+        fields["controlnet"] = ControlNetUnit(
+            model=values["cn_model"],
+            image=values["control_image"],
+            preprocessor=values["cn_preprocessor"] or "none",
+            weight=float(values["cn_weight"]),
+        )
+    return GenerationRequest(**fields)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, NbkitError | ValueError):
+        return str(error)
+    return f"generation failed: {type(error).__name__}: {error}"
+
+
+def _generate_handler(
+    mode: str, panel: _Panel, service: GenerationService, queue: GpuQueue, limits: Limits
+) -> Callable[..., Iterator[tuple]]:
+    names = panel.names
+
+    def run(*values: Any) -> Iterator[tuple]:
+        fields = dict(zip(names, values, strict=True))
+        try:
+            request = build_request(mode, fields, limits)
+            future = queue.submit(lambda: service.generate(request))
+        except QueueFull as error:
+            gr.Warning(f"Busy: {error}")
+            yield gr.skip(), gr.skip(), _progress_html(0, f"Busy: {error.message}"), gr.skip(), gr.skip()
+            return
+        except (NbkitError, ValueError) as error:
+            raise gr.Error(_describe(error)) from None
+        waited = queue.pending
+        while not future.done():
+            snapshot = service.progress()
+            if snapshot.job_count:
+                text = snapshot.textinfo or f"Step {snapshot.sampling_step}/{snapshot.sampling_steps}"
+                yield gr.skip(), gr.skip(), _progress_html(snapshot.fraction, text), gr.skip(), gr.skip()
+            else:
+                text = snapshot.textinfo or (
+                    f"Waiting in the queue ({waited} ahead)" if waited else "Starting"
+                )
+                yield gr.skip(), gr.skip(), _progress_html(0, text), gr.skip(), gr.skip()
+            time.sleep(POLL_SECONDS)
+        try:
+            output = future.result()
+        except Exception as error:
+            yield gr.skip(), gr.skip(), _progress_html(0, "Failed"), gr.skip(), gr.skip()
+            raise gr.Error(_describe(error)) from None
+        done = "Interrupted" if output.interrupted else f"Done in {output.seconds:.1f} s"
+        first = output.infotexts[0] if output.infotexts else ""
+        yield (
+            _gallery_items(output.paths, output.images),
+            first,
+            _progress_html(1 if output.images else 0, done),
+            list(output.seeds),
+            list(output.infotexts),
+        )
+
+    return run
+
+
+def _wire_panel(
+    panel: _Panel, mode: str, service: GenerationService, queue: GpuQueue, limits: Limits
+) -> None:
+    handler = _generate_handler(mode, panel, service, queue, limits)
+    outputs = [panel.gallery, panel.infotext, panel.progress, panel.seeds, panel.infotexts]
+    panel.generate.click(handler, inputs=panel.inputs, outputs=outputs, concurrency_limit=None)
+    panel.fields["prompt"].submit(handler, inputs=panel.inputs, outputs=outputs, concurrency_limit=None)
+    panel.interrupt.click(service.interrupt, concurrency_limit=None)
+    panel.skip.click(service.skip, concurrency_limit=None)
+    panel.dice.click(lambda: -1, outputs=panel.fields["seed"], concurrency_limit=None)
+
+    def reuse(seeds: list, index: int) -> Any:
+        if not seeds:
+            gr.Info("Generate an image first; its seed is reused from there")
+            return gr.skip()
+        return seeds[min(index or 0, len(seeds) - 1)]
+
+    panel.reuse.click(
+        reuse, inputs=[panel.seeds, panel.selected], outputs=panel.fields["seed"], concurrency_limit=None
+    )
+
+    def select(texts: list, event: gr.SelectData) -> tuple:
+        index = event.index if isinstance(event.index, int) else 0
+        return (texts[index] if index < len(texts) else gr.skip()), index
+
+    panel.gallery.select(select, inputs=[panel.infotexts], outputs=[panel.infotext, panel.selected])
+
+
+def _png_info(path: str | None) -> tuple[str, str]:
+    if not path:
+        return "", ""
+    try:
+        text = read_infotext(path)
+    except Exception as error:
+        gr.Warning(f"Cannot read that file: {error}")
+        return "", ""
+    if not text:
+        return "", "<p>This image has no generation parameters.</p>"
+    info = parse_infotext(text)
+    rows = "".join(
+        f"<tr><td><b>{html.escape(key)}</b></td><td>{html.escape(str(value))}</td></tr>"
+        for key, value in info.to_a1111().items()
+    )
+    return text, f"<table>{rows}</table>"
+
+
+def _send_to_txt2img(text: str) -> tuple:
+    """The txt2img fields an infotext sets (prompt, negative, steps, sampler, schedule, CFG, seed, size)."""
+    if not text:
+        gr.Warning("Drop an image with generation parameters first")
+        return (gr.skip(),) * 10
+    info = parse_infotext(text)
+    size = info.size
+    sampler = info.sampler if info.sampler in SAMPLERS else gr.skip()
+    schedule = info.schedule if info.schedule in {s.label for s in SCHEDULES.values()} else gr.skip()
+    return (
+        gr.Tabs(selected="txt2img"),
+        info.prompt,
+        info.negative_prompt,
+        info.steps if info.steps is not None else gr.skip(),
+        sampler,
+        schedule,
+        info.cfg_scale if info.cfg_scale is not None else gr.skip(),
+        info.seed if info.seed is not None else gr.skip(),
+        size[0] if size else gr.skip(),
+        size[1] if size else gr.skip(),
+    )
+
+
+def build_ui(
+    service: GenerationService, queue: GpuQueue, *, limits: Limits | None = None, share_outputs: bool = True
+) -> gr.Blocks:
+    """The web UI's Blocks.
+
+    Args:
+        service: the generation service.
+        queue: the GPU queue (shared with the API).
+        limits: the request caps (slider ranges follow them).
+        share_outputs: show the Outputs tab (browse and download the outputs folder).
+    """
+    limits = limits or Limits()
+    catalog = service.catalog
+
+    def titles() -> list[str]:
+        return [entry.title for entry in catalog.checkpoints]
+
+    def current() -> str | None:
+        from nbkit.webui.api import current_title
+
+        return current_title(service)
+
+    with gr.Blocks(title="nbkit web UI", analytics_enabled=False) as blocks:
+        with gr.Row():
+            model = gr.Dropdown(
+                titles(),
+                value=current(),
+                label="Stable Diffusion checkpoint",
+                scale=6,
+                allow_custom_value=True,
+                elem_id="nbkit-model",
+            )
+            refresh = gr.Button("↻", elem_classes="nbkit-tool", scale=0, elem_id="nbkit-refresh")
+            status = gr.Markdown("", elem_id="nbkit-status")
+        panels: dict[str, _Panel] = {}
+        with gr.Tabs(elem_id="nbkit-tabs") as tabs:
+            for mode, label in (
+                ("txt2img", "txt2img"),
+                ("img2img", "img2img"),
+                ("inpaint", "Inpaint"),
+                ("controlnet", "ControlNet"),
+            ):
+                with gr.Tab(label, id=mode):
+                    panels[mode] = _Panel(mode, limits)
+                    _wire_panel(panels[mode], mode, service, queue, limits)
+            with gr.Tab("PNG Info", id="pnginfo"):
+                with gr.Row():
+                    with gr.Column():
+                        png_image = gr.Image(
+                            label="Source",
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            height=400,
+                        )
+                    with gr.Column():
+                        png_text = gr.Textbox(
+                            label="Parameters", lines=6, interactive=False, elem_id="pnginfo-text"
+                        )
+                        png_table = gr.HTML()
+                        send = gr.Button("Send to txt2img", elem_id="pnginfo-send")
+                png_image.change(_png_info, inputs=png_image, outputs=[png_text, png_table])
+                t2i = panels["txt2img"].fields
+                send.click(
+                    _send_to_txt2img,
+                    inputs=png_text,
+                    outputs=[
+                        tabs,
+                        t2i["prompt"],
+                        t2i["negative_prompt"],
+                        t2i["steps"],
+                        t2i["sampler_name"],
+                        t2i["scheduler"],
+                        t2i["cfg_scale"],
+                        t2i["seed"],
+                        t2i["width"],
+                        t2i["height"],
+                    ],
+                )
+            if share_outputs and service.outputs is not None:
+                with gr.Tab("Outputs", id="outputs"):
+                    with gr.Row():
+                        outputs_refresh = gr.Button("Refresh", size="sm")
+                        zip_button = gr.Button("Download all as zip", size="sm")
+                    outputs_gallery = gr.Gallery(
+                        label="Outputs (newest first)", columns=6, height=520, interactive=False
+                    )
+                    outputs_info = gr.Textbox(label="Parameters", lines=4, interactive=False)
+                    zip_file = gr.File(label="Zip", visible=True, interactive=False)
+                    outputs_texts = gr.State([])
+
+                    def list_outputs() -> tuple[list, list]:
+                        saved = service.outputs.list()
+                        return [(str(item.path), item.relative) for item in saved], [
+                            item.infotext or "" for item in saved
+                        ]
+
+                    def make_zip() -> str:
+                        data = service.outputs.zip_bytes()
+                        if not data or len(data) <= 22:
+                            gr.Warning("There are no images in the outputs folder yet")
+                        handle, path = tempfile.mkstemp(
+                            suffix=".zip", prefix="outputs-", dir=os.environ.get("GRADIO_TEMP_DIR")
+                        )
+                        with os.fdopen(handle, "wb") as file:
+                            file.write(data)
+                        return path
+
+                    def pick(texts: list, event: gr.SelectData) -> str:
+                        index = event.index if isinstance(event.index, int) else 0
+                        return texts[index] if index < len(texts) else ""
+
+                    outputs_refresh.click(list_outputs, outputs=[outputs_gallery, outputs_texts])
+                    zip_button.click(make_zip, outputs=zip_file)
+                    outputs_gallery.select(pick, inputs=outputs_texts, outputs=outputs_info)
+                    blocks.load(list_outputs, outputs=[outputs_gallery, outputs_texts])
+            with gr.Tab("Settings", id="settings"):
+                settings = gr.Markdown(elem_id="nbkit-settings")
+                with gr.Row():
+                    unload = gr.Button("Unload checkpoint (free memory)", size="sm")
+
+                def describe() -> str:
+                    entry = service.current
+                    return "\n".join(
+                        [
+                            f"- **Checkpoint:** {entry.title if entry else '(none loaded yet)'}",
+                            f"- **Device:** {service.device} ({'low-VRAM mode' if service.low_vram else 'normal'})",
+                            f"- **Outputs folder:** `{service.outputs.folder if service.outputs else '(not saved)'}`",
+                            f"- **Queue:** {queue.pending} waiting, at most {queue.max_pending}",
+                            f"- **Limits:** {limits.max_pixels} pixels, {limits.max_steps} steps, "
+                            f"{limits.max_images} images per request, {limits.max_image_bytes // 2**20} MB per image",
+                        ]
+                    )
+
+                def do_unload() -> str:
+                    try:
+                        queue.run(service.unload)
+                    except QueueFull as error:
+                        gr.Warning(f"Busy: {error}")
+                    return describe()
+
+                unload.click(do_unload, outputs=settings)
+                blocks.load(describe, outputs=settings)
+
+        def switch(title: str) -> str:
+            if not title or (service.current is not None and service.current.title == title):
+                return gr.skip()
+            try:
+                entry = queue.run(lambda: service.select_model(title))
+            except QueueFull as error:
+                gr.Warning(f"Busy: {error}")
+                return gr.skip()
+            except Exception as error:
+                raise gr.Error(_describe(error)) from None
+            gr.Info(f"Loaded {entry.title}")
+            return f"Loaded **{html.escape(entry.title)}**"
+
+        def do_refresh() -> Any:
+            catalog.refresh()
+            return gr.Dropdown(choices=titles(), value=current())
+
+        model.input(switch, inputs=model, outputs=status)
+        refresh.click(do_refresh, outputs=model)
+    # gradio embeds the API description (labels, defaults, checkpoint titles) in every page, the login
+    # page included; the UI is for people and /sdapi/v1 is the API, so gradio's own is kept private.
+    for function in blocks.fns.values():
+        function.api_visibility = "private"
+    return blocks
+
+
+__all__ = ["CSS", "LimitError", "build_request", "build_ui", "theme"]

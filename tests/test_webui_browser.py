@@ -1,0 +1,108 @@
+"""A real browser (Debian's headless Chromium, driven by Selenium) logs in, generates, sees the image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from webui_support import PASSWORD, USER, shared_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
+    reason="Debian's chromium and chromium-driver are not installed (/usr/bin/chromium, /usr/bin/chromedriver); "
+    "CI installs them with apt-get",
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    return shared_server(tmp_path_factory.mktemp("webui-root"), tiny_model_dir("sd1"))
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1300",
+    ):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception:
+            result = None
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url)
+    # gradio's login form: nothing of the UI is there before logging in.
+    username = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "input[type='text'], input[name='username']"),
+        60,
+        "the login form",
+    )
+    assert not browser.find_elements(By.CSS_SELECTOR, "#txt2img-generate")
+    username.send_keys(USER)
+    browser.find_element(By.CSS_SELECTOR, "input[type='password']").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type='submit'], button.lg").click()
+
+    prompt = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-prompt textarea"), 60, "the txt2img tab"
+    )
+    for elem_id, value in (("txt2img-width", "64"), ("txt2img-height", "64")):
+        number = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type='number']")
+        number.clear()
+        number.send_keys(value)
+    steps = browser.find_element(
+        By.XPATH,
+        "//label[contains(., 'Sampling steps')]/ancestor::div[contains(@class,'block')][1]//input[@type='number']",
+    )
+    steps.clear()
+    steps.send_keys("3")
+    prompt.send_keys("a photo of sks dog")
+    browser.find_element(By.CSS_SELECTOR, "#txt2img-generate").click()
+
+    image = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-gallery img"), 120, "an image in the gallery"
+    )
+    info = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-info textarea").get_attribute("value"),
+        30,
+        "the infotext under the gallery",
+    )
+    assert info.startswith("a photo of sks dog\n")
+    assert "Steps: 3" in info and "Size: 64x64" in info
+    assert "/gradio_api/file=" in image.get_attribute("src")
+    screenshot = Path(os.environ.get("NBKIT_SCREENSHOT_DIR", tmp_path)) / "webui-txt2img.png"
+    browser.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
+    assert screenshot.stat().st_size > 10_000
