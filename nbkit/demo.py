@@ -67,7 +67,7 @@ def run_demo(
     session_name: str | None = None,
     text_encoder_steps: int = 4,
     unet_steps: int = 8,
-    web_ui: bool = False,
+    web_ui: bool = True,
     keep_ui: bool = False,
     log: Callable[[str], None] = print,
 ) -> DemoResult:

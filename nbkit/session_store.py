@@ -243,11 +243,9 @@ def format_size(size: float) -> str:
 def _without_checkpoints(manifest: Manifest) -> Manifest:
     """The manifest of a copy that has no checkpoints: it points at none, and an unfinished run,
     which cannot be resumed without them, starts over (a finished one stays finished)."""
-    state = manifest.state
-    if state.stage == "done":
-        state = dataclasses.replace(state, last_checkpoint=None)
-    else:
-        state = TrainingState()  # the seed stays in training.seed
+    # The seed stays in training.seed, so a restart repeats the run.
+    done = manifest.state.stage == "done"
+    state = dataclasses.replace(manifest.state, last_checkpoint=None) if done else TrainingState()
     return dataclasses.replace(manifest, state=state)
 
 

@@ -280,21 +280,7 @@ def test_training_in_progress_answers_503_in_process(tmp_path):
     assert "training in progress" in response.json()["detail"]
 
 
-def _img2img_available(server, http) -> bool:
-    image = png_b64(Image.new("RGB", (64, 64), (120, 80, 40)))
-    response = http.post(server.api + "/img2img", json={**SMALL, "init_images": [image]}, timeout=120)
-    return response.status_code == 200
-
-
-@pytest.fixture(scope="module")
-def img2img_ready(server, http):
-    if not _img2img_available(server, http):
-        pytest.skip(
-            "img2img not available yet (the generation service's img2img lands with helper BACKEND's merge)"
-        )
-
-
-def test_img2img_and_inpaint(server, http, img2img_ready):
+def test_img2img_and_inpaint(server, http):
     picture = Image.new("RGB", (64, 64), (120, 80, 40))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))

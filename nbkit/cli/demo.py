@@ -31,7 +31,7 @@ def command(args: argparse.Namespace) -> int:
         session_name=args.session,
         text_encoder_steps=args.te_steps,
         unet_steps=args.unet_steps,
-        web_ui=False,  # TODO until the web UI lands
+        web_ui=not args.no_ui,
         keep_ui=args.keep_ui,
     )
     return 0

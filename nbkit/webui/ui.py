@@ -24,6 +24,7 @@ from PIL import Image
 from nbkit.errors import NbkitError
 from nbkit.infotext import parse_infotext, read_infotext
 from nbkit.samplers import SAMPLERS, SCHEDULES
+from nbkit.webui.controlnet import CONTROLNETS
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.security import LimitError, Limits, check_request_caps
 from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService
@@ -222,12 +223,7 @@ class _Panel:
 
 
 def _controlnet_choices() -> list[str]:
-    try:
-        from nbkit.webui import controlnet  # BACKEND's registry, when merged
-    except ImportError:
-        return []
-    registry = getattr(controlnet, "CONTROLNETS", None) or getattr(controlnet, "REGISTRY", None) or {}
-    return sorted(str(key) for key in registry)
+    return sorted(CONTROLNETS)
 
 
 def build_request(mode: str, values: dict[str, Any], limits: Limits) -> GenerationRequest:
