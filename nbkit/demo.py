@@ -161,6 +161,7 @@ def render_from_single_file(single_file: Path, session: Session, resolution: int
     from nbkit.train.samples import render_samples
 
     pipeline = load_single_file(single_file)
+    pipeline.set_progress_bar_config(disable=True)
     _, short_hash, _ = model_hashes(single_file)
     return render_samples(
         pipeline,
@@ -190,12 +191,19 @@ def try_web_ui(session: Session, resolution: int, *, keep_running: bool, log: Ca
                 "width": resolution,
                 "height": resolution,
                 "seed": 1234,
+                "save_images": True,
             },
             timeout=600,
         )
         response.raise_for_status()
         images = response.json()["images"]
-        saved = max(session.dir("outputs").rglob("*.png"), key=lambda path: path.stat().st_mtime)
+        day_folders = [
+            path for path in session.dir("outputs").iterdir() if path.is_dir() and path.name[:1].isdigit()
+        ]
+        saved = max(
+            (png for folder in day_folders for png in folder.glob("*.png")),
+            key=lambda path: path.stat().st_mtime,
+        )
         log(
             f"web UI at {ui.local_url}: POST /sdapi/v1/txt2img answered with {len(images)} image ({saved.name})"
         )
