@@ -72,9 +72,7 @@ def probe_runtime(python: str | None = None) -> RuntimeSpec:
 
         data = probe()
     else:
-        result = subprocess.run(
-            [python, str(PROBE_SCRIPT)], capture_output=True, text=True, check=False
-        )
+        result = subprocess.run([python, str(PROBE_SCRIPT)], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise NbkitError(
                 f"could not describe the Python at {python}: {result.stderr.strip()[-500:]}",
@@ -121,7 +119,9 @@ class Profile:
             )
         return self.path / self.sets[set_name]
 
-    def pins(self, sets: Iterable[str] | None = None, environment: Mapping[str, str] | None = None) -> list[Pin]:
+    def pins(
+        self, sets: Iterable[str] | None = None, environment: Mapping[str, str] | None = None
+    ) -> list[Pin]:
         """The pins of `sets` (default: all) that apply to `environment`, one per package.
 
         Two sets that pin one package at different versions make the profile unusable for that pair:
