@@ -114,6 +114,13 @@ def run_quiet(command: list[str], what: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()
+        if "DO NOT MATCH THE HASHES" in output:
+            raise NbkitError(
+                f"{what}: a downloaded file does not match the lock's sha256 (tampered, corrupted, or "
+                f"the lock is wrong); nothing was installed: {output[-1200:]}",
+                fix="retry once (a broken download); if it persists, regenerate the profile's lock "
+                "(`nbkit wheels lock`) from a trusted registry",
+            )
         raise NbkitError(
             f"{what} failed (exit {result.returncode}): {output[-1500:]}",
             fix="check the network (or the --find-links folder) and rerun; the wheelhouse keeps what "
