@@ -220,6 +220,8 @@ def test_profile_selection_from_runtime_descriptions():
     local = RuntimeSpec(python="3.11", platform="linux-x86_64", torch="2.13.0+cpu")
     profile, why = select_profile(local)
     assert profile is not None and profile.name == "local-cpu-py311" and "fits" in why
+    colab = RuntimeSpec(python="3.12", platform="linux-x86_64", torch="2.13.0+cu128", cuda="12.8")
+    assert select_profile(colab)[0].name == "colab-py312-torch2.13-cu128"
     for runtime in [
         RuntimeSpec(python="3.12", platform="linux-x86_64", torch="2.13.0+cpu"),
         RuntimeSpec(python="3.11", platform="linux-x86_64", torch="2.12.0+cpu"),
@@ -227,13 +229,9 @@ def test_profile_selection_from_runtime_descriptions():
         RuntimeSpec(python="3.11", platform="macosx-14.0-arm64", torch="2.13.0"),
         RuntimeSpec(python="3.11", platform="linux-x86_64"),
     ]:
-        profile, why = select_profile(runtime, profiles_root_without_colab())
+        profile, why = select_profile(runtime)
         assert profile is None and "without a lock" in why and "local-cpu-py311" in why, runtime
     assert all(p.pins() for p in load_profiles())  # every shipped profile's sets agree and have hashes
-
-
-def profiles_root_without_colab() -> Path:
-    return REPO / "wheels" / "profiles"
 
 
 def test_this_runtime_is_described_without_importing_torch(tmp_path):

@@ -127,7 +127,12 @@ class Profile:
         Two sets that pin one package at different versions make the profile unusable for that pair:
         that is an error naming both, not a silent choice.
         """
-        environment = dict(default_environment() if environment is None else environment)
+        if environment is None:
+            # markers are evaluated for the profile's Python, wherever this runs (`nbkit wheels build`)
+            environment = default_environment()
+            if environment["python_version"] != self.python:
+                environment.update(python_version=self.python, python_full_version=f"{self.python}.0")
+        environment = dict(environment)
         chosen: dict[str, tuple[Pin, str]] = {}
         for set_name in self.sets if sets is None else sets:
             for pin in read_lock(self.lock_path(set_name)):
