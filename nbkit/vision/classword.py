@@ -107,6 +107,6 @@ def apply_suggestion(session, suggestion: ClassSuggestion | str) -> str:
             "The class prompt is empty.", fix="Accept a suggestion or type a prompt such as 'photo of a dog'."
         )
     training = session.manifest.training
-    session.manifest.training = training.replace(prior=training.prior.replace(class_prompt=prompt))
+    session.manifest.training = training.replace(prior=training.prior.replace(class_prompt=prompt).to_dict())
     session.save()
     return prompt
