@@ -256,3 +256,42 @@ def test_suggested_checkpoint_follows_the_scores():
     scores[0] = row("a", 0.8)
     assert suggest_checkpoint(scores) == "a"
     assert suggest_checkpoint([row("c", 0.9, memorised=True)]) is None
+
+
+# Until the lead adds "vision" to nbkit.cli.SUBCOMMANDS, drive the subcommand's own parser in a child.
+_CLI = (
+    "import argparse, sys\n"
+    "from nbkit.cli import vision\n"
+    "parser = argparse.ArgumentParser(prog='nbkit')\n"
+    "vision.register(parser.add_subparsers(dest='command'))\n"
+    "args = parser.parse_args(sys.argv[1:])\n"
+    "sys.exit(args.func(args))\n"
+)
+
+
+def _run_cli(*argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _CLI, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_classify_and_check(tmp_path):
+    base = smooth(1)
+    session = _session_with_photos(tmp_path, [base, ImageOps.mirror(base), smooth(2), smooth(3)])
+    root = str(tmp_path)
+    shown = _run_cli("vision", "classify", "subject", "--root", root, "--model", "tiny:vit")
+    assert shown.returncode == 0, shown.stderr
+    assert "suggested class word" in shown.stdout and "nothing changed" in shown.stdout
+    assert Session.open("subject", root=tmp_path).manifest.training.prior.class_prompt == ""
+    checked = _run_cli(
+        "vision", "check", "subject", "--root", root, "--model", "tiny:dino", "--duplicate", "0.9999"
+    )
+    assert checked.returncode == 0, checked.stderr
+    flags = json.loads((session.path / "logs" / "vision_check.json").read_text())["flags"]
+    assert flags["instance_images/zwx_0.png"] == ["near-duplicate of instance_images/zwx_1.png"]
+    assert len(list((session.path / "logs" / "vision_cache").glob("*.safetensors"))) == 1

@@ -54,10 +54,11 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_BATCH_SIZE = 16
 
 
-def _role_of(config: Any) -> str:
+def _role_of(config: Any, class_name: str | None = None) -> str:
     if config.model_type == "clip":
         return "clip"
-    architectures = config.architectures or []
+    # An in-memory model has no `architectures` yet: its class says the same.
+    architectures = [*(config.architectures or []), *([class_name] if class_name else [])]
     if any(name.endswith("ForImageClassification") for name in architectures):
         return "classifier"
     return "dino"
@@ -200,7 +201,7 @@ def load_backbone(
         from nbkit.vision.tiny import build_tiny_backbone
 
         model, processor = build_tiny_backbone(text.split(":", 1)[1])
-        role = _role_of(model.config)
+        role = _role_of(model.config, type(model).__name__)
         return Backbone(
             model.to(device, dtype).eval(), processor, name=text, role=role, batch_size=batch_size
         )

@@ -166,3 +166,32 @@ def check_dataset(
         "spread": spread,
     }
     return DatasetReport(list(files), duplicates, outliers, mean_cosine, thresholds)
+
+
+def write_dataset_report(logs_dir, report: DatasetReport) -> dict[str, object]:
+    """Write the report as `vision_check.txt`, `.html` and `.json` (flags per photo) into `logs/`, atomically.
+
+    Args:
+        logs_dir: the session's `logs` folder.
+        report: `check_dataset`'s result.
+
+    Returns:
+        `{"text": path, "html": path, "json": path}`.
+    """
+    from pathlib import Path
+
+    from nbkit.fsio import atomic_write_json, atomic_write_text
+
+    logs_dir = Path(logs_dir)
+    paths = {kind: logs_dir / f"vision_check.{kind}" for kind in ("txt", "html", "json")}
+    atomic_write_text(paths["txt"], str(report) + "\n")
+    atomic_write_text(paths["html"], report._repr_html_())
+    data = {
+        "flags": report.flags,
+        "duplicates": [dataclasses.asdict(pair) for pair in report.duplicates],
+        "outliers": [dataclasses.asdict(outlier) for outlier in report.outliers],
+        "mean_cosine": report.mean_cosine,
+        "thresholds": report.thresholds,
+    }
+    atomic_write_json(paths["json"], data)
+    return paths
