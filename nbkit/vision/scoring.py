@@ -1,0 +1,397 @@
+"""Score the samples of each training checkpoint against the instance photos, and suggest one.
+
+Per checkpoint, as in the DreamBooth paper: DINO and CLIP-I subject fidelity (mean cosine of each
+sample to the instance photos), CLIP-T prompt fidelity (cosine of sample and prompt), diversity (mean
+pairwise 1 - DINO cosine among the samples of one prompt, averaged over prompts with two or more), and
+memorisation (a sample whose DINO cosine to a training photo, either mirrored, is >= `memorised`).
+The suggested checkpoint has the best mean of DINO and CLIP-I fidelity among those not memorising.
+
+Samples are read from `outputs/samples/`: per-image folders `<checkpoint>/*.png` written by
+`render_checkpoint_samples`, or the grids `<checkpoint>.png` training saves (cut back into tiles with
+the prompts of their `nbkit-samples` infotexts).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from nbkit.errors import NbkitError
+from nbkit.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from nbkit.infotext import parse_infotext, save_image
+from nbkit.vision.embeddings import embed_cached, image_content_key
+
+MEMORISED_COSINE = 0.95
+SAMPLES_KEY = "nbkit-samples"
+MAX_COLUMNS = 4
+
+
+@dataclasses.dataclass
+class Sample:
+    prompt: str
+    image: Image.Image
+
+
+@dataclasses.dataclass
+class CheckpointScore:
+    """One row of the score table (None where the backbone or enough samples were missing)."""
+
+    checkpoint: str
+    samples: int
+    dino: float | None
+    clip_i: float | None
+    clip_t: float | None
+    diversity: float | None
+    max_similarity: float
+    memorised: bool
+
+    @property
+    def fidelity(self) -> float:
+        values = [value for value in (self.dino, self.clip_i) if value is not None]
+        return sum(values) / len(values) if values else float("-inf")
+
+
+def render_checkpoint_samples(
+    pipeline: Any,
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 25,
+    resolution: int = 512,
+    guidance_scale: float = 7.5,
+    negative_prompt: str = "",
+) -> list[Path]:
+    """Render `per_prompt` images of each prompt (seeds `seed`, `seed + 1`, ...) as separate PNGs.
+
+    The same seeds for every checkpoint make the scores comparable. Files are `NNN.png` with A1111
+    infotext, written atomically.
+
+    Args:
+        pipeline: a diffusers text-to-image pipeline with the checkpoint's weights.
+        prompts: the prompts (with the instance token).
+        out_dir: `outputs/samples/<checkpoint>/`.
+        per_prompt: images per prompt (two or more for a diversity score).
+        seed: first seed.
+        steps: inference steps.
+        resolution: width and height.
+        guidance_scale: CFG scale.
+        negative_prompt: for every image.
+    """
+    from nbkit.generate import generate
+
+    if per_prompt < 1:
+        raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
+    all_prompts = [prompt for prompt in prompts for _ in range(per_prompt)]
+    seeds = [seed + index % per_prompt for index in range(len(all_prompts))]
+    result = generate(
+        pipeline,
+        all_prompts,
+        seeds=seeds,
+        steps=steps,
+        width=resolution,
+        height=resolution,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        sampler=None,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        save_image(image, out_dir / f"{index:03d}.png", infotext)
+        for index, (image, infotext) in enumerate(zip(result.images, result.infotexts, strict=True))
+    ]
+
+
+def split_grid(path: str | os.PathLike) -> list[Sample]:
+    """Cut a training sample grid (`nbkit.train.samples.make_grid`) back into its tiles.
+
+    Args:
+        path: the grid PNG with its `nbkit-samples` text chunk.
+    """
+    with Image.open(path) as grid:
+        grid.load()
+        text = grid.info.get(SAMPLES_KEY)
+        if not text:
+            raise NbkitError(
+                "This sample grid has no nbkit-samples text, so its tiles are unknown.", path=path
+            )
+        infos = [parse_infotext(info) for info in json.loads(text)]
+        width, height = (int(part) for part in infos[0].parameters["Size"].split("x"))
+        columns = min(MAX_COLUMNS, len(infos))
+        rows = math.ceil(len(infos) / columns)
+        row_height = grid.height // rows
+        samples = []
+        for index, info in enumerate(infos):
+            left, top = (index % columns) * width, (index // columns) * row_height
+            samples.append(
+                Sample(info.prompt, grid.crop((left, top, left + width, top + height)).convert("RGB"))
+            )
+    return samples
+
+
+def read_image_sample(path: Path) -> Sample:
+    with Image.open(path) as image:
+        image.load()
+        text = image.info.get("parameters", "")
+        return Sample(parse_infotext(text).prompt if text else "", image.convert("RGB"))
+
+
+def collect_samples(samples_dir: str | os.PathLike) -> dict[str, list[Sample]]:
+    """Read every checkpoint's samples under `samples_dir` (per-image folders win over grids).
+
+    Args:
+        samples_dir: the session's `outputs/samples`.
+
+    Returns:
+        checkpoint name -> samples, in name order.
+    """
+    samples_dir = Path(samples_dir)
+    found: dict[str, list[Sample]] = {}
+    if not samples_dir.is_dir():
+        return found
+    for entry in sorted(samples_dir.iterdir()):
+        if entry.is_dir():
+            files = sorted(entry.glob("*.png"))
+            if files:
+                found[entry.name] = [read_image_sample(file) for file in files]
+        elif entry.suffix == ".png" and entry.stem not in found and not (samples_dir / entry.stem).is_dir():
+            found[entry.stem] = split_grid(entry)
+    return dict(sorted(found.items()))
+
+
+def _embed(backbone, images: Sequence[Image.Image], cache_dir, *, flip: bool = False):
+    keys = [image_content_key(image) for image in images]
+    return embed_cached(backbone, images, keys, cache_dir, flip=flip)
+
+
+def score_checkpoints(
+    samples: dict[str, list[Sample]],
+    instance_images: Sequence[Image.Image],
+    *,
+    dino=None,
+    clip=None,
+    memorised: float = MEMORISED_COSINE,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[CheckpointScore]:
+    """Score each checkpoint's samples.
+
+    Args:
+        samples: checkpoint name -> samples (`collect_samples`).
+        instance_images: the training photos.
+        dino: the DINO backbone (or any image embedder); None skips DINO and memorisation by DINO.
+        clip: the CLIP backbone; None skips CLIP-I and CLIP-T.
+        memorised: cosine to a training photo at or above which a sample counts as a copy of it.
+        cache_dir: embedding cache folder.
+    """
+    if not instance_images:
+        raise NbkitError(
+            "The session has no instance images to compare samples with.", fix="Add photos first."
+        )
+    if dino is None and clip is None:
+        raise ValueError("give a DINO or a CLIP backbone (or both)")
+    memory_model = dino or clip
+    references = {}
+    for name, backbone in (("dino", dino), ("clip", clip)):
+        if backbone is not None:
+            references[name] = _embed(backbone, instance_images, cache_dir)
+    flipped_reference = _embed(memory_model, instance_images, cache_dir, flip=True)
+    scores = []
+    for checkpoint, items in samples.items():
+        images = [item.image for item in items]
+        values: dict[str, float | None] = {"dino": None, "clip_i": None, "clip_t": None, "diversity": None}
+        if dino is not None:
+            embedded = _embed(dino, images, cache_dir)
+            values["dino"] = float((embedded @ references["dino"].T).mean())
+            values["diversity"] = _diversity(embedded, [item.prompt for item in items])
+        if clip is not None:
+            embedded_clip = _embed(clip, images, cache_dir)
+            values["clip_i"] = float((embedded_clip @ references["clip"].T).mean())
+            texts = clip.embed_texts([item.prompt for item in items])
+            values["clip_t"] = float((embedded_clip * texts).sum(-1).mean())
+            if dino is None:
+                values["diversity"] = _diversity(embedded_clip, [item.prompt for item in items])
+        memory = embedded if dino is not None else embedded_clip
+        nearest = max(
+            float((memory @ references["dino" if dino is not None else "clip"].T).max()),
+            float((memory @ flipped_reference.T).max()),
+        )
+        scores.append(
+            CheckpointScore(
+                checkpoint, len(items), **values, max_similarity=nearest, memorised=nearest >= memorised
+            )
+        )
+    return scores
+
+
+def _diversity(embedded, prompts: Sequence[str]) -> float | None:
+    groups: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(index)
+    per_prompt = []
+    for indices in groups.values():
+        if len(indices) < 2:
+            continue
+        group = embedded[indices]
+        similarity = group @ group.T
+        count = len(indices)
+        off_diagonal = (similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1))
+        per_prompt.append(1.0 - float(off_diagonal))
+    return sum(per_prompt) / len(per_prompt) if per_prompt else None
+
+
+def suggest_checkpoint(scores: Sequence[CheckpointScore]) -> str | None:
+    """The checkpoint with the best fidelity (mean of DINO and CLIP-I) that memorises no photo.
+
+    Ties go to the earlier checkpoint (less training, less overfitting). None when all memorise.
+
+    Args:
+        scores: `score_checkpoints`' rows.
+    """
+    candidates = [score for score in scores if not score.memorised]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda score: score.fidelity)
+    return next(score.checkpoint for score in candidates if score.fidelity == best.fidelity)
+
+
+COLUMNS = ("checkpoint", "samples", "dino", "clip_i", "clip_t", "diversity", "max_similarity", "memorised")
+
+
+def write_scores(logs_dir: str | os.PathLike, scores: Sequence[CheckpointScore]) -> dict[str, Path]:
+    """Write the table (`vision_scores.csv`, `vision_scores.json` with the suggestion) and the plot
+    (`vision_scores.png`) into the session's `logs/`, atomically.
+
+    Args:
+        logs_dir: the session's `logs` folder.
+        scores: the rows.
+
+    Returns:
+        `{"csv": ..., "json": ..., "plot": ...}`.
+    """
+    logs_dir = Path(logs_dir)
+    rows = [dataclasses.asdict(score) for score in scores]
+    suggested = suggest_checkpoint(scores)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {
+        "csv": logs_dir / "vision_scores.csv",
+        "json": logs_dir / "vision_scores.json",
+        "plot": logs_dir / "vision_scores.png",
+    }
+    atomic_write_text(paths["csv"], text.getvalue())
+    atomic_write_json(
+        paths["json"],
+        {"suggested_checkpoint": suggested, "memorised_cosine": MEMORISED_COSINE, "scores": rows},
+    )
+    atomic_write_bytes(paths["plot"], _plot(scores, suggested))
+    return paths
+
+
+def _plot(scores: Sequence[CheckpointScore], suggested: str | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.subplots()
+    names = [score.checkpoint for score in scores]
+    positions = list(range(len(names)))
+    for column, label in (
+        ("dino", "DINO"),
+        ("clip_i", "CLIP-I"),
+        ("clip_t", "CLIP-T"),
+        ("diversity", "diversity"),
+    ):
+        values = [getattr(score, column) for score in scores]
+        if any(value is not None for value in values):
+            axes.plot(positions, [math.nan if v is None else v for v in values], marker="o", label=label)
+    for position, score in zip(positions, scores, strict=True):
+        if score.memorised:
+            axes.axvspan(position - 0.4, position + 0.4, color="red", alpha=0.15)
+    if suggested in names:
+        axes.axvline(names.index(suggested), color="green", linestyle="--", label=f"suggested: {suggested}")
+    axes.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
+    axes.set_ylabel("cosine")
+    axes.set_title("Sample scores per checkpoint (red: memorised a photo)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def format_table(scores: Sequence[CheckpointScore]) -> str:
+    """The score table as aligned text, with the suggestion underneath.
+
+    Args:
+        scores: the rows.
+    """
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return "-" if value is None else str(value)
+
+    rows = [COLUMNS] + [tuple(cell(getattr(score, column)) for column in COLUMNS) for score in scores]
+    widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)) for row in rows]
+    suggested = suggest_checkpoint(scores)
+    lines.append(
+        f"suggested checkpoint: {suggested}"
+        if suggested
+        else "suggested checkpoint: none (every one memorised a photo)"
+    )
+    return "\n".join(lines)
+
+
+def instance_photos(session) -> tuple[list[str], list[Image.Image], list[str]]:
+    """The session's processed instance photos: `(files, images, content keys)`.
+
+    Args:
+        session: an open `nbkit.session.Session`.
+    """
+    from nbkit.vision.embeddings import load_images
+
+    files = [record.file for record in session.manifest.images]
+    images, keys = load_images([session.path / file for file in files])
+    return files, images, keys
+
+
+def score_session(
+    session, *, dino=None, clip=None, memorised: float = MEMORISED_COSINE
+) -> tuple[list[CheckpointScore], dict[str, Path]]:
+    """Score every checkpoint's samples in a session and write the table and plot into `logs/`.
+
+    Args:
+        session: an open `nbkit.session.Session`.
+        dino: DINO backbone (or None).
+        clip: CLIP backbone (or None).
+        memorised: see `score_checkpoints`.
+    """
+    samples = collect_samples(session.dir("outputs") / "samples")
+    if not samples:
+        raise NbkitError(
+            "The session has no checkpoint samples to score.",
+            path=session.dir("outputs") / "samples",
+            fix="Train with sample prompts (training.sample_prompts) so each checkpoint saves samples.",
+        )
+    _, images, _ = instance_photos(session)
+    cache_dir = session.dir("logs") / "vision_cache"
+    scores = score_checkpoints(
+        samples, images, dino=dino, clip=clip, memorised=memorised, cache_dir=cache_dir
+    )
+    return scores, write_scores(session.dir("logs"), scores)

@@ -1,0 +1,297 @@
+"""nbkit.vision: backbones from local folders, dataset checks, class word, sample scoring.
+
+Random tiny models give near-collapsed embeddings (every pair ~0.98 cosine), so cases that need
+semantics (a shifted copy is near, an unrelated photo is far) use `PixelEmbedder`, a deterministic
+feature model (centred 8x8 grey pixels); cases that hold for any embedding (exact and mirrored
+copies) use the tiny models.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from nbkit.infotext import format_infotext, save_image
+from nbkit.manifest import ImageRecord
+from nbkit.session import Session
+from nbkit.train.samples import make_grid
+from nbkit.vision.backbones import BACKBONES, load_backbone
+from nbkit.vision.checks import check_dataset
+from nbkit.vision.classword import apply_suggestion, suggest_class_word
+from nbkit.vision.embeddings import embed_cached
+from nbkit.vision.labels import class_noun
+from nbkit.vision.scoring import (
+    CheckpointScore,
+    Sample,
+    collect_samples,
+    score_checkpoints,
+    score_session,
+    suggest_checkpoint,
+)
+from nbkit.vision.tiny import TINY_BACKBONES, save_tiny_backbone
+
+
+class PixelEmbedder:
+    name = "pixels"
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed_images(self, images):
+        self.calls += 1
+        rows = []
+        for image in images:
+            grey = np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BILINEAR), dtype=np.float32)
+            rows.append(torch.from_numpy((grey - grey.mean()).ravel()))
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def smooth(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((6, 6, 3)) * 255).astype("uint8")).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
+
+
+def jpeg(image: Image.Image) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def shifted(image: Image.Image, pixels: int = 3) -> Image.Image:
+    """The frame moved right by `pixels` (a slightly different crop of the same shot)."""
+    width, height = image.size
+    return image.crop((pixels, pixels // 2, width, height)).resize(image.size, Image.Resampling.BICUBIC)
+
+
+def embed_both(model, images):
+    return model.embed_images(images), model.embed_images([ImageOps.mirror(image) for image in images])
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    return {kind: save_tiny_backbone(kind, root / kind) for kind in TINY_BACKBONES}
+
+
+def test_registry_names_the_issue_models():
+    assert BACKBONES["google/vit-base-patch16-224"].role == "classifier"
+    assert BACKBONES["amunchet/rorshark-vit-base"].role == "embedder"
+    assert {spec.role for spec in BACKBONES.values()} == {"classifier", "embedder", "dino", "clip"}
+
+
+@pytest.mark.parametrize("kind", TINY_BACKBONES)
+def test_each_kind_loads_from_a_local_folder(tiny_folders, kind):
+    folder = tiny_folders[kind]
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    backbone = load_backbone(folder, device="cpu")
+    expected = {"vit": "classifier", "mobilevit": "classifier", "dino": "dino", "clip": "clip"}[kind]
+    assert backbone.role == expected
+    images = [smooth(1), smooth(2), smooth(1)]
+    embedded = backbone.embed_images(images)
+    assert torch.allclose(embedded.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert float(embedded[0] @ embedded[2]) == pytest.approx(1.0, abs=1e-5)  # identical images
+    if kind == "clip":
+        assert backbone.embed_texts(["photo of a dog", "cat"]).shape == (2, embedded.shape[1])
+    if expected == "classifier":
+        top = backbone.classify(images, top_k=2)
+        assert len(top) == 3 and top[0][0][1] in {"cat", "dog", "person"}
+
+
+def test_a_folder_without_config_names_it(tmp_path):
+    from nbkit.errors import NbkitError
+
+    with pytest.raises(NbkitError, match=r"config\.json") as error:
+        load_backbone(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_exact_and_mirrored_copies_are_duplicates_for_any_embedding(tiny_folders):
+    dino = load_backbone(tiny_folders["dino"], device="cpu")
+    base = smooth(1)
+    images = [base, smooth(2), ImageOps.mirror(base)]
+    report = check_dataset(
+        ["a", "b", "c"], images, *embed_both(dino, images), duplicate=0.9999, hash_duplicate=1.01
+    )
+    assert [(pair.first, pair.second, pair.flipped) for pair in report.duplicates] == [("a", "c", True)]
+
+
+def test_shifted_and_reencoded_copies_are_flagged_and_unrelated_is_the_outlier():
+    base = smooth(7)
+    files = ["base", "jpeg", "shift", "other1", "other2", "mirror"]
+    group = [base, jpeg(base), shifted(base), smooth(8), smooth(9), ImageOps.mirror(smooth(8))]
+    report = check_dataset(files, group, *embed_both(PixelEmbedder(), group))
+    pairs = {(pair.first, pair.second) for pair in report.duplicates}
+    assert {("base", "jpeg"), ("base", "shift"), ("jpeg", "shift"), ("other1", "mirror")} <= pairs
+    assert ("base", "other2") not in pairs
+    assert "near-duplicate of jpeg" in report.flags["base"][0]
+
+    similar = [jpeg(shifted(base, shift)) for shift in range(5)] + [smooth(99)]
+    report = check_dataset(list("abcdef"), similar, *embed_both(PixelEmbedder(), similar))
+    assert [outlier.file for outlier in report.outliers] == ["f"]
+    assert "robust deviations" in str(report) and "nbkit images remove" in str(report)
+    assert "<table>" in report._repr_html_()
+
+
+def test_embedding_cache_makes_reruns_free(tmp_path):
+    model = PixelEmbedder()
+    images = [smooth(1), smooth(2)]
+    first = embed_cached(model, images, ["k1", "k2"], tmp_path)
+    again = embed_cached(model, images, ["k1", "k2"], tmp_path)
+    assert model.calls == 1 and torch.equal(first, again)
+    embed_cached(model, images, ["k1", "k2"], tmp_path, flip=True)
+    assert model.calls == 2
+
+
+def test_label_to_noun_table():
+    assert class_noun("golden retriever", 207, 1000) == ("dog", True)
+    assert class_noun("tabby, tabby cat", 281, 1000) == ("cat", True)
+    assert class_noun("sports car, sport car", 817, 1000) == ("car", True)
+    assert class_noun("running shoe", 770, 1000) == ("shoe", True)
+    assert class_noun("suit, suit of clothes", 834, 1000) == ("person", True)
+    assert class_noun("person", 2, 3) == ("person", True)
+    # Ranges only apply to a 1000-label ImageNet head.
+    assert class_noun("golden retriever", 207, 21843) == ("golden retriever", False)
+
+
+def test_class_word_vote_and_accept(tiny_folders, tmp_path):
+    classifier = load_backbone(tiny_folders["vit"], device="cpu")
+    images = [smooth(seed) for seed in range(3)]
+    suggestion = suggest_class_word(classifier, images, ["a.png", "b.png", "c.png"])
+    assert suggestion.class_word in {"cat", "dog", "person"}
+    assert sum(suggestion.votes.values()) == 3
+    assert suggestion.class_prompt == f"photo of a {suggestion.class_word}"
+    assert "votes:" in str(suggestion)
+
+    session = Session.create("pet", root=tmp_path)
+    assert session.manifest.training.prior.class_prompt == ""  # nothing changes before accepting
+    apply_suggestion(session, suggestion)
+    assert Session.open("pet", root=tmp_path).manifest.training.prior.class_prompt == suggestion.class_prompt
+
+
+def _session_with_photos(tmp_path, photos):
+    session = Session.create("subject", root=tmp_path)
+    folder = session.dir("instance_images")
+    for index, photo in enumerate(photos):
+        photo.save(folder / f"zwx_{index}.png")
+        session.manifest.images.append(
+            ImageRecord(
+                file=f"instance_images/zwx_{index}.png",
+                original=f"instance_images/zwx_{index}.png",
+                sha256=str(index),
+                caption="zwx",
+                width=64,
+                height=64,
+            )
+        )
+    session.save()
+    return session
+
+
+def _save_grid(path, images, prompts):
+    infotexts = [
+        format_infotext(prompt, "", {"Steps": 2, "Seed": index, "Size": "64x64"})
+        for index, prompt in enumerate(prompts)
+    ]
+    save_image(
+        make_grid(images, prompts), path, infotexts[0], extra_text={"nbkit-samples": json.dumps(infotexts)}
+    )
+
+
+def test_scores_table_plot_and_suggestion_in_a_session(tmp_path, tiny_folders):
+    photos = [smooth(1), smooth(2), smooth(3)]
+    session = _session_with_photos(tmp_path, photos)
+    samples_dir = session.dir("outputs") / "samples"
+    samples_dir.mkdir()
+    prompts = ["photo of zwx", "zwx on a beach"]
+    _save_grid(samples_dir / "unet-000010.png", [smooth(40), smooth(41)], prompts)
+    # The later checkpoint reproduces a training photo: memorised, never suggested.
+    _save_grid(samples_dir / "unet-000020.png", [photos[0], smooth(42)], prompts)
+    per_image = samples_dir / "unet-000015"
+    per_image.mkdir()
+    for index, image in enumerate([smooth(43), smooth(44), smooth(45), smooth(46)]):
+        save_image(
+            image, per_image / f"{index:03d}.png", format_infotext(prompts[index // 2], "", {"Steps": 2})
+        )
+
+    collected = collect_samples(samples_dir)
+    assert list(collected) == ["unet-000010", "unet-000015", "unet-000020"]
+    assert np.array_equal(np.asarray(collected["unet-000020"][0].image), np.asarray(photos[0]))
+    assert collected["unet-000010"][1].prompt == "zwx on a beach"
+
+    clip = load_backbone(tiny_folders["clip"], device="cpu")
+    scores, paths = score_session(session, dino=PixelEmbedder(), clip=clip)
+    by_name = {score.checkpoint: score for score in scores}
+    assert by_name["unet-000020"].memorised and by_name["unet-000020"].max_similarity == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert not by_name["unet-000010"].memorised
+    assert by_name["unet-000015"].diversity is not None and by_name["unet-000010"].diversity is None
+    assert all(score.clip_t is not None for score in scores)
+    table = json.loads(paths["json"].read_text())
+    assert table["suggested_checkpoint"] in {"unet-000010", "unet-000015"}
+    assert paths["csv"].read_text().startswith("checkpoint,samples,dino")
+    assert Image.open(paths["plot"]).size[0] > 100
+    assert (session.path / "logs" / "vision_cache").is_dir()
+
+
+def test_identical_sample_scores_one():
+    photo = smooth(5)
+    scores = score_checkpoints({"c": [Sample("p", photo)]}, [photo], dino=PixelEmbedder())
+    assert scores[0].dino == pytest.approx(1.0, abs=1e-5) and scores[0].memorised
+
+
+def test_suggested_checkpoint_follows_the_scores():
+    def row(name, dino, memorised=False):
+        return CheckpointScore(name, 4, dino, None, None, None, 0.5, memorised)
+
+    scores = [row("a", 0.5), row("b", 0.7), row("c", 0.9, memorised=True)]
+    assert suggest_checkpoint(scores) == "b"
+    scores[0] = row("a", 0.8)
+    assert suggest_checkpoint(scores) == "a"
+    assert suggest_checkpoint([row("c", 0.9, memorised=True)]) is None
+
+
+# Until the lead adds "vision" to nbkit.cli.SUBCOMMANDS, drive the subcommand's own parser in a child.
+_CLI = (
+    "import argparse, sys\n"
+    "from nbkit.cli import vision\n"
+    "parser = argparse.ArgumentParser(prog='nbkit')\n"
+    "vision.register(parser.add_subparsers(dest='command'))\n"
+    "args = parser.parse_args(sys.argv[1:])\n"
+    "sys.exit(args.func(args))\n"
+)
+
+
+def _run_cli(*argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _CLI, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_classify_and_check(tmp_path):
+    base = smooth(1)
+    session = _session_with_photos(tmp_path, [base, ImageOps.mirror(base), smooth(2), smooth(3)])
+    root = str(tmp_path)
+    shown = _run_cli("vision", "classify", "subject", "--root", root, "--model", "tiny:vit")
+    assert shown.returncode == 0, shown.stderr
+    assert "suggested class word" in shown.stdout and "nothing changed" in shown.stdout
+    assert Session.open("subject", root=tmp_path).manifest.training.prior.class_prompt == ""
+    checked = _run_cli(
+        "vision", "check", "subject", "--root", root, "--model", "tiny:dino", "--duplicate", "0.9999"
+    )
+    assert checked.returncode == 0, checked.stderr
+    flags = json.loads((session.path / "logs" / "vision_check.json").read_text())["flags"]
+    assert flags["instance_images/zwx_0.png"] == ["near-duplicate of instance_images/zwx_1.png"]
+    assert len(list((session.path / "logs" / "vision_cache").glob("*.safetensors"))) == 1
