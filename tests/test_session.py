@@ -771,7 +771,7 @@ def test_built_wheel_ships_the_session_template(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, source / name)
-    for name in ("nbkit", "sessions_template"):
+    for name in ("nbkit", "sessions_template", "wheels"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     result = subprocess.run(
@@ -783,3 +783,4 @@ def test_built_wheel_ships_the_session_template(tmp_path):
     assert "nbkit/sessions_template/session.json" in names
     for kind in KINDS:
         assert f"nbkit/sessions_template/{kind}/.keep" in names
+    assert "nbkit/wheel_profiles/local-cpu-py311/profile.json" in names  # the wheel cache's profiles

@@ -258,17 +258,6 @@ def test_suggested_checkpoint_follows_the_scores():
     assert suggest_checkpoint([row("c", 0.9, memorised=True)]) is None
 
 
-# Until the lead adds "vision" to nbkit.cli.SUBCOMMANDS, drive the subcommand's own parser in a child.
-_CLI = (
-    "import argparse, sys\n"
-    "from nbkit.cli import vision\n"
-    "parser = argparse.ArgumentParser(prog='nbkit')\n"
-    "vision.register(parser.add_subparsers(dest='command'))\n"
-    "args = parser.parse_args(sys.argv[1:])\n"
-    "sys.exit(args.func(args))\n"
-)
-
-
 def _run_cli(*argv):
     import os
     import subprocess
@@ -276,7 +265,7 @@ def _run_cli(*argv):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-c", _CLI, *argv], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "nbkit", *argv], capture_output=True, text=True, env=env, timeout=120
     )
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from nbkit.cli import SUBCOMMANDS
 from nbkit.errors import NbkitError
 from nbkit.lockfile import Pin
 from nbkit.wheels import RuntimeSpec, install, load_profiles, prune, select_profile, verify
@@ -255,7 +254,6 @@ def test_xformers_only_with_a_wheel_built_for_that_exact_torch(tmp_path):
     assert not xformers_fits(wheel, "2.9.0+cu126")
 
 
-@pytest.mark.skipif("wheels" not in SUBCOMMANDS, reason="`nbkit wheels` is registered by the lead's merge")
 def test_cli_status_and_verify(tmp_path, index):
     profiles = _profile(tmp_path / "profiles", index)
     house = tmp_path / "wh"

@@ -17,7 +17,7 @@ from nbkit import __version__
 from nbkit.errors import NbkitError
 
 # Module names under nbkit.cli, in the order `nbkit --help` lists them.
-SUBCOMMANDS = ["session", "model", "convert", "images", "train", "ui", "demo"]
+SUBCOMMANDS = ["session", "model", "convert", "images", "train", "vision", "ui", "demo", "wheels"]
 # Subcommands that load models anyway, so quieting diffusers/transformers up front costs no time
 # (others can set `loads_models=True` in their parser's defaults). `train` quiets them itself, after
 # its inputs are checked, so an input error comes in a second.
