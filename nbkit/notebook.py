@@ -350,7 +350,9 @@ def try_ui(ui, prompt: str, *, steps: int = 20, size: int = 512) -> dict | None:
 
     auth = (ui.username, ui.password) if ui.password else None
     payload = {"prompt": prompt, "steps": steps, "width": size, "height": size, "save_images": True}
-    response = requests.post(f"{ui.local_url}/sdapi/v1/txt2img", json=payload, auth=auth, timeout=600)
+    response = requests.post(
+        ui.local_url.rstrip("/") + "/sdapi/v1/txt2img", json=payload, auth=auth, timeout=600
+    )
     if response.status_code != 200:
         raise NbkitError(
             f"the UI answered {response.status_code}: {response.text[:200]}",
