@@ -451,8 +451,25 @@ def test_export_of_a_checkpoint_records_a_model(scored_run):
     )
     trained = load_file(str(session.path / "checkpoints" / "unet-000002" / "unet.safetensors"))
     assert all(torch.equal(exported[key], trained[key].to(exported[key].dtype)) for key in trained)
+    from nbkit.errors import NbkitError
+
+    with pytest.raises(NbkitError, match="unet-000099") as error:
+        export_checkpoint(session, "unet-000099")
+    assert "unet-000004" in str(error.value)  # the names it has
     suggested = export_checkpoint(session, device="cpu")
     assert (
         suggested.name
         == f"scored-{json.loads((session.path / 'logs' / 'vision_scores.json').read_text())['suggested_checkpoint']}"
     )
+
+
+def test_cli_grid(scored_run):
+    session, _ = scored_run
+    root = str(session.path.parent.parent)
+    shown = _run_cli(
+        "vision", "grid", "scored", "--root", root, "--prompt", "zwx toy", "--seeds", "3", "4",
+        "--steps", "1", "--checkpoints", "unet-000004", "--device", "cpu",
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "checkpoint_grid.png" in shown.stdout
+    assert Image.open(session.path / "logs" / "checkpoint_grid.png").width > 2 * 64
