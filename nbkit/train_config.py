@@ -39,6 +39,7 @@ class TrainConfig(StrictConfig):
     (`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG`); slower, so off by default, when a
     resume still continues with the same steps, data order, optimizer and schedule state, but the last
     bits of the weights may differ from an uninterrupted run.
+    `score` scores each checkpoint's samples with `nbkit.vision` (DINO, CLIP) into `logs/`.
     """
 
     resolution: int = 512
@@ -61,6 +62,7 @@ class TrainConfig(StrictConfig):
     sample_prompts: list[str] = dataclasses.field(default_factory=list)
     sample_steps: int = 25
     sample_seed: int = 1234
+    score: bool = False
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = True
     use_8bit_adam: bool = True

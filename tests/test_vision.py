@@ -284,3 +284,192 @@ def test_cli_classify_and_check(tmp_path):
     flags = json.loads((session.path / "logs" / "vision_check.json").read_text())["flags"]
     assert flags["instance_images/zwx_0.png"] == ["near-duplicate of instance_images/zwx_1.png"]
     assert len(list((session.path / "logs" / "vision_cache").glob("*.safetensors"))) == 1
+
+
+# --- flags in the image report and contact sheet -------------------------------------------------
+
+
+def test_report_and_contact_sheet_show_the_vision_flags(tmp_path):
+    from nbkit.images.contact_sheet import WARNING_COLOUR, write_contact_sheet
+    from nbkit.images.manage import list_images
+    from nbkit.vision.checks import write_dataset_report
+    from nbkit.vision.flags import read_vision_flags
+
+    base = smooth(7)
+    photos = [base, jpeg(base), smooth(8), smooth(9)]
+    session = _session_with_photos(tmp_path, photos)
+    write_contact_sheet(session)
+    listed = list_images(session)
+    assert "vision:" not in str(listed)  # no check yet: no flags
+    files = [record.file for record in session.manifest.images]
+    report = check_dataset(files, photos, *embed_both(PixelEmbedder(), photos))
+    write_dataset_report(session.dir("logs"), report)
+    assert read_vision_flags(session.path) == {
+        "instance_images/zwx_0.png": ["near-duplicate of instance_images/zwx_1.png"],
+        "instance_images/zwx_1.png": ["near-duplicate of instance_images/zwx_0.png"],
+    }
+
+    listed = list_images(session)
+    text = str(listed)
+    assert "vision: near-duplicate of instance_images/zwx_1.png" in text
+    assert listed.flags(listed.row("zwx_2.png")) == []
+    assert "⚑ near-duplicate of instance_images/zwx_0.png" in listed._repr_html_()
+
+    sheet = Image.open(write_contact_sheet(session)).convert("RGB")
+    # Flagged thumbnails (the first two) get the amber frame; the others do not.
+    thumb, pad = 160, 8
+    frames = [sheet.getpixel((pad + index * (thumb + pad) - 2, pad + thumb // 2)) for index in range(2)]
+    assert frames == [WARNING_COLOUR] * 2
+    assert (
+        sheet.getpixel((pad + 2 * (thumb + pad) - 2, pad + thumb // 2 + (thumb + 18 + pad))) != WARNING_COLOUR
+    )
+
+
+# --- checkpoint grid, --score during training, export of a checkpoint ---------------------------
+
+
+def test_comparison_grid_puts_checkpoints_in_rows_and_seeds_in_columns():
+    from nbkit.vision.grid import comparison_grid
+
+    colours = [[(255, 0, 0), (0, 255, 0)], [(0, 0, 255), (255, 255, 0)], [(0, 255, 255), (255, 0, 255)]]
+    rows = [[Image.new("RGB", (32, 24), colour) for colour in row] for row in colours]
+    grid = comparison_grid(rows, ["unet-000002", "unet-000004", "unet-000006"], ["seed 1", "seed 2"])
+    label_width, header = grid.width - 2 * 32, grid.height - 3 * 24
+    assert 0 < header < 24 and label_width > 0
+    for r, row in enumerate(colours):
+        for c, colour in enumerate(row):
+            assert grid.getpixel((label_width + c * 32 + 16, header + r * 24 + 12)) == colour
+    with pytest.raises(ValueError, match="one per column"):
+        comparison_grid([rows[0][:1]], ["a"], ["seed 1", "seed 2"])
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_model_dir):
+    """A tiny sd1 run with --score on: checkpoints text_encoder-000002, unet-000002, unet-000004.
+
+    Scored with tiny CLIP only: the random tiny DINO puts every image at ~0.95 cosine to every other,
+    which counts as memorised, so no checkpoint would be suggested.
+    """
+    import os
+
+    from test_train_support import PROMPT, make_session
+
+    from nbkit.train.trainer import train
+
+    root = tmp_path_factory.mktemp("scored")
+    saved = {key: os.environ.get(key) for key in ("NBKIT_VISION_DINO", "NBKIT_VISION_CLIP", "NBKIT_SCRATCH")}
+    os.environ.update(
+        NBKIT_VISION_DINO="none", NBKIT_VISION_CLIP="tiny:clip", NBKIT_SCRATCH=str(root / "scratch")
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make_session(
+            "scored",
+            tiny_model_dir("sd1"),
+            "sd1",
+            root=root,
+            text_encoder_steps=2,
+            unet_steps=4,
+            checkpoint_every=2,
+            sample_prompts=[PROMPT, "zwx toy on a beach"],
+            score=True,
+        )
+        result = train("scored", root=root)
+        yield Session.open("scored", root=root), result
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+CHECKPOINTS = ["text_encoder-000002", "unet-000002", "unet-000004"]
+
+
+def test_training_with_score_writes_the_table_for_every_checkpoint(scored_run):
+    session, _ = scored_run
+    table = json.loads((session.path / "logs" / "vision_scores.json").read_text())
+    assert [row["checkpoint"] for row in table["scores"]] == CHECKPOINTS
+    assert all(
+        row["samples"] == 2 and row["dino"] is None and row["clip_t"] is not None for row in table["scores"]
+    )
+    assert table["suggested_checkpoint"] in CHECKPOINTS
+    assert (session.path / "logs" / "vision_scores.png").is_file()
+    assert session.manifest.training.score is True
+
+
+def test_checkpoint_grid_from_a_run(scored_run):
+    from nbkit.vision.grid import render_checkpoint_grid
+
+    session, _ = scored_run
+    path = render_checkpoint_grid(
+        session, "photo of zwx toy", seeds=[1, 2], steps=2, checkpoints=CHECKPOINTS[1:]
+    )
+    assert path == session.path / "logs" / "checkpoint_grid.png"
+    grid = Image.open(path)
+    infotexts = json.loads(grid.info["nbkit-checkpoint-grid"])
+    assert len(infotexts) == 4 and "Seed: 2" in infotexts[1] and "unet-000004" in infotexts[3]
+    tile = session.manifest.training.resolution
+    label_width, header = grid.width - 2 * tile, grid.height - 2 * tile
+    assert 0 < header < tile and label_width > 0
+    pixels = np.asarray(grid.convert("RGB"), dtype=np.int16)
+
+    def cell(row, column):
+        top, left = header + row * tile, label_width + column * tile
+        return pixels[top : top + tile, left : left + tile]
+
+    # The seed changes the picture within a row; training changes it within a column.
+    assert np.abs(cell(0, 0) - cell(0, 1)).mean() > 1
+    assert np.abs(cell(0, 0) - cell(1, 0)).mean() > 0
+    from nbkit.errors import NbkitError
+
+    with pytest.raises(NbkitError, match="unet-009999"):
+        render_checkpoint_grid(session, "x", checkpoints=["unet-009999"])
+
+
+def test_export_of_a_checkpoint_records_a_model(scored_run):
+    from safetensors.torch import load_file
+
+    from nbkit.vision.export import export_checkpoint
+
+    session, _ = scored_run
+    record = export_checkpoint(session, "unet-000002", device="cpu")
+    assert record.name == "scored-unet-000002" and (record.stage, record.step, record.kind) == (
+        "unet",
+        2,
+        "full",
+    )
+    reopened = Session.open(session.name, root=session.path.parent.parent)
+    models = {model.name: model for model in reopened.manifest.models}
+    assert set(models) >= {"scored", "scored-unet-000002"}
+    assert (session.path / models["scored-unet-000002"].files["single_file"]).is_file()
+    exported = load_file(
+        str(session.path / record.files["folder"] / "unet" / "diffusion_pytorch_model.safetensors")
+    )
+    trained = load_file(str(session.path / "checkpoints" / "unet-000002" / "unet.safetensors"))
+    assert all(torch.equal(exported[key], trained[key].to(exported[key].dtype)) for key in trained)
+    from nbkit.errors import NbkitError
+
+    with pytest.raises(NbkitError, match="unet-000099") as error:
+        export_checkpoint(session, "unet-000099")
+    assert "unet-000004" in str(error.value)  # the names it has
+    suggested = export_checkpoint(session, device="cpu")
+    assert (
+        suggested.name
+        == f"scored-{json.loads((session.path / 'logs' / 'vision_scores.json').read_text())['suggested_checkpoint']}"
+    )
+
+
+def test_cli_grid(scored_run):
+    session, _ = scored_run
+    root = str(session.path.parent.parent)
+    shown = _run_cli(
+        "vision", "grid", "scored", "--root", root, "--prompt", "zwx toy", "--seeds", "3", "4",
+        "--steps", "1", "--checkpoints", "unet-000004", "--device", "cpu",
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "checkpoint_grid.png" in shown.stdout
+    assert Image.open(session.path / "logs" / "checkpoint_grid.png").width > 2 * 64

@@ -33,6 +33,7 @@ FIELDS = {
     "mixed_precision": "mixed_precision",
     "sample_steps": "sample_steps",
     "sample_seed": "sample_seed",
+    "score": "score",
     "random_flip": "random_flip",
     "gradient_checkpointing": "gradient_checkpointing",
     "use_8bit_adam": "use_8bit_adam",
@@ -163,6 +164,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     option("--sample-steps", "sample_steps", "denoising steps of the sample images", type=int, metavar="N")
     option("--sample-seed", "sample_seed", "seed of the sample images", type=int, metavar="S")
+    option(
+        "--score",
+        "score",
+        "score each checkpoint's samples (DINO, CLIP) into logs/vision_scores.* (needs the vision extra)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
     option(
         "--random-flip",
         "random_flip",

@@ -1,4 +1,5 @@
-"""`nbkit vision classify|check|score SESSION`: class word, dataset checks and checkpoint scores."""
+"""`nbkit vision classify|check|score|grid|export SESSION`: class word, dataset checks, checkpoint
+scores, the checkpoint comparison grid and the export of a chosen checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def _session(args: argparse.Namespace):
     from nbkit.session import Session
 
     session = Session.open(args.session, root=args.root)
-    if not session.manifest.images and args.action != "score":
+    if not session.manifest.images and args.action in ("classify", "check"):
         raise NbkitError(
             f"session '{session.name}' has no instance images.",
             path=session.path,
@@ -57,6 +58,9 @@ def check(args: argparse.Namespace) -> int:
         outlier_z=args.outlier_z,
     )
     paths = write_dataset_report(session.dir("logs"), report)
+    from nbkit.images.contact_sheet import write_contact_sheet
+
+    write_contact_sheet(session)  # now with the flags
     print(report)
     print(f"report: {paths['html']}")
     return 0
@@ -76,6 +80,36 @@ def score(args: argparse.Namespace) -> int:
     scores, paths = score_session(session, dino=dino, clip=clip, memorised=args.memorised)
     print(format_table(scores))
     print(f"table: {paths['csv']}\nplot: {paths['plot']}")
+    return 0
+
+
+def grid(args: argparse.Namespace) -> int:
+    from nbkit.vision.grid import render_checkpoint_grid
+
+    session = _session(args)
+    path = render_checkpoint_grid(
+        session,
+        args.prompt,
+        seeds=args.seeds,
+        steps=args.steps,
+        resolution=args.resolution,
+        guidance_scale=args.cfg_scale,
+        negative_prompt=args.negative_prompt,
+        checkpoints=args.checkpoints,
+        device=args.device,
+    )
+    print(f"grid (rows: checkpoints, columns: seeds): {path}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from nbkit.vision.export import export_checkpoint
+
+    session = _session(args)
+    record = export_checkpoint(session, args.checkpoint, device=args.device)
+    print(f"exported {record.stage}-{record.step:06d} as model {record.name!r} ({record.kind}):")
+    for role, path in record.files.items():
+        print(f"  {role}: {session.path / path}")
     return 0
 
 
@@ -117,3 +151,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.add_argument("--dino", default=DEFAULT_DINO, help="DINO model, or none")
     sub.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP model, or none")
     sub.add_argument("--memorised", type=float, default=MEMORISED_COSINE, help="cosine that counts as a copy")
+    sub = action("grid", grid, "render one prompt with fixed seeds from every checkpoint, as one image")
+    sub.add_argument("--prompt", required=True, help="the prompt, with the instance token")
+    sub.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2, 3], help="one column per seed (default: 1 2 3)"
+    )
+    sub.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    sub.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
+    sub.add_argument("--cfg-scale", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    sub.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    sub.add_argument(
+        "--checkpoints", nargs="+", default=None, help="checkpoint names (default: every kept one)"
+    )
+    sub = action("export", export, "export a checkpoint as the model SESSION-CHECKPOINT")
+    sub.add_argument(
+        "--checkpoint",
+        default="suggested",
+        help="a checkpoint name (unet-000500) or suggested: the pick of logs/vision_scores.json (default)",
+    )

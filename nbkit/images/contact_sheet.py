@@ -1,7 +1,8 @@
 """A contact sheet: every processed crop in one PNG grid, with file names, for a quick review.
 
 Crops that carry a warning (upscaled, unreadable EXIF, ...) get an amber frame, so the photos worth a
-second look stand out among thirty.
+second look stand out among thirty. So do photos `nbkit vision check` flagged (near-duplicate,
+off-subject?), with ` [dup]` / ` [off?]` after the name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from nbkit.fsio import atomic_path
 from nbkit.images.checks import WARNING_PREFIX
+from nbkit.vision.flags import read_vision_flags, short_flags
 
 if TYPE_CHECKING:
     from nbkit.session import Session
@@ -76,9 +78,12 @@ def write_contact_sheet(session: Session, *, thumb: int = 160) -> Path | None:
         path.unlink(missing_ok=True)
         return None
     items = []
+    vision = read_vision_flags(session.path)
     for record in session.manifest.images:
-        flagged = any(note.startswith(WARNING_PREFIX) for note in record.notes)
-        items.append((PurePath(record.file).name, _load(session.path / record.file), flagged))
+        found = vision.get(record.file, [])
+        flagged = bool(found) or any(note.startswith(WARNING_PREFIX) for note in record.notes)
+        label = PurePath(record.file).name + short_flags(found)
+        items.append((label, _load(session.path / record.file), flagged))
     sheet = make_contact_sheet(items, thumb=thumb)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

@@ -50,12 +50,15 @@ class ImageReport:
         rows: one per file.
         warnings: warnings about the set as a whole (e.g. the instance token is a common word).
         contact_sheet: the grid of crops written for review, if any.
+        vision_flags: `nbkit vision check`'s flags per saved file; None reads them from the session
+            of `contact_sheet` (`logs/vision_check.json`), if any.
     """
 
     title: str
     rows: list[ReportRow] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     contact_sheet: Path | None = None
+    vision_flags: dict[str, list[str]] | None = None
 
     def add(self, file: str, status: Status, reason: str = "", **extra) -> ReportRow:
         row = ReportRow(file=file, status=status, reason=reason, **extra)
@@ -86,6 +89,14 @@ class ImageReport:
                 return row
         raise KeyError(f"no row for {file!r}; rows: {[row.file for row in self.rows]}")
 
+    def flags(self, row: ReportRow) -> list[str]:
+        """The vision check's flags of `row`'s saved file (near-duplicate of X, off-subject?)."""
+        if self.vision_flags is None:
+            from nbkit.vision.flags import read_vision_flags
+
+            self.vision_flags = read_vision_flags(self.contact_sheet.parent) if self.contact_sheet else {}
+        return self.vision_flags.get(row.saved_as or "", [])
+
     def summary(self) -> str:
         counts = {status: len(self.by_status(status)) for status in STATUSES}
         return ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "nothing to do"
@@ -101,6 +112,7 @@ class ImageReport:
             name = "".join(char if char.isprintable() else "?" for char in row.file)
             name = name if len(name) <= name_width else "…" + name[-(name_width - 1) :]
             reason = row.reason + (f" (fix: {row.fix})" if row.fix else "")
+            reason += "".join(f"; vision: {flag}" for flag in self.flags(row))
             wrapped = textwrap.wrap(reason, max(20, width - len(indent))) or [""]
             lines.append(f"  {name:<{name_width}}  {row.status:<9}  {wrapped[0]}")
             lines.extend(indent + more for more in wrapped[1:])
@@ -115,6 +127,7 @@ class ImageReport:
         for row in self.rows:
             colour = _COLOURS[row.status]
             fix = f"<br><small>How to fix: {escape(row.fix)}</small>" if row.fix else ""
+            fix += "".join(f"<br><b>⚑ {escape(flag)}</b>" for flag in self.flags(row))
             cells.append(
                 f"<tr><td style='text-align:left'>{escape(row.file)}</td>"
                 f"<td style='text-align:left;color:{colour};font-weight:bold'>{row.status}</td>"

@@ -338,6 +338,11 @@ class _Reporter:
         self.result.last_checkpoint = path
         if self.config.sample_prompts:
             self.result.samples.append(self._render_samples(path.name))
+            if self.config.score:
+                # Imported here: nbkit.train must not need the vision extra unless --score is on.
+                from nbkit.vision.scoring import score_after_checkpoint
+
+                score_after_checkpoint(self.session, device=str(self.accelerator.device))
         self.log.flush()
         self.result.loss_plot = self.log.plot(self.session.dir("logs") / "loss.png")
 

@@ -395,3 +395,53 @@ def score_session(
         samples, images, dino=dino, clip=clip, memorised=memorised, cache_dir=cache_dir
     )
     return scores, write_scores(session.dir("logs"), scores)
+
+
+DINO_ENV = "NBKIT_VISION_DINO"
+CLIP_ENV = "NBKIT_VISION_CLIP"
+_BACKBONES: dict[tuple[str, str | None], Any] = {}
+
+
+def scoring_backbones(device: str | None = None) -> tuple[Any, Any]:
+    """The DINO and CLIP backbones training's `--score` uses, loaded once per process.
+
+    `NBKIT_VISION_DINO` / `NBKIT_VISION_CLIP` name other models (hub id, folder, `tiny:dino`,
+    `tiny:clip`) or `none`; the defaults are the registry's DINO ViT-S/16 and CLIP.
+
+    Args:
+        device: `cuda` or `cpu` (default: cuda when available).
+    """
+    from nbkit.vision.backbones import DEFAULT_CLIP, DEFAULT_DINO, load_backbone
+
+    loaded = []
+    for env, default in ((DINO_ENV, DEFAULT_DINO), (CLIP_ENV, DEFAULT_CLIP)):
+        name = os.environ.get(env, default)
+        if name == "none":
+            loaded.append(None)
+            continue
+        if (name, device) not in _BACKBONES:
+            _BACKBONES[name, device] = load_backbone(name, device=device)
+        loaded.append(_BACKBONES[name, device])
+    if loaded == [None, None]:
+        raise NbkitError(
+            f"{DINO_ENV} and {CLIP_ENV} are both 'none', which leaves nothing to score with.",
+            fix=f"unset one of them (the defaults are {DEFAULT_DINO} and {DEFAULT_CLIP}).",
+        )
+    return loaded[0], loaded[1]
+
+
+def score_after_checkpoint(
+    session, *, device: str | None = None
+) -> tuple[list[CheckpointScore], dict[str, Path]]:
+    """Training's `--score` hook: score every checkpoint's samples so far and rewrite the table.
+
+    Earlier checkpoints' embeddings come from the cache, so each call embeds only the new samples.
+
+    Args:
+        session: the training session (open).
+        device: the training device.
+    """
+    dino, clip = scoring_backbones(device)
+    scores, paths = score_session(session, dino=dino, clip=clip)
+    print(format_table(scores), flush=True)
+    return scores, paths

@@ -1,0 +1,116 @@
+"""Export one training checkpoint (a chosen one, or the suggested one) as a model of the session.
+
+The checkpoint's weights go into the base model (`nbkit.vision.grid.CheckpointLoader`) and are saved
+as the final export is (`nbkit.train.export`): a full fine-tune as a diffusers folder and a single
+file, a LoRA in diffusers and kohya formats. The record in `session.json`'s `models` is named
+`<session>-<checkpoint>`, so it sits next to the final export instead of replacing it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nbkit.errors import NbkitError
+
+SUGGESTED = "suggested"
+
+
+def suggested_checkpoint(session) -> str:
+    """The checkpoint `logs/vision_scores.json` suggests (written by `nbkit vision score` or `--score`).
+
+    Args:
+        session: an open `nbkit.session.Session`.
+    """
+    path = session.dir("logs") / "vision_scores.json"
+    fix = "run `nbkit vision score SESSION` (or train with --score) first, or name a checkpoint."
+    try:
+        suggested = json.loads(path.read_text(encoding="utf-8")).get("suggested_checkpoint")
+    except FileNotFoundError:
+        raise NbkitError(
+            "there are no checkpoint scores to take a suggestion from.", path=path, fix=fix
+        ) from None
+    except (OSError, ValueError, AttributeError) as error:
+        raise NbkitError(f"the checkpoint scores cannot be read: {error}.", path=path, fix=fix) from None
+    if not suggested:
+        raise NbkitError(
+            "the scores suggest no checkpoint: every one memorised a training photo.",
+            path=path,
+            fix="name a checkpoint with --checkpoint, or train with fewer steps or more photos.",
+        )
+    return suggested
+
+
+def export_checkpoint(session, checkpoint: str = SUGGESTED, *, device: str | None = None):
+    """Export a checkpoint as the model `<session>-<checkpoint>` and record it in `session.json`.
+
+    Args:
+        session: an open `nbkit.session.Session` (its lock is held while exporting).
+        checkpoint: a checkpoint folder name (`unet-000500`) or `suggested`.
+        device: `cuda` or `cpu` for loading the weights.
+
+    Returns:
+        the `nbkit.manifest.ExportedModel` recorded.
+    """
+    from nbkit.manifest import ExportedModel
+    from nbkit.train.export import (
+        export_full_model,
+        export_lora,
+        file_sha256,
+        package_versions,
+        training_metadata,
+    )
+    from nbkit.vision.grid import CheckpointLoader, session_checkpoints
+
+    name = suggested_checkpoint(session) if checkpoint == SUGGESTED else checkpoint
+    (found,) = session_checkpoints(session, [name])
+    state = found.state()
+    config, base, roles = state["config"], state["base_model"], state["roles"]
+    model_name = f"{session.name}-{name}"
+    with session.lock("export"):
+        loader = CheckpointLoader(device)
+        components = loader.load(found)
+        metadata = training_metadata(
+            config,
+            session=session.name,
+            base_model=base,
+            steps={found.stage: found.step},
+        )
+        models_dir = session.dir("models")
+
+        def relative(path) -> str:
+            return Path(path).relative_to(session.path).as_posix()
+
+        if any(kind == "lora" for kind in roles.values()):
+            lora = export_lora(
+                components, roles, models_dir, model_name, metadata=metadata, resolution=config["resolution"]
+            )
+            files, sha256 = lora, {relative(lora["kohya"]): file_sha256(lora["kohya"])}
+        else:
+            source = Path(base["source"]).expanduser()
+            base_file = source if source.suffix in (".safetensors", ".ckpt") and source.is_file() else None
+            folder, report = export_full_model(
+                components,
+                models_dir,
+                model_name,
+                dtype=loader.dtype,
+                metadata=metadata,
+                base_checkpoint=base_file,
+            )
+            files = {"folder": folder, "single_file": Path(report.output)}
+            sha256 = {relative(report.output): report.sha256}
+        record = ExportedModel(
+            name=model_name,
+            kind="lora" if any(kind == "lora" for kind in roles.values()) else "full",
+            files={role: relative(path) for role, path in files.items()},
+            family=base["family"],
+            resolution=config["resolution"],
+            base_model=base["source"],
+            stage=found.stage,
+            step=found.step,
+            sha256=sha256,
+            versions=package_versions(),
+        )
+        session.manifest.add_model(record)
+        session.save()
+    return record
