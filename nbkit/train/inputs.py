@@ -115,6 +115,11 @@ def check_config(config: TrainConfig) -> None:
     _require(
         config.seed is None or 0 <= config.seed < 2**63, f"seed is {config.seed}", "use a whole number >= 0"
     )
+    _require(
+        not config.score or bool(config.sample_prompts),
+        "score is on but there are no sample prompts: scoring rates the samples rendered at each checkpoint",
+        "add --sample-prompt 'photo of zwx dog' (repeatable), or turn scoring off with --no-score",
+    )
 
 
 def check_images(session_path: Path, images: list) -> None:
