@@ -170,7 +170,6 @@ def _begin(session: Session, plan: RunPlan, stack: contextlib.ExitStack):
             "cropping them again from the kept originals"
         )
         recrop_for_resolution(session, plan.recrop, plan.config.resolution)
-    session.manifest.close_stale_runs()
     start_run(session, plan)
     detail: dict[str, Any] = {
         "resume_from": None if plan.resume_from is None else plan.resume_from.path.name,
