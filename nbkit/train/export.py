@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nbkit.fsio import atomic_directory
+from nbkit.manifest import ExportedModel
 from nbkit.train.components import Components, cast_to
 
 if TYPE_CHECKING:
     from nbkit.convert.report import ConversionReport
+    from nbkit.session import Session
 
 # What a model records it was trained with, so a problem report can name the stack.
 RECORDED_PACKAGES = ("nbkit", "torch", "diffusers", "transformers", "accelerate", "peft")
@@ -132,3 +134,71 @@ def export_lora(
         name=name,
         resolution=resolution,
     )
+
+
+def export_session_model(
+    session: Session,
+    components: Components,
+    trained_roles: dict[str, str],
+    *,
+    name: str,
+    config: dict[str, Any],
+    base_model: dict[str, Any],
+    steps: dict[str, int],
+    stage: str,
+    step: int,
+    dtype: torch.dtype,
+) -> tuple[ExportedModel, dict[str, Path]]:
+    """Export trained components as the session's model `name` and record it in `session.json`'s
+    `models` (the caller saves): a full fine-tune as a diffusers folder and a single file, a LoRA in
+    diffusers and kohya formats.
+
+    Args:
+        session: the open session (its lock held).
+        components: the trained models.
+        trained_roles: the components training changed, mapped to `lora` or `full`.
+        name: the model's name in the session.
+        config: the training config (as a dict) the weights were trained with.
+        base_model: the base model record (as a dict).
+        steps: the steps recorded in the file's metadata.
+        stage: the stage the weights come from.
+        step: the step of that stage.
+        dtype: the diffusers folder's weight dtype (full fine-tunes).
+
+    Returns:
+        (the record, its files by role as absolute paths).
+    """
+    metadata = training_metadata(config, session=session.name, base_model=base_model, steps=steps)
+    models_dir = session.dir("models")
+    lora = config["lora_rank"] > 0
+    if lora:
+        files = export_lora(
+            components, trained_roles, models_dir, name, metadata=metadata, resolution=config["resolution"]
+        )
+        sha256 = {files["kohya"]: file_sha256(files["kohya"])}
+    else:
+        source = Path(base_model["source"]).expanduser()
+        base_file = source if source.suffix in (".safetensors", ".ckpt") and source.is_file() else None
+        folder, report = export_full_model(
+            components, models_dir, name, dtype=dtype, metadata=metadata, base_checkpoint=base_file
+        )
+        files = {"folder": folder, "single_file": Path(report.output)}
+        sha256 = {files["single_file"]: report.sha256}
+
+    def relative(path: Path) -> str:
+        return Path(path).relative_to(session.path).as_posix()
+
+    record = ExportedModel(
+        name=name,
+        kind="lora" if lora else "full",
+        files={role: relative(path) for role, path in files.items()},
+        family=base_model["family"],
+        resolution=config["resolution"],
+        base_model=base_model["source"],
+        stage=stage,
+        step=step,
+        sha256={relative(path): digest for path, digest in sha256.items()},
+        versions=package_versions(),
+    )
+    session.manifest.add_model(record)
+    return record, files

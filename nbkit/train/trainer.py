@@ -25,18 +25,12 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from nbkit import gpu
 from nbkit.env import local_scratch
 from nbkit.errors import NbkitError, NbkitWarning
-from nbkit.manifest import ExportedModel, TrainingState
+from nbkit.manifest import TrainingState
 from nbkit.session import Session
 from nbkit.train import checkpointing
 from nbkit.train.components import enable_memory_savers, load_components, tokenize
 from nbkit.train.data import STREAM_CLASS_ORDER, STREAM_INSTANCE_ORDER, LatentCache, copy_to_scratch
-from nbkit.train.export import (
-    export_full_model,
-    export_lora,
-    file_sha256,
-    package_versions,
-    training_metadata,
-)
+from nbkit.train.export import export_session_model
 from nbkit.train.inputs import resolve_precision
 from nbkit.train.plan import RunPlan, describe_skipped, plan_run, start_run
 from nbkit.train.stages import ImageSet, RunContext, Stage, load_frozen_roles, run_stage
@@ -370,60 +364,26 @@ class _Reporter:
     def export(self, trained_roles: dict[str, str], weight_dtype: torch.dtype) -> None:
         session, config, result = self.session, self.config, self.result
         manifest = session.manifest
-        metadata = training_metadata(
-            config.to_dict(),
-            session=session.name,
+        last_stage = "unet" if config.unet_steps > 0 else "text_encoder"
+        _, files = export_session_model(
+            session,
+            self.components,
+            trained_roles,
+            name=session.name,
+            config=config.to_dict(),
             base_model=manifest.base_model.to_dict(),
             steps={"text_encoder": config.text_encoder_steps, "unet": config.unet_steps},
+            stage=last_stage,
+            step=config.unet_steps if last_stage == "unet" else config.text_encoder_steps,
+            dtype=weight_dtype,
         )
-        models_dir = session.dir("models")
         if config.lora_rank > 0:
-            result.lora_files = export_lora(
-                self.components,
-                trained_roles,
-                models_dir,
-                session.name,
-                metadata=metadata,
-                resolution=config.resolution,
-            )
-            files, hashed = dict(result.lora_files), [result.lora_files["kohya"]]
-            sha256 = {}
+            result.lora_files = files
         else:
-            source = Path(manifest.base_model.source).expanduser()
-            base_file = source if source.suffix in (".safetensors", ".ckpt") and source.is_file() else None
-            result.model_dir, report = export_full_model(
-                self.components,
-                models_dir,
-                session.name,
-                dtype=weight_dtype,
-                metadata=metadata,
-                base_checkpoint=base_file,
-            )
-            result.single_file = Path(report.output)
-            files, hashed = {"folder": result.model_dir, "single_file": result.single_file}, []
-            sha256 = {self._relative(result.single_file): report.sha256}
-        sha256.update({self._relative(path): file_sha256(path) for path in hashed})
-        last_stage = "unet" if config.unet_steps > 0 else "text_encoder"
-        manifest.add_model(
-            ExportedModel(
-                name=session.name,
-                kind="lora" if config.lora_rank > 0 else "full",
-                files={role: self._relative(path) for role, path in files.items()},
-                family=manifest.base_model.family,
-                resolution=config.resolution,
-                base_model=manifest.base_model.source,
-                stage=last_stage,
-                step=config.unet_steps if last_stage == "unet" else config.text_encoder_steps,
-                sha256=sha256,
-                versions=package_versions(),
-            )
-        )
+            result.model_dir, result.single_file = files["folder"], files["single_file"]
         manifest.state = dataclasses.replace(manifest.state, stage="done")
         session.save()
         result.stage = "done"
-
-    def _relative(self, path: Path) -> str:
-        return Path(path).relative_to(self.session.path).as_posix()
 
     def close(self) -> None:
         self.log.close()

@@ -9,7 +9,6 @@ file, a LoRA in diffusers and kohya formats. The record in `session.json`'s `mod
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from nbkit.errors import NbkitError
 
@@ -52,65 +51,25 @@ def export_checkpoint(session, checkpoint: str = SUGGESTED, *, device: str | Non
     Returns:
         the `nbkit.manifest.ExportedModel` recorded.
     """
-    from nbkit.manifest import ExportedModel
-    from nbkit.train.export import (
-        export_full_model,
-        export_lora,
-        file_sha256,
-        package_versions,
-        training_metadata,
-    )
+    from nbkit.train.export import export_session_model
     from nbkit.vision.grid import CheckpointLoader, session_checkpoints
 
     name = suggested_checkpoint(session) if checkpoint == SUGGESTED else checkpoint
     (found,) = session_checkpoints(session, [name])
     state = found.state()
-    config, base, roles = state["config"], state["base_model"], state["roles"]
-    model_name = f"{session.name}-{name}"
     with session.lock("export"):
         loader = CheckpointLoader(device)
-        components = loader.load(found)
-        metadata = training_metadata(
-            config,
-            session=session.name,
-            base_model=base,
+        record, _ = export_session_model(
+            session,
+            loader.load(found),
+            state["roles"],
+            name=f"{session.name}-{name}",
+            config=state["config"],
+            base_model=state["base_model"],
             steps={found.stage: found.step},
-        )
-        models_dir = session.dir("models")
-
-        def relative(path) -> str:
-            return Path(path).relative_to(session.path).as_posix()
-
-        if any(kind == "lora" for kind in roles.values()):
-            lora = export_lora(
-                components, roles, models_dir, model_name, metadata=metadata, resolution=config["resolution"]
-            )
-            files, sha256 = lora, {relative(lora["kohya"]): file_sha256(lora["kohya"])}
-        else:
-            source = Path(base["source"]).expanduser()
-            base_file = source if source.suffix in (".safetensors", ".ckpt") and source.is_file() else None
-            folder, report = export_full_model(
-                components,
-                models_dir,
-                model_name,
-                dtype=loader.dtype,
-                metadata=metadata,
-                base_checkpoint=base_file,
-            )
-            files = {"folder": folder, "single_file": Path(report.output)}
-            sha256 = {relative(report.output): report.sha256}
-        record = ExportedModel(
-            name=model_name,
-            kind="lora" if any(kind == "lora" for kind in roles.values()) else "full",
-            files={role: relative(path) for role, path in files.items()},
-            family=base["family"],
-            resolution=config["resolution"],
-            base_model=base["source"],
             stage=found.stage,
             step=found.step,
-            sha256=sha256,
-            versions=package_versions(),
+            dtype=loader.dtype,
         )
-        session.manifest.add_model(record)
         session.save()
     return record
