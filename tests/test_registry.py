@@ -19,8 +19,10 @@ def test_family_facts():
         "sd2": ("epsilon", 512, 1),
         "sd2-v": ("v_prediction", 768, 1),
         "sdxl": ("epsilon", 1024, 2),
+        "flux": ("flow", 1024, 2),
     }
-    with pytest.raises(NbkitError, match="sd1, sd2, sd2-v, sdxl"):
+    assert registry.UNET_FAMILIES == ("sd1", "sd2", "sd2-v", "sdxl")
+    with pytest.raises(NbkitError, match="sd1, sd2, sd2-v, sdxl, flux"):
         get_family("sd3")
 
 
@@ -31,6 +33,8 @@ def test_family_facts():
         ("sd21-512", "stabilityai/stable-diffusion-2-1-base", "sd2", "epsilon", 512),
         ("sd21-768", "stabilityai/stable-diffusion-2-1", "sd2-v", "v_prediction", 768),
         ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "epsilon", 1024),
+        ("flux1-dev", "black-forest-labs/FLUX.1-dev", "flux", "flow", 1024),
+        ("flux1-schnell", "black-forest-labs/FLUX.1-schnell", "flux", "flow", 1024),
     ],
 )
 def test_hub_models(key, repo_id, family, prediction, native):
@@ -63,6 +67,7 @@ def test_modelspec_names_of_each_family():
         "sd2": "stable-diffusion-v2-512",
         "sd2-v": "stable-diffusion-v2-768-v",
         "sdxl": "stable-diffusion-xl-v1-base",
+        "flux": "flux-1-dev",
     }
     assert FAMILIES["sdxl"].modelspec_implementation == "https://github.com/Stability-AI/generative-models"
 
@@ -152,3 +157,15 @@ def test_cli_model_list(capsys):
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == set(MODELS)
     assert rows["sd21-768"][:5] == ["sd21-768", "sd2-v", "v_prediction", "768", "640-960"]
+
+
+def test_flux_sizes_step_by_16_and_dev_is_gated():
+    dev, schnell = get_model("flux1-dev"), get_model("flux1-schnell")
+    assert dev.gated and not schnell.gated and dev.variant is None
+    assert validate_resolution(dev, 1040) == 1040  # 16 divides it, 64 does not
+    assert (dev.allowed_resolutions[0], dev.allowed_resolutions[-1]) == (512, 1536)
+    with pytest.raises(NbkitError, match="not a multiple of 16") as error:
+        validate_resolution(dev, 1000)
+    assert "use 992 or 1008" in str(error.value)
+    with pytest.raises(NbkitError, match="not a multiple of 64"):
+        validate_resolution(get_model("sdxl"), 1040)

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from nbkit.errors import NbkitError
-from nbkit.models.registry import TINY_NATIVE_RESOLUTION
+from nbkit.models.registry import TINY_NATIVE_RESOLUTION, UNET_FAMILIES
 from nbkit.models.tiny import TINY_FAMILIES, build_tiny_pipeline, save_tiny_pipeline
 from nbkit.models.tiny_vision import (
     DEFAULT_LABELS,
@@ -48,7 +48,11 @@ def _folder_bytes(path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_has_a_tiny_model():
+    assert (*UNET_FAMILIES, "flux") == TINY_FAMILIES  # flux: tests/test_tiny_flux.py
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_saved_family_loads_and_generates(tiny_model_dir, family):
     folder = tiny_model_dir(family)
     assert _folder_bytes(folder) < 10 * 2**20

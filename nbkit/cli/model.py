@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=list_command)
 
     tiny = actions.add_parser("tiny", help="save a tiny random-weight model (offline) as a diffusers folder")
-    tiny.add_argument("family", metavar="FAMILY", help="sd1, sd2, sd2-v or sdxl (tiny-sd1 ... also accepted)")
+    tiny.add_argument(
+        "family", metavar="FAMILY", help="sd1, sd2, sd2-v, sdxl or flux (tiny-sd1 ... also accepted)"
+    )
     tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     tiny.set_defaults(func=tiny_command, loads_models=True)
 

@@ -1,8 +1,9 @@
 """The base models users pick from, and the facts about each model family.
 
-`FAMILIES` is the one place that knows what sets SD 1.x, SD 2.x (epsilon and v-prediction) and SDXL
-apart: prediction type, native resolution, the resolutions that make sense, the text encoders, the
-names the SAI model spec gives them. The conversion, LoRA export and training code read it from here
+`FAMILIES` is the one place that knows what sets SD 1.x, SD 2.x (epsilon and v-prediction), SDXL and
+FLUX.1 apart: prediction type, native resolution, the resolutions that make sense, the text encoders, the
+names the SAI model spec gives them. `UNET_FAMILIES` are the Stable Diffusion ones (a UNet denoiser);
+FLUX.1 is a rectified-flow transformer with a CLIP and a T5 text encoder and takes its own paths. The conversion, LoRA export and training code read it from here
 rather than repeating those facts, and `detect_family_from_config` tells a diffusers folder's family
 from its configs with them.
 
@@ -21,7 +22,8 @@ from typing import Literal, NamedTuple
 from nbkit.errors import NbkitError
 from nbkit.fsio import read_json
 
-PredictionType = Literal["epsilon", "v_prediction"]
+# "flow": a rectified-flow model that predicts the velocity (noise - image), as FLUX.1 does.
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
 RESOLUTION_STEP = 64  # VAE downsamples by 8, the UNet by 8 more: sizes must divide by 64
 
 
@@ -30,17 +32,22 @@ class FamilySpec:
     """What a model family is.
 
     Args:
-        name: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        name: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
         title: the name people know it by.
-        prediction_type: what its UNet predicts, `epsilon` or `v_prediction`.
+        prediction_type: what its denoiser predicts, `epsilon`, `v_prediction` or `flow`.
         native_resolution: the square size it was trained at, in pixels.
         allowed_resolutions: the sizes that give sensible images without forcing.
         pipeline_class: the diffusers pipeline class that runs it.
-        text_encoder_count: 1, or 2 for SDXL.
-        cross_attention_dim: the real models' text-embedding width the UNet attends to.
+        text_encoder_count: 1, or 2 for SDXL and FLUX.1.
+        cross_attention_dim: the real models' text-embedding width the denoiser attends to.
         modelspec_architecture: the SAI model spec's `modelspec.architecture` (LoRAs append `/lora`).
         modelspec_implementation: the SAI model spec's `modelspec.implementation`: the code base whose
             names the original (single-file) layout uses.
+        resolution_step: image sizes must be multiples of this (64 for the UNets; 16 for FLUX.1, whose
+            VAE downsamples by 8 and whose transformer packs 2x2 latent patches).
+        needs_bf16: the family only runs in bfloat16 or float32 on a GPU (FLUX.1's activations overflow
+            float16), so a GPU without bf16 (a T4) cannot run it at a useful speed.
+        denoiser: the diffusers component that denoises, `unet` or `transformer`.
     """
 
     name: str
@@ -53,6 +60,9 @@ class FamilySpec:
     cross_attention_dim: int
     modelspec_architecture: str
     modelspec_implementation: str
+    resolution_step: int = RESOLUTION_STEP
+    needs_bf16: bool = False
+    denoiser: Literal["unet", "transformer"] = "unet"
 
     @property
     def smallest_useful_resolution(self) -> int:
@@ -63,6 +73,7 @@ class FamilySpec:
 _COMPVIS = "https://github.com/CompVis/stable-diffusion"
 _STABILITY_SD2 = "https://github.com/Stability-AI/stablediffusion"
 _STABILITY_SGM = "https://github.com/Stability-AI/generative-models"
+_BFL = "https://github.com/black-forest-labs/flux"
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -83,8 +94,16 @@ FAMILIES: dict[str, FamilySpec] = {
             "sdxl", "SDXL", "epsilon", 1024, range(768, 1153, 64), "StableDiffusionXLPipeline", 2, 2048,
             "stable-diffusion-xl-v1-base", _STABILITY_SGM,
         ),
+        # cross_attention_dim: T5-XXL's width. FLUX.1-schnell shares the family (no guidance input);
+        # `FLUX_SCHNELL_ARCHITECTURE` is its model-spec name.
+        FamilySpec(
+            "flux", "FLUX.1", "flow", 1024, range(512, 1537, 16), "FluxPipeline", 2, 4096,
+            "flux-1-dev", _BFL, resolution_step=16, needs_bf16=True, denoiser="transformer",
+        ),
     )
 }  # fmt: skip
+UNET_FAMILIES = tuple(name for name, spec in FAMILIES.items() if spec.denoiser == "unet")
+FLUX_SCHNELL_ARCHITECTURE = "flux-1-schnell"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +121,7 @@ class ModelSpec:
         variant: the weight variant to download by default (`fp16` halves the download).
         revision: a pinned hub revision, or None for the default branch.
         aliases: other names that mean this model (renamed hub repositories).
+        gated: the hub repository asks users to accept a licence (and so needs a token) first.
     """
 
     key: str
@@ -114,6 +134,7 @@ class ModelSpec:
     variant: str | None = None
     revision: str | None = None
     aliases: tuple[str, ...] = ()
+    gated: bool = False
 
     @property
     def prediction_type(self) -> PredictionType:
@@ -124,18 +145,28 @@ class ModelSpec:
         return FAMILIES[self.family]
 
 
-def _hub(key: str, repo_id: str, family: str, title: str, aliases: tuple[str, ...] = ()) -> ModelSpec:
+def _hub(
+    key: str,
+    repo_id: str,
+    family: str,
+    title: str,
+    aliases: tuple[str, ...] = (),
+    *,
+    variant: str | None = "fp16",
+    gated: bool = False,
+) -> ModelSpec:
     facts = FAMILIES[family]
     return ModelSpec(
         key, family, title, repo_id, "hub", facts.native_resolution, facts.allowed_resolutions,
-        variant="fp16", aliases=aliases,
+        variant=variant, aliases=aliases, gated=gated,
     )  # fmt: skip
 
 
 # The tiny models keep the real VAE's factor of 8 and the real UNet depths, so 64 px (an 8x8 latent)
-# is the smallest size that goes through every level; sd2-v is built at 128, as 768 is to 512.
+# is the smallest size that goes through every level; sd2-v is built at 128, as 768 is to 512. Tiny
+# FLUX.1 at 64 px has an 8x8 latent, 4x4 = 16 image tokens after 2x2 packing.
 # nbkit.models.tiny builds them at these sizes.
-TINY_NATIVE_RESOLUTION = {"sd1": 64, "sd2": 64, "sd2-v": 128, "sdxl": 64}
+TINY_NATIVE_RESOLUTION = {"sd1": 64, "sd2": 64, "sd2-v": 128, "sdxl": 64, "flux": 64}
 TINY_RESOLUTIONS = range(64, 257, 64)
 
 
@@ -154,6 +185,11 @@ MODELS: dict[str, ModelSpec] = {
         _hub("sd21-512", "stabilityai/stable-diffusion-2-1-base", "sd2", "Stable Diffusion 2.1 base (512 px)"),
         _hub("sd21-768", "stabilityai/stable-diffusion-2-1", "sd2-v", "Stable Diffusion 2.1 (768 px, v-prediction)"),
         _hub("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "Stable Diffusion XL base 1.0"),
+        # The FLUX.1 repositories ship bf16 weights only (no fp16 variant).
+        _hub("flux1-dev", "black-forest-labs/FLUX.1-dev", "flux",
+             "FLUX.1 [dev] (gated: accept the licence on the hub, then set HF_TOKEN)", variant=None, gated=True),
+        _hub("flux1-schnell", "black-forest-labs/FLUX.1-schnell", "flux",
+             "FLUX.1 [schnell] (4-step, Apache 2.0)", variant=None),
         *(_tiny(family) for family in FAMILIES),
     )
 }  # fmt: skip
@@ -198,19 +234,26 @@ def get_model(key_or_repo: str) -> ModelSpec:
     return spec
 
 
-def check_resolution_step(px: int) -> int:
-    """Check that `px` is a positive multiple of 64, the sizes any Stable Diffusion model can take.
+def check_resolution_step(px: int, step: int = RESOLUTION_STEP) -> int:
+    """Check that `px` is a positive multiple of `step`: 64 for any Stable Diffusion model, 16 for FLUX.1.
+
+    Args:
+        px: the size in pixels.
+        step: the family's `resolution_step`.
 
     Raises:
         NbkitError: naming the size and the nearest sizes that work.
     """
     if isinstance(px, bool) or not isinstance(px, int) or px <= 0:
         raise NbkitError(f"resolution {px!r} is not a positive whole number of pixels")
-    if px % RESOLUTION_STEP:
-        lower = max(RESOLUTION_STEP, px // RESOLUTION_STEP * RESOLUTION_STEP)
+    if px % step:
+        lower = max(step, px // step * step)
+        why = (
+            "the VAE and UNet halve it 6 times" if step == RESOLUTION_STEP else "the VAE's 8x and 2x2 patches"
+        )
         raise NbkitError(
-            f"resolution {px} is not a multiple of {RESOLUTION_STEP} (the VAE and UNet halve it 6 times)",
-            fix=f"use {lower} or {lower + RESOLUTION_STEP}",
+            f"resolution {px} is not a multiple of {step} ({why})",
+            fix=f"use {lower} or {lower + step}",
         )
     return px
 
@@ -227,9 +270,10 @@ def validate_resolution(spec: ModelSpec, px: int, *, force: bool = False) -> int
         `px`, when it is accepted.
 
     Raises:
-        NbkitError: when `px` is not a positive multiple of 64, or outside the sensible range without force.
+        NbkitError: when `px` is not a positive multiple of the family's step (64; 16 for FLUX.1), or
+            outside the sensible range without force.
     """
-    check_resolution_step(px)
+    check_resolution_step(px, FAMILIES[spec.family].resolution_step)
     allowed = spec.allowed_resolutions
     if px in allowed:
         return px
@@ -260,9 +304,9 @@ class DetectedFamily(NamedTuple):
     """What a model folder's configs say it is.
 
     Args:
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
-        prediction_type: `epsilon` or `v_prediction` (from the scheduler).
-        native_resolution: the UNet's default image size in pixels.
+        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
+        prediction_type: `epsilon` or `v_prediction` (from the scheduler); `flow` for FLUX.1.
+        native_resolution: the denoiser's default image size in pixels.
     """
 
     family: str
@@ -285,18 +329,20 @@ def _config(folder: Path, name: str) -> dict:
 def detect_family_from_config(folder: str | os.PathLike) -> DetectedFamily:
     """Tell the family, prediction type and native resolution of a diffusers folder from its configs.
 
-    Never from file sizes: SDXL has a second text encoder and `text_time` conditioning, SD 2.x has
-    OpenCLIP (1024-wide cross attention, linear projections, gelu), and the scheduler says whether the
-    UNet predicts noise or v.
+    Never from file sizes: FLUX.1 has a `transformer` (FluxTransformer2DModel) instead of a UNet, SDXL
+    has a second text encoder and `text_time` conditioning, SD 2.x has OpenCLIP (1024-wide cross
+    attention, linear projections, gelu), and the scheduler says whether the UNet predicts noise or v.
 
     Args:
-        folder: a diffusers pipeline folder (with model_index.json and unet/config.json).
+        folder: a diffusers pipeline folder (with model_index.json and unet/ or transformer/config.json).
 
     Raises:
-        NbkitError: when the folder lacks model_index.json or unet/config.json, or a config is not JSON.
+        NbkitError: when the folder lacks model_index.json or the denoiser's config, or a config is not JSON.
     """
     folder = Path(folder)
     index = _config(folder, "model_index.json")
+    if index and "transformer" in index:
+        return _detect_flux(folder, index)
     unet = _config(folder, "unet/config.json")
     if not index or not unet:
         raise NbkitError(
@@ -329,3 +375,32 @@ def detect_family_from_config(folder: str | os.PathLike) -> DetectedFamily:
     sample_size = max(sample_size) if isinstance(sample_size, list | tuple) else sample_size
     vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     return DetectedFamily(family, prediction_type, int(sample_size) * vae_scale)
+
+
+def _detect_flux(folder: Path, index: dict) -> DetectedFamily:
+    transformer = _config(folder, "transformer/config.json")
+    if not transformer:
+        raise NbkitError(
+            "cannot tell the model family: transformer/config.json is missing",
+            path=folder,
+            fix="give a complete diffusers pipeline folder",
+        )
+    if (
+        index.get("_class_name", "").startswith("Flux")
+        or transformer.get("_class_name") == "FluxTransformer2DModel"
+    ):
+        # The transformer has no size of its own; the VAE's sample_size is the size it was made for.
+        vae = _config(folder, "vae/config.json")
+        return DetectedFamily(
+            "flux", "flow", int(vae.get("sample_size") or FAMILIES["flux"].native_resolution)
+        )
+    raise NbkitError(
+        f"{index.get('_class_name', 'this pipeline')} is not a model family nbkit knows",
+        path=folder,
+        fix=f"use a model of one of: {', '.join(spec.title for spec in FAMILIES.values())}",
+    )
+
+
+def is_flux_schnell(transformer_config: dict) -> bool:
+    """FLUX.1-schnell is timestep-distilled without a guidance input; dev embeds the guidance scale."""
+    return not transformer_config.get("guidance_embeds", False)

@@ -325,10 +325,10 @@ def _snapshot(
 
 def _tiny_fingerprint() -> str:
     # Rebuild cached tiny models whenever the code that builds them changes.
-    from nbkit.models import tiny, tokenizer
+    from nbkit.models import tiny, tiny_flux, tokenizer
 
     digest = hashlib.sha256(nbkit.__version__.encode())
-    for module in (tiny, tokenizer):
+    for module in (tiny, tiny_flux, tokenizer):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 

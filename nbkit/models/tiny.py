@@ -8,6 +8,8 @@ path nbkit runs on them is the real one, on CPU, in seconds:
 - `sd2`: stabilityai/stable-diffusion-2-1-base (OpenCLIP text encoder, linear projections, epsilon).
 - `sd2-v`: stabilityai/stable-diffusion-2-1, the 768-v model (as `sd2`, with v-prediction and DDIM).
 - `sdxl`: stabilityai/stable-diffusion-xl-base-1.0 (two text encoders, 3-level UNet, text_time).
+- `flux`: black-forest-labs/FLUX.1-dev (rectified-flow transformer, CLIP + T5, 16-channel VAE), built
+  by `nbkit.models.tiny_flux`.
 
 The tiny "native resolution" (the registry's `TINY_NATIVE_RESOLUTION`, also importable here as
 `TINY_RESOLUTION`) plays the part of 512/768/1024 px: it is the pipeline's default image size
@@ -163,6 +165,10 @@ def _build(family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if family == "flux":
+        from nbkit.models.tiny_flux import build_tiny_flux
+
+        return build_tiny_flux()
     if family == "sdxl":
         tokenizer = make_clip_tokenizer()
         tokenizer_2 = make_clip_tokenizer(pad_token="!")
@@ -216,7 +222,8 @@ def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
         seed: seed for the weight initialisation.
 
     Returns:
-        A `StableDiffusionPipeline` (sd1, sd2, sd2-v) or `StableDiffusionXLPipeline` (sdxl) in fp32 on CPU.
+        A `StableDiffusionPipeline` (sd1, sd2, sd2-v), `StableDiffusionXLPipeline` (sdxl) or
+        `FluxPipeline` (flux) in fp32 on CPU.
     """
     import torch
 
@@ -239,7 +246,7 @@ def save_tiny_pipeline(
         family: one of `TINY_FAMILIES`.
         out_dir: folder to save into, replaced atomically: new, empty or an earlier saved pipeline. It
             gets the usual model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ (and
-            text_encoder_2/, tokenizer_2/ for sdxl).
+            text_encoder_2/, tokenizer_2/ for sdxl; transformer/ instead of unet/ for flux).
         seed: seed for the weight initialisation.
         safe_serialization: save weights as .safetensors (True) or pickled .bin (False, the legacy
             format some old repositories still ship), for every component.
@@ -254,7 +261,7 @@ def save_tiny_pipeline(
     with atomic_directory(out_dir) as temporary:
         pipeline.save_pretrained(temporary, safe_serialization=safe_serialization)
         # Slow (pure-Python) CLIP tokenizers of older transformers read these files, not tokenizer.json.
-        for name in ("tokenizer", "tokenizer_2"):
+        for name in ("tokenizer", "tokenizer_2") if family != "flux" else ("tokenizer",):  # flux: T5 second
             if (temporary / name).is_dir():
                 write_clip_vocab_files(temporary / name)
         if not safe_serialization:

@@ -1,0 +1,147 @@
+"""Will a model fit this GPU? Checked up front, so a run is refused with the options, not an OOM an hour in.
+
+FLUX.1 is the family where this matters: a 12-billion-parameter transformer (23.8 GB in bf16) and a
+T5-XXL text encoder (9.5 GB) do not fit a Colab T4 (15 GB, and no bf16, which FLUX.1 needs: its
+activations overflow float16). Each way of running it has a rough peak of GPU memory, measured by the
+diffusers and kohya communities and rounded up; `plan_memory` picks the first way that fits the GPU
+with the libraries installed, or raises `NbkitError` listing the ways and what each needs.
+
+The SD families fit every GPU Colab offers and are not checked here (`nbkit.train.oom` advises them
+after the fact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from nbkit.errors import NbkitError
+from nbkit.models.registry import FAMILIES, ModelSpec
+
+Task = Literal["generate", "train"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryOption:
+    """One way of running a model, and what it needs.
+
+    Args:
+        name: a short name (`bf16`, `bf16-offload`, `8bit-offload`, `4bit-offload`).
+        description: what it does, for messages.
+        peak_gib: the rough peak GPU memory in GiB.
+        quantization: `8bit`, `4bit` or None; quantized weights need bitsandbytes or torchao.
+        offload: the text encoders (and, for generation, idle components) live on the CPU.
+    """
+
+    name: str
+    description: str
+    peak_gib: float
+    quantization: Literal["8bit", "4bit"] | None = None
+    offload: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceFacts:
+    """What the GPU offers (`device_facts()` reads them; tests fake them).
+
+    Args:
+        name: the GPU's name (`Tesla T4`).
+        total_gib: its memory in GiB.
+        bf16: whether it computes in bfloat16 at full speed (compute capability 8.0 or later).
+    """
+
+    name: str
+    total_gib: float
+    bf16: bool
+
+
+# Peaks for FLUX.1 (dev and schnell share the architecture), largest first: bf16 weights, 1024 px,
+# batch 1; training is a rank-16 LoRA with gradient checkpointing and cached text embeddings.
+FLUX_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
+    "generate": (
+        MemoryOption("bf16", "everything on the GPU in bf16", 36.0),
+        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", 26.0, offload=True),
+        MemoryOption("8bit-offload", "8-bit transformer and T5, with offload", 16.0, "8bit", offload=True),
+        MemoryOption("4bit-offload", "4-bit (NF4) transformer and T5, with offload", 11.0, "4bit", offload=True),
+    ),
+    "train": (
+        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", 40.0, offload=True),
+        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoders offloaded", 24.0, "8bit", offload=True),
+        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoders offloaded", 16.0, "4bit", offload=True),
+    ),
+}  # fmt: skip
+
+
+def quantizers_installed(find_spec: Callable[[str], object] = importlib.util.find_spec) -> tuple[str, ...]:
+    """The weight-quantization libraries diffusers can use that are installed (`bitsandbytes`, `torchao`)."""
+    return tuple(name for name in ("bitsandbytes", "torchao") if find_spec(name) is not None)
+
+
+def device_facts(index: int = 0) -> DeviceFacts | None:
+    """The facts of CUDA GPU `index`, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    properties = torch.cuda.get_device_properties(index)
+    return DeviceFacts(properties.name, properties.total_memory / 2**30, properties.major >= 8)
+
+
+def plan_memory(
+    spec: ModelSpec | str,
+    task: Task,
+    device: DeviceFacts | None,
+    *,
+    quantizers: Sequence[str] | None = None,
+    headroom_gib: float = 1.0,
+) -> MemoryOption | None:
+    """Pick how to run `spec` for `task` on `device`, or refuse with the reason and the options.
+
+    Args:
+        spec: the model (a registry entry) or its family name.
+        task: `generate` or `train`.
+        device: the GPU (`device_facts()`), or None on a CPU, where nothing is checked.
+        quantizers: the quantization libraries installed (default: looked up).
+        headroom_gib: memory kept free for the CUDA context and fragmentation.
+
+    Returns:
+        The first option (largest, fastest) that fits, or None when the family is not checked or there
+        is no GPU.
+
+    Raises:
+        NbkitError: when the GPU lacks bf16 for a family that needs it, or no option fits.
+    """
+    family = FAMILIES[spec if isinstance(spec, str) else spec.family]
+    if task not in ("generate", "train"):
+        raise ValueError(f"task must be 'generate' or 'train', got {task!r}")
+    if family.name != "flux" or device is None:
+        return None
+    options = FLUX_OPTIONS[task]
+    listing = "; ".join(
+        f"{option.name}: {option.description}, about {option.peak_gib:.0f} GiB" for option in options
+    )
+    what = "train a LoRA of" if task == "train" else "run"
+    if family.needs_bf16 and not device.bf16:
+        raise NbkitError(
+            f"{device.name} cannot {what} {family.title}: it has no bfloat16, and {family.title} overflows "
+            f"in float16 (its ways of running: {listing})",
+            fix="switch the runtime to a GPU with bf16 (Colab: L4 or A100; Kaggle: none, its T4 and P100 "
+            "lack it), or use an SD family model on this GPU",
+        )
+    installed = tuple(quantizers_installed() if quantizers is None else quantizers)
+    usable = device.total_gib - headroom_gib
+    for option in options:
+        if option.peak_gib <= usable and (option.quantization is None or installed):
+            return option
+    smallest = options[-1]
+    missing = (
+        "" if installed else " (8-bit and 4-bit need `pip install bitsandbytes` or torchao, not installed)"
+    )
+    raise NbkitError(
+        f"{device.name} has {device.total_gib:.0f} GiB, too little to {what} {family.title}: the smallest way "
+        f"({smallest.name}) needs about {smallest.peak_gib:.0f} GiB{missing}; ways: {listing}",
+        fix="use a GPU with more memory (Colab: L4 24 GB or A100 40 GB)"
+        + ("" if installed else ", or install bitsandbytes and restart the runtime"),
+    )

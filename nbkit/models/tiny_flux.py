@@ -1,0 +1,206 @@
+"""A tiny random-weight FLUX.1 pipeline with the real topology, and the T5-style tokenizer it needs.
+
+The real FLUX.1 [dev] is a rectified-flow transformer (19 double-stream blocks, where image and text
+tokens keep their own weights and attend jointly, then 38 single-stream blocks over the concatenated
+tokens), conditioned on T5-XXL token embeddings, CLIP ViT-L's pooled embedding and (dev only) an
+embedded guidance scale, over a 16-channel VAE latent packed into 2x2 patches. The tiny model keeps
+all of that with tiny widths: 2 double and 2 single blocks, 2 heads of 16, rotary axes (4, 6, 6) that
+sum to the head width as (16, 56, 56) do to 128, a 3-layer CLIP and a 2-layer gated-GELU T5 (v1.1, as
+T5-XXL), and a 4-level 16-channel VAE without quant convs, with FLUX's latent scale and shift.
+
+The T5 tokenizer is a Unigram model over the CLIP tokenizer's prompt words, letters and digits, built
+with the `tokenizers` library: `</s>` ends every sequence and `<pad>` pads, as in T5; rare instance
+tokens ("zwx") split into letters, as they do in the real SentencePiece vocabulary.
+"""
+
+from __future__ import annotations
+
+import string
+
+from nbkit.models.registry import TINY_NATIVE_RESOLUTION
+from nbkit.models.tokenizer import PROMPT_WORDS, make_clip_tokenizer
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5
+METASPACE = "\u2581"  # SentencePiece's word-start mark
+T5_MAX_LENGTH = 512  # FLUX.1 [dev]'s max_sequence_length (schnell: 256)
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """The Unigram vocabulary: specials, whole prompt words, then single characters.
+
+    Whole words score higher than the letters that spell them, so a known word is one token.
+    """
+    vocab = [(token, 0.0) for token in T5_SPECIAL_TOKENS]
+    vocab.append((METASPACE, -2.0))
+    seen = {token for token, _ in vocab}
+    for word in sorted(set(PROMPT_WORDS)):
+        vocab.append((METASPACE + word, -3.0))
+        seen.add(METASPACE + word)
+    for char in string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation:
+        for piece in (char, METASPACE + char):
+            if piece not in seen:
+                vocab.append((piece, -10.0))
+                seen.add(piece)
+    return vocab
+
+
+def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """Build the tiny T5 tokenizer in memory (a `transformers.T5TokenizerFast`).
+
+    Args:
+        model_max_length: the longest sequence; FLUX.1 pads T5 prompts to its `max_sequence_length`.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    vocab = t5_vocab()
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=T5_SPECIAL_TOKENS.index("<unk>")))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always"),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always")
+    eos_id = T5_SPECIAL_TOKENS.index("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        additional_special_tokens=[],
+        model_max_length=model_max_length,
+    )
+
+
+def _clip_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=128,
+            projection_dim=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            hidden_act="quick_gelu",  # CLIP ViT-L, as FLUX.1 uses
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _t5_encoder(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, the family of T5-XXL
+            tie_word_embeddings=False,
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # FLUX.1's VAE: 16 latent channels, no quant convs, latents scaled and shifted.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=TINY_NATIVE_RESOLUTION["flux"],
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+
+
+def _transformer(*, guidance: bool, text_width: int, pooled_width: int):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 4,  # 16 latent channels in 2x2 patches
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_width,
+        pooled_projection_dim=pooled_width,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _scheduler(*, guidance: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not guidance:  # schnell: no resolution-dependent shift
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
+        )
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_flux(*, guidance: bool = True):
+    """Build the tiny FLUX.1 pipeline (dev-like with `guidance`, schnell-like without) in fp32.
+
+    The caller seeds torch (`nbkit.models.tiny.build_tiny_pipeline` does).
+
+    Args:
+        guidance: embed the guidance scale, as FLUX.1 [dev] does; False gives a schnell-like model.
+    """
+    from diffusers import FluxPipeline
+
+    tokenizer = make_clip_tokenizer()
+    tokenizer_2 = make_t5_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer)
+    text_encoder_2 = _t5_encoder(tokenizer_2)
+    return FluxPipeline(
+        scheduler=_scheduler(guidance=guidance),
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=_transformer(
+            guidance=guidance,
+            text_width=text_encoder_2.config.d_model,
+            pooled_width=text_encoder.config.hidden_size,
+        ),
+    )
