@@ -31,8 +31,8 @@ class BaseModelRef(StrictConfig):
 
     Args:
         source: a registry key (e.g. `sd15`), a hub repo id, a local folder or file, or a URL.
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
-        prediction_type: `epsilon` or `v_prediction`.
+        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
+        prediction_type: `epsilon` or `v_prediction`; `flow` for FLUX.1.
         revision: a hub revision, if pinned.
 
     The training size is not here: it is `training.resolution`, the one place it lives (the model's

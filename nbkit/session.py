@@ -30,6 +30,7 @@ from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, 
 from nbkit.lock import SessionLock, live_holder
 from nbkit.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
 from nbkit.models.base_model import native_resolution
+from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step, get_family
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -237,6 +238,10 @@ class Session:
         """
         path = session_path(name, root)
         name = path.name
+        if resolution is not None:
+            # A size the model cannot take fails here, not at the first image import or training run.
+            step = get_family(base_model.family).resolution_step if base_model else RESOLUTION_STEP
+            check_resolution_step(resolution, step)
         if path.exists():
             if not (path / MANIFEST_NAME).exists() and not (path / BACKUP_NAME).exists():
                 raise NbkitError(

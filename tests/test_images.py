@@ -21,8 +21,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
+from nbkit.errors import NbkitError
 from nbkit.images import check_image, import_images, list_images, pixel_sha256, recrop_images, remove_images
 from nbkit.images.checks import BadImageError
+from nbkit.manifest import BaseModelRef
 from nbkit.session import Session
 
 RESOLUTION = 128
@@ -557,3 +559,14 @@ def test_links_out_of_an_imported_folder_are_refused_and_nothing_is_echoed(sessi
     for rendered in (str(report), report._repr_html_(), json.dumps([vars(row) for row in report.rows])):
         assert "root:" not in rendered and "/bin/bash" not in rendered
     assert [record.caption for record in session.manifest.images] == ["zwx"]
+
+
+def test_a_flux_session_crops_at_multiples_of_16(tmp_path):
+    flux = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
+    session = Session.create("fx", root=tmp_path, base_model=flux, resolution=80)
+    import_images(session, {"zwx (1).png": encode(chelsea(), "PNG")}, crop="center")
+    (record,) = session.manifest.images
+    assert Image.open(session.path / record.file).size == (80, 80)
+    sd = Session.create("sd", root=tmp_path, base_model=BaseModelRef(source="tiny-sd1", family="sd1", prediction_type="epsilon"))
+    with pytest.raises(NbkitError, match="not a multiple of 64"):
+        import_images(sd, {"zwx (1).png": encode(chelsea(), "PNG")}, resolution=80)

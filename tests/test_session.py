@@ -784,3 +784,14 @@ def test_built_wheel_ships_the_session_template(tmp_path):
     for kind in KINDS:
         assert f"nbkit/sessions_template/{kind}/.keep" in names
     assert "nbkit/wheel_profiles/local-cpu-py311/profile.json" in names  # the wheel cache's profiles
+
+
+def test_create_checks_the_resolution_step_of_the_model_family(tmp_path):
+    flux = BaseModelRef(source="flux1-dev", family="flux", prediction_type="flow")
+    sd = BaseModelRef(source="sd15", family="sd1", prediction_type="epsilon")
+    with pytest.raises(NbkitError, match="not a multiple of 16") as error:
+        Session.create("f", root=tmp_path, base_model=flux, resolution=1000)
+    assert "use 992 or 1008" in str(error.value) and not (tmp_path / "Sessions" / "f").exists()
+    with pytest.raises(NbkitError, match="not a multiple of 64"):
+        Session.create("s", root=tmp_path, base_model=sd, resolution=1040)
+    assert Session.create("f", root=tmp_path, base_model=flux, resolution=1040).manifest.training.resolution == 1040

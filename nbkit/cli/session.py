@@ -9,6 +9,7 @@ from pathlib import Path
 from nbkit.errors import NbkitError
 from nbkit.lock import force_unlock, live_holder
 from nbkit.manifest import BaseModelRef
+from nbkit.models.registry import FAMILIES
 from nbkit.session import Session, session_path
 from nbkit.session_store import (
     delete_session,
@@ -168,9 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.add_argument(
         "--base-model", help="a registry key (sd15, sdxl, ...), hub repo id, folder, file or URL"
     )
-    sub.add_argument(
-        "--family", choices=["sd1", "sd2", "sd2-v", "sdxl"], help="needed for models nbkit does not know"
-    )
+    sub.add_argument("--family", choices=list(FAMILIES), help="needed for models nbkit does not know")
     sub.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
     sub.add_argument("--exist-ok", action="store_true", help="open the session if it already exists")
     action("open", open_, "check a session, tidy interrupted writes, print its folder").add_argument("name")

@@ -44,7 +44,7 @@ from nbkit.images.crop import CropChoice, CropMode, FaceDetector, check_crop_mod
 from nbkit.images.report import ImageReport
 from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
 from nbkit.manifest import ImageRecord, now_iso
-from nbkit.models.registry import check_resolution_step
+from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step, get_family
 
 if TYPE_CHECKING:
     from nbkit.session import Session
@@ -75,6 +75,13 @@ class _Batch:
 def session_resolution(session: Session) -> int:
     """The square size instance images are processed at: the session's one training size."""
     return session.manifest.training.resolution
+
+
+def check_session_resolution(session: Session, resolution: int | None) -> int:
+    """`resolution` (default: the session's), checked against the step of the session's model family."""
+    base_model = session.manifest.base_model
+    step = get_family(base_model.family).resolution_step if base_model else RESOLUTION_STEP
+    return check_resolution_step(resolution if resolution is not None else session_resolution(session), step)
 
 
 def import_images(
@@ -109,7 +116,7 @@ def import_images(
     """
     check_crop_mode(crop)
     check_caption_mode(captions)
-    resolution = check_resolution_step(resolution if resolution is not None else session_resolution(session))
+    resolution = check_session_resolution(session, resolution)
     detector = FaceDetector() if crop == "smart" else None
     gathered = gather(sources, max_bytes=max_bytes, timeout=timeout, recursive=recursive)
     report = ImageReport(title=f'Import into session "{session.name}"')

@@ -26,10 +26,9 @@ from nbkit.images.crop import (
     choose_crop,
     render_crop,
 )
-from nbkit.images.importing import apply_choice, describe, encode_png, session_resolution
+from nbkit.images.importing import apply_choice, check_session_resolution, describe, encode_png
 from nbkit.images.report import ImageReport
 from nbkit.manifest import ImageRecord
-from nbkit.models.registry import check_resolution_step
 
 if TYPE_CHECKING:
     from nbkit.session import Session
@@ -86,7 +85,7 @@ def recrop_images(
             unless `crop` is `none`; only with `names`.
     """
     check_crop_mode(crop)
-    resolution = check_resolution_step(resolution if resolution is not None else session_resolution(session))
+    resolution = check_session_resolution(session, resolution)
     records = _select(session, names)
     if box is not None and names is None:
         raise NbkitError("a crop box needs the image it is for", fix="name the image(s) to crop by hand")
@@ -112,7 +111,7 @@ def recrop_for_resolution(session: Session, files: Iterable[str], resolution: in
         if record.file in wanted
     ]
     report = ImageReport(title=f'Re-crop at {resolution} px in session "{session.name}"')
-    _recrop(session, jobs, check_resolution_step(resolution), report)
+    _recrop(session, jobs, check_session_resolution(session, resolution), report)
     failed = [row for row in report.rows if row.status == "error"]
     if failed:
         raise NbkitError(
