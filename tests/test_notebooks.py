@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import tokenize
@@ -154,6 +155,15 @@ def kernel_env(monkeypatch, tmp_path):
     monkeypatch.setenv("JUPYTER_PATH", str(Path(sys.prefix) / "share" / "jupyter"))
 
 
+@pytest.fixture
+def build_leftovers_removed():
+    """pip builds the checkout in place: the build folders it leaves are removed unless they were there."""
+    leftovers = [path for path in (ROOT / "build", ROOT / "nbkit.egg-info") if not path.exists()]
+    yield
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _install_into(monkeypatch, target: Path) -> Path:
     """Make the set-up cell's `%pip install` put nbkit in `target` (first on the kernel's path), offline.
 
@@ -192,7 +202,7 @@ def _photos(folder: Path) -> Path:
     return folder
 
 
-def test_both_notebooks_run_top_to_bottom(kernel_env, monkeypatch, tmp_path):
+def test_both_notebooks_run_top_to_bottom(kernel_env, build_leftovers_removed, monkeypatch, tmp_path):
     from nbkit.convert import load_single_file
     from nbkit.session import Session
 
