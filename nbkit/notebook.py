@@ -2,11 +2,14 @@
 
     import nbkit.notebook as nb
     root = nb.storage("")                      # Drive on Colab, NBKIT_HOME elsewhere
-    session = nb.session("zwx_dog", "sd15", root=root)
+    session = nb.session("zwx_dog", nb.base_model("sd15"), root=root)
     nb.add_images(session, "/content/drive/MyDrive/photos")
 
 Every function shows a user-fixable failure as nbkit's one paragraph (an `NbkitError`) instead of a
-traceback, and still raises, so "Run all" stops at the first real error. Each can be run again.
+traceback, and still raises, so "Run all" stops at the first real error. Each can be run again. Choices
+a cell would otherwise make with `if`/`or` are made here, so cells hold no logic. Where a form leaves
+something out, the cell shows a widget (`nbkit.notebook_widgets`: session picker, upload box) instead of
+waiting for input, and says in one line what to do.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nbkit.errors import NbkitError
+from nbkit.notebook_widgets import SessionPicker, UploadBox, picked_session, show, show_image
 
 F = TypeVar("F", bound=Callable[..., Any])
 VISION_MODELS = ("default", "tiny", "off")
@@ -46,26 +50,6 @@ def friendly(func: F) -> F:
             raise CellError(error) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _display(obj: Any) -> None:
-    try:
-        from IPython.display import display
-    except ImportError:
-        print(obj)
-        return
-    display(obj)
-
-
-def _show_image(path: str | os.PathLike | None) -> None:
-    if path is None or not Path(path).is_file():
-        return
-    try:
-        from IPython.display import Image, display
-    except ImportError:
-        print(path)
-        return
-    display(Image(filename=str(path)))
 
 
 @friendly
@@ -112,6 +96,10 @@ def base_model(model: str, family: str = ""):
     """Describe the base model (registry key, hub id, diffusers folder; a single file or URL with `family`).
 
     A private hub model needs a token: Colab's `HF_TOKEN` secret (or `HF_TOKEN`) is used by itself.
+
+    Args:
+        model: the model ("" for none: an existing session's own).
+        family: the model family of a single file or URL ("" detects it from a registry key or folder).
     """
     from nbkit.manifest import BaseModelRef
     from nbkit.models.base_model import base_model_ref
@@ -126,19 +114,47 @@ def base_model(model: str, family: str = ""):
     return base
 
 
-@friendly
-def session(name: str, base=None, *, root: str | os.PathLike | None = None):
-    """Open session `name`, or create it on `base`, and say which happened ("" opens none).
+def ui_model(model: str = "", *, custom: str = "") -> str:
+    """The model the UI loads first: `custom` (a path, URL or hub id) when given, else `model`.
 
     Args:
-        name: the session name (spaces become `_`); "" returns None.
+        model: the form's model choice ("" the session's newest).
+        custom: a custom path, URL or hub id; it wins over `model`.
+    """
+    chosen = custom.strip() or model
+    print(f"First model: {chosen or 'the newest of the session (or the first listed)'}")
+    return chosen
+
+
+@friendly
+def session(name: str, base=None, *, root: str | os.PathLike | None = None, required: bool = True):
+    """Open session `name`, or create it on `base`, and say which happened.
+
+    With no name the session picker is shown (sessions under `root`, or a new name); picking opens the
+    session and binds the notebook's `session`, so the user runs the next cell. The cell does not wait.
+
+    Args:
+        name: the session name (spaces become `_`); "" shows the picker.
         base: the `BaseModelRef` from `base_model` (None: an existing session's own).
         root: the storage root (default: `nbkit.env.storage_root()`).
+        required: with no name and nothing picked yet, stop "Run all" here with one line saying to pick
+            (False: go on without a session, returning None).
     """
     from nbkit.session import Session, session_path
 
     if not name:
-        return None
+        show(SessionPicker(root, base))
+        picked = picked_session(root)
+        if picked is None and required:
+            raise NbkitError(
+                "no session is named in the form",
+                fix="pick a session in the list above (or type a new name and press Create), "
+                "then run the next cell; or fill in SESSION_NAME and run all again",
+            )
+        print(
+            "No session: pick one above to use its models" if picked is None else f"Session '{picked.name}'"
+        )
+        return picked
     existed = session_path(name, root).exists()
     opened = (
         Session.create(name, root=root, base_model=base, exist_ok=True)
@@ -160,31 +176,52 @@ def add_images(session, folder: str = "", *, crop: str = "smart", replace: bool 
 
     Args:
         session: the open session.
-        folder: a folder, .zip or URL of photos; "" asks for an upload on Colab (skipped elsewhere).
+        folder: a folder, .zip or URL of photos; "" offers an upload (Colab's button while the session has
+            no photos; elsewhere an upload box whose files are imported on arrival).
         crop: `smart`, `center` or `none`.
         replace: remove the session's current images first.
-        upload: with no folder, offer Colab's upload button.
+        upload: with no folder, offer an upload.
     """
     from nbkit.images import import_images, remove_images, write_contact_sheet
 
+    _need(session)
+    colab = _colab_files()
     sources: Any = [folder] if folder else None
-    if sources is None and upload:
-        with contextlib.suppress(ImportError):
-            from google.colab import files  # type: ignore[import-not-found]
-
-            sources = files.upload()
+    # Colab's upload button waits for the user, so it is offered only while the session has no photos.
+    if sources is None and upload and colab is not None and not session.manifest.images:
+        sources = colab.upload()
     if replace and sources:
         remove_images(session)
     if sources:
-        _display(import_images(session, sources, crop=crop))
-    elif not session.manifest.images:
+        show(import_images(session, sources, crop=crop))
+    elif upload and colab is None:
+        show(UploadBox(session, crop=crop, replace=replace))
+    if not session.manifest.images:
         raise NbkitError(
             f"session '{session.name}' has no instance images and none were given",
             path=session.dir("instance_images"),
-            fix="put a folder (or .zip) of photos in the images form field and run the cell again",
+            fix="upload photos with the button above (they are imported at once) and run the next cell, "
+            "or put a folder (or .zip) of photos in IMAGES and run this cell again",
         )
-    _show_image(write_contact_sheet(session))
+    show_image(write_contact_sheet(session))
     return session
+
+
+def _colab_files():
+    """Colab's `google.colab.files`, or None elsewhere."""
+    try:
+        from google.colab import files  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return files
+
+
+def _need(session) -> None:
+    if session is None:
+        raise NbkitError(
+            "no session is open",
+            fix="fill in SESSION_NAME (or pick a session in the Session step) and run from that step",
+        )
 
 
 @friendly
@@ -192,6 +229,7 @@ def captions(session):
     """The caption editor: pick an image, edit its caption, save."""
     from nbkit.images import caption_editor
 
+    _need(session)
     return caption_editor(session)
 
 
@@ -225,6 +263,7 @@ def class_images(session, *, vision: str = "default", class_prompt: str = "", nu
     from nbkit.vision.classword import apply_suggestion, suggest_class_word
     from nbkit.vision.scoring import instance_photos
 
+    _need(session)
     prompt = class_prompt
     backbone = _backbone(vision, "vit") if not class_prompt else None
     if backbone is not None:
@@ -254,13 +293,14 @@ def train(session, *, resume: bool = False, restart: bool = False, sample_prompt
     """
     from nbkit.train import train as run_training
 
+    _need(session)
     prompt = sample_prompt or next((image.caption for image in session.manifest.images if image.caption), "")
     if prompt:
         settings["sample_prompts"] = [prompt]
     result = run_training(session, settings, resume=resume, restart=restart)
     for grid in result.samples:
-        _show_image(grid)
-    _show_image(result.loss_plot)
+        show_image(grid)
+    show_image(result.loss_plot)
     print(f"stage {result.stage}, step {result.step}; model: {result.single_file or result.lora_files}")
     return result
 
@@ -270,12 +310,13 @@ def scores(session, *, vision: str = "default"):
     """Score every checkpoint's samples (likeness, prompt fit, copies) and suggest one."""
     from nbkit.vision.scoring import format_table, score_session, suggest_checkpoint
 
+    _need(session)
     if vision == "off":
         print("scoring is off")
         return None
     table, paths = score_session(session, dino=_backbone(vision, "dino"), clip=_backbone(vision, "clip"))
     print(format_table(table))
-    _show_image(paths.get("plot"))
+    show_image(paths.get("plot"))
     print(f"suggested checkpoint: {suggest_checkpoint(table)}")
     return table
 
@@ -291,6 +332,7 @@ def export(session, result, *, file_format: str = "safetensors") -> Path | None:
     """
     from nbkit.convert import convert_to_single_file
 
+    _need(session)
     for path in [result.single_file, *(result.lora_files or {}).values()]:
         if path:
             print(f"model: {path}")
@@ -378,7 +420,11 @@ def controlnets(session=None, model: str = "") -> list[str]:
     from nbkit.models.base_model import base_model_ref
     from nbkit.webui.controlnet import CONTROLNET_FAMILY, CONTROLNETS
 
-    base = base_model_ref(model) if model else session.manifest.base_model if session is not None else None
+    base = session.manifest.base_model if session is not None else None
+    if model:
+        # A single file or URL does not say its family: then every ControlNet is listed.
+        with contextlib.suppress(NbkitError):
+            base = base_model_ref(model)
     family = CONTROLNET_FAMILY.get(base.family) if base is not None else None
     names = [key for key, spec in CONTROLNETS.items() if family is None or spec.family == family]
     print("ControlNet models for this model:", ", ".join(names) or "none")

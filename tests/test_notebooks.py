@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MAX_CELL_LINES = 30
+# Choices belong in nbkit.notebook, not in cells (in strings and comments these words are fine).
+LOGIC_KEYWORDS = {"if", "elif", "else", "for", "while", "and", "or", "not", "try", "except", "def", "lambda"}
 
 # Colab's form syntax: `NAME = VALUE  #@param SPEC` where SPEC is a {type:...} object or a list of choices,
 # optionally followed by {allow-input: true}.
@@ -37,6 +42,27 @@ def colab_form_errors(source: str) -> list[str]:
 
 def _cells(path: Path) -> list[dict]:
     return json.loads(path.read_text())["cells"]
+
+
+def cell_logic(source: str) -> list[str]:
+    """The control-flow and boolean keywords in a cell's code (not in its strings or comments)."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return [tok.string for tok in tokens if tok.type == tokenize.NAME and tok.string in LOGIC_KEYWORDS]
+
+
+def _project() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_the_logic_checker_sees_code_not_strings_or_comments():
+    assert cell_logic('#@title if you like\nA = "this or that"  # and more\nnb.f(A)') == []
+    assert cell_logic("if A:\n    %pip install x") == ["if"]
+    assert cell_logic("m = MODEL or CUSTOM") == ["or"]
+    assert cell_logic("xs = [x for x in y if x]") == ["for", "if"]
 
 
 def test_the_form_checker_rejects_what_colab_rejects():
@@ -70,8 +96,33 @@ def test_committed_notebooks_are_clean_thin_forms(path):
         assert colab_form_errors(source) == []
         assert source.startswith("#@title")
         assert "input(" not in source
+        assert cell_logic(source) == [], source[:60]
+    # Only the set-up cell runs a shell line: one unconditional %pip of NBKIT_SOURCE.
     shell = [c for c in code if re.search(r"^\s*[!%]", "".join(c["source"]), re.M)]
     assert len(shell) == 1 and "nb.setup(" in "".join(shell[0]["source"])
+    shell_lines = re.findall(r"^\s*[!%].*$", "".join(shell[0]["source"]), re.M)
+    assert shell_lines == ['%pip install -q "{NBKIT_SOURCE}"']
+
+
+def test_notebooks_and_badges_install_and_open_the_release_of_pyproject():
+    # One source of truth: a version bump (or a moved repository) without the notebooks and the README
+    # following fails here.
+    project = _project()
+    repo, tag = project["urls"]["Repository"], f"v{project['version']}"
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repo)
+    readme = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS:
+        cells = _cells(path)
+        settings = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+        assert f'NBKIT_SOURCE = "git+{repo}@{tag}"  #@param' in settings
+        intro = "".join(cells[0]["source"])
+        links = re.findall(r"\]\((https://github\.com/[^)]+)\)", intro)
+        assert links == [f"{repo}/tree/{tag}"], path.name
+        colab = repo.replace("https://github.com/", "https://colab.research.google.com/github/")
+        assert f"]({colab}/blob/{tag}/notebooks/{path.name})" in readme
+        assert not re.search(r"\bOWNER\b|@COMMIT\b", path.read_text())
+    badges = re.findall(r"\]\((https://colab\.research\.google\.com/github/[^)]+)\)", readme)
+    assert len(badges) == len(NOTEBOOKS) and "OWNER" not in readme
 
 
 def _execute(path: Path, parameters: dict, cwd: Path) -> tuple[float, object]:
@@ -82,7 +133,10 @@ def _execute(path: Path, parameters: dict, cwd: Path) -> tuple[float, object]:
     index = next(i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", []))
     injected = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(injected))
-    probe = 'import json\nprint(json.dumps({"url": ui.local_url, "running": ui.running}))'
+    probe = (
+        "import json, nbkit\n"
+        'print(json.dumps({"url": ui.local_url, "running": ui.running, "nbkit": nbkit.__file__}))'
+    )
     notebook.cells.append(nbformat.v4.new_code_cell(probe))
     start = time.perf_counter()
     client = nbclient.NotebookClient(
@@ -101,11 +155,37 @@ def kernel_env(monkeypatch, tmp_path):
     monkeypatch.setenv("JUPYTER_PATH", str(Path(sys.prefix) / "share" / "jupyter"))
 
 
-def _assert_ui_closed(notebook) -> None:
+@pytest.fixture
+def build_leftovers_removed():
+    """pip builds the checkout in place: the build folders it leaves are removed unless they were there."""
+    leftovers = [path for path in (ROOT / "build", ROOT / "nbkit.egg-info") if not path.exists()]
+    yield
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _install_into(monkeypatch, target: Path) -> Path:
+    """Make the set-up cell's `%pip install` put nbkit in `target` (first on the kernel's path), offline.
+
+    The kernel's interpreter is this one; its environment is left untouched.
+    """
+    target.mkdir(parents=True)  # made now: the kernel's importer would not look into a folder born later
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(target), os.environ["PYTHONPATH"]]))
+    monkeypatch.setenv("PIP_TARGET", str(target))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_NO_DEPS", "1")
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # pip's spelling of --no-build-isolation
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    return target
+
+
+def _assert_ui_closed_and_installed(notebook, target: Path) -> None:
     import requests
 
-    # The probe cell appended by `_execute` reads the notebook's own `ui` back.
+    # The probe cell appended by `_execute` reads the notebook's own `ui` and nbkit back.
     probe = json.loads(notebook.cells[-1].outputs[0]["text"])
+    # The cells ran on the nbkit the set-up cell installed from this checkout.
+    assert Path(probe["nbkit"]).is_relative_to(target)
     assert probe["running"] is False
     with pytest.raises(requests.ConnectionError):
         requests.get(probe["url"].rstrip("/") + "/sdapi/v1/sd-models", timeout=5)
@@ -122,13 +202,13 @@ def _photos(folder: Path) -> Path:
     return folder
 
 
-def test_both_notebooks_run_top_to_bottom(kernel_env, tmp_path):
+def test_both_notebooks_run_top_to_bottom(kernel_env, build_leftovers_removed, monkeypatch, tmp_path):
     from nbkit.convert import load_single_file
     from nbkit.session import Session
 
     home = tmp_path / "home"
     common = {
-        "NBKIT_SOURCE": "",
+        "NBKIT_SOURCE": str(ROOT),  # the local checkout, installed by the set-up cell
         "INSTALL_WHEELS": False,
         "STORAGE_FOLDER": str(home),
         "UI_HOST": "127.0.0.1",
@@ -136,6 +216,8 @@ def test_both_notebooks_run_top_to_bottom(kernel_env, tmp_path):
         "UI_TEST_PROMPT": "photo of zwx",
         "STOP_UI_AT_END": True,
     }
+    base_pythonpath = os.environ["PYTHONPATH"]
+    target = _install_into(monkeypatch, tmp_path / "site-db")
     took_db, notebook = _execute(
         ROOT / "notebooks" / "fast-DreamBooth.ipynb",
         {
@@ -164,8 +246,10 @@ def test_both_notebooks_run_top_to_bottom(kernel_env, tmp_path):
     assert scores  # one row per checkpoint, with the suggested one
     outputs = [p for p in session.dir("outputs").glob("*/*.png") if p.parent.name != "samples"]
     assert len(outputs) == 1  # the one txt2img request the UI answered, saved as A1111 does
-    _assert_ui_closed(notebook)
+    _assert_ui_closed_and_installed(notebook, target)
 
+    monkeypatch.setenv("PYTHONPATH", base_pythonpath)
+    target = _install_into(monkeypatch, tmp_path / "site-ui")
     took_ui, notebook = _execute(
         ROOT / "notebooks" / "fast-UI.ipynb",
         {**common, "SESSION_NAME": "ci_subject", "MODEL": "", "UI_TEST_STEPS": 2, "UI_TEST_SIZE": 64},
@@ -173,5 +257,5 @@ def test_both_notebooks_run_top_to_bottom(kernel_env, tmp_path):
     )
     outputs = [p for p in session.dir("outputs").glob("*/*.png") if p.parent.name != "samples"]
     assert len(outputs) == 2
-    _assert_ui_closed(notebook)
+    _assert_ui_closed_and_installed(notebook, target)
     print(f"\nfast-DreamBooth: {took_db:.1f} s, fast-UI: {took_ui:.1f} s")

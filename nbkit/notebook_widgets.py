@@ -1,0 +1,184 @@
+"""The notebooks' interactive parts: a session picker and an upload box for photos (ipywidgets).
+
+Neither waits for the user: a cell shows the widget and goes on, or stops with nbkit's one line saying
+what to do, and the widget's own callback does the work when the user acts on it. So "Run all" never
+hangs, and after picking or uploading the user runs the next cell.
+
+    picker = SessionPicker(root, base)   # picking opens the session and binds the notebook's `session`
+    box = UploadBox(session)             # uploaded photos are imported at once
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nbkit.errors import NbkitError
+
+# The sessions picked in a picker, by storage root, so that re-running the session cell keeps the pick.
+_picked: dict[str, Any] = {}
+
+
+def show(obj: Any) -> None:
+    """Display `obj` in the notebook (print it outside IPython)."""
+    try:
+        from IPython.display import display
+    except ImportError:
+        print(obj)
+        return
+    display(obj)
+
+
+def show_image(path: str | os.PathLike | None) -> None:
+    """Display the picture at `path`, if there is one."""
+    if path is None or not Path(path).is_file():
+        return
+    try:
+        from IPython.display import Image
+    except ImportError:
+        print(path)
+        return
+    show(Image(filename=str(path)))
+
+
+def _widgets():
+    try:
+        import ipywidgets
+    except ImportError:
+        raise NbkitError(
+            "the notebook's session picker and upload box need ipywidgets",
+            fix="pip install ipywidgets (it comes with nbkit[images])",
+        ) from None
+    return ipywidgets
+
+
+def _bind(variable: str, value: Any) -> None:
+    """Make `value` the notebook's `variable`, as if the cell had returned it (no-op outside IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if variable and shell is not None:
+        shell.user_ns[variable] = value
+
+
+def picked_session(root: str | os.PathLike | None):
+    """The session last picked in a `SessionPicker` for `root`, or None."""
+    return _picked.get(str(root))
+
+
+class SessionPicker:
+    """A dropdown of the sessions under the storage root and a box to name a new one.
+
+    Picking (or pressing Create) opens the session, makes it `self.session` and the notebook's
+    `variable`, so the cells below use it. Problems show as nbkit's one line under the widget.
+
+    Args:
+        root: the storage root (None: `nbkit.env.storage_root()`).
+        base: the `BaseModelRef` a new session is created on (None: the template's).
+        variable: the notebook variable the picked session is bound to ("" binds none).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, base=None, *, variable: str = "session"):
+        from nbkit.session_store import list_sessions
+
+        widgets = _widgets()
+        self.root, self.base, self.variable = root, base, variable
+        self.session = picked_session(root)
+        names = [info.name for info in list_sessions(root) if not info.problem]
+        current = self.session.name if self.session is not None and self.session.name in names else ""
+        self.dropdown = widgets.Dropdown(options=["", *names], value=current, description="Session")
+        self.new_name = widgets.Text(placeholder="a new session's name", description="or new")
+        self.create = widgets.Button(description="Create", icon="plus")
+        self.output = widgets.Output()
+        self.dropdown.observe(lambda change: self.pick(change["new"]), names="value")
+        self.create.on_click(lambda button: self.pick(self.new_name.value, new=True))
+        self.widget = widgets.VBox([self.dropdown, widgets.HBox([self.new_name, self.create]), self.output])
+
+    def pick(self, name: str, *, new: bool = False):
+        """Open session `name` (create it on `base` when `new`) and bind it; "" does nothing.
+
+        Args:
+            name: the session's name.
+            new: create it when it does not exist (an existing one is opened).
+        """
+        from nbkit.session import Session, session_path
+
+        if not name.strip():
+            return None
+        with self.output:
+            try:
+                existed = session_path(name, self.root).exists()
+                opened = (
+                    Session.create(name, root=self.root, base_model=self.base, exist_ok=True)
+                    if new
+                    else Session.open(name, root=self.root)
+                )
+            except NbkitError as error:
+                print(f"nbkit: {error}")
+                return None
+            self.session = _picked[str(self.root)] = opened
+            _bind(self.variable, opened)
+            images = len(opened.manifest.images)
+            done = "Opened" if existed else "Created"
+            print(f"{done} session '{opened.name}' ({images} images): run the next cell")
+        return opened
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def uploaded_files(value: Sequence[Mapping] | Mapping[str, Mapping]) -> dict[str, bytes]:
+    """`{name: bytes}` from a `FileUpload` value (ipywidgets 8: a tuple of dicts; 7: a dict by name)."""
+    if isinstance(value, Mapping):
+        return {name: bytes(item["content"]) for name, item in value.items()}
+    return {item["name"]: bytes(item["content"]) for item in value}
+
+
+class UploadBox:
+    """An upload button for photos (and `.txt` captions, or a .zip): imported into the session on arrival.
+
+    The import report and the contact sheet show under the button; problems as nbkit's one line.
+
+    Args:
+        session: the open session.
+        crop: `smart`, `center` or `none`.
+        replace: remove the session's current images before the first upload is imported.
+    """
+
+    def __init__(self, session, *, crop: str = "smart", replace: bool = False):
+        widgets = _widgets()
+        self.session, self.crop, self.replace = session, crop, replace
+        self.upload = widgets.FileUpload(accept="image/*,.zip,.txt", multiple=True, description="Photos")
+        self.output = widgets.Output()
+        self.upload.observe(lambda change: self.receive(change["new"]), names="value")
+        self.widget = widgets.VBox([self.upload, self.output])
+
+    def receive(self, value: Sequence[Mapping] | Mapping[str, Mapping]):
+        """Import the uploaded files (the upload button's callback); returns the import report."""
+        from nbkit.images import import_images, remove_images, write_contact_sheet
+
+        files = uploaded_files(value)
+        if not files:
+            return None
+        with self.output:
+            try:
+                if self.replace:
+                    remove_images(self.session)
+                    self.replace = False
+                report = import_images(self.session, files, crop=self.crop)
+            except NbkitError as error:
+                print(f"nbkit: {error}")
+                return None
+            show(report)
+            show_image(write_contact_sheet(self.session))
+            print(f"{len(self.session.manifest.images)} images in the session: run the next cell")
+        # Emptied so the same files can be uploaded again (their bytes are in the session now).
+        self.upload.value = {} if isinstance(value, Mapping) else ()
+        return report
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
