@@ -17,6 +17,15 @@ subprocess so its peak RSS is its own, one after the other so they do not share 
 - nbkit: `nbkit.train.train` on a session with `text_encoder_steps=0`, which caches VAE latents and
   prompt embeddings once and then runs only the UNet each step.
 
+`--family flux` benches FLUX.1 LoRA training instead, on the tiny FLUX.1 model (`nbkit model tiny
+flux`: 2 double + 2 single blocks, 2 heads x 16, the 16-channel VAE, CLIP and T5 32 wide), rank-16
+LoRA on the attention layers, T5 prompts of `--max-sequence-length` tokens:
+
+- reference: written like diffusers' examples/dreambooth/train_dreambooth_lora_flux.py; every step
+  encodes the images with the VAE and the prompt with both text encoders, packs the latents, draws
+  logit-normal timesteps and takes the flow-matching loss.
+- nbkit: `nbkit.train.train` on a flux session (cached latents and T5/CLIP embeddings).
+
 Steps/s is measured over the steps after `--warmup`. Peak RSS is the worker process's lifetime peak
 (loading, caching and training: what must fit in the machine), and `steps_peak_rss_mib` the peak
 sampled between the end of the first step and the last one (the training steady state). The last
@@ -254,7 +263,7 @@ def reference_stage2(
 
 
 def nbkit_stage2(
-    model_dir: Path, image_paths: list[Path], args: argparse.Namespace
+    model_dir: Path, image_paths: list[Path], args: argparse.Namespace, extra: dict | None = None
 ) -> tuple[list[float], RssSampler]:
     """nbkit's trainer, stage 2 only, on a fresh session; step times come from its loss CSV.
 
@@ -262,9 +271,9 @@ def nbkit_stage2(
         when each step ended (`time.time()`), and the RSS samples taken while it trained.
     """
     from nbkit.images.importing import import_images
+    from nbkit.models.base_model import base_model_ref
     from nbkit.session import Session
     from nbkit.train import train
-    from nbkit.train.inputs import base_model_ref
     from nbkit.train.progress_log import TrainingLog
 
     root = Path(os.environ["NBKIT_HOME"])
@@ -287,6 +296,7 @@ def nbkit_stage2(
         "gradient_checkpointing": args.gradient_checkpointing,
         "use_8bit_adam": False,
         "lora_rank": 0,
+        **(extra or {}),
     }
     with RssSampler() as rss:
         train(session, overrides, max_steps_this_run=total)
@@ -297,7 +307,152 @@ def nbkit_stage2(
     return step_times, rss
 
 
-SIDES = {"reference": reference_stage2, "nbkit": nbkit_stage2}
+def reference_flux_lora(
+    model_dir: Path, image_paths: list[Path], args: argparse.Namespace
+) -> tuple[list[float], RssSampler]:
+    """A Flux DreamBooth LoRA loop written the way diffusers' train_dreambooth_lora_flux.py does it."""
+    import copy
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from diffusers import FluxPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from peft import LoraConfig
+    from PIL import Image
+
+    accelerator = Accelerator(mixed_precision="no")
+    torch.manual_seed(0)
+    pipeline = FluxPipeline.from_pretrained(model_dir)
+    vae, transformer = pipeline.vae, pipeline.transformer
+    noise_scheduler_copy = copy.deepcopy(pipeline.scheduler)
+    for model in (vae, transformer, pipeline.text_encoder, pipeline.text_encoder_2):
+        model.requires_grad_(False)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.add_adapter(
+        LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=FLUX_REFERENCE_TARGETS)
+    )
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def load(path: Path) -> torch.Tensor:
+        image = Image.open(path).convert("RGB")
+        scale = args.resolution / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        left, top = (image.width - args.resolution) // 2, (image.height - args.resolution) // 2
+        image = image.crop((left, top, left + args.resolution, top + args.resolution))
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    class InstanceDataset(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(image_paths)
+
+        def __getitem__(self, index: int) -> dict:
+            return {"pixel_values": load(image_paths[index]), "prompt": CAPTION}
+
+    def collate(examples: list[dict]) -> dict:
+        return {
+            "pixel_values": torch.stack([example["pixel_values"] for example in examples]).contiguous(),
+            "prompts": [example["prompt"] for example in examples],
+        }
+
+    loader = torch.utils.data.DataLoader(
+        InstanceDataset(), batch_size=args.batch_size, shuffle=True, collate_fn=collate
+    )
+    parameters = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, loader, lr_scheduler
+    )
+    transformer.train()
+
+    total = args.warmup + args.steps
+    step_times: list[float] = []
+    with RssSampler() as rss:
+        while len(step_times) < total:
+            for batch in loader:
+                with torch.no_grad():
+                    prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
+                        batch["prompts"], None, max_sequence_length=args.max_sequence_length
+                    )
+                latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
+                latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+                image_ids = FluxPipeline._prepare_latent_image_ids(
+                    latents.shape[0],
+                    latents.shape[2] // 2,
+                    latents.shape[3] // 2,
+                    latents.device,
+                    latents.dtype,
+                )
+                noise = torch.randn_like(latents)
+                bsz = latents.shape[0]
+                u = compute_density_for_timestep_sampling("logit_normal", bsz, logit_mean=0.0, logit_std=1.0)
+                indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+                timesteps = noise_scheduler_copy.timesteps[indices]
+                sigmas = noise_scheduler_copy.sigmas[indices].view(-1, 1, 1, 1)
+                noisy = (1.0 - sigmas) * latents + sigmas * noise
+                packed = FluxPipeline._pack_latents(
+                    noisy, bsz, latents.shape[1], latents.shape[2], latents.shape[3]
+                )
+                guidance = torch.ones(bsz)
+                prediction = transformer(
+                    hidden_states=packed,
+                    timestep=timesteps / 1000,
+                    guidance=guidance,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=prompt_embeds,
+                    txt_ids=text_ids,
+                    img_ids=image_ids,
+                    return_dict=False,
+                )[0]
+                prediction = FluxPipeline._unpack_latents(
+                    prediction,
+                    latents.shape[2] * vae_scale_factor,
+                    latents.shape[3] * vae_scale_factor,
+                    vae_scale_factor,
+                )
+                weighting = compute_loss_weighting_for_sd3("none", sigmas)
+                target = noise - latents
+                loss = torch.mean(
+                    (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(bsz, -1), 1
+                )
+                loss = loss.mean()
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                float(loss)
+                step_times.append(time.time())
+                if len(step_times) == total:
+                    break
+    return step_times, rss
+
+
+def nbkit_flux_lora(
+    model_dir: Path, image_paths: list[Path], args: argparse.Namespace
+) -> tuple[list[float], RssSampler]:
+    """nbkit's trainer on a FLUX.1 session: a rank-16 LoRA of the transformer."""
+    return nbkit_stage2(
+        model_dir,
+        image_paths,
+        args,
+        extra={"lora_rank": 16, "unet_lr": 1e-4, "flux_max_sequence_length": args.max_sequence_length},
+    )
+
+
+# diffusers' Flux LoRA example's default targets (nbkit also adapts the text-stream and single-block
+# projections, which only makes its side slower).
+FLUX_REFERENCE_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
+
+SIDES = {
+    "reference": reference_stage2,
+    "nbkit": nbkit_stage2,
+    "flux-reference": reference_flux_lora,
+    "flux-nbkit": nbkit_flux_lora,
+}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -326,6 +481,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; the best counts")
+    parser.add_argument("--family", choices=["sd1", "flux"], default="sd1", help="sd1: full UNet; flux: LoRA")
+    parser.add_argument("--max-sequence-length", type=int, default=64, help="flux: T5 prompt tokens")
     parser.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", help=argparse.SUPPRESS)
@@ -339,12 +496,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="nbkit-bench-") as scratch:
         scratch = Path(scratch)
-        build_small_sd1(scratch / "model")
+        if args.family == "flux":
+            from nbkit.models.tiny import save_tiny_pipeline
+
+            save_tiny_pipeline("flux", scratch / "model")
+        else:
+            build_small_sd1(scratch / "model")
         make_instance_images(scratch / "images", IMAGE_COUNT, args.resolution)
         results: dict[str, dict] = {}
+        prefix = "flux-" if args.family == "flux" else ""
         for attempt in range(args.repeats):
             for side in ("reference", "nbkit"):
-                figures = _run_side(side, scratch, attempt, args)
+                figures = _run_side(prefix + side, scratch, attempt, args)
                 print(
                     f"{side:>9}: {figures['steps_per_s']:.3f} steps/s, peak RSS {figures['peak_rss_mib']:.0f} MiB "
                     f"({figures['steps_peak_rss_mib']:.0f} MiB during the steps), {figures['wall_s']} s in all",
@@ -355,8 +518,10 @@ def main() -> None:
                     results[side] = figures
     reference, nbkit = results["reference"], results["nbkit"]
     summary = {
-        "benchmark": "train_stage2",
-        "model": "sd1-topology UNet(64,128,256,256) VAE(32,64,128,128) CLIP 256x12",
+        "benchmark": "train_flux_lora" if args.family == "flux" else "train_stage2",
+        "model": "tiny-flux (2+2 blocks, 2x16 heads, T5/CLIP 32)"
+        if args.family == "flux"
+        else "sd1-topology UNet(64,128,256,256) VAE(32,64,128,128) CLIP 256x12",
         "resolution": args.resolution,
         "batch_size": args.batch_size,
         "steps": args.steps,
@@ -399,6 +564,7 @@ def _run_side(side: str, scratch: Path, attempt: int, args: argparse.Namespace) 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--resolution", str(args.resolution)]
     flags += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    flags += ["--max-sequence-length", str(args.max_sequence_length)]
     return flags + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 

@@ -2,7 +2,8 @@
 
 It creates a fresh session, builds the tiny model, imports a handful of generated "photos", trains both
 DreamBooth stages for a few steps, exports a single-file checkpoint, and prints where each artifact
-went. Every stage calls the same code the notebooks call; nothing here is demo-only logic.
+went. With `family="flux"` it trains a LoRA of the tiny FLUX.1 transformer instead (FLUX.1 has no full
+fine-tune) and reloads that LoRA onto the base model. Every stage calls the same code the notebooks call; nothing here is demo-only logic.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def run_demo(
     """Run every stage on the tiny model of `family` and return what was made.
 
     Args:
-        family: the tiny model family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: the tiny model family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux` (a LoRA run).
         root: the storage root (default: the runtime's, e.g. `~/nbkit`).
         session_name: defaults to `demo-<family>-<timestamp>`.
-        text_encoder_steps: stage 1 steps.
+        text_encoder_steps: stage 1 steps (none for flux).
         unet_steps: stage 2 steps.
         web_ui: end by starting the web UI on loopback with the trained model and making one A1111 API
             request to it.
@@ -125,6 +126,8 @@ def run_demo(
         "sample_prompts": [f"photo of {DEMO_TOKEN}"],
         "sample_steps": 2,
     }
+    if family == "flux":  # a LoRA of the transformer; the T5 prompt kept short for the tiny model
+        overrides.update(text_encoder_steps=0, lora_rank=8, unet_lr=1e-3, flux_max_sequence_length=32)
     trained = timed("train", lambda: train(session, overrides))
     for label, path in [
         ("diffusers model", trained.model_dir),
@@ -132,6 +135,7 @@ def run_demo(
         ("loss plot", trained.loss_plot),
         *((f"samples {index + 1}", sample) for index, sample in enumerate(trained.samples)),
         ("checkpoint", trained.last_checkpoint),
+        *((f"LoRA ({kind})", path) for kind, path in trained.lora_files.items()),
     ]:
         if path is not None:
             result.artifacts[label] = Path(path)
@@ -141,6 +145,14 @@ def run_demo(
             "reload", lambda: render_from_single_file(trained.single_file, session, spec.native_resolution)
         )
         result.artifacts["from single file"] = check
+    if "diffusers" in trained.lora_files:
+        check = timed(
+            "reload",
+            lambda: render_with_lora(
+                trained.lora_files["diffusers"], model_dir, session, spec.native_resolution
+            ),
+        )
+        result.artifacts["with the LoRA"] = check
 
     if web_ui:
         result.artifacts["web UI answer"] = timed(
@@ -171,6 +183,26 @@ def render_from_single_file(single_file: Path, session: Session, resolution: int
         resolution=resolution,
         out_path=session.dir("outputs") / f"from-single-file-{short_hash}.png",
         model_name=single_file.stem,
+    )
+
+
+def render_with_lora(lora_file: Path, base_dir: Path, session: Session, resolution: int) -> Path:
+    """Load the base model, apply the exported diffusers-format LoRA as diffusers users would, and
+    render one sample with it."""
+    from nbkit.models.loading import load_pipeline
+    from nbkit.train.samples import render_samples
+
+    pipeline = load_pipeline(base_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(lora_file.parent, weight_name=lora_file.name)
+    return render_samples(
+        pipeline,
+        [f"photo of {DEMO_TOKEN}"],
+        seed=1234,
+        steps=2,
+        resolution=resolution,
+        out_path=session.dir("outputs") / f"with-lora-{lora_file.parent.name}.png",
+        model_name=lora_file.parent.name,
     )
 
 

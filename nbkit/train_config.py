@@ -13,6 +13,7 @@ from typing import Literal
 from nbkit.config import StrictConfig
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+FluxTimestepSampling = Literal["logit_normal", "none"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]
 
 
@@ -40,6 +41,13 @@ class TrainConfig(StrictConfig):
     resume still continues with the same steps, data order, optimizer and schedule state, but the last
     bits of the weights may differ from an uninterrupted run.
     `score` scores each checkpoint's samples with `nbkit.vision` (DINO, CLIP) into `logs/`.
+
+    FLUX.1 trains a LoRA of its transformer only (stage 2; `text_encoder_steps` must be 0 and
+    `lora_rank` above 0: full fine-tuning of FLUX.1 is not supported). `flux_guidance` is the distilled
+    guidance the transformer is conditioned on while training (FLUX.1-dev; ignored by schnell, which
+    has none), `flux_max_sequence_length` the T5 prompt length, `flux_timestep_sampling` the density
+    training timesteps are drawn from (`logit_normal` or `none`: uniform), as in diffusers' Flux
+    DreamBooth LoRA example.
     """
 
     resolution: int = 512
@@ -69,3 +77,6 @@ class TrainConfig(StrictConfig):
     lora_rank: int = 0
     lora_alpha: float | None = None
     deterministic: bool = False
+    flux_guidance: float = 1.0
+    flux_max_sequence_length: int = 512
+    flux_timestep_sampling: FluxTimestepSampling = "logit_normal"

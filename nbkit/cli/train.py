@@ -2,7 +2,8 @@
 
 Options left out keep the session's stored settings; the ones given are saved back into
 `session.json`. The same command runs on several GPUs under `accelerate launch --num_processes N -m
-nbkit train SESSION ...`.
+nbkit train SESSION ...`. On a FLUX.1 base model it trains a LoRA of the transformer only (full
+fine-tuning of FLUX.1 is not supported).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ FIELDS = {
     "gradient_checkpointing": "gradient_checkpointing",
     "use_8bit_adam": "use_8bit_adam",
     "deterministic": "deterministic",
+    "flux_guidance": "flux_guidance",
+    "flux_max_sequence_length": "flux_max_sequence_length",
+    "flux_timestep_sampling": "flux_timestep_sampling",
 }
 PRIOR_FIELDS = {
     "prior_class_prompt": "class_prompt",
@@ -64,7 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a session's model (text encoder, then UNet) and export it",
         description="Two-stage DreamBooth. Options left out keep the session's stored settings; the "
-        "defaults shown are a new session's. Every input is checked before a model is loaded.",
+        "defaults shown are a new session's. Every input is checked before a model is loaded. "
+        "FLUX.1 (flux1-dev, flux1-schnell): a LoRA of the transformer only, text encoders frozen; full "
+        "fine-tuning of FLUX.1 is not supported (use --lora-rank N); a FLUX.1 session still at the "
+        "defaults trains with --te-steps 0 --lora-rank 16 --unet-lr 1e-4 --unet-steps 500.",
     )
     parser.add_argument("session", metavar="SESSION", help="the session name")
     parser.add_argument("--root", help="the storage root (default: Google Drive on Colab, else NBKIT_HOME)")
@@ -83,7 +90,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PX",
     )
     option(
-        "--te-steps", "text_encoder_steps", "stage 1 (text encoder) steps; 0 skips it", type=int, metavar="N"
+        "--te-steps",
+        "text_encoder_steps",
+        "stage 1 (text encoder) steps; 0 skips it (FLUX.1: 0)",
+        type=int,
+        metavar="N",
     )
     option("--te-lr", "text_encoder_lr", "stage 1 learning rate", type=float, metavar="LR")
     option("--unet-steps", "unet_steps", "stage 2 (UNet) steps; 0 skips it", type=int, metavar="N")
@@ -147,8 +158,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         metavar="W",
     )
-    option("--lora-rank", "lora_rank", "train a LoRA of this rank (0: full fine-tune)", type=int, metavar="R")
+    option(
+        "--lora-rank",
+        "lora_rank",
+        "train a LoRA of this rank (0: full fine-tune; FLUX.1 needs a LoRA: full fine-tuning of FLUX.1 is "
+        "not supported)",
+        type=int,
+        metavar="R",
+    )
     option("--lora-alpha", "lora_alpha", "LoRA alpha (none: the rank)", type=float, metavar="A")
+    option(
+        "--flux-guidance",
+        "flux_guidance",
+        "FLUX.1-dev: the distilled guidance the transformer trains with",
+        type=float,
+        metavar="G",
+    )
+    option(
+        "--flux-max-sequence-length",
+        "flux_max_sequence_length",
+        "FLUX.1: T5 prompt tokens (512 dev, 256 schnell)",
+        type=int,
+        metavar="N",
+    )
+    option(
+        "--flux-timestep-sampling",
+        "flux_timestep_sampling",
+        "FLUX.1: training timestep density (none: uniform)",
+        choices=["logit_normal", "none"],
+    )
     option(
         "--mixed-precision",
         "mixed_precision",

@@ -2,7 +2,9 @@
 
 SD 1.x and 2.x condition the UNet on one CLIP text encoder's last hidden state. SDXL concatenates
 the penultimate hidden states of two encoders and adds the second encoder's pooled, projected output
-and six "time ids" (original size, crop corner, target size) through `added_cond_kwargs`.
+and six "time ids" (original size, crop corner, target size) through `added_cond_kwargs`. FLUX.1's
+denoiser is a transformer (`pipeline.transformer`, the `unet` of these stages) conditioned on a T5
+sequence and CLIP's pooled output, trained with flow matching (`FlowMatchEulerDiscreteScheduler`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 
+from nbkit.models.registry import FAMILIES
+
 # peft target modules, as in diffusers' DreamBooth LoRA examples.
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# diffusers' Flux DreamBooth LoRA example's attention layers, plus its text-stream projections and the
+# single blocks' MLP/output projections (its `--lora_layers` "all" set without the feed-forwards). A
+# regex, so that the single blocks' `proj_out` matches but the transformer's final `proj_out` does not.
+FLUX_LORA_TARGETS = (
+    r".*(attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)"
+    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
+)
 
 
 @dataclasses.dataclass
@@ -27,17 +38,24 @@ class Components:
     Args:
         pipeline: the diffusers pipeline; training changes its own `unet` and text encoders in place,
             so it renders samples with the weights as they are.
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
-        noise_scheduler: the training scheduler (its `prediction_type` picks the loss target).
+        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
+        noise_scheduler: the training scheduler (its `prediction_type` picks the loss target); a
+            `FlowMatchEulerDiscreteScheduler` for flux.
     """
 
     pipeline: Any
     family: str
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: Any
+
+    @property
+    def denoiser_role(self) -> str:
+        """The denoiser's pipeline attribute: `unet`, or `transformer` for FLUX.1."""
+        return FAMILIES[self.family].denoiser
 
     @property
     def unet(self):
-        return self.pipeline.unet
+        """The denoiser (FLUX.1's transformer), which stage 2 trains."""
+        return getattr(self.pipeline, self.denoiser_role)
 
     @property
     def vae(self):
@@ -45,7 +63,11 @@ class Components:
 
     @property
     def text_encoder_roles(self) -> list[str]:
-        return ["text_encoder", "text_encoder_2"] if self.family == "sdxl" else ["text_encoder"]
+        return ["text_encoder", "text_encoder_2"] if self.two_encoders else ["text_encoder"]
+
+    @property
+    def two_encoders(self) -> bool:
+        return FAMILIES[self.family].text_encoder_count == 2
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -53,11 +75,11 @@ class Components:
 
     @property
     def tokenizers(self) -> list[Any]:
-        names = ["tokenizer", "tokenizer_2"] if self.family == "sdxl" else ["tokenizer"]
+        names = ["tokenizer", "tokenizer_2"] if self.two_encoders else ["tokenizer"]
         return [getattr(self.pipeline, name) for name in names]
 
     def model(self, role: str) -> torch.nn.Module:
-        """The module called `role` (`unet`, `text_encoder` or `text_encoder_2`)."""
+        """The module called `role` (`unet`, `transformer`, `text_encoder` or `text_encoder_2`)."""
         return getattr(self.pipeline, role)
 
 
@@ -75,10 +97,20 @@ def load_components(source: str, family: str, prediction_type: str, dtype: torch
 
     pipeline = load_pipeline(source, family=family, torch_dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, prediction_type=prediction_type)
-    for model in [pipeline.unet, pipeline.vae, *Components(pipeline, family, noise_scheduler).text_encoders]:
+    if family == "flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # A copy, as diffusers' Flux example keeps (`noise_scheduler_copy`): its sigmas and timesteps
+        # give the training noise levels, and the pipeline's own scheduler stays free for samples.
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    else:
+        noise_scheduler = DDPMScheduler.from_config(
+            pipeline.scheduler.config, prediction_type=prediction_type
+        )
+    components = Components(pipeline, family, noise_scheduler)
+    for model in [components.unet, pipeline.vae, *components.text_encoders]:
         model.requires_grad_(False)
-    return Components(pipeline, family, noise_scheduler)
+    return components
 
 
 def tokenize(components: Components, captions: Sequence[str]) -> list[torch.Tensor]:
@@ -115,8 +147,19 @@ def encode_tokens(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def encode_flux_prompts(
+    pipeline: Any, captions: Sequence[str], *, max_sequence_length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX.1's conditioning of `captions`: (T5 sequence, CLIP pooled), one row per caption, through
+    the pipeline's own `encode_prompt` (the text ids it also returns are zeros, rebuilt per batch)."""
+    embeds, pooled, _ = pipeline.encode_prompt(
+        list(captions), prompt_2=None, device=device, max_sequence_length=max_sequence_length
+    )
+    return embeds, pooled
+
+
 def add_lora(
-    model: torch.nn.Module, *, rank: int, alpha: float | None, targets: list[str], seed: int
+    model: torch.nn.Module, *, rank: int, alpha: float | None, targets: list[str] | str, seed: int
 ) -> None:
     """Add a trainable LoRA adapter to `model` (diffusers' or transformers' `add_adapter`).
 
@@ -200,13 +243,14 @@ def enable_memory_savers(
     """
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        for encoder in components.text_encoders:
+        # FLUX.1's text encoders never train: they only encode each caption once.
+        for encoder in components.text_encoders if components.family != "flux" else ():
             # transformers 5 renamed it; older releases only have the gradient_ name.
             if hasattr(encoder, "activation_checkpointing_enable"):
                 encoder.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if device.type == "cuda":
+    if device.type == "cuda" and components.family != "flux":
         import importlib.util
 
         if importlib.util.find_spec("xformers") is not None:

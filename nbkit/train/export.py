@@ -3,7 +3,8 @@
 A full fine-tune becomes a diffusers folder `models/<name>/` and a single-file fp16 checkpoint
 `models/<name>.safetensors` (through `nbkit.convert`, which also checks it loads), carrying the
 training config in its header. A LoRA run becomes `models/<name>-lora/` with the LoRA in diffusers
-format and in the kohya format A1111 and ComfyUI load.
+format and in the kohya format A1111 and ComfyUI load (for FLUX.1, the format ComfyUI and Forge load,
+written by `nbkit.convert.flux_lora`; its role is still `kohya`, the file the web UI lists).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def export_lora(
     """
     from nbkit.train.lora_export import save_lora
 
-    unet = components.unet if "unet" in trained_roles else None
+    unet = components.unet if components.denoiser_role in trained_roles else None
     text_encoders = [
         components.model(role) if role in trained_roles else None for role in components.text_encoder_roles
     ]

@@ -32,6 +32,12 @@ RESUME_KEYS = (
 )
 RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
 
+# FLUX.1 trains a LoRA of its transformer at a LoRA learning rate, as diffusers' Flux DreamBooth LoRA
+# example does (rank 16 is what most Flux LoRAs use). These replace the SD-era settings a session was
+# created with, where they are still the defaults and the run does not set them.
+FLUX_DEFAULTS: dict[str, Any] = {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
+FLUX_FULL_FINE_TUNE = "full fine-tuning of FLUX.1 is not supported; use --lora-rank N"
+
 
 def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> TrainConfig:
     """The session's stored config with `overrides` applied; nested `prior` settings merge key by key.
@@ -47,6 +53,74 @@ def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> Train
         else:
             data[key] = value
     return TrainConfig.from_dict(data, where="training settings")
+
+
+def family_overrides(family: str, stored: TrainConfig, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`overrides` plus the family's own defaults (`FLUX_DEFAULTS` for flux) for the settings the
+    session still has at `TrainConfig`'s defaults and the run does not set.
+
+    Args:
+        family: the base model's family.
+        stored: the config in `session.json`.
+        overrides: the run's settings.
+    """
+    result = dict(overrides or {})
+    if family != "flux":
+        return result
+    defaults = TrainConfig()
+    for key, value in FLUX_DEFAULTS.items():
+        if key not in result and getattr(stored, key) == getattr(defaults, key):
+            result[key] = value
+    return result
+
+
+def check_family_config(family: str, config: TrainConfig) -> None:
+    """What a family cannot train: FLUX.1 trains a LoRA of its transformer only, in bf16 or fp32."""
+    if family != "flux":
+        return
+    _require(
+        config.lora_rank > 0,
+        f"{FLUX_FULL_FINE_TUNE} (lora_rank is 0)",
+        "pass --lora-rank 16 (lora_rank=16): nbkit trains FLUX.1 as a LoRA of its transformer",
+    )
+    _require(
+        config.text_encoder_steps == 0,
+        f"training FLUX.1's text encoders is not supported (text_encoder_steps is {config.text_encoder_steps}): "
+        "nbkit trains a LoRA of the FLUX.1 transformer only",
+        "pass --te-steps 0 (text_encoder_steps=0): only the transformer's LoRA trains, the CLIP and T5 "
+        "encoders stay frozen",
+    )
+    _require(
+        config.mixed_precision != "fp16",
+        "mixed_precision is 'fp16', but FLUX.1 overflows in float16",
+        "use mixed_precision 'auto' (bf16 on a GPU that has it) or 'bf16'",
+    )
+    _require(
+        config.flux_max_sequence_length in range(1, 513),
+        f"flux_max_sequence_length is {config.flux_max_sequence_length}",
+        "use 1 to 512 (512 for FLUX.1-dev, 256 for schnell)",
+    )
+    _require(
+        math.isfinite(config.flux_guidance) and config.flux_guidance >= 0,
+        f"flux_guidance is {config.flux_guidance}",
+        "use 1.0 (as diffusers' example) or another value >= 0",
+    )
+
+
+def check_memory(base_model: BaseModelRef) -> None:
+    """Refuse up front a GPU that cannot train the base model (FLUX.1 on a T4, or too little memory)."""
+    from nbkit.models import memory
+
+    facts = memory.device_facts() if base_model.family == "flux" else None
+    option = memory.plan_memory(model_spec(base_model), "train", facts)
+    if option is not None and option.quantization is not None:
+        # Loading the transformer quantized (bitsandbytes through diffusers) is not wired into
+        # nbkit.models.loading yet; a refusal now beats an out-of-memory error an hour in.
+        raise NbkitError(
+            f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+            f"{option.name} way ({option.description}), which nbkit's trainer does not do yet",
+            fix="use a GPU with more memory (an A100 80 GB or H100), or an SD family model on this GPU",
+        )
 
 
 def _require(condition: bool, message: str, fix: str) -> None:

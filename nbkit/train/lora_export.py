@@ -8,6 +8,9 @@ is what A1111's `<lora:name:1>` and ComfyUI's LoRA loader read. Kohya files carr
 `rank_pattern` and rsLoRA all export correctly. Its header carries the SAI model spec keys, built by
 `nbkit.convert.metadata` from the registry's family facts as a full model's are, with the LoRA's own
 training resolution and `modelspec.hash_sha256` of its tensors.
+
+A FLUX.1 LoRA (its transformer only) is written by `FluxPipeline.save_lora_weights`, and its
+ComfyUI/Forge file by `nbkit.convert.flux_lora.save_comfy_lora` from that diffusers file.
 """
 
 from __future__ import annotations
@@ -139,11 +142,13 @@ def save_lora(
     torch.compile) is taken off with accelerate's own `extract_model_from_parallel`.
 
     Args:
-        unet: the UNet with a LoRA adapter, or None when only text encoders were trained.
+        unet: the UNet (FLUX.1: the transformer) with a LoRA adapter, or None when only text
+            encoders were trained.
         text_encoders: the text encoder(s) in pipeline order (`[text_encoder, text_encoder_2]` for
             SDXL); an entry may be None when that encoder was not trained.
         out_dir: the folder to write into (created if missing); both files are written atomically.
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux` (a transformer LoRA; its second file is the
+            ComfyUI/Forge format `nbkit.convert.flux_lora.save_comfy_lora` writes).
         metadata: extra header metadata for the kohya file; non-string values are JSON-encoded and
             `modelspec.*` keys override the defaults (e.g. `modelspec.title`), except
             `modelspec.hash_sha256`, which is always the hash of the tensors written.
@@ -171,6 +176,8 @@ def save_lora(
     text_encoders = [unwrap(model) for model in (text_encoders or [])]
     unet = unwrap(unet)
     check_inputs(unet, text_encoders, out_dir, family, adapter_name, resolution)
+    if family == "flux" and any(model is not None for model in text_encoders):
+        raise ValueError("a FLUX.1 LoRA is its transformer's only: nbkit does not train its text encoders")
     if MODELSPEC_HASH_KEY in metadata:
         raise ValueError(f"metadata may not set {MODELSPEC_HASH_KEY}: it is the hash of the tensors written")
     out_dir = Path(out_dir)
@@ -184,7 +191,8 @@ def save_lora(
 
     # (a) diffusers format, through the pipeline class's own writer, with each adapter's LoraConfig
     # so that loading restores lora_alpha (and with it the scale) exactly.
-    components = [("unet", unet), *zip(("text_encoder", "text_encoder_2"), text_encoders, strict=False)]
+    denoiser = facts.denoiser  # `unet`, or FLUX.1's `transformer`
+    components = [(denoiser, unet), *zip(("text_encoder", "text_encoder_2"), text_encoders, strict=False)]
     layers, adapter_metadata = {}, {}
     for component, model in components:
         if model is None:
@@ -195,6 +203,34 @@ def save_lora(
     diffusers_path = out_dir / DIFFUSERS_WEIGHT_NAME
     with atomic_path(diffusers_path) as tmp:
         pipeline_class.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers, **adapter_metadata)
+
+    if family == "flux":
+        from nbkit.convert.flux_lora import save_comfy_lora
+
+        config = unet.peft_config[adapter_name]
+        header = {
+            **modelspec_metadata(
+                family=family,
+                title=name,
+                resolution=resolution,
+                prediction_type=facts.prediction_type,
+                description=description
+                or f"LoRA for {facts.title} models, trained at {resolution} px with nbkit",
+                author=author,
+                lora=True,
+            ),
+            "ss_network_module": "networks.lora_flux",
+            "ss_network_dim": str(config.r),
+            "ss_network_alpha": _format_number(config.lora_alpha),
+        }
+        # The converter writes the file, so the hash of its tensors is its to add; no placeholder here.
+        header.pop(MODELSPEC_HASH_KEY, None)
+        header.pop("modelspec.prediction_type", None)  # SAI's spec knows epsilon and v, not flow
+        header.update(
+            {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+        )
+        comfy_path = save_comfy_lora(diffusers_path, out_dir / f"{name}.safetensors", metadata=header)
+        return {"diffusers": diffusers_path, "kohya": Path(comfy_path)}
 
     # (b) kohya format with modelspec metadata.
     kohya = {}

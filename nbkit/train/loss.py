@@ -6,10 +6,75 @@ depend only on the step's seed, never on what ran before (which is what makes re
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+# diffusers' Flux/SD3 examples' defaults for the logit-normal timestep density.
+LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
+
+
+@dataclasses.dataclass
+class FlowMatchingInputs:
+    """One batch of a flow-matching (rectified flow) step.
+
+    Args:
+        noisy: `(1 - sigma) * latents + sigma * noise`.
+        timesteps: the scheduler timesteps (`1000 * sigma`), one per sample, on the CPU.
+        sigmas: the noise levels, shaped (B, 1, 1, 1) like the latents.
+        target: `noise - latents`, the velocity the model predicts.
+        weights: per-sample loss weights (ones: weighting "none").
+    """
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor
+
+
+def flow_matching_inputs(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler,
+    generator: torch.Generator,
+    *,
+    sampling: str = "logit_normal",
+) -> FlowMatchingInputs:
+    """Noise `latents` for FLUX.1's loss as diffusers' Flux DreamBooth LoRA example does.
+
+    Timesteps are drawn from `compute_density_for_timestep_sampling` (logit-normal, or uniform for
+    `none`) with `generator`, indexed into the scheduler's own timesteps and sigmas; the loss
+    weighting is `compute_loss_weighting_for_sd3` with scheme "none".
+
+    Args:
+        latents: clean, shifted and scaled latents (B, 16, H, W).
+        noise: Gaussian noise like `latents`.
+        scheduler: a `FlowMatchEulerDiscreteScheduler` straight from the model's config.
+        generator: a CPU generator seeded for this step.
+        sampling: `logit_normal` or `none` (uniform).
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    if sampling not in ("logit_normal", "none"):
+        raise ValueError(f"sampling must be 'logit_normal' or 'none', got {sampling!r}")
+    batch = latents.shape[0]
+    density = compute_density_for_timestep_sampling(
+        weighting_scheme=sampling,
+        batch_size=batch,
+        logit_mean=LOGIT_MEAN,
+        logit_std=LOGIT_STD,
+        generator=generator,
+    )
+    indices = (density * scheduler.config.num_train_timesteps).long()
+    timesteps = scheduler.timesteps[indices]
+    sigmas = scheduler.sigmas[indices].to(device=latents.device, dtype=latents.dtype).view(batch, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    weights = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas).view(batch)
+    return FlowMatchingInputs(noisy, timesteps, sigmas, noise - latents, weights)
 
 
 def sample_noise(

@@ -18,7 +18,16 @@ from nbkit.manifest import BaseModelRef, TrainingState
 from nbkit.models.base_model import base_model_ref, native_resolution
 from nbkit.session import Session
 from nbkit.train import checkpointing
-from nbkit.train.inputs import check_config, check_images, check_resolution, check_resume, merge_config
+from nbkit.train.inputs import (
+    check_config,
+    check_family_config,
+    check_images,
+    check_memory,
+    check_resolution,
+    check_resume,
+    family_overrides,
+    merge_config,
+)
 from nbkit.train_config import TrainConfig
 
 
@@ -101,10 +110,13 @@ def plan_run(
         )
     if model_source and "resolution" not in overrides and base_model != session.manifest.base_model:
         overrides["resolution"] = native_resolution(base_model)  # the stored size belongs to the old model
+    overrides = family_overrides(base_model.family, session.manifest.training, overrides)
     config = merge_config(session.manifest.training, overrides)
     check_config(config)
+    check_family_config(base_model.family, config)
     check_images(session.path, session.manifest.images)
     check_resolution(base_model, config.resolution, force=force_resolution)
+    check_memory(base_model)
 
     state = session.manifest.state
     checkpoints_dir = session.path / "checkpoints"

@@ -5,6 +5,10 @@ the text encoder; stage 2 runs the UNet on prompt embeddings computed once per c
 frozen) text encoder. Every random draw of a step (images, flips, latent samples, noise, timesteps,
 dropout) is seeded from (seed, stage, step, micro-batch, process), so a run resumed from a checkpoint
 takes exactly the steps an uninterrupted run takes.
+
+FLUX.1 runs stage 2 only (named `unet` like the others, so checkpoints and resume are the same; its
+role, and the checkpoint's weight file, is `transformer`), with the flow-matching loss of diffusers'
+Flux DreamBooth LoRA example (`nbkit.train.loss.flow_matching_inputs`).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from tqdm.auto import tqdm
 
 from nbkit.train import checkpointing
 from nbkit.train.components import (
+    FLUX_LORA_TARGETS,
     TEXT_ENCODER_LORA_TARGETS,
     UNET_LORA_TARGETS,
     Components,
     add_lora,
+    encode_flux_prompts,
     encode_tokens,
     freeze,
     has_lora,
@@ -43,7 +49,14 @@ from nbkit.train.data import (
     batch_indices,
     derive_seed,
 )
-from nbkit.train.loss import dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from nbkit.train.loss import (
+    dreambooth_loss,
+    flow_matching_inputs,
+    min_snr_weights,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
 from nbkit.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -85,18 +98,30 @@ class ImageSet:
         self.token_ids = token_ids
         self.embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def cache_embeddings(self, components: Components) -> None:
-        """Encode each distinct caption once with the frozen text encoder(s), for stage 2."""
-        device = components.unet.device
+    def cache_embeddings(self, components: Components, *, max_sequence_length: int = 512) -> None:
+        """Encode each distinct caption once with the frozen text encoder(s), for stage 2.
+
+        Args:
+            components: the models.
+            max_sequence_length: FLUX.1's T5 prompt length (other families use their tokenizer's).
+        """
+        device = components.text_encoders[0].device
         distinct = {caption: index for index, caption in enumerate(self.captions)}
         encoded = {}
         with torch.no_grad():
             for caption, index in distinct.items():
-                ids = [ids[index : index + 1].to(device) for ids in self.token_ids]
-                embeds, pooled = encode_tokens(components.family, components.text_encoders, ids)
+                if components.family == "flux":
+                    embeds, pooled = encode_flux_prompts(
+                        components.pipeline, [caption], max_sequence_length=max_sequence_length, device=device
+                    )
+                else:
+                    ids = [ids[index : index + 1].to(device) for ids in self.token_ids]
+                    embeds, pooled = encode_tokens(components.family, components.text_encoders, ids)
                 encoded[caption] = (embeds[0], None if pooled is None else pooled[0])
-        embeds = torch.stack([encoded[caption][0] for caption in self.captions])
-        pooled = None if components.family != "sdxl" else torch.stack([encoded[c][1] for c in self.captions])
+        target = components.unet.device  # FLUX.1's encoders may live on the CPU by now
+        embeds = torch.stack([encoded[caption][0] for caption in self.captions]).to(target)
+        has_pooled = components.family in ("sdxl", "flux")
+        pooled = torch.stack([encoded[c][1] for c in self.captions]).to(target) if has_pooled else None
         self.embeddings = (embeds, pooled)
 
 
@@ -157,8 +182,10 @@ def load_frozen_roles(
 
 
 def _add_role_lora(context: RunContext, role: str) -> None:
-    targets = UNET_LORA_TARGETS if role == "unet" else TEXT_ENCODER_LORA_TARGETS
-    role_index = ("text_encoder", "text_encoder_2", "unet").index(role)
+    targets = {"unet": UNET_LORA_TARGETS, "transformer": FLUX_LORA_TARGETS}.get(
+        role, TEXT_ENCODER_LORA_TARGETS
+    )
+    role_index = ("text_encoder", "text_encoder_2", "unet", "transformer").index(role)
     add_lora(
         context.components.model(role),
         rank=context.config.lora_rank,
@@ -226,7 +253,10 @@ def run_stage(
         if stage.name == "unet":
             for images in (context.instance, context.prior):
                 if images is not None:
-                    images.cache_embeddings(context.components)
+                    images.cache_embeddings(
+                        context.components, max_sequence_length=config.flux_max_sequence_length
+                    )
+            offload_text_encoders(context.components)
         return _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_scheduler)
     finally:
         for handle in hooks:
@@ -234,6 +264,17 @@ def run_stage(
         accelerator.free_memory()
         for model in models:
             freeze(model, context.weight_dtype)
+
+
+def offload_text_encoders(components: Components) -> None:
+    """FLUX.1 on a GPU: move the frozen text encoders (T5-XXL is 9.5 GB) to the CPU once the captions
+    are encoded, as the memory plan's options assume; samples bring them back while they render."""
+    if components.family != "flux" or components.unet.device.type == "cpu":
+        return
+    for encoder in components.text_encoders:
+        encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_scheduler) -> bool:
@@ -329,6 +370,17 @@ def _micro_batch_loss(context: RunContext, stage: Stage, step: int, micro: int, 
         )
         scheduler = components.noise_scheduler
         noise = sample_noise(latents, generator, config.offset_noise)
+        if components.family == "flux":
+            prediction, target, weights = _flux_prediction(
+                context, unet, latents, noise, embeds, pooled, generator
+            )
+            return dreambooth_loss(
+                prediction,
+                target,
+                weights=weights,
+                num_class=0 if context.prior is None else config.batch_size,
+                prior_loss_weight=config.prior.loss_weight,
+            )[0]
         timesteps = sample_timesteps(latents.shape[0], scheduler, generator).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = training_target(scheduler, latents, noise, timesteps)
@@ -344,6 +396,41 @@ def _micro_batch_loss(context: RunContext, stage: Stage, step: int, micro: int, 
         prior_loss_weight=config.prior.loss_weight,
     )
     return total
+
+
+def _flux_prediction(context: RunContext, transformer, latents, noise, embeds, pooled, generator):
+    """(prediction, target, per-sample weights) of FLUX.1's flow-matching loss, as diffusers' example."""
+    from diffusers import FluxPipeline
+
+    config, components = context.config, context.components
+    inputs = flow_matching_inputs(
+        latents,
+        noise,
+        components.noise_scheduler,
+        generator,
+        sampling=config.flux_timestep_sampling,
+    )
+    batch, channels, height, width = latents.shape
+    device, dtype = latents.device, embeds.dtype
+    packed = FluxPipeline._pack_latents(inputs.noisy, batch, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+    text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+    guidance = None
+    if components.unet.config.guidance_embeds:  # FLUX.1-dev; schnell has no guidance input
+        guidance = torch.full((batch,), config.flux_guidance, device=device)
+    prediction = transformer(
+        hidden_states=packed,
+        timestep=inputs.timesteps.to(device) / 1000,
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    scale = components.pipeline.vae_scale_factor
+    prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+    return prediction, inputs.target, inputs.weights
 
 
 def _save_roles(context: RunContext, weights: list, folder: str) -> None:

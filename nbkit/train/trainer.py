@@ -259,7 +259,8 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
             config.text_encoder_lr,
             tuple(components.text_encoder_roles),
         ),
-        Stage("unet", 2, config.unet_steps, config.unet_lr, ("unet",)),
+        # FLUX.1's denoiser is its transformer; the stage keeps the name `unet` (checkpoint folders).
+        Stage("unet", 2, config.unet_steps, config.unet_lr, (components.denoiser_role,)),
     ]
     stages = [stage for stage in stages if stage.steps > 0]
     try:
@@ -346,6 +347,10 @@ class _Reporter:
         modes = [model.training for model in models]
         for model in models:
             model.eval()
+        # FLUX.1's text encoders wait on the CPU after caching (stages.offload_text_encoders).
+        devices = [encoder.device for encoder in self.components.text_encoders]
+        for encoder in self.components.text_encoders:
+            encoder.to(self.components.unet.device)
         try:
             with self.accelerator.autocast():
                 return render_samples(
@@ -360,6 +365,8 @@ class _Reporter:
         finally:
             for model, mode in zip(models, modes, strict=True):
                 model.train(mode)
+            for encoder, device in zip(self.components.text_encoders, devices, strict=True):
+                encoder.to(device)
 
     def export(self, trained_roles: dict[str, str], weight_dtype: torch.dtype) -> None:
         session, config, result = self.session, self.config, self.result
