@@ -67,7 +67,7 @@ FLUX_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
         MemoryOption("4bit-offload", "4-bit (NF4) transformer and T5, with offload", 11.0, "4bit", offload=True),
     ),
     "train": (
-        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", 40.0, offload=True),
+        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", 36.0, offload=True),
         MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoders offloaded", 24.0, "8bit", offload=True),
         MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoders offloaded", 16.0, "4bit", offload=True),
     ),
