@@ -320,6 +320,20 @@ def _open_source(source: Any) -> Iterator[tuple[TensorSource, dict[str, Any], in
         yield tensors, config, resolution, name
 
 
+def is_flux_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a FLUX.1 diffusers pipeline folder or a FLUX.1 transformer folder."""
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        folder = folder / "transformer"
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return read_json(config).get("_class_name") == TRANSFORMER_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _target_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -497,6 +511,8 @@ def load_flux_transformer(
             path=path,
             fix="give a FLUX.1 transformer file such as flux1-dev.safetensors",
         )
+    if torch_dtype is None:  # the file's own precision, not diffusers' fp32 default
+        torch_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
     with contextlib.ExitStack() as stack:
         folder, subfolder = _config_location(config_folder, metadata, stack, path)
         config = read_json(folder / (subfolder or ".") / "config.json")
