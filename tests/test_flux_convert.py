@@ -47,7 +47,8 @@ def aligned(model):
 
 def read(path):
     with safe_open(path, "pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable), handle.metadata()
+        keys = handle.keys()  # safe_open is not iterable
+        return {key: handle.get_tensor(key) for key in keys}, handle.metadata()
 
 
 def forward(transformer, guidance: bool = True):
