@@ -3,6 +3,8 @@
 - SRC a diffusers folder, OUT a `.safetensors`/`.ckpt` name: one file in the original layout.
 - SRC a checkpoint, OUT a `.safetensors`/`.ckpt` name: re-encoded (pickle -> safetensors, fp32 -> fp16).
 - SRC a checkpoint, OUT any other name: a diffusers folder.
+- SRC a FLUX.1 diffusers folder (or its transformer folder), OUT a `.safetensors` name: the
+  transformer in the original Black Forest Labs layout that ComfyUI and Forge load (default bf16).
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ def _to_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flux_to_file(args: argparse.Namespace) -> int:
+    from nbkit.convert.flux import save_flux_transformer
+
+    if args.format == "ckpt" or Path(args.out).suffix.lower() != ".safetensors":
+        raise NbkitError(
+            "a FLUX.1 transformer is written as .safetensors only",
+            path=args.out,
+            fix="name the output .safetensors and drop --format ckpt",
+        )
+    dtype = args.dtype or "bf16"  # FLUX.1's own precision; fp16 overflows in its activations
+    out = save_flux_transformer(args.src, args.out, dtype=dtype)
+    size = out.stat().st_size / 2**20
+    print(f"Converted {args.src}\n       -> {out} (FLUX.1 transformer, BFL layout, {dtype}, {size:.1f} MiB)")
+    return 0
+
+
 def command(args: argparse.Namespace) -> int:
     src = Path(args.src)
     to_single_file = args.format is not None or Path(args.out).suffix.lower() in SINGLE_FILE_SUFFIXES
@@ -77,6 +95,10 @@ def command(args: argparse.Namespace) -> int:
                 fix="name the output .safetensors (or .ckpt), or pass --format",
             )
         return _to_folder(args)
+    from nbkit.convert.flux import is_flux_folder
+
+    if src.is_dir() and is_flux_folder(src):
+        return _flux_to_file(args)
     from nbkit.convert import convert_to_single_file
 
     report = convert_to_single_file(

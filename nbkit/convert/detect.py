@@ -100,6 +100,16 @@ def _architecture_group(shapes: Mapping[str, tuple[int, ...]], path: Path | None
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in shapes)
 
+    if has("double_blocks.") or has(f"{LDM_UNET_PREFIX}double_blocks."):
+        raise NbkitError(
+            "this is a FLUX.1 transformer in the Black Forest Labs layout (double_blocks.*), not a Stable "
+            "Diffusion checkpoint; it holds no VAE or text encoders, so it loads only with its base "
+            "pipeline folder",
+            path=path,
+            fix="load it with nbkit.convert.flux.load_flux_transformer(file, base_folder) and pass it to "
+            "FluxPipeline.from_pretrained(base_folder, transformer=...), or use the file as is in "
+            "ComfyUI or Forge",
+        )
     if not has(LDM_UNET_PREFIX):
         if has("lora_") or any(".lora_" in key for key in shapes):
             looks_like = "a LoRA"

@@ -100,6 +100,13 @@ def _plan_folder(
             path=folder,
             fix=f"drop --family, or pass --family {guess.family}",
         )
+    if chosen not in LAYOUTS:  # FLUX.1: a transformer file, not a full checkpoint
+        raise NbkitError(
+            f"a {FAMILIES[chosen].title} folder converts to a transformer file in the original layout, "
+            "not a full checkpoint",
+            path=folder,
+            fix="use nbkit.convert.flux.save_flux_transformer(folder, out) (nbkit convert does this)",
+        )
     configs: dict[str, Any] = {"model_index": _clean_config(read_json(folder / "model_index.json"))}
     recipes: list[TensorRecipe] = []
     sources: dict[str, TensorSource] = {}
