@@ -148,6 +148,11 @@ class Infotext:
         return _float(self.parameters.get("CFG scale"))
 
     @property
+    def distilled_cfg_scale(self) -> float | None:
+        """FLUX.1-dev's distilled guidance, under Forge's key `Distilled CFG Scale`."""
+        return _float(self.parameters.get("Distilled CFG Scale"))
+
+    @property
     def denoising_strength(self) -> float | None:
         return _float(self.parameters.get("Denoising strength"))
 
