@@ -311,7 +311,7 @@ def check_inputs(settings: GenerationSettings) -> None:
             raise ValueError(f"hires upscaler must be a name, got {hires.upscaler!r}")
         if flow and hires.used_upscaler in LATENT_UPSCALERS:
             raise ValueError(
-                f"hires upscaler {hires.upscaler!r} works on latents, which {family} models pack into "
+                f"hires upscaler {hires.upscaler!r} works on latents, which FLUX.1 models pack into "
                 f"tokens; pick a pixel upscaler for them: {', '.join(PIXEL_UPSCALERS)}"
             )
 
