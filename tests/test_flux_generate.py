@@ -133,7 +133,7 @@ def test_hires_fix_on_flux_pixels_only(flux):
         prompts=["a dog"], seeds=5, **{k: v for k, v in FAST.items() if k != "seeds"}
     )
     settings.hires = HiresFix(scale=1.5, upscaler="Latent", denoising_strength=0.7)
-    with pytest.raises(ValueError, match="Latent.*FLUX.1 models pack.*Lanczos"):
+    with pytest.raises(ValueError, match=r"Latent.*FLUX\.1 models pack.*Lanczos"):
         generate_images(flux, settings)
     settings.hires = HiresFix(scale=1.5, upscaler="Lanczos", denoising_strength=0.7)
     result = generate_images(flux, settings)
@@ -145,7 +145,7 @@ def test_memory_plan_refuses_a_t4_and_passes_the_cpu(monkeypatch):
     import nbkit.models.memory as memory
 
     monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("Tesla T4", 15.0, bf16=False))
-    with pytest.raises(NbkitError, match="Tesla T4 cannot run FLUX.1: it has no bfloat16"):
+    with pytest.raises(NbkitError, match=r"Tesla T4 cannot run FLUX\.1: it has no bfloat16"):
         plan_generation_memory("flux", "cuda")
     assert plan_generation_memory("flux", "cpu") is None
     assert plan_generation_memory("sdxl", "cuda") is None  # the SD families are not checked
