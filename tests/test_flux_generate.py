@@ -151,3 +151,60 @@ def test_memory_plan_refuses_a_t4_and_passes_the_cpu(monkeypatch):
     assert plan_generation_memory("sdxl", "cuda") is None  # the SD families are not checked
     monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("A100", 79.0, bf16=True))
     assert plan_generation_memory("flux", "cuda").name == "bf16"
+
+
+def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, monkeypatch):
+    """A session's Flux LoRA export loads as base + LoRA, and a faked T4 is refused before loading."""
+    import types
+
+    import torch
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    import nbkit.models.memory as memory
+    from nbkit.generate import load_session_pipeline, release_pipeline
+    from nbkit.manifest import ExportedModel
+
+    base = generate(flux, ["a dog"], **FAST)
+    flux.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    )
+    try:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, parameter in flux.transformer.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        trained = generate(flux, ["a dog"], **FAST)
+        FluxPipeline.save_lora_weights(
+            tmp_path / "models" / "dog-lora",
+            transformer_lora_layers=get_peft_model_state_dict(flux.transformer),
+        )
+    finally:
+        flux.transformer.delete_adapters("default")
+    record = ExportedModel(
+        name="dog-lora",
+        kind="lora",
+        files={"diffusers": "models/dog-lora/pytorch_lora_weights.safetensors"},
+        family="flux",
+        resolution=64,
+        base_model=str(tiny_model_dir("flux")),
+        created="2025-01-02T00:00:00+00:00",
+        sha256={},
+    )
+    session = types.SimpleNamespace(
+        name="dog", path=tmp_path, manifest=types.SimpleNamespace(models=[record])
+    )
+    release_pipeline()
+    try:
+        monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("Tesla T4", 15.0, bf16=False))
+        with pytest.raises(NbkitError, match="no bfloat16"):
+            load_session_pipeline(session, device="cuda")
+        pipeline = load_session_pipeline(session, device="cpu")
+        pipeline.set_progress_bar_config(disable=True)
+        loaded = generate(pipeline, ["a dog"], **FAST)
+    finally:
+        release_pipeline()
+    assert not np.array_equal(_pixels(loaded)[0], _pixels(base)[0])
+    assert np.abs(_pixels(loaded)[0].astype(int) - _pixels(trained)[0]).max() <= 1
