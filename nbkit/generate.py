@@ -13,6 +13,13 @@ adds A1111's hires fix (`HiresFix`: upscale the first pass, in latent space or a
 img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
 (the whole request) and `skip` (the current batch).
 
+FLUX.1 pipelines (`pipeline_family` tells them by their `transformer`) run through the same loop with
+their own call: the distilled guidance (Forge's "Distilled CFG Scale", 3.5 by default; schnell has none)
+goes to `guidance_scale`, true CFG (`true_cfg_scale` with the negative prompt) only when the CFG scale is
+above 1 and a negative prompt is given, the T5 reads up to `max_sequence_length` tokens (512 for dev,
+256 for schnell), sizes are multiples of 16, only the flow-matching samplers apply, and the hires fix
+upscales pixels only (Flux's latents are packed). ControlNet is not offered for Flux.
+
 `load_session_pipeline` loads a model a session exported (`session.manifest.models`) into a one-slot
 cache: asking for another model frees the previous one first, so a notebook GPU never holds two.
 """
@@ -32,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import nbkit
 from nbkit.errors import NbkitError
 from nbkit.infotext import format_infotext
-from nbkit.samplers import build_scheduler, resolve, sampler_name, schedule_label
+from nbkit.samplers import FLOW_FAMILIES, build_scheduler, resolve, sampler_name, schedule_label
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -43,6 +50,9 @@ if TYPE_CHECKING:
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this
 SIZE_MULTIPLE = 8  # the VAE's downsampling factor
+FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance default (diffusers' and Forge's)
+# How many T5 tokens FLUX.1 reads: what BFL's reference code uses for each model.
+FLUX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 # A1111's latent upscalers: torch interpolation mode and antialiasing.
 LATENT_UPSCALERS = {
     "Latent": ("bilinear", False),
@@ -77,11 +87,11 @@ class HiresFix:
     steps: int = 0
     denoising_strength: float = 0.7
 
-    def size(self, width: int, height: int) -> tuple[int, int]:
-        """The upscaled (width, height)."""
+    def size(self, width: int, height: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+        """The upscaled (width, height), rounded down to a multiple of `multiple`."""
         return (
-            int(width * self.scale) // SIZE_MULTIPLE * SIZE_MULTIPLE,
-            int(height * self.scale) // SIZE_MULTIPLE * SIZE_MULTIPLE,
+            int(width * self.scale) // multiple * multiple,
+            int(height * self.scale) // multiple * multiple,
         )
 
     @property
@@ -127,6 +137,10 @@ class GenerationSettings:
         inputs: more arguments for every pipeline call (img2img's `image` and `strength`, a mask, a
             control image); a PIL image is given once per image of the batch.
         hires: A1111's hires fix (text-to-image only), or None.
+        distilled_guidance: FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale"); None:
+            3.5. Other families ignore it.
+        family: the model's family (`flux` or an SD one); None: told from the pipeline by
+            `generate_images` (and SD rules in `check_inputs`).
     """
 
     prompts: list[str]
@@ -145,6 +159,8 @@ class GenerationSettings:
     infotext_prompts: list[str] | None = None
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     hires: HiresFix | None = None
+    distilled_guidance: float | None = None
+    family: str | None = None
 
     def negative_prompts(self) -> list[str]:
         """The negative prompt of each image."""
@@ -203,12 +219,35 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def is_flow_family(family: str | None) -> bool:
+    """True for the flow-matching transformer families (FLUX.1)."""
+    return family in FLOW_FAMILIES
+
+
+def pipeline_family(pipeline: Any) -> str | None:
+    """`flux` for a FLUX.1 pipeline (it has a `transformer`, not a `unet`), else None (an SD family)."""
+    if getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith("Flux"):
+        return "flux"
+    return None
+
+
+def size_multiple(family: str | None) -> int:
+    """What image sides must be multiples of: the registry's step for FLUX.1 (16), else 8 (A1111's)."""
+    if is_flow_family(family):
+        from nbkit.models.registry import FAMILIES
+
+        return FAMILIES[family].resolution_step
+    return SIZE_MULTIPLE
+
+
 def check_inputs(settings: GenerationSettings) -> None:
     """Check a request before anything is generated; raises ValueError naming the bad value.
 
     Args:
         settings: the request.
     """
+    family = settings.family
+    flow = is_flow_family(family)
     prompts = settings.prompts
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -231,17 +270,23 @@ def check_inputs(settings: GenerationSettings) -> None:
         raise ValueError(f"seeds must be integers from 0 to {MAX_SEED} (or -1 for random), got {bad[0]!r}")
     if not _is_int(settings.steps) or settings.steps < 1:
         raise ValueError(f"steps must be a positive integer, got {settings.steps!r}")
+    step = size_multiple(family)
     for name in ("width", "height"):
         value = getattr(settings, name)
-        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
+        if not _is_int(value) or value < step or value % step:
+            what = f" for {family} models" if flow else ""
+            raise ValueError(f"{name} must be a positive multiple of {step}{what}, got {value!r}")
     guidance = settings.guidance_scale
     if guidance is not None and (not _is_number(guidance) or guidance < 0):
         raise ValueError(f"guidance_scale must be a number >= 0, got {guidance!r}")
+    distilled = settings.distilled_guidance
+    if distilled is not None and (not _is_number(distilled) or distilled < 0):
+        raise ValueError(f"distilled_guidance must be a number >= 0, got {distilled!r}")
     if not _is_int(settings.batch_size) or settings.batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {settings.batch_size!r}")
     if settings.sampler is not None:
-        resolve(settings.sampler, settings.schedule)  # unknown names: ValueError listing the valid ones
+        # Unknown names (and SD samplers on FLUX.1): ValueError listing the valid ones.
+        resolve(settings.sampler, settings.schedule, family)
     if not isinstance(settings.extra_parameters, dict):
         raise ValueError(f"extra_parameters must be a dict, got {settings.extra_parameters!r}")
     shown = settings.infotext_prompts
@@ -264,6 +309,11 @@ def check_inputs(settings: GenerationSettings) -> None:
             )
         if not isinstance(hires.upscaler, str) or not hires.upscaler.strip():
             raise ValueError(f"hires upscaler must be a name, got {hires.upscaler!r}")
+        if flow and hires.used_upscaler in LATENT_UPSCALERS:
+            raise ValueError(
+                f"hires upscaler {hires.upscaler!r} works on latents, which FLUX.1 models pack into "
+                f"tokens; pick a pixel upscaler for them: {', '.join(PIXEL_UPSCALERS)}"
+            )
 
 
 def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None = None) -> list[int]:
@@ -289,6 +339,7 @@ def _step_callback(
     batches: int,
     images: list[int],
     hires: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> Callable | None:
     if on_step is None and not stops:
         return None
@@ -296,7 +347,13 @@ def _step_callback(
     def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             total = getattr(pipeline, "num_timesteps", None) or index + 1
-            on_step(StepProgress(batch, batches, images, index + 1, total, tensors.get("latents"), hires))
+            latents = tensors.get("latents")
+            if latents is not None and latents.ndim == 3:
+                # FLUX.1 packs 2x2 latent patches into tokens: unpack them for a preview, or give none.
+                unpack = getattr(pipeline, "_unpack_latents", None)
+                factor = getattr(pipeline, "vae_scale_factor", None)
+                latents = unpack(latents, size[1], size[0], factor) if unpack and factor and size else None
+            on_step(StepProgress(batch, batches, images, index + 1, total, latents, hires))
         if any(event.is_set() for event in stops):
             pipeline._interrupt = True  # diffusers skips the remaining steps and decodes what it has
         return tensors
@@ -356,9 +413,11 @@ def upscale(images: Any, hires: HiresFix, width: int, height: int) -> Any:
     return [image.resize((width, height), resample) for image in images]
 
 
-def _parameters(settings: GenerationSettings, scheduler: Any, guidance: Any, seed: int) -> dict[str, Any]:
+def _parameters(
+    settings: GenerationSettings, scheduler: Any, guidance: Any, seed: int, distilled: Any = None
+) -> dict[str, Any]:
     if settings.sampler is not None:
-        sampler, schedule = resolve(settings.sampler, settings.schedule)
+        sampler, schedule = resolve(settings.sampler, settings.schedule, settings.family)
         names = (sampler.name, schedule.label)
     else:
         names = (sampler_name(scheduler), schedule_label(scheduler))
@@ -367,6 +426,7 @@ def _parameters(settings: GenerationSettings, scheduler: Any, guidance: Any, see
         "Sampler": names[0],
         "Schedule type": names[1],
         "CFG scale": guidance,
+        "Distilled CFG Scale": distilled,  # Forge's key; FLUX.1-dev only
         "Seed": seed,
         "Size": f"{settings.width}x{settings.height}",
         "Model hash": settings.model_hash,
@@ -405,7 +465,10 @@ def generate_images(
     """
     import torch
 
+    if settings.family is None:
+        settings = dataclasses.replace(settings, family=pipeline_family(pipeline))
     check_inputs(settings)
+    flow = is_flow_family(settings.family)
     count = len(settings.prompts)
     seeds = resolve_seeds(settings.seeds, count)
     negatives = settings.negative_prompts()
@@ -420,7 +483,8 @@ def generate_images(
     schedulers = list(originals)
     if settings.sampler is not None:
         schedulers = [
-            build_scheduler(p.scheduler.config, settings.sampler, settings.schedule) for p in pipelines
+            build_scheduler(p.scheduler.config, settings.sampler, settings.schedule, settings.family)
+            for p in pipelines
         ]
     scheduler = schedulers[0]
     starts = list(range(0, count, settings.batch_size))
@@ -429,10 +493,14 @@ def generate_images(
     interrupted = False
     stops = [event for event in (interrupt, skip) if event is not None]
     kwargs: dict[str, Any] = {}
-    if settings.guidance_scale is not None:
+    distilled = None
+    if flow:
+        kwargs, distilled = _flux_arguments(pipeline, settings)
+    elif settings.guidance_scale is not None:
         kwargs["guidance_scale"] = settings.guidance_scale
     if _accepts(pipeline, "height"):  # img2img pipelines take the size from their image
         kwargs.update(height=settings.height, width=settings.width)
+    size = (settings.width, settings.height)
     latent_hires = hires is not None and hires.used_upscaler in LATENT_UPSCALERS
     try:
         for p, new in zip(pipelines, schedulers, strict=True):
@@ -453,13 +521,16 @@ def generate_images(
             prompts = [settings.prompts[index] for index in indices]
             # None rather than "": SDXL uses zeros, not the encoded empty prompt, for no negative.
             negative = batch_negatives if any(batch_negatives) else None
+            negatives_kwargs = {"negative_prompt": negative}
+            if flow and "true_cfg_scale" not in kwargs:
+                negatives_kwargs = {}  # no true CFG: Flux's distilled guidance needs no negative pass
             output = pipeline(
                 prompt=prompts,
-                negative_prompt=negative,
                 num_inference_steps=settings.steps,
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
                 output_type="latent" if latent_hires else "pil",
-                callback_on_step_end=_step_callback(on_step, stops, batch, len(starts), indices),
+                callback_on_step_end=_step_callback(on_step, stops, batch, len(starts), indices, size=size),
+                **negatives_kwargs,
                 **_per_image(settings.inputs, len(indices)),
                 **kwargs,
             )
@@ -470,29 +541,31 @@ def generate_images(
                     if latent_hires:
                         batch_images = decode_latents(pipeline, batch_images)
                 else:
-                    width, height = hires.size(settings.width, settings.height)
-                    second = (
-                        {"guidance_scale": kwargs["guidance_scale"]} if "guidance_scale" in kwargs else {}
+                    width, height = hires.size(
+                        settings.width, settings.height, size_multiple(settings.family)
                     )
+                    second = {key: value for key, value in kwargs.items() if key not in ("height", "width")}
+                    if flow:
+                        second.update(height=height, width=width)
                     batch_images = hires_pipeline(
                         prompt=prompts,
-                        negative_prompt=negative,
                         image=upscale(batch_images, hires, width, height),
                         strength=hires.denoising_strength,
                         num_inference_steps=hires.steps or settings.steps,
                         generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
                         output_type="pil",
                         callback_on_step_end=_step_callback(
-                            on_step, stops, batch, len(starts), indices, hires=True
+                            on_step, stops, batch, len(starts), indices, hires=True, size=(width, height)
                         ),
+                        **negatives_kwargs,
                         **second,
                     ).images
             guidance = settings.guidance_scale
             if guidance is None:
-                guidance = getattr(pipeline, "guidance_scale", None)
+                guidance = 1 if flow else getattr(pipeline, "guidance_scale", None)
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
-                parameters = _parameters(settings, scheduler, guidance, seeds[index])
+                parameters = _parameters(settings, scheduler, guidance, seeds[index], distilled)
                 infotexts.append(format_infotext(shown_prompts[index], negatives[index], parameters))
             if on_batch is not None:
                 on_batch(indices, images[-len(indices) :], infotexts[-len(indices) :])
@@ -503,6 +576,40 @@ def generate_images(
         for p, original in zip(pipelines, originals, strict=True):
             p.scheduler = original
     return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted)
+
+
+def flux_sequence_length(pipeline: Any) -> int:
+    """How many T5 tokens a FLUX.1 pipeline reads: 512 for dev, 256 for schnell (no guidance embedding),
+    never more than its T5 tokenizer holds."""
+    from nbkit.models.registry import is_flux_schnell
+
+    schnell = is_flux_schnell(dict(pipeline.transformer.config))
+    length = FLUX_SEQUENCE_LENGTH["schnell" if schnell else "dev"]
+    tokenizer = getattr(pipeline, "tokenizer_2", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(length, limit) if isinstance(limit, int) and limit > 0 else length
+
+
+def _flux_arguments(pipeline: Any, settings: GenerationSettings) -> tuple[dict[str, Any], float | None]:
+    """A FLUX.1 call's guidance and T5 arguments, and the distilled guidance the infotext names (None
+    for schnell, which has no guidance embedding and ignores it)."""
+    from nbkit.models.registry import is_flux_schnell
+
+    kwargs: dict[str, Any] = {"max_sequence_length": flux_sequence_length(pipeline)}
+    distilled = None
+    if not is_flux_schnell(dict(pipeline.transformer.config)):
+        distilled = FLUX_GUIDANCE if settings.distilled_guidance is None else settings.distilled_guidance
+        kwargs["guidance_scale"] = distilled
+    cfg = settings.guidance_scale
+    # True CFG runs the transformer twice per step; diffusers does it only with a negative prompt.
+    if (
+        cfg is not None
+        and cfg > 1
+        and any(settings.negative_prompts())
+        and _accepts(pipeline, "true_cfg_scale")
+    ):
+        kwargs["true_cfg_scale"] = cfg
+    return kwargs, distilled
 
 
 def generate(
@@ -525,11 +632,13 @@ def generate(
     interrupt: threading.Event | None = None,
     on_batch: Callable[[list[int], list[Image.Image], list[str]], None] | None = None,
     skip: threading.Event | None = None,
+    distilled_guidance: float | None = None,
 ) -> GenerationResult:
     """Generate one image per prompt with a diffusers text-to-image pipeline.
 
     Args:
-        pipeline: a diffusers SD1/SD2/SDXL text-to-image pipeline; its scheduler is restored after.
+        pipeline: a diffusers SD1/SD2/SDXL or FLUX.1 text-to-image pipeline; its scheduler is restored
+            after.
         prompts: one prompt per image.
         seeds: one seed (image `i` gets `seed + i`; -1: random) or one per image.
         steps: sampling steps.
@@ -547,6 +656,7 @@ def generate(
         interrupt: an event that stops generation early when set.
         on_batch: called with each finished batch's image indices, images and infotexts.
         skip: an event that ends the current batch early when set (the next one still runs).
+        distilled_guidance: FLUX.1-dev's "Distilled CFG Scale" (None: 3.5).
 
     Returns:
         A `GenerationResult` with the images, their infotexts and the seeds used.
@@ -565,6 +675,7 @@ def generate(
         model_name=model_name,
         model_hash=model_hash,
         extra_parameters=dict(extra_parameters or {}),
+        distilled_guidance=distilled_guidance,
     )
     return generate_images(
         pipeline, settings, on_step=on_step, interrupt=interrupt, on_batch=on_batch, skip=skip
@@ -648,13 +759,50 @@ def _load_record(session: Session, record: ExportedModel, device: Any, dtype: An
     raise NbkitError(f"model {record.name!r} has unknown kind {record.kind!r}", path=session.path)
 
 
-def _default_device_and_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
+def _default_device_and_dtype(device: Any, dtype: Any, family: str | None = None) -> tuple[Any, Any]:
     import torch
 
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        # FLUX.1's activations overflow float16: it runs in bfloat16 on a GPU.
+        half = torch.bfloat16 if is_flow_family(family) else torch.float16
+        dtype = half if device.type == "cuda" else torch.float32
     return device, dtype
+
+
+def plan_generation_memory(family: str | None, device: Any) -> Any:
+    """Check up front that a FLUX.1 model fits the GPU `device` (`nbkit.models.memory.plan_memory`).
+
+    Returns the `MemoryOption` to run it with, or None (an SD family, or the CPU).
+
+    Raises:
+        NbkitError: a GPU without bf16 (a T4) or with too little memory, with the reason and the ways.
+    """
+    import torch
+
+    if not is_flow_family(family) or torch.device(device).type != "cuda":
+        return None
+    from nbkit.models import memory
+
+    return memory.plan_memory(family, "generate", memory.device_facts())
+
+
+def apply_memory_option(pipeline: Any, option: Any, device: Any) -> Any:
+    """Place `pipeline` on `device` as `option` (from `plan_generation_memory`) says.
+
+    Offload: diffusers' model CPU offload. A quantized option is run with sequential CPU offload
+    instead (weights stream to the GPU layer by layer: slower, but it fits where the quantized weights
+    would), since nbkit loads the weights unquantized.
+    """
+    if option is None:
+        return pipeline.to(device)
+    if option.quantization is not None:
+        pipeline.enable_sequential_cpu_offload(device=device)
+    elif option.offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    return pipeline
 
 
 def release_pipeline() -> None:
@@ -691,13 +839,16 @@ def load_session_pipeline(
         session: an open session.
         model: an `ExportedModel.name` from `session.manifest.models`; None: the newest.
         device: where to run (default: CUDA when available, else the CPU).
-        dtype: the weights' dtype (default: float16 on CUDA, float32 on the CPU).
+        dtype: the weights' dtype (default: float16 on CUDA, bfloat16 for FLUX.1; float32 on the CPU).
 
     Returns:
         A diffusers pipeline.
+
+    Raises:
+        NbkitError: a FLUX.1 model on a GPU that cannot run it (no bf16, too little memory).
     """
     record = find_model(session, model)
-    device, dtype = _default_device_and_dtype(device, dtype)
+    device, dtype = _default_device_and_dtype(device, dtype, record.family)
     key = (
         str(session.path),
         record.name,
@@ -710,9 +861,13 @@ def load_session_pipeline(
     with _SLOT_LOCK:
         if _SLOT.key == key:
             return _SLOT.pipeline
+        option = plan_generation_memory(record.family, device)  # a T4 is refused before any loading
         if _SLOT.pipeline is not None:
             _release()
-        pipeline = _load_record(session, record, device, dtype)
+        # With a memory option the pipeline stays on the CPU until the option places it.
+        pipeline = _load_record(session, record, None if option is not None else device, dtype)
+        if option is not None:
+            pipeline = apply_memory_option(pipeline, option, device)
         _SLOT.key, _SLOT.pipeline, _SLOT.model = key, pipeline, record
         return pipeline
 

@@ -7,6 +7,9 @@ when there is one, then one line of `Key: value` pairs:
     Negative prompt: blurry
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x512
 
+FLUX.1-dev images also carry Forge's `Distilled CFG Scale: 3.5` (the distilled guidance; `CFG scale`
+is then the true CFG, 1 when off), read back by `Infotext.distilled_cfg_scale`.
+
 A value that holds `,`, `:` or a newline is JSON-quoted, as A1111 does; nbkit also quotes the values
 A1111 would read back differently (empty, starting with `"`, or with leading/trailing spaces). The
 last line counts as parameters only when it holds at least three pairs (A1111's rule, so a prompt like
@@ -146,6 +149,11 @@ class Infotext:
     @property
     def cfg_scale(self) -> float | None:
         return _float(self.parameters.get("CFG scale"))
+
+    @property
+    def distilled_cfg_scale(self) -> float | None:
+        """FLUX.1-dev's distilled guidance, under Forge's key `Distilled CFG Scale`."""
+        return _float(self.parameters.get("Distilled CFG Scale"))
 
     @property
     def denoising_strength(self) -> float | None:

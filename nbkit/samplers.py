@@ -8,6 +8,12 @@ SD 2.x 768-v), `steps_offset` and the rest stay the model's, and only the algori
 schedule change. "Automatic" is what A1111 means by it: the sampler's own default schedule (Karras
 for DPM++ 2M and DPM++ SDE, Exponential for DPM++ 2M SDE), otherwise the model's plain schedule.
 
+FLUX.1 (a flow-matching model) takes only the flow-matching samplers (`FLOW_SAMPLERS`: "Euler", diffusers'
+FlowMatchEulerDiscreteScheduler) and their schedule types (`FLOW_SCHEDULES`: "Simple", which "Automatic"
+means, as Forge's default for Flux, plus "Karras", "Exponential" and "Beta" sigmas); pass
+`family="flux"` to `resolve` and `build_scheduler`. An SD sampler on a Flux model is a ValueError that
+lists the ones that work.
+
 `list_samplers` and `list_schedulers` return what A1111's `/sdapi/v1/samplers` and
 `/sdapi/v1/schedulers` return. This module imports neither torch nor diffusers until a scheduler is
 built, so the infotext parser and the web UI's lists stay cheap.
@@ -165,7 +171,30 @@ SAMPLER_NAMES = {
     "PNDMScheduler": "PLMS",
     "UniPCMultistepScheduler": "UniPC",
     "LCMScheduler": "LCM",
+    "FlowMatchEulerDiscreteScheduler": "Euler",
 }
+
+# The flow-matching samplers FluxPipeline runs. diffusers' FlowMatchHeunDiscreteScheduler is left out:
+# it takes no custom sigmas, which FluxPipeline always passes, so it fails on the first step. Its
+# FlowMatchEulerDiscreteScheduler with `stochastic_sampling` ("Euler a") is left out too: it draws its
+# noise without the request's generator, so a seed would not give the same image twice.
+FLOW_SAMPLERS: dict[str, Sampler] = {
+    sampler.name: sampler
+    for sampler in (Sampler("Euler", "FlowMatchEulerDiscreteScheduler", aliases=("k_euler", "flow_euler")),)
+}
+# "Simple" is the model's own shifted sigmas (Forge's default for Flux).
+FLOW_SCHEDULES: dict[str, Schedule] = {
+    schedule.label: schedule
+    for schedule in (
+        Schedule("automatic", "Automatic"),
+        Schedule("simple", "Simple", need_inner_model=True),
+        Schedule("karras", "Karras", config={"use_karras_sigmas": True}, default_rho=7.0),
+        Schedule("exponential", "Exponential", config={"use_exponential_sigmas": True}),
+        Schedule("beta", "Beta", config={"use_beta_sigmas": True}),
+    )
+}
+# The families whose models take the flow-matching samplers.
+FLOW_FAMILIES = ("flux",)
 
 
 def _lookup(table: dict[str, Any], name: str, fields: tuple[str, ...]) -> Any:
@@ -213,20 +242,54 @@ def split_legacy_name(name: str) -> tuple[str, str | None]:
     return stripped, None
 
 
-def resolve(sampler: str, schedule: str | None = "Automatic") -> tuple[Sampler, Schedule]:
+def _resolve_flow(sampler: str, schedule: str | None, family: str) -> tuple[Sampler, Schedule]:
+    from nbkit.models.registry import FAMILIES
+
+    title = FAMILIES[family].title if family in FAMILIES else family
+    valid = ", ".join(FLOW_SAMPLERS)
+    base, suffix = split_legacy_name(sampler)
+    found = _lookup(FLOW_SAMPLERS, base, ("name",))
+    if found is None:
+        kind = "an SD sampler" if find_sampler(base) is not None else "not a sampler nbkit knows"
+        raise ValueError(
+            f"sampler {sampler!r} is {kind} and does not work with {title} models (flow matching); "
+            f"samplers for {title}: {valid}"
+        )
+    wanted = suffix or (schedule if schedule is not None else "Automatic")
+    chosen = _lookup(FLOW_SCHEDULES, wanted, ("label", "name"))
+    if chosen is None or (
+        suffix is not None
+        and schedule is not None
+        and schedule.strip().casefold() not in ("automatic", suffix.casefold())
+    ):
+        raise ValueError(
+            f"schedule type {wanted!r} does not work with {title} models; schedule types for "
+            f"{title}: {', '.join(FLOW_SCHEDULES)}"
+        )
+    if chosen.label == "Automatic":
+        chosen = FLOW_SCHEDULES["Simple"]
+    return found, chosen
+
+
+def resolve(
+    sampler: str, schedule: str | None = "Automatic", family: str | None = None
+) -> tuple[Sampler, Schedule]:
     """The sampler and concrete schedule A1111 would use for these names.
 
     Legacy combined names ("DPM++ 2M Karras") are split; "Automatic" (or None) becomes the sampler's
-    default schedule where A1111 gives it one.
+    default schedule where A1111 gives it one (for FLUX.1: "Simple").
 
     Args:
         sampler: an A1111 sampler name or alias, or a legacy combined name.
         schedule: an A1111 schedule type (label or name, any case); None means "Automatic".
+        family: the model's family; a flow-matching one (`FLOW_FAMILIES`) takes `FLOW_SAMPLERS` only.
 
     Raises:
-        ValueError: for an unknown name, or a legacy suffix that contradicts `schedule`; the message
-            lists the valid names.
+        ValueError: for an unknown name, an SD sampler on a flow-matching model, or a legacy suffix
+            that contradicts `schedule`; the message lists the valid names.
     """
+    if family in FLOW_FAMILIES and isinstance(sampler, str) and sampler.strip():
+        return _resolve_flow(sampler, schedule, family)
     if not isinstance(sampler, str) or not sampler.strip():
         raise ValueError(
             f"sampler must be a sampler name, got {sampler!r}; valid samplers: {_valid_samplers()}"
@@ -262,25 +325,29 @@ def _scheduler_class(sampler: Sampler) -> type:
     return getattr(diffusers, sampler.scheduler_class)
 
 
-def build_scheduler(config: Any, sampler: str, schedule: str | None = "Automatic") -> Any:
+def build_scheduler(
+    config: Any, sampler: str, schedule: str | None = "Automatic", family: str | None = None
+) -> Any:
     """A new diffusers scheduler for an A1111 sampler, built from a model's scheduler config.
 
     Args:
         config: the model's scheduler config (`pipeline.scheduler.config`) or the scheduler itself.
         sampler: an A1111 sampler name or alias, or a legacy combined name ("DPM++ 2M Karras").
         schedule: an A1111 schedule type; "Automatic" (or None) as A1111 means it.
+        family: the model's family (FLUX.1 takes the flow-matching samplers only).
 
     Raises:
         ValueError: for an unknown name, or a schedule this diffusers scheduler cannot follow.
         NbkitError: when the sampler needs a package that is not installed (DPM++ SDE: torchsde).
     """
-    found, chosen = resolve(sampler, schedule)
+    found, chosen = resolve(sampler, schedule, family)
     cls = _scheduler_class(found)
     config = getattr(config, "config", config)
     accepted = inspect.signature(cls.__init__).parameters
     missing = [key for key in chosen.config if key not in accepted]
     if missing:
-        usable = [label for label, other in SCHEDULES.items() if all(key in accepted for key in other.config)]
+        table = FLOW_SCHEDULES if family in FLOW_FAMILIES else SCHEDULES
+        usable = [label for label, other in table.items() if all(key in accepted for key in other.config)]
         raise ValueError(
             f"schedule type {chosen.label!r} is not available for sampler {found.name!r} "
             f"(diffusers' {cls.__name__} has no {missing[0]}); valid schedule types for it: {', '.join(usable)}"

@@ -69,6 +69,7 @@ class _Request(BaseModel):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5  # Forge's field: FLUX.1-dev's distilled guidance
     width: int = 512
     height: int = 512
     restore_faces: bool | None = None
@@ -247,6 +248,7 @@ def to_generation_request(body: _Request, limits: Limits) -> GenerationRequest:
         n_iter=body.n_iter,
         steps=body.steps,
         cfg_scale=body.cfg_scale,
+        distilled_cfg_scale=body.distilled_cfg_scale,
         width=body.width,
         height=body.height,
         sampler_name=sampler,

@@ -3,7 +3,9 @@
 Checkpoints come from: the session's exported models (`session.json`'s `models`), the registry's base
 models, and single files in `<storage root>/models/`. A checkpoint's A1111 title is
 `<file name> [<short hash>]`; POST `/sdapi/v1/options` and the model dropdown accept a title, a
-model name or a hash. LoRAs come from the session's LoRA exports and `<storage root>/loras/`.
+model name or a hash. Diffusers folders (a `model_index.json` inside: FLUX.1 ships as one) in
+`<storage root>/models/` are offered too, titled by the folder's name, with the family their configs
+name. LoRAs come from the session's LoRA exports and `<storage root>/loras/`.
 
 The files of the models and loras folders are hashed once: their sha256 is kept in a small
 `.nbkit-hashes.json` beside them, keyed by name, size and modification time, so a refresh re-hashes
@@ -148,6 +150,12 @@ class ModelCatalog:
                         _title(path.name, sha256), path.stem, str(path), str(path), "file", None, sha256
                     )
                 )
+            for folder in _pipeline_folders(self.storage_root / "models"):
+                checkpoints.append(
+                    ModelEntry(
+                        folder.name, folder.name, str(folder), str(folder), "file", folder_family(folder)
+                    )
+                )
             lora_files = _files(self.storage_root / "loras", (".safetensors",))
             loras += [
                 LoraEntry(path.stem, path, sha256)
@@ -235,6 +243,26 @@ def file_hashes(paths: list[Path]) -> list[str | None]:
         with contextlib.suppress(OSError):  # a read-only folder: hashed again next time
             atomic_write_json(folder / HASH_CACHE, caches[folder])
     return result
+
+
+def _pipeline_folders(folder: Path) -> list[Path]:
+    """The diffusers pipeline folders in `folder` (those with a `model_index.json`)."""
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if (path / "model_index.json").is_file())
+
+
+def folder_family(source: str | os.PathLike) -> str | None:
+    """The family a diffusers folder's configs name, or None (a file, a hub id, an unreadable folder)."""
+    from nbkit.models.registry import detect_family_from_config
+
+    folder = Path(source).expanduser()
+    if not (folder / "model_index.json").is_file():
+        return None
+    try:
+        return detect_family_from_config(folder).family
+    except NbkitError:
+        return None
 
 
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -11,6 +11,12 @@ ControlNet is passed in as one more component. LoRAs named in the prompt are loa
 modules for the request and unloaded after it. Inpainting follows A1111: the mask is blurred by
 `mask_blur`, "masked content" prepares the masked area, and the result is pasted over the original
 through the blurred mask, so the unmasked area keeps its pixels exactly.
+
+FLUX.1 checkpoints (diffusers folders, registry models, session exports) run on the same paths with
+their own rules (`nbkit.generate`): the flow-matching samplers, Forge's `distilled_cfg_scale`, sizes in
+steps of 16, Flux LoRAs on the transformer; ControlNet is refused for them. Before a FLUX.1 model loads
+on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot run it (a T4) and picks how to
+place it (bf16 on the GPU, or CPU offload).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from PIL import Image, ImageFilter, ImageOps
 from nbkit.errors import NbkitError
 from nbkit.webui import controlnet as cn
 from nbkit.webui.lora import applied_loras, lora_hash, lora_hashes_text, parse_loras
-from nbkit.webui.models import ModelCatalog, ModelEntry
+from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
 from nbkit.webui.outputs import OutputStore
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
@@ -40,6 +46,25 @@ PREVIEW_COEFFICIENTS = {
         (-0.1953, -0.0290, 0.0250),
         (0.1074, 0.0886, -0.0163),
         (-0.3730, -0.2499, -0.2088),
+    ),
+    # FLUX.1's 16 latent channels (ComfyUI's and Forge's latent_rgb_factors for Flux).
+    "flux": (
+        (-0.0346, 0.0244, 0.0681),
+        (0.0034, 0.0210, 0.0687),
+        (0.0275, -0.0668, -0.0433),
+        (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329),
+        (0.0004, 0.0383, 0.0115),
+        (0.0405, 0.0861, 0.0915),
+        (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180),
+        (0.1008, 0.0755, -0.0421),
+        (-0.0515, 0.0201, 0.0011),
+        (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749),
+        (-0.1264, -0.0522, -0.1103),
+        (-0.0280, -0.0881, -0.0499),
+        (-0.1262, -0.0982, -0.0778),
     ),
 }
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
@@ -83,7 +108,8 @@ class GenerationRequest:
         batch_size: images per pipeline call.
         n_iter: batches (A1111's batch count).
         steps: sampling steps.
-        cfg_scale: classifier-free guidance.
+        cfg_scale: classifier-free guidance (FLUX.1: true CFG, only above 1 with a negative prompt).
+        distilled_cfg_scale: FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale").
         width: image width (multiple of 8).
         height: image height (multiple of 8).
         sampler_name: an A1111 sampler ("Euler a", "DPM++ 2M Karras", ...).
@@ -112,6 +138,7 @@ class GenerationRequest:
     n_iter: int = 1
     steps: int = 20
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5
     width: int = 512
     height: int = 512
     sampler_name: str = "Euler a"
@@ -206,11 +233,17 @@ class Progress:
 
 
 def latent_preview(latents: Any, sdxl: bool = False) -> Image.Image:
-    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size)."""
+    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size).
+
+    16-channel latents (FLUX.1's, unpacked) use Flux's coefficients.
+    """
     import torch
 
-    coefficients = torch.tensor(PREVIEW_COEFFICIENTS["sdxl" if sdxl else "sd"], dtype=torch.float32)
-    rgb = torch.einsum("lxy,lr->rxy", latents[0].detach().float().cpu()[:4], coefficients)
+    channels = latents.shape[1]
+    table = "flux" if channels == 16 else "sdxl" if sdxl else "sd"
+    coefficients = torch.tensor(PREVIEW_COEFFICIENTS[table], dtype=torch.float32)
+    rows = coefficients.shape[0]
+    rgb = torch.einsum("lxy,lr->rxy", latents[0].detach().float().cpu()[:rows], coefficients)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(pixels)
 
@@ -345,6 +378,7 @@ class GenerationService:
         self._controlnet: tuple[str, Any] | None = None
         self._depth: cn.DepthEstimator | None = None
         self._lora_hashes: dict[tuple, str] = {}
+        self._memory_option: Any = None  # FLUX.1's memory plan on a GPU (nbkit.models.memory)
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -361,24 +395,59 @@ class GenerationService:
             entry = self.catalog.add(key)
         if self.current == entry and self.pipeline is not None:
             return entry
+        from nbkit.generate import pipeline_family, plan_generation_memory
+
+        family = entry.family or folder_family(entry.source)
+        # A GPU that cannot run it (a T4 for FLUX.1) is refused before the old model is dropped.
+        option = plan_generation_memory(family, self.device)
         self._set_progress(job="load model", textinfo=f"Loading {entry.title}")
         self.unload()
         from nbkit.models.loading import load_pipeline
 
         try:
-            pipeline = load_pipeline(entry.source, family=entry.family, torch_dtype=self.dtype)
+            pipeline = load_pipeline(entry.source, family=entry.family, torch_dtype=self._dtype_for(family))
+            loaded = pipeline_family(pipeline)
+            if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
+                if self.dtype != self._dtype_for(loaded):
+                    pipeline = pipeline.to(dtype=self._dtype_for(loaded))
+                option = plan_generation_memory(loaded, self.device)
             pipeline.set_progress_bar_config(disable=True)
-            self.pipeline = self._place(pipeline)
+            self.pipeline = self._place(pipeline, option)
             self.current = entry
         finally:
             self._set_progress(job="", textinfo="")
         return entry
 
+    def _dtype_for(self, family: str | None) -> Any:
+        """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
+        import torch
+
+        from nbkit.generate import is_flow_family
+
+        return torch.bfloat16 if is_flow_family(family) and self.device.type == "cuda" else self.dtype
+
+    @property
+    def family(self) -> str | None:
+        """The loaded checkpoint's family as far as generation cares: `flux`, else None (an SD family)."""
+        from nbkit.generate import pipeline_family
+
+        return pipeline_family(self.pipeline) if self.pipeline is not None else None
+
     @property
     def _offload(self) -> bool:
-        return self.device.type == "cuda" and self.low_vram
+        option = self._memory_option
+        planned = option is not None and (option.offload or option.quantization is not None)
+        return self.device.type == "cuda" and (self.low_vram or planned)
 
-    def _place(self, pipeline: Any) -> Any:
+    def _place(self, pipeline: Any, option: Any = None) -> Any:
+        """Move a loaded pipeline where it runs; `option` is FLUX.1's memory plan (None otherwise)."""
+        self._memory_option = option
+        if option is not None:
+            from nbkit.generate import apply_memory_option
+
+            if option.offload or option.quantization:
+                self.notes.append(f"FLUX.1 runs as {option.name}: {option.description}")
+            return apply_memory_option(pipeline, option, self.device)
         if self.device.type == "cuda" and self.attention == "xformers":
             try:
                 pipeline.enable_xformers_memory_efficient_attention()
@@ -393,7 +462,7 @@ class GenerationService:
 
     def unload(self) -> None:
         """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
-        self.pipeline = self.current = None
+        self.pipeline = self.current = self._memory_option = None
         self._vae = self._controlnet = None
         self._depth = None
         gc.collect()
@@ -480,7 +549,11 @@ class GenerationService:
         pipeline.set_progress_bar_config(disable=True)
         if self._offload:
             # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.
-            pipeline.enable_model_cpu_offload(device=self.device)
+            option = self._memory_option
+            if option is not None and option.quantization is not None:
+                pipeline.enable_sequential_cpu_offload(device=self.device)
+            else:
+                pipeline.enable_model_cpu_offload(device=self.device)
         return pipeline
 
     def _lora_hash(self, path: Path) -> str | None:
@@ -531,6 +604,13 @@ class GenerationService:
         started = time.time()
         check_request(request)
         entry = self.ensure_model()
+        family = self.family
+        if family is not None and request.controlnet is not None:
+            raise NbkitError(
+                f"ControlNet is not available for {entry.title}: nbkit offers ControlNet for the SD "
+                "families only, not FLUX.1",
+                fix="turn the ControlNet unit off, or pick an SD 1.5, SD 2.x or SDXL checkpoint",
+            )
         self._interrupt.clear()
         self._skip.clear()
         count = request.batch_size * request.n_iter
@@ -618,7 +698,12 @@ class GenerationService:
             infotext_prompts=[request.prompt] * count,
             inputs=inputs,
             hires=hires,
+            distilled_guidance=request.distilled_cfg_scale,
+            family=family,
         )
+        from nbkit.generate import check_inputs
+
+        check_inputs(settings)  # before the LoRAs load: an SD sampler on FLUX.1 is refused up front
         task = self._derive(request.mode, vae=vae, controlnet=controlnet)
         hires_pipeline = self._derive("img2img", vae=vae) if hires is not None else None
         self._passes = 2 if hires is not None else 1

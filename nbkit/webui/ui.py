@@ -182,6 +182,10 @@ class _Panel:
                             1, min(8, limits.max_images), value=1, step=1, label="Batch size"
                         )
                 f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale")
+                # Forge's slider: FLUX.1-dev's distilled guidance (SD models ignore it).
+                f["distilled_cfg_scale"] = gr.Slider(
+                    0, 30, value=3.5, step=0.1, label="Distilled CFG Scale (FLUX.1)"
+                )
                 if mode in ("img2img", "inpaint"):
                     f["denoising_strength"] = gr.Slider(
                         0, 1, value=0.75, step=0.01, label="Denoising strength"
@@ -256,6 +260,7 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         n_iter=int(values["n_iter"]),
         steps=int(values["steps"]),
         cfg_scale=float(values["cfg_scale"]),
+        distilled_cfg_scale=float(values.get("distilled_cfg_scale", 3.5)),
         width=width,
         height=height,
         sampler_name=values["sampler_name"] or "Euler a",
