@@ -137,11 +137,17 @@ class ModelCatalog:
                     )
                 elif "kohya" in record.files:
                     relative = record.files["kohya"]
+                    # Named as A1111 names it (the kohya file's stem); the diffusers file is the one
+                    # diffusers reads exactly, whatever the model's width.
+                    loaded = record.files.get("diffusers", relative)
                     loras.append(
                         LoraEntry(
-                            Path(relative).stem, self.session.path / relative, record.sha256.get(relative)
+                            Path(relative).stem, self.session.path / loaded, record.sha256.get(relative)
                         )
                     )
+                    # The model the LoRA was trained on comes first, so the UI opens on it.
+                    if all(entry.source != record.base_model for entry in checkpoints):
+                        checkpoints.append(_base_entry(record.base_model, record.family))
         if self.storage_root is not None:
             models = _files(self.storage_root / "models", CHECKPOINT_SUFFIXES)
             for path, sha256 in zip(models, file_hashes(models), strict=True):
@@ -163,9 +169,12 @@ class ModelCatalog:
             ]
         if self.include_base_models:
             for spec in MODELS.values():
-                checkpoints.append(
-                    ModelEntry(spec.key, spec.key, spec.repo_id or spec.key, spec.key, "base", spec.family)
-                )
+                if all(entry.source != spec.key for entry in checkpoints):
+                    checkpoints.append(
+                        ModelEntry(
+                            spec.key, spec.key, spec.repo_id or spec.key, spec.key, "base", spec.family
+                        )
+                    )
         self.checkpoints = checkpoints + [entry for entry in self._extra if entry not in checkpoints]
         self.loras = loras
 
@@ -205,6 +214,14 @@ class ModelCatalog:
                 return entry
         known = ", ".join(entry.name for entry in self.loras) or "none"
         raise NbkitError(f"no LoRA is called {name!r}", fix=f"the LoRAs are: {known}")
+
+
+def _base_entry(source: str, family: str) -> ModelEntry:
+    """The base model a session's LoRA is applied on, as a checkpoint of the session."""
+    spec = MODELS.get(source)
+    filename = spec.repo_id or spec.key if spec is not None else source
+    name = spec.key if spec is not None else Path(source.rstrip("/")).name or source
+    return ModelEntry(name, name, filename, source, "session", family)
 
 
 def file_hashes(paths: list[Path]) -> list[str | None]:
