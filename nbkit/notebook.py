@@ -103,7 +103,7 @@ def base_model(model: str, family: str = ""):
     """
     from nbkit.manifest import BaseModelRef
     from nbkit.models.base_model import base_model_ref
-    from nbkit.models.registry import get_family
+    from nbkit.models.registry import find_model, get_family
 
     if not model:
         return None
@@ -111,6 +111,12 @@ def base_model(model: str, family: str = ""):
         BaseModelRef(model, family, get_family(family).prediction_type) if family else base_model_ref(model)
     )
     print(f"Base model {base.source} ({base.family}, {base.prediction_type})")
+    spec = find_model(base.source)
+    if spec is not None and spec.gated:
+        print(f"{spec.repo_id} is gated: accept its licence at https://huggingface.co/{spec.repo_id}, then add your "
+              "token as the Colab secret HF_TOKEN")  # fmt: skip
+    if base.family == "flux":
+        print("FLUX.1 trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0")
     return base
 
 

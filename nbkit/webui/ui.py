@@ -23,7 +23,7 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.infotext import parse_infotext, read_infotext
-from nbkit.samplers import SAMPLERS, SCHEDULES
+from nbkit.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, SAMPLERS, SCHEDULES
 from nbkit.webui.controlnet import CONTROLNETS
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.security import LimitError, Limits, check_request_caps
@@ -579,24 +579,36 @@ def build_ui(
                 unload.click(do_unload, outputs=settings)
                 blocks.load(describe, outputs=settings)
 
-        def switch(title: str) -> str:
+        samplers = [panel.fields["sampler_name"] for panel in panels.values()]
+
+        def fitting_samplers(family: str | None) -> list[Any]:
+            # A flow model (FLUX.1) takes only the flow samplers: move the dropdowns off "Euler a".
+            if family not in FLOW_FAMILIES:
+                return [gr.Dropdown(choices=list(SAMPLERS))] * len(samplers)
+            return [gr.Dropdown(choices=list(FLOW_SAMPLERS), value=next(iter(FLOW_SAMPLERS)))] * len(samplers)
+
+        def switch(title: str) -> list[Any]:
             if not title or (service.current is not None and service.current.title == title):
-                return gr.skip()
+                return [gr.skip()] * (1 + len(samplers))
             try:
                 entry = queue.run(lambda: service.select_model(title))
             except QueueFull as error:
                 gr.Warning(f"Busy: {error}")
-                return gr.skip()
+                return [gr.skip()] * (1 + len(samplers))
             except Exception as error:
                 raise gr.Error(_describe(error)) from None
             gr.Info(f"Loaded {entry.title}")
-            return f"Loaded **{html.escape(entry.title)}**"
+            return [f"Loaded **{html.escape(entry.title)}**", *fitting_samplers(service.family)]
+
+        def on_load() -> list[Any]:
+            return fitting_samplers(service.family if service.current is not None else None)
 
         def do_refresh() -> Any:
             catalog.refresh()
             return gr.Dropdown(choices=titles(), value=current())
 
-        model.input(switch, inputs=model, outputs=status)
+        model.input(switch, inputs=model, outputs=[status, *samplers])
+        blocks.load(on_load, outputs=samplers)
         refresh.click(do_refresh, outputs=model)
     # gradio embeds the API description (labels, defaults, checkpoint titles) in every page, the login
     # page included; the UI is for people and /sdapi/v1 is the API, so gradio's own is kept private.
