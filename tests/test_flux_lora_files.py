@@ -195,3 +195,27 @@ def test_bad_loras_are_refused(tmp_path):
     with pytest.raises(NbkitError, match="safetensors"):
         save_comfy_lora(patterned, tmp_path / "out.ckpt")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_merges_a_lora_into_the_bfl_transformer_file(tiny_model_dir, tmp_path, capsys):
+    from diffusers import FluxPipeline
+
+    from nbkit.cli import main
+    from nbkit.convert.flux import load_flux_transformer
+
+    flux_dir = tiny_model_dir("flux")
+    lora_file = save_diffusers_lora(lora_transformer(flux_dir, LOADABLE), tmp_path / "lora")
+    with_lora = FluxPipeline.from_pretrained(flux_dir)
+    with_lora.load_lora_weights(str(lora_file))
+    expected = transformer_output(with_lora)
+    out = tmp_path / "merged.safetensors"
+    assert main(["convert", str(flux_dir), str(out), "--dtype", "fp32", "--lora", str(lora_file)]) == 0
+    merged = FluxPipeline.from_pretrained(flux_dir, transformer=load_flux_transformer(out, flux_dir))
+    assert not any("lora" in name for name, _ in merged.transformer.named_parameters())
+    assert torch.allclose(transformer_output(merged), expected, atol=1e-5)
+    assert not torch.allclose(transformer_output(FluxPipeline.from_pretrained(flux_dir)), expected, atol=1e-3)
+    with safe_open(out, "pt") as file:
+        assert file.metadata()["nbkit.merged_lora"] == "pytorch_lora_weights.safetensors:1"
+    sd_folder = str(tiny_model_dir("sd1"))
+    assert main(["convert", sd_folder, str(tmp_path / "x.safetensors"), "--lora", str(lora_file)]) == 2
+    assert "--lora merges a LoRA into a FLUX.1 transformer only" in capsys.readouterr().err

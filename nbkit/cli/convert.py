@@ -4,7 +4,8 @@
 - SRC a checkpoint, OUT a `.safetensors`/`.ckpt` name: re-encoded (pickle -> safetensors, fp32 -> fp16).
 - SRC a checkpoint, OUT any other name: a diffusers folder.
 - SRC a FLUX.1 diffusers folder (or its transformer folder), OUT a `.safetensors` name: the
-  transformer in the original Black Forest Labs layout that ComfyUI and Forge load (default bf16).
+  transformer in the original Black Forest Labs layout that ComfyUI and Forge load (default bf16);
+  with `--lora FILE` (a pipeline folder only), that LoRA merged into it first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from nbkit.errors import NbkitError
 
-FAMILY_CHOICES = ("sd1", "sd2", "sd2-v", "sdxl")
+FAMILY_CHOICES = ("sd1", "sd2", "sd2-v", "sdxl")  # single files: FLUX.1 ones need their pipeline folder
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "512 px epsilon (sd2) or 768 px v-prediction (sd2-v)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip reading the output back to check it")
+    parser.add_argument(
+        "--lora", type=Path, default=None, help="FLUX.1 only: a LoRA file to merge into the transformer"
+    )
+    parser.add_argument(
+        "--lora-weight", type=float, default=1.0, help="the merged LoRA's strength (default: 1)"
+    )
     parser.set_defaults(func=command)
 
 
@@ -76,7 +83,19 @@ def _flux_to_file(args: argparse.Namespace) -> int:
             fix="name the output .safetensors and drop --format ckpt",
         )
     dtype = args.dtype or "bf16"  # FLUX.1's own precision; fp16 overflows in its activations
-    out = save_flux_transformer(args.src, args.out, dtype=dtype)
+    source, metadata = args.src, {}
+    if args.lora is not None:
+        from nbkit.convert.flux_lora import merge_flux_lora
+
+        if not (Path(args.src) / "model_index.json").is_file():
+            raise NbkitError(
+                "merging a LoRA needs the whole FLUX.1 pipeline folder",
+                path=args.src,
+                fix="give the pipeline folder",
+            )
+        source = merge_flux_lora(args.src, args.lora, weight=args.lora_weight)
+        metadata = {"nbkit.merged_lora": f"{args.lora.name}:{args.lora_weight:g}"}
+    out = save_flux_transformer(source, args.out, dtype=dtype, metadata=metadata)
     size = out.stat().st_size / 2**20
     print(f"Converted {args.src}\n       -> {out} (FLUX.1 transformer, BFL layout, {dtype}, {size:.1f} MiB)")
     return 0
@@ -99,6 +118,12 @@ def command(args: argparse.Namespace) -> int:
 
     if src.is_dir() and is_flux_folder(src):
         return _flux_to_file(args)
+    if args.lora is not None:
+        raise NbkitError(
+            "--lora merges a LoRA into a FLUX.1 transformer only",
+            path=src,
+            fix="give a FLUX.1 pipeline folder",
+        )
     from nbkit.convert import convert_to_single_file
 
     report = convert_to_single_file(

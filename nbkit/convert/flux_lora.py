@@ -15,6 +15,7 @@ as kohya's sd-scripts write them and diffusers' `load_lora_weights` also reads.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -224,3 +225,45 @@ def save_comfy_lora(
     # In memory: LoRA files are small, and the modelspec hash goes into the header before the data.
     atomic_write_bytes(out, with_modelspec_hash(save(state, metadata=header)))
     return out
+
+
+def merge_flux_lora(base_folder: str | os.PathLike, lora_file: str | os.PathLike, *, weight: float = 1.0):
+    """The FLUX.1 transformer of `base_folder` with the LoRA in `lora_file` merged into its weights.
+
+    diffusers reads the LoRA (its own format or the kohya/ComfyUI one) and fuses it, so the merged
+    transformer computes what the base model with the LoRA applied at `weight` computes, without peft.
+
+    Args:
+        base_folder: the FLUX.1 diffusers pipeline folder the LoRA was trained on.
+        lora_file: the LoRA `.safetensors`.
+        weight: the LoRA's strength, as `<lora:name:weight>`.
+
+    Returns:
+        A `FluxTransformer2DModel` on the CPU, in the dtype the base folder stores.
+    """
+    from diffusers import FluxPipeline
+
+    lora_file = Path(lora_file)
+    if not lora_file.is_file():
+        raise NbkitError("no such LoRA file", path=lora_file, fix="give the LoRA's .safetensors file")
+    # Only the transformer is needed: the text encoders and the VAE are not loaded.
+    pipeline = FluxPipeline.from_pretrained(
+        base_folder,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        vae=None,
+        local_files_only=True,
+    )
+    try:
+        pipeline.load_lora_weights(str(lora_file), adapter_name="merged")
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise NbkitError(
+            f"diffusers could not apply this LoRA to the model: {str(error).splitlines()[0]}",
+            path=lora_file,
+            fix="give a FLUX.1 LoRA trained on this base model",
+        ) from error
+    pipeline.fuse_lora(lora_scale=weight, components=["transformer"])
+    pipeline.unload_lora_weights()
+    return pipeline.transformer
