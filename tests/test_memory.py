@@ -72,10 +72,10 @@ def test_a_quantized_way_is_picked_only_when_a_library_does_its_bits():
     card = DeviceFacts("NVIDIA RTX A4000", 15.7, True)
     assert plan_memory(dev, "generate", card, quantizers=("bitsandbytes",)).name == "4bit-offload"
     assert plan_memory(dev, "generate", card, quantizers=("torchao", "bitsandbytes")).name == "4bit-offload"
-    with pytest.raises(NbkitError, match="4bit-offload way.*need bitsandbytes"):
+    with pytest.raises(NbkitError, match=r"4bit-offload way.*need bitsandbytes"):
         plan_memory(dev, "generate", card, quantizers=("torchao",))
     # 8-bit: either library.
     a10g = DeviceFacts("NVIDIA A10G", 30.0, True)
     assert plan_memory(dev, "train", a10g, quantizers=("torchao",)).name == "8bit"
-    with pytest.raises(NbkitError, match="8bit way.*bitsandbytes or torchao"):
+    with pytest.raises(NbkitError, match=r"8bit way.*bitsandbytes or torchao"):
         plan_memory(dev, "train", a10g, quantizers=("quanto",))
