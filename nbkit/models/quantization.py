@@ -149,3 +149,26 @@ def describe(quantization: str, backend: str) -> str:
 def _check_quantization(quantization: str) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+
+
+def describe_loaded(pipeline: Any) -> str | None:
+    """Which of `pipeline`'s components hold quantized weights, and how (`transformer, text_encoder_2:
+    8-bit weights (torchao int8 weight-only)`), or None when none does."""
+    found: dict[str, list[str]] = {}
+    for name, module in getattr(pipeline, "components", {}).items():
+        quantizer = getattr(module, "hf_quantizer", None)
+        if quantizer is None:
+            continue
+        config = quantizer.quantization_config
+        method = str(getattr(config.quant_method, "value", config.quant_method))
+        if method == "bitsandbytes":
+            what = describe("4bit" if getattr(config, "load_in_4bit", False) else "8bit", "bitsandbytes")
+        elif method == "torchao":
+            kind = type(config.quant_type).__name__
+            what = (
+                describe("8bit", "torchao") if kind == "Int8WeightOnlyConfig" else f"torchao {kind} weights"
+            )
+        else:
+            what = f"{method} weights"
+        found.setdefault(what, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {what}" for what, names in found.items()) or None
