@@ -190,3 +190,80 @@ def test_webui_on_a_24gb_gpu_with_torchao_runs_8bit_offload(torchao, quant_root,
         GenerationRequest(**common, mode="img2img", init_image=init, denoising_strength=0.6)
     )
     assert txt.images[0].size == img.images[0].size == (64, 64)
+
+
+# --- training a LoRA on the 8-bit transformer (torchao, CPU) --------------------------------------
+
+
+def test_quantize_base_is_checked_before_loading(monkeypatch):
+    from nbkit.manifest import BaseModelRef
+    from nbkit.models import memory
+    from nbkit.train.inputs import check_family_config, check_memory
+    from nbkit.train_config import TrainConfig
+
+    flux = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
+    assert check_memory(flux, TrainConfig()) is None  # auto on the CPU: as saved
+    monkeypatch.setattr(memory, "device_facts", lambda index=0: L4)
+    monkeypatch.setattr(memory, "quantizers_installed", lambda *args: ("bitsandbytes",))
+    monkeypatch.setattr(quant, "available_backends", lambda **_: ("bitsandbytes",))
+    assert check_memory(flux, TrainConfig()) == "4bit"
+    with pytest.raises(NbkitError, match=r"needs the 4bit way .*quantize_base is 'none'"):
+        check_memory(flux, TrainConfig(quantize_base="none"))
+    with pytest.raises(NbkitError, match=r"needs the 4bit way .*quantize_base is '8bit'"):
+        check_memory(flux, TrainConfig(quantize_base="8bit"))
+    monkeypatch.setattr(quant, "available_backends", lambda **_: ())  # no CUDA for bitsandbytes after all
+    with pytest.raises(NbkitError, match=r"NVIDIA L4 has 22 GiB: .*4bit way.*4bit weights need bitsandbytes"):
+        check_memory(flux, TrainConfig())
+    with pytest.raises(NbkitError, match=r"8-bit/4-bit base weights are for FLUX\.1 only"):
+        check_family_config("sdxl", TrainConfig(quantize_base="8bit"))
+
+
+def test_lora_trains_on_the_8bit_transformer_and_resumes_bit_exact(
+    torchao, tiny_model_dir, tmp_path, monkeypatch
+):
+    from test_flux_train import FLUX, _pipeline, flow_loss
+    from test_train_support import PROMPT, assert_same_tensors, load_tensors, make_session
+
+    from nbkit.train import components as train_components
+    from nbkit.train import trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
+    loads = []
+    original = train_components.load_components
+
+    def spy(*args, **kwargs):
+        components = original(*args, **kwargs)
+        loads.append(type(components.unet.transformer_blocks[0].attn.to_q.weight).__name__)
+        return components
+
+    monkeypatch.setattr(trainer, "load_components", spy)
+    settings = {**FLUX, "quantize_base": "8bit", "unet_steps": 4, "checkpoint_every": 2, "random_flip": True}
+    try:
+        for name in ("reference", "stopped"):
+            make_session(name, tiny_model_dir("flux"), "flux", **settings)
+        reference = trainer.train("reference")
+        first = trainer.train("stopped", max_steps_this_run=1)
+        second = trainer.train("stopped", resume=True)
+        make_session(
+            "learn", tiny_model_dir("flux"), "flux", **{**settings, "unet_steps": 40, "unet_lr": 5e-3}
+        )
+        learned = trainer.train("learn")
+    finally:
+        torch.set_num_threads(threads)
+    assert loads == ["Int8Tensor"] * 4  # every run trained on the int8 transformer
+    assert second.finished and first.losses + second.losses == reference.losses
+    final = [
+        load_tensors(r.session / "checkpoints" / "unet-000004" / "transformer.safetensors")
+        for r in (second, reference)
+    ]
+    assert_same_tensors(*final)
+    # The exported LoRA is an ordinary one: it loads on the unquantized base and lowers the loss.
+    diffusers_file = learned.lora_files["diffusers"]
+    plain = load_tensors(reference.lora_files["diffusers"])
+    assert all(tensor.dtype == torch.float32 for tensor in plain.values())
+    base = _pipeline(tiny_model_dir("flux"))
+    before = flow_loss(base, PROMPT)
+    base.load_lora_weights(diffusers_file.parent, weight_name=diffusers_file.name)
+    assert flow_loss(base, PROMPT) < before * 0.9
