@@ -729,14 +729,18 @@ def _session_file(session: Session, record: ExportedModel, role: str) -> Path | 
     return session.path / relative if relative else None
 
 
-def _load_record(session: Session, record: ExportedModel, device: Any, dtype: Any) -> Any:
+def _load_record(
+    session: Session, record: ExportedModel, device: Any, dtype: Any, quantization: str | None = None
+) -> Any:
     from nbkit.models.loading import load_pipeline
 
     if record.kind == "full":
         for role in ("folder", "single_file"):
             path = _session_file(session, record, role)
             if path is not None and path.exists():
-                return load_pipeline(path, family=record.family, torch_dtype=dtype, device=device)
+                return load_pipeline(
+                    path, family=record.family, torch_dtype=dtype, device=device, quantization=quantization
+                )
         raise NbkitError(
             f"model {record.name!r} lists {', '.join(record.files.values()) or 'no files'}, "
             "but none of them exists",
@@ -753,7 +757,13 @@ def _load_record(session: Session, record: ExportedModel, device: Any, dtype: An
                 path=session.path / "models",
                 fix="export the LoRA again, or restore the missing files from Drive's trash",
             )
-        pipeline = load_pipeline(record.base_model, family=record.family, torch_dtype=dtype, device=device)
+        pipeline = load_pipeline(
+            record.base_model,
+            family=record.family,
+            torch_dtype=dtype,
+            device=device,
+            quantization=quantization,
+        )
         pipeline.load_lora_weights(str(found[0]))
         return pipeline
     raise NbkitError(f"model {record.name!r} has unknown kind {record.kind!r}", path=session.path)
@@ -790,15 +800,13 @@ def plan_generation_memory(family: str | None, device: Any) -> Any:
 def apply_memory_option(pipeline: Any, option: Any, device: Any) -> Any:
     """Place `pipeline` on `device` as `option` (from `plan_generation_memory`) says.
 
-    Offload: diffusers' model CPU offload. A quantized option is run with sequential CPU offload
-    instead (weights stream to the GPU layer by layer: slower, but it fits where the quantized weights
-    would), since nbkit loads the weights unquantized.
+    Offload (every quantized option offloads): diffusers' model CPU offload, each component moved to
+    the GPU while it runs. A quantized option's pipeline must have been loaded with its weights
+    quantized (`load_pipeline(..., quantization=option.quantization)`).
     """
     if option is None:
         return pipeline.to(device)
-    if option.quantization is not None:
-        pipeline.enable_sequential_cpu_offload(device=device)
-    elif option.offload:
+    if option.offload or option.quantization is not None:
         pipeline.enable_model_cpu_offload(device=device)
     else:
         pipeline.to(device)
@@ -865,7 +873,8 @@ def load_session_pipeline(
         if _SLOT.pipeline is not None:
             _release()
         # With a memory option the pipeline stays on the CPU until the option places it.
-        pipeline = _load_record(session, record, None if option is not None else device, dtype)
+        quantization = option.quantization if option is not None else None
+        pipeline = _load_record(session, record, None if option is not None else device, dtype, quantization)
         if option is not None:
             pipeline = apply_memory_option(pipeline, option, device)
         _SLOT.key, _SLOT.pipeline, _SLOT.model = key, pipeline, record

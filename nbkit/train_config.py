@@ -14,6 +14,7 @@ from nbkit.config import StrictConfig
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 FluxTimestepSampling = Literal["logit_normal", "none"]
+QuantizeBase = Literal["auto", "none", "8bit", "4bit"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]
 
 
@@ -47,7 +48,10 @@ class TrainConfig(StrictConfig):
     guidance the transformer is conditioned on while training (FLUX.1-dev; ignored by schnell, which
     has none), `flux_max_sequence_length` the T5 prompt length, `flux_timestep_sampling` the density
     training timesteps are drawn from (`logit_normal` or `none`: uniform), as in diffusers' Flux
-    DreamBooth LoRA example.
+    DreamBooth LoRA example. `quantize_base` loads FLUX.1's frozen transformer with 8-bit or 4-bit
+    weights and trains the LoRA on top (QLoRA): `auto` does what the GPU memory check picks
+    (`nbkit.models.memory`; never on the CPU), `none` never, `8bit`/`4bit` always (bitsandbytes on CUDA,
+    else torchao for 8-bit).
     """
 
     resolution: int = 512
@@ -80,3 +84,4 @@ class TrainConfig(StrictConfig):
     flux_guidance: float = 1.0
     flux_max_sequence_length: int = 512
     flux_timestep_sampling: FluxTimestepSampling = "logit_normal"
+    quantize_base: QuantizeBase = "auto"

@@ -58,3 +58,24 @@ def test_sd_families_and_cpus_are_not_checked():
 
 def test_installed_quantizers_are_looked_up():
     assert quantizers_installed(lambda name: object() if name == "torchao" else None) == ("torchao",)
+
+
+def test_a_quantized_way_is_picked_only_when_a_library_does_its_bits():
+    dev = get_model("flux1-dev")
+    # torchao does 8-bit only: an L4 trains FLUX.1 in 4 bits, which needs bitsandbytes.
+    with pytest.raises(NbkitError) as error:
+        plan_memory(dev, "train", L4, quantizers=("torchao",))
+    message = str(error.value)
+    assert "NVIDIA L4" in message and "4bit way" in message and "need bitsandbytes" in message
+    assert "installed: torchao" in message and "pip install bitsandbytes" in message
+    # A 16 GB card generates in 4 bits with bitsandbytes; torchao alone leaves it without a way.
+    card = DeviceFacts("NVIDIA RTX A4000", 15.7, True)
+    assert plan_memory(dev, "generate", card, quantizers=("bitsandbytes",)).name == "4bit-offload"
+    assert plan_memory(dev, "generate", card, quantizers=("torchao", "bitsandbytes")).name == "4bit-offload"
+    with pytest.raises(NbkitError, match=r"4bit-offload way.*need bitsandbytes"):
+        plan_memory(dev, "generate", card, quantizers=("torchao",))
+    # 8-bit: either library.
+    a10g = DeviceFacts("NVIDIA A10G", 30.0, True)
+    assert plan_memory(dev, "train", a10g, quantizers=("torchao",)).name == "8bit"
+    with pytest.raises(NbkitError, match=r"8bit way.*bitsandbytes or torchao"):
+        plan_memory(dev, "train", a10g, quantizers=("quanto",))

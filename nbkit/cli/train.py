@@ -42,6 +42,7 @@ FIELDS = {
     "flux_guidance": "flux_guidance",
     "flux_max_sequence_length": "flux_max_sequence_length",
     "flux_timestep_sampling": "flux_timestep_sampling",
+    "quantize_base": "quantize_base",
 }
 PRIOR_FIELDS = {
     "prior_class_prompt": "class_prompt",
@@ -186,6 +187,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "flux_timestep_sampling",
         "FLUX.1: training timestep density (none: uniform)",
         choices=["logit_normal", "none"],
+    )
+    option(
+        "--quantize-base",
+        "quantize_base",
+        "FLUX.1: load the frozen transformer with 8-bit or 4-bit weights and train the LoRA on top "
+        "(auto: when the GPU needs it; needs bitsandbytes, or torchao for 8-bit)",
+        choices=["auto", "none", "8bit", "4bit"],
     )
     option(
         "--mixed-precision",

@@ -1,14 +1,17 @@
 """Load a base model as a diffusers pipeline, whatever form it came in, and tell its family.
 
 A diffusers folder's family comes from its configs (`nbkit.models.registry.detect_family_from_config`,
-re-exported here); a single-file checkpoint is loaded by `nbkit.convert.load_single_file`.
+re-exported here); a single-file checkpoint is loaded by `nbkit.convert.load_single_file`. FLUX.1's
+transformer and T5 may load with 8-bit or 4-bit weights (`nbkit.models.quantization`) from a diffusers
+folder.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nbkit.convert import load_single_file
 from nbkit.errors import NbkitError
@@ -28,6 +31,9 @@ def load_pipeline(
     revision: str | None = None,
     fp16: bool | None = None,
     cache_root: str | os.PathLike | None = None,
+    quantization: Literal["8bit", "4bit"] | None = None,
+    quantizer: str | None = None,
+    quantized_components: Sequence[str] | None = None,
 ):
     """Load `source` as a diffusers pipeline.
 
@@ -40,21 +46,49 @@ def load_pipeline(
         revision: a hub revision.
         fp16: download the hub's fp16 weights (None: the registry's choice).
         cache_root: the model cache (default `<storage_root>/models-cache`).
+        quantization: `8bit` or `4bit`: load FLUX.1's big components with quantized weights
+            (bitsandbytes on CUDA, else torchao int8 for 8-bit); None: as saved.
+        quantizer: insist on `bitsandbytes` or `torchao` (None: the first usable).
+        quantized_components: what to quantize (default: the transformer and the T5 encoder).
 
     Returns:
-        A `DiffusionPipeline` (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`).
+        A `DiffusionPipeline` (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `FluxPipeline`).
+
+    Raises:
+        NbkitError: the source is not the expected family, is damaged, or cannot load quantized
+            (a single file, an SD family, no backend for the bit width).
     """
     if family is not None:
         get_family(family)
     resolved = resolve_source(source, revision=revision, fp16=fp16, cache_root=cache_root)
     if resolved.kind == "single_file":
+        if quantization is not None:
+            raise NbkitError(
+                f"{quantization} weights load from a diffusers folder, not a single-file checkpoint",
+                path=resolved.path,
+                fix="convert it to a diffusers folder (`nbkit convert FILE FOLDER --dtype bf16`) and load that "
+                "folder, or use a GPU with room for the unquantized model",
+            )
         pipeline = _load_single_file(resolved, family=family, torch_dtype=torch_dtype)
     else:
-        pipeline = _load_folder(resolved, family=family, torch_dtype=torch_dtype)
+        quantization_config = None
+        if quantization is not None:
+            from nbkit.models import quantization as quant
+
+            quantization_config = quant.quantization_config(
+                quantization,
+                quantizer=quantizer,
+                components=quant.QUANTIZED_COMPONENTS
+                if quantized_components is None
+                else quantized_components,
+            )
+        pipeline = _load_folder(
+            resolved, family=family, torch_dtype=torch_dtype, quantization_config=quantization_config
+        )
     return pipeline.to(device) if device is not None else pipeline
 
 
-def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: Any):
+def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: Any, quantization_config: Any):
     from diffusers import DiffusionPipeline
 
     folder = resolved.path
@@ -68,6 +102,14 @@ def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: A
     kwargs: dict[str, Any] = {"variant": resolved.variant}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
+    if quantization_config is not None:
+        if detected.family != "flux":
+            raise NbkitError(
+                f"8-bit and 4-bit weights are for FLUX.1; this model is {get_family(detected.family).title}",
+                path=folder,
+                fix="load it without quantization: every GPU nbkit supports has room for it",
+            )
+        kwargs["quantization_config"] = quantization_config
     index = read_json(folder / "model_index.json")
     for name in OPTIONAL_COMPONENTS:
         entry = index.get(name)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from nbkit.errors import NbkitError
+from nbkit.models.quantization import BACKEND_BITS
 from nbkit.models.registry import FAMILIES, ModelSpec
 
 Task = Literal["generate", "train"]
@@ -103,7 +104,9 @@ def plan_memory(
         spec: the model (a registry entry) or its family name.
         task: `generate` or `train`.
         device: the GPU (`device_facts()`), or None on a CPU, where nothing is checked.
-        quantizers: the quantization libraries installed (default: looked up).
+        quantizers: the quantization libraries installed (default: looked up); a quantized way is
+            picked only when one of them does its bit width (8-bit: bitsandbytes or torchao; 4-bit:
+            bitsandbytes).
         headroom_gib: memory kept free for the CUDA context and fragmentation.
 
     Returns:
@@ -132,9 +135,23 @@ def plan_memory(
         )
     installed = tuple(quantizers_installed() if quantizers is None else quantizers)
     usable = device.total_gib - headroom_gib
+    lacking: list[MemoryOption] = []  # ways that would fit, but no installed library does their bits
     for option in options:
-        if option.peak_gib <= usable and (option.quantization is None or installed):
+        if option.peak_gib > usable:
+            continue
+        if option.quantization is None or _can_do(option.quantization, installed):
             return option
+        lacking.append(option)
+    if lacking:
+        option = lacking[0]
+        able = " or ".join(name for name, bits in BACKEND_BITS.items() if option.quantization in bits)
+        raise NbkitError(
+            f"{device.name} has {device.total_gib:.0f} GiB: to {what} {family.title} there it needs the "
+            f"{option.name} way ({option.description}, about {option.peak_gib:.0f} GiB), and {option.quantization} "
+            f"weights need {able} (installed: {', '.join(installed) or 'none'}); ways: {listing}",
+            fix="`pip install bitsandbytes` and restart the runtime, or use a GPU with more memory "
+            "(Colab: L4 24 GB or A100 40 GB)",
+        )
     smallest = options[-1]
     missing = (
         "" if installed else " (8-bit and 4-bit need `pip install bitsandbytes` or torchao, not installed)"
@@ -145,3 +162,7 @@ def plan_memory(
         fix="use a GPU with more memory (Colab: L4 24 GB or A100 40 GB)"
         + ("" if installed else ", or install bitsandbytes and restart the runtime"),
     )
+
+
+def _can_do(quantization: str, installed: Sequence[str]) -> bool:
+    return any(quantization in BACKEND_BITS.get(name, ()) for name in installed)

@@ -83,7 +83,9 @@ class Components:
         return getattr(self.pipeline, role)
 
 
-def load_components(source: str, family: str, prediction_type: str, dtype: torch.dtype) -> Components:
+def load_components(
+    source: str, family: str, prediction_type: str, dtype: torch.dtype, *, quantization: str | None = None
+) -> Components:
     """Load the base model and make its training scheduler.
 
     Args:
@@ -92,10 +94,19 @@ def load_components(source: str, family: str, prediction_type: str, dtype: torch
         prediction_type: `epsilon` or `v_prediction`; overrides what the scheduler config says, since
             some SD 2.x 768 uploads ship an epsilon scheduler config.
         dtype: the weights' dtype for frozen parts (trained parts are upcast to float32 later).
+        quantization: `8bit` or `4bit`: FLUX.1's transformer loads quantized and frozen, and its LoRA
+            trains on top (QLoRA, as diffusers' Flux examples); the text encoders only encode the
+            captions once, then wait on the CPU, so they load as saved.
     """
     from nbkit.models.loading import load_pipeline
 
-    pipeline = load_pipeline(source, family=family, torch_dtype=dtype)
+    pipeline = load_pipeline(
+        source,
+        family=family,
+        torch_dtype=dtype,
+        quantization=quantization,
+        quantized_components=[FAMILIES[family].denoiser],
+    )
     pipeline.set_progress_bar_config(disable=True)
     if family == "flux":
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -226,8 +237,22 @@ def freeze(model: torch.nn.Module, dtype: torch.dtype) -> None:
     model.eval()
 
 
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `model` was loaded with quantized weights (bitsandbytes or torchao through diffusers)."""
+    return getattr(model, "hf_quantizer", None) is not None
+
+
 def cast_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating-point weights to `dtype`, skipping models already there."""
+    """Cast floating-point weights to `dtype`, skipping models already there.
+
+    A quantized model keeps its quantized weights (they cannot be cast); its LoRA weights are cast.
+    """
+    if is_quantized(model):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name and parameter.dtype != dtype:
+                    parameter.data = parameter.data.to(dtype)
+        return
     if any(parameter.dtype != dtype for parameter in model.parameters()):
         # torch's own `to`: diffusers' override warns about fp32-only modules even when a model has none.
         torch.nn.Module.to(model, dtype=dtype)

@@ -77,6 +77,11 @@ def family_overrides(family: str, stored: TrainConfig, overrides: dict[str, Any]
 def check_family_config(family: str, config: TrainConfig) -> None:
     """What a family cannot train: FLUX.1 trains a LoRA of its transformer only, in bf16 or fp32."""
     if family != "flux":
+        _require(
+            config.quantize_base in ("auto", "none"),
+            f"quantize_base is {config.quantize_base!r}, but 8-bit/4-bit base weights are for FLUX.1 only",
+            "use quantize_base 'auto' (--quantize-base auto): every GPU nbkit supports has room for this model",
+        )
         return
     _require(
         config.lora_rank > 0,
@@ -107,20 +112,55 @@ def check_family_config(family: str, config: TrainConfig) -> None:
     )
 
 
-def check_memory(base_model: BaseModelRef) -> None:
-    """Refuse up front a GPU that cannot train the base model (FLUX.1 on a T4, or too little memory)."""
+def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) -> str | None:
+    """Refuse up front a GPU that cannot train the base model (FLUX.1 on a T4, or too little memory),
+    and say how the base loads: `8bit`/`4bit` (its transformer quantized, the LoRA on top) or None.
+
+    Args:
+        base_model: the run's base model.
+        config: the run's settings (`quantize_base`); None: `auto`.
+
+    Raises:
+        NbkitError: the GPU cannot train it; `quantize_base` `none` where only a quantized way fits; a
+            quantized base without a library that does it (4-bit without bitsandbytes on CUDA).
+    """
     from nbkit.models import memory
 
+    wanted = "auto" if config is None else config.quantize_base
     facts = memory.device_facts() if base_model.family == "flux" else None
     option = memory.plan_memory(model_spec(base_model), "train", facts)
-    if option is not None and option.quantization is not None:
-        # Loading the transformer quantized (bitsandbytes through diffusers) is not wired into
-        # nbkit.models.loading yet; a refusal now beats an out-of-memory error an hour in.
-        raise NbkitError(
-            f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
-            f"{option.name} way ({option.description}), which nbkit's trainer does not do yet",
-            fix="use a GPU with more memory (an A100 80 GB or H100), or an SD family model on this GPU",
-        )
+    if base_model.family != "flux" or wanted == "none":
+        if option is not None and option.quantization is not None:
+            raise NbkitError(
+                f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+                f"{option.name} way ({option.description}), but quantize_base is 'none'",
+                fix="use quantize_base 'auto' (--quantize-base auto), or a GPU with more memory (an A100 80 GB "
+                "or H100)",
+            )
+        return None
+    quantization = option.quantization if wanted == "auto" and option is not None else None
+    if wanted in ("8bit", "4bit"):
+        if option is not None and option.quantization == "4bit" and wanted == "8bit":
+            raise NbkitError(
+                f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+                f"{option.name} way ({option.description}), but quantize_base is '8bit'",
+                fix="use quantize_base 'auto' or '4bit', or a GPU with more memory",
+            )
+        quantization = wanted
+    if quantization is not None:
+        from nbkit.models.quantization import choose_backend
+
+        try:
+            choose_backend(quantization)  # the library that loads it is there
+        except NbkitError as error:
+            if option is None or option.quantization is None:
+                raise
+            raise NbkitError(
+                f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+                f"{option.name} way ({option.description}), and {error.message}",
+                fix=error.fix,
+            ) from error
+    return quantization
 
 
 def _require(condition: bool, message: str, fix: str) -> None:

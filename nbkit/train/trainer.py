@@ -31,7 +31,7 @@ from nbkit.train import checkpointing
 from nbkit.train.components import enable_memory_savers, load_components, tokenize
 from nbkit.train.data import STREAM_CLASS_ORDER, STREAM_INSTANCE_ORDER, LatentCache, copy_to_scratch
 from nbkit.train.export import export_session_model
-from nbkit.train.inputs import resolve_precision
+from nbkit.train.inputs import check_memory, resolve_precision
 from nbkit.train.plan import RunPlan, describe_skipped, plan_run, start_run
 from nbkit.train.stages import ImageSet, RunContext, Stage, load_frozen_roles, run_stage
 from nbkit.train_config import TrainConfig
@@ -222,12 +222,19 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
     if main:
         shutil.rmtree(scratch / "checkpoints", ignore_errors=True)  # staging of a killed run
     accelerator.wait_for_everyone()
+    quantization = check_memory(base_model, config)  # FLUX.1 on a smaller GPU: the transformer in 8/4 bits
     components = load_components(
-        base_model.source, base_model.family, base_model.prediction_type, weight_dtype
+        base_model.source,
+        base_model.family,
+        base_model.prediction_type,
+        weight_dtype,
+        quantization=quantization,
     )
     components.pipeline.to(device)
     enable_memory_savers(components, gradient_checkpointing=config.gradient_checkpointing, device=device)
     record = _begin(session, plan, stack) if main else None
+    if record is not None and quantization is not None:
+        record.detail["quantized_base"] = quantization
     accelerator.wait_for_everyone()  # the other processes read the re-cropped images
     instance, prior = _image_sets(session, accelerator, components, config, scratch)
 

@@ -16,7 +16,8 @@ FLUX.1 checkpoints (diffusers folders, registry models, session exports) run on 
 their own rules (`nbkit.generate`): the flow-matching samplers, Forge's `distilled_cfg_scale`, sizes in
 steps of 16, Flux LoRAs on the transformer; ControlNet is refused for them. Before a FLUX.1 model loads
 on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot run it (a T4) and picks how to
-place it (bf16 on the GPU, or CPU offload).
+place it (bf16 on the GPU, or CPU offload, with the transformer and T5 in 8 or 4 bits where the GPU is
+small: `nbkit.models.quantization`).
 """
 
 from __future__ import annotations
@@ -405,12 +406,25 @@ class GenerationService:
         from nbkit.models.loading import load_pipeline
 
         try:
-            pipeline = load_pipeline(entry.source, family=entry.family, torch_dtype=self._dtype_for(family))
+            pipeline = load_pipeline(
+                entry.source,
+                family=entry.family,
+                torch_dtype=self._dtype_for(family),
+                quantization=option.quantization if option is not None else None,
+            )
             loaded = pipeline_family(pipeline)
             if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
                 if self.dtype != self._dtype_for(loaded):
                     pipeline = pipeline.to(dtype=self._dtype_for(loaded))
                 option = plan_generation_memory(loaded, self.device)
+                if option is not None and option.quantization is not None:
+                    raise NbkitError(
+                        f"this GPU runs {entry.title} only with {option.quantization} weights ({option.name}), "
+                        "and quantized weights load from a diffusers folder, not a single-file checkpoint",
+                        path=entry.source,
+                        fix="convert it to a diffusers folder (`nbkit convert FILE FOLDER --dtype bf16`) and "
+                        "open that folder, or use a GPU with more memory",
+                    )
             pipeline.set_progress_bar_config(disable=True)
             self.pipeline = self._place(pipeline, option)
             self.current = entry
@@ -446,7 +460,13 @@ class GenerationService:
             from nbkit.generate import apply_memory_option
 
             if option.offload or option.quantization:
-                self.notes.append(f"FLUX.1 runs as {option.name}: {option.description}")
+                from nbkit.models.quantization import describe_loaded
+
+                weights = describe_loaded(pipeline)
+                self.notes.append(
+                    f"FLUX.1 runs as {option.name}: {option.description}"
+                    + (f"; {weights}" if weights else "")
+                )
             return apply_memory_option(pipeline, option, self.device)
         if self.device.type == "cuda" and self.attention == "xformers":
             try:
@@ -549,11 +569,7 @@ class GenerationService:
         pipeline.set_progress_bar_config(disable=True)
         if self._offload:
             # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.
-            option = self._memory_option
-            if option is not None and option.quantization is not None:
-                pipeline.enable_sequential_cpu_offload(device=self.device)
-            else:
-                pipeline.enable_model_cpu_offload(device=self.device)
+            pipeline.enable_model_cpu_offload(device=self.device)
         return pipeline
 
     def _lora_hash(self, path: Path) -> str | None:
