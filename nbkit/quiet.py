@@ -14,6 +14,7 @@ nbkit's warnings are `NbkitWarning`s (or UserWarnings raised from nbkit's code),
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -23,6 +24,10 @@ from nbkit.errors import NbkitWarning
 
 # The loggers and progress bars of these libraries are switched off unless verbose.
 _VERBOSITY_VARIABLES = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+# Plain `logging` loggers of libraries without a verbosity switch: torchao (imported by transformers
+# whenever it is installed) logs each optional kernel library it cannot load, and torch's pytree
+# logs a deprecation when torchao registers its enums.
+_PLAIN_LOGGERS = ("torchao", "torch.utils._pytree")
 _LOGGING_MODULES = ("transformers.utils.logging", "diffusers.utils.logging")
 _NBKIT_DIR = str(Path(__file__).resolve().parent)
 _NBKIT_MODULES = r"nbkit(\..*)?$"
@@ -53,6 +58,8 @@ def quiet_libraries(verbose: bool = False, *, import_libraries: bool = True) -> 
 
     disable_progress_bars()  # the hub's "Fetching files" bars; transformers' bars follow this switch
     hub_logging.set_verbosity_error()
+    for name in _PLAIN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name in _LOGGING_MODULES:
         if name in sys.modules or import_libraries:
             try:

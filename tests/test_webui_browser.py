@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from webui_support import PASSWORD, USER, shared_server
+from webui_support import PASSWORD, USER, shared_server, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -61,10 +61,10 @@ def _wait(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
+def _log_in(browser, url: str):
     from selenium.webdriver.common.by import By
 
-    browser.get(server.url)
+    browser.get(url)
     # gradio's login form: nothing of the UI is there before logging in.
     username = _wait(
         lambda: browser.find_element(By.CSS_SELECTOR, "input[type='text'], input[name='username']"),
@@ -75,10 +75,16 @@ def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
     username.send_keys(USER)
     browser.find_element(By.CSS_SELECTOR, "input[type='password']").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "button[type='submit'], button.lg").click()
-
-    prompt = _wait(
+    return _wait(
         lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-prompt textarea"), 60, "the txt2img tab"
     )
+
+
+def _generate(browser, prompt_text: str) -> str:
+    """Set 64x64 and 3 steps, type the prompt, click Generate; return the infotext under the image."""
+    from selenium.webdriver.common.by import By
+
+    prompt = browser.find_element(By.CSS_SELECTOR, "#txt2img-prompt textarea")
     for elem_id, value in (("txt2img-width", "64"), ("txt2img-height", "64")):
         number = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type='number']")
         number.clear()
@@ -89,17 +95,24 @@ def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
     )
     steps.clear()
     steps.send_keys("3")
-    prompt.send_keys("a photo of sks dog")
+    prompt.send_keys(prompt_text)
     browser.find_element(By.CSS_SELECTOR, "#txt2img-generate").click()
-
-    image = _wait(
+    _wait(
         lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-gallery img"), 120, "an image in the gallery"
     )
-    info = _wait(
+    return _wait(
         lambda: browser.find_element(By.CSS_SELECTOR, "#txt2img-info textarea").get_attribute("value"),
         30,
         "the infotext under the gallery",
     )
+
+
+def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _log_in(browser, server.url)
+    info = _generate(browser, "a photo of sks dog")
+    image = browser.find_element(By.CSS_SELECTOR, "#txt2img-gallery img")
     assert info.startswith("a photo of sks dog\n")
     assert "Steps: 3" in info and "Size: 64x64" in info
     assert "/gradio_api/file=" in image.get_attribute("src")
@@ -107,3 +120,19 @@ def test_login_prompt_generate_and_see_the_image(server, browser, tmp_path):
     browser.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_flux_model_opens_on_a_flow_sampler_and_generates(browser, tmp_path, tiny_model_dir):
+    from selenium.webdriver.common.by import By
+
+    server = start_server(tmp_path / "root", tiny_model_dir("flux"), "--auth", f"{USER}:{PASSWORD}")
+    try:
+        _log_in(browser, server.url)
+        sampler = browser.find_element(By.CSS_SELECTOR, "#txt2img-sampler input")
+        # A1111's default, "Euler a", is not a flow sampler: the page moves to "Euler" for FLUX.1.
+        _wait(lambda: sampler.get_attribute("value") == "Euler", 60, "the sampler to become Euler")
+        info = _generate(browser, "a photo of zwx dog")
+    finally:
+        server.stop()
+    assert info.startswith("a photo of zwx dog\n")
+    assert "Sampler: Euler," in info and "Distilled CFG Scale: 3.5" in info and "Size: 64x64" in info

@@ -25,6 +25,7 @@ from nbkit.errors import NbkitError
 from nbkit.infotext import parse_infotext, read_infotext
 from nbkit.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, SAMPLERS, SCHEDULES
 from nbkit.webui.controlnet import CONTROLNETS
+from nbkit.webui.models import folder_family
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.security import LimitError, Limits, check_request_caps
 from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService
@@ -147,7 +148,9 @@ class _Panel:
                         RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index"
                     )
                 with gr.Row():
-                    f["sampler_name"] = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampling method")
+                    f["sampler_name"] = gr.Dropdown(
+                        list(SAMPLERS), value="Euler a", label="Sampling method", elem_id=f"{mode}-sampler"
+                    )
                     f["scheduler"] = gr.Dropdown(
                         [schedule.label for schedule in SCHEDULES.values()],
                         value="Automatic",
@@ -601,7 +604,14 @@ def build_ui(
             return [f"Loaded **{html.escape(entry.title)}**", *fitting_samplers(service.family)]
 
         def on_load() -> list[Any]:
-            return fitting_samplers(service.family if service.current is not None else None)
+            if service.current is not None:
+                return fitting_samplers(service.family)
+            # Still loading (launch queues the first load): the family its configs name.
+            try:
+                entry = catalog.find(current() or "")
+            except NbkitError:
+                return fitting_samplers(None)
+            return fitting_samplers(entry.family or folder_family(entry.source))
 
         def do_refresh() -> Any:
             catalog.refresh()
