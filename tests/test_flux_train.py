@@ -177,7 +177,7 @@ def test_a_gpu_without_bf16_is_refused_before_anything_is_written(tiny_model_dir
         train("t4")
     assert (session.path / "session.json").read_bytes() == saved
     assert sorted(path.relative_to(session.path) for path in session.path.rglob("*")) == files
-    # A GPU that fits only with quantized weights is refused too (nbkit does not quantize yet).
+    # A GPU that fits only with 4-bit weights is refused without bitsandbytes on CUDA (none here).
     monkeypatch.setattr(memory, "device_facts", lambda index=0: memory.DeviceFacts("NVIDIA L4", 22.5, True))
     monkeypatch.setattr(memory, "quantizers_installed", lambda *args: ("bitsandbytes",))
     with pytest.raises(NbkitError, match=r"NVIDIA L4 has 22 GiB: .* needs the (8bit|4bit) way"):

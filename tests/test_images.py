@@ -567,6 +567,10 @@ def test_a_flux_session_crops_at_multiples_of_16(tmp_path):
     import_images(session, {"zwx (1).png": encode(chelsea(), "PNG")}, crop="center")
     (record,) = session.manifest.images
     assert Image.open(session.path / record.file).size == (80, 80)
-    sd = Session.create("sd", root=tmp_path, base_model=BaseModelRef(source="tiny-sd1", family="sd1", prediction_type="epsilon"))
+    sd = Session.create(
+        "sd",
+        root=tmp_path,
+        base_model=BaseModelRef(source="tiny-sd1", family="sd1", prediction_type="epsilon"),
+    )
     with pytest.raises(NbkitError, match="not a multiple of 64"):
         import_images(sd, {"zwx (1).png": encode(chelsea(), "PNG")}, resolution=80)

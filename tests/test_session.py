@@ -794,4 +794,7 @@ def test_create_checks_the_resolution_step_of_the_model_family(tmp_path):
     assert "use 992 or 1008" in str(error.value) and not (tmp_path / "Sessions" / "f").exists()
     with pytest.raises(NbkitError, match="not a multiple of 64"):
         Session.create("s", root=tmp_path, base_model=sd, resolution=1040)
-    assert Session.create("f", root=tmp_path, base_model=flux, resolution=1040).manifest.training.resolution == 1040
+    assert (
+        Session.create("f", root=tmp_path, base_model=flux, resolution=1040).manifest.training.resolution
+        == 1040
+    )

@@ -134,8 +134,8 @@ def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) ->
             raise NbkitError(
                 f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
                 f"{option.name} way ({option.description}), but quantize_base is 'none'",
-                fix="use quantize_base 'auto' (--quantize-base auto), or a GPU with more memory (an A100 80 GB "
-                "or H100)",
+                fix="use quantize_base 'auto' (--quantize-base auto), or a GPU with more memory (an A100 "
+                "40 GB or larger)",
             )
         return None
     quantization = option.quantization if wanted == "auto" and option is not None else None

@@ -116,7 +116,7 @@ def plan_run(
     check_family_config(base_model.family, config)
     check_images(session.path, session.manifest.images)
     check_resolution(base_model, config.resolution, force=force_resolution)
-    check_memory(base_model)
+    check_memory(base_model, config)  # quantize_base checked before anything is written
 
     state = session.manifest.state
     checkpoints_dir = session.path / "checkpoints"
