@@ -79,22 +79,13 @@ def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
 
 
 def _clip_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
+    from nbkit.models.tiny import _text_encoder_config
+
+    # CLIP ViT-L (quick_gelu), as FLUX.1 uses; the same tiny shape as the SD families' encoder.
     return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=128,
-            projection_dim=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            hidden_act="quick_gelu",  # CLIP ViT-L, as FLUX.1 uses
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        _text_encoder_config(tokenizer, hidden_size=32, hidden_act="quick_gelu", projection_dim=32)
     )
 
 

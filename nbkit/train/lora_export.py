@@ -207,28 +207,19 @@ def save_lora(
     if family == "flux":
         from nbkit.convert.flux_lora import save_comfy_lora
 
-        config = unet.peft_config[adapter_name]
-        header = {
-            **modelspec_metadata(
-                family=family,
-                title=name,
-                resolution=resolution,
-                prediction_type=facts.prediction_type,
-                description=description
-                or f"LoRA for {facts.title} models, trained at {resolution} px with nbkit",
-                author=author,
-                lora=True,
-            ),
-            "ss_network_module": "networks.lora_flux",
-            "ss_network_dim": str(config.r),
-            "ss_network_alpha": _format_number(config.lora_alpha),
-        }
+        header = _header(
+            family,
+            name,
+            resolution,
+            description,
+            author,
+            metadata,
+            unet.peft_config[adapter_name],
+            "networks.lora_flux",
+        )
         # The converter writes the file, so the hash of its tensors is its to add; no placeholder here.
         header.pop(MODELSPEC_HASH_KEY, None)
         header.pop("modelspec.prediction_type", None)  # SAI's spec knows epsilon and v, not flow
-        header.update(
-            {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-        )
         comfy_path = save_comfy_lora(diffusers_path, out_dir / f"{name}.safetensors", metadata=header)
         return {"diffusers": diffusers_path, "kohya": Path(comfy_path)}
 
@@ -239,6 +230,25 @@ def save_lora(
             continue
         kohya.update(kohya_state_dict(model, component, kohya_prefix(component, family), adapter_name))
     first_config = next(model for _, model in components if model is not None).peft_config[adapter_name]
+    header = _header(family, name, resolution, description, author, metadata, first_config, "networks.lora")
+    kohya_path = out_dir / f"{name}.safetensors"
+    # In memory: LoRA files are small, and the modelspec hash goes into the header before the data.
+    atomic_write_bytes(kohya_path, with_modelspec_hash(save(cast(kohya), metadata=header)))
+    return {"diffusers": diffusers_path, "kohya": kohya_path}
+
+
+def _header(
+    family: str,
+    name: str,
+    resolution: int,
+    description: str | None,
+    author: str | None,
+    metadata: dict,
+    config: Any,
+    network_module: str,
+) -> dict[str, str]:
+    """The kohya-format file's header: SAI model spec, kohya's network keys, then the caller's metadata."""
+    facts = FAMILIES[family]
     header = {
         **modelspec_metadata(
             family=family,
@@ -250,17 +260,14 @@ def save_lora(
             author=author,
             lora=True,
         ),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(first_config.r),
-        "ss_network_alpha": _format_number(first_config.lora_alpha),
+        "ss_network_module": network_module,
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": _format_number(config.lora_alpha),
     }
     header.update(
         {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     )
-    kohya_path = out_dir / f"{name}.safetensors"
-    # In memory: LoRA files are small, and the modelspec hash goes into the header before the data.
-    atomic_write_bytes(kohya_path, with_modelspec_hash(save(cast(kohya), metadata=header)))
-    return {"diffusers": diffusers_path, "kohya": kohya_path}
+    return header
 
 
 def _format_number(value: float) -> str:
