@@ -33,3 +33,11 @@ def tiny_model_dir(tmp_path_factory):
         return built[family]
 
     return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the timings tests record (`record_property("timing: ...", seconds)`), e.g. the notebooks'."""
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in report.user_properties:
+            if name.startswith("timing: "):
+                terminalreporter.write_line(f"{name.removeprefix('timing: ')} {value}")
