@@ -214,9 +214,8 @@ def try_web_ui(session: Session, resolution: int, *, keep_running: bool, log: Ca
     from nbkit.webui import launch
 
     ui = launch(session=session, host="127.0.0.1")
-    newest = session.manifest.models[-1]
     # A LoRA session's model is its base model with the LoRA, asked for as A1111 asks: <lora:name:1>.
-    lora = f" <lora:{Path(newest.files['kohya']).stem}:1>" if newest.kind == "lora" else ""
+    lora = f" {session.manifest.models[-1].prompt_tag()}".rstrip()
     try:
         response = requests.post(
             f"{ui.local_url.rstrip('/')}/sdapi/v1/txt2img",

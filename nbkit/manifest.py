@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from nbkit.config import StrictConfig
@@ -105,7 +106,7 @@ class ExportedModel(StrictConfig):
         name: unique in the session (the session name for the final export).
         kind: `full` (a diffusers folder and a single file) or `lora` (adapters applied on `base_model`).
         files: role -> path: `folder` and `single_file` for a full model; `diffusers` and `kohya` for a LoRA.
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
         resolution: the size it was trained at, in pixels.
         base_model: the source it was trained from (what a LoRA is applied on).
         stage: the training stage it came from (`unet`, `text_encoder`).
@@ -126,6 +127,12 @@ class ExportedModel(StrictConfig):
     created: str = dataclasses.field(default_factory=now_iso)
     sha256: dict[str, str] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def prompt_tag(self, weight: float = 1.0) -> str:
+        """What a prompt adds to use this model in the web UI: `<lora:name:1>` for a LoRA, else ""."""
+        if self.kind != "lora" or "kohya" not in self.files:
+            return ""
+        return f"<lora:{PurePosixPath(self.files['kohya']).stem}:{weight:g}>"
 
 
 @dataclasses.dataclass

@@ -295,11 +295,13 @@ def train(session, *, resume: bool = False, restart: bool = False, sample_prompt
         resume: continue from the last checkpoint after a disconnect.
         restart: start over (an unfinished run's checkpoints are deleted).
         sample_prompt: the prompt sampled at each checkpoint ("" uses the first image's caption).
-        settings: `TrainConfig` fields (`unet_steps`, `text_encoder_steps`, `resolution`, ...).
+        settings: `TrainConfig` fields (`unet_steps`, `text_encoder_steps`, `resolution`, ...); None
+            leaves a field as the session has it (new sessions: the model family's defaults).
     """
     from nbkit.train import train as run_training
 
     _need(session)
+    settings = {name: value for name, value in settings.items() if value is not None}
     prompt = sample_prompt or next((image.caption for image in session.manifest.images if image.caption), "")
     if prompt:
         settings["sample_prompts"] = [prompt]
@@ -384,10 +386,17 @@ def launch_ui(
 
 
 @friendly
-def try_ui(ui, prompt: str, *, steps: int = 20, size: int = 512) -> dict | None:
+def try_ui(ui, prompt: str, *, steps: int = 20, size: int | None = None, session=None) -> dict | None:
     """Ask the running UI for one image through the A1111 API (a check that it answers), and show it.
 
     "" skips it. Returns the API's answer without the image data.
+
+    Args:
+        ui: what `launch_ui` returned.
+        prompt: the prompt; a LoRA session's LoRA is added to it (`<lora:name:1>`).
+        steps: sampling steps.
+        size: the square size (None: the session's training size, else 512).
+        session: the session whose newest model to try.
     """
     import base64
 
@@ -396,6 +405,9 @@ def try_ui(ui, prompt: str, *, steps: int = 20, size: int = 512) -> dict | None:
 
     import requests
 
+    if session is not None and session.manifest.models:
+        prompt = f"{prompt} {session.manifest.models[-1].prompt_tag()}".rstrip()
+    size = size or (session.manifest.training.resolution if session is not None else 512)
     auth = (ui.username, ui.password) if ui.password else None
     payload = {"prompt": prompt, "steps": steps, "width": size, "height": size, "save_images": True}
     response = requests.post(

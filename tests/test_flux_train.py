@@ -264,3 +264,25 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_bit_exact(tiny_model_
         assert_same_tensors(load_tensors(resumed.lora_files[kind]), load_tensors(reference.lora_files[kind]))
     state = json.loads((resumed.session / "checkpoints" / "unet-000004" / "trainer_state.json").read_text())
     assert state["roles"] == {"transformer": "lora"}
+
+
+def test_resume_keeps_the_flux_settings_and_the_base_quantization(tmp_path):
+    from nbkit.manifest import BaseModelRef
+    from nbkit.train.inputs import check_resume
+    from nbkit.train_config import TrainConfig
+
+    base = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
+    config = TrainConfig(lora_rank=16, text_encoder_steps=0)
+    saved = {"config": config.to_dict(), "base_model": base.to_dict(), "quantized_base": "8bit"}
+    check_resume(config, base, saved, tmp_path, quantization="8bit")
+    with pytest.raises(NbkitError, match="quantization was '8bit' in the checkpoint but is '4bit'") as error:
+        check_resume(config, base, saved, tmp_path, quantization="4bit")
+    assert "--quantize-base 8bit" in str(error.value)
+    with pytest.raises(NbkitError, match="flux_max_sequence_length was 512"):
+        check_resume(config.replace(flux_max_sequence_length=256), base, saved, tmp_path, quantization="8bit")
+    # Checkpoints written before these settings existed resume as before.
+    old = {
+        "config": {k: v for k, v in config.to_dict().items() if not k.startswith("flux_")},
+        "base_model": base.to_dict(),
+    }
+    check_resume(config.replace(flux_max_sequence_length=256), base, old, tmp_path, quantization="4bit")

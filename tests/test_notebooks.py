@@ -22,7 +22,7 @@ LOGIC_KEYWORDS = {"if", "elif", "else", "for", "while", "and", "or", "not", "try
 
 # Colab's form syntax: `NAME = VALUE  #@param SPEC` where SPEC is a {type:...} object or a list of choices,
 # optionally followed by {allow-input: true}.
-_VALUE = r"""(?:"[^"]*"|'[^']*'|-?\d+(?:\.\d+)?(?:e-?\d+)?|True|False|\[[^\]]*\])"""
+_VALUE = r"""(?:"[^"]*"|'[^']*'|-?\d+(?:\.\d+)?(?:e-?\d+)?|True|False|None|\[[^\]]*\])"""
 _CHOICE = r"""(?:"[^"]*"|'[^']*'|-?\d+(?:\.\d+)?)"""
 _LIST = rf"\[\s*{_CHOICE}(?:\s*,\s*{_CHOICE})*\s*\]"
 _TYPE = r'\{\s*type\s*:\s*"(?:string|integer|number|boolean|date|raw)"\s*\}'
@@ -263,3 +263,45 @@ def test_both_notebooks_run_top_to_bottom(
     # Shown at the end of the test run (tests/conftest.py), in CI's log too.
     record_property("timing: fast-DreamBooth.ipynb executed in (s)", round(took_db, 1))
     record_property("timing: fast-UI.ipynb executed in (s)", round(took_ui, 1))
+
+
+@pytest.mark.slow
+def test_dreambooth_notebook_trains_a_flux_lora_with_the_default_settings(
+    kernel_env, build_leftovers_removed, monkeypatch, tmp_path, record_property
+):
+    """FLUX.1 with the form's training fields left at None: the family's defaults make it a LoRA run."""
+    from nbkit.infotext import read_infotext
+    from nbkit.session import Session
+
+    home = tmp_path / "home"
+    target = _install_into(monkeypatch, tmp_path / "site-flux")
+    took, notebook = _execute(
+        ROOT / "notebooks" / "fast-DreamBooth.ipynb",
+        {
+            "NBKIT_SOURCE": str(ROOT),
+            "INSTALL_WHEELS": False,
+            "STORAGE_FOLDER": str(home),
+            "MODEL": "tiny-flux",
+            "SESSION_NAME": "flux_subject",
+            "IMAGES": str(_photos(tmp_path / "photos")),
+            "UNET_STEPS": 4,
+            "CHECKPOINT_EVERY": 2,
+            "SAMPLE_STEPS": 2,
+            "VISION_MODELS": "tiny",
+            "UI_HOST": "127.0.0.1",
+            "UI_TUNNEL": "none",
+            "UI_TEST_PROMPT": "photo of zwx",
+            "STOP_UI_AT_END": True,
+        },
+        tmp_path,
+    )
+    session = Session.open("flux_subject", root=home)
+    assert session.manifest.state.stage == "done"
+    (model,) = session.manifest.models
+    assert (model.kind, model.family, model.resolution) == ("lora", "flux", 64)
+    assert not list((session.path / "checkpoints").glob("text_encoder-*"))  # FLUX.1: no text-encoder stage
+    (output,) = [p for p in session.dir("outputs").glob("*/*.png") if p.parent.name != "samples"]
+    info = read_infotext(output)
+    assert f"<lora:{Path(model.files['kohya']).stem}:1>" in info and "Distilled CFG Scale: 3.5" in info
+    _assert_ui_closed_and_installed(notebook, target)
+    record_property("timing: fast-DreamBooth.ipynb on tiny FLUX.1 executed in (s)", round(took, 1))

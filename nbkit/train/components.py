@@ -22,8 +22,8 @@ from nbkit.models.registry import FAMILIES
 # peft target modules, as in diffusers' DreamBooth LoRA examples.
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# diffusers' Flux DreamBooth LoRA example's attention layers, plus its text-stream projections and the
-# single blocks' MLP/output projections (its `--lora_layers` "all" set without the feed-forwards). A
+# nbkit's choice: the attention layers diffusers' Flux DreamBooth LoRA example targets by default, plus
+# the text-stream projections and the single blocks' MLP/output projections, as most Flux LoRAs do. A
 # regex, so that the single blocks' `proj_out` matches but the transformer's final `proj_out` does not.
 FLUX_LORA_TARGETS = (
     r".*(attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)"

@@ -31,6 +31,9 @@ RESUME_KEYS = (
     "random_flip",
 )
 RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
+# The same for FLUX.1's conditioning; checkpoints written before these settings existed lack them.
+RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_guidance")
+QUANTIZATION_KEY = "the base model's quantization"
 
 # FLUX.1 trains a LoRA of its transformer at a LoRA learning rate, as diffusers' Flux DreamBooth LoRA
 # example does (rank 16 is what most Flux LoRAs use). These replace the SD-era settings a session was
@@ -108,7 +111,7 @@ def check_family_config(family: str, config: TrainConfig) -> None:
     _require(
         math.isfinite(config.flux_guidance) and config.flux_guidance >= 0,
         f"flux_guidance is {config.flux_guidance}",
-        "use 1.0 (as diffusers' example) or another value >= 0",
+        "use 1.0 (what diffusers' example's commands pass for FLUX.1-dev) or another value >= 0",
     )
 
 
@@ -264,8 +267,24 @@ def check_resolution(base_model: BaseModelRef, resolution: int, *, force: bool =
     validate_resolution(model_spec(base_model), resolution, force=force)
 
 
-def check_resume(config: TrainConfig, base_model: BaseModelRef, saved: dict[str, Any], where: Path) -> None:
-    """A resumed run must keep the settings its checkpoint was trained with."""
+def check_resume(
+    config: TrainConfig,
+    base_model: BaseModelRef,
+    saved: dict[str, Any],
+    where: Path,
+    *,
+    quantization: str | None = None,
+) -> None:
+    """A resumed run must keep the settings its checkpoint was trained with.
+
+    Args:
+        config: the run's settings.
+        base_model: the run's base model.
+        saved: the checkpoint's `trainer_state.json`.
+        where: the checkpoint folder, for the message.
+        quantization: how the run loads its base (`check_memory`): a LoRA trained on an 8-bit
+            transformer does not continue on a 4-bit one (another GPU) without being told.
+    """
     saved_config, saved_model = saved.get("config", {}), saved.get("base_model", {})
     current = config.to_dict()
     mismatches = [
@@ -273,6 +292,13 @@ def check_resume(config: TrainConfig, base_model: BaseModelRef, saved: dict[str,
         for key in RESUME_KEYS
         if saved_config.get(key) != current[key]
     ]
+    mismatches += [
+        (key, saved_config[key], current[key])
+        for key in RESUME_FLUX_KEYS
+        if key in saved_config and saved_config[key] != current[key]
+    ]
+    if "quantized_base" in saved and saved["quantized_base"] != quantization:
+        mismatches.append((QUANTIZATION_KEY, saved["quantized_base"], quantization))
     saved_prior = saved_config.get("prior", {})
     mismatches += [
         (f"prior.{key}", saved_prior.get(key), current["prior"][key])
@@ -287,7 +313,9 @@ def check_resume(config: TrainConfig, base_model: BaseModelRef, saved: dict[str,
         raise NbkitError(
             f"cannot resume: {key} was {before!r} in the checkpoint but is {now!r} now",
             path=where,
-            fix=f"resume with the checkpoint's {key} (drop the new setting), or start over with --restart",
+            fix=f"resume with --quantize-base {before or 'none'} on a GPU it fits, or start over with --restart"
+            if key == QUANTIZATION_KEY
+            else f"resume with the checkpoint's {key} (drop the new setting), or start over with --restart",
         )
 
 

@@ -116,7 +116,7 @@ def plan_run(
     check_family_config(base_model.family, config)
     check_images(session.path, session.manifest.images)
     check_resolution(base_model, config.resolution, force=force_resolution)
-    check_memory(base_model, config)  # quantize_base checked before anything is written
+    quantization = check_memory(base_model, config)  # quantize_base checked before anything is written
 
     state = session.manifest.state
     checkpoints_dir = session.path / "checkpoints"
@@ -159,7 +159,7 @@ def plan_run(
         saved = plan.resume_from.state()
         if config.seed is None:
             config = config.replace(seed=saved["config"]["seed"])
-        check_resume(config, base_model, saved, plan.resume_from.path)
+        check_resume(config, base_model, saved, plan.resume_from.path, quantization=quantization)
     if config.seed is None:  # a random one, as fast-DreamBooth; shown and saved, so runs can be repeated
         config = config.replace(seed=random.SystemRandom().randint(1, 999_999))
     plan.config = config

@@ -256,7 +256,11 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
         on_checkpoint=reporter.on_checkpoint if reporter else _ignore,
         on_step=reporter.on_step if reporter else _ignore,
         steps_left=max_steps,
-        base_state={"config": config.to_dict(), "base_model": base_model.to_dict()},
+        base_state={
+            "config": config.to_dict(),
+            "base_model": base_model.to_dict(),
+            "quantized_base": quantization,
+        },
     )
     stages = [
         Stage(
