@@ -30,7 +30,7 @@ from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, 
 from nbkit.lock import SessionLock, live_holder
 from nbkit.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
 from nbkit.models.base_model import native_resolution
-from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step, get_family
+from nbkit.models.registry import RESOLUTION_STEP, TRAINING_DEFAULTS, check_resolution_step, get_family
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -260,7 +260,8 @@ class Session:
         if base_model is not None:
             manifest.base_model = base_model
             manifest.training = manifest.training.replace(
-                resolution=resolution or native_resolution(base_model)
+                resolution=resolution or native_resolution(base_model),
+                **TRAINING_DEFAULTS.get(base_model.family, {}),
             )
         elif resolution is not None:
             manifest.training = manifest.training.replace(resolution=resolution)

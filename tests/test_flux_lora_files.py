@@ -219,3 +219,15 @@ def test_cli_merges_a_lora_into_the_bfl_transformer_file(tiny_model_dir, tmp_pat
     sd_folder = str(tiny_model_dir("sd1"))
     assert main(["convert", sd_folder, str(tmp_path / "x.safetensors"), "--lora", str(lora_file)]) == 2
     assert "--lora merges a LoRA into a FLUX.1 transformer only" in capsys.readouterr().err
+
+
+def test_merging_a_file_diffusers_cannot_read_names_the_diffusers_file(tiny_model_dir, tmp_path, capsys):
+    from nbkit.cli import main
+
+    flux_dir = tiny_model_dir("flux")
+    lora_file = save_diffusers_lora(lora_transformer(flux_dir, PARTIAL), tmp_path / "lora")
+    comfy = save_comfy_lora(lora_file, tmp_path / "comfy.safetensors")  # linear1 at the tiny width
+    assert main(["convert", str(flux_dir), str(tmp_path / "m.safetensors"), "--lora", str(comfy)]) == 2
+    err = capsys.readouterr().err
+    assert "diffusers could not apply this LoRA" in err and "pytorch_lora_weights.safetensors" in err
+    assert not (tmp_path / "m.safetensors").exists()

@@ -286,3 +286,22 @@ def test_resume_keeps_the_flux_settings_and_the_base_quantization(tmp_path):
         "base_model": base.to_dict(),
     }
     check_resume(config.replace(flux_max_sequence_length=256), base, old, tmp_path, quantization="4bit")
+
+
+def test_a_flux_session_starts_from_flux_settings_and_refuses_sd_noise_settings(tmp_path):
+    from nbkit.manifest import BaseModelRef
+    from nbkit.session import Session
+    from nbkit.train.inputs import check_family_config
+
+    base = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
+    training = Session.create("f", root=tmp_path, base_model=base).manifest.training
+    assert (training.text_encoder_steps, training.lora_rank, training.unet_steps, training.unet_lr) == (
+        0,
+        16,
+        500,
+        1e-4,
+    )
+    check_family_config("flux", training)
+    for setting in ({"min_snr_gamma": 5.0}, {"offset_noise": 0.05}):
+        with pytest.raises(NbkitError, match="SD noise-schedule settings"):
+            check_family_config("flux", training.replace(**setting))

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
         default=None,
-        help="weights' precision (default: fp16 for a single file, fp32 for a diffusers folder)",
+        help="weights' precision (default: fp16 for a single file, bf16 for a FLUX.1 transformer, fp32 for a "
+        "diffusers folder)",
     )
     parser.add_argument(
         "--format", choices=("safetensors", "ckpt"), default=None, help="default: from OUT's suffix"
@@ -80,7 +81,7 @@ def _flux_to_file(args: argparse.Namespace) -> int:
         raise NbkitError(
             "a FLUX.1 transformer is written as .safetensors only",
             path=args.out,
-            fix="name the output .safetensors and drop --format ckpt",
+            fix="name the output .safetensors" + (" and drop --format ckpt" if args.format == "ckpt" else ""),
         )
     dtype = args.dtype or "bf16"  # FLUX.1's own precision; fp16 overflows in its activations
     source, metadata = args.src, {}

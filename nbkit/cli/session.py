@@ -32,7 +32,7 @@ def _base_model(source: str, family: str | None) -> BaseModelRef:
     if family is None:
         raise NbkitError(
             f"{source!r} is not a model nbkit knows, so its family is needed",
-            fix="add --family sd1, sd2, sd2-v or sdxl",
+            fix=f"add --family ({', '.join(FAMILIES)})",
         )
     return BaseModelRef(source, family, get_family(family).prediction_type)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from nbkit.models.registry import TRAINING_DEFAULTS
 from nbkit.train_config import TrainConfig
 
 # CLI option -> TrainConfig field, for the plain one-value options.
@@ -59,15 +60,18 @@ def _default(field: str) -> str:
         if field.startswith("prior.")
         else getattr(config, field)
     )
+    if field == "resolution":
+        return "the base model's native size"
     if value is None or value == "" or value == []:
         return "none"
-    return str(value)
+    flux = TRAINING_DEFAULTS["flux"].get(field)
+    return str(value) if flux is None else f"{value}; FLUX.1: {flux}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a session's model (text encoder, then UNet) and export it",
+        help="train a session's model (text encoder, then UNet; FLUX.1: a LoRA of its transformer) and export it",
         description="Two-stage DreamBooth. Options left out keep the session's stored settings; the "
         "defaults shown are a new session's. Every input is checked before a model is loaded. "
         "FLUX.1 (flux1-dev, flux1-schnell): a LoRA of the transformer only, text encoders frozen; full "
@@ -93,12 +97,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(
         "--te-steps",
         "text_encoder_steps",
-        "stage 1 (text encoder) steps; 0 skips it (FLUX.1: 0)",
+        "stage 1 (text encoder) steps; 0 skips it",
         type=int,
         metavar="N",
     )
     option("--te-lr", "text_encoder_lr", "stage 1 learning rate", type=float, metavar="LR")
-    option("--unet-steps", "unet_steps", "stage 2 (UNet) steps; 0 skips it", type=int, metavar="N")
+    option(
+        "--unet-steps",
+        "unet_steps",
+        "stage 2 (UNet; FLUX.1: its transformer) steps; 0 skips it",
+        type=int,
+        metavar="N",
+    )
     option("--unet-lr", "unet_lr", "stage 2 learning rate", type=float, metavar="LR")
     option("--batch-size", "batch_size", "images per step (per GPU)", type=int, metavar="N")
     option(

@@ -258,11 +258,14 @@ def merge_flux_lora(base_folder: str | os.PathLike, lora_file: str | os.PathLike
     )
     try:
         pipeline.load_lora_weights(str(lora_file), adapter_name="merged")
-    except (ValueError, KeyError, RuntimeError) as error:
+    except (ValueError, KeyError, RuntimeError, AssertionError) as error:
+        # diffusers' kohya/ComfyUI reader assumes FLUX.1's real widths (it asserts on others).
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise NbkitError(
-            f"diffusers could not apply this LoRA to the model: {str(error).splitlines()[0]}",
+            f"diffusers could not apply this LoRA to the model: {reason}",
             path=lora_file,
-            fix="give a FLUX.1 LoRA trained on this base model",
+            fix="give a FLUX.1 LoRA trained on this base model; for nbkit's own LoRAs use the diffusers-format "
+            "file beside it (pytorch_lora_weights.safetensors)",
         ) from error
     pipeline.fuse_lora(lora_scale=weight, components=["transformer"])
     pipeline.unload_lora_weights()

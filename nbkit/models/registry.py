@@ -17,7 +17,7 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import read_json
@@ -103,6 +103,11 @@ FAMILIES: dict[str, FamilySpec] = {
     )
 }  # fmt: skip
 UNET_FAMILIES = tuple(name for name, spec in FAMILIES.items() if spec.denoiser == "unet")
+# Training settings a family starts from instead of `TrainConfig`'s (SD-era) defaults: FLUX.1 trains a
+# rank-16 LoRA of its transformer at a LoRA learning rate, as diffusers' Flux DreamBooth LoRA example.
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "flux": {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500},
+}
 FLUX_SCHNELL_ARCHITECTURE = "flux-1-schnell"
 
 

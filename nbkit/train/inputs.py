@@ -14,7 +14,7 @@ from nbkit.env import has_native_bf16
 from nbkit.errors import NbkitError
 from nbkit.manifest import BaseModelRef
 from nbkit.models.base_model import model_spec
-from nbkit.models.registry import validate_resolution
+from nbkit.models.registry import TRAINING_DEFAULTS, validate_resolution
 from nbkit.train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -35,10 +35,9 @@ RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
 RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_guidance")
 QUANTIZATION_KEY = "the base model's quantization"
 
-# FLUX.1 trains a LoRA of its transformer at a LoRA learning rate, as diffusers' Flux DreamBooth LoRA
-# example does (rank 16 is what most Flux LoRAs use). These replace the SD-era settings a session was
-# created with, where they are still the defaults and the run does not set them.
-FLUX_DEFAULTS: dict[str, Any] = {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
+# FLUX.1's own starting settings (the registry's); sessions get them at creation, and older ones where
+# they still hold the SD-era defaults and the run does not set them.
+FLUX_DEFAULTS: dict[str, Any] = TRAINING_DEFAULTS["flux"]
 FLUX_FULL_FINE_TUNE = "full fine-tuning of FLUX.1 is not supported; use --lora-rank N"
 
 
@@ -97,6 +96,12 @@ def check_family_config(family: str, config: TrainConfig) -> None:
         "nbkit trains a LoRA of the FLUX.1 transformer only",
         "pass --te-steps 0 (text_encoder_steps=0): only the transformer's LoRA trains, the CLIP and T5 "
         "encoders stay frozen",
+    )
+    _require(
+        config.min_snr_gamma is None and config.offset_noise == 0,
+        f"min_snr_gamma ({config.min_snr_gamma}) and offset_noise ({config.offset_noise}) are SD noise-schedule "
+        "settings; FLUX.1's flow-matching loss has no use for them",
+        "drop --min-snr-gamma and --offset-noise (set them to none and 0) for FLUX.1",
     )
     _require(
         config.mixed_precision != "fp16",

@@ -385,9 +385,10 @@ def score_session(
     samples = collect_samples(session.dir("outputs") / "samples")
     if not samples:
         raise NbkitError(
-            "The session has no checkpoint samples to score.",
+            "the session has no checkpoint samples to score",
             path=session.dir("outputs") / "samples",
-            fix="Train with sample prompts (training.sample_prompts) so each checkpoint saves samples.",
+            fix="train with a sample prompt (`nbkit train SESSION --sample-prompt TEXT`, with --restart for a "
+            "finished session) so each checkpoint saves samples",
         )
     _, images, _ = instance_photos(session)
     cache_dir = session.dir("logs") / "vision_cache"
