@@ -13,10 +13,11 @@ adds A1111's hires fix (`HiresFix`: upscale the first pass, in latent space or a
 img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
 (the whole request) and `skip` (the current batch).
 
-FLUX.1 pipelines (`pipeline_family` tells them by their `transformer`) run through the same loop with
-their own call: the distilled guidance (Forge's "Distilled CFG Scale", 3.5 by default; schnell has none)
-goes to `guidance_scale`, true CFG (`true_cfg_scale` with the negative prompt) only when the CFG scale is
-above 1 and a negative prompt is given, the T5 reads up to `max_sequence_length` tokens (512 for dev,
+FLUX.1 pipelines (`nbkit.flux_runtime.pipeline_family` tells them by their `transformer`) run through
+the same loop with their own call (`nbkit.flux_runtime.flux_call_arguments`): the distilled guidance
+(Forge's "Distilled CFG Scale", 3.5 by default; schnell has none) goes to `guidance_scale`, true CFG
+(`true_cfg_scale` with the negative prompt) only when the CFG scale is above 1 and a negative prompt is
+given (the infotext's `CFG scale` is the one used: 1 without true CFG), the T5 reads up to `max_sequence_length` tokens (512 for dev,
 256 for schnell), sizes are multiples of 16, only the flow-matching samplers apply, and the hires fix
 upscales pixels only (Flux's latents are packed). ControlNet is not offered for Flux.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import json
 import random
 import threading
@@ -38,8 +38,19 @@ from typing import TYPE_CHECKING, Any
 
 import nbkit
 from nbkit.errors import NbkitError
+from nbkit.flux_runtime import (
+    SIZE_MULTIPLE,
+    accepts,
+    apply_memory_option,
+    flux_call_arguments,
+    generation_dtype,
+    is_flow_family,
+    pipeline_family,
+    plan_generation_memory,
+    size_multiple,
+)
 from nbkit.infotext import format_infotext
-from nbkit.samplers import FLOW_FAMILIES, build_scheduler, resolve, sampler_name, schedule_label
+from nbkit.samplers import build_scheduler, resolve, sampler_name, schedule_label
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,10 +60,6 @@ if TYPE_CHECKING:
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this
-SIZE_MULTIPLE = 8  # the VAE's downsampling factor
-FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance default (diffusers' and Forge's)
-# How many T5 tokens FLUX.1 reads: what BFL's reference code uses for each model.
-FLUX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 # A1111's latent upscalers: torch interpolation mode and antialiasing.
 LATENT_UPSCALERS = {
     "Latent": ("bilinear", False),
@@ -219,27 +226,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def is_flow_family(family: str | None) -> bool:
-    """True for the flow-matching transformer families (FLUX.1)."""
-    return family in FLOW_FAMILIES
-
-
-def pipeline_family(pipeline: Any) -> str | None:
-    """`flux` for a FLUX.1 pipeline (it has a `transformer`, not a `unet`), else None (an SD family)."""
-    if getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith("Flux"):
-        return "flux"
-    return None
-
-
-def size_multiple(family: str | None) -> int:
-    """What image sides must be multiples of: the registry's step for FLUX.1 (16), else 8 (A1111's)."""
-    if is_flow_family(family):
-        from nbkit.models.registry import FAMILIES
-
-        return FAMILIES[family].resolution_step
-    return SIZE_MULTIPLE
-
-
 def check_inputs(settings: GenerationSettings) -> None:
     """Check a request before anything is generated; raises ValueError naming the bad value.
 
@@ -359,11 +345,6 @@ def _step_callback(
         return tensors
 
     return callback
-
-
-def _accepts(pipeline: Any, name: str) -> bool:
-    parameters = inspect.signature(pipeline.__call__).parameters
-    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _per_image(inputs: dict[str, Any], count: int) -> dict[str, Any]:
@@ -495,10 +476,10 @@ def generate_images(
     kwargs: dict[str, Any] = {}
     distilled = None
     if flow:
-        kwargs, distilled = _flux_arguments(pipeline, settings)
+        kwargs, distilled = flux_call_arguments(pipeline, settings)
     elif settings.guidance_scale is not None:
         kwargs["guidance_scale"] = settings.guidance_scale
-    if _accepts(pipeline, "height"):  # img2img pipelines take the size from their image
+    if accepts(pipeline, "height"):  # img2img pipelines take the size from their image
         kwargs.update(height=settings.height, width=settings.width)
     size = (settings.width, settings.height)
     latent_hires = hires is not None and hires.used_upscaler in LATENT_UPSCALERS
@@ -560,9 +541,12 @@ def generate_images(
                         **negatives_kwargs,
                         **second,
                     ).images
-            guidance = settings.guidance_scale
-            if guidance is None:
-                guidance = 1 if flow else getattr(pipeline, "guidance_scale", None)
+            if flow:  # the CFG that ran: without true CFG, FLUX.1 runs unguided (CFG 1)
+                guidance = kwargs.get("true_cfg_scale", 1)
+            else:
+                guidance = settings.guidance_scale
+                if guidance is None:
+                    guidance = getattr(pipeline, "guidance_scale", None)
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
                 parameters = _parameters(settings, scheduler, guidance, seeds[index], distilled)
@@ -576,40 +560,6 @@ def generate_images(
         for p, original in zip(pipelines, originals, strict=True):
             p.scheduler = original
     return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted)
-
-
-def flux_sequence_length(pipeline: Any) -> int:
-    """How many T5 tokens a FLUX.1 pipeline reads: 512 for dev, 256 for schnell (no guidance embedding),
-    never more than its T5 tokenizer holds."""
-    from nbkit.models.registry import is_flux_schnell
-
-    schnell = is_flux_schnell(dict(pipeline.transformer.config))
-    length = FLUX_SEQUENCE_LENGTH["schnell" if schnell else "dev"]
-    tokenizer = getattr(pipeline, "tokenizer_2", None)
-    limit = getattr(tokenizer, "model_max_length", None)
-    return min(length, limit) if isinstance(limit, int) and limit > 0 else length
-
-
-def _flux_arguments(pipeline: Any, settings: GenerationSettings) -> tuple[dict[str, Any], float | None]:
-    """A FLUX.1 call's guidance and T5 arguments, and the distilled guidance the infotext names (None
-    for schnell, which has no guidance embedding and ignores it)."""
-    from nbkit.models.registry import is_flux_schnell
-
-    kwargs: dict[str, Any] = {"max_sequence_length": flux_sequence_length(pipeline)}
-    distilled = None
-    if not is_flux_schnell(dict(pipeline.transformer.config)):
-        distilled = FLUX_GUIDANCE if settings.distilled_guidance is None else settings.distilled_guidance
-        kwargs["guidance_scale"] = distilled
-    cfg = settings.guidance_scale
-    # True CFG runs the transformer twice per step; diffusers does it only with a negative prompt.
-    if (
-        cfg is not None
-        and cfg > 1
-        and any(settings.negative_prompts())
-        and _accepts(pipeline, "true_cfg_scale")
-    ):
-        kwargs["true_cfg_scale"] = cfg
-    return kwargs, distilled
 
 
 def generate(
@@ -773,44 +723,7 @@ def _default_device_and_dtype(device: Any, dtype: Any, family: str | None = None
     import torch
 
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        # FLUX.1's activations overflow float16: it runs in bfloat16 on a GPU.
-        half = torch.bfloat16 if is_flow_family(family) else torch.float16
-        dtype = half if device.type == "cuda" else torch.float32
-    return device, dtype
-
-
-def plan_generation_memory(family: str | None, device: Any) -> Any:
-    """Check up front that a FLUX.1 model fits the GPU `device` (`nbkit.models.memory.plan_memory`).
-
-    Returns the `MemoryOption` to run it with, or None (an SD family, or the CPU).
-
-    Raises:
-        NbkitError: a GPU without bf16 (a T4) or with too little memory, with the reason and the ways.
-    """
-    import torch
-
-    if not is_flow_family(family) or torch.device(device).type != "cuda":
-        return None
-    from nbkit.models import memory
-
-    return memory.plan_memory(family, "generate", memory.device_facts())
-
-
-def apply_memory_option(pipeline: Any, option: Any, device: Any) -> Any:
-    """Place `pipeline` on `device` as `option` (from `plan_generation_memory`) says.
-
-    Offload (every quantized option offloads): diffusers' model CPU offload, each component moved to
-    the GPU while it runs. A quantized option's pipeline must have been loaded with its weights
-    quantized (`load_pipeline(..., quantization=option.quantization)`).
-    """
-    if option is None:
-        return pipeline.to(device)
-    if option.offload or option.quantization is not None:
-        pipeline.enable_model_cpu_offload(device=device)
-    else:
-        pipeline.to(device)
-    return pipeline
+    return device, generation_dtype(family, device) if dtype is None else dtype
 
 
 def release_pipeline() -> None:

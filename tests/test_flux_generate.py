@@ -6,18 +6,16 @@ import numpy as np
 import pytest
 
 from nbkit.errors import NbkitError
-from nbkit.generate import (
-    GenerationSettings,
-    HiresFix,
-    check_inputs,
+from nbkit.flux_runtime import (
+    apply_memory_option,
     flux_sequence_length,
-    generate,
-    generate_images,
+    generation_dtype,
     pipeline_family,
     plan_generation_memory,
 )
+from nbkit.generate import GenerationSettings, HiresFix, check_inputs, generate, generate_images
 from nbkit.infotext import parse_infotext
-from nbkit.models.memory import DeviceFacts
+from nbkit.models.memory import DeviceFacts, MemoryOption
 from nbkit.samplers import build_scheduler, resolve
 
 FAST = {"seeds": 1234, "steps": 2, "width": 64, "height": 64, "guidance_scale": 1.0, "sampler": "Euler"}
@@ -70,6 +68,15 @@ def test_true_cfg_only_with_a_negative_prompt_and_cfg_above_one(flux):
     assert not np.array_equal(_pixels(plain)[0], _pixels(true_cfg)[0])
     info = parse_infotext(true_cfg.infotexts[0])
     assert info.negative_prompt == "blurry" and info.cfg_scale == 4.0
+
+
+@pytest.mark.parametrize(("negative", "cfg"), [("", 7.0), ("blurry", 0.5)])
+def test_infotext_names_cfg_1_when_true_cfg_did_not_run(flux, negative, cfg):
+    """No negative prompt, or CFG <= 1: no true CFG ran (the same image as CFG 1), so the infotext says 1."""
+    plain = generate(flux, ["a dog"], **FAST)
+    asked = generate(flux, ["a dog"], **{**FAST, "guidance_scale": cfg}, negative_prompt=negative)
+    assert np.array_equal(_pixels(plain)[0], _pixels(asked)[0])
+    assert "CFG scale: 1," in asked.infotexts[0] and parse_infotext(asked.infotexts[0]).cfg_scale == 1.0
 
 
 def test_sd_sampler_on_flux_is_refused_with_the_flux_list(flux):
@@ -151,6 +158,53 @@ def test_memory_plan_refuses_a_t4_and_passes_the_cpu(monkeypatch):
     assert plan_generation_memory("sdxl", "cuda") is None  # the SD families are not checked
     monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("A100", 79.0, bf16=True))
     assert plan_generation_memory("flux", "cuda").name == "bf16"
+
+
+class _FakePipeline:
+    """Records how it is placed (the CPU here has no GPU to place it on)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def to(self, device):
+        self.calls.append(("to", str(device)))
+        return self
+
+    def enable_model_cpu_offload(self, device=None):
+        self.calls.append(("offload", str(device)))
+
+
+@pytest.mark.parametrize(
+    ("option", "offload", "expected"),
+    [
+        (None, False, ("to", "cuda")),
+        (None, True, ("offload", "cuda")),
+        (MemoryOption("bf16", "on the GPU", 30.0), False, ("to", "cuda")),
+        (MemoryOption("bf16", "on the GPU", 30.0), True, ("offload", "cuda")),  # low VRAM asked
+        (MemoryOption("bf16-offload", "offload", 20.0, offload=True), False, ("offload", "cuda")),
+        (
+            MemoryOption("8bit-offload", "8 bits", 12.0, quantization="8bit", offload=True),
+            False,
+            ("offload", "cuda"),
+        ),
+    ],
+)
+def test_apply_memory_option_offloads_when_the_plan_or_the_caller_asks(option, offload, expected):
+    pipeline = _FakePipeline()
+    assert apply_memory_option(pipeline, option, "cuda", offload=offload) is pipeline
+    assert pipeline.calls == [expected]
+
+
+def test_generation_dtype_is_bf16_for_flux_on_cuda_only():
+    import torch
+
+    from nbkit.generate import _default_device_and_dtype
+
+    assert generation_dtype("flux", "cuda") == torch.bfloat16
+    assert generation_dtype("sdxl", "cuda") == generation_dtype(None, "cuda") == torch.float16
+    assert generation_dtype("flux", "cpu") == generation_dtype(None, "cpu") == torch.float32
+    assert _default_device_and_dtype("cuda", None, "flux") == (torch.device("cuda"), torch.bfloat16)
+    assert _default_device_and_dtype("cpu", torch.float16, "flux") == (torch.device("cpu"), torch.float16)
 
 
 def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, monkeypatch):

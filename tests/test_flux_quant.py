@@ -161,13 +161,13 @@ def test_webui_on_a_24gb_gpu_with_torchao_runs_8bit_offload(torchao, quant_root,
     from PIL import Image
     from torchao.quantization import Int8Tensor
 
-    import nbkit.generate as generate
+    import nbkit.flux_runtime as flux_runtime
     from nbkit.webui.models import ModelCatalog
     from nbkit.webui.service import GenerationRequest, GenerationService
 
     option = plan_memory("flux", "generate", L4, quantizers=("torchao",))
     assert option.name == "8bit-offload" and option.quantization == "8bit"
-    monkeypatch.setattr(generate, "plan_generation_memory", lambda family, device: option)
+    monkeypatch.setattr(flux_runtime, "plan_generation_memory", lambda family, device: option)
     offloads = []
     monkeypatch.setattr(
         FluxPipeline, "enable_model_cpu_offload", lambda self, device=None: offloads.append(self)

@@ -198,3 +198,84 @@ def test_api_txt2img_img2img_and_errors(server):
     assert (
         "'Euler a'" in refused.json()["detail"] and "samplers for FLUX.1: Euler" in refused.json()["detail"]
     )
+
+
+def test_vae_override_loads_in_the_pipelines_vae_dtype(service, root, tmp_path, monkeypatch):
+    """A VAE override loads in the model's own VAE dtype, not `service.dtype` (float16 on a GPU, while
+    FLUX.1 runs in bfloat16): faked here with float16 as `service.dtype` on the CPU's float32 pipeline."""
+    bare = _pixels(service.generate(_req()))[0]
+    shutil.copytree(root / "models" / "tiny-flux" / "vae", tmp_path / "vae")
+    monkeypatch.setattr(service, "dtype", torch.float16)
+    output = service.generate(_req(vae=str(tmp_path / "vae")))
+    assert service._vae[1].dtype == service.pipeline.vae.dtype == torch.float32
+    assert np.array_equal(bare, _pixels(output)[0])  # the same VAE weights: the same image
+    assert "VAE: vae" in output.infotexts[0]
+
+
+class _FakePipeline:
+    def __init__(self):
+        self.calls = []
+
+    def to(self, device):
+        self.calls.append(("to", str(device)))
+        return self
+
+    def enable_model_cpu_offload(self, device=None):
+        self.calls.append(("offload", str(device)))
+
+
+def test_low_vram_offloads_a_bf16_plan_as_derived_pipelines_expect():
+    """Low VRAM with a FLUX.1 plan that fits whole ("bf16"): the pipeline is offloaded, not moved whole
+    to the GPU, since `_offload` (which the derived pipelines follow) says offloaded (faked GPU)."""
+    from nbkit.models.memory import MemoryOption
+
+    service = GenerationService(ModelCatalog(include_base_models=False), device="cpu", low_vram=True)
+    service.device = torch.device("cuda")
+    pipeline = _FakePipeline()
+    service._place(pipeline, MemoryOption("bf16", "bf16 on the GPU", 30.0))
+    assert service._offload and pipeline.calls == [("offload", "cuda")]
+    service.low_vram = False
+    service._place(pipeline, MemoryOption("bf16", "bf16 on the GPU", 30.0))
+    assert not service._offload and pipeline.calls[1:] == [("to", "cuda")]
+
+
+def test_session_flux_lora_is_listed_by_its_kohya_file_and_loads_the_diffusers_one(service, root, tmp_path):
+    """A session's FLUX.1 LoRA: the API lists (and the infotext hashes) the kohya file users share in
+    ComfyUI; the diffusers file of the same weights is what loads."""
+    from nbkit.manifest import ExportedModel
+    from nbkit.session import Session
+    from nbkit.train.export import file_sha256
+    from nbkit.webui.lora import lora_hash
+
+    session = Session.create("dog", root=tmp_path)
+    folder = session.path / "models" / "dog-lora"
+    folder.mkdir(parents=True)
+    shutil.copy(root / "loras" / "fluxsubject.safetensors", folder / "pytorch_lora_weights.safetensors")
+    _kohya_lora(folder / "dog.safetensors")  # other weights: which file loads shows in the pixels
+    kohya = "models/dog-lora/dog.safetensors"
+    session.manifest.add_model(
+        ExportedModel(
+            name="dog-lora",
+            kind="lora",
+            files={"diffusers": "models/dog-lora/pytorch_lora_weights.safetensors", "kohya": kohya},
+            family="flux",
+            resolution=64,
+            base_model=str(root / "models" / "tiny-flux"),
+            sha256={kohya: file_sha256(folder / "dog.safetensors")},
+        )
+    )
+    session.save()
+    catalog = ModelCatalog(session, storage_root=root, include_base_models=False)
+    entry = catalog.find_lora("dog")
+    assert entry.path == folder / "dog.safetensors" and entry.to_api()["path"] == str(entry.path)
+    assert entry.sha256 == file_sha256(entry.path)
+    assert entry.file_to_load == folder / "pytorch_lora_weights.safetensors"
+    own = service.catalog
+    service.catalog = catalog
+    try:
+        output = service.generate(_req(prompt="a dog <lora:dog:1>"))
+    finally:
+        service.catalog = own
+    same_weights = service.generate(_req(prompt="a dog <lora:fluxsubject:1>"))
+    assert np.array_equal(_pixels(output)[0], _pixels(same_weights)[0])
+    assert f'Lora hashes: "dog: {lora_hash(entry.path)[:12]}"' in output.infotexts[0]

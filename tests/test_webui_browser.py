@@ -131,8 +131,25 @@ def test_a_flux_model_opens_on_a_flow_sampler_and_generates(browser, tmp_path, t
         sampler = browser.find_element(By.CSS_SELECTOR, "#txt2img-sampler input")
         # A1111's default, "Euler a", is not a flow sampler: the page moves to "Euler" for FLUX.1.
         _wait(lambda: sampler.get_attribute("value") == "Euler", 60, "the sampler to become Euler")
+        # CFG moves to 1 (no true CFG pass), and the schedule types are FLUX.1's (no "SGM Uniform").
+        cfg = browser.find_element(By.CSS_SELECTOR, "#txt2img-cfg input[type='number']")
+        _wait(lambda: cfg.get_attribute("value") == "1", 30, "CFG Scale to become 1")
+        browser.find_element(By.CSS_SELECTOR, "#txt2img-scheduler input").click()
+        offered = _wait(
+            # An item's text is its label, under a check mark when it is the one chosen.
+            lambda: [
+                item.text.split("\n")[-1]
+                for item in browser.find_elements(By.CSS_SELECTOR, "#txt2img-scheduler li")
+            ],
+            30,
+            "the schedule types",
+        )
+        browser.find_element(By.CSS_SELECTOR, "#txt2img-prompt textarea").click()  # closes the list
         info = _generate(browser, "a photo of zwx dog")
     finally:
         server.stop()
     assert info.startswith("a photo of zwx dog\n")
     assert "Sampler: Euler," in info and "Distilled CFG Scale: 3.5" in info and "Size: 64x64" in info
+    assert "SGM Uniform" not in offered
+    assert set(offered) == {"Automatic", "Simple", "Karras", "Exponential", "Beta"}, offered
+    assert "CFG scale: 1," in info

@@ -195,6 +195,49 @@ def test_lora_tags_apply_and_are_removed_after(sd1, storage):
         sd1.generate(_req(prompt="<lora:missing:1>"))
 
 
+def test_sd_session_lora_lists_loads_and_hashes_its_kohya_file(sd1, storage, tmp_path):
+    """An SD session LoRA is the kohya file A1111 users share: /loras lists it, the infotext's `Lora
+    hashes` hashes it, and it is the file loaded (not the session's diffusers file beside it)."""
+    import shutil
+
+    from nbkit.manifest import ExportedModel
+    from nbkit.session import Session
+    from nbkit.train.export import file_sha256
+
+    session = Session.create("dog", root=tmp_path)
+    folder = session.path / "models" / "dog-lora"
+    folder.mkdir(parents=True)
+    shutil.copy(storage / "loras" / "subject.safetensors", folder / "dog.safetensors")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"not what an SD LoRA loads")
+    kohya = "models/dog-lora/dog.safetensors"
+    session.manifest.add_model(
+        ExportedModel(
+            name="dog-lora",
+            kind="lora",
+            files={"diffusers": "models/dog-lora/pytorch_lora_weights.safetensors", "kohya": kohya},
+            family="sd1",
+            resolution=64,
+            base_model="sd15",
+            sha256={kohya: file_sha256(folder / "dog.safetensors")},
+        )
+    )
+    session.save()
+    catalog = ModelCatalog(session, storage, include_base_models=False)
+    entry = catalog.find_lora("dog")
+    assert entry.to_api()["path"] == str(folder / "dog.safetensors") == str(entry.file_to_load)
+    assert entry.sha256 == file_sha256(folder / "dog.safetensors")
+    own = sd1.catalog
+    sd1.catalog = catalog
+    try:
+        output = sd1.generate(_req(prompt="a dog <lora:dog:1>"))
+    finally:
+        sd1.catalog = own
+    same = sd1.generate(_req(prompt="a dog <lora:subject:1>"))
+    assert np.array_equal(_pixels(output)[0], _pixels(same)[0])
+    digest = lora_hash(folder / "dog.safetensors")
+    assert parse_infotext(output.infotexts[0]).parameters["Lora hashes"] == f"dog: {digest[:12]}"
+
+
 def test_lora_prompt_syntax():
     assert parse_loras("a <lora:x:0.5> dog, <LORA:y>") == (
         "a  dog, ",

@@ -72,15 +72,27 @@ class ModelEntry:
 class LoraEntry:
     """A LoRA file the prompt can apply as `<lora:name:weight>`.
 
+    `path` is the file A1111, ComfyUI and Civitai know (the kohya `.safetensors` users share): the API
+    lists it and the infotext's `Lora hashes` hashes it. `load_path` is the file diffusers loads; it is
+    another one only for a session's FLUX.1 LoRA, whose kohya/ComfyUI file diffusers cannot read at
+    every model width, while the session's diffusers file of the same weights it reads exactly.
+
     Args:
-        name: what `<lora:NAME:...>` refers to (the file's stem).
+        name: what `<lora:NAME:...>` refers to (the kohya file's stem).
         path: the kohya/A1111 `.safetensors`.
         sha256: its sha256, when known.
+        load_path: the file to load (None: `path`).
     """
 
     name: str
     path: Path
     sha256: str | None = None
+    load_path: Path | None = None
+
+    @property
+    def file_to_load(self) -> Path:
+        """The file `load_lora_weights` reads."""
+        return self.load_path if self.load_path is not None else self.path
 
     def to_api(self) -> dict:
         """The shape of one item of A1111's GET /sdapi/v1/loras."""
@@ -137,12 +149,15 @@ class ModelCatalog:
                     )
                 elif "kohya" in record.files:
                     relative = record.files["kohya"]
-                    # Named as A1111 names it (the kohya file's stem); the diffusers file is the one
-                    # diffusers reads exactly, whatever the model's width.
-                    loaded = record.files.get("diffusers", relative)
+                    # Named, listed and hashed as A1111 does: by the kohya file. FLUX.1 loads the
+                    # session's diffusers file of the same weights (see `LoraEntry`).
+                    loaded = record.files.get("diffusers") if record.family == "flux" else None
                     loras.append(
                         LoraEntry(
-                            Path(relative).stem, self.session.path / loaded, record.sha256.get(relative)
+                            Path(relative).stem,
+                            self.session.path / relative,
+                            record.sha256.get(relative),
+                            self.session.path / loaded if loaded else None,
                         )
                     )
                     # The model the LoRA was trained on comes first, so the UI opens on it.

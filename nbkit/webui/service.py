@@ -356,12 +356,14 @@ class GenerationService:
     ):
         import torch
 
+        from nbkit.flux_runtime import generation_dtype
+
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.catalog = catalog
         self.outputs = outputs
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = generation_dtype(None, self.device)  # the SD families' (FLUX.1: `_dtype_for`)
         self.low_vram = low_vram
         self.attention = attention
         self.pipeline: Any = None
@@ -396,7 +398,7 @@ class GenerationService:
             entry = self.catalog.add(key)
         if self.current == entry and self.pipeline is not None:
             return entry
-        from nbkit.generate import pipeline_family, plan_generation_memory
+        from nbkit.flux_runtime import pipeline_family, plan_generation_memory
 
         family = entry.family or folder_family(entry.source)
         # A GPU that cannot run it (a T4 for FLUX.1) is refused before the old model is dropped.
@@ -434,16 +436,14 @@ class GenerationService:
 
     def _dtype_for(self, family: str | None) -> Any:
         """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
-        import torch
+        from nbkit.flux_runtime import generation_dtype
 
-        from nbkit.generate import is_flow_family
-
-        return torch.bfloat16 if is_flow_family(family) and self.device.type == "cuda" else self.dtype
+        return generation_dtype(family, self.device)
 
     @property
     def family(self) -> str | None:
         """The loaded checkpoint's family as far as generation cares: `flux`, else None (an SD family)."""
-        from nbkit.generate import pipeline_family
+        from nbkit.flux_runtime import pipeline_family
 
         return pipeline_family(self.pipeline) if self.pipeline is not None else None
 
@@ -457,7 +457,7 @@ class GenerationService:
         """Move a loaded pipeline where it runs; `option` is FLUX.1's memory plan (None otherwise)."""
         self._memory_option = option
         if option is not None:
-            from nbkit.generate import apply_memory_option
+            from nbkit.flux_runtime import apply_memory_option
 
             if option.offload or option.quantization:
                 from nbkit.models.quantization import describe_loaded
@@ -467,7 +467,9 @@ class GenerationService:
                     f"FLUX.1 runs as {option.name}: {option.description}"
                     + (f"; {weights}" if weights else "")
                 )
-            return apply_memory_option(pipeline, option, self.device)
+            # Low VRAM offloads a plan that fits whole too: placement and `_offload` (which derived
+            # pipelines follow) must agree.
+            return apply_memory_option(pipeline, option, self.device, offload=self._offload)
         if self.device.type == "cuda" and self.attention == "xformers":
             try:
                 pipeline.enable_xformers_memory_efficient_attention()
@@ -501,24 +503,28 @@ class GenerationService:
 
     def _load_vae(self, source: str) -> Any:
         """The VAE at `source` (cached for the next request): a VAE folder, a pipeline folder with
-        `vae/`, or a single file (diffusers or original layout, read with the model's VAE config)."""
+        `vae/`, or a single file (diffusers or original layout, read with the model's VAE config).
+
+        It loads in the dtype of the model's own VAE: FLUX.1 runs in bfloat16 on a GPU, not `self.dtype`,
+        and its latents reach the VAE in the pipeline's dtype."""
         if self._vae is not None and self._vae[0] == source:
             return self._vae[1]
         from diffusers import AutoencoderKL
 
         path = Path(source).expanduser()
         self._vae = None
+        dtype = self.pipeline.vae.dtype
         try:
             if path.is_dir():
                 subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=self.dtype)
+                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
             elif path.is_file():
                 import tempfile
 
                 with tempfile.TemporaryDirectory() as config:
                     self.pipeline.vae.save_config(config)
                     vae = AutoencoderKL.from_single_file(
-                        str(path), config=config, torch_dtype=self.dtype, local_files_only=True
+                        str(path), config=config, torch_dtype=dtype, local_files_only=True
                     )
             else:
                 raise NbkitError("no such VAE file or folder", path=path, fix="check the path")
@@ -734,7 +740,7 @@ class GenerationService:
             textinfo="",
         )
         try:
-            with applied_loras(self.pipeline, [(tag, lora.path) for tag, lora in loras]):
+            with applied_loras(self.pipeline, [(tag, lora.file_to_load) for tag, lora in loras]):
                 result = generate_images(
                     task,
                     settings,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.infotext import parse_infotext, read_infotext
-from nbkit.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, SAMPLERS, SCHEDULES
+from nbkit.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, FLOW_SCHEDULES, SAMPLERS, SCHEDULES
 from nbkit.webui.controlnet import CONTROLNETS
 from nbkit.webui.models import folder_family
 from nbkit.webui.queue import GpuQueue, QueueFull
@@ -152,9 +152,7 @@ class _Panel:
                         list(SAMPLERS), value="Euler a", label="Sampling method", elem_id=f"{mode}-sampler"
                     )
                     f["scheduler"] = gr.Dropdown(
-                        [schedule.label for schedule in SCHEDULES.values()],
-                        value="Automatic",
-                        label="Schedule type",
+                        list(SCHEDULES), value="Automatic", label="Schedule type", elem_id=f"{mode}-scheduler"
                     )
                 f["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps")
                 if mode == "txt2img":
@@ -184,7 +182,7 @@ class _Panel:
                         f["batch_size"] = gr.Slider(
                             1, min(8, limits.max_images), value=1, step=1, label="Batch size"
                         )
-                f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale")
+                f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{mode}-cfg")
                 # Forge's slider: FLUX.1-dev's distilled guidance (SD models ignore it).
                 f["distilled_cfg_scale"] = gr.Slider(
                     0, 30, value=3.5, step=0.1, label="Distilled CFG Scale (FLUX.1)"
@@ -582,22 +580,37 @@ def build_ui(
                 unload.click(do_unload, outputs=settings)
                 blocks.load(describe, outputs=settings)
 
-        samplers = [panel.fields["sampler_name"] for panel in panels.values()]
+        # Each panel's sampler dropdown, then each one's schedule dropdown, then each one's CFG slider.
+        fitted = [
+            panel.fields[name]
+            for name in ("sampler_name", "scheduler", "cfg_scale")
+            for panel in panels.values()
+        ]
 
         def fitting_samplers(family: str | None) -> list[Any]:
-            # A flow model (FLUX.1) takes only the flow samplers: move the dropdowns off "Euler a".
-            if family not in FLOW_FAMILIES:
-                return [gr.Dropdown(choices=list(SAMPLERS))] * len(samplers)
-            return [gr.Dropdown(choices=list(FLOW_SAMPLERS), value=next(iter(FLOW_SAMPLERS)))] * len(samplers)
+            # A flow model (FLUX.1) takes only the flow samplers and schedules: move the dropdowns off
+            # "Euler a", and CFG to 1 (true CFG doubles each step; FLUX.1-dev is guidance-distilled).
+            count = len(panels)
+            if family not in FLOW_FAMILIES:  # the full lists back; the values stay as they are
+                return (
+                    [gr.Dropdown(choices=list(SAMPLERS))] * count
+                    + [gr.Dropdown(choices=list(SCHEDULES))] * count
+                    + [gr.skip()] * count
+                )
+            return (
+                [gr.Dropdown(choices=list(FLOW_SAMPLERS), value=next(iter(FLOW_SAMPLERS)))] * count
+                + [gr.Dropdown(choices=list(FLOW_SCHEDULES), value="Automatic")] * count
+                + [gr.Slider(value=1)] * count
+            )
 
         def switch(title: str) -> list[Any]:
             if not title or (service.current is not None and service.current.title == title):
-                return [gr.skip()] * (1 + len(samplers))
+                return [gr.skip()] * (1 + len(fitted))
             try:
                 entry = queue.run(lambda: service.select_model(title))
             except QueueFull as error:
                 gr.Warning(f"Busy: {error}")
-                return [gr.skip()] * (1 + len(samplers))
+                return [gr.skip()] * (1 + len(fitted))
             except Exception as error:
                 raise gr.Error(_describe(error)) from None
             gr.Info(f"Loaded {entry.title}")
@@ -617,8 +630,8 @@ def build_ui(
             catalog.refresh()
             return gr.Dropdown(choices=titles(), value=current())
 
-        model.input(switch, inputs=model, outputs=[status, *samplers])
-        blocks.load(on_load, outputs=samplers)
+        model.input(switch, inputs=model, outputs=[status, *fitted])
+        blocks.load(on_load, outputs=fitted)
         refresh.click(do_refresh, outputs=model)
     # gradio embeds the API description (labels, defaults, checkpoint titles) in every page, the login
     # page included; the UI is for people and /sdapi/v1 is the API, so gradio's own is kept private.
