@@ -248,4 +248,8 @@ def test_model_info_runs_the_loading_safety_check(tmp_path, capsys):
     )
     assert not marker.exists()
     assert main(["model", "info", str(plain)]) == 0
-    assert "single-file checkpoint, PyTorch pickle of plain tensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        "single file, PyTorch pickle of plain tensors" in out
+        and "contents:   not a full Stable Diffusion" in out
+    )

@@ -188,3 +188,19 @@ def test_cli_converts_a_flux_folder(flux_dir, original, tmp_path):
     loaded = load_flux_transformer(out, flux_dir)
     assert_same_weights(original.to(torch.bfloat16), loaded)
     original.to(torch.float32)
+
+
+def test_model_info_says_what_a_single_file_is(tiny_model_dir, tmp_path, capsys):
+    from nbkit.cli import main
+    from nbkit.convert import convert_to_single_file
+    from nbkit.convert.flux import save_flux_transformer
+
+    flux = save_flux_transformer(tiny_model_dir("flux"), tmp_path / "flux.safetensors")
+    assert main(["model", "info", str(flux)]) == 0
+    assert (
+        "contents:   this is a FLUX.1 transformer in the Black Forest Labs layout" in capsys.readouterr().out
+    )
+    convert_to_single_file(tiny_model_dir("sdxl"), tmp_path / "sdxl.safetensors")
+    assert main(["model", "info", str(tmp_path / "sdxl.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "family:     sdxl" in out and "prediction: epsilon" in out and "resolution: 64" in out

@@ -231,3 +231,13 @@ def test_merging_a_file_diffusers_cannot_read_names_the_diffusers_file(tiny_mode
     err = capsys.readouterr().err
     assert "diffusers could not apply this LoRA" in err and "pytorch_lora_weights.safetensors" in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_the_architecture_says_dev_or_schnell(tiny_model_dir, tmp_path):
+    lora_file = save_diffusers_lora(lora_transformer(tiny_model_dir("flux"), LOADABLE), tmp_path / "lora")
+    for schnell, architecture in ((False, "flux-1-dev/lora"), (True, "flux-1-schnell/lora")):
+        out = save_comfy_lora(
+            lora_file, tmp_path / f"{architecture.split('/')[0]}.safetensors", schnell=schnell
+        )
+        with safe_open(out, "pt") as file:
+            assert file.metadata()["modelspec.architecture"] == architecture

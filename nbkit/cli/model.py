@@ -83,9 +83,19 @@ def info_command(args: argparse.Namespace) -> int:
         # The same check loading runs: a pickle that would run code is refused here too, saying why.
         file_format = check_pickled_checkpoint(resolved.path)
         described = "safetensors" if file_format == "safetensors" else "PyTorch pickle of plain tensors"
-        print(
-            f"kind:       single-file checkpoint, {described} (`nbkit convert` reads its family from the weights)"
-        )
+        print(f"kind:       single file, {described}")
+        from nbkit.convert.detect import detect_family
+        from nbkit.errors import NbkitError
+
+        try:
+            guess = detect_family(resolved.path)  # the header's keys, shapes and metadata only
+        except NbkitError as error:  # a LoRA, a FLUX.1 transformer, a VAE alone...: what it is, in words
+            print(f"contents:   {error.message}")
+            return 0
+        families = guess.family or " or ".join(guess.candidates)
+        print(f"family:     {families} (from {guess.evidence})")
+        print(f"prediction: {guess.prediction_type or 'unknown (pass --family to nbkit convert)'}")
+        print(f"resolution: {guess.native_resolution or 'unknown'}")
         return 0
     detected = detect_family_from_config(resolved.path)
     print("kind:       diffusers folder" + (f" ({resolved.variant} weights)" if resolved.variant else ""))

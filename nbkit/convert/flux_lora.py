@@ -29,7 +29,7 @@ from nbkit.convert.metadata import LORA_ARCHITECTURE_SUFFIX
 from nbkit.convert.safetensors_stream import read_header
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_bytes
-from nbkit.models.registry import FAMILIES
+from nbkit.models.registry import FAMILIES, FLUX_SCHNELL_ARCHITECTURE
 
 LORA_PREFIX = "lora_unet_"
 ARCHITECTURE = FAMILIES["flux"].modelspec_architecture + LORA_ARCHITECTURE_SUFFIX
@@ -178,7 +178,11 @@ def _rank_and_alpha(
 
 
 def save_comfy_lora(
-    diffusers_lora_file: Path, out_file: Path, *, metadata: dict[str, str] | None = None
+    diffusers_lora_file: Path,
+    out_file: Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    schnell: bool = False,
 ) -> Path:
     """Write the ComfyUI/Forge (kohya-format) file of a diffusers-format FLUX.1 LoRA file.
 
@@ -188,7 +192,8 @@ def save_comfy_lora(
             diffusers assumes).
         out_file: the `.safetensors` file to write (atomically).
         metadata: extra header metadata (title, resolution `"512x512"`, training settings...); the
-            architecture stays `flux-1-dev/lora`.
+            architecture is derived, not taken from it.
+        schnell: the LoRA was trained on FLUX.1-schnell (`flux-1-schnell/lora`; else `flux-1-dev/lora`).
 
     Returns:
         The path written.
@@ -213,7 +218,7 @@ def save_comfy_lora(
     header = {
         "format": "pt",
         **flux_modelspec(
-            architecture=ARCHITECTURE,
+            architecture=(FLUX_SCHNELL_ARCHITECTURE + LORA_ARCHITECTURE_SUFFIX) if schnell else ARCHITECTURE,
             title=out.stem,
             description=f"FLUX.1 LoRA (rank {rank}, alpha {alpha:g}) for ComfyUI and Forge, converted by nbkit",
         ),

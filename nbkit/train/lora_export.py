@@ -22,7 +22,7 @@ from typing import Any
 from nbkit.convert.hashes import MODELSPEC_HASH_KEY, with_modelspec_hash
 from nbkit.convert.metadata import modelspec_metadata
 from nbkit.fsio import atomic_path, atomic_write_bytes
-from nbkit.models.registry import FAMILIES
+from nbkit.models.registry import FAMILIES, is_flux_schnell
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -220,7 +220,11 @@ def save_lora(
         # The converter writes the file, so the hash of its tensors is its to add; no placeholder here.
         header.pop(MODELSPEC_HASH_KEY, None)
         header.pop("modelspec.prediction_type", None)  # SAI's spec knows epsilon and v, not flow
-        comfy_path = save_comfy_lora(diffusers_path, out_dir / f"{name}.safetensors", metadata=header)
+        header.pop("modelspec.architecture", None)  # dev or schnell: the converter derives it
+        schnell = is_flux_schnell(dict(unet.config))
+        comfy_path = save_comfy_lora(
+            diffusers_path, out_dir / f"{name}.safetensors", metadata=header, schnell=schnell
+        )
         return {"diffusers": diffusers_path, "kohya": Path(comfy_path)}
 
     # (b) kohya format with modelspec metadata.
