@@ -29,7 +29,7 @@ from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
 from nbkit.lock import SessionLock, live_holder
 from nbkit.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
-from nbkit.models.base_model import native_resolution
+from nbkit.models.base_model import model_spec, native_resolution
 from nbkit.models.registry import RESOLUTION_STEP, TRAINING_DEFAULTS, check_resolution_step, get_family
 
 if TYPE_CHECKING:
@@ -242,6 +242,14 @@ class Session:
             # A size the model cannot take fails here, not at the first image import or training run.
             step = get_family(base_model.family).resolution_step if base_model else RESOLUTION_STEP
             check_resolution_step(resolution, step)
+            allowed = model_spec(base_model).allowed_resolutions if base_model else None
+            if allowed is not None and resolution not in allowed:
+                warnings.warn(
+                    f"resolution {resolution} is outside {allowed[0]}-{allowed[-1]} for {base_model.source}: "
+                    "training will ask for --force-resolution",
+                    NbkitWarning,
+                    stacklevel=2,
+                )
         if path.exists():
             if not (path / MANIFEST_NAME).exists() and not (path / BACKUP_NAME).exists():
                 raise NbkitError(

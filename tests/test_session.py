@@ -16,7 +16,7 @@ import pytest
 
 import nbkit.session
 from nbkit.cli import main
-from nbkit.errors import NbkitError, SessionLockedError
+from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError
 from nbkit.fsio import TEMP_PREFIX
 from nbkit.lock import LOCK_NAME
 from nbkit.manifest import SCHEMA_VERSION, BaseModelRef, ImageRecord
@@ -798,3 +798,6 @@ def test_create_checks_the_resolution_step_of_the_model_family(tmp_path):
         Session.create("f", root=tmp_path, base_model=flux, resolution=1040).manifest.training.resolution
         == 1040
     )
+    tiny = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
+    with pytest.warns(NbkitWarning, match="resolution 512 is outside 64-256 for tiny-flux"):
+        Session.create("t", root=tmp_path, base_model=tiny, resolution=512)
