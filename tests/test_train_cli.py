@@ -120,7 +120,9 @@ def test_every_train_option_has_help_and_shows_its_default():
         elif flag not in no_default and "default:" not in action.help:
             without_default.append(flag)
     assert undocumented == [] and without_default == []
-    assert "(default: 1500)" in train_parser.format_help()  # unet steps, as a new session has them
+    help_text = " ".join(train_parser.format_help().split())
+    assert "(default: 1500; FLUX.1: 500)" in help_text  # unet steps, as a new SD / FLUX.1 session has them
+    assert "(default: the base model's native size)" in help_text
 
 
 def test_a_damaged_checkpoint_is_named_when_resume_passes_over_it(tiny_model_dir):
