@@ -245,8 +245,8 @@ class Session:
             allowed = model_spec(base_model).allowed_resolutions if base_model else None
             if allowed is not None and resolution not in allowed:
                 warnings.warn(
-                    f"resolution {resolution} is outside {allowed[0]}-{allowed[-1]} for {base_model.source}: "
-                    "training will ask for --force-resolution",
+                    f"resolution {resolution} is not one of {base_model.source}'s sizes ({allowed[0]}-{allowed[-1]} "
+                    f"in steps of {allowed.step}): training will ask for --force-resolution",
                     NbkitWarning,
                     stacklevel=2,
                 )

@@ -799,5 +799,7 @@ def test_create_checks_the_resolution_step_of_the_model_family(tmp_path):
         == 1040
     )
     tiny = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
-    with pytest.warns(NbkitWarning, match="resolution 512 is outside 64-256 for tiny-flux"):
+    with pytest.warns(
+        NbkitWarning, match=r"resolution 512 is not one of tiny-flux's sizes \(64-256 in steps of 64\)"
+    ):
         Session.create("t", root=tmp_path, base_model=tiny, resolution=512)
