@@ -81,7 +81,13 @@ def _text_encoder_config(tokenizer, *, hidden_size: int, hidden_act: str, projec
 def _vae(family: str):
     from diffusers import AutoencoderKL
 
-    # SD's VAE: 4 levels (3 downsamplings = factor 8), 4 latent channels.
+    if family == "flux":  # FLUX.1's VAE: 16 latent channels, no quant convs, latents scaled and shifted
+        latent = {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+        latent.update(use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+    else:  # SD's: 4 latent channels; SDXL's overflows in fp16, and the flag travels with the config
+        latent = {"latent_channels": 4, "scaling_factor": 0.13025 if family == "sdxl" else 0.18215}
+        latent.update(force_upcast=family == "sdxl")
+    # 4 levels (3 downsamplings = factor 8), as every family's real VAE.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -89,11 +95,9 @@ def _vae(family: str):
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 32, 32),
         layers_per_block=2,
-        latent_channels=4,
         norm_num_groups=32,
         sample_size=TINY_RESOLUTION[family],
-        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
-        force_upcast=family == "sdxl",  # SDXL's VAE overflows in fp16; the flag travels with the config
+        **latent,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import string
 
-from nbkit.models.registry import TINY_NATIVE_RESOLUTION
 from nbkit.models.tokenizer import PROMPT_WORDS, make_clip_tokenizer
 
 T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5
@@ -111,28 +110,6 @@ def _t5_encoder(tokenizer):
     )
 
 
-def _vae():
-    from diffusers import AutoencoderKL
-
-    # FLUX.1's VAE: 16 latent channels, no quant convs, latents scaled and shifted.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=TINY_NATIVE_RESOLUTION["flux"],
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        force_upcast=True,
-    )
-
-
 def _transformer(*, guidance: bool, text_width: int, pooled_width: int):
     from diffusers import FluxTransformer2DModel
 
@@ -178,13 +155,15 @@ def build_tiny_flux(*, guidance: bool = True):
     """
     from diffusers import FluxPipeline
 
+    from nbkit.models.tiny import _vae
+
     tokenizer = make_clip_tokenizer()
     tokenizer_2 = make_t5_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer)
     text_encoder_2 = _t5_encoder(tokenizer_2)
     return FluxPipeline(
         scheduler=_scheduler(guidance=guidance),
-        vae=_vae(),
+        vae=_vae("flux"),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
