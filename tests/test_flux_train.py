@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from child_process import paused_training
 from test_train_support import PROMPT, assert_same_tensors, load_tensors, make_session, subject_image
 
 from nbkit.errors import NbkitError
 from nbkit.models import memory
 from nbkit.session import Session
-from nbkit.train.checkpointing import PAUSE_ENV, PAUSE_MARKER
 from nbkit.train.inputs import FLUX_FULL_FINE_TUNE
 from nbkit.train.plan import plan_run
 from nbkit.train.trainer import train
@@ -233,27 +230,10 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_bit_exact(tiny_model_
     _flux_session("killed", tiny_model_dir, **RESUMABLE)
     reference = train("reference")
 
-    environment = {**os.environ, PAUSE_ENV: "unet-000004"}
-    with open(tmp_path / "stderr.txt", "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nbkit", "train", "killed"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=environment,
-        )
-        try:
-            for line in process.stdout:
-                if line.decode().startswith(PAUSE_MARKER):
-                    break
-            else:
-                pytest.fail(f"the run ended without pausing: {(tmp_path / 'stderr.txt').read_text()[-3000:]}")
-            session = Session.open("killed")
-            assert session.manifest.state.last_checkpoint == "checkpoints/unet-000002"
-            assert session.manifest.models == []
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+    with paused_training(["killed"], "unet-000004", tmp_path / "stderr.txt", os.environ):
+        session = Session.open("killed")
+        assert session.manifest.state.last_checkpoint == "checkpoints/unet-000002"
+        assert session.manifest.models == []
 
     with pytest.warns(UserWarning, match="stale lock"):
         resumed = train("killed", resume=True)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from child_process import paused_training
 from test_train_support import assert_same_tensors, load_tensors, make_session, subject_image
 
 from nbkit.cli import build_parser
 from nbkit.images import import_images
 from nbkit.session import Session
-from nbkit.train.checkpointing import PAUSE_ENV, PAUSE_MARKER
 from nbkit.train.trainer import train
 
 STEPS = {"text_encoder_steps": 1, "unet_steps": 3, "checkpoint_every": 0}
@@ -171,22 +170,10 @@ def test_deterministic_kill_and_resume_through_the_cli_is_bit_exact(tiny_model_d
     reference = nbkit("train", "reference", "--deterministic", env=env)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    with open(tmp_path / "stderr.txt", "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nbkit", "train", "killed", "--deterministic"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=environment({**env, PAUSE_ENV: "unet-000002"}),
-        )
-        try:
-            for line in process.stdout:
-                if line.decode().startswith(PAUSE_MARKER):
-                    break
-            else:
-                pytest.fail((tmp_path / "stderr.txt").read_text()[-3000:])
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+    with paused_training(
+        ["killed", "--deterministic"], "unet-000002", tmp_path / "stderr.txt", environment(env)
+    ):
+        pass  # killed halfway through writing unet-000002 as the block ends
     resumed = nbkit("train", "killed", "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = Session.open("killed").manifest.history

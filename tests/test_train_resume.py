@@ -7,16 +7,15 @@ comes from (seed, stage, step), and checkpoints carry the optimizer and LR sched
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from child_process import paused_training
 from test_train_support import assert_same_tensors, load_tensors, make_session, model_state
 
 from nbkit.session import Session
-from nbkit.train.checkpointing import PAUSE_ENV, PAUSE_MARKER
 from nbkit.train.trainer import train
 
 # Every determinism-relevant feature on: two stages, accumulation, flips, offset noise, Min-SNR,
@@ -85,28 +84,11 @@ def test_resume_after_sigkill_while_writing_a_checkpoint_is_bit_exact(tiny_model
     reference = train("reference")
 
     # A real process, paused halfway through copying checkpoint unet-000002 into the session.
-    environment = {**os.environ, PAUSE_ENV: "unet-000002"}
-    with open(tmp_path / "stderr.txt", "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nbkit", "train", "killed"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=environment,
-        )
-        try:
-            for line in process.stdout:
-                if line.decode().startswith(PAUSE_MARKER):
-                    break
-            else:
-                pytest.fail(f"the run ended without pausing: {(tmp_path / 'stderr.txt').read_text()[-3000:]}")
-            checkpoints = Session.open("killed").path / "checkpoints"
-            partial = [path for path in checkpoints.iterdir() if path.name.startswith(".nbkit-tmp-")]
-            assert len(partial) == 1 and len(list(partial[0].iterdir())) == 1  # one file of several copied
-            assert Session.open("killed").manifest.state.last_checkpoint == "checkpoints/text_encoder-000002"
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+    with paused_training(["killed"], "unet-000002", tmp_path / "stderr.txt", os.environ):
+        checkpoints = Session.open("killed").path / "checkpoints"
+        partial = [path for path in checkpoints.iterdir() if path.name.startswith(".nbkit-tmp-")]
+        assert len(partial) == 1 and len(list(partial[0].iterdir())) == 1  # one file of several copied
+        assert Session.open("killed").manifest.state.last_checkpoint == "checkpoints/text_encoder-000002"
 
     with pytest.warns(UserWarning, match="stale lock"):  # the dead process still "holds" the session
         resumed = train("killed", resume=True)
