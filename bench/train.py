@@ -272,7 +272,7 @@ def nbkit_stage2(
     """
     from nbkit.images.importing import import_images
     from nbkit.models.base_model import base_model_ref
-    from nbkit.session import Session
+    from nbkit.session.core import Session
     from nbkit.train import train
     from nbkit.train.progress_log import TrainingLog
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nbkit.session import Session
+from nbkit.session.core import Session
 
 DEMO_TOKEN = "zwx"
 
@@ -87,9 +87,9 @@ def run_demo(
     """
     from nbkit.env import describe_runtime
     from nbkit.images import import_images
-    from nbkit.manifest import BaseModelRef
     from nbkit.models.registry import get_model
     from nbkit.models.sources import tiny_model_path
+    from nbkit.session.manifest import BaseModelRef
     from nbkit.train import train
 
     spec = get_model(f"tiny-{family}")

@@ -1,6 +1,6 @@
 """The layout of a new nbkit session, shipped as `nbkit.sessions_template`.
 
-`nbkit.session.Session.create` copies this folder's sub-folders (without their `.keep` files, which
+`nbkit.session.core.Session.create` copies this folder's sub-folders (without their `.keep` files, which
 only exist so git tracks the empty folders) and builds `session.json` from the defaults in
 `session.json` here:
 
@@ -11,5 +11,5 @@ only exist so git tracks the empty folders) and builds `session.json` from the d
     models/            finished single-file .safetensors models
     outputs/           images generated with the trained model
     logs/              training logs and loss curves
-    session.json       the manifest (nbkit.manifest.Manifest)
+    session.json       the manifest (nbkit.session.manifest.Manifest)
 """

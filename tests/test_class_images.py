@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.infotext import parse_infotext, read_infotext
+from nbkit.generation.infotext import parse_infotext, read_infotext
 from nbkit.train.class_images import ensure_class_images
 
 SETTINGS = {"seed": 11, "steps": 2, "resolution": 64}

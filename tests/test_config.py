@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nbkit.errors import NbkitError
-from nbkit.train_config import TrainConfig
+from nbkit.session.settings import TrainConfig
 
 
 def test_round_trip_keeps_every_field():

@@ -154,11 +154,11 @@ def test_metadata_in_header(converted, tiny_model_dir, tmp_path):
     assert (metadata["nbkit.family"], metadata["nbkit.prediction_type"]) == ("sd2-v", "v_prediction")
     assert report.metadata == metadata
 
-    extra = {"nbkit.train_config": {"steps": 1500, "lr": 2e-6}, "modelspec.description": "my dog"}
+    extra = {"nbkit.session.settings": {"steps": 1500, "lr": 2e-6}, "modelspec.description": "my dog"}
     out = convert_to_single_file(tiny_model_dir("sd1"), tmp_path / "dog.safetensors", metadata=extra)
     with safe_open(out.output, "pt") as handle:
         written = handle.metadata()
-    assert json.loads(written["nbkit.train_config"]) == {"steps": 1500, "lr": 2e-6}
+    assert json.loads(written["nbkit.session.settings"]) == {"steps": 1500, "lr": 2e-6}
     assert written["modelspec.description"] == "my dog"
     with pytest.raises(NbkitError, match=r"nbkit.family"):
         convert_to_single_file(

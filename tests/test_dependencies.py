@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbkit.compat import IncompatibleVersionsError, check_versions, find_problems, requirements_for
-from nbkit.lockfile import DEV_LOCK, check_lock, read_lock
+from nbkit.wheels.lockfile import DEV_LOCK, check_lock, read_lock
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / DEV_LOCK
@@ -63,7 +63,7 @@ def test_a_pin_outside_the_pyproject_range_fails(tmp_path):
 
 def test_the_lock_check_command_exits_nonzero_on_a_stale_lock(tmp_path):
     stale = _lock_without(tmp_path, "safetensors")
-    command = [sys.executable, "-m", "nbkit.lockfile"]
+    command = [sys.executable, "-m", "nbkit.wheels.lockfile"]
     assert subprocess.run([*command, str(LOCK)], capture_output=True).returncode == 0
     completed = subprocess.run([*command, str(stale)], capture_output=True, text=True)
     assert completed.returncode == 1

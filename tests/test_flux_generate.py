@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from nbkit.errors import NbkitError
-from nbkit.flux_runtime import (
+from nbkit.generation.generate import GenerationSettings, HiresFix, check_inputs, generate, generate_images
+from nbkit.generation.infotext import parse_infotext
+from nbkit.generation.placement import (
     apply_memory_option,
     flux_sequence_length,
     generation_dtype,
     pipeline_family,
     plan_generation_memory,
 )
-from nbkit.generate import GenerationSettings, HiresFix, check_inputs, generate, generate_images
-from nbkit.infotext import parse_infotext
+from nbkit.generation.samplers import build_scheduler, resolve
 from nbkit.models.memory import DeviceFacts, MemoryOption
-from nbkit.samplers import build_scheduler, resolve
 
 FAST = {"seeds": 1234, "steps": 2, "width": 64, "height": 64, "guidance_scale": 1.0, "sampler": "Euler"}
 
@@ -198,7 +198,7 @@ def test_apply_memory_option_offloads_when_the_plan_or_the_caller_asks(option, o
 def test_generation_dtype_is_bf16_for_flux_on_cuda_only():
     import torch
 
-    from nbkit.generate import _default_device_and_dtype
+    from nbkit.generation.generate import _default_device_and_dtype
 
     assert generation_dtype("flux", "cuda") == torch.bfloat16
     assert generation_dtype("sdxl", "cuda") == generation_dtype(None, "cuda") == torch.float16
@@ -217,8 +217,8 @@ def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, 
     from peft.utils import get_peft_model_state_dict
 
     import nbkit.models.memory as memory
-    from nbkit.generate import load_session_pipeline, release_pipeline
-    from nbkit.manifest import ExportedModel
+    from nbkit.generation.generate import load_session_pipeline, release_pipeline
+    from nbkit.session.manifest import ExportedModel
 
     base = generate(flux, ["a dog"], **FAST)
     flux.transformer.add_adapter(

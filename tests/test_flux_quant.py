@@ -161,7 +161,7 @@ def test_webui_on_a_24gb_gpu_with_torchao_runs_8bit_offload(torchao, quant_root,
     from PIL import Image
     from torchao.quantization import Int8Tensor
 
-    import nbkit.flux_runtime as flux_runtime
+    import nbkit.generation.placement as flux_runtime
     from nbkit.webui.models import ModelCatalog
     from nbkit.webui.service import GenerationRequest, GenerationService
 
@@ -196,10 +196,10 @@ def test_webui_on_a_24gb_gpu_with_torchao_runs_8bit_offload(torchao, quant_root,
 
 
 def test_quantize_base_is_checked_before_loading(monkeypatch):
-    from nbkit.manifest import BaseModelRef
     from nbkit.models import memory
+    from nbkit.session.manifest import BaseModelRef
+    from nbkit.session.settings import TrainConfig
     from nbkit.train.inputs import check_family_config, check_memory
-    from nbkit.train_config import TrainConfig
 
     flux = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
     assert check_memory(flux, TrainConfig()) is None  # auto on the CPU: as saved

@@ -1,7 +1,7 @@
 """FLUX.1 DreamBooth LoRA on the tiny flux model: learning, refusals, bit-exact resume after SIGKILL, export.
 
 The run trains a LoRA of the transformer with the flow-matching loss; stage 1 never runs. Sample
-prompts stay off (grids go through `nbkit.generate`, tested with its own flux support).
+prompts stay off (grids go through `nbkit.generation.generate`, tested with its own flux support).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from test_train_support import PROMPT, assert_same_tensors, load_tensors, make_s
 
 from nbkit.errors import NbkitError
 from nbkit.models import memory
-from nbkit.session import Session
+from nbkit.session.core import Session
 from nbkit.train.inputs import FLUX_FULL_FINE_TUNE
 from nbkit.train.plan import plan_run
 from nbkit.train.trainer import train
@@ -144,8 +144,8 @@ def test_full_fine_tune_and_text_encoder_training_of_flux_are_refused(tiny_model
 
 
 def test_a_flux_session_at_the_sd_defaults_trains_a_lora(tiny_model_dir):
-    from nbkit.manifest import BaseModelRef
-    from nbkit.train_config import TrainConfig
+    from nbkit.session.manifest import BaseModelRef
+    from nbkit.session.settings import TrainConfig
 
     base = BaseModelRef(source=str(tiny_model_dir("flux")), family="flux", prediction_type="flow")
     session = make_session("defaults", tiny_model_dir("flux"), "flux")
@@ -197,7 +197,7 @@ def _final(result) -> dict[str, torch.Tensor]:
 
 
 def _fake_class_images(monkeypatch):
-    # Class images come from nbkit.generate, whose flux support is tested on its own.
+    # Class images come from nbkit.generation.generate, whose flux support is tested on its own.
     from nbkit.train import class_images
 
     def ensure(pipeline, prompt, count, out_dir, **kwargs):
@@ -247,9 +247,9 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_bit_exact(tiny_model_
 
 
 def test_resume_keeps_the_flux_settings_and_the_base_quantization(tmp_path):
-    from nbkit.manifest import BaseModelRef
+    from nbkit.session.manifest import BaseModelRef
+    from nbkit.session.settings import TrainConfig
     from nbkit.train.inputs import check_resume
-    from nbkit.train_config import TrainConfig
 
     base = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
     config = TrainConfig(lora_rank=16, text_encoder_steps=0)
@@ -269,8 +269,8 @@ def test_resume_keeps_the_flux_settings_and_the_base_quantization(tmp_path):
 
 
 def test_a_flux_session_starts_from_flux_settings_and_refuses_sd_noise_settings(tmp_path):
-    from nbkit.manifest import BaseModelRef
-    from nbkit.session import Session
+    from nbkit.session.core import Session
+    from nbkit.session.manifest import BaseModelRef
     from nbkit.train.inputs import check_family_config
 
     base = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")

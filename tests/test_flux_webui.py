@@ -12,7 +12,7 @@ from PIL import Image
 from webui_support import decode, png_b64, start_server
 
 from nbkit.errors import NbkitError
-from nbkit.infotext import parse_infotext, read_infotext
+from nbkit.generation.infotext import parse_infotext, read_infotext
 from nbkit.models.memory import DeviceFacts
 from nbkit.webui.models import ModelCatalog
 from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService
@@ -242,8 +242,8 @@ def test_low_vram_offloads_a_bf16_plan_as_derived_pipelines_expect():
 def test_session_flux_lora_is_listed_by_its_kohya_file_and_loads_the_diffusers_one(service, root, tmp_path):
     """A session's FLUX.1 LoRA: the API lists (and the infotext hashes) the kohya file users share in
     ComfyUI; the diffusers file of the same weights is what loads."""
-    from nbkit.manifest import ExportedModel
-    from nbkit.session import Session
+    from nbkit.session.core import Session
+    from nbkit.session.manifest import ExportedModel
     from nbkit.train.export import file_sha256
     from nbkit.webui.lora import lora_hash
 

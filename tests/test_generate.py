@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nbkit.errors import NbkitError
-from nbkit.generate import (
+from nbkit.generation.generate import (
     VERSION,
     GenerationSettings,
     check_inputs,
@@ -25,8 +25,8 @@ from nbkit.generate import (
     loaded_model,
     release_pipeline,
 )
-from nbkit.infotext import parse_infotext
-from nbkit.manifest import ExportedModel
+from nbkit.generation.infotext import parse_infotext
+from nbkit.session.manifest import ExportedModel
 
 FAST = {"steps": 2, "width": 64, "height": 64, "guidance_scale": 7.0}
 
@@ -344,7 +344,7 @@ def test_infotext_fields_name_the_model_as_a1111_does():
 
 
 def test_hires_fix_skip_and_infotext_prompts(sd1):
-    from nbkit.generate import GenerationSettings, HiresFix, generate_images
+    from nbkit.generation.generate import GenerationSettings, HiresFix, generate_images
 
     settings = GenerationSettings(
         prompts=["a dog"] * 2,

@@ -24,8 +24,8 @@ from skimage import data as skdata
 from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.images import check_image, import_images, list_images, pixel_sha256, recrop_images, remove_images
 from nbkit.images.checks import BadImageError
-from nbkit.manifest import BaseModelRef
-from nbkit.session import Session
+from nbkit.session.core import Session
+from nbkit.session.manifest import BaseModelRef
 
 RESOLUTION = 128
 

@@ -20,7 +20,7 @@ from nbkit.images import (
     token_warnings,
 )
 from nbkit.images.captions import caption_warnings, decode_caption_file
-from nbkit.session import Session
+from nbkit.session.core import Session
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from nbkit.cli import main
-from nbkit.session import Session
+from nbkit.session.core import Session
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from skimage import data as skdata
 from nbkit.errors import NbkitError
 from nbkit.images import download, import_images
 from nbkit.images.sources import drive_download_url
-from nbkit.session import Session
+from nbkit.session.core import Session
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):

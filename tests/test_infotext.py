@@ -8,7 +8,7 @@ import struct
 import pytest
 from PIL import Image, PngImagePlugin
 
-from nbkit.infotext import (
+from nbkit.generation.infotext import (
     Infotext,
     format_infotext,
     parse_infotext,

@@ -17,7 +17,7 @@ import pytest
 from child_process import start_child, wait_for_line
 
 from nbkit.errors import SessionLockedError
-from nbkit.lock import LOCK_NAME, LockInfo, SessionLock, force_unlock, live_holder, read_lock
+from nbkit.session.lock import LOCK_NAME, LockInfo, SessionLock, force_unlock, live_holder, read_lock
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -67,7 +67,7 @@ def test_two_processes_contend_and_a_killed_holder_is_taken_over(tmp_path):
     child = start_child(
         f"""
         import time
-        from nbkit.lock import SessionLock
+        from nbkit.session.lock import SessionLock
         with SessionLock({str(tmp_path)!r}, "training"):
             print("locked", flush=True)
             time.sleep(60)
@@ -99,7 +99,7 @@ def test_two_processes_contend_and_a_killed_holder_is_taken_over(tmp_path):
 def test_a_process_that_exits_without_releasing_frees_the_lock_at_exit(tmp_path):
     child = start_child(
         f"""
-        from nbkit.lock import SessionLock
+        from nbkit.session.lock import SessionLock
         SessionLock({str(tmp_path)!r}, "training").acquire()
         print("locked", flush=True)
         """

@@ -76,7 +76,7 @@ def test_kohya_file_loads_in_diffusers_and_matches_the_diffusers_file(tiny_model
         _text_encoders(pipeline),
         tmp_path / "my-subject",
         family=family,
-        metadata={"nbkit.train_config": {"unet_steps": 10}, "modelspec.title": "My subject"},
+        metadata={"nbkit.session.settings": {"unet_steps": 10}, "modelspec.title": "My subject"},
     )
     assert files["diffusers"].name == "pytorch_lora_weights.safetensors"
     assert files["kohya"].name == "my-subject.safetensors"
@@ -98,7 +98,7 @@ def test_kohya_file_loads_in_diffusers_and_matches_the_diffusers_file(tiny_model
         "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion-v1"
     )
     assert header["modelspec.title"] == "My subject"
-    assert header["nbkit.train_config"] == '{"unet_steps": 10}'
+    assert header["nbkit.session.settings"] == '{"unet_steps": 10}'
 
     # The folder (diffusers picks pytorch_lora_weights.safetensors beside the kohya file) and the kohya file.
     for source in (files["diffusers"].parent, files["kohya"]):

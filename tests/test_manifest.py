@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nbkit.errors import NbkitError
-from nbkit.manifest import (
+from nbkit.session.manifest import (
     SCHEMA_VERSION,
     BaseModelRef,
     ExportedModel,
@@ -19,7 +19,7 @@ from nbkit.manifest import (
     load_manifest,
     upgrade,
 )
-from nbkit.train_config import TrainConfig
+from nbkit.session.settings import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

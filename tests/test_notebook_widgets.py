@@ -13,9 +13,9 @@ import IPython
 import pytest
 from PIL import Image
 
-import nbkit.notebook as nb
-import nbkit.notebook_widgets as nw
-from nbkit.session import Session
+import nbkit.notebook.cells as nb
+import nbkit.notebook.widgets as nw
+from nbkit.session.core import Session
 
 
 @pytest.fixture(autouse=True)

@@ -206,7 +206,7 @@ def test_both_notebooks_run_top_to_bottom(
     kernel_env, build_leftovers_removed, monkeypatch, tmp_path, record_property
 ):
     from nbkit.convert import load_single_file
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
     home = tmp_path / "home"
     common = {
@@ -270,8 +270,8 @@ def test_dreambooth_notebook_trains_a_flux_lora_with_the_default_settings(
     kernel_env, build_leftovers_removed, monkeypatch, tmp_path, record_property
 ):
     """FLUX.1 with the form's training fields left at None: the family's defaults make it a LoRA run."""
-    from nbkit.infotext import read_infotext
-    from nbkit.session import Session
+    from nbkit.generation.infotext import read_infotext
+    from nbkit.session.core import Session
 
     home = tmp_path / "home"
     target = _install_into(monkeypatch, tmp_path / "site-flux")

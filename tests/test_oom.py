@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nbkit.errors import NbkitError
+from nbkit.session.settings import PriorPreservation, TrainConfig
 from nbkit.train.oom import explain_oom, is_oom, suggestions
-from nbkit.train_config import PriorPreservation, TrainConfig
 
 
 def _real_cpu_oom() -> RuntimeError:

@@ -6,8 +6,9 @@ import pytest
 
 from nbkit.cli import main
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES, get_family
 from nbkit.models import registry
-from nbkit.models.registry import FAMILIES, MODELS, get_family, get_model, validate_resolution
+from nbkit.models.registry import MODELS, get_model, validate_resolution
 
 
 def test_family_facts():

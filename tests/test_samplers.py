@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from nbkit.errors import NbkitError
-from nbkit.samplers import (
+from nbkit.generation.samplers import (
     SAMPLERS,
     build_scheduler,
     list_samplers,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nbkit.generate import VERSION
-from nbkit.infotext import format_infotext, parse_infotext
+from nbkit.generation.generate import VERSION
+from nbkit.generation.infotext import format_infotext, parse_infotext
 from nbkit.train.samples import render_samples, show_samples
 
 

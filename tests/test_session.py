@@ -14,27 +14,27 @@ from pathlib import Path
 
 import pytest
 
-import nbkit.session
+import nbkit.session.core
 from nbkit.cli import main
 from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError
 from nbkit.fsio import TEMP_PREFIX
-from nbkit.lock import LOCK_NAME
-from nbkit.manifest import SCHEMA_VERSION, BaseModelRef, ImageRecord
-from nbkit.session import (
+from nbkit.session.core import (
     BACKUP_NAME,
     KINDS,
     NAME_RULES,
     Session,
     validate_session_name,
 )
-from nbkit.session_store import (
+from nbkit.session.lock import LOCK_NAME
+from nbkit.session.manifest import SCHEMA_VERSION, BaseModelRef, ImageRecord
+from nbkit.session.settings import TrainConfig
+from nbkit.session.store import (
     delete_session,
     export_session,
     import_session,
     list_sessions,
     rename_session,
 )
-from nbkit.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -88,7 +88,7 @@ def test_create_reads_its_defaults_and_folders_from_the_template(tmp_path, monke
     (template / "session.json").write_text(json.dumps(data))
     (template / "extras").mkdir()
     (template / "extras" / "README.txt").write_text("put extra files here")
-    monkeypatch.setattr(nbkit.session, "_template", lambda: template)
+    monkeypatch.setattr(nbkit.session.core, "_template", lambda: template)
     session = Session.create("dog", root=tmp_path / "root")
     assert session.manifest.training.unet_steps == 777
     assert (session.path / "extras" / "README.txt").read_text() == "put extra files here"
@@ -98,7 +98,7 @@ def test_bad_template_key_is_reported(tmp_path, monkeypatch):
     template = tmp_path / "template"
     template.mkdir()
     (template / "session.json").write_text(json.dumps({"schema_version": 2, "name": "", "colour": 1}))
-    monkeypatch.setattr(nbkit.session, "_template", lambda: template)
+    monkeypatch.setattr(nbkit.session.core, "_template", lambda: template)
     with pytest.raises(NbkitError, match=r"unknown key 'colour' in session template .*session.json"):
         Session.create("dog", root=tmp_path)
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from nbkit.cli import main
-from nbkit.models.registry import detect_family_from_config
+from nbkit.families import detect_family_from_config
 from nbkit.models.tiny import build_tiny_pipeline
 from nbkit.models.tiny_flux import make_t5_tokenizer
 

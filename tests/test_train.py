@@ -16,7 +16,7 @@ from test_train_support import (
 )
 
 from nbkit.errors import NbkitError, SessionLockedError
-from nbkit.session import Session
+from nbkit.session.core import Session
 from nbkit.train import stages, trainer
 from nbkit.train.plan import plan_run
 from nbkit.train.trainer import train

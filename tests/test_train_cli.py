@@ -16,7 +16,7 @@ from test_train_support import assert_same_tensors, load_tensors, make_session, 
 
 from nbkit.cli import build_parser
 from nbkit.images import import_images
-from nbkit.session import Session
+from nbkit.session.core import Session
 from nbkit.train.trainer import train
 
 STEPS = {"text_encoder_steps": 1, "unet_steps": 3, "checkpoint_every": 0}

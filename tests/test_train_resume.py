@@ -15,7 +15,7 @@ import torch
 from child_process import paused_training
 from test_train_support import assert_same_tensors, load_tensors, make_session, model_state
 
-from nbkit.session import Session
+from nbkit.session.core import Session
 from nbkit.train.trainer import train
 
 # Every determinism-relevant feature on: two stages, accumulation, flips, offset noise, Min-SNR,

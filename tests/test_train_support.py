@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nbkit.manifest import BaseModelRef, ImageRecord
 from nbkit.models.registry import TINY_NATIVE_RESOLUTION as TINY_RESOLUTION
-from nbkit.session import Session
+from nbkit.session.core import Session
+from nbkit.session.manifest import BaseModelRef, ImageRecord
 
 PROMPT = "photo of zwx toy"
 # Small, fast, deterministic: no mixed precision, no gradient checkpointing, plain AdamW. Batch 2,

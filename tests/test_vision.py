@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from nbkit.infotext import format_infotext, save_image
-from nbkit.manifest import ImageRecord
-from nbkit.session import Session
+from nbkit.generation.infotext import format_infotext, save_image
+from nbkit.session.core import Session
+from nbkit.session.manifest import ImageRecord
 from nbkit.train.samples import make_grid
 from nbkit.vision.backbones import BACKBONES, load_backbone
 from nbkit.vision.checks import check_dataset

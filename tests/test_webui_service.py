@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.infotext import parse_infotext
+from nbkit.generation.infotext import parse_infotext
 from nbkit.webui.lora import lora_hash, parse_loras
 from nbkit.webui.models import HASH_CACHE, ModelCatalog
 from nbkit.webui.service import GenerationRequest, GenerationService
@@ -200,8 +200,8 @@ def test_sd_session_lora_lists_loads_and_hashes_its_kohya_file(sd1, storage, tmp
     hashes` hashes it, and it is the file loaded (not the session's diffusers file beside it)."""
     import shutil
 
-    from nbkit.manifest import ExportedModel
-    from nbkit.session import Session
+    from nbkit.session.core import Session
+    from nbkit.session.manifest import ExportedModel
     from nbkit.train.export import file_sha256
 
     session = Session.create("dog", root=tmp_path)

@@ -16,10 +16,10 @@ import pytest
 from packaging.requirements import Requirement
 
 from nbkit.errors import NbkitError
-from nbkit.lockfile import Pin
 from nbkit.wheels import RuntimeSpec, install, load_profiles, prune, select_profile, verify
 from nbkit.wheels.house import wheels_in
 from nbkit.wheels.install import plan, xformers_fits
+from nbkit.wheels.lockfile import Pin
 from nbkit.wheels.profiles import get_profile, is_protected, probe_runtime
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from nbkit.images.crop import CROP_MODES
 
 
 def _session(args: argparse.Namespace):
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
     return Session.open(args.session, root=args.root)
 

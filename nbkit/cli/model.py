@@ -72,7 +72,7 @@ def fetch_command(args: argparse.Namespace) -> int:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    from nbkit.models.registry import FAMILIES, detect_family_from_config
+    from nbkit.families import FAMILIES, detect_family_from_config
     from nbkit.models.sources import resolve_source
 
     resolved = resolve_source(args.source)

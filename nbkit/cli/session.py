@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.lock import force_unlock, live_holder
-from nbkit.manifest import BaseModelRef
-from nbkit.models.registry import FAMILIES
-from nbkit.session import Session, session_path
-from nbkit.session_store import (
+from nbkit.families import FAMILIES
+from nbkit.session.core import Session, session_path
+from nbkit.session.lock import force_unlock, live_holder
+from nbkit.session.manifest import BaseModelRef
+from nbkit.session.store import (
     delete_session,
     export_session,
     format_size,
@@ -22,7 +22,8 @@ from nbkit.session_store import (
 
 
 def _base_model(source: str, family: str | None) -> BaseModelRef:
-    from nbkit.models.registry import find_model, get_family
+    from nbkit.families import get_family
+    from nbkit.models.registry import find_model
 
     spec = find_model(source)
     if spec is not None:

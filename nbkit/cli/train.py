@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from nbkit.models.registry import TRAINING_DEFAULTS
-from nbkit.train_config import TrainConfig
+from nbkit.session.settings import TrainConfig
 
 # CLI option -> TrainConfig field, for the plain one-value options.
 FIELDS = {
@@ -297,7 +297,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from nbkit.session import Session
+    from nbkit.session.core import Session
     from nbkit.train.plan import plan_run
 
     session = Session.open(args.session, root=args.root)

@@ -10,7 +10,7 @@ from nbkit.errors import NbkitError
 
 
 def _session(args: argparse.Namespace):
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
     session = Session.open(args.session, root=args.root)
     if not session.manifest.images and args.action in ("classify", "check"):

@@ -91,7 +91,7 @@ def verify_(args: argparse.Namespace) -> int:
 
 
 def prune_(args: argparse.Namespace) -> int:
-    from nbkit.session_store import format_size
+    from nbkit.session.store import format_size
     from nbkit.wheels.house import prune
 
     keep = [pin for profile in _profiles(args, args.keep) for pin in profile.pins()]
@@ -104,7 +104,7 @@ def prune_(args: argparse.Namespace) -> int:
 
 
 def status_(args: argparse.Namespace) -> int:
-    from nbkit.session_store import format_size
+    from nbkit.session.store import format_size
     from nbkit.wheels.house import wheels_in
     from nbkit.wheels.profiles import is_protected, probe_runtime, select_profile
 

@@ -20,7 +20,7 @@ from nbkit.convert.keymaps_unet import LDM_UNET_PREFIX
 from nbkit.convert.metadata import METADATA_FAMILY, METADATA_PREDICTION, METADATA_RESOLUTION
 from nbkit.convert.tensor_sources import open_tensor_file
 from nbkit.errors import NbkitError
-from nbkit.models.registry import FAMILIES, detect_family_from_config
+from nbkit.families import FAMILIES, detect_family_from_config
 
 SD2_FAMILIES = ("sd2", "sd2-v")
 # Keys some trainers add to mark a v-prediction model (ComfyUI and kohya's scripts read them).

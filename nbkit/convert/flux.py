@@ -39,8 +39,10 @@ from nbkit.convert.safetensors_stream import StreamingSafetensorsWriter, byte_vi
 from nbkit.convert.tensor_sources import StateDictSource, TensorSource, open_component
 from nbkit.convert.verify import verify_single_file
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
+from nbkit.families.flux1 import SCHNELL_ARCHITECTURE as FLUX_SCHNELL_ARCHITECTURE
+from nbkit.families.flux1 import is_flux_schnell
 from nbkit.fsio import atomic_path, atomic_write_json, read_json
-from nbkit.models.registry import FAMILIES, FLUX_SCHNELL_ARCHITECTURE, is_flux_schnell
 
 FLUX = FAMILIES["flux"]
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
@@ -297,7 +299,7 @@ def _open_source(source: Any) -> Iterator[tuple[TensorSource, dict[str, Any], in
     name = folder.name
     resolution = None
     if (folder / "model_index.json").is_file():
-        from nbkit.models.registry import detect_family_from_config
+        from nbkit.families import detect_family_from_config
 
         detected = detect_family_from_config(folder)
         if detected.family != "flux":

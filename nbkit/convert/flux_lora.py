@@ -28,8 +28,9 @@ from nbkit.convert.hashes import with_modelspec_hash
 from nbkit.convert.metadata import LORA_ARCHITECTURE_SUFFIX
 from nbkit.convert.safetensors_stream import read_header
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
+from nbkit.families.flux1 import SCHNELL_ARCHITECTURE as FLUX_SCHNELL_ARCHITECTURE
 from nbkit.fsio import atomic_write_bytes
-from nbkit.models.registry import FAMILIES, FLUX_SCHNELL_ARCHITECTURE
 
 LORA_PREFIX = "lora_unet_"
 ARCHITECTURE = FAMILIES["flux"].modelspec_architecture + LORA_ARCHITECTURE_SUFFIX

@@ -28,8 +28,8 @@ from nbkit.convert.metadata import stored_configs
 from nbkit.convert.safetensors_stream import read_header
 from nbkit.convert.tokenizers import load_tokenizer
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
 from nbkit.fsio import atomic_write_json, read_json
-from nbkit.models.registry import FAMILIES
 
 CONFIGS_ROOT = Path(__file__).resolve().parent.parent / "configs"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from nbkit.convert.hashes import MODELSPEC_HASH_KEY, MODELSPEC_HASH_PLACEHOLDER
 from nbkit.errors import NbkitError
-from nbkit.models.registry import get_family
+from nbkit.families import get_family
 
 MODELSPEC_VERSION = "1.0.0"
 LORA_ARCHITECTURE_SUFFIX = "/lora"  # as kohya's trainers write it, which A1111 and ComfyUI read

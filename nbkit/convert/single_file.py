@@ -50,8 +50,8 @@ from nbkit.convert.tensor_sources import TensorSource, ZerosSource, open_compone
 from nbkit.convert.text_extras import BASE_SOURCE, IDENTITY_SOURCE, open_base, text_encoder_extras
 from nbkit.convert.verify import verify_single_file
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
 from nbkit.fsio import TRANSIENT_ERRNOS, atomic_path, atomic_write_text, read_json
-from nbkit.models.registry import FAMILIES
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}

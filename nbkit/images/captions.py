@@ -26,10 +26,10 @@ from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_text
 from nbkit.images.common_words import COMMON_WORDS
 from nbkit.images.report import ImageReport
-from nbkit.manifest import ImageRecord
+from nbkit.session.manifest import ImageRecord
 
 if TYPE_CHECKING:
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
 CaptionMode = Literal["extend", "override"]
 CAPTION_MODES: tuple[str, ...] = ("extend", "override")

@@ -18,7 +18,7 @@ from nbkit.images.checks import WARNING_PREFIX
 from nbkit.vision.flags import read_vision_flags, short_flags
 
 if TYPE_CHECKING:
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
 CONTACT_SHEET = "contact_sheet.png"
 MAX_COLUMNS = 8

@@ -18,7 +18,7 @@ from nbkit.errors import NbkitError
 from nbkit.images.captions import caption_warnings, find_record, set_caption
 
 if TYPE_CHECKING:
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
 
 class CaptionEditor:

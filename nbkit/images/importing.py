@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from nbkit.errors import NbkitError
+from nbkit.families import get_family
 from nbkit.fsio import atomic_write_bytes, clean_temporaries
 from nbkit.images.captions import (
     CaptionMode,
@@ -43,11 +44,11 @@ from nbkit.images.contact_sheet import write_contact_sheet
 from nbkit.images.crop import CropChoice, CropMode, FaceDetector, check_crop_mode, choose_crop, render_crop
 from nbkit.images.report import ImageReport
 from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
-from nbkit.manifest import ImageRecord, now_iso
-from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step, get_family
+from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step
+from nbkit.session.manifest import ImageRecord, now_iso
 
 if TYPE_CHECKING:
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
 INSTANCE_DIR = "instance_images"
 ORIGINALS_DIR = "originals"

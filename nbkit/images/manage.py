@@ -28,10 +28,10 @@ from nbkit.images.crop import (
 )
 from nbkit.images.importing import apply_choice, check_session_resolution, describe, encode_png
 from nbkit.images.report import ImageReport
-from nbkit.manifest import ImageRecord
+from nbkit.session.manifest import ImageRecord
 
 if TYPE_CHECKING:
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
 
 def list_images(session: Session, *, tokenizer=None) -> ImageReport:

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.manifest import BaseModelRef
-from nbkit.models.registry import MODELS, ModelSpec, detect_family_from_config, find_model, get_family
+from nbkit.families import detect_family_from_config, get_family
+from nbkit.models.registry import MODELS, ModelSpec, find_model
 from nbkit.models.sources import resolve_source
+from nbkit.session.manifest import BaseModelRef
 
 
 def base_model_ref(source: str) -> BaseModelRef:

@@ -1,6 +1,6 @@
 """Load a base model as a diffusers pipeline, whatever form it came in, and tell its family.
 
-A diffusers folder's family comes from its configs (`nbkit.models.registry.detect_family_from_config`,
+A diffusers folder's family comes from its configs (`nbkit.families.detect_family_from_config`,
 re-exported here); a single-file checkpoint is loaded by `nbkit.convert.load_single_file`. FLUX.1's
 transformer and T5 may load with 8-bit or 4-bit weights (`nbkit.models.quantization`) from a diffusers
 folder.
@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from nbkit.convert import load_single_file
 from nbkit.errors import NbkitError
+from nbkit.families import DetectedFamily, detect_family_from_config, get_family
 from nbkit.fsio import read_json
-from nbkit.models.registry import DetectedFamily, detect_family_from_config, get_family
 from nbkit.models.sources import OPTIONAL_COMPONENTS, ResolvedSource, resolve_source
 
 __all__ = ["DetectedFamily", "detect_family_from_config", "load_pipeline"]

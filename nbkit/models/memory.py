@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
 from nbkit.models.quantization import BACKEND_BITS
-from nbkit.models.registry import FAMILIES, ModelSpec
+from nbkit.models.registry import ModelSpec
 
 Task = Literal["generate", "train"]
 

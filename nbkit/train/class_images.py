@@ -3,7 +3,7 @@
 Image `i` is `class-{i:04d}.png`, drawn with seed `seed + i`, so it does not depend on how many
 images were made before it or in which batch: a generation cut off by a disconnect resumes at the
 first missing file and ends with the same set as an uninterrupted one. Images come from
-`nbkit.generate` with the base model's own scheduler and default guidance, and carry their A1111
+`nbkit.generation.generate` with the base model's own scheduler and default guidance, and carry their A1111
 infotext. `manifest.json` records what
 the set was made from (prompt, seed, steps, resolution, model); when the run asks for something else,
 the old images no longer match and the set is regenerated from scratch.
@@ -19,9 +19,9 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_json, clean_temporaries, read_json, retry_io
-from nbkit.generate import GenerationSettings, generate_images
-from nbkit.generate import check_inputs as check_generation
-from nbkit.infotext import save_image
+from nbkit.generation.generate import GenerationSettings, generate_images
+from nbkit.generation.generate import check_inputs as check_generation
+from nbkit.generation.infotext import save_image
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _settings(
         steps=steps,
         width=resolution,
         height=resolution,
-        guidance_scale=None,  # the pipeline's default, as the sets made before nbkit.generate
+        guidance_scale=None,  # the pipeline's default, as the sets made before nbkit.generation.generate
         sampler=None,
         batch_size=batch_size,
     )

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 
-from nbkit.models.registry import FAMILIES
+from nbkit.families import FAMILIES
 
 # peft target modules, as in diffusers' DreamBooth LoRA examples.
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]

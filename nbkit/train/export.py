@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nbkit.fsio import atomic_directory
-from nbkit.manifest import ExportedModel
+from nbkit.session.manifest import ExportedModel
 from nbkit.train.components import Components, cast_to
 
 if TYPE_CHECKING:
     from nbkit.convert.report import ConversionReport
-    from nbkit.session import Session
+    from nbkit.session.core import Session
 
 # What a model records it was trained with, so a problem report can name the stack.
 RECORDED_PACKAGES = ("nbkit", "torch", "diffusers", "transformers", "accelerate", "peft")
@@ -53,7 +53,7 @@ def training_metadata(
 ) -> dict[str, str]:
     """Header metadata recording how the model was trained (all values are strings, as safetensors wants)."""
     return {
-        "nbkit.session": session,
+        "nbkit.session.core": session,
         "nbkit.base_model": json.dumps(base_model, sort_keys=True),
         "nbkit.training": json.dumps(config, sort_keys=True),
         "nbkit.steps": json.dumps(steps, sort_keys=True),

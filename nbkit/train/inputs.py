@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.env import has_native_bf16
 from nbkit.errors import NbkitError
-from nbkit.manifest import BaseModelRef
 from nbkit.models.base_model import model_spec
 from nbkit.models.registry import TRAINING_DEFAULTS, validate_resolution
-from nbkit.train_config import TrainConfig
+from nbkit.session.manifest import BaseModelRef
+from nbkit.session.settings import TrainConfig
 
 if TYPE_CHECKING:
     import torch

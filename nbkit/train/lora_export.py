@@ -21,8 +21,9 @@ from typing import Any
 
 from nbkit.convert.hashes import MODELSPEC_HASH_KEY, with_modelspec_hash
 from nbkit.convert.metadata import modelspec_metadata
+from nbkit.families import FAMILIES
+from nbkit.families.flux1 import is_flux_schnell
 from nbkit.fsio import atomic_path, atomic_write_bytes
-from nbkit.models.registry import FAMILIES, is_flux_schnell
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

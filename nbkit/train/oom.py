@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from nbkit.errors import NbkitError
-from nbkit.models.registry import FAMILIES
+from nbkit.families import FAMILIES
 
 # Messages the allocators of each backend put in their errors (torch raises plain RuntimeErrors for
 # some of them, and accelerate or a DataLoader worker may wrap them in another exception).

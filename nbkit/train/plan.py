@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
-from nbkit.manifest import BaseModelRef, TrainingState
 from nbkit.models.base_model import base_model_ref, native_resolution
-from nbkit.session import Session
+from nbkit.session.core import Session
+from nbkit.session.manifest import BaseModelRef, TrainingState
+from nbkit.session.settings import TrainConfig
 from nbkit.train import checkpointing
 from nbkit.train.inputs import (
     check_config,
@@ -28,7 +29,6 @@ from nbkit.train.inputs import (
     family_overrides,
     merge_config,
 )
-from nbkit.train_config import TrainConfig
 
 
 @dataclasses.dataclass

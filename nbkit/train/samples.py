@@ -1,6 +1,6 @@
 """Sample images during training: one image per prompt with fixed seeds, saved as a labelled grid.
 
-Image `i` is drawn with seed `seed + i` on a CPU generator (through `nbkit.generate`), so the grids of
+Image `i` is drawn with seed `seed + i` on a CPU generator (through `nbkit.generation.generate`), so the grids of
 successive checkpoints show the same noise and differ only by what the model learned, on any device.
 The pipeline's own scheduler is used, so a grid shows the model as it was trained to sample. The grid
 PNG carries an AUTOMATIC1111 `parameters` text chunk (the first image's infotext, as A1111 does for
@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from nbkit.generate import generate
-from nbkit.infotext import save_image
+from nbkit.generation.generate import generate
+from nbkit.generation.infotext import save_image
 
 MAX_COLUMNS = 4
 SAMPLES_KEY = "nbkit-samples"

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from nbkit.session.settings import TrainConfig
 from nbkit.train import checkpointing
 from nbkit.train.components import (
     FLUX_LORA_TARGETS,
@@ -57,7 +58,6 @@ from nbkit.train.loss import (
     sample_timesteps,
     training_target,
 )
-from nbkit.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from nbkit import gpu
 from nbkit.env import local_scratch
 from nbkit.errors import NbkitError, NbkitWarning
-from nbkit.manifest import TrainingState
-from nbkit.session import Session
+from nbkit.session.core import Session
+from nbkit.session.manifest import TrainingState
+from nbkit.session.settings import TrainConfig
 from nbkit.train import checkpointing
 from nbkit.train.components import enable_memory_savers, load_components, tokenize
 from nbkit.train.data import STREAM_CLASS_ORDER, STREAM_INSTANCE_ORDER, LatentCache, copy_to_scratch
@@ -34,7 +35,6 @@ from nbkit.train.export import export_session_model
 from nbkit.train.inputs import check_memory, resolve_precision
 from nbkit.train.plan import RunPlan, describe_skipped, plan_run, start_run
 from nbkit.train.stages import ImageSet, RunContext, Stage, load_frozen_roles, run_stage
-from nbkit.train_config import TrainConfig
 
 
 @dataclasses.dataclass

@@ -95,7 +95,7 @@ def apply_suggestion(session, suggestion: ClassSuggestion | str) -> str:
     """Write an accepted class prompt into the session's training config (`training.prior.class_prompt`).
 
     Args:
-        session: an open `nbkit.session.Session`; saved.
+        session: an open `nbkit.session.core.Session`; saved.
         suggestion: the accepted `ClassSuggestion`, or a class prompt the user edited.
 
     Returns:

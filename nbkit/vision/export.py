@@ -19,7 +19,7 @@ def suggested_checkpoint(session) -> str:
     """The checkpoint `logs/vision_scores.json` suggests (written by `nbkit vision score` or `--score`).
 
     Args:
-        session: an open `nbkit.session.Session`.
+        session: an open `nbkit.session.core.Session`.
     """
     path = session.dir("logs") / "vision_scores.json"
     fix = "run `nbkit vision score SESSION` (or train with --score) first, or name a checkpoint."
@@ -44,12 +44,12 @@ def export_checkpoint(session, checkpoint: str = SUGGESTED, *, device: str | Non
     """Export a checkpoint as the model `<session>-<checkpoint>` and record it in `session.json`.
 
     Args:
-        session: an open `nbkit.session.Session` (its lock is held while exporting).
+        session: an open `nbkit.session.core.Session` (its lock is held while exporting).
         checkpoint: a checkpoint folder name (`unet-000500`) or `suggested`.
         device: `cuda` or `cpu` for loading the weights.
 
     Returns:
-        the `nbkit.manifest.ExportedModel` recorded.
+        the `nbkit.session.manifest.ExportedModel` recorded.
     """
     from nbkit.train.export import export_session_model
     from nbkit.vision.grid import CheckpointLoader, session_checkpoints

@@ -87,7 +87,7 @@ def session_checkpoints(session, names: Sequence[str] | None = None) -> list:
     """The session's complete checkpoints in training order, or those named.
 
     Args:
-        session: an open `nbkit.session.Session`.
+        session: an open `nbkit.session.core.Session`.
         names: checkpoint folder names (`unet-000500`); None: all.
     """
     from nbkit.train import checkpointing
@@ -164,7 +164,7 @@ def render_checkpoint_grid(
     image, every image's infotext under `nbkit-checkpoint-grid`) is written atomically.
 
     Args:
-        session: an open `nbkit.session.Session`.
+        session: an open `nbkit.session.core.Session`.
         prompt: the prompt (with the instance token).
         seeds: one column per seed.
         steps: inference steps.
@@ -180,8 +180,8 @@ def render_checkpoint_grid(
     """
     import json
 
-    from nbkit.generate import generate
-    from nbkit.infotext import save_image
+    from nbkit.generation.generate import generate
+    from nbkit.generation.infotext import save_image
 
     seeds = [int(seed) for seed in seeds]
     if not seeds or any(seed < 0 for seed in seeds):

@@ -27,7 +27,7 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from nbkit.infotext import parse_infotext, save_image
+from nbkit.generation.infotext import parse_infotext, save_image
 from nbkit.vision.embeddings import embed_cached, image_content_key
 
 MEMORISED_COSINE = 0.95
@@ -88,7 +88,7 @@ def render_checkpoint_samples(
         guidance_scale: CFG scale.
         negative_prompt: for every image.
     """
-    from nbkit.generate import generate
+    from nbkit.generation.generate import generate
 
     if per_prompt < 1:
         raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
@@ -362,7 +362,7 @@ def instance_photos(session) -> tuple[list[str], list[Image.Image], list[str]]:
     """The session's processed instance photos: `(files, images, content keys)`.
 
     Args:
-        session: an open `nbkit.session.Session`.
+        session: an open `nbkit.session.core.Session`.
     """
     from nbkit.vision.embeddings import load_images
 
@@ -377,7 +377,7 @@ def score_session(
     """Score every checkpoint's samples in a session and write the table and plot into `logs/`.
 
     Args:
-        session: an open `nbkit.session.Session`.
+        session: an open `nbkit.session.core.Session`.
         dino: DINO backbone (or None).
         clip: CLIP backbone (or None).
         memorised: see `score_checkpoints`.

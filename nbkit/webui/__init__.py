@@ -226,7 +226,7 @@ def launch(
     if tunnel not in TUNNELS:
         raise ValueError(f"tunnel must be one of {', '.join(TUNNELS)}, not {tunnel!r}")
     from nbkit.env import storage_root
-    from nbkit.session import Session
+    from nbkit.session.core import Session
     from nbkit.webui.models import ModelCatalog
     from nbkit.webui.outputs import OutputStore
     from nbkit.webui.queue import GpuQueue

@@ -30,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nbkit.errors import NbkitError
-from nbkit.infotext import PNG_KEY, parse_infotext, read_infotext
-from nbkit.samplers import list_samplers, list_schedulers, resolve
+from nbkit.generation.infotext import PNG_KEY, parse_infotext, read_infotext
+from nbkit.generation.samplers import list_samplers, list_schedulers, resolve
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.security import LimitError, Limits, check_request_caps, decode_base64_image_bytes
 from nbkit.webui.service import ControlNetUnit, GenerationOutput, GenerationRequest, GenerationService
@@ -334,7 +334,7 @@ def build_info(body: _Request, request: GenerationRequest, output: GenerationOut
 
 
 def _version() -> str:
-    from nbkit.generate import VERSION
+    from nbkit.generation.generate import VERSION
 
     return VERSION
 

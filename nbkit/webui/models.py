@@ -128,7 +128,7 @@ class ModelCatalog:
         checkpoints: list[ModelEntry] = []
         loras: list[LoraEntry] = []
         if self.session is not None:
-            from nbkit.session import Session
+            from nbkit.session.core import Session
 
             self.session = Session.open(self.session.name, root=self.session.path.parent.parent)
             for record in reversed(self.session.manifest.models):  # newest first
@@ -286,7 +286,7 @@ def _pipeline_folders(folder: Path) -> list[Path]:
 
 def folder_family(source: str | os.PathLike) -> str | None:
     """The family a diffusers folder's configs name, or None (a file, a hub id, an unreadable folder)."""
-    from nbkit.models.registry import detect_family_from_config
+    from nbkit.families import detect_family_from_config
 
     folder = Path(source).expanduser()
     if not (folder / "model_index.json").is_file():

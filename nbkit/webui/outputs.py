@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.infotext import read_infotext, save_image
+from nbkit.generation.infotext import read_infotext, save_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _NUMBERED = re.compile(r"^(\d{5,})-")

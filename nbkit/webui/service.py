@@ -13,7 +13,7 @@ modules for the request and unloaded after it. Inpainting follows A1111: the mas
 through the blurred mask, so the unmasked area keeps its pixels exactly.
 
 FLUX.1 checkpoints (diffusers folders, registry models, session exports) run on the same paths with
-their own rules (`nbkit.generate`): the flow-matching samplers, Forge's `distilled_cfg_scale`, sizes in
+their own rules (`nbkit.generation.generate`): the flow-matching samplers, Forge's `distilled_cfg_scale`, sizes in
 steps of 16, Flux LoRAs on the transformer; ControlNet is refused for them. Before a FLUX.1 model loads
 on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot run it (a T4) and picks how to
 place it (bf16 on the GPU, or CPU offload, with the transformer and T5 in 8 or 4 bits where the GPU is
@@ -277,7 +277,7 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 def check_request(request: GenerationRequest) -> None:
     """Check a request's own fields before anything loads; raises ValueError naming the bad value.
 
-    (Sizes, steps, seeds and samplers are checked by `nbkit.generate.check_inputs`.)
+    (Sizes, steps, seeds and samplers are checked by `nbkit.generation.generate.check_inputs`.)
 
     Args:
         request: the request.
@@ -356,7 +356,7 @@ class GenerationService:
     ):
         import torch
 
-        from nbkit.flux_runtime import generation_dtype
+        from nbkit.generation.placement import generation_dtype
 
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
@@ -398,7 +398,7 @@ class GenerationService:
             entry = self.catalog.add(key)
         if self.current == entry and self.pipeline is not None:
             return entry
-        from nbkit.flux_runtime import pipeline_family, plan_generation_memory
+        from nbkit.generation.placement import pipeline_family, plan_generation_memory
 
         family = entry.family or folder_family(entry.source)
         # A GPU that cannot run it (a T4 for FLUX.1) is refused before the old model is dropped.
@@ -436,14 +436,14 @@ class GenerationService:
 
     def _dtype_for(self, family: str | None) -> Any:
         """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
-        from nbkit.flux_runtime import generation_dtype
+        from nbkit.generation.placement import generation_dtype
 
         return generation_dtype(family, self.device)
 
     @property
     def family(self) -> str | None:
         """The loaded checkpoint's family as far as generation cares: `flux`, else None (an SD family)."""
-        from nbkit.flux_runtime import pipeline_family
+        from nbkit.generation.placement import pipeline_family
 
         return pipeline_family(self.pipeline) if self.pipeline is not None else None
 
@@ -457,7 +457,7 @@ class GenerationService:
         """Move a loaded pipeline where it runs; `option` is FLUX.1's memory plan (None otherwise)."""
         self._memory_option = option
         if option is not None:
-            from nbkit.flux_runtime import apply_memory_option
+            from nbkit.generation.placement import apply_memory_option
 
             if option.offload or option.quantization:
                 from nbkit.models.quantization import describe_loaded
@@ -621,7 +621,7 @@ class GenerationService:
     def generate(self, request: GenerationRequest) -> GenerationOutput:
         """Run one request on the loaded checkpoint (load it first if needed). Not thread-safe: call it
         through the `GpuQueue`."""
-        from nbkit.generate import GenerationSettings, HiresFix, generate_images, resolve_seeds
+        from nbkit.generation.generate import GenerationSettings, HiresFix, generate_images, resolve_seeds
 
         started = time.time()
         check_request(request)
@@ -723,7 +723,7 @@ class GenerationService:
             distilled_guidance=request.distilled_cfg_scale,
             family=family,
         )
-        from nbkit.generate import check_inputs
+        from nbkit.generation.generate import check_inputs
 
         check_inputs(settings)  # before the LoRAs load: an SD sampler on FLUX.1 is refused up front
         task = self._derive(request.mode, vae=vae, controlnet=controlnet)

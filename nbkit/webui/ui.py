@@ -22,8 +22,8 @@ import gradio as gr
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.infotext import parse_infotext, read_infotext
-from nbkit.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, FLOW_SCHEDULES, SAMPLERS, SCHEDULES
+from nbkit.generation.infotext import parse_infotext, read_infotext
+from nbkit.generation.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, FLOW_SCHEDULES, SAMPLERS, SCHEDULES
 from nbkit.webui.controlnet import CONTROLNETS
 from nbkit.webui.models import folder_family
 from nbkit.webui.queue import GpuQueue, QueueFull

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.lockfile import read_lock
 from nbkit.wheels.house import checked_wheel, download, wheels_in
+from nbkit.wheels.lockfile import read_lock
 from nbkit.wheels.profiles import Profile, is_protected, probe_runtime
 
 

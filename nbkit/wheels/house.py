@@ -22,7 +22,7 @@ from packaging.version import Version
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import retry_io
-from nbkit.lockfile import Pin
+from nbkit.wheels.lockfile import Pin
 
 CHUNK = 1 << 20
 

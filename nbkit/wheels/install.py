@@ -22,7 +22,6 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from nbkit.errors import NbkitError
-from nbkit.lockfile import Pin
 from nbkit.wheels.house import (
     checked_wheel,
     default_wheelhouse,
@@ -31,6 +30,7 @@ from nbkit.wheels.house import (
     run_quiet,
     wheels_in,
 )
+from nbkit.wheels.lockfile import Pin
 from nbkit.wheels.profiles import (
     SETS,
     Profile,

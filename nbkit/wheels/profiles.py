@@ -1,7 +1,7 @@
 """Wheel profiles: a runtime (Python, platform, torch, CUDA) and, per package set, a hashed lock.
 
 A profile is a folder with `profile.json` and one lock per set (`train.txt`, `ui.txt`, ...), each made
-by `uv pip compile --generate-hashes` (`nbkit wheels lock`) and parsed with `nbkit.lockfile.read_lock`,
+by `uv pip compile --generate-hashes` (`nbkit wheels lock`) and parsed with `nbkit.wheels.lockfile.read_lock`,
 the same mechanism as the dev/CI lock. The profiles live in the repo's `wheels/profiles/` and ship
 inside the package as `nbkit.wheel_profiles`. JSON rather than TOML: Python 3.10 has no tomllib, and
 this runs before anything else is installed.
@@ -21,7 +21,7 @@ from packaging.markers import default_environment
 from packaging.version import InvalidVersion, Version
 
 from nbkit.errors import NbkitError
-from nbkit.lockfile import Pin, read_lock
+from nbkit.wheels.lockfile import Pin, read_lock
 
 SETS = ("train", "ui", "images", "vision")
 # The runtime's own torch stack: never installed, upgraded or downgraded where torch is present.

@@ -4,10 +4,10 @@ A session folder holds the subject's photos and captions, class images, checkpoi
 outputs and logs (the layout of `sessions_template/`), and `session.json`, its manifest. Every write
 goes through `nbkit.fsio`, so a killed kernel or a Drive hiccup leaves the previous state; each save
 keeps the previous good `session.json` as `session.json.bak`, which `Session.open` falls back to, with
-a warning, when `session.json` is unreadable. Long operations hold the session's lock (`nbkit.lock`)
+a warning, when `session.json` is unreadable. Long operations hold the session's lock (`nbkit.session.lock`)
 so two kernels never train into the same folder.
 
-Listing, renaming, deleting, exporting and importing sessions live in `nbkit.session_store`.
+Listing, renaming, deleting, exporting and importing sessions live in `nbkit.session.store`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.env import storage_root
 from nbkit.errors import NbkitError, NbkitWarning
+from nbkit.families import get_family
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
-from nbkit.lock import SessionLock, live_holder
-from nbkit.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
 from nbkit.models.base_model import model_spec, native_resolution
-from nbkit.models.registry import RESOLUTION_STEP, TRAINING_DEFAULTS, check_resolution_step, get_family
+from nbkit.models.registry import RESOLUTION_STEP, TRAINING_DEFAULTS, check_resolution_step
+from nbkit.session.lock import SessionLock, live_holder
+from nbkit.session.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable

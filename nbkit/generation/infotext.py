@@ -168,7 +168,7 @@ class Infotext:
     @property
     def sampler(self) -> str | None:
         """The sampler, without the schedule a legacy name ("DPM++ 2M Karras") carries."""
-        from nbkit.samplers import split_legacy_name
+        from nbkit.generation.samplers import split_legacy_name
 
         name = self.parameters.get("Sampler")
         return split_legacy_name(name)[0] if name is not None else None
@@ -176,7 +176,7 @@ class Infotext:
     @property
     def schedule(self) -> str:
         """The schedule type: `Schedule type`, else a legacy sampler name's suffix, else "Automatic"."""
-        from nbkit.samplers import split_legacy_name
+        from nbkit.generation.samplers import split_legacy_name
 
         if "Schedule type" in self.parameters:
             return self.parameters["Schedule type"]

@@ -83,7 +83,7 @@ class SessionPicker:
     """
 
     def __init__(self, root: str | os.PathLike | None = None, base=None, *, variable: str = "session"):
-        from nbkit.session_store import list_sessions
+        from nbkit.session.store import list_sessions
 
         widgets = _widgets()
         self.root, self.base, self.variable = root, base, variable
@@ -105,7 +105,7 @@ class SessionPicker:
             name: the session's name.
             new: create it when it does not exist (an existing one is opened).
         """
-        from nbkit.session import Session, session_path
+        from nbkit.session.core import Session, session_path
 
         if not name.strip():
             return None

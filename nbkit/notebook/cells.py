@@ -1,6 +1,6 @@
 """What the notebooks' cells call: one small function per cell, so that cells hold a form and one line.
 
-    import nbkit.notebook as nb
+    import nbkit.notebook.cells as nb
     root = nb.storage("")                      # Drive on Colab, NBKIT_HOME elsewhere
     session = nb.session("zwx_dog", nb.base_model("sd15"), root=root)
     nb.add_images(session, "/content/drive/MyDrive/photos")
@@ -8,7 +8,7 @@
 Every function shows a user-fixable failure as nbkit's one paragraph (an `NbkitError`) instead of a
 traceback, and still raises, so "Run all" stops at the first real error. Each can be run again. Choices
 a cell would otherwise make with `if`/`or` are made here, so cells hold no logic. Where a form leaves
-something out, the cell shows a widget (`nbkit.notebook_widgets`: session picker, upload box) instead of
+something out, the cell shows a widget (`nbkit.notebook.widgets`: session picker, upload box) instead of
 waiting for input, and says in one line what to do.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nbkit.errors import NbkitError
-from nbkit.notebook_widgets import SessionPicker, UploadBox, picked_session, show, show_image
+from nbkit.notebook.widgets import SessionPicker, UploadBox, picked_session, show, show_image
 
 F = TypeVar("F", bound=Callable[..., Any])
 VISION_MODELS = ("default", "tiny", "off")
@@ -101,9 +101,10 @@ def base_model(model: str, family: str = ""):
         model: the model ("" for none: an existing session's own).
         family: the model family of a single file or URL ("" detects it from a registry key or folder).
     """
-    from nbkit.manifest import BaseModelRef
+    from nbkit.families import get_family
     from nbkit.models.base_model import base_model_ref
-    from nbkit.models.registry import find_model, get_family
+    from nbkit.models.registry import find_model
+    from nbkit.session.manifest import BaseModelRef
 
     if not model:
         return None
@@ -146,7 +147,7 @@ def session(name: str, base=None, *, root: str | os.PathLike | None = None, requ
         required: with no name and nothing picked yet, stop "Run all" here with one line saying to pick
             (False: go on without a session, returning None).
     """
-    from nbkit.session import Session, session_path
+    from nbkit.session.core import Session, session_path
 
     if not name:
         show(SessionPicker(root, base))
@@ -458,8 +459,8 @@ def tidy(*, root: str | os.PathLike | None = None, delete_session: str = "", con
         delete_session: a session to delete ("" deletes nothing).
         confirm: must be ticked to delete.
     """
-    from nbkit.session_store import delete_session as delete
-    from nbkit.session_store import format_size, list_sessions
+    from nbkit.session.store import delete_session as delete
+    from nbkit.session.store import format_size, list_sessions
 
     if delete_session:
         delete(delete_session, root, confirm=confirm)

@@ -148,7 +148,7 @@ def check_lock(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m nbkit.lockfile [LOCK]`: exit 1 and list the problems when the lock is stale."""
+    """`python -m nbkit.wheels.lockfile [LOCK]`: exit 1 and list the problems when the lock is stale."""
     root = Path(__file__).resolve().parents[1]
     lock = Path(argv[0]) if argv else root / DEV_LOCK
     problems = check_lock(lock, root / "pyproject.toml")

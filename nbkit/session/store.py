@@ -25,9 +25,7 @@ from typing import BinaryIO
 
 from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError
 from nbkit.fsio import OLD_PREFIX, TEMP_PREFIX, atomic_directory, atomic_path, retry_io
-from nbkit.lock import LOCK_NAME, SessionLock, live_holder
-from nbkit.manifest import Manifest, TrainingState, load_manifest
-from nbkit.session import (
+from nbkit.session.core import (
     BACKUP_NAME,
     MANIFEST_NAME,
     Session,
@@ -38,6 +36,8 @@ from nbkit.session import (
     session_path,
     sessions_dir,
 )
+from nbkit.session.lock import LOCK_NAME, SessionLock, live_holder
+from nbkit.session.manifest import Manifest, TrainingState, load_manifest
 
 DELETED_PREFIX = f"{TEMP_PREFIX}deleted-"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from nbkit.config import StrictConfig
 from nbkit.errors import NbkitError
-from nbkit.train_config import TrainConfig
+from nbkit.session.settings import TrainConfig
 
 SCHEMA_VERSION = 3
 

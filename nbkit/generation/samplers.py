@@ -243,7 +243,7 @@ def split_legacy_name(name: str) -> tuple[str, str | None]:
 
 
 def _resolve_flow(sampler: str, schedule: str | None, family: str) -> tuple[Sampler, Schedule]:
-    from nbkit.models.registry import FAMILIES
+    from nbkit.families import FAMILIES
 
     title = FAMILIES[family].title if family in FAMILIES else family
     valid = ", ".join(FLOW_SAMPLERS)

@@ -4,7 +4,7 @@
 `torch.Generator`, so image `i` depends on its own seed only (not on the batch it was drawn in, nor on
 the device). Seeds follow A1111: one seed `s` gives `s, s+1, ...`; `-1` draws a random one and the
 result reports the seeds used. A sampler name swaps in the matching diffusers scheduler
-(`nbkit.samplers`) for the call only; the caller's pipeline keeps its own. Each image comes back with
+(`nbkit.generation.samplers`) for the call only; the caller's pipeline keeps its own. Each image comes back with
 its A1111 infotext.
 
 `GenerationSettings` holds one request. The web UI runs img2img, inpainting and ControlNet through the
@@ -13,8 +13,8 @@ adds A1111's hires fix (`HiresFix`: upscale the first pass, in latent space or a
 img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
 (the whole request) and `skip` (the current batch).
 
-FLUX.1 pipelines (`nbkit.flux_runtime.pipeline_family` tells them by their `transformer`) run through
-the same loop with their own call (`nbkit.flux_runtime.flux_call_arguments`): the distilled guidance
+FLUX.1 pipelines (`nbkit.generation.placement.pipeline_family` tells them by their `transformer`) run through
+the same loop with their own call (`nbkit.generation.placement.flux_call_arguments`): the distilled guidance
 (Forge's "Distilled CFG Scale", 3.5 by default; schnell has none) goes to `guidance_scale`, true CFG
 (`true_cfg_scale` with the negative prompt) only when the CFG scale is above 1 and a negative prompt is
 given (the infotext's `CFG scale` is the one used: 1 without true CFG), the T5 reads up to `max_sequence_length` tokens (512 for dev,
@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import nbkit
 from nbkit.errors import NbkitError
-from nbkit.flux_runtime import (
+from nbkit.generation.infotext import format_infotext
+from nbkit.generation.placement import (
     SIZE_MULTIPLE,
     accepts,
     apply_memory_option,
@@ -49,14 +50,13 @@ from nbkit.flux_runtime import (
     plan_generation_memory,
     size_multiple,
 )
-from nbkit.infotext import format_infotext
-from nbkit.samplers import build_scheduler, resolve, sampler_name, schedule_label
+from nbkit.generation.samplers import build_scheduler, resolve, sampler_name, schedule_label
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from nbkit.manifest import ExportedModel
-    from nbkit.session import Session
+    from nbkit.session.core import Session
+    from nbkit.session.manifest import ExportedModel
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this

@@ -1,6 +1,6 @@
 """What generation does differently for FLUX.1: telling the family, sizes, dtype, call arguments, memory.
 
-`nbkit.generate` runs SD and FLUX.1 pipelines through one loop; the web UI's service loads and places
+`nbkit.generation.generate` runs SD and FLUX.1 pipelines through one loop; the web UI's service loads and places
 them. Both ask this module the FLUX.1 questions: is this family (or pipeline) a flow-matching one, what
 must image sides be multiples of, which dtype the weights load in (FLUX.1's activations overflow
 float16, so bfloat16 on a GPU), which guidance and T5 arguments a FluxPipeline call takes, and how the
@@ -13,10 +13,10 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from nbkit.samplers import FLOW_FAMILIES
+from nbkit.generation.samplers import FLOW_FAMILIES
 
 if TYPE_CHECKING:
-    from nbkit.generate import GenerationSettings
+    from nbkit.generation.generate import GenerationSettings
 
 SIZE_MULTIPLE = 8  # the VAE's downsampling factor
 FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance default (diffusers' and Forge's)
@@ -39,7 +39,7 @@ def pipeline_family(pipeline: Any) -> str | None:
 def size_multiple(family: str | None) -> int:
     """What image sides must be multiples of: the registry's step for FLUX.1 (16), else 8 (A1111's)."""
     if is_flow_family(family):
-        from nbkit.models.registry import FAMILIES
+        from nbkit.families import FAMILIES
 
         return FAMILIES[family].resolution_step
     return SIZE_MULTIPLE
@@ -69,7 +69,7 @@ def accepts(pipeline: Any, name: str) -> bool:
 def flux_sequence_length(pipeline: Any) -> int:
     """How many T5 tokens a FLUX.1 pipeline reads: 512 for dev, 256 for schnell (no guidance embedding),
     never more than its T5 tokenizer holds."""
-    from nbkit.models.registry import is_flux_schnell
+    from nbkit.families.flux1 import is_flux_schnell
 
     schnell = is_flux_schnell(dict(pipeline.transformer.config))
     length = FLUX_SEQUENCE_LENGTH["schnell" if schnell else "dev"]
@@ -92,7 +92,7 @@ def flux_call_arguments(pipeline: Any, settings: GenerationSettings) -> tuple[di
         The keyword arguments, and the distilled guidance (None for schnell, which has no guidance
         embedding and ignores it).
     """
-    from nbkit.models.registry import is_flux_schnell
+    from nbkit.families.flux1 import is_flux_schnell
 
     kwargs: dict[str, Any] = {"max_sequence_length": flux_sequence_length(pipeline)}
     distilled = None

@@ -1,0 +1,33 @@
+"""Stable Diffusion 1.x: a 512 px UNet that predicts noise, with OpenAI's CLIP ViT-L text encoder."""
+
+from __future__ import annotations
+
+from nbkit.families.base import FolderConfigs, HubModel
+from nbkit.families.stable_diffusion import StableDiffusionFamily
+
+
+class SD1(StableDiffusionFamily):
+    name = "sd1"
+    title = "SD 1.x"
+    prediction_type = "epsilon"
+    native_resolution = 512
+    allowed_resolutions = range(384, 641, 64)
+    pipeline_class = "StableDiffusionPipeline"
+    text_encoder_count = 1
+    cross_attention_dim = 768
+    modelspec_architecture = "stable-diffusion-v1"
+    modelspec_implementation = "https://github.com/CompVis/stable-diffusion"
+    tiny_native_resolution = 64
+    hub_models = (
+        HubModel(
+            "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion 1.5",
+            aliases=("runwayml/stable-diffusion-v1-5",),
+        ),
+    )  # fmt: skip
+    detection_priority = -100  # any UNet that no other family claims
+
+    def claims(self, configs: FolderConfigs) -> bool:
+        return True
+
+
+FAMILY = SD1()

@@ -1,0 +1,33 @@
+"""Stable Diffusion XL: a 1024 px UNet with two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG) and
+size/crop conditioning (`text_time`)."""
+
+from __future__ import annotations
+
+from nbkit.families.base import FolderConfigs, HubModel
+from nbkit.families.stable_diffusion import StableDiffusionFamily
+
+
+class SDXL(StableDiffusionFamily):
+    name = "sdxl"
+    title = "SDXL"
+    prediction_type = "epsilon"
+    native_resolution = 1024
+    allowed_resolutions = range(768, 1153, 64)
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_encoder_count = 2
+    cross_attention_dim = 2048
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    tiny_native_resolution = 64
+    hub_models = (
+        HubModel("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "Stable Diffusion XL base 1.0"),
+    )
+    detection_priority = 10
+
+    def claims(self, configs: FolderConfigs) -> bool:
+        second_encoder = configs.index.get("text_encoder_2")
+        has_second_encoder = isinstance(second_encoder, list) and None not in second_encoder
+        return has_second_encoder or configs.denoiser.get("addition_embed_type") == "text_time"
+
+
+FAMILY = SDXL()
