@@ -22,6 +22,9 @@ from nbkit.fsio import read_json
 ENTRY_POINT_GROUP = "nbkit.families"
 
 FAMILIES: dict[str, Family] = {}
+# The family of a session or file that names none (sessions made before families were recorded), and
+# of the demo: SD 1.x, what the fast-DreamBooth notebooks trained.
+DEFAULT_FAMILY = sd1.FAMILY.name
 
 
 def register_family(family: Family) -> Family:
@@ -129,6 +132,7 @@ def detect_family_from_config(folder: str | os.PathLike) -> DetectedFamily:
 
 
 __all__ = [
+    "DEFAULT_FAMILY",
     "FAMILIES",
     "DetectedFamily",
     "Family",

@@ -148,7 +148,8 @@ class Family:
         """
         raise NotImplementedError
 
-    # -- models: the tiny model, memory --------------------------------------------------------------
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+    # (methods about a family's models go here)
 
     def build_tiny(self, out_dir: str | os.PathLike) -> Path:
         """Build this family's tiny random-weight model (deterministic, offline) as a diffusers folder.
@@ -158,8 +159,11 @@ class Family:
         """
         raise NotImplementedError
 
-    # -- conversion: single files, LoRA files ------------------------------------------------------
+    # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+    # (methods about a family's files go here)
 
-    # -- training ---------------------------------------------------------------------------------
+    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+    # (methods about training a family go here)
 
-    # -- generation -------------------------------------------------------------------------------
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    # (methods about generating with a family go here)

@@ -50,6 +50,18 @@ class Flux1(Family):
     def detect(self, configs: FolderConfigs) -> DetectedFamily | None:
         if not configs.has_transformer:
             return None
+
+        # -- models: the tiny model, memory figures ---------------------------------------------------
+        # (methods about this family's models go here)
+
+        # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+        # (methods about this family's files go here)
+
+        # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+        # (methods about training this family go here)
+
+        # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+        # (methods about generating with this family go here)
         if (
             str(configs.index.get("_class_name", "")).startswith("Flux")
             or configs.denoiser.get("_class_name") == "FluxTransformer2DModel"

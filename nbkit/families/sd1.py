@@ -29,5 +29,17 @@ class SD1(StableDiffusionFamily):
     def claims(self, configs: FolderConfigs) -> bool:
         return True
 
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+    # (methods about this family's models go here)
+
+    # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+    # (methods about this family's files go here)
+
+    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+    # (methods about training this family go here)
+
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    # (methods about generating with this family go here)
+
 
 FAMILY = SD1()

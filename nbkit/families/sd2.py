@@ -58,6 +58,18 @@ class SD2V(SD2):
     def accepts_prediction(self, prediction_type: str) -> bool:
         return prediction_type == "v_prediction"
 
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+    # (methods about this family's models go here)
+
+    # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+    # (methods about this family's files go here)
+
+    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+    # (methods about training this family go here)
+
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    # (methods about generating with this family go here)
+
 
 FAMILY = SD2()
 FAMILY_V = SD2V()

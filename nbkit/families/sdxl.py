@@ -29,5 +29,17 @@ class SDXL(StableDiffusionFamily):
         has_second_encoder = isinstance(second_encoder, list) and None not in second_encoder
         return has_second_encoder or configs.denoiser.get("addition_embed_type") == "text_time"
 
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+    # (methods about this family's models go here)
+
+    # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+    # (methods about this family's files go here)
+
+    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+    # (methods about training this family go here)
+
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    # (methods about generating with this family go here)
+
 
 FAMILY = SDXL()

@@ -34,6 +34,18 @@ class StableDiffusionFamily(Family):
         vae_scale = 2 ** (len(configs.vae.get("block_out_channels", [0] * 4)) - 1)
         return DetectedFamily(self.name, prediction_type, int(sample_size) * vae_scale)
 
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+    # (methods about this family's models go here)
+
+    # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+    # (methods about this family's files go here)
+
+    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+    # (methods about training this family go here)
+
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    # (methods about generating with this family go here)
+
 
 def cross_attention_width(unet: dict) -> int | None:
     """The UNet's cross-attention width (the first block's, when it lists one per block)."""
