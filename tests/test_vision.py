@@ -292,8 +292,8 @@ def test_cli_classify_and_check(tmp_path):
 def test_report_and_contact_sheet_show_the_vision_flags(tmp_path):
     from nbkit.images.contact_sheet import WARNING_COLOUR, write_contact_sheet
     from nbkit.images.manage import list_images
+    from nbkit.images.vision_flags import read_vision_flags
     from nbkit.vision.checks import write_dataset_report
-    from nbkit.vision.flags import read_vision_flags
 
     base = smooth(7)
     photos = [base, jpeg(base), smooth(8), smooth(9)]

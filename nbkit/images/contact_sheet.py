@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from nbkit.fsio import atomic_path
 from nbkit.images.checks import WARNING_PREFIX
-from nbkit.vision.flags import read_vision_flags, short_flags
+from nbkit.images.vision_flags import read_vision_flags, short_flags
 
 if TYPE_CHECKING:
     from nbkit.session.core import Session

@@ -92,7 +92,7 @@ class ImageReport:
     def flags(self, row: ReportRow) -> list[str]:
         """The vision check's flags of `row`'s saved file (near-duplicate of X, off-subject?)."""
         if self.vision_flags is None:
-            from nbkit.vision.flags import read_vision_flags
+            from nbkit.images.vision_flags import read_vision_flags
 
             self.vision_flags = read_vision_flags(self.contact_sheet.parent) if self.contact_sheet else {}
         return self.vision_flags.get(row.saved_as or "", [])
