@@ -63,7 +63,7 @@ def test_a_pin_outside_the_pyproject_range_fails(tmp_path):
 
 def test_the_lock_check_command_exits_nonzero_on_a_stale_lock(tmp_path):
     stale = _lock_without(tmp_path, "safetensors")
-    command = [sys.executable, "-m", "nbkit.wheels.lockfile"]
+    command = [sys.executable, "-m", "nbkit.wheels.check_lock"]
     assert subprocess.run([*command, str(LOCK)], capture_output=True).returncode == 0
     completed = subprocess.run([*command, str(stale)], capture_output=True, text=True)
     assert completed.returncode == 1

@@ -145,21 +145,3 @@ def check_lock(
                 pending.append((dependency, f"{name} {pin.version}", wanted_extra))
                 break
     return sorted(set(problems))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m nbkit.wheels.lockfile [LOCK]`: exit 1 and list the problems when the lock is stale."""
-    root = Path(__file__).resolve().parents[1]
-    lock = Path(argv[0]) if argv else root / DEV_LOCK
-    problems = check_lock(lock, root / "pyproject.toml")
-    for problem in problems:
-        print(f"{lock}: {problem}", file=sys.stderr)
-    if problems:
-        print("Refresh the lock as README.md's 'Dependencies' section says.", file=sys.stderr)
-        return 1
-    print(f"{lock}: covers pyproject.toml for this Python ({len(read_lock(lock))} pins)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
