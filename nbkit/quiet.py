@@ -24,10 +24,12 @@ from nbkit.errors import NbkitWarning
 
 # The loggers and progress bars of these libraries are switched off unless verbose.
 _VERBOSITY_VARIABLES = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
-# Plain `logging` loggers of libraries without a verbosity switch: torchao (imported by transformers
-# whenever it is installed) logs each optional kernel library it cannot load, and torch's pytree
-# logs a deprecation when torchao registers its enums.
-_PLAIN_LOGGERS = ("torchao", "torch.utils._pytree")
+# Plain `logging` loggers of libraries without a verbosity switch, quieted before they are imported:
+# torchao (imported by transformers whenever it is installed) logs each optional kernel library it
+# cannot load, and torch's pytree logs a deprecation when torchao registers its enums. bitsandbytes
+# (imported by diffusers' model loading and by peft whenever it is installed) logs, on a CPU with
+# AVX512-BF16, that the optional `kernels` package for its 4-bit CPU kernel is missing.
+_PLAIN_LOGGERS = ("bitsandbytes", "torchao", "torch.utils._pytree")
 _LOGGING_MODULES = ("transformers.utils.logging", "diffusers.utils.logging")
 _NBKIT_DIR = str(Path(__file__).resolve().parent)
 _NBKIT_MODULES = r"nbkit(\..*)?$"

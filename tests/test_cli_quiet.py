@@ -3,6 +3,7 @@ unless `--verbose`, and nbkit's own warnings are one clean line."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,10 +17,15 @@ from nbkit.errors import NbkitWarning
 from nbkit.quiet import quiet_libraries
 
 REPO = Path(__file__).resolve().parent.parent
+# Its sitecustomize makes bitsandbytes see a CPU with AVX512-BF16, where bitsandbytes logs a notice at
+# import. It is first on every run's PYTHONPATH, so what a run prints does not depend on this CPU.
+AVX512BF16_CPU = Path(__file__).resolve().parent / "avx512bf16_cpu"
+BITSANDBYTES_CPU_NOTICE = "Failed to load CPU gemm_4bit_forward"
 
 
 def run_nbkit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    pythonpath = os.pathsep.join([str(AVX512BF16_CPU), str(REPO)])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
         env.pop(name, None)  # the user's own settings are not under test
     return subprocess.run(
@@ -60,6 +66,25 @@ def test_library_chatter_is_quiet_unless_verbose(tmp_path):
     assert verbose.returncode == 0, verbose.stderr
     # transformers' notices (torchvision missing) and its save progress bar get through.
     assert "[transformers]" in verbose.stderr or "Writing model shards" in verbose.stderr, verbose.stderr
+    if importlib.util.find_spec("bitsandbytes") is not None:  # diffusers imports it where installed
+        assert BITSANDBYTES_CPU_NOTICE in verbose.stderr, verbose.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_bitsandbytes_notice_on_an_avx512bf16_cpu_is_quiet_unless_verbose():
+    # diffusers and peft import bitsandbytes at their own import where it is installed: its logger is
+    # quieted before, whichever library imports it.
+    def stderr(verbose: bool) -> str:
+        code = f"from nbkit.quiet import quiet_libraries; quiet_libraries({verbose}); import bitsandbytes"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(AVX512BF16_CPU), str(REPO)])}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert stderr(verbose=False) == ""
+    assert BITSANDBYTES_CPU_NOTICE in stderr(verbose=True)
 
 
 def test_quiet_libraries_keeps_nbkit_warnings_as_one_line():
