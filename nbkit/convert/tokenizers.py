@@ -38,7 +38,7 @@ def load_tokenizer(name: str, family: str, folder: Path, vocab_size: int):
     """
     from transformers import CLIPTokenizer
 
-    from nbkit.models.tokenizer import EOS_TOKEN, make_clip_tokenizer
+    from nbkit.tokenizers import EOS_TOKEN, make_clip_tokenizer
 
     local = folder / name
     if (local / "vocab.json").is_file() or (local / "tokenizer.json").is_file():
