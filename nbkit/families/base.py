@@ -301,6 +301,14 @@ class Family:
         """
         return False
 
+    def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline's constructor arguments besides its components, for one built from a single file.
+
+        Args:
+            index: the config folder's `model_index.json`.
+        """
+        return {}
+
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training a family go here)
 

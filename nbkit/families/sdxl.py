@@ -3,6 +3,7 @@ size/crop conditioning (`text_time`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,12 @@ class SDXL(StableDiffusionFamily):
 
     def open_clip_tokenizer(self, name: str) -> bool:
         return name == "tokenizer_2"  # OpenCLIP bigG; the first is OpenAI's CLIP ViT-L
+
+    def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+            "add_watermarker": False,
+        }
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)

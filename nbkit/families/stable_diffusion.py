@@ -7,6 +7,7 @@ between them is a method they override.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nbkit.families.base import DetectedFamily, Family, FolderConfigs, SingleFileComponent
@@ -99,6 +100,10 @@ class StableDiffusionFamily(Family):
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (methods about this family's files go here)
+
+    def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
+        # No safety checker: single files carry none, and nbkit's downloads leave it out.
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)

@@ -341,14 +341,13 @@ def _tiny_fingerprint(family: Family) -> str:
 
 def tiny_model_path(family: str, *, cache_root: str | os.PathLike | None = None) -> Path:
     """Build the tiny model of `family` once into `<models-cache>/tiny/<family>` and return its folder."""
-    from nbkit.models.tiny import check_family
+    from nbkit.models.tiny import check_family, save_tiny_pipeline
 
-    family_object = check_family(family)
     target = models_cache(cache_root) / "tiny" / family
-    fingerprint = _tiny_fingerprint(family_object)
+    fingerprint = _tiny_fingerprint(check_family(family))
     stamp = target / TINY_STAMP
     if stamp.is_file() and read_json(stamp).get("fingerprint") == fingerprint:
         return target
-    family_object.build_tiny(target)  # replaces an earlier build atomically
+    save_tiny_pipeline(family, target)  # replaces an earlier build atomically
     atomic_write_json(stamp, {"family": family, "fingerprint": fingerprint})
     return target

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from nbkit.config import StrictConfig
 from nbkit.errors import NbkitError
+from nbkit.families import DEFAULT_FAMILY
 from nbkit.session.settings import TrainConfig
 
 SCHEMA_VERSION = 3
@@ -199,7 +200,7 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     if model:
         upgraded["base_model"] = {
             "source": model,
-            "family": data.pop("family", "sd1"),
+            "family": data.pop("family", DEFAULT_FAMILY),
             "prediction_type": "v_prediction" if data.pop("v_prediction", False) else "epsilon",
             "resolution": resolution,
         }
