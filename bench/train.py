@@ -56,7 +56,7 @@ def build_small_sd1(out_dir: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nbkit.models.tokenizer import make_clip_tokenizer, write_clip_vocab_files
+    from nbkit.tokenizers import make_clip_tokenizer, write_clip_vocab_files
 
     torch.manual_seed(0)
     tokenizer = make_clip_tokenizer()

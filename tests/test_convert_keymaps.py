@@ -8,8 +8,9 @@ import pytest
 
 from nbkit.convert.from_single_file import shipped_config_dir
 from nbkit.convert.keymaps_unet import unet_recipes
-from nbkit.convert.layout import LAYOUTS
+from nbkit.convert.layout import single_file_layout
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
 from nbkit.fsio import read_json
 
 # Parameter counts of the real models' components (UNet, VAE, text encoder(s)).
@@ -50,7 +51,7 @@ def full_size_plans():
     plans = {}
     for family in ("sd1", "sd2", "sdxl"):
         recipes, parameters = [], {}
-        for component in LAYOUTS[family]:
+        for component in single_file_layout(FAMILIES[family]):
             model = _meta_component(family, component.name)
             parameters[component.name] = sum(p.numel() for p in model.parameters())
             shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}

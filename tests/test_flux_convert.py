@@ -118,10 +118,10 @@ def test_keys_follow_the_bfl_layout(original, bfl_file):
 
 
 def test_schnell_like_model(tmp_path):
-    from nbkit.models.tiny_flux import build_tiny_flux
+    from nbkit.families.flux1 import FAMILY
 
     torch.manual_seed(0)
-    transformer = build_tiny_flux(guidance=False).transformer.eval()
+    transformer = FAMILY.make_tiny_pipeline(guidance=False).transformer.eval()
     out = save_flux_transformer(
         transformer, tmp_path / "schnell.safetensors", metadata={"nbkit.run": {"steps": 4}}
     )

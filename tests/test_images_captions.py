@@ -86,7 +86,7 @@ def test_token_warnings_without_a_tokenizer():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from nbkit.models.tokenizer import build_clip_tokenizer
+    from nbkit.tokenizers import build_clip_tokenizer
 
     return build_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from nbkit.errors import NbkitError
-from nbkit.models.registry import TINY_NATIVE_RESOLUTION, UNET_FAMILIES
+from nbkit.models.registry import TINY_NATIVE_RESOLUTION
 from nbkit.models.tiny import TINY_FAMILIES, build_tiny_pipeline, save_tiny_pipeline
 from nbkit.models.tiny_vision import (
     DEFAULT_LABELS,
@@ -33,6 +33,7 @@ PIPELINE_CLASS = {
     "sd2-v": StableDiffusionPipeline,
     "sdxl": StableDiffusionXLPipeline,
 }
+UNET_FAMILIES = tuple(PIPELINE_CLASS)
 
 
 def _state(pipeline) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPi
 from nbkit.cli import main
 from nbkit.families import detect_family_from_config
 from nbkit.models.tiny import build_tiny_pipeline
-from nbkit.models.tiny_flux import make_t5_tokenizer
+from nbkit.tokenizers import make_t5_tokenizer
 
 
 def test_tiny_flux_loads_and_renders_two_steps(tiny_model_dir):

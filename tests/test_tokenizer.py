@@ -9,7 +9,7 @@ import pytest
 from transformers import CLIPTokenizer
 
 from nbkit.errors import NbkitError
-from nbkit.models.tokenizer import (
+from nbkit.tokenizers import (
     BOS_TOKEN,
     EOS_TOKEN,
     PROMPT_WORDS,

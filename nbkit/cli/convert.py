@@ -14,8 +14,11 @@ import argparse
 from pathlib import Path
 
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES
 
-FAMILY_CHOICES = ("sd1", "sd2", "sd2-v", "sdxl")  # single files: FLUX.1 ones need their pipeline folder
+# Families whose full checkpoints are single files (a FLUX.1 file holds the transformer alone, which
+# loads only with its pipeline folder).
+FAMILY_CHOICES = tuple(name for name, family in FAMILIES.items() if family.single_file is not None)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 

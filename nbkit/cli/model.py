@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from nbkit.families import FAMILIES
+
     parser = subparsers.add_parser("model", help="base models: list, fetch, inspect, build tiny ones")
     actions = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
@@ -14,9 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=list_command)
 
     tiny = actions.add_parser("tiny", help="save a tiny random-weight model (offline) as a diffusers folder")
-    tiny.add_argument(
-        "family", metavar="FAMILY", help="sd1, sd2, sd2-v, sdxl or flux (tiny-sd1 ... also accepted)"
-    )
+    tiny.add_argument("family", metavar="FAMILY", help=f"{', '.join(FAMILIES)} (tiny-FAMILY also accepted)")
     tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     tiny.set_defaults(func=tiny_command, loads_models=True)
 

@@ -1,11 +1,12 @@
-"""Tell a checkpoint's family (sd1, sd2, sd2-v, sdxl) and prediction type from its keys, shapes and metadata.
+"""Tell a checkpoint's family and prediction type from its keys, shapes and metadata.
 
 Never from the file size (pruned, fp16 and EMA files of one model differ in size) and never from a
-forward pass. The text encoder's layout names the architecture: OpenAI CLIP under
-`cond_stage_model.transformer` is SD 1.x, OpenCLIP under `cond_stage_model.model` is SD 2.x, two
-`conditioner.embedders` is SDXL. Whether an SD 2.x file is the 512 px epsilon model or the 768 px
-v-prediction model is not in its weights' names or shapes; only metadata (ours, or the SAI model spec)
-or a `v_pred` marker key says so. Without either, the guess says it is ambiguous and the user chooses.
+forward pass. The text encoder's layout names the architecture (each family's `single_file.signature`,
+asked most specific first): OpenAI CLIP under `cond_stage_model.transformer` is SD 1.x, OpenCLIP under
+`cond_stage_model.model` is SD 2.x, two `conditioner.embedders` is SDXL. Families with the same layout
+have the same weights' names and shapes: whether an SD 2.x file is the 512 px epsilon model or the
+768 px v-prediction model is only said by metadata (ours, or the SAI model spec) or a `v_pred` marker
+key. Without either, the guess says it is ambiguous and the user chooses.
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ from nbkit.convert.keymaps_unet import LDM_UNET_PREFIX
 from nbkit.convert.metadata import METADATA_FAMILY, METADATA_PREDICTION, METADATA_RESOLUTION
 from nbkit.convert.tensor_sources import open_tensor_file
 from nbkit.errors import NbkitError
-from nbkit.families import FAMILIES, detect_family_from_config
+from nbkit.families import FAMILIES, Family, detect_family_from_config
 
-SD2_FAMILIES = ("sd2", "sd2-v")
 # Keys some trainers add to mark a v-prediction model (ComfyUI and kohya's scripts read them).
 V_PREDICTION_MARKERS = ("v_pred",)
-# The width of the text embedding the UNet attends to, for files without a text encoder.
-CONTEXT_WIDTH_GROUPS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class FamilyGuess:
     """What a checkpoint is, as far as its keys, shapes and metadata tell.
 
     Args:
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`; None when it cannot be told apart (see candidates).
+        family: the family's name; None when it cannot be told apart (see candidates).
         prediction_type: `epsilon` or `v_prediction`; None when unknown.
         native_resolution: the square size it was trained at, in pixels, when known.
         candidates: the families it may be (one when decided).
@@ -94,8 +92,24 @@ def _from_folder(folder: Path) -> FamilyGuess:
     )
 
 
-def _architecture_group(shapes: Mapping[str, tuple[int, ...]], path: Path | None) -> tuple[str | None, str]:
-    """('sd1' | 'sd2' | 'sdxl' | None, evidence) from the text encoder's layout, else the UNet's context width."""
+def _single_file_families() -> list[Family]:
+    """The families with a single-file layout, most specific first."""
+    ordered = sorted(FAMILIES.values(), key=lambda family: -family.detection_priority)
+    return [family for family in ordered if family.single_file is not None]
+
+
+def _same_weights(family: Family) -> tuple[str, ...]:
+    """The families whose files have the same keys and shapes as `family`'s (itself included)."""
+    if family.single_file is None:
+        return (family.name,)
+    return tuple(name for name, other in FAMILIES.items() if other.single_file == family.single_file)
+
+
+def _architecture_group(
+    shapes: Mapping[str, tuple[int, ...]], path: Path | None
+) -> tuple[Family | None, str]:
+    """(the first family of the layout, or None; evidence) from the text encoder's layout, else the
+    UNet's context width."""
 
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in shapes)
@@ -130,23 +144,22 @@ def _architecture_group(shapes: Mapping[str, tuple[int, ...]], path: Path | None
             path=path,
             fix="use the ordinary (non-inpainting) version of this model",
         )
-    if has("conditioner.embedders.1.model."):
-        return "sdxl", "two text encoders under conditioner.embedders (SDXL)"
-    if has("conditioner.embedders.0.model."):
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1.model."):
         raise NbkitError(
             "this is an SDXL refiner (one OpenCLIP encoder under conditioner.embedders.0), which nbkit does not load",
             path=path,
             fix="use an SDXL base model",
         )
-    if has("cond_stage_model.model."):
-        return "sd2", "an OpenCLIP text encoder under cond_stage_model.model (SD 2.x)"
-    if has("cond_stage_model.transformer."):
-        return "sd1", "a CLIP ViT-L text encoder under cond_stage_model.transformer (SD 1.x)"
+    families = _single_file_families()
+    for family in families:
+        if has(family.single_file.signature):
+            return family, family.single_file.evidence
     widths = {shape[-1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")}
-    if len(widths) == 1 and next(iter(widths)) in CONTEXT_WIDTH_GROUPS:
+    if len(widths) == 1:
         width = next(iter(widths))
-        evidence = f"no text encoder; the UNet attends to {width}-wide text embeddings"
-        return CONTEXT_WIDTH_GROUPS[width], evidence
+        for family in families:
+            if family.cross_attention_dim == width:
+                return family, f"no text encoder; the UNet attends to {width}-wide text embeddings"
     return None, "the file has no text encoder and its UNet is not one of the standard sizes"
 
 
@@ -179,36 +192,35 @@ def _resolution_from(metadata: Mapping[str, str], family: str | None) -> int | N
     return FAMILIES[family].native_resolution if family else None
 
 
-def _group_of(family: str) -> str:
-    return "sd2" if family in SD2_FAMILIES else family
-
-
 def _from_shapes(
     shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], path: Path | None
 ) -> FamilyGuess:
-    group, evidence = _architecture_group(shapes, path)
-    if group is None:
+    leader, evidence = _architecture_group(shapes, path)
+    if leader is None:
         return FamilyGuess(None, None, None, tuple(FAMILIES), evidence)
+    members = _same_weights(leader)
     recorded = _family_from_metadata(metadata)
-    if recorded is not None and _group_of(recorded) != group:
+    if recorded is not None and recorded not in members:
         evidence += f"; the metadata says {recorded}, which the weights contradict, so it is ignored"
         recorded = None
     prediction, told_by = _prediction_from(metadata, shapes)
-    if group != "sd2":
-        prediction = prediction or FAMILIES[group].prediction_type
-        return FamilyGuess(group, prediction, _resolution_from(metadata, group), (group,), evidence)
+    if len({FAMILIES[name].prediction_type for name in members}) == 1:
+        # Only metadata tells families with the same weights and prediction apart (a model fine-tuned
+        # as another family); without it the file is the layout's first family's.
+        family = recorded or leader.name
+        prediction = prediction or FAMILIES[family].prediction_type
+        return FamilyGuess(family, prediction, _resolution_from(metadata, family), (family,), evidence)
     if prediction is not None:
-        family = "sd2-v" if prediction == "v_prediction" else "sd2"
+        matching = [name for name in members if FAMILIES[name].prediction_type == prediction] or [leader.name]
+        family = recorded if recorded in matching else matching[0]
         evidence += f"; {told_by} says {prediction}"
     elif recorded is not None:
         family, prediction = recorded, FAMILIES[recorded].prediction_type
         evidence += f"; the metadata says {recorded}"
     else:
-        evidence += (
-            "; SD 2.x 512 px (epsilon) and 768 px (v-prediction) models have the same keys and shapes, "
-            "and this file does not say which it is"
-        )
-        return FamilyGuess(None, None, None, SD2_FAMILIES, evidence)
+        titles = " and ".join(FAMILIES[name].title for name in members)
+        evidence += f"; {titles} models have the same keys and shapes, and this file does not say which it is"
+        return FamilyGuess(None, None, None, members, evidence)
     return FamilyGuess(family, prediction, _resolution_from(metadata, family), (family,), evidence)
 
 
@@ -227,8 +239,8 @@ def resolve_family(guess: FamilyGuess, choice: str | None, path: str | os.PathLi
     if choice is not None:
         if choice not in FAMILIES:
             raise NbkitError(f"unknown family {choice!r}", fix=f"use one of: {', '.join(FAMILIES)}")
-        # sd2 and sd2-v share every weight: the user may always say which of the two a file is.
-        if _group_of(choice) not in {_group_of(name) for name in guess.candidates}:
+        # Families with the same weights (SD 2.x 512 and 768-v): the user may always say which a file is.
+        if not any(choice in _same_weights(FAMILIES[name]) for name in guess.candidates):
             raise NbkitError(
                 f"this checkpoint is {' or '.join(guess.candidates)} ({guess.evidence}), not {choice}",
                 path=path,
@@ -237,10 +249,12 @@ def resolve_family(guess: FamilyGuess, choice: str | None, path: str | os.PathLi
         return choice
     if guess.family is None:
         fix = "pass " + " or ".join(f"--family {name}" for name in guess.candidates) + " (family= in Python)"
-        if guess.candidates == SD2_FAMILIES:
-            fix += (
-                ": sd2-v for 768 px v-prediction models (SD 2.0/2.1 768-v and models fine-tuned from them), "
-                "sd2 for 512 px '-base' models"
-            )
+        hints = [
+            f"{name} for {FAMILIES[name].choice_hint}"
+            for name in guess.candidates
+            if FAMILIES[name].choice_hint
+        ]
+        if hints and len({FAMILIES[name].single_file for name in guess.candidates}) == 1:  # same weights
+            fix += ": " + ", ".join(hints)
         raise NbkitError(f"cannot tell which family this checkpoint is: {guess.evidence}", path=path, fix=fix)
     return guess.family

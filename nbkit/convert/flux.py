@@ -39,12 +39,11 @@ from nbkit.convert.safetensors_stream import StreamingSafetensorsWriter, byte_vi
 from nbkit.convert.tensor_sources import StateDictSource, TensorSource, open_component
 from nbkit.convert.verify import verify_single_file
 from nbkit.errors import NbkitError
-from nbkit.families import FAMILIES
+from nbkit.families.flux1 import FAMILY as FLUX
 from nbkit.families.flux1 import SCHNELL_ARCHITECTURE as FLUX_SCHNELL_ARCHITECTURE
-from nbkit.families.flux1 import is_flux_schnell
+from nbkit.families.flux1 import Flux1, is_flux_schnell
 from nbkit.fsio import atomic_path, atomic_write_json, read_json
 
-FLUX = FAMILIES["flux"]
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # diffusers' single-file converter cuts `single_blocks.N.linear1` at FLUX.1's sizes (3072 wide, MLP
@@ -299,10 +298,10 @@ def _open_source(source: Any) -> Iterator[tuple[TensorSource, dict[str, Any], in
     name = folder.name
     resolution = None
     if (folder / "model_index.json").is_file():
-        from nbkit.families import detect_family_from_config
+        from nbkit.families import detect_family_from_config, get_family
 
         detected = detect_family_from_config(folder)
-        if detected.family != "flux":
+        if not isinstance(get_family(detected.family), Flux1):  # FLUX.1 or a family built on it
             raise NbkitError(
                 f"this diffusers model is {detected.family}, not FLUX.1",
                 path=folder,
@@ -390,7 +389,7 @@ def save_flux_transformer(
                 description=f"FLUX.1 transformer (BFL layout), converted by nbkit from {name}",
                 resolution=resolution,
             ),
-            METADATA_FAMILY: "flux",
+            METADATA_FAMILY: FLUX.name,
             METADATA_PREDICTION: FLUX.prediction_type,
             METADATA_RESOLUTION: str(resolution or FLUX.native_resolution),
             METADATA_CONFIGS: json.dumps(

@@ -28,12 +28,12 @@ from nbkit.convert.hashes import with_modelspec_hash
 from nbkit.convert.metadata import LORA_ARCHITECTURE_SUFFIX
 from nbkit.convert.safetensors_stream import read_header
 from nbkit.errors import NbkitError
-from nbkit.families import FAMILIES
+from nbkit.families.flux1 import FAMILY as FLUX
 from nbkit.families.flux1 import SCHNELL_ARCHITECTURE as FLUX_SCHNELL_ARCHITECTURE
 from nbkit.fsio import atomic_write_bytes
 
 LORA_PREFIX = "lora_unet_"
-ARCHITECTURE = FAMILIES["flux"].modelspec_architecture + LORA_ARCHITECTURE_SUFFIX
+ARCHITECTURE = FLUX.modelspec_architecture + LORA_ARCHITECTURE_SUFFIX
 DIFFUSERS_PREFIX = "transformer."
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' save_lora_weights writes
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")

@@ -23,7 +23,7 @@ import torch
 
 from nbkit.convert.checkpoint_io import load_pickled_checkpoint, sniff_format
 from nbkit.convert.detect import FamilyGuess, detect_family, resolve_family
-from nbkit.convert.layout import LAYOUTS, ComponentLayout
+from nbkit.convert.layout import ComponentLayout, single_file_layout
 from nbkit.convert.metadata import stored_configs
 from nbkit.convert.safetensors_stream import read_header
 from nbkit.convert.tokenizers import load_tokenizer
@@ -189,7 +189,7 @@ def load_single_file(
 
     Args:
         path: the checkpoint; its format is told from its bytes, so a misnamed file still loads.
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`; required only when the file cannot tell (an SD 2.x
+        family: a family with a single-file layout; required only when the file cannot tell (an SD 2.x
             file without metadata), and it must agree with the weights otherwise.
         torch_dtype: the pipeline's dtype (default float32).
         config: a diffusers folder whose configs (and tokenizers) to use instead of nbkit's.
@@ -208,7 +208,8 @@ def load_single_file(
     chosen = resolve_family(guess, family, path)
     with config_folder(chosen, metadata, config) as folder:
         index = read_json(folder / "model_index.json")
-        missing = [layout.name for layout in LAYOUTS[chosen] if not isinstance(index.get(layout.name), list)]
+        layouts = single_file_layout(FAMILIES[chosen])
+        missing = [layout.name for layout in layouts if not isinstance(index.get(layout.name), list)]
         if missing:
             raise NbkitError(
                 f"the config folder is not a {chosen} pipeline: model_index.json has no {missing[0]}",
@@ -216,7 +217,7 @@ def load_single_file(
                 fix=f"give the folder of a {chosen} model as config, or leave config out",
             )
         loaded: dict[str, Any] = {}
-        for layout in LAYOUTS[chosen]:
+        for layout in layouts:
             if layout.name in components:
                 continue
             class_name = index[layout.name][1]
@@ -234,9 +235,4 @@ def load_single_file(
                 loaded[name] = load_tokenizer(name, chosen, folder, vocab_size)
         loaded.update(components)
         pipeline_class = getattr(importlib.import_module("diffusers"), index["_class_name"])
-        if chosen == "sdxl":
-            extras = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
-            extras["add_watermarker"] = False
-        else:
-            extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        return pipeline_class(**loaded, **extras)
+        return pipeline_class(**loaded, **FAMILIES[chosen].single_file_pipeline_extras(index))

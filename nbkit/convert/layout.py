@@ -1,4 +1,4 @@
-"""Which diffusers component goes where in each family's single file, and how it is mapped."""
+"""Which diffusers component goes where in a family's single file (`Family.single_file`), and how it is mapped."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbkit.convert.keymaps_text import clip_recipes, open_clip_recipes
-from nbkit.convert.keymaps_unet import LDM_UNET_PREFIX, unet_recipes
-from nbkit.convert.keymaps_vae import LDM_VAE_PREFIX, vae_recipes
+from nbkit.convert.keymaps_unet import unet_recipes
+from nbkit.convert.keymaps_vae import vae_recipes
 from nbkit.convert.plan import Shape, TensorRecipe
+from nbkit.families import Family
 
 PlanFunction = Callable[..., list[TensorRecipe]]
 
@@ -40,22 +41,25 @@ class ComponentLayout:
         return self.plan(shapes, config, component=self.name, prefix=self.prefix)
 
 
-_UNET = ComponentLayout("unet", LDM_UNET_PREFIX, unet_recipes)
-_VAE = ComponentLayout("vae", LDM_VAE_PREFIX, vae_recipes)
-_SD2 = (
-    _UNET,
-    _VAE,
-    ComponentLayout("text_encoder", "cond_stage_model.model.", open_clip_recipes, trailing_blocks=1),
-)
-
-LAYOUTS: dict[str, tuple[ComponentLayout, ...]] = {
-    "sd1": (_UNET, _VAE, ComponentLayout("text_encoder", "cond_stage_model.transformer.", clip_recipes)),
-    "sd2": _SD2,
-    "sd2-v": _SD2,
-    "sdxl": (
-        _UNET,
-        _VAE,
-        ComponentLayout("text_encoder", "conditioner.embedders.0.transformer.", clip_recipes),
-        ComponentLayout("text_encoder_2", "conditioner.embedders.1.model.", open_clip_recipes),
-    ),
+_KEYMAPS: dict[str, PlanFunction] = {
+    "unet": unet_recipes,
+    "vae": vae_recipes,
+    "clip": clip_recipes,
+    "open_clip": open_clip_recipes,
 }
+
+
+def single_file_layout(family: Family) -> tuple[ComponentLayout, ...]:
+    """The components of `family`'s single file (`Family.single_file`) with their key maps.
+
+    Args:
+        family: a family with a single-file layout.
+    """
+    if family.single_file is None:
+        raise ValueError(f"{family.title} has no single-file layout")
+    return tuple(
+        ComponentLayout(
+            component.name, component.prefix, _KEYMAPS[component.keymap], component.trailing_blocks
+        )
+        for component in family.single_file.components
+    )

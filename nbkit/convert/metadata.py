@@ -53,7 +53,7 @@ def modelspec_metadata(
     """The SAI model spec keys of a full model or a LoRA of `family`.
 
     Args:
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: the model family's name (a key of `nbkit.families.FAMILIES`).
         title: `modelspec.title`.
         resolution: the square size in pixels: the model's native size, or the size a LoRA trained at.
         prediction_type: `epsilon` or `v_prediction`.
@@ -96,7 +96,7 @@ def build_metadata(
     """Return the header metadata for a converted checkpoint.
 
     Args:
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: the model family's name (a key of `nbkit.families.FAMILIES`).
         prediction_type: `epsilon` or `v_prediction`.
         resolution: the native square size in pixels.
         title: `modelspec.title`, usually the output file's stem.

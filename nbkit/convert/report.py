@@ -14,7 +14,7 @@ class ConversionReport:
         output: the file written.
         format: `safetensors` or `ckpt`.
         dtype: `fp16`, `bf16` or `fp32` (floating tensors; integer buffers keep theirs).
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: the model family's name (a key of `nbkit.families.FAMILIES`).
         prediction_type: `epsilon` or `v_prediction`.
         native_resolution: the square size it was trained at, in pixels.
         tensor_count: tensors written.
@@ -27,8 +27,8 @@ class ConversionReport:
         seconds: wall time of the conversion, verification included.
         metadata: the metadata written (the safetensors header; beside the state dict in a .ckpt),
             `modelspec.hash_sha256` included.
-        config_file: the original config written beside the file for A1111 (`<stem>.yaml`, sd2-v
-            only), or None.
+        config_file: the original config written beside the file for A1111 (`<stem>.yaml`, for a
+            family with an `original_config`), or None.
     """
 
     source: str

@@ -6,8 +6,9 @@ one pass, so memory stays at about one tensor whatever the model's size. The fil
 temporary name, read back and checked (unless `verify=False`), and only then renamed into place.
 
 What the original checkpoints carry and diffusers drops (SD 2.x's last text block) is written too, from
-the base model's single file when there is one (`nbkit.convert.text_extras`). An sd2-v file gets
-Stability's `v2-inference-v.yaml` beside it under its own name, which A1111 reads first.
+the base model's single file when there is one (`nbkit.convert.text_extras`). A file of a family
+with an original config (SD 2.x 768-v: Stability's `v2-inference-v.yaml`) gets it beside it under its
+own name, which A1111 reads first.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from nbkit.convert.hashes import (
     model_hashes,
     modelspec_hash_value,
 )
-from nbkit.convert.layout import LAYOUTS
+from nbkit.convert.layout import single_file_layout
 from nbkit.convert.metadata import (
     DERIVED_KEYS,
     METADATA_CONFIGS,
@@ -57,9 +58,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
 # Config entries that describe where a model was loaded from, not what it is.
 _LOCAL_CONFIG_KEYS = ("_name_or_path", "_commit_hash")
-# The original (LDM) config A1111 must find beside a file of the family, as `<file stem>.yaml`: SD 2.x
-# 768-v and 512 models have the same weights' names and shapes, and without it A1111 guesses.
-ORIGINAL_CONFIGS = {"sd2-v": "v2-inference-v.yaml"}
 
 
 @dataclass
@@ -100,7 +98,7 @@ def _plan_folder(
             path=folder,
             fix=f"drop --family, or pass --family {guess.family}",
         )
-    if chosen not in LAYOUTS:  # FLUX.1: a transformer file, not a full checkpoint
+    if FAMILIES[chosen].single_file is None:  # FLUX.1: a transformer file, not a full checkpoint
         raise NbkitError(
             f"a {FAMILIES[chosen].title} folder converts to a transformer file in the original layout, "
             "not a full checkpoint",
@@ -111,9 +109,10 @@ def _plan_folder(
     recipes: list[TensorRecipe] = []
     sources: dict[str, TensorSource] = {}
     text_extras: dict[str, list[str]] = {}
-    base = open_base(base_checkpoint, LAYOUTS[chosen], stack)
+    layout = single_file_layout(FAMILIES[chosen])
+    base = open_base(base_checkpoint, layout, stack)
     identity = ZerosSource(folder)
-    for component in LAYOUTS[chosen]:
+    for component in layout:
         if not (folder / component.name / "config.json").is_file():
             raise NbkitError(
                 f"the model folder has no {component.name}/config.json",
@@ -299,7 +298,7 @@ def convert_to_single_file(
         verify: read the file back and check every tensor's shape, dtype and checksum before it
             replaces `out_path` (the A1111 hashes come from that read; without it the file is read
             once more to hash it).
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`; needed only for SD 2.x checkpoints that do not say
+        family: a family with a single-file layout; needed only for SD 2.x checkpoints that do not say
             whether they are 512 px epsilon or 768 px v-prediction models.
         base_checkpoint: the single file of the model `src_dir` was trained from, when there is one:
             the text-encoder tensors the original layout has and diffusers drops (SD 2.x's last
@@ -309,8 +308,8 @@ def convert_to_single_file(
         author: `modelspec.author` (default: the source's, else none).
 
     Returns:
-        A `ConversionReport` with the hashes A1111 shows; an sd2-v file also gets `<out stem>.yaml`
-        (Stability's v2-inference-v.yaml) beside it, for A1111.
+        A `ConversionReport` with the hashes A1111 shows; an SD 2.x 768-v file also gets `<out stem>.yaml`
+        (its `Family.original_config`) beside it, for A1111.
 
     Raises:
         NbkitError: for a bad source, an ambiguous family, a bad output name, or a failed verification.
@@ -378,16 +377,22 @@ def convert_to_single_file(
 
 
 def _write_original_config(family: str, out: Path) -> Path | None:
-    """Write the family's original config beside `out` as `<stem>.yaml`, or remove a stale one of ours.
+    """Write the family's original config (`Family.original_config`) beside `out` as `<stem>.yaml`, or
+    remove a stale one of ours.
 
-    A1111 takes `<stem>.yaml` as the checkpoint's config before anything else, so one left from an
-    earlier sd2-v file of the same name would make it treat another family's model as v-prediction. A
-    .yaml that is not nbkit's is the user's and is left alone.
+    A1111 takes `<stem>.yaml` as the checkpoint's config before anything else (SD 2.x 768-v and 512
+    models have the same weights' names and shapes, and without it A1111 guesses), so one left from an
+    earlier SD 2.x 768-v file of the same name would make it treat another family's model as
+    v-prediction. A .yaml that is not nbkit's is the user's and is left alone.
     """
     beside = out.with_suffix(".yaml")
-    name = ORIGINAL_CONFIGS.get(family)
+    name = FAMILIES[family].original_config
     if name is None:
-        ours = {(shipped_config_dir(f) / n).read_text(encoding="utf-8") for f, n in ORIGINAL_CONFIGS.items()}
+        ours = {
+            (shipped_config_dir(other.name) / other.original_config).read_text(encoding="utf-8")
+            for other in FAMILIES.values()
+            if other.original_config is not None
+        }
         if beside.is_file() and beside.read_text(encoding="utf-8", errors="replace") in ours:
             beside.unlink()
         return None

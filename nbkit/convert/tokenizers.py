@@ -11,16 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.models.registry import MODELS
+from nbkit.families import get_family
 
 # OpenCLIP's tokenizers (SD 2.x, SDXL's second) pad with "!", OpenAI's with <|endoftext|>.
 OPEN_CLIP_PAD_TOKEN = "!"
 
 
 def _hub_repo(family: str) -> str:
-    for spec in MODELS.values():
-        if spec.family == family and spec.source == "hub" and spec.repo_id:
-            return spec.repo_id
+    hub_models = get_family(family).hub_models
+    if hub_models:
+        return hub_models[0].repo_id
     raise NbkitError(f"no hub model is registered for family {family!r}")
 
 
@@ -29,7 +29,7 @@ def load_tokenizer(name: str, family: str, folder: Path, vocab_size: int):
 
     Args:
         name: the pipeline component name.
-        family: `sd1`, `sd2`, `sd2-v` or `sdxl`.
+        family: a family with a single-file layout.
         folder: the config folder the pipeline is built from.
         vocab_size: the matching text encoder's vocabulary size.
 
@@ -38,12 +38,12 @@ def load_tokenizer(name: str, family: str, folder: Path, vocab_size: int):
     """
     from transformers import CLIPTokenizer
 
-    from nbkit.models.tokenizer import EOS_TOKEN, make_clip_tokenizer
+    from nbkit.tokenizers import EOS_TOKEN, make_clip_tokenizer
 
     local = folder / name
     if (local / "vocab.json").is_file() or (local / "tokenizer.json").is_file():
         return _checked(CLIPTokenizer.from_pretrained(local), vocab_size, str(local))
-    open_clip = name == "tokenizer_2" or family in ("sd2", "sd2-v")
+    open_clip = get_family(family).open_clip_tokenizer(name)
     tiny = make_clip_tokenizer(pad_token=OPEN_CLIP_PAD_TOKEN if open_clip else EOS_TOKEN)
     if len(tiny) == vocab_size:
         return tiny

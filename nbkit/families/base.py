@@ -15,11 +15,18 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+
+from nbkit.errors import NbkitError
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 # "flow": a rectified-flow model that predicts the velocity (noise - image), as FLUX.1 does.
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
 RESOLUTION_STEP = 64  # VAE downsamples by 8, the UNet by 8 more: sizes must divide by 64
+Task = Literal["generate", "train"]  # what a model is run for (memory figures differ)
 
 
 class DetectedFamily(NamedTuple):
@@ -80,6 +87,64 @@ class HubModel:
     aliases: tuple[str, ...] = ()
     variant: str | None = "fp16"
     gated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryOption:
+    """One way of running a model, and what it needs (`Family.memory_options`).
+
+    Args:
+        name: a short name (`bf16`, `bf16-offload`, `8bit-offload`, `4bit-offload`).
+        description: what it does, for messages.
+        peak_gib: the rough peak GPU memory in GiB.
+        quantization: `8bit`, `4bit` or None; quantized weights need bitsandbytes or torchao.
+        offload: the text encoders (and, for generation, idle components) live on the CPU.
+    """
+
+    name: str
+    description: str
+    peak_gib: float
+    quantization: Literal["8bit", "4bit"] | None = None
+    offload: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleFileComponent:
+    """Where one diffusers component lives in a family's original (LDM) single file.
+
+    Args:
+        name: the diffusers component (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
+        prefix: its key prefix in the original layout.
+        keymap: how its keys map: `unet`, `vae`, `clip` (OpenAI CLIP, Hugging Face names) or
+            `open_clip` (OpenCLIP's own names, fused attention).
+        trailing_blocks: residual blocks the original text tower has after the diffusers model's last
+            layer: 1 for SD 2.x, whose diffusers text encoder stops at the penultimate block it uses.
+    """
+
+    name: str
+    prefix: str
+    keymap: Literal["unet", "vae", "clip", "open_clip"]
+    trailing_blocks: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleFileLayout:
+    """A family's original single-file checkpoint layout (the one A1111, ComfyUI and Forge read).
+
+    Families whose layouts are equal (SD 2.x 512 and 768-v) have files with the same keys and shapes:
+    only metadata or the prediction type tells them apart.
+
+    Args:
+        components: the components, in the order they are written.
+        signature: a key prefix only this layout's files have; families are asked most specific first.
+        evidence: what the signature means, in words (for messages).
+
+    A file without a text encoder is told by the width its UNet attends to (`Family.cross_attention_dim`).
+    """
+
+    components: tuple[SingleFileComponent, ...]
+    signature: str
+    evidence: str
 
 
 class Family:
@@ -151,16 +216,98 @@ class Family:
     # -- models: the tiny model, memory figures ---------------------------------------------------
     # (methods about a family's models go here)
 
-    def build_tiny(self, out_dir: str | os.PathLike) -> Path:
+    # The real VAE's latent settings (diffusers `AutoencoderKL` keywords), which the tiny VAE copies.
+    vae_latent: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"latent_channels": 4, "scaling_factor": 0.18215, "force_upcast": False}
+    )
+    # The pipeline's CLIP tokenizer folders (its others, such as FLUX.1's T5, are not CLIP's).
+    clip_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    # 8-bit and 4-bit weights (bitsandbytes, torchao) are offered for it: its models are too large for
+    # some GPUs otherwise.
+    quantizable: ClassVar[bool] = False
+
+    def make_tiny_pipeline(self) -> DiffusionPipeline:
+        """Assemble this family's tiny random-weight pipeline in fp32 on CPU; the caller seeds torch."""
+        raise NotImplementedError
+
+    def build_tiny_pipeline(self, *, seed: int = 0) -> DiffusionPipeline:
+        """Build this family's tiny random-weight pipeline in memory.
+
+        The same family and `seed` give bit-identical weights; the global torch RNG is left as it was.
+
+        Args:
+            seed: seed for the weight initialisation.
+        """
+        from nbkit.families._tiny import seeded
+
+        return seeded(seed, self.make_tiny_pipeline)
+
+    def build_tiny(
+        self, out_dir: str | os.PathLike, *, seed: int = 0, safe_serialization: bool = True
+    ) -> Path:
         """Build this family's tiny random-weight model (deterministic, offline) as a diffusers folder.
 
         Args:
-            out_dir: the folder to write (created).
+            out_dir: the folder, replaced atomically: new, empty or an earlier saved pipeline.
+            seed: seed for the weight initialisation.
+            safe_serialization: save weights as .safetensors (True) or pickled .bin (False, the legacy
+                format some old repositories still ship), for every component.
         """
-        raise NotImplementedError
+        from nbkit.families._tiny import check_replaceable, save_pipeline
+
+        check_replaceable(Path(out_dir), "model_index.json")  # before the build, which takes a while
+        pipeline = self.build_tiny_pipeline(seed=seed)
+        return save_pipeline(
+            pipeline, out_dir, clip_tokenizers=self.clip_tokenizers, safe_serialization=safe_serialization
+        )
+
+    def build_tiny_controlnet(self, *, seed: int = 0) -> Any:
+        """A tiny ControlNet for this family's tiny model, whose control maps visibly change the image.
+
+        Args:
+            seed: seed for the tiny model it copies (the ControlNet's own weights use `seed + 1`).
+
+        Raises:
+            NbkitError: when the family has no ControlNet.
+        """
+        raise NbkitError(f"nbkit has no ControlNet for {self.title}", fix="use an SD family model")
+
+    def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
+        """The ways of running this family's models for `task`, largest (fastest) first, with their
+        rough peak GPU memory; empty when its models fit every GPU nbkit supports (not checked).
+
+        Args:
+            task: `generate` or `train`.
+        """
+        return ()
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (methods about a family's files go here)
+
+    # The original single-file layout of its full checkpoints, or None when it has none nbkit converts
+    # (a FLUX.1 single file holds the transformer alone; `nbkit.convert.flux` converts it).
+    single_file: ClassVar[SingleFileLayout | None] = None
+    # The original (LDM) config A1111 must find beside a single file of the family, as `<file stem>.yaml`,
+    # when the file's weights do not tell it (shipped in `nbkit/configs/<family>/`).
+    original_config: ClassVar[str | None] = None
+    # When a file could be this family or another with the same weights, the `--family` choice's hint.
+    choice_hint: ClassVar[str] = ""
+
+    def open_clip_tokenizer(self, name: str) -> bool:
+        """Whether the pipeline's tokenizer `name` is OpenCLIP's (pads with `!`), not OpenAI CLIP's.
+
+        Args:
+            name: the pipeline component (`tokenizer`, `tokenizer_2`).
+        """
+        return False
+
+    def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline's constructor arguments besides its components, for one built from a single file.
+
+        Args:
+            index: the config folder's `model_index.json`.
+        """
+        return {}
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training a family go here)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nbkit.families.base import FolderConfigs, HubModel
-from nbkit.families.stable_diffusion import StableDiffusionFamily
+from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
+from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily
 
 
 class SD1(StableDiffusionFamily):
@@ -34,6 +34,12 @@ class SD1(StableDiffusionFamily):
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (methods about this family's files go here)
+
+    single_file = SingleFileLayout(
+        (LDM_UNET, LDM_VAE, SingleFileComponent("text_encoder", "cond_stage_model.transformer.", "clip")),
+        signature="cond_stage_model.transformer.",
+        evidence="a CLIP ViT-L text encoder under cond_stage_model.transformer (SD 1.x)",
+    )
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)

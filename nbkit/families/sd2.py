@@ -3,8 +3,10 @@ gelu); the 512 px base predicts noise, the 768 px model predicts v."""
 
 from __future__ import annotations
 
-from nbkit.families.base import FolderConfigs, HubModel
-from nbkit.families.stable_diffusion import StableDiffusionFamily, cross_attention_width
+from typing import Any
+
+from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
+from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily, cross_attention_width
 
 _IMPLEMENTATION = "https://github.com/Stability-AI/stablediffusion"
 OPEN_CLIP_WIDTH = 1024
@@ -40,6 +42,29 @@ class SD2(StableDiffusionFamily):
     def accepts_prediction(self, prediction_type: str) -> bool:
         return prediction_type != "v_prediction"
 
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+    # (methods about this family's models go here)
+
+    tiny_attention_head_dim = (2, 2, 2, 4)  # as many heads as keep them 64 wide (5, 10, 20, 20); here 16
+    linear_projection = True
+
+    # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
+    # (methods about this family's files go here)
+
+    single_file = SingleFileLayout(
+        (
+            LDM_UNET,
+            LDM_VAE,
+            SingleFileComponent("text_encoder", "cond_stage_model.model.", "open_clip", trailing_blocks=1),
+        ),
+        signature="cond_stage_model.model.",
+        evidence="an OpenCLIP text encoder under cond_stage_model.model (SD 2.x)",
+    )
+    choice_hint = "512 px '-base' models"
+
+    def open_clip_tokenizer(self, name: str) -> bool:
+        return True
+
 
 class SD2V(SD2):
     name = "sd2-v"
@@ -61,8 +86,18 @@ class SD2V(SD2):
     # -- models: the tiny model, memory figures ---------------------------------------------------
     # (methods about this family's models go here)
 
+    upcast_attention = True
+
+    def tiny_scheduler(self) -> Any:
+        from nbkit.families._tiny import ddim_scheduler
+
+        return ddim_scheduler(self.prediction_type)
+
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (methods about this family's files go here)
+
+    original_config = "v2-inference-v.yaml"  # without it A1111 takes the weights for the 512 px model's
+    choice_hint = "768 px v-prediction models (SD 2.0/2.1 768-v and models fine-tuned from them)"
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)

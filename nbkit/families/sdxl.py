@@ -3,8 +3,15 @@ size/crop conditioning (`text_time`)."""
 
 from __future__ import annotations
 
-from nbkit.families.base import FolderConfigs, HubModel
-from nbkit.families.stable_diffusion import StableDiffusionFamily
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
+from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 class SDXL(StableDiffusionFamily):
@@ -32,8 +39,66 @@ class SDXL(StableDiffusionFamily):
     # -- models: the tiny model, memory figures ---------------------------------------------------
     # (methods about this family's models go here)
 
+    # SDXL's VAE overflows in fp16 (the flag travels with the config).
+    vae_latent = MappingProxyType({"latent_channels": 4, "scaling_factor": 0.13025, "force_upcast": True})
+    clip_tokenizers = ("tokenizer", "tokenizer_2")
+
+    def tiny_scheduler(self) -> Any:
+        from nbkit.families._tiny import euler_scheduler
+
+        return euler_scheduler(self.prediction_type)
+
+    def make_tiny_pipeline(self) -> DiffusionPipeline:
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from nbkit.families._tiny import sdxl_unet, text_encoder_config, vae
+        from nbkit.tokenizers import make_clip_tokenizer
+
+        tokenizer = make_clip_tokenizer()
+        tokenizer_2 = make_clip_tokenizer(pad_token="!")
+        # CLIP ViT-L (quick_gelu) + OpenCLIP bigG (gelu, wider, projected pooled output).
+        text_encoder = CLIPTextModel(
+            text_encoder_config(tokenizer, hidden_size=32, hidden_act="quick_gelu", projection_dim=32)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            text_encoder_config(tokenizer_2, hidden_size=64, hidden_act="gelu", projection_dim=64)
+        )
+        size = self.tiny_native_resolution
+        return StableDiffusionXLPipeline(
+            vae=vae(size, **self.vae_latent),
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=sdxl_unet(size // 8, cross_attention_dim=32 + 64, pooled_dim=64),
+            scheduler=self.tiny_scheduler(),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (methods about this family's files go here)
+
+    single_file = SingleFileLayout(
+        (
+            LDM_UNET,
+            LDM_VAE,
+            SingleFileComponent("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
+            SingleFileComponent("text_encoder_2", "conditioner.embedders.1.model.", "open_clip"),
+        ),
+        signature="conditioner.embedders.1.model.",
+        evidence="two text encoders under conditioner.embedders (SDXL)",
+    )
+
+    def open_clip_tokenizer(self, name: str) -> bool:
+        return name == "tokenizer_2"  # OpenCLIP bigG; the first is OpenAI's CLIP ViT-L
+
+    def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+            "add_watermarker": False,
+        }
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)

@@ -7,7 +7,17 @@ between them is a method they override.
 
 from __future__ import annotations
 
-from nbkit.families.base import DetectedFamily, Family, FolderConfigs
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nbkit.families.base import DetectedFamily, Family, FolderConfigs, SingleFileComponent
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+# Every SD family's UNet and VAE sit under these prefixes in its original (LDM) single file.
+LDM_UNET = SingleFileComponent("unet", "model.diffusion_model.", "unet")
+LDM_VAE = SingleFileComponent("vae", "first_stage_model.", "vae")
 
 
 class StableDiffusionFamily(Family):
@@ -37,8 +47,63 @@ class StableDiffusionFamily(Family):
     # -- models: the tiny model, memory figures ---------------------------------------------------
     # (methods about this family's models go here)
 
+    # The tiny UNet's head widths (one per level, or one for all): 8 heads everywhere, as SD 1.x.
+    tiny_attention_head_dim: ClassVar[int | tuple[int, ...]] = 8
+    # Linear (SD 2.x, SDXL) rather than 1x1 convolution projections into the UNet's attention.
+    linear_projection: ClassVar[bool] = False
+    # The UNet computes attention in fp32 (SD 2.x 768-v overflows in fp16 otherwise).
+    upcast_attention: ClassVar[bool] = False
+
+    def tiny_scheduler(self) -> Any:
+        """The scheduler the real model's repository ships, with the SD training betas."""
+        from nbkit.families._tiny import pndm_scheduler
+
+        return pndm_scheduler()
+
+    def make_tiny_pipeline(self) -> DiffusionPipeline:
+        from diffusers import StableDiffusionPipeline
+        from transformers import CLIPTextModel
+
+        from nbkit.families._tiny import sd_unet, text_encoder_config, vae
+        from nbkit.tokenizers import EOS_TOKEN, make_clip_tokenizer
+
+        open_clip = self.open_clip_tokenizer("tokenizer")
+        tokenizer = make_clip_tokenizer(pad_token="!" if open_clip else EOS_TOKEN)
+        # OpenCLIP uses plain gelu, OpenAI's CLIP quick_gelu. Built first: the seed's first draws.
+        text_encoder = CLIPTextModel(
+            text_encoder_config(
+                tokenizer, hidden_size=32, hidden_act="gelu" if open_clip else "quick_gelu", projection_dim=32
+            )
+        )
+        size = self.tiny_native_resolution
+        return StableDiffusionPipeline(
+            vae=vae(size, **self.vae_latent),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=sd_unet(
+                size // 8,
+                cross_attention_dim=32,
+                attention_head_dim=self.tiny_attention_head_dim,
+                linear_projection=self.linear_projection,
+                upcast_attention=self.upcast_attention,
+            ),
+            scheduler=self.tiny_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def build_tiny_controlnet(self, *, seed: int = 0) -> Any:
+        from nbkit.families._tiny import controlnet_from_unet
+
+        return controlnet_from_unet(self.build_tiny_pipeline(seed=seed).unet, seed=seed + 1)
+
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (methods about this family's files go here)
+
+    def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
+        # No safety checker: single files carry none, and nbkit's downloads leave it out.
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)

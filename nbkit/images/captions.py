@@ -292,7 +292,7 @@ def _why_known(word: str, tokenizer) -> str | None:
     if word.casefold() in COMMON_WORDS:
         return f"'{word}' is a common word the model already knows"
     if tokenizer is not None:
-        from nbkit.models.tokenizer import is_known_word
+        from nbkit.tokenizers import is_known_word
 
         if is_known_word(tokenizer, word):
             return f"'{word}' is a single token in the model's vocabulary, a word it already knows"

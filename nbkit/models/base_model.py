@@ -27,7 +27,7 @@ def base_model_ref(source: str) -> BaseModelRef:
             "a single-file checkpoint does not say which model family it is",
             path=resolved.path,
             fix="create the session with this model and its family (`nbkit session create NAME --base-model "
-            "FILE --family sd1`), or convert it to a diffusers folder first",
+            "FILE --family FAMILY`), or convert it to a diffusers folder first",
         )
     detected = detect_family_from_config(resolved.path)
     return BaseModelRef(source=source, family=detected.family, prediction_type=detected.prediction_type)

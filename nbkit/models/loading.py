@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from nbkit.convert import load_single_file
 from nbkit.errors import NbkitError
-from nbkit.families import DetectedFamily, detect_family_from_config, get_family
+from nbkit.families import FAMILIES, DetectedFamily, detect_family_from_config, get_family
 from nbkit.fsio import read_json
 from nbkit.models.sources import OPTIONAL_COMPONENTS, ResolvedSource, resolve_source
 
@@ -103,9 +103,10 @@ def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: A
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     if quantization_config is not None:
-        if detected.family != "flux":
+        if not get_family(detected.family).quantizable:
+            quantizable = " and ".join(family.title for family in FAMILIES.values() if family.quantizable)
             raise NbkitError(
-                f"8-bit and 4-bit weights are for FLUX.1; this model is {get_family(detected.family).title}",
+                f"8-bit and 4-bit weights are for {quantizable}; this model is {get_family(detected.family).title}",
                 path=folder,
                 fix="load it without quantization: every GPU nbkit supports has room for it",
             )

@@ -2,12 +2,12 @@
 
 FLUX.1 is the family where this matters: a 12-billion-parameter transformer (23.8 GB in bf16) and a
 T5-XXL text encoder (9.5 GB) do not fit a Colab T4 (15 GB, and no bf16, which FLUX.1 needs: its
-activations overflow float16). Each way of running it has a rough peak of GPU memory, measured by the
-diffusers and kohya communities and rounded up; `plan_memory` picks the first way that fits the GPU
-with the libraries installed, or raises `NbkitError` listing the ways and what each needs.
+activations overflow float16). Each way of running a family's models has a rough peak of GPU memory
+(`Family.memory_options`); `plan_memory` picks the first way that fits the GPU with the libraries
+installed, or raises `NbkitError` listing the ways and what each needs.
 
-The SD families fit every GPU Colab offers and are not checked here (`nbkit.train.oom` advises them
-after the fact).
+Families without memory figures (the SD families fit every GPU Colab offers) are not checked here
+(`nbkit.train.oom` advises them after the fact).
 """
 
 from __future__ import annotations
@@ -15,33 +15,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES
+from nbkit.families.base import MemoryOption, Task
 from nbkit.models.quantization import BACKEND_BITS
 from nbkit.models.registry import ModelSpec
-
-Task = Literal["generate", "train"]
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryOption:
-    """One way of running a model, and what it needs.
-
-    Args:
-        name: a short name (`bf16`, `bf16-offload`, `8bit-offload`, `4bit-offload`).
-        description: what it does, for messages.
-        peak_gib: the rough peak GPU memory in GiB.
-        quantization: `8bit`, `4bit` or None; quantized weights need bitsandbytes or torchao.
-        offload: the text encoders (and, for generation, idle components) live on the CPU.
-    """
-
-    name: str
-    description: str
-    peak_gib: float
-    quantization: Literal["8bit", "4bit"] | None = None
-    offload: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +36,6 @@ class DeviceFacts:
     name: str
     total_gib: float
     bf16: bool
-
-
-# Peaks for FLUX.1 (dev and schnell share the architecture), largest first: bf16 weights, 1024 px,
-# batch 1; training is a rank-16 LoRA with gradient checkpointing and cached text embeddings.
-FLUX_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
-    "generate": (
-        MemoryOption("bf16", "everything on the GPU in bf16", 36.0),
-        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", 26.0, offload=True),
-        # bitsandbytes' 8-bit modules cannot be offloaded: the int8 transformer and T5 (15.5 GB) stay.
-        MemoryOption("8bit-offload", "8-bit transformer and T5, the rest offloaded", 18.0, "8bit", offload=True),
-        MemoryOption("4bit-offload", "4-bit (NF4) transformer and T5, with offload", 11.0, "4bit", offload=True),
-    ),
-    "train": (
-        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", 36.0, offload=True),
-        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoders offloaded", 24.0, "8bit", offload=True),
-        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoders offloaded", 16.0, "4bit", offload=True),
-    ),
-}  # fmt: skip
 
 
 def quantizers_installed(find_spec: Callable[[str], object] = importlib.util.find_spec) -> tuple[str, ...]:
@@ -121,9 +82,9 @@ def plan_memory(
     family = FAMILIES[spec if isinstance(spec, str) else spec.family]
     if task not in ("generate", "train"):
         raise ValueError(f"task must be 'generate' or 'train', got {task!r}")
-    if family.name != "flux" or device is None:
+    options = family.memory_options(task)
+    if not options or device is None:
         return None
-    options = FLUX_OPTIONS[task]
     listing = "; ".join(
         f"{option.name}: {option.description}, about {option.peak_gib:.0f} GiB" for option in options
     )

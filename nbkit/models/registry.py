@@ -65,7 +65,6 @@ def _hub(family: str, model: HubModel) -> ModelSpec:
 # nbkit.models.tiny builds them at these sizes.
 TINY_RESOLUTIONS = range(64, 257, 64)
 TINY_NATIVE_RESOLUTION = {name: family.tiny_native_resolution for name, family in FAMILIES.items()}
-UNET_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.denoiser == "unet")
 TRAINING_DEFAULTS = {name: dict(family.training_defaults) for name, family in FAMILIES.items()}
 
 

@@ -17,11 +17,13 @@ import dataclasses
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
 import nbkit
 from nbkit.errors import NbkitError
+from nbkit.families import Family
 from nbkit.fsio import atomic_write_json, read_json
 from nbkit.models.download import download_url, token_for_url
 from nbkit.models.registry import MODELS, ModelSpec, find_model
@@ -323,13 +325,17 @@ def _snapshot(
         raise NbkitError(f"{repo_id!r} is not a valid hub repo id: {error}", fix="use owner/name") from error
 
 
-def _tiny_fingerprint() -> str:
-    # Rebuild cached tiny models whenever the code that builds them changes.
-    from nbkit.models import tiny, tiny_flux, tokenizer
+def _tiny_fingerprint(family: Family) -> str:
+    # Rebuild cached tiny models whenever the code that builds them changes: the shared builders and
+    # the modules of the family's class and its bases.
+    from nbkit import tokenizers
+    from nbkit.families import _tiny, _tiny_flux
 
+    modules = {sys.modules[cls.__module__] for cls in type(family).__mro__ if cls is not object}
+    files = sorted({Path(module.__file__) for module in (_tiny, _tiny_flux, tokenizers, *modules)})
     digest = hashlib.sha256(nbkit.__version__.encode())
-    for module in (tiny, tiny_flux, tokenizer):
-        digest.update(Path(module.__file__).read_bytes())
+    for path in files:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -337,9 +343,8 @@ def tiny_model_path(family: str, *, cache_root: str | os.PathLike | None = None)
     """Build the tiny model of `family` once into `<models-cache>/tiny/<family>` and return its folder."""
     from nbkit.models.tiny import check_family, save_tiny_pipeline
 
-    check_family(family)
     target = models_cache(cache_root) / "tiny" / family
-    fingerprint = _tiny_fingerprint()
+    fingerprint = _tiny_fingerprint(check_family(family))
     stamp = target / TINY_STAMP
     if stamp.is_file() and read_json(stamp).get("fingerprint") == fingerprint:
         return target

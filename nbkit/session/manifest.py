@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from nbkit.config import StrictConfig
 from nbkit.errors import NbkitError
+from nbkit.families import DEFAULT_FAMILY
 from nbkit.session.settings import TrainConfig
 
 SCHEMA_VERSION = 3
@@ -32,7 +33,7 @@ class BaseModelRef(StrictConfig):
 
     Args:
         source: a registry key (e.g. `sd15`), a hub repo id, a local folder or file, or a URL.
-        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
+        family: the model family's name (a key of `nbkit.families.FAMILIES`).
         prediction_type: `epsilon` or `v_prediction`; `flow` for FLUX.1.
         revision: a hub revision, if pinned.
 
@@ -106,7 +107,7 @@ class ExportedModel(StrictConfig):
         name: unique in the session (the session name for the final export).
         kind: `full` (a diffusers folder and a single file) or `lora` (adapters applied on `base_model`).
         files: role -> path: `folder` and `single_file` for a full model; `diffusers` and `kohya` for a LoRA.
-        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
+        family: the model family's name (a key of `nbkit.families.FAMILIES`).
         resolution: the size it was trained at, in pixels.
         base_model: the source it was trained from (what a LoRA is applied on).
         stage: the training stage it came from (`unet`, `text_encoder`).
@@ -199,7 +200,7 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     if model:
         upgraded["base_model"] = {
             "source": model,
-            "family": data.pop("family", "sd1"),
+            "family": data.pop("family", DEFAULT_FAMILY),
             "prediction_type": "v_prediction" if data.pop("v_prediction", False) else "epsilon",
             "resolution": resolution,
         }

@@ -16,7 +16,7 @@ from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_directory
 from nbkit.models.tiny import check_replaceable
 from nbkit.models.tiny_vision import TINY_CLASSIFIERS, build_tiny_classifier
-from nbkit.models.tokenizer import write_clip_vocab_files
+from nbkit.tokenizers import write_clip_vocab_files
 
 TINY_BACKBONES = (*TINY_CLASSIFIERS, "dino", "clip")
 TINY_RESOLUTION = 32
@@ -52,7 +52,7 @@ def _dino():
 def _clip():
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from nbkit.models.tokenizer import make_clip_tokenizer
+    from nbkit.tokenizers import make_clip_tokenizer
 
     tokenizer = make_clip_tokenizer()
     text = {

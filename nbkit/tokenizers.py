@@ -5,6 +5,13 @@ The tiny offline models need a tokenizer with the same format and behaviour as t
 `<|startoftext|>` and `<|endoftext|>` last) without downloading it. Its merges are learnt here from a
 short list of common prompt words, so those words are single tokens while rare instance tokens such as
 "zwx" or "sks" split into several pieces, as they do in the real CLIP vocabulary.
+
+The T5 tokenizer (FLUX.1's second) is a Unigram model over the same prompt words, letters and digits,
+built with the `tokenizers` library: `</s>` ends every sequence and `<pad>` pads, as in T5; rare
+instance tokens ("zwx") split into letters, as they do in the real SentencePiece vocabulary.
+
+Tiny models, the caption checks and the tiny vision backbones all use these, so the module sits low and
+imports nothing from nbkit but `nbkit.errors` and `nbkit.fsio`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import collections
 import itertools
 import json
 import os
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +29,7 @@ from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_text
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer, PreTrainedTokenizerBase
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase, T5TokenizerFast
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -234,3 +242,61 @@ def is_known_word(tokenizer: PreTrainedTokenizerBase, word: str) -> bool:
         raise NbkitError(f"{word!r} is not a single word.", fix="Pass one word without spaces.")
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     return len(ids) == 1
+
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5
+METASPACE = "\u2581"  # SentencePiece's word-start mark
+T5_MAX_LENGTH = 512  # FLUX.1 [dev]'s max_sequence_length (schnell: 256)
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """The Unigram vocabulary: specials, whole prompt words, then single characters.
+
+    Whole words score higher than the letters that spell them, so a known word is one token.
+    """
+    vocab = [(token, 0.0) for token in T5_SPECIAL_TOKENS]
+    vocab.append((METASPACE, -2.0))
+    seen = {token for token, _ in vocab}
+    for word in sorted(set(PROMPT_WORDS)):
+        vocab.append((METASPACE + word, -3.0))
+        seen.add(METASPACE + word)
+    for char in string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation:
+        for piece in (char, METASPACE + char):
+            if piece not in seen:
+                vocab.append((piece, -10.0))
+                seen.add(piece)
+    return vocab
+
+
+def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH) -> T5TokenizerFast:
+    """Build the tiny T5 tokenizer in memory (a `transformers.T5TokenizerFast`).
+
+    Args:
+        model_max_length: the longest sequence; FLUX.1 pads T5 prompts to its `max_sequence_length`.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    vocab = t5_vocab()
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=T5_SPECIAL_TOKENS.index("<unk>")))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always"),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always")
+    eos_id = T5_SPECIAL_TOKENS.index("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        additional_special_tokens=[],
+        model_max_length=model_max_length,
+    )

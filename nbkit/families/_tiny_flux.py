@@ -1,4 +1,4 @@
-"""A tiny random-weight FLUX.1 pipeline with the real topology, and the T5-style tokenizer it needs.
+"""A tiny random-weight FLUX.1 pipeline with the real topology.
 
 The real FLUX.1 [dev] is a rectified-flow transformer (19 double-stream blocks, where image and text
 tokens keep their own weights and attend jointly, then 38 single-stream blocks over the concatenated
@@ -6,85 +6,25 @@ tokens), conditioned on T5-XXL token embeddings, CLIP ViT-L's pooled embedding a
 embedded guidance scale, over a 16-channel VAE latent packed into 2x2 patches. The tiny model keeps
 all of that with tiny widths: 2 double and 2 single blocks, 2 heads of 16, rotary axes (4, 6, 6) that
 sum to the head width as (16, 56, 56) do to 128, a 3-layer CLIP and a 2-layer gated-GELU T5 (v1.1, as
-T5-XXL), and a 4-level 16-channel VAE without quant convs, with FLUX's latent scale and shift.
-
-The T5 tokenizer is a Unigram model over the CLIP tokenizer's prompt words, letters and digits, built
-with the `tokenizers` library: `</s>` ends every sequence and `<pad>` pads, as in T5; rare instance
-tokens ("zwx") split into letters, as they do in the real SentencePiece vocabulary.
+T5-XXL), and a 4-level 16-channel VAE without quant convs, with FLUX.1's latent scale and shift. Its
+T5 tokenizer is `nbkit.tokenizers.make_t5_tokenizer`.
 """
 
 from __future__ import annotations
 
-import string
+from collections.abc import Mapping
+from typing import Any
 
-from nbkit.models.tokenizer import PROMPT_WORDS, make_clip_tokenizer
-
-T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5
-METASPACE = "\u2581"  # SentencePiece's word-start mark
-T5_MAX_LENGTH = 512  # FLUX.1 [dev]'s max_sequence_length (schnell: 256)
-
-
-def t5_vocab() -> list[tuple[str, float]]:
-    """The Unigram vocabulary: specials, whole prompt words, then single characters.
-
-    Whole words score higher than the letters that spell them, so a known word is one token.
-    """
-    vocab = [(token, 0.0) for token in T5_SPECIAL_TOKENS]
-    vocab.append((METASPACE, -2.0))
-    seen = {token for token, _ in vocab}
-    for word in sorted(set(PROMPT_WORDS)):
-        vocab.append((METASPACE + word, -3.0))
-        seen.add(METASPACE + word)
-    for char in string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation:
-        for piece in (char, METASPACE + char):
-            if piece not in seen:
-                vocab.append((piece, -10.0))
-                seen.add(piece)
-    return vocab
-
-
-def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
-    """Build the tiny T5 tokenizer in memory (a `transformers.T5TokenizerFast`).
-
-    Args:
-        model_max_length: the longest sequence; FLUX.1 pads T5 prompts to its `max_sequence_length`.
-    """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import T5TokenizerFast
-
-    vocab = t5_vocab()
-    tokenizer = Tokenizer(Unigram(vocab, unk_id=T5_SPECIAL_TOKENS.index("<unk>")))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always"),
-        ]
-    )
-    tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always")
-    eos_id = T5_SPECIAL_TOKENS.index("</s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
-    )
-    return T5TokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_ids=0,
-        additional_special_tokens=[],
-        model_max_length=model_max_length,
-    )
+from nbkit.families._tiny import text_encoder_config, vae
+from nbkit.tokenizers import make_clip_tokenizer, make_t5_tokenizer
 
 
 def _clip_text_encoder(tokenizer):
     from transformers import CLIPTextModel
 
-    from nbkit.models.tiny import _text_encoder_config
-
     # CLIP ViT-L (quick_gelu), as FLUX.1 uses; the same tiny shape as the SD families' encoder.
     return CLIPTextModel(
-        _text_encoder_config(tokenizer, hidden_size=32, hidden_act="quick_gelu", projection_dim=32)
+        text_encoder_config(tokenizer, hidden_size=32, hidden_act="quick_gelu", projection_dim=32)
     )
 
 
@@ -145,17 +85,17 @@ def _scheduler(*, guidance: bool):
     )
 
 
-def build_tiny_flux(*, guidance: bool = True):
+def build_tiny_flux(*, sample_size: int, vae_latent: Mapping[str, Any], guidance: bool = True):
     """Build the tiny FLUX.1 pipeline (dev-like with `guidance`, schnell-like without) in fp32.
 
-    The caller seeds torch (`nbkit.models.tiny.build_tiny_pipeline` does).
+    The caller seeds torch (`Family.build_tiny_pipeline` does).
 
     Args:
+        sample_size: the image size the VAE is made for, in pixels.
+        vae_latent: FLUX.1's latent settings (`Flux1.vae_latent`).
         guidance: embed the guidance scale, as FLUX.1 [dev] does; False gives a schnell-like model.
     """
     from diffusers import FluxPipeline
-
-    from nbkit.models.tiny import _vae
 
     tokenizer = make_clip_tokenizer()
     tokenizer_2 = make_t5_tokenizer()
@@ -163,7 +103,7 @@ def build_tiny_flux(*, guidance: bool = True):
     text_encoder_2 = _t5_encoder(tokenizer_2)
     return FluxPipeline(
         scheduler=_scheduler(guidance=guidance),
-        vae=_vae("flux"),
+        vae=vae(sample_size, **vae_latent),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
