@@ -271,7 +271,7 @@ def nbkit_stage2(
         when each step ended (`time.time()`), and the RSS samples taken while it trained.
     """
     from nbkit.images.importing import import_images
-    from nbkit.models.base_model import base_model_ref
+    from nbkit.session.base_model import base_model_ref
     from nbkit.session.core import Session
     from nbkit.train import train
     from nbkit.train.progress_log import TrainingLog

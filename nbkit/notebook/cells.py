@@ -102,8 +102,8 @@ def base_model(model: str, family: str = ""):
         family: the model family of a single file or URL ("" detects it from a registry key or folder).
     """
     from nbkit.families import get_family
-    from nbkit.models.base_model import base_model_ref
     from nbkit.models.registry import find_model
+    from nbkit.session.base_model import base_model_ref
     from nbkit.session.manifest import BaseModelRef
 
     if not model:
@@ -436,7 +436,7 @@ def stop_ui(ui, stop: bool = True) -> None:
 @friendly
 def controlnets(session=None, model: str = "") -> list[str]:
     """List the ControlNet models that fit the model's family (the UI downloads one when first picked)."""
-    from nbkit.models.base_model import base_model_ref
+    from nbkit.session.base_model import base_model_ref
     from nbkit.webui.controlnet import CONTROLNET_FAMILY, CONTROLNETS
 
     base = session.manifest.base_model if session is not None else None

@@ -28,8 +28,8 @@ from nbkit.env import storage_root
 from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.families import get_family
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
-from nbkit.models.base_model import model_spec, native_resolution
 from nbkit.models.registry import RESOLUTION_STEP, TRAINING_DEFAULTS, check_resolution_step
+from nbkit.session.base_model import model_spec, native_resolution
 from nbkit.session.lock import SessionLock, live_holder
 from nbkit.session.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.env import has_native_bf16
 from nbkit.errors import NbkitError
-from nbkit.models.base_model import model_spec
 from nbkit.models.registry import TRAINING_DEFAULTS, validate_resolution
+from nbkit.session.base_model import model_spec
 from nbkit.session.manifest import BaseModelRef
 from nbkit.session.settings import TrainConfig
 

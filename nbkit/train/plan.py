@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
-from nbkit.models.base_model import base_model_ref, native_resolution
+from nbkit.session.base_model import base_model_ref, native_resolution
 from nbkit.session.core import Session
 from nbkit.session.manifest import BaseModelRef, TrainingState
 from nbkit.session.settings import TrainConfig
