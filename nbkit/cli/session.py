@@ -30,6 +30,10 @@ def _base_model(source: str, family: str | None) -> BaseModelRef:
         if family is not None and family != spec.family:
             raise NbkitError(f"{spec.key} is a {spec.family} model, not {family}", fix="leave out --family")
         return BaseModelRef(spec.key, spec.family, spec.prediction_type, spec.revision)
+    if family is None and Path(source).expanduser().is_dir():
+        from nbkit.session.base_model import base_model_ref
+
+        return base_model_ref(str(Path(source).expanduser()))  # a diffusers folder's configs tell its family
     if family is None:
         raise NbkitError(
             f"{source!r} is not a model nbkit knows, so its family is needed",
