@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from nbkit.device import default_device
 from nbkit.errors import NbkitError
 
 
@@ -193,9 +194,8 @@ def load_backbone(
     """
     import torch
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    device = default_device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     text = str(source)
     if text.startswith("tiny:"):
         from nbkit.vision.tiny import build_tiny_backbone

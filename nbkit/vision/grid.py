@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from nbkit.device import default_device
 from nbkit.errors import NbkitError
 
 GRID_NAME = "checkpoint_grid.png"
@@ -31,7 +32,7 @@ class CheckpointLoader:
     def __init__(self, device: str | None = None):
         import torch
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.components = None
         self._base: tuple | None = None
