@@ -18,6 +18,8 @@ from diffusers.training_utils import cast_training_params
 from nbkit.families import Family, get_family
 
 # Re-exported for callers that add the SD families' LoRA adapters themselves (the checkpoint grid).
+from nbkit.families.stable_diffusion import TEXT_ENCODER_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
+from nbkit.families.stable_diffusion import UNET_LORA_TARGETS as UNET_LORA_TARGETS
 
 
 @dataclasses.dataclass
