@@ -2,8 +2,9 @@
 
 It creates a fresh session, builds the tiny model, imports a handful of generated "photos", trains both
 DreamBooth stages for a few steps, exports a single-file checkpoint, and prints where each artifact
-went. With `family="flux"` it trains a LoRA of the tiny FLUX.1 transformer instead (FLUX.1 has no full
-fine-tune) and reloads that LoRA onto the base model. Every stage calls the same code the notebooks call; nothing here is demo-only logic.
+went. A family with its own demo settings (`Family.demo_training_overrides`; FLUX.1, which has no full
+fine-tune) trains a LoRA of its tiny denoiser instead and reloads that LoRA onto the base model. Every
+stage calls the same code the notebooks call; nothing here is demo-only logic.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nbkit.families import DEFAULT_FAMILY, get_family
 from nbkit.session.core import Session
 
 DEMO_TOKEN = "zwx"
@@ -63,7 +65,7 @@ def make_demo_photos(count: int = 4, size: int = 160, seed: int = 0) -> dict[str
 
 def run_demo(
     *,
-    family: str = "sd1",
+    family: str = DEFAULT_FAMILY,
     root: Path | None = None,
     session_name: str | None = None,
     text_encoder_steps: int = 4,
@@ -75,10 +77,10 @@ def run_demo(
     """Run every stage on the tiny model of `family` and return what was made.
 
     Args:
-        family: the tiny model family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux` (a LoRA run).
+        family: the tiny model's family (a key of `nbkit.families.FAMILIES`).
         root: the storage root (default: the runtime's, e.g. `~/nbkit`).
         session_name: defaults to `demo-<family>-<timestamp>`.
-        text_encoder_steps: stage 1 steps (none for flux).
+        text_encoder_steps: stage 1 steps (none where the family's demo settings say so: FLUX.1's).
         unet_steps: stage 2 steps.
         web_ui: end by starting the web UI on loopback with the trained model and making one A1111 API
             request to it.
@@ -126,8 +128,7 @@ def run_demo(
         "sample_prompts": [f"photo of {DEMO_TOKEN}"],
         "sample_steps": 2,
     }
-    if family == "flux":  # a LoRA of the transformer; the T5 prompt kept short for the tiny model
-        overrides.update(text_encoder_steps=0, lora_rank=8, unet_lr=1e-3, flux_max_sequence_length=32)
+    overrides.update(get_family(family).demo_training_overrides)
     trained = timed("train", lambda: train(session, overrides))
     for label, path in [
         ("diffusers model", trained.model_dir),

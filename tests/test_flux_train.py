@@ -17,9 +17,9 @@ from child_process import paused_training
 from test_train_support import PROMPT, assert_same_tensors, load_tensors, make_session, subject_image
 
 from nbkit.errors import NbkitError
+from nbkit.families.flux1 import FLUX_FULL_FINE_TUNE
 from nbkit.models import memory
 from nbkit.session.core import Session
-from nbkit.train.inputs import FLUX_FULL_FINE_TUNE
 from nbkit.train.plan import plan_run
 from nbkit.train.trainer import train
 

@@ -16,6 +16,7 @@ from test_train_support import (
 )
 
 from nbkit.errors import NbkitError, SessionLockedError
+from nbkit.families import stable_diffusion
 from nbkit.session.core import Session
 from nbkit.train import stages, trainer
 from nbkit.train.plan import plan_run
@@ -199,13 +200,13 @@ def test_prior_preservation_keeps_the_class_closer_to_the_base_model(tiny_model_
 )
 def test_each_family_trains_a_few_steps(tiny_model_dir, monkeypatch, family, lora_rank):
     prediction_types = set()
-    original_target = stages.training_target
+    original_target = stable_diffusion.training_target
 
     def spy_target(scheduler, *args):
         prediction_types.add(scheduler.config.prediction_type)
         return original_target(scheduler, *args)
 
-    monkeypatch.setattr(stages, "training_target", spy_target)
+    monkeypatch.setattr(stable_diffusion, "training_target", spy_target)
     base_dir = tiny_model_dir(family)
     # The full SDXL run also covers gradient checkpointing (off elsewhere, for speed).
     checkpointing = family == "sdxl" and not lora_rank

@@ -11,11 +11,12 @@ from diffusers import DDPMScheduler
 from nbkit.cli import build_parser
 from nbkit.cli.train import overrides_from_args
 from nbkit.errors import NbkitError
+from nbkit.families._training import min_snr_weights, training_target
 from nbkit.session.settings import TrainConfig
 from nbkit.train.checkpointing import checkpoint_name, finish_local, is_complete, list_checkpoints, prune
 from nbkit.train.data import batch_indices, derive_seed
 from nbkit.train.inputs import check_config, merge_config
-from nbkit.train.loss import dreambooth_loss, min_snr_weights, sample_noise, training_target
+from nbkit.train.loss import dreambooth_loss, sample_noise
 
 
 def _scheduler(prediction_type: str) -> DDPMScheduler:

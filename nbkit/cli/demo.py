@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nbkit.families import DEFAULT_FAMILY, FAMILIES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the whole flow on the tiny offline model")
     parser.add_argument(
         "--family",
-        default="sd1",
-        choices=["sd1", "sd2", "sd2-v", "sdxl", "flux"],
-        help="tiny model family (flux: a LoRA of the transformer, no text-encoder stage)",
+        default=DEFAULT_FAMILY,
+        choices=list(FAMILIES),
+        help="tiny model family (FLUX.1: a LoRA of the transformer, no text-encoder stage)",
     )
     parser.add_argument(
         "--root", type=Path, default=None, help="storage root (default: $NBKIT_HOME or ~/nbkit)"
     )
     parser.add_argument("--session", default=None, help="session name (default: demo-<family>-<timestamp>)")
-    parser.add_argument("--te-steps", type=int, default=4, help="text-encoder steps (ignored for flux)")
+    parser.add_argument("--te-steps", type=int, default=4, help="text-encoder steps (ignored for FLUX.1)")
     parser.add_argument("--unet-steps", type=int, default=8, help="UNet steps")
     parser.add_argument(
         "--keep-ui", action="store_true", help="keep the web UI running at the end (until Ctrl+C)"

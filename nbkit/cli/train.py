@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nbkit.models.registry import TRAINING_DEFAULTS
+from nbkit.families import FAMILIES
 from nbkit.session.settings import TrainConfig
 
 # CLI option -> TrainConfig field, for the plain one-value options.
@@ -64,8 +64,25 @@ def _default(field: str) -> str:
         return "the base model's native size"
     if value is None or value == "" or value == []:
         return "none"
-    flux = TRAINING_DEFAULTS["flux"].get(field)
-    return str(value) if flux is None else f"{value}; FLUX.1: {flux}"
+    # Families that start from their own value (FLUX.1's LoRA settings) say so after it.
+    own = [
+        f"{family.title}: {family.training_defaults[field]}"
+        for family in FAMILIES.values()
+        if field in family.training_defaults
+    ]
+    return "; ".join([str(value), *own])
+
+
+def _family_defaults() -> str:
+    """What a session of each family with its own starting settings trains with, as flags."""
+    flags = {field: "--" + option.replace("_", "-") for option, field in FIELDS.items()}
+    return "".join(
+        f" A {family.title} session still at the defaults trains with "
+        + " ".join(f"{flags[field]} {value}" for field, value in family.training_defaults.items())
+        + "."
+        for family in FAMILIES.values()
+        if family.training_defaults
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,8 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Two-stage DreamBooth. Options left out keep the session's stored settings; the "
         "defaults shown are a new session's. Every input is checked before a model is loaded. "
         "FLUX.1 (flux1-dev, flux1-schnell): a LoRA of the transformer only, text encoders frozen; full "
-        "fine-tuning of FLUX.1 is not supported (use --lora-rank N); a FLUX.1 session still at the "
-        "defaults trains with --te-steps 0 --lora-rank 16 --unet-lr 1e-4 --unet-steps 500.",
+        "fine-tuning of FLUX.1 is not supported (use --lora-rank N)." + _family_defaults(),
     )
     parser.add_argument("session", metavar="SESSION", help="the session name")
     parser.add_argument("--root", help="the storage root (default: Google Drive on Colab, else NBKIT_HOME)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
@@ -22,6 +22,8 @@ from nbkit.errors import NbkitError
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
+
+from nbkit.families._training import NoisyLatents
 
 # "flow": a rectified-flow model that predicts the velocity (noise - image), as FLUX.1 does.
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
@@ -311,6 +313,124 @@ class Family:
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training a family go here)
+
+    # Facts: `trains_text_encoders` (stage 1 can train them; else they only encode each caption once),
+    # `offloads_text_encoders` (on a GPU they wait on the CPU once the captions are encoded),
+    # `trains_on_quantized_base` (its frozen denoiser may load in 8 or 4 bits under the LoRA, QLoRA),
+    # `xformers_training` (its denoiser trains with xformers' attention where installed),
+    # `lora_file_layout` (the key layout of its LoRA's A1111/ComfyUI file: `kohya`, as sd-scripts
+    # writes it from the diffusers modules, or `bfl`, the fused modules of Black Forest Labs' code),
+    # `lora_oom_hint` (said after "train a LoRA" in out-of-memory advice), `training_note` (the
+    # notebook's line about how it trains), `demo_training_overrides` (the tiny demo's settings).
+    trains_text_encoders: ClassVar[bool] = True
+    offloads_text_encoders: ClassVar[bool] = False
+    trains_on_quantized_base: ClassVar[bool] = False
+    xformers_training: ClassVar[bool] = True
+    lora_file_layout: ClassVar[Literal["kohya", "bfl"]] = "kohya"
+    lora_oom_hint: ClassVar[str] = ""
+    training_note: ClassVar[str] = ""
+    demo_training_overrides: ClassVar[Mapping[str, Any]] = {}
+
+    @property
+    def text_encoder_roles(self) -> tuple[str, ...]:
+        """The pipeline attributes of its text encoders, in pipeline order."""
+        return ("text_encoder", "text_encoder_2")[: self.text_encoder_count]
+
+    @property
+    def tokenizer_roles(self) -> tuple[str, ...]:
+        """The pipeline attributes of its tokenizers, one per text encoder."""
+        return ("tokenizer", "tokenizer_2")[: self.text_encoder_count]
+
+    def check_training_settings(self, config: Any) -> None:
+        """Refuse training settings this family cannot train with (raises `NbkitError`).
+
+        Args:
+            config: the run's `nbkit.session.settings.TrainConfig`.
+        """
+
+    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
+        """The scheduler that noises training latents (a fresh one: the pipeline's renders samples).
+
+        Args:
+            scheduler_config: the pipeline scheduler's config.
+            prediction_type: the session's prediction type (overrides the config's).
+        """
+        raise NotImplementedError
+
+    def lora_target_modules(self, role: str) -> list[str] | str:
+        """peft `target_modules` of a LoRA on pipeline component `role` (a list, or a regex).
+
+        Args:
+            role: `text_encoder`, `text_encoder_2` or the denoiser's role.
+        """
+        raise NotImplementedError
+
+    def kohya_lora_prefix(self, role: str) -> str:
+        """The kohya key prefix of pipeline component `role` in a `kohya`-layout LoRA file.
+
+        Args:
+            role: the denoiser's role, `text_encoder` or `text_encoder_2`.
+        """
+        return "lora_unet" if role == self.denoiser else "lora_te"
+
+    def encode_prompts(
+        self,
+        pipeline: Any,
+        text_encoders: Sequence[Any],
+        token_ids: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: Any,
+    ) -> tuple[Any, Any | None]:
+        """The denoiser's text conditioning: (prompt embeddings, pooled embeddings or None).
+
+        Args:
+            pipeline: the pipeline (for families that encode through its `encode_prompt`).
+            text_encoders: the encoders in pipeline order; may be accelerate-wrapped (training) modules.
+            token_ids: the captions' token ids, one tensor per tokenizer, on the encoders' device.
+            captions: the captions themselves.
+            max_sequence_length: the prompt length of families whose tokenizer has none of its own.
+            device: the encoders' device.
+        """
+        raise NotImplementedError
+
+    def noisy_latents(
+        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
+    ) -> NoisyLatents:
+        """Draw the batch's noise levels (with `generator`) and noise `latents` for the loss.
+
+        Args:
+            scheduler: the training noise scheduler (`training_noise_scheduler`).
+            latents: the clean latents.
+            noise: Gaussian noise like them.
+            generator: the step's CPU generator.
+            config: the run's `TrainConfig`.
+        """
+        raise NotImplementedError
+
+    def denoise(
+        self,
+        pipeline: Any,
+        denoiser: Any,
+        batch: NoisyLatents,
+        embeds: Any,
+        pooled: Any | None,
+        time_ids: Any,
+        config: Any,
+    ) -> Any:
+        """The denoiser's training prediction for `batch`, shaped like the latents.
+
+        Args:
+            pipeline: the pipeline (its unwrapped denoiser's config, its VAE scale).
+            denoiser: the denoiser to call (accelerate may have wrapped it).
+            batch: the noised latents and timesteps.
+            embeds: the prompt embeddings.
+            pooled: the pooled embeddings, or None.
+            time_ids: each image's size and crop conditioning (original size, crop corner, target size).
+            config: the run's `TrainConfig`.
+        """
+        raise NotImplementedError
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
     # (methods about generating with a family go here)

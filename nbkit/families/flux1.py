@@ -4,14 +4,25 @@ scale; schnell is timestep-distilled without one."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from nbkit.families._training import NoisyLatents, flow_matching_inputs, require
 from nbkit.families.base import DetectedFamily, Family, FolderConfigs, HubModel, MemoryOption, Task
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+FLUX_FULL_FINE_TUNE = "full fine-tuning of FLUX.1 is not supported; use --lora-rank N"
+# nbkit's choice: the attention layers diffusers' Flux DreamBooth LoRA example targets by default, plus
+# the text-stream projections and the single blocks' MLP/output projections, as most Flux LoRAs do. A
+# regex, so that the single blocks' `proj_out` matches but the transformer's final `proj_out` does not.
+LORA_TARGETS = (
+    r".*(attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)"
+    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
+)
 # FLUX.1-schnell shares the family (no guidance input); this is its model-spec name.
 SCHNELL_ARCHITECTURE = "flux-1-schnell"
 
@@ -127,6 +138,125 @@ class Flux1(Family):
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (a FLUX.1 single file holds the transformer alone: `nbkit.convert.flux` converts it)
+
+    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
+    # nbkit trains a LoRA of the transformer only, with the flow-matching loss of diffusers' Flux
+    # DreamBooth LoRA example; the CLIP and T5 encoders stay frozen and encode each caption once.
+
+    trains_text_encoders = False
+    offloads_text_encoders = True  # T5-XXL is 9.5 GB; the memory plan's options assume it waits on the CPU
+    trains_on_quantized_base = True
+    xformers_training = False
+    lora_file_layout = "bfl"
+    training_note = "FLUX.1 trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
+    # A LoRA of the tiny transformer, its T5 prompt kept short.
+    demo_training_overrides = MappingProxyType(
+        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
+    )
+
+    def check_training_settings(self, config: Any) -> None:
+        require(
+            config.lora_rank > 0,
+            f"{FLUX_FULL_FINE_TUNE} (lora_rank is 0)",
+            "pass --lora-rank 16 (lora_rank=16): nbkit trains FLUX.1 as a LoRA of its transformer",
+        )
+        require(
+            config.text_encoder_steps == 0,
+            f"training FLUX.1's text encoders is not supported (text_encoder_steps is {config.text_encoder_steps}): "
+            "nbkit trains a LoRA of the FLUX.1 transformer only",
+            "pass --te-steps 0 (text_encoder_steps=0): only the transformer's LoRA trains, the CLIP and T5 "
+            "encoders stay frozen",
+        )
+        require(
+            config.min_snr_gamma is None and config.offset_noise == 0,
+            f"min_snr_gamma ({config.min_snr_gamma}) and offset_noise ({config.offset_noise}) are SD noise-schedule "
+            "settings; FLUX.1's flow-matching loss has no use for them",
+            "drop --min-snr-gamma and --offset-noise (set them to none and 0) for FLUX.1",
+        )
+        require(
+            config.mixed_precision != "fp16",
+            "mixed_precision is 'fp16', but FLUX.1 overflows in float16",
+            "use mixed_precision 'auto' (bf16 on a GPU that has it) or 'bf16'",
+        )
+        require(
+            config.flux_max_sequence_length in range(1, 513),
+            f"flux_max_sequence_length is {config.flux_max_sequence_length}",
+            "use 1 to 512 (512 for FLUX.1-dev, 256 for schnell)",
+        )
+        require(
+            math.isfinite(config.flux_guidance) and config.flux_guidance >= 0,
+            f"flux_guidance is {config.flux_guidance}",
+            "use 1.0 (what diffusers' example's commands pass for FLUX.1-dev) or another value >= 0",
+        )
+
+    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # A copy, as diffusers' Flux example keeps (`noise_scheduler_copy`): its sigmas and timesteps
+        # give the training noise levels, and the pipeline's own scheduler stays free for samples.
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def lora_target_modules(self, role: str) -> list[str] | str:
+        return LORA_TARGETS
+
+    def encode_prompts(
+        self,
+        pipeline: Any,
+        text_encoders: Sequence[Any],
+        token_ids: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: Any,
+    ) -> tuple[Any, Any | None]:
+        # (T5 sequence, CLIP pooled) through the pipeline's own `encode_prompt`; the text ids it also
+        # returns are zeros, rebuilt per batch.
+        embeds, pooled, _ = pipeline.encode_prompt(
+            list(captions), prompt_2=None, device=device, max_sequence_length=max_sequence_length
+        )
+        return embeds, pooled
+
+    def noisy_latents(
+        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
+    ) -> NoisyLatents:
+        return flow_matching_inputs(
+            latents, noise, scheduler, generator, sampling=config.flux_timestep_sampling
+        )
+
+    def denoise(
+        self,
+        pipeline: Any,
+        denoiser: Any,
+        batch: NoisyLatents,
+        embeds: Any,
+        pooled: Any | None,
+        time_ids: Any,
+        config: Any,
+    ) -> Any:
+        # The latents packed in 2x2 patches with their position ids, as FluxPipeline runs the transformer.
+        import torch
+        from diffusers import FluxPipeline
+
+        size, channels, height, width = batch.noisy.shape
+        device, dtype = batch.noisy.device, embeds.dtype
+        packed = FluxPipeline._pack_latents(batch.noisy, size, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, device, dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+        guidance = None
+        if pipeline.transformer.config.guidance_embeds:  # FLUX.1-dev; schnell has no guidance input
+            guidance = torch.full((size,), config.flux_guidance, device=device)
+        prediction = denoiser(
+            hidden_states=packed,
+            timestep=batch.timesteps.to(device) / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = pipeline.vae_scale_factor
+        return FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
 
 
 FAMILY = Flux1()

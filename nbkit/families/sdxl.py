@@ -3,7 +3,7 @@ size/crop conditioning (`text_time`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,36 @@ class SDXL(StableDiffusionFamily):
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)
+
+    lora_oom_hint = " — the usual way to train SDXL on a T4"
+
+    def kohya_lora_prefix(self, role: str) -> str:
+        # kohya numbers SDXL's two text encoders.
+        return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}.get(role, "lora_unet")
+
+    def encode_prompts(
+        self,
+        pipeline: Any,
+        text_encoders: Sequence[Any],
+        token_ids: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: Any,
+    ) -> tuple[Any, Any | None]:
+        # Both encoders' penultimate hidden states side by side, and the second's projected, pooled
+        # output (text_embeds), as StableDiffusionXLPipeline conditions the UNet.
+        import torch
+
+        hidden, pooled = [], None
+        for encoder, ids in zip(text_encoders, token_ids, strict=True):
+            output = encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]
+        return torch.cat(hidden, dim=-1), pooled
+
+    def added_conditions(self, pooled: Any | None, time_ids: Any) -> dict[str, Any]:
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
     # (methods about generating with this family go here)

@@ -7,9 +7,10 @@ between them is a method they override.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from nbkit.families._training import NoisyLatents, min_snr_weights, require, sample_timesteps, training_target
 from nbkit.families.base import DetectedFamily, Family, FolderConfigs, SingleFileComponent
 
 if TYPE_CHECKING:
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
 # Every SD family's UNet and VAE sit under these prefixes in its original (LDM) single file.
 LDM_UNET = SingleFileComponent("unet", "model.diffusion_model.", "unet")
 LDM_VAE = SingleFileComponent("vae", "first_stage_model.", "vae")
+
+# peft target modules, as in diffusers' DreamBooth LoRA examples.
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class StableDiffusionFamily(Family):
@@ -107,6 +112,71 @@ class StableDiffusionFamily(Family):
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # (methods about training this family go here)
+
+    def check_training_settings(self, config: Any) -> None:
+        require(
+            config.quantize_base in ("auto", "none"),
+            f"quantize_base is {config.quantize_base!r}, but 8-bit/4-bit base weights are for FLUX.1 only",
+            "use quantize_base 'auto' (--quantize-base auto): every GPU nbkit supports has room for this model",
+        )
+
+    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type)
+
+    def lora_target_modules(self, role: str) -> list[str] | str:
+        return list(UNET_LORA_TARGETS if role == self.denoiser else TEXT_ENCODER_LORA_TARGETS)
+
+    def encode_prompts(
+        self,
+        pipeline: Any,
+        text_encoders: Sequence[Any],
+        token_ids: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: Any,
+    ) -> tuple[Any, Any | None]:
+        # One CLIP encoder's last hidden state, as StableDiffusionPipeline conditions the UNet.
+        return text_encoders[0](token_ids[0])[0], None
+
+    def noisy_latents(
+        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
+    ) -> NoisyLatents:
+        timesteps = sample_timesteps(latents.shape[0], scheduler, generator).to(latents.device)
+        return NoisyLatents(
+            noisy=scheduler.add_noise(latents, noise, timesteps),
+            timesteps=timesteps,
+            target=training_target(scheduler, latents, noise, timesteps),
+            weights=min_snr_weights(scheduler, timesteps, config.min_snr_gamma),
+        )
+
+    def denoise(
+        self,
+        pipeline: Any,
+        denoiser: Any,
+        batch: NoisyLatents,
+        embeds: Any,
+        pooled: Any | None,
+        time_ids: Any,
+        config: Any,
+    ) -> Any:
+        return denoiser(
+            batch.noisy,
+            batch.timesteps,
+            encoder_hidden_states=embeds,
+            **self.added_conditions(pooled, time_ids),
+        ).sample
+
+    def added_conditions(self, pooled: Any | None, time_ids: Any) -> dict[str, Any]:
+        """The UNet's conditioning beyond the prompt embeddings (SDXL's pooled text and time ids).
+
+        Args:
+            pooled: the pooled prompt embeddings, or None.
+            time_ids: each image's original size, crop corner and target size.
+        """
+        return {}
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
     # (methods about generating with this family go here)

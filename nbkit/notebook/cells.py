@@ -116,8 +116,9 @@ def base_model(model: str, family: str = ""):
     if spec is not None and spec.gated:
         print(f"{spec.repo_id} is gated: accept its licence at https://huggingface.co/{spec.repo_id}, then add your "
               "token as the Colab secret HF_TOKEN")  # fmt: skip
-    if base.family == "flux":
-        print("FLUX.1 trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0")
+    note = get_family(base.family).training_note
+    if note:
+        print(note)
     return base
 
 

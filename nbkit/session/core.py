@@ -28,7 +28,7 @@ from nbkit.env import storage_root
 from nbkit.errors import NbkitError, NbkitWarning
 from nbkit.families import get_family
 from nbkit.fsio import atomic_directory, atomic_write_bytes, clean_temporaries, retry_io
-from nbkit.models.registry import RESOLUTION_STEP, TRAINING_DEFAULTS, check_resolution_step
+from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step
 from nbkit.session.base_model import model_spec, native_resolution
 from nbkit.session.lock import SessionLock, live_holder
 from nbkit.session.manifest import BaseModelRef, Manifest, RunRecord, load_manifest, now_iso
@@ -270,7 +270,7 @@ class Session:
             manifest.base_model = base_model
             manifest.training = manifest.training.replace(
                 resolution=resolution or native_resolution(base_model),
-                **TRAINING_DEFAULTS.get(base_model.family, {}),
+                **get_family(base_model.family).training_defaults,
             )
         elif resolution is not None:
             manifest.training = manifest.training.replace(resolution=resolution)

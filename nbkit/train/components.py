@@ -1,10 +1,9 @@
-"""The models a DreamBooth run trains, and how prompts become UNet conditioning.
+"""The models a DreamBooth run trains, loaded with the training scheduler their family asks for.
 
-SD 1.x and 2.x condition the UNet on one CLIP text encoder's last hidden state. SDXL concatenates
-the penultimate hidden states of two encoders and adds the second encoder's pooled, projected output
-and six "time ids" (original size, crop corner, target size) through `added_cond_kwargs`. FLUX.1's
-denoiser is a transformer (`pipeline.transformer`, the `unet` of these stages) conditioned on a T5
-sequence and CLIP's pooled output, trained with flow matching (`FlowMatchEulerDiscreteScheduler`).
+What differs between families (which text encoders there are and whether they train, how prompts
+become the denoiser's conditioning, the noise scheduler, the LoRA's target modules) is the family
+adapter's (`nbkit.families`); `Components.family_adapter` is the run's. FLUX.1's denoiser is a
+transformer (`pipeline.transformer`, the `unet` of these stages).
 """
 
 from __future__ import annotations
@@ -14,21 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 
-from nbkit.families import FAMILIES
+from nbkit.families import Family, get_family
 
-# peft target modules, as in diffusers' DreamBooth LoRA examples.
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# nbkit's choice: the attention layers diffusers' Flux DreamBooth LoRA example targets by default, plus
-# the text-stream projections and the single blocks' MLP/output projections, as most Flux LoRAs do. A
-# regex, so that the single blocks' `proj_out` matches but the transformer's final `proj_out` does not.
-FLUX_LORA_TARGETS = (
-    r".*(attn\.(to_k|to_q|to_v|to_out\.0|add_k_proj|add_q_proj|add_v_proj|to_add_out)"
-    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
-)
+# Re-exported for callers that add the SD families' LoRA adapters themselves (the checkpoint grid).
+from nbkit.families.stable_diffusion import TEXT_ENCODER_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
+from nbkit.families.stable_diffusion import UNET_LORA_TARGETS as UNET_LORA_TARGETS
 
 
 @dataclasses.dataclass
@@ -38,9 +29,9 @@ class Components:
     Args:
         pipeline: the diffusers pipeline; training changes its own `unet` and text encoders in place,
             so it renders samples with the weights as they are.
-        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux`.
-        noise_scheduler: the training scheduler (its `prediction_type` picks the loss target); a
-            `FlowMatchEulerDiscreteScheduler` for flux.
+        family: the model family's name (a key of `nbkit.families.FAMILIES`).
+        noise_scheduler: the training scheduler the family asks for
+            (`Family.training_noise_scheduler`).
     """
 
     pipeline: Any
@@ -48,9 +39,14 @@ class Components:
     noise_scheduler: Any
 
     @property
+    def family_adapter(self) -> Family:
+        """The family object, which says what training does differently for this model."""
+        return get_family(self.family)
+
+    @property
     def denoiser_role(self) -> str:
         """The denoiser's pipeline attribute: `unet`, or `transformer` for FLUX.1."""
-        return FAMILIES[self.family].denoiser
+        return self.family_adapter.denoiser
 
     @property
     def unet(self):
@@ -63,11 +59,7 @@ class Components:
 
     @property
     def text_encoder_roles(self) -> list[str]:
-        return ["text_encoder", "text_encoder_2"] if self.two_encoders else ["text_encoder"]
-
-    @property
-    def two_encoders(self) -> bool:
-        return FAMILIES[self.family].text_encoder_count == 2
+        return list(self.family_adapter.text_encoder_roles)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -75,12 +67,42 @@ class Components:
 
     @property
     def tokenizers(self) -> list[Any]:
-        names = ["tokenizer", "tokenizer_2"] if self.two_encoders else ["tokenizer"]
-        return [getattr(self.pipeline, name) for name in names]
+        return [getattr(self.pipeline, name) for name in self.family_adapter.tokenizer_roles]
 
     def model(self, role: str) -> torch.nn.Module:
         """The module called `role` (`unet`, `transformer`, `text_encoder` or `text_encoder_2`)."""
         return getattr(self.pipeline, role)
+
+    def lora_targets(self, role: str) -> list[str] | str:
+        """peft `target_modules` of a LoRA on component `role`."""
+        return self.family_adapter.lora_target_modules(role)
+
+    def encode_prompts(
+        self,
+        text_encoders: Sequence[torch.nn.Module],
+        token_ids: Sequence[torch.Tensor],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, pooled embeddings or None) of `captions`, as the family's pipeline makes them.
+
+        Args:
+            text_encoders: the encoders in pipeline order; may be accelerate-wrapped (DDP) modules.
+            token_ids: one id tensor per encoder, on the encoders' device.
+            captions: the captions the ids are of.
+            max_sequence_length: FLUX.1's T5 prompt length (other families use their tokenizer's).
+            device: the encoders' device.
+        """
+        return self.family_adapter.encode_prompts(
+            self.pipeline,
+            text_encoders,
+            token_ids,
+            captions,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
 
 
 def load_components(
@@ -105,19 +127,10 @@ def load_components(
         family=family,
         torch_dtype=dtype,
         quantization=quantization,
-        quantized_components=[FAMILIES[family].denoiser],
+        quantized_components=[get_family(family).denoiser],
     )
     pipeline.set_progress_bar_config(disable=True)
-    if family == "flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        # A copy, as diffusers' Flux example keeps (`noise_scheduler_copy`): its sigmas and timesteps
-        # give the training noise levels, and the pipeline's own scheduler stays free for samples.
-        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
-    else:
-        noise_scheduler = DDPMScheduler.from_config(
-            pipeline.scheduler.config, prediction_type=prediction_type
-        )
+    noise_scheduler = get_family(family).training_noise_scheduler(pipeline.scheduler.config, prediction_type)
     components = Components(pipeline, family, noise_scheduler)
     for model in [components.unet, pipeline.vae, *components.text_encoders]:
         model.requires_grad_(False)
@@ -136,37 +149,6 @@ def tokenize(components: Components, captions: Sequence[str]) -> list[torch.Tens
         ).input_ids
         for tokenizer in components.tokenizers
     ]
-
-
-def encode_tokens(
-    family: str, text_encoders: Sequence[torch.nn.Module], token_ids: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Turn token ids into (prompt embeddings, pooled embeddings or None), as the pipelines do.
-
-    Args:
-        family: the model family.
-        text_encoders: the encoders in pipeline order; may be accelerate-wrapped (DDP) modules.
-        token_ids: one id tensor per encoder, on the encoders' device.
-    """
-    if family != "sdxl":
-        return text_encoders[0](token_ids[0])[0], None
-    hidden, pooled = [], None
-    for encoder, ids in zip(text_encoders, token_ids, strict=True):
-        output = encoder(ids, output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-        pooled = output[0]  # the last encoder's projected, pooled output (text_embeds)
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def encode_flux_prompts(
-    pipeline: Any, captions: Sequence[str], *, max_sequence_length: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLUX.1's conditioning of `captions`: (T5 sequence, CLIP pooled), one row per caption, through
-    the pipeline's own `encode_prompt` (the text ids it also returns are zeros, rebuilt per batch)."""
-    embeds, pooled, _ = pipeline.encode_prompt(
-        list(captions), prompt_2=None, device=device, max_sequence_length=max_sequence_length
-    )
-    return embeds, pooled
 
 
 def add_lora(
@@ -268,14 +250,15 @@ def enable_memory_savers(
     """
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        # FLUX.1's text encoders never train: they only encode each caption once.
-        for encoder in components.text_encoders if components.family != "flux" else ():
+        # Text encoders that never train (FLUX.1's) only encode each caption once.
+        trained_encoders = components.text_encoders if components.family_adapter.trains_text_encoders else ()
+        for encoder in trained_encoders:
             # transformers 5 renamed it; older releases only have the gradient_ name.
             if hasattr(encoder, "activation_checkpointing_enable"):
                 encoder.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if device.type == "cuda" and components.family != "flux":
+    if device.type == "cuda" and components.family_adapter.xformers_training:
         import importlib.util
 
         if importlib.util.find_spec("xformers") is not None:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.env import has_native_bf16
 from nbkit.errors import NbkitError
-from nbkit.models.registry import TRAINING_DEFAULTS, validate_resolution
+from nbkit.families import get_family
+from nbkit.models.registry import validate_resolution
 from nbkit.session.base_model import model_spec
 from nbkit.session.manifest import BaseModelRef
 from nbkit.session.settings import TrainConfig
@@ -35,11 +36,6 @@ RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
 RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_guidance")
 QUANTIZATION_KEY = "the base model's quantization"
 
-# FLUX.1's own starting settings (the registry's); sessions get them at creation, and older ones where
-# they still hold the SD-era defaults and the run does not set them.
-FLUX_DEFAULTS: dict[str, Any] = TRAINING_DEFAULTS["flux"]
-FLUX_FULL_FINE_TUNE = "full fine-tuning of FLUX.1 is not supported; use --lora-rank N"
-
 
 def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> TrainConfig:
     """The session's stored config with `overrides` applied; nested `prior` settings merge key by key.
@@ -58,8 +54,11 @@ def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> Train
 
 
 def family_overrides(family: str, stored: TrainConfig, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """`overrides` plus the family's own defaults (`FLUX_DEFAULTS` for flux) for the settings the
-    session still has at `TrainConfig`'s defaults and the run does not set.
+    """`overrides` plus the family's own starting settings (`Family.training_defaults`) for the
+    settings the session still has at `TrainConfig`'s defaults and the run does not set.
+
+    Sessions get the family's settings at creation; older ones get them here where they still hold
+    the SD-era defaults.
 
     Args:
         family: the base model's family.
@@ -67,62 +66,26 @@ def family_overrides(family: str, stored: TrainConfig, overrides: dict[str, Any]
         overrides: the run's settings.
     """
     result = dict(overrides or {})
-    if family != "flux":
-        return result
     defaults = TrainConfig()
-    for key, value in FLUX_DEFAULTS.items():
+    for key, value in get_family(family).training_defaults.items():
         if key not in result and getattr(stored, key) == getattr(defaults, key):
             result[key] = value
     return result
 
 
 def check_family_config(family: str, config: TrainConfig) -> None:
-    """What a family cannot train: FLUX.1 trains a LoRA of its transformer only, in bf16 or fp32."""
-    if family != "flux":
-        _require(
-            config.quantize_base in ("auto", "none"),
-            f"quantize_base is {config.quantize_base!r}, but 8-bit/4-bit base weights are for FLUX.1 only",
-            "use quantize_base 'auto' (--quantize-base auto): every GPU nbkit supports has room for this model",
-        )
-        return
-    _require(
-        config.lora_rank > 0,
-        f"{FLUX_FULL_FINE_TUNE} (lora_rank is 0)",
-        "pass --lora-rank 16 (lora_rank=16): nbkit trains FLUX.1 as a LoRA of its transformer",
-    )
-    _require(
-        config.text_encoder_steps == 0,
-        f"training FLUX.1's text encoders is not supported (text_encoder_steps is {config.text_encoder_steps}): "
-        "nbkit trains a LoRA of the FLUX.1 transformer only",
-        "pass --te-steps 0 (text_encoder_steps=0): only the transformer's LoRA trains, the CLIP and T5 "
-        "encoders stay frozen",
-    )
-    _require(
-        config.min_snr_gamma is None and config.offset_noise == 0,
-        f"min_snr_gamma ({config.min_snr_gamma}) and offset_noise ({config.offset_noise}) are SD noise-schedule "
-        "settings; FLUX.1's flow-matching loss has no use for them",
-        "drop --min-snr-gamma and --offset-noise (set them to none and 0) for FLUX.1",
-    )
-    _require(
-        config.mixed_precision != "fp16",
-        "mixed_precision is 'fp16', but FLUX.1 overflows in float16",
-        "use mixed_precision 'auto' (bf16 on a GPU that has it) or 'bf16'",
-    )
-    _require(
-        config.flux_max_sequence_length in range(1, 513),
-        f"flux_max_sequence_length is {config.flux_max_sequence_length}",
-        "use 1 to 512 (512 for FLUX.1-dev, 256 for schnell)",
-    )
-    _require(
-        math.isfinite(config.flux_guidance) and config.flux_guidance >= 0,
-        f"flux_guidance is {config.flux_guidance}",
-        "use 1.0 (what diffusers' example's commands pass for FLUX.1-dev) or another value >= 0",
-    )
+    """Refuse what the family cannot train (FLUX.1: a LoRA of its transformer only, in bf16 or fp32).
+
+    Args:
+        family: the base model's family.
+        config: the run's settings.
+    """
+    get_family(family).check_training_settings(config)
 
 
 def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) -> str | None:
     """Refuse up front a GPU that cannot train the base model (FLUX.1 on a T4, or too little memory),
-    and say how the base loads: `8bit`/`4bit` (its transformer quantized, the LoRA on top) or None.
+    and say how the base loads: `8bit`/`4bit` (its denoiser quantized, the LoRA on top) or None.
 
     Args:
         base_model: the run's base model.
@@ -134,13 +97,14 @@ def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) ->
     """
     from nbkit.models import memory
 
+    family = get_family(base_model.family)
     wanted = "auto" if config is None else config.quantize_base
-    facts = memory.device_facts() if base_model.family == "flux" else None
+    facts = memory.device_facts() if family.trains_on_quantized_base else None
     option = memory.plan_memory(model_spec(base_model), "train", facts)
-    if base_model.family != "flux" or wanted == "none":
+    if not family.trains_on_quantized_base or wanted == "none":
         if option is not None and option.quantization is not None:
             raise NbkitError(
-                f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+                f"{facts.name} has {facts.total_gib:.0f} GiB: training a {family.title} LoRA there needs the "
                 f"{option.name} way ({option.description}), but quantize_base is 'none'",
                 fix="use quantize_base 'auto' (--quantize-base auto), or a GPU with more memory (an A100 "
                 "40 GB or larger)",
@@ -150,7 +114,7 @@ def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) ->
     if wanted in ("8bit", "4bit"):
         if option is not None and option.quantization == "4bit" and wanted == "8bit":
             raise NbkitError(
-                f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+                f"{facts.name} has {facts.total_gib:.0f} GiB: training a {family.title} LoRA there needs the "
                 f"{option.name} way ({option.description}), but quantize_base is '8bit'",
                 fix="use quantize_base 'auto' or '4bit', or a GPU with more memory",
             )
@@ -164,7 +128,7 @@ def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) ->
             if option is None or option.quantization is None:
                 raise
             raise NbkitError(
-                f"{facts.name} has {facts.total_gib:.0f} GiB: training a FLUX.1 LoRA there needs the "
+                f"{facts.name} has {facts.total_gib:.0f} GiB: training a {family.title} LoRA there needs the "
                 f"{option.name} way ({option.description}), and {error.message}",
                 fix=error.fix,
             ) from error

@@ -9,8 +9,10 @@ is what A1111's `<lora:name:1>` and ComfyUI's LoRA loader read. Kohya files carr
 `nbkit.convert.metadata` from the registry's family facts as a full model's are, with the LoRA's own
 training resolution and `modelspec.hash_sha256` of its tensors.
 
-A FLUX.1 LoRA (its transformer only) is written by `FluxPipeline.save_lora_weights`, and its
-ComfyUI/Forge file by `nbkit.convert.flux_lora.save_comfy_lora` from that diffusers file.
+The key layout of the second file is the family's (`Family.lora_file_layout`): `kohya` names the
+diffusers modules (the SD families); `bfl` names the fused modules of Black Forest Labs' code, which
+ComfyUI and Forge patch (FLUX.1, its transformer only), converted by
+`nbkit.convert.flux_lora.save_comfy_lora` from the diffusers file.
 """
 
 from __future__ import annotations
@@ -53,15 +55,6 @@ def check_inputs(
     for name, model in models:
         if model is not None and adapter_name not in (getattr(model, "peft_config", None) or {}):
             raise ValueError(f"{name} ({type(model).__name__}) has no LoRA adapter named {adapter_name!r}")
-
-
-def kohya_prefix(component: str, family: str) -> str:
-    """Kohya's key prefix for a pipeline component: SDXL numbers its two text encoders."""
-    if component == "unet":
-        return "lora_unet"
-    if family != "sdxl":
-        return "lora_te"
-    return {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[component]
 
 
 def _kohya_root(model: Any, prefix: str) -> str:
@@ -148,8 +141,7 @@ def save_lora(
         text_encoders: the text encoder(s) in pipeline order (`[text_encoder, text_encoder_2]` for
             SDXL); an entry may be None when that encoder was not trained.
         out_dir: the folder to write into (created if missing); both files are written atomically.
-        family: `sd1`, `sd2`, `sd2-v`, `sdxl` or `flux` (a transformer LoRA; its second file is the
-            ComfyUI/Forge format `nbkit.convert.flux_lora.save_comfy_lora` writes).
+        family: the model family's name; its `lora_file_layout` says how the second file is written.
         metadata: extra header metadata for the kohya file; non-string values are JSON-encoded and
             `modelspec.*` keys override the defaults (e.g. `modelspec.title`), except
             `modelspec.hash_sha256`, which is always the hash of the tensors written.
@@ -177,14 +169,16 @@ def save_lora(
     text_encoders = [unwrap(model) for model in (text_encoders or [])]
     unet = unwrap(unet)
     check_inputs(unet, text_encoders, out_dir, family, adapter_name, resolution)
-    if family == "flux" and any(model is not None for model in text_encoders):
-        raise ValueError("a FLUX.1 LoRA is its transformer's only: nbkit does not train its text encoders")
+    facts = FAMILIES[family]
+    if not facts.trains_text_encoders and any(model is not None for model in text_encoders):
+        raise ValueError(
+            f"a {facts.title} LoRA is its {facts.denoiser}'s only: nbkit does not train its text encoders"
+        )
     if MODELSPEC_HASH_KEY in metadata:
         raise ValueError(f"metadata may not set {MODELSPEC_HASH_KEY}: it is the hash of the tensors written")
     out_dir = Path(out_dir)
     name = name or out_dir.name
     torch_dtype = getattr(torch, str(dtype).removeprefix("torch."))
-    facts = FAMILIES[family]
     resolution = resolution or facts.native_resolution
 
     def cast(state: dict) -> dict:
@@ -192,8 +186,7 @@ def save_lora(
 
     # (a) diffusers format, through the pipeline class's own writer, with each adapter's LoraConfig
     # so that loading restores lora_alpha (and with it the scale) exactly.
-    denoiser = facts.denoiser  # `unet`, or FLUX.1's `transformer`
-    components = [(denoiser, unet), *zip(("text_encoder", "text_encoder_2"), text_encoders, strict=False)]
+    components = [(facts.denoiser, unet), *zip(facts.text_encoder_roles, text_encoders, strict=False)]
     layers, adapter_metadata = {}, {}
     for component, model in components:
         if model is None:
@@ -205,7 +198,7 @@ def save_lora(
     with atomic_path(diffusers_path) as tmp:
         pipeline_class.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers, **adapter_metadata)
 
-    if family == "flux":
+    if facts.lora_file_layout == "bfl":
         from nbkit.convert.flux_lora import save_comfy_lora
 
         header = _header(
@@ -233,7 +226,7 @@ def save_lora(
     for component, model in components:
         if model is None:
             continue
-        kohya.update(kohya_state_dict(model, component, kohya_prefix(component, family), adapter_name))
+        kohya.update(kohya_state_dict(model, component, facts.kohya_lora_prefix(component), adapter_name))
     first_config = next(model for _, model in components if model is not None).peft_config[adapter_name]
     header = _header(family, name, resolution, description, author, metadata, first_config, "networks.lora")
     kohya_path = out_dir / f"{name}.safetensors"

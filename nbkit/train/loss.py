@@ -1,80 +1,14 @@
-"""The denoising loss: noise, targets and weights for one training batch.
+"""The denoising loss: the noise of one training batch and the DreamBooth loss of its prediction.
 
-Everything random here draws from an explicit `torch.Generator` so that a step's noise and timesteps
-depend only on the step's seed, never on what ran before (which is what makes resume bit-exact).
+The noise levels, the target and its weights are each family's (`Family.noisy_latents`). Everything
+random here draws from an explicit `torch.Generator` so that a step's noise depends only on the
+step's seed, never on what ran before (which is what makes resume bit-exact).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
-
-# diffusers' Flux/SD3 examples' defaults for the logit-normal timestep density.
-LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
-
-
-@dataclasses.dataclass
-class FlowMatchingInputs:
-    """One batch of a flow-matching (rectified flow) step.
-
-    Args:
-        noisy: `(1 - sigma) * latents + sigma * noise`.
-        timesteps: the scheduler timesteps (`1000 * sigma`), one per sample, on the CPU.
-        sigmas: the noise levels, shaped (B, 1, 1, 1) like the latents.
-        target: `noise - latents`, the velocity the model predicts.
-        weights: per-sample loss weights (ones: weighting "none").
-    """
-
-    noisy: torch.Tensor
-    timesteps: torch.Tensor
-    sigmas: torch.Tensor
-    target: torch.Tensor
-    weights: torch.Tensor
-
-
-def flow_matching_inputs(
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    scheduler,
-    generator: torch.Generator,
-    *,
-    sampling: str = "logit_normal",
-) -> FlowMatchingInputs:
-    """Noise `latents` for FLUX.1's loss as diffusers' Flux DreamBooth LoRA example does.
-
-    Timesteps are drawn from `compute_density_for_timestep_sampling` (logit-normal, or uniform for
-    `none`) with `generator`, indexed into the scheduler's own timesteps and sigmas; the loss
-    weighting is `compute_loss_weighting_for_sd3` with scheme "none".
-
-    Args:
-        latents: clean, shifted and scaled latents (B, 16, H, W).
-        noise: Gaussian noise like `latents`.
-        scheduler: a `FlowMatchEulerDiscreteScheduler` straight from the model's config.
-        generator: a CPU generator seeded for this step.
-        sampling: `logit_normal` or `none` (uniform).
-    """
-    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-
-    if sampling not in ("logit_normal", "none"):
-        raise ValueError(f"sampling must be 'logit_normal' or 'none', got {sampling!r}")
-    batch = latents.shape[0]
-    density = compute_density_for_timestep_sampling(
-        weighting_scheme=sampling,
-        batch_size=batch,
-        logit_mean=LOGIT_MEAN,
-        logit_std=LOGIT_STD,
-        generator=generator,
-    )
-    indices = (density * scheduler.config.num_train_timesteps).long()
-    timesteps = scheduler.timesteps[indices]
-    sigmas = scheduler.sigmas[indices].to(device=latents.device, dtype=latents.dtype).view(batch, 1, 1, 1)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
-    weights = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas).view(batch)
-    return FlowMatchingInputs(noisy, timesteps, sigmas, noise - latents, weights)
 
 
 def sample_noise(
@@ -97,46 +31,6 @@ def sample_noise(
     return noise.to(device=latents.device, dtype=latents.dtype)
 
 
-def sample_timesteps(batch_size: int, scheduler: DDPMScheduler, generator: torch.Generator) -> torch.Tensor:
-    """Uniform training timesteps in [0, num_train_timesteps), drawn on the CPU."""
-    return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-
-
-def training_target(
-    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768).
-
-    Args:
-        scheduler: the training noise scheduler; its `prediction_type` decides the target.
-        latents: clean latents.
-        noise: the noise added to them.
-        timesteps: one timestep per sample.
-    """
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
-
-
-def min_snr_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float | None
-) -> torch.Tensor | None:
-    """Per-sample loss weights of Min-SNR weighting (Hang et al. 2023), or None when `gamma` is None.
-
-    For v-prediction the weight is min(SNR, gamma) / (SNR + 1), for epsilon min(SNR, gamma) / SNR.
-    """
-    if gamma is None:
-        return None
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
-
-
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, computed in float32."""
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -157,7 +51,7 @@ def dreambooth_loss(
     Args:
         prediction: the UNet output for the concatenated instance + class batch.
         target: the matching targets.
-        weights: optional per-sample weights (Min-SNR), same order as the batch.
+        weights: optional per-sample weights (Min-SNR, say), same order as the batch.
         num_class: how many trailing samples are class images (0 without prior preservation).
         prior_loss_weight: the weight of the class-image loss.
     """

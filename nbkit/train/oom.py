@@ -64,7 +64,7 @@ def suggestions(config: Any, *, family: str | None = None, stage: str | None = N
 
     Args:
         config: a `TrainConfig` (any object with its attribute names works).
-        family: the model family (`sd1`, `sd2`, `sd2-v`, `sdxl`), to judge the resolution.
+        family: the model family's name, to judge the resolution and word the advice.
         stage: `text_encoder` or `unet` when the crash happened inside one stage.
     """
     tips = []
@@ -80,8 +80,7 @@ def suggestions(config: Any, *, family: str | None = None, stage: str | None = N
     if getattr(config, "lora_rank", 0) == 0:
         tips.append(
             "train a LoRA instead of the full model (`--lora-rank 16`): only a few MB of weights get "
-            "gradients and optimizer state"
-            + (" — the usual way to train SDXL on a T4" if family == "sdxl" else "")
+            "gradients and optimizer state" + (FAMILIES[family].lora_oom_hint if family in FAMILIES else "")
         )
     batch_size = getattr(config, "batch_size", 1)
     if batch_size > 1:

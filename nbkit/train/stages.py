@@ -6,9 +6,10 @@ frozen) text encoder. Every random draw of a step (images, flips, latent samples
 dropout) is seeded from (seed, stage, step, micro-batch, process), so a run resumed from a checkpoint
 takes exactly the steps an uninterrupted run takes.
 
-FLUX.1 runs stage 2 only (named `unet` like the others, so checkpoints and resume are the same; its
-role, and the checkpoint's weight file, is `transformer`), with the flow-matching loss of diffusers'
-Flux DreamBooth LoRA example (`nbkit.train.loss.flow_matching_inputs`).
+What differs between families (prompt encoding, noise levels and loss target, the denoiser's call)
+is asked of the family adapter. A family whose text encoders do not train (FLUX.1) runs stage 2 only
+(named `unet` like the others, so checkpoints and resume are the same; its role, and the checkpoint's
+weight file, is its denoiser's, `transformer`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,8 @@ from tqdm.auto import tqdm
 from nbkit.session.settings import TrainConfig
 from nbkit.train import checkpointing
 from nbkit.train.components import (
-    FLUX_LORA_TARGETS,
-    TEXT_ENCODER_LORA_TARGETS,
-    UNET_LORA_TARGETS,
     Components,
     add_lora,
-    encode_flux_prompts,
-    encode_tokens,
     freeze,
     has_lora,
     load_trained_state_dict,
@@ -50,14 +46,7 @@ from nbkit.train.data import (
     batch_indices,
     derive_seed,
 )
-from nbkit.train.loss import (
-    dreambooth_loss,
-    flow_matching_inputs,
-    min_snr_weights,
-    sample_noise,
-    sample_timesteps,
-    training_target,
-)
+from nbkit.train.loss import dreambooth_loss, sample_noise
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +99,18 @@ class ImageSet:
         encoded = {}
         with torch.no_grad():
             for caption, index in distinct.items():
-                if components.family == "flux":
-                    embeds, pooled = encode_flux_prompts(
-                        components.pipeline, [caption], max_sequence_length=max_sequence_length, device=device
-                    )
-                else:
-                    ids = [ids[index : index + 1].to(device) for ids in self.token_ids]
-                    embeds, pooled = encode_tokens(components.family, components.text_encoders, ids)
+                ids = [ids[index : index + 1].to(device) for ids in self.token_ids]
+                embeds, pooled = components.encode_prompts(
+                    components.text_encoders,
+                    ids,
+                    [caption],
+                    max_sequence_length=max_sequence_length,
+                    device=device,
+                )
                 encoded[caption] = (embeds[0], None if pooled is None else pooled[0])
-        target = components.unet.device  # FLUX.1's encoders may live on the CPU by now
+        target = components.unet.device  # encoders that wait on the CPU (FLUX.1's) may be there by now
         embeds = torch.stack([encoded[caption][0] for caption in self.captions]).to(target)
-        has_pooled = components.family in ("sdxl", "flux")
+        has_pooled = encoded[self.captions[0]][1] is not None
         pooled = torch.stack([encoded[c][1] for c in self.captions]).to(target) if has_pooled else None
         self.embeddings = (embeds, pooled)
 
@@ -182,9 +172,7 @@ def load_frozen_roles(
 
 
 def _add_role_lora(context: RunContext, role: str) -> None:
-    targets = {"unet": UNET_LORA_TARGETS, "transformer": FLUX_LORA_TARGETS}.get(
-        role, TEXT_ENCODER_LORA_TARGETS
-    )
+    targets = context.components.lora_targets(role)
     role_index = ("text_encoder", "text_encoder_2", "unet", "transformer").index(role)
     add_lora(
         context.components.model(role),
@@ -267,9 +255,10 @@ def run_stage(
 
 
 def offload_text_encoders(components: Components) -> None:
-    """FLUX.1 on a GPU: move the frozen text encoders (T5-XXL is 9.5 GB) to the CPU once the captions
-    are encoded, as the memory plan's options assume; samples bring them back while they render."""
-    if components.family != "flux" or components.unet.device.type == "cpu":
+    """On a GPU, move the frozen text encoders of a family that offloads them (FLUX.1's T5-XXL is 9.5 GB)
+    to the CPU once the captions are encoded, as the memory plan's options assume; samples bring them
+    back while they render."""
+    if not components.family_adapter.offloads_text_encoders or components.unet.device.type == "cpu":
         return
     for encoder in components.text_encoders:
         encoder.to("cpu")
@@ -348,7 +337,13 @@ def _draw(context: RunContext, images: ImageSet, stage: Stage, first: int, gener
         embeds, pooled = embeds[indices], None if pooled is None else pooled[indices]
     else:
         ids = [token_ids[indices].to(device) for token_ids in images.token_ids]
-        embeds, pooled = encode_tokens(context.components.family, text_encoders, ids)
+        embeds, pooled = context.components.encode_prompts(
+            text_encoders,
+            ids,
+            [images.captions[index] for index in indices],
+            max_sequence_length=config.flux_max_sequence_length,
+            device=device,
+        )
     return latents, embeds, pooled, images.latents.time_ids(indices)
 
 
@@ -368,69 +363,18 @@ def _micro_batch_loss(context: RunContext, stage: Stage, step: int, micro: int, 
         latents, embeds, pooled, time_ids = (
             None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True)
         )
-        scheduler = components.noise_scheduler
         noise = sample_noise(latents, generator, config.offset_noise)
-        if components.family == "flux":
-            prediction, target, weights = _flux_prediction(
-                context, unet, latents, noise, embeds, pooled, generator
-            )
-            return dreambooth_loss(
-                prediction,
-                target,
-                weights=weights,
-                num_class=0 if context.prior is None else config.batch_size,
-                prior_loss_weight=config.prior.loss_weight,
-            )[0]
-        timesteps = sample_timesteps(latents.shape[0], scheduler, generator).to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(scheduler, latents, noise, timesteps)
-        extra = {}
-        if components.family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds, **extra).sample
+        family = components.family_adapter
+        batch = family.noisy_latents(components.noise_scheduler, latents, noise, generator, config)
+        prediction = family.denoise(components.pipeline, unet, batch, embeds, pooled, time_ids, config)
     total, _, _ = dreambooth_loss(
         prediction,
-        target,
-        weights=min_snr_weights(scheduler, timesteps, config.min_snr_gamma),
+        batch.target,
+        weights=batch.weights,
         num_class=0 if context.prior is None else config.batch_size,
         prior_loss_weight=config.prior.loss_weight,
     )
     return total
-
-
-def _flux_prediction(context: RunContext, transformer, latents, noise, embeds, pooled, generator):
-    """(prediction, target, per-sample weights) of FLUX.1's flow-matching loss, as diffusers' example."""
-    from diffusers import FluxPipeline
-
-    config, components = context.config, context.components
-    inputs = flow_matching_inputs(
-        latents,
-        noise,
-        components.noise_scheduler,
-        generator,
-        sampling=config.flux_timestep_sampling,
-    )
-    batch, channels, height, width = latents.shape
-    device, dtype = latents.device, embeds.dtype
-    packed = FluxPipeline._pack_latents(inputs.noisy, batch, channels, height, width)
-    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
-    text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
-    guidance = None
-    if components.unet.config.guidance_embeds:  # FLUX.1-dev; schnell has no guidance input
-        guidance = torch.full((batch,), config.flux_guidance, device=device)
-    prediction = transformer(
-        hidden_states=packed,
-        timestep=inputs.timesteps.to(device) / 1000,
-        guidance=guidance,
-        pooled_projections=pooled,
-        encoder_hidden_states=embeds,
-        txt_ids=text_ids,
-        img_ids=image_ids,
-        return_dict=False,
-    )[0]
-    scale = components.pipeline.vae_scale_factor
-    prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
-    return prediction, inputs.target, inputs.weights
 
 
 def _save_roles(context: RunContext, weights: list, folder: str) -> None:
