@@ -329,7 +329,7 @@ def test_report_and_contact_sheet_show_the_vision_flags(tmp_path):
 
 
 def test_comparison_grid_puts_checkpoints_in_rows_and_seeds_in_columns():
-    from nbkit.vision.grid import comparison_grid
+    from nbkit.train.grid import comparison_grid
 
     colours = [[(255, 0, 0), (0, 255, 0)], [(0, 0, 255), (255, 255, 0)], [(0, 255, 255), (255, 0, 255)]]
     rows = [[Image.new("RGB", (32, 24), colour) for colour in row] for row in colours]
@@ -402,7 +402,7 @@ def test_training_with_score_writes_the_table_for_every_checkpoint(scored_run):
 
 
 def test_checkpoint_grid_from_a_run(scored_run):
-    from nbkit.vision.grid import render_checkpoint_grid
+    from nbkit.train.grid import render_checkpoint_grid
 
     session, _ = scored_run
     path = render_checkpoint_grid(
@@ -433,7 +433,7 @@ def test_checkpoint_grid_from_a_run(scored_run):
 def test_export_of_a_checkpoint_records_a_model(scored_run):
     from safetensors.torch import load_file
 
-    from nbkit.vision.export import export_checkpoint
+    from nbkit.train.export_checkpoint import export_checkpoint
 
     session, _ = scored_run
     record = export_checkpoint(session, "unet-000002", device="cpu")

@@ -84,7 +84,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def grid(args: argparse.Namespace) -> int:
-    from nbkit.vision.grid import render_checkpoint_grid
+    from nbkit.train.grid import render_checkpoint_grid
 
     session = _session(args)
     path = render_checkpoint_grid(
@@ -103,7 +103,7 @@ def grid(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from nbkit.vision.export import export_checkpoint
+    from nbkit.train.export_checkpoint import export_checkpoint
 
     session = _session(args)
     record = export_checkpoint(session, args.checkpoint, device=args.device)

@@ -1,6 +1,6 @@
 """Export one training checkpoint (a chosen one, or the suggested one) as a model of the session.
 
-The checkpoint's weights go into the base model (`nbkit.vision.grid.CheckpointLoader`) and are saved
+The checkpoint's weights go into the base model (`nbkit.train.grid.CheckpointLoader`) and are saved
 as the final export is (`nbkit.train.export`): a full fine-tune as a diffusers folder and a single
 file, a LoRA in diffusers and kohya formats. The record in `session.json`'s `models` is named
 `<session>-<checkpoint>`, so it sits next to the final export instead of replacing it.
@@ -52,7 +52,7 @@ def export_checkpoint(session, checkpoint: str = SUGGESTED, *, device: str | Non
         the `nbkit.session.manifest.ExportedModel` recorded.
     """
     from nbkit.train.export import export_session_model
-    from nbkit.vision.grid import CheckpointLoader, session_checkpoints
+    from nbkit.train.grid import CheckpointLoader, session_checkpoints
 
     name = suggested_checkpoint(session) if checkpoint == SUGGESTED else checkpoint
     (found,) = session_checkpoints(session, [name])
