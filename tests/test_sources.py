@@ -167,11 +167,11 @@ def test_hub_token_is_huggingface_hubs_own_lookup(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v", "sdxl"])
 def test_family_detection_on_every_tiny_family(tiny_model_dir, family):
-    from nbkit.models.registry import TINY_NATIVE_RESOLUTION as TINY_RESOLUTION
+    from nbkit.families import FAMILIES
 
     detected = detect_family_from_config(tiny_model_dir(family))
     prediction = "v_prediction" if family == "sd2-v" else "epsilon"
-    assert detected == (family, prediction, TINY_RESOLUTION[family])
+    assert detected == (family, prediction, FAMILIES[family].tiny_native_resolution)
 
 
 def test_family_detection_on_real_configs(tiny_model_dir, tmp_path):

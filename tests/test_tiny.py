@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from nbkit.errors import NbkitError
-from nbkit.models.registry import TINY_NATIVE_RESOLUTION
+from nbkit.families import FAMILIES
 from nbkit.models.tiny import TINY_FAMILIES, build_tiny_pipeline, save_tiny_pipeline
 from nbkit.models.tiny_vision import (
     DEFAULT_LABELS,
@@ -59,7 +59,10 @@ def test_saved_family_loads_and_generates(tiny_model_dir, family):
     assert _folder_bytes(folder) < 10 * 2**20
     pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert type(pipeline) is PIPELINE_CLASS[family]
-    assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == TINY_NATIVE_RESOLUTION[family]
+    assert (
+        pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        == FAMILIES[family].tiny_native_resolution
+    )
     pipeline.set_progress_bar_config(disable=True)
     # No height/width: the pipeline's default size must be the tiny native resolution.
     images = pipeline(
@@ -68,7 +71,7 @@ def test_saved_family_loads_and_generates(tiny_model_dir, family):
         output_type="np",
         generator=torch.Generator().manual_seed(0),
     ).images
-    size = TINY_NATIVE_RESOLUTION[family]
+    size = FAMILIES[family].tiny_native_resolution
     assert images.shape == (1, size, size, 3)
     assert np.isfinite(images).all()
     assert images.std() > 0.01

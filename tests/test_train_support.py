@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nbkit.models.registry import TINY_NATIVE_RESOLUTION as TINY_RESOLUTION
+from nbkit.families import FAMILIES
 from nbkit.session.core import Session
 from nbkit.session.manifest import BaseModelRef, ImageRecord
+
+TINY_RESOLUTION = {name: family.tiny_native_resolution for name, family in FAMILIES.items()}
 
 PROMPT = "photo of zwx toy"
 # Small, fast, deterministic: no mixed precision, no gradient checkpointing, plain AdamW. Batch 2,

@@ -14,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from nbkit.convert.plan import Shape, TensorRecipe, apply_recipes, check_plan_covers, renamed
+from nbkit.convert.plan import Shape, TensorRecipe, check_plan_covers, renamed
 from nbkit.errors import NbkitError
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -158,14 +156,3 @@ def unet_recipes(
         recipes.append(renamed(f"{prefix}{ldm_module}.{rest}", component, key, shape))
     check_plan_covers(recipes, component, shapes)
     return recipes
-
-
-def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers UNet state dict to the original layout (keys with `model.diffusion_model.`).
-
-    Args:
-        state_dict: the diffusers UNet's state dict.
-        config: its config.
-    """
-    shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
-    return apply_recipes(unet_recipes(shapes, config), {"unet": state_dict})

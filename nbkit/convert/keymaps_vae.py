@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from nbkit.convert.keymaps_unet import resnet_part, split_module
-from nbkit.convert.plan import Shape, TensorRecipe, apply_recipes, check_plan_covers, renamed
+from nbkit.convert.plan import Shape, TensorRecipe, check_plan_covers, renamed
 from nbkit.errors import NbkitError
 
 LDM_VAE_PREFIX = "first_stage_model."
@@ -133,14 +131,3 @@ def vae_recipes(
         recipes.append(renamed(f"{prefix}{ldm_module}.{rest}", component, key, out_shape))
     check_plan_covers(recipes, component, shapes)
     return recipes
-
-
-def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers VAE state dict to the original layout (keys with `first_stage_model.`).
-
-    Args:
-        state_dict: the diffusers AutoencoderKL's state dict.
-        config: its config.
-    """
-    shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
-    return apply_recipes(vae_recipes(shapes, config), {"vae": state_dict})

@@ -64,8 +64,6 @@ def _hub(family: str, model: HubModel) -> ModelSpec:
 # FLUX.1 at 64 px has an 8x8 latent, 4x4 = 16 image tokens after 2x2 packing.
 # nbkit.models.tiny builds them at these sizes.
 TINY_RESOLUTIONS = range(64, 257, 64)
-TINY_NATIVE_RESOLUTION = {name: family.tiny_native_resolution for name, family in FAMILIES.items()}
-TRAINING_DEFAULTS = {name: dict(family.training_defaults) for name, family in FAMILIES.items()}
 
 
 def _tiny(family: str) -> ModelSpec:

@@ -24,7 +24,6 @@ from nbkit.fsio import (
     TEMP_PREFIX,
     atomic_directory,
     atomic_write_json,
-    clean_temporaries,
     read_json,
     retry_io,
 )
@@ -147,14 +146,6 @@ def checkpoint_at(path: Path) -> Checkpoint | None:
     """The checkpoint a folder name describes (`unet-000180`), or None for another name."""
     match = NAME_PATTERN.match(path.name)
     return Checkpoint(match.group(1), int(match.group(2)), path) if match else None
-
-
-def last_good_checkpoint(folder: Path) -> Checkpoint | None:
-    """The newest complete checkpoint, after tidying the leftovers of interrupted writes."""
-    if folder.is_dir():
-        clean_temporaries(folder)
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
 
 
 def publish(local: Path, checkpoints_dir: Path) -> Path:

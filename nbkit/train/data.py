@@ -8,7 +8,6 @@ uninterrupted one would have drawn.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,14 +28,6 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers, stable across processes, platforms and Python versions."""
     words = np.random.SeedSequence([int(part) for part in parts]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
-
-
-@dataclasses.dataclass
-class Example:
-    """One training image: its local copy and the prompt it trains with."""
-
-    path: Path
-    caption: str
 
 
 def copy_to_scratch(sources: Sequence[Path], target_dir: Path) -> list[Path]:

@@ -6,9 +6,9 @@ pairwise 1 - DINO cosine among the samples of one prompt, averaged over prompts 
 memorisation (a sample whose DINO cosine to a training photo, either mirrored, is >= `memorised`).
 The suggested checkpoint has the best mean of DINO and CLIP-I fidelity among those not memorising.
 
-Samples are read from `outputs/samples/`: per-image folders `<checkpoint>/*.png` written by
-`render_checkpoint_samples`, or the grids `<checkpoint>.png` training saves (cut back into tiles with
-the prompts of their `nbkit-samples` infotexts).
+Samples are read from `outputs/samples/`: per-image folders `<checkpoint>/*.png` (each with its A1111
+infotext), or the grids `<checkpoint>.png` training saves (cut back into tiles with the prompts of their
+`nbkit-samples` infotexts).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from nbkit.generation.infotext import parse_infotext, save_image
+from nbkit.generation.infotext import parse_infotext
 from nbkit.vision.embeddings import embed_cached, image_content_key
 
 MEMORISED_COSINE = 0.95
@@ -58,59 +58,6 @@ class CheckpointScore:
     def fidelity(self) -> float:
         values = [value for value in (self.dino, self.clip_i) if value is not None]
         return sum(values) / len(values) if values else float("-inf")
-
-
-def render_checkpoint_samples(
-    pipeline: Any,
-    prompts: Sequence[str],
-    out_dir: str | os.PathLike,
-    *,
-    per_prompt: int = 4,
-    seed: int = 0,
-    steps: int = 25,
-    resolution: int = 512,
-    guidance_scale: float = 7.5,
-    negative_prompt: str = "",
-) -> list[Path]:
-    """Render `per_prompt` images of each prompt (seeds `seed`, `seed + 1`, ...) as separate PNGs.
-
-    The same seeds for every checkpoint make the scores comparable. Files are `NNN.png` with A1111
-    infotext, written atomically.
-
-    Args:
-        pipeline: a diffusers text-to-image pipeline with the checkpoint's weights.
-        prompts: the prompts (with the instance token).
-        out_dir: `outputs/samples/<checkpoint>/`.
-        per_prompt: images per prompt (two or more for a diversity score).
-        seed: first seed.
-        steps: inference steps.
-        resolution: width and height.
-        guidance_scale: CFG scale.
-        negative_prompt: for every image.
-    """
-    from nbkit.generation.generate import generate
-
-    if per_prompt < 1:
-        raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
-    all_prompts = [prompt for prompt in prompts for _ in range(per_prompt)]
-    seeds = [seed + index % per_prompt for index in range(len(all_prompts))]
-    result = generate(
-        pipeline,
-        all_prompts,
-        seeds=seeds,
-        steps=steps,
-        width=resolution,
-        height=resolution,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt,
-        sampler=None,
-    )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        save_image(image, out_dir / f"{index:03d}.png", infotext)
-        for index, (image, infotext) in enumerate(zip(result.images, result.infotexts, strict=True))
-    ]
 
 
 def split_grid(path: str | os.PathLike) -> list[Sample]:
