@@ -15,11 +15,8 @@ from typing import Any
 import torch
 from diffusers.training_utils import cast_training_params
 
+from nbkit.device import use_attention
 from nbkit.families import Family, get_family
-
-# Re-exported for callers that add the SD families' LoRA adapters themselves (the checkpoint grid).
-from nbkit.families.stable_diffusion import TEXT_ENCODER_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
-from nbkit.families.stable_diffusion import UNET_LORA_TARGETS as UNET_LORA_TARGETS
 
 
 @dataclasses.dataclass
@@ -245,8 +242,8 @@ def enable_memory_savers(
 ) -> str:
     """Turn on gradient checkpointing and the fastest attention available; returns the attention's name.
 
-    PyTorch's scaled_dot_product_attention is diffusers' default; xformers is used only where it is
-    installed, CUDA is there, and it runs (a build for another torch fails its self-test).
+    PyTorch's scaled_dot_product_attention is diffusers' default; xformers is used for families that
+    train with it where it is installed, CUDA is there, and it runs (`nbkit.device.use_attention`).
     """
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
@@ -258,13 +255,6 @@ def enable_memory_savers(
                 encoder.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if device.type == "cuda" and components.family_adapter.xformers_training:
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is not None:
-            try:
-                components.unet.enable_xformers_memory_efficient_attention()
-                return "xformers"
-            except Exception:  # a build for another torch/CUDA; SDPA is nearly as fast
-                components.unet.disable_xformers_memory_efficient_attention()
-    return "sdpa"
+    wanted = "xformers" if components.family_adapter.xformers_training else "sdpa"
+    attention, _ = use_attention(components.unet, device, wanted)  # SDPA when xformers is absent or fails
+    return attention

@@ -45,14 +45,7 @@ class CheckpointLoader:
             checkpoint: a complete `nbkit.train.checkpointing.Checkpoint`.
         """
         from nbkit.train import checkpointing
-        from nbkit.train.components import (
-            TEXT_ENCODER_LORA_TARGETS,
-            UNET_LORA_TARGETS,
-            add_lora,
-            has_lora,
-            load_components,
-            load_trained_state_dict,
-        )
+        from nbkit.train.components import add_lora, has_lora, load_components, load_trained_state_dict
 
         state = checkpoint.state()
         base, config, roles = state["base_model"], state["config"], state["roles"]
@@ -69,7 +62,7 @@ class CheckpointLoader:
                     model,
                     rank=config["lora_rank"],
                     alpha=config.get("lora_alpha"),
-                    targets=UNET_LORA_TARGETS if role == "unet" else TEXT_ENCODER_LORA_TARGETS,
+                    targets=self.components.lora_targets(role),
                     seed=0,  # overwritten by the checkpoint's weights
                 )
             weights = checkpointing.load_weights(checkpoint.path, role)

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from nbkit.device import free_memory
 from nbkit.session.settings import TrainConfig
 from nbkit.train import checkpointing
 from nbkit.train.components import (
@@ -262,8 +263,7 @@ def offload_text_encoders(components: Components) -> None:
         return
     for encoder in components.text_encoders:
         encoder.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_scheduler) -> bool:
