@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from nbkit.errors import NbkitError
+from nbkit.families.flux1 import flux_sequence_length
 from nbkit.generation.generate import GenerationSettings, HiresFix, check_inputs, generate, generate_images
 from nbkit.generation.infotext import parse_infotext
 from nbkit.generation.placement import (
     apply_memory_option,
-    flux_sequence_length,
     generation_dtype,
     pipeline_family,
     plan_generation_memory,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from nbkit.families._generation import HubControlNet
 from nbkit.families.base import FolderConfigs, HubModel
 from nbkit.families.stable_diffusion import StableDiffusionFamily
 
@@ -39,7 +43,15 @@ class SD1(StableDiffusionFamily):
     # (methods about training this family go here)
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
+    controlnet_group = "sd1"
+    controlnet_title = "SD 1.5"
+    controlnets = (
+        HubControlNet("control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_canny", "canny"),
+        HubControlNet("control_v11f1p_sd15_depth", "lllyasviel/control_v11f1p_sd15_depth", "depth"),
+    )
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        return True  # asked last: any ControlNet that no other group claims
 
 
 FAMILY = SD1()

@@ -3,6 +3,10 @@ gelu); the 512 px base predicts noise, the 768 px model predicts v."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from nbkit.families._generation import HubControlNet
 from nbkit.families.base import FolderConfigs, HubModel
 from nbkit.families.stable_diffusion import StableDiffusionFamily, cross_attention_width
 
@@ -39,6 +43,18 @@ class SD2(StableDiffusionFamily):
 
     def accepts_prediction(self, prediction_type: str) -> bool:
         return prediction_type != "v_prediction"
+
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    controlnet_group = "sd2"  # the 512 base and the 768-v model take the same ControlNets
+    controlnet_title = "SD 2.x"
+    controlnets = (
+        HubControlNet("controlnet-sd21-canny-diffusers", "thibaud/controlnet-sd21-canny-diffusers", "canny"),
+        HubControlNet("controlnet-sd21-depth-diffusers", "thibaud/controlnet-sd21-depth-diffusers", "depth"),
+    )
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        # Linear projections in the transformers (SD 1.5 has convolutions), without SDXL's text_time.
+        return bool(config.get("use_linear_projection")) and config.get("addition_embed_type") != "text_time"
 
 
 class SD2V(SD2):

@@ -3,6 +3,10 @@ size/crop conditioning (`text_time`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from nbkit.families._generation import HubControlNet
 from nbkit.families.base import FolderConfigs, HubModel
 from nbkit.families.stable_diffusion import StableDiffusionFamily
 
@@ -39,7 +43,21 @@ class SDXL(StableDiffusionFamily):
     # (methods about training this family go here)
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
+    preview_coefficients = (
+        (0.3448, 0.4168, 0.4395),
+        (-0.1953, -0.0290, 0.0250),
+        (0.1074, 0.0886, -0.0163),
+        (-0.3730, -0.2499, -0.2088),
+    )
+    controlnet_group = "sdxl"
+    controlnet_title = "SDXL"
+    controlnets = (
+        HubControlNet("controlnet-canny-sdxl-1.0", "diffusers/controlnet-canny-sdxl-1.0", "canny"),
+        HubControlNet("controlnet-depth-sdxl-1.0", "diffusers/controlnet-depth-sdxl-1.0", "depth"),
+    )
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        return config.get("addition_embed_type") == "text_time"  # SDXL's size/crop conditioning
 
 
 FAMILY = SDXL()

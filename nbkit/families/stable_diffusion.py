@@ -44,7 +44,13 @@ class StableDiffusionFamily(Family):
     # (methods about training this family go here)
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
+    # A1111's "Approx cheap" coefficients for the SD 1.x/2.x latent space.
+    preview_coefficients = (
+        (0.298, 0.207, 0.208),
+        (0.187, 0.286, 0.173),
+        (-0.158, 0.189, 0.264),
+        (-0.184, -0.271, -0.473),
+    )
 
 
 def cross_attention_width(unet: dict) -> int | None:

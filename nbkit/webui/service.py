@@ -12,12 +12,12 @@ modules for the request and unloaded after it. Inpainting follows A1111: the mas
 `mask_blur`, "masked content" prepares the masked area, and the result is pasted over the original
 through the blurred mask, so the unmasked area keeps its pixels exactly.
 
-FLUX.1 checkpoints (diffusers folders, registry models, session exports) run on the same paths with
-their own rules (`nbkit.generation.generate`): the flow-matching samplers, Forge's `distilled_cfg_scale`, sizes in
-steps of 16, Flux LoRAs on the transformer; ControlNet is refused for them. Before a FLUX.1 model loads
-on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot run it (a T4) and picks how to
-place it (bf16 on the GPU, or CPU offload, with the transformer and T5 in 8 or 4 bits where the GPU is
-small: `nbkit.models.quantization`).
+Every family's checkpoints (diffusers folders, registry models, session exports) run on the same paths;
+what differs the loaded model's family says (`nbkit.families`, through `nbkit.generation.generate`): its
+samplers, guidance (FLUX.1's `distilled_cfg_scale`), size steps, live preview and whether it takes
+ControlNets. Before a model loads on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot
+run it (a T4 for FLUX.1) and picks how to place it (bf16 on the GPU, or CPU offload, with the
+transformer and T5 in 8 or 4 bits where the GPU is small: `nbkit.models.quantization`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, Literal
 from PIL import Image, ImageFilter, ImageOps
 
 from nbkit.errors import NbkitError
+from nbkit.families import Family, get_family
 from nbkit.webui import controlnet as cn
 from nbkit.webui.lora import applied_loras, lora_hash, lora_hashes_text, parse_loras
 from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
@@ -39,35 +40,6 @@ from nbkit.webui.outputs import OutputStore
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
 MODES = ("txt2img", "img2img", "inpaint")
-# A1111's "Approx cheap" live preview: a linear map from the 4 latent channels to RGB, per family.
-PREVIEW_COEFFICIENTS = {
-    "sd": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
-    "sdxl": (
-        (0.3448, 0.4168, 0.4395),
-        (-0.1953, -0.0290, 0.0250),
-        (0.1074, 0.0886, -0.0163),
-        (-0.3730, -0.2499, -0.2088),
-    ),
-    # FLUX.1's 16 latent channels (ComfyUI's and Forge's latent_rgb_factors for Flux).
-    "flux": (
-        (-0.0346, 0.0244, 0.0681),
-        (0.0034, 0.0210, 0.0687),
-        (0.0275, -0.0668, -0.0433),
-        (-0.0174, 0.0160, 0.0617),
-        (0.0859, 0.0721, 0.0329),
-        (0.0004, 0.0383, 0.0115),
-        (0.0405, 0.0861, 0.0915),
-        (-0.0236, -0.0185, -0.0259),
-        (-0.0245, 0.0250, 0.1180),
-        (0.1008, 0.0755, -0.0421),
-        (-0.0515, 0.0201, 0.0011),
-        (0.0428, -0.0012, -0.0036),
-        (0.0817, 0.0765, 0.0749),
-        (-0.1264, -0.0522, -0.1103),
-        (-0.0280, -0.0881, -0.0499),
-        (-0.1262, -0.0982, -0.0778),
-    ),
-}
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
 ATTENTION = ("sdpa", "xformers")
 
@@ -233,16 +205,19 @@ class Progress:
         return elapsed / self.fraction - elapsed
 
 
-def latent_preview(latents: Any, sdxl: bool = False) -> Image.Image:
-    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size).
+def latent_preview(latents: Any, family: Family | str | None = None) -> Image.Image:
+    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size) by the
+    family's `preview_coefficients`.
 
-    16-channel latents (FLUX.1's, unpacked) use Flux's coefficients.
+    Args:
+        latents: (batch, channels, height/8, width/8) latents.
+        family: the model's family (None: the default one).
     """
     import torch
 
-    channels = latents.shape[1]
-    table = "flux" if channels == 16 else "sdxl" if sdxl else "sd"
-    coefficients = torch.tensor(PREVIEW_COEFFICIENTS[table], dtype=torch.float32)
+    from nbkit.generation.placement import as_family
+
+    coefficients = torch.tensor(as_family(family).preview_coefficients, dtype=torch.float32)
     rows = coefficients.shape[0]
     rgb = torch.einsum("lxy,lr->rxy", latents[0].detach().float().cpu()[:rows], coefficients)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -363,7 +338,7 @@ class GenerationService:
         self.catalog = catalog
         self.outputs = outputs
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = generation_dtype(None, self.device)  # the SD families' (FLUX.1: `_dtype_for`)
+        self.dtype = generation_dtype(None, self.device)  # the default family's (a model's: `_dtype_for`)
         self.low_vram = low_vram
         self.attention = attention
         self.pipeline: Any = None
@@ -381,7 +356,8 @@ class GenerationService:
         self._controlnet: tuple[str, Any] | None = None
         self._depth: cn.DepthEstimator | None = None
         self._lora_hashes: dict[tuple, str] = {}
-        self._memory_option: Any = None  # FLUX.1's memory plan on a GPU (nbkit.models.memory)
+        self._memory_option: Any = None  # the model's memory plan on a GPU (nbkit.models.memory)
+        self._family: Family | None = None  # the loaded model's family
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -398,7 +374,8 @@ class GenerationService:
             entry = self.catalog.add(key)
         if self.current == entry and self.pipeline is not None:
             return entry
-        from nbkit.generation.placement import pipeline_family, plan_generation_memory
+        from nbkit.families import family_of_pipeline
+        from nbkit.generation.placement import plan_generation_memory
 
         family = entry.family or folder_family(entry.source)
         # A GPU that cannot run it (a T4 for FLUX.1) is refused before the old model is dropped.
@@ -414,7 +391,7 @@ class GenerationService:
                 torch_dtype=self._dtype_for(family),
                 quantization=option.quantization if option is not None else None,
             )
-            loaded = pipeline_family(pipeline)
+            loaded = get_family(family) if family is not None else family_of_pipeline(pipeline)
             if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
                 if self.dtype != self._dtype_for(loaded):
                     pipeline = pipeline.to(dtype=self._dtype_for(loaded))
@@ -428,13 +405,13 @@ class GenerationService:
                         "open that folder, or use a GPU with more memory",
                     )
             pipeline.set_progress_bar_config(disable=True)
-            self.pipeline = self._place(pipeline, option)
-            self.current = entry
+            self.pipeline = self._place(pipeline, option, loaded)
+            self.current, self._family = entry, loaded
         finally:
             self._set_progress(job="", textinfo="")
         return entry
 
-    def _dtype_for(self, family: str | None) -> Any:
+    def _dtype_for(self, family: Family | str | None) -> Any:
         """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
         from nbkit.generation.placement import generation_dtype
 
@@ -442,10 +419,8 @@ class GenerationService:
 
     @property
     def family(self) -> str | None:
-        """The loaded checkpoint's family as far as generation cares: `flux`, else None (an SD family)."""
-        from nbkit.generation.placement import pipeline_family
-
-        return pipeline_family(self.pipeline) if self.pipeline is not None else None
+        """The registry name of the loaded checkpoint's family (None: none loaded, or not one nbkit knows)."""
+        return self._family.name if self._family is not None and self.pipeline is not None else None
 
     @property
     def _offload(self) -> bool:
@@ -453,18 +428,18 @@ class GenerationService:
         planned = option is not None and (option.offload or option.quantization is not None)
         return self.device.type == "cuda" and (self.low_vram or planned)
 
-    def _place(self, pipeline: Any, option: Any = None) -> Any:
-        """Move a loaded pipeline where it runs; `option` is FLUX.1's memory plan (None otherwise)."""
+    def _place(self, pipeline: Any, option: Any = None, family: Family | None = None) -> Any:
+        """Move a loaded pipeline where it runs; `option` is its family's memory plan (None: none)."""
         self._memory_option = option
         if option is not None:
-            from nbkit.generation.placement import apply_memory_option
+            from nbkit.generation.placement import apply_memory_option, as_family
 
             if option.offload or option.quantization:
                 from nbkit.models.quantization import describe_loaded
 
                 weights = describe_loaded(pipeline)
                 self.notes.append(
-                    f"FLUX.1 runs as {option.name}: {option.description}"
+                    f"{as_family(family).title} runs as {option.name}: {option.description}"
                     + (f"; {weights}" if weights else "")
                 )
             # Low VRAM offloads a plan that fits whole too: placement and `_offload` (which derived
@@ -484,7 +459,7 @@ class GenerationService:
 
     def unload(self) -> None:
         """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
-        self.pipeline = self.current = self._memory_option = None
+        self.pipeline = self.current = self._memory_option = self._family = None
         self._vae = self._controlnet = None
         self._depth = None
         gc.collect()
@@ -622,15 +597,16 @@ class GenerationService:
         """Run one request on the loaded checkpoint (load it first if needed). Not thread-safe: call it
         through the `GpuQueue`."""
         from nbkit.generation.generate import GenerationSettings, HiresFix, generate_images, resolve_seeds
+        from nbkit.generation.placement import as_family
 
         started = time.time()
         check_request(request)
         entry = self.ensure_model()
-        family = self.family
-        if family is not None and request.controlnet is not None:
+        family = as_family(self._family)
+        if family.controlnet_group is None and request.controlnet is not None:
             raise NbkitError(
                 f"ControlNet is not available for {entry.title}: nbkit offers ControlNet for the SD "
-                "families only, not FLUX.1",
+                f"families only, not {family.title}",
                 fix="turn the ControlNet unit off, or pick an SD 1.5, SD 2.x or SDXL checkpoint",
             )
         self._interrupt.clear()
@@ -721,7 +697,7 @@ class GenerationService:
             inputs=inputs,
             hires=hires,
             distilled_guidance=request.distilled_cfg_scale,
-            family=family,
+            family=family.name,
         )
         from nbkit.generation.generate import check_inputs
 
@@ -813,8 +789,7 @@ class GenerationService:
         }
         every = max(1, int(self.preview_every))
         if step.latents is not None and (step.step % every == 0 or step.step == step.steps):
-            sdxl = self.pipeline is not None and "text_encoder_2" in self.pipeline.components
-            changes["preview"] = latent_preview(step.latents, sdxl)
+            changes["preview"] = latent_preview(step.latents, self._family)
         self._set_progress(**changes)
 
     def _set_progress(self, **changes: Any) -> None:

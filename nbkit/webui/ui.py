@@ -23,7 +23,8 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.generation.infotext import parse_infotext, read_infotext
-from nbkit.generation.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, FLOW_SCHEDULES, SAMPLERS, SCHEDULES
+from nbkit.generation.placement import as_family
+from nbkit.generation.samplers import SAMPLERS, SCHEDULES, sampler_tables
 from nbkit.webui.controlnet import CONTROLNETS
 from nbkit.webui.models import folder_family
 from nbkit.webui.queue import GpuQueue, QueueFull
@@ -35,7 +36,6 @@ RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
 PREPROCESSORS = ["none", "canny", "depth"]
 POLL_SECONDS = 0.25
-TABS = ("txt2img", "img2img", "inpaint", "controlnet")
 
 CSS = """
 .nbkit-progress {position: relative; height: 22px; border-radius: 6px; background: var(--neutral-200);
@@ -183,9 +183,10 @@ class _Panel:
                             1, min(8, limits.max_images), value=1, step=1, label="Batch size"
                         )
                 f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{mode}-cfg")
-                # Forge's slider: FLUX.1-dev's distilled guidance (SD models ignore it).
+                # Forge's slider: a guidance-distilled model's embedded guidance (FLUX.1-dev's); shown
+                # only while such a model is loaded (`Family.distilled_guidance_default`).
                 f["distilled_cfg_scale"] = gr.Slider(
-                    0, 30, value=3.5, step=0.1, label="Distilled CFG Scale (FLUX.1)"
+                    0, 30, value=3.5, step=0.1, label="Distilled CFG Scale (FLUX.1)", visible=False
                 )
                 if mode in ("img2img", "inpaint"):
                     f["denoising_strength"] = gr.Slider(
@@ -580,28 +581,28 @@ def build_ui(
                 unload.click(do_unload, outputs=settings)
                 blocks.load(describe, outputs=settings)
 
-        # Each panel's sampler dropdown, then each one's schedule dropdown, then each one's CFG slider.
+        # Each panel's sampler dropdown, schedule dropdown, CFG slider, then distilled CFG slider.
         fitted = [
             panel.fields[name]
-            for name in ("sampler_name", "scheduler", "cfg_scale")
+            for name in ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale")
             for panel in panels.values()
         ]
 
         def fitting_samplers(family: str | None) -> list[Any]:
-            # A flow model (FLUX.1) takes only the flow samplers and schedules: move the dropdowns off
-            # "Euler a", and CFG to 1 (true CFG doubles each step; FLUX.1-dev is guidance-distilled).
+            # The fields take the loaded family's samplers and schedules; a flow model (FLUX.1) moves
+            # the dropdowns off "Euler a", and CFG to 1 (true CFG doubles each step). The distilled CFG
+            # slider shows only for a family with distilled guidance.
             count = len(panels)
-            if family not in FLOW_FAMILIES:  # the full lists back; the values stay as they are
-                return (
-                    [gr.Dropdown(choices=list(SAMPLERS))] * count
-                    + [gr.Dropdown(choices=list(SCHEDULES))] * count
-                    + [gr.skip()] * count
-                )
-            return (
-                [gr.Dropdown(choices=list(FLOW_SAMPLERS), value=next(iter(FLOW_SAMPLERS)))] * count
-                + [gr.Dropdown(choices=list(FLOW_SCHEDULES), value="Automatic")] * count
-                + [gr.Slider(value=1)] * count
-            )
+            samplers, schedules = sampler_tables(family)
+            distilled = family is not None and as_family(family).distilled_guidance_default is not None
+            if samplers is SAMPLERS:  # the full lists back; the values stay as they are
+                fields = [gr.Dropdown(choices=list(samplers))] * count
+                fields += [gr.Dropdown(choices=list(schedules))] * count + [gr.skip()] * count
+            else:
+                fields = [gr.Dropdown(choices=list(samplers), value=next(iter(samplers)))] * count
+                fields += [gr.Dropdown(choices=list(schedules), value="Automatic")] * count
+                fields += [gr.Slider(value=1)] * count
+            return fields + [gr.Slider(visible=distilled)] * count
 
         def switch(title: str) -> list[Any]:
             if not title or (service.current is not None and service.current.title == title):
