@@ -26,6 +26,8 @@ from nbkit.families import FAMILIES, Family, get_family
 from nbkit.fsio import read_json
 
 PREPROCESSORS = ("none", "canny", "depth")
+# A1111's resize_mode -> diffusers' `VaeImageProcessor.resize` mode (3, latent upscale, resizes as 0).
+RESIZE_MODES = {0: "default", 1: "crop", 2: "fill", 3: "default"}
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
 
@@ -191,7 +193,7 @@ def load_controlnet(
 
 
 def resize_for_generation(image: Image.Image, width: int, height: int, resize_mode: int = 0) -> Image.Image:
-    """`image` at width x height with A1111's resize modes.
+    """`image` at width x height with A1111's resize modes (diffusers' `VaeImageProcessor.resize`, Lanczos).
 
     Args:
         image: the picture.
@@ -200,40 +202,13 @@ def resize_for_generation(image: Image.Image, width: int, height: int, resize_mo
         resize_mode: 0 just resize (stretch), 1 crop and resize (fill, centre crop), 2 resize and fill
             (fit, the gaps filled by stretching the picture's edges), 3 (latent upscale) as 0.
     """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be 0, 1, 2 or 3, got {resize_mode!r}")
+    from diffusers.image_processor import VaeImageProcessor
+
     image = image.convert("RGB")
-    if resize_mode in (0, 3) or image.size == (width, height):
-        return image.resize((width, height), Image.Resampling.LANCZOS)
-    ratio, source_ratio = width / height, image.width / image.height
-    if resize_mode == 1:
-        scale = width / image.width if ratio > source_ratio else height / image.height
-        resized = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-            Image.Resampling.LANCZOS,
-        )
-        left, top = (resized.width - width) // 2, (resized.height - height) // 2
-        return resized.crop((left, top, left + width, top + height))
-    if resize_mode == 2:
-        scale = width / image.width if ratio < source_ratio else height / image.height
-        fitted = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-            Image.Resampling.LANCZOS,
-        )
-        canvas = Image.new("RGB", (width, height))
-        left, top = (width - fitted.width) // 2, (height - fitted.height) // 2
-        canvas.paste(fitted, (left, top))
-        # As A1111 does: the gaps get the picture's outermost rows or columns, stretched.
-        if left > 0:
-            canvas.paste(fitted.crop((0, 0, 1, fitted.height)).resize((left, fitted.height)), (0, top))
-            right = width - left - fitted.width
-            edge = fitted.crop((fitted.width - 1, 0, fitted.width, fitted.height))
-            canvas.paste(edge.resize((right, fitted.height)), (left + fitted.width, top))
-        if top > 0:
-            canvas.paste(fitted.crop((0, 0, fitted.width, 1)).resize((fitted.width, top)), (left, 0))
-            bottom = height - top - fitted.height
-            edge = fitted.crop((0, fitted.height - 1, fitted.width, fitted.height))
-            canvas.paste(edge.resize((fitted.width, bottom)), (left, top + fitted.height))
-        return canvas
-    raise ValueError(f"resize_mode must be 0, 1, 2 or 3, got {resize_mode!r}")
+    mode = RESIZE_MODES[resize_mode] if image.size != (width, height) else "default"
+    return VaeImageProcessor(resample="lanczos").resize(image, height, width, resize_mode=mode)
 
 
 def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
