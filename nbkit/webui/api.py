@@ -41,7 +41,7 @@ from nbkit.webui.requests import (
     GenerationRequest,
 )
 from nbkit.webui.security import LimitError, Limits, check_request_caps, decode_base64_image_bytes
-from nbkit.webui.service import GenerationService
+from nbkit.webui.service import GenerationService, cuda_memory
 
 
 class ApiError(Exception):
@@ -364,28 +364,7 @@ def memory_info() -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device")
-        free, total = torch.cuda.mem_get_info()
-        stats = torch.cuda.memory_stats()
-        cuda: dict[str, Any] = {
-            "system": {"free": free, "used": total - free, "total": total},
-            "active": {
-                "current": stats.get("active_bytes.all.current", 0),
-                "peak": stats.get("active_bytes.all.peak", 0),
-            },
-            "allocated": {
-                "current": stats.get("allocated_bytes.all.current", 0),
-                "peak": stats.get("allocated_bytes.all.peak", 0),
-            },
-            "reserved": {
-                "current": stats.get("reserved_bytes.all.current", 0),
-                "peak": stats.get("reserved_bytes.all.peak", 0),
-            },
-            "inactive": {
-                "current": stats.get("inactive_split_bytes.all.current", 0),
-                "peak": stats.get("inactive_split_bytes.all.peak", 0),
-            },
-            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
-        }
+        cuda = cuda_memory()
     except Exception as error:  # no torch, no GPU: A1111 reports the reason the same way
         cuda = {"error": str(error)}
     return {"ram": ram, "cuda": cuda}

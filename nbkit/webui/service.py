@@ -75,6 +75,26 @@ def latent_preview(latents: Any, family: Family | str | None = None) -> Image.Im
     return Image.fromarray(pixels)
 
 
+def cuda_memory() -> dict[str, Any]:
+    """The CUDA memory figures of A1111's /sdapi/v1/memory (`cuda`), on a machine with a GPU."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+
+    def pair(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": pair("active_bytes"),
+        "allocated": pair("allocated_bytes"),
+        "reserved": pair("reserved_bytes"),
+        "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
+
+
 class GenerationService(ModelLoading):
     """One loaded checkpoint and the requests that run on it.
 
@@ -150,23 +170,7 @@ class GenerationService(ModelLoading):
         result: dict[str, Any] = {
             "ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}
         }
-        if not torch.cuda.is_available():
-            result["cuda"] = {"error": "CUDA is not available"}
-            return result
-        free, total = torch.cuda.mem_get_info()
-        stats = torch.cuda.memory_stats()
-
-        def pair(name: str) -> dict[str, int]:
-            return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
-
-        result["cuda"] = {
-            "system": {"free": free, "used": total - free, "total": total},
-            "active": pair("active_bytes"),
-            "allocated": pair("allocated_bytes"),
-            "reserved": pair("reserved_bytes"),
-            "inactive": pair("inactive_split_bytes"),
-            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
-        }
+        result["cuda"] = cuda_memory() if torch.cuda.is_available() else {"error": "CUDA is not available"}
         return result
 
     # --- generation ---------------------------------------------------------------------------------
