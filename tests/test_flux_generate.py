@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from nbkit.errors import NbkitError
+from nbkit.families.flux1 import flux_sequence_length
 from nbkit.generation.generate import GenerationSettings, HiresFix, check_inputs, generate, generate_images
 from nbkit.generation.infotext import parse_infotext
 from nbkit.generation.placement import (
     apply_memory_option,
-    flux_sequence_length,
     generation_dtype,
     pipeline_family,
     plan_generation_memory,
@@ -198,7 +198,7 @@ def test_apply_memory_option_offloads_when_the_plan_or_the_caller_asks(option, o
 def test_generation_dtype_is_bf16_for_flux_on_cuda_only():
     import torch
 
-    from nbkit.generation.generate import _default_device_and_dtype
+    from nbkit.generation.session_models import _default_device_and_dtype
 
     assert generation_dtype("flux", "cuda") == torch.bfloat16
     assert generation_dtype("sdxl", "cuda") == generation_dtype(None, "cuda") == torch.float16
@@ -217,7 +217,7 @@ def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, 
     from peft.utils import get_peft_model_state_dict
 
     import nbkit.models.memory as memory
-    from nbkit.generation.generate import load_session_pipeline, release_pipeline
+    from nbkit.generation.session_models import load_session_pipeline, release_pipeline
     from nbkit.session.manifest import ExportedModel
 
     base = generate(flux, ["a dog"], **FAST)

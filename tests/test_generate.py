@@ -14,18 +14,15 @@ import pytest
 import torch
 
 from nbkit.errors import NbkitError
-from nbkit.generation.generate import (
-    VERSION,
-    GenerationSettings,
-    check_inputs,
+from nbkit.generation.generate import VERSION, GenerationSettings, check_inputs, generate
+from nbkit.generation.infotext import parse_infotext
+from nbkit.generation.session_models import (
     find_model,
-    generate,
     infotext_fields,
     load_session_pipeline,
     loaded_model,
     release_pipeline,
 )
-from nbkit.generation.infotext import parse_infotext
 from nbkit.session.manifest import ExportedModel
 
 FAST = {"steps": 2, "width": 64, "height": 64, "guidance_scale": 7.0}

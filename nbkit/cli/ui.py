@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TUNNELS = ["none", "gradio", "ngrok", "localtunnel", "cloudflared"]
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from nbkit.tunnel import PROVIDERS
+
     parser = subparsers.add_parser(
         "ui",
         help="start the web UI and the A1111-compatible API",
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     parser.add_argument(
-        "--tunnel", default="none", choices=TUNNELS, help="public link provider (default: none)"
+        "--tunnel", default="none", choices=list(PROVIDERS), help="public link provider (default: none)"
     )
     parser.add_argument(
         "--auth", default=None, metavar="USER:PASS", help="login for the UI and the API (HTTP Basic)"

@@ -142,3 +142,15 @@ __all__ = [
     "read_folder_configs",
     "register_family",
 ]
+
+
+def family_of_pipeline(pipeline: object) -> Family | None:
+    """The family of a loaded diffusers pipeline (each family asked, most specific first), or None.
+
+    Args:
+        pipeline: a diffusers pipeline (text-to-image, or one made from it with `from_pipe`).
+    """
+    for family in sorted(FAMILIES.values(), key=lambda family: -family.detection_priority):
+        if family.owns_pipeline(pipeline):
+            return family
+    return None

@@ -23,6 +23,7 @@ from nbkit.errors import NbkitError
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+from nbkit.families._generation import HubControlNet, config_dict
 from nbkit.families._training import NoisyLatents
 
 # "flow": a rectified-flow model that predicts the velocity (noise - image), as FLUX.1 does.
@@ -216,7 +217,6 @@ class Family:
         raise NotImplementedError
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
-    # (methods about a family's models go here)
 
     # The real VAE's latent settings (diffusers `AutoencoderKL` keywords), which the tiny VAE copies.
     vae_latent: ClassVar[Mapping[str, Any]] = MappingProxyType(
@@ -284,7 +284,6 @@ class Family:
         return ()
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (methods about a family's files go here)
 
     # The original single-file layout of its full checkpoints, or None when it has none nbkit converts
     # (a FLUX.1 single file holds the transformer alone; `nbkit.convert.flux` converts it).
@@ -312,7 +311,6 @@ class Family:
         return {}
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
-    # (methods about training a family go here)
 
     # Facts: `trains_text_encoders` (stage 1 can train them; else they only encode each caption once),
     # `offloads_text_encoders` (on a GPU they wait on the CPU once the captions are encoded),
@@ -433,4 +431,113 @@ class Family:
         raise NotImplementedError
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with a family go here)
+    # image_size_multiple: generated image sides must be multiples of this (A1111's 8: the VAE's factor).
+    # preview_coefficients: A1111's "Approx cheap" live preview, a linear map from each latent channel
+    #     to RGB (one row per channel).
+    # distilled_guidance_default: the default of a guidance-distilled model's embedded guidance scale
+    #     (Forge's "Distilled CFG Scale"); None: the family has none and the UI hides the field.
+    # latent_hires: the hires fix may upscale the first pass's latents (False: they are packed, so
+    #     only pixel upscalers work).
+    # controlnet_group: the ControlNet architecture its models take (families that share one, as SD 2.x
+    #     512 and 768-v do, name the same group); None: ControlNet is not offered for it.
+    # controlnet_title: the group's name in messages ("SD 1.5").
+    # controlnets: the hub ControlNets of its group, in the order menus list them.
+    image_size_multiple: ClassVar[int] = 8
+    preview_coefficients: ClassVar[tuple[tuple[float, float, float], ...]] = ()
+    distilled_guidance_default: ClassVar[float | None] = None
+    latent_hires: ClassVar[bool] = True
+    controlnet_group: ClassVar[str | None] = None
+    controlnet_title: ClassVar[str] = ""
+    controlnets: ClassVar[tuple[HubControlNet, ...]] = ()
+    # session_lora_from_diffusers: the web UI loads a session's LoRA from its diffusers file (the kohya
+    #     file is still what it lists and hashes), for a family whose kohya file diffusers cannot read
+    #     at every model width.
+    session_lora_from_diffusers: ClassVar[bool] = False
+
+    @property
+    def flow_matching(self) -> bool:
+        """Its denoiser is a rectified-flow model: it takes the flow-matching samplers and schedules."""
+        return self.prediction_type == "flow"
+
+    def owns_pipeline(self, pipeline: Any) -> bool:
+        """Whether a loaded diffusers pipeline is one of this family's (read from its components' configs).
+
+        Args:
+            pipeline: a diffusers pipeline (text-to-image, or one made from it with `from_pipe`).
+        """
+        denoiser = getattr(pipeline, self.denoiser, None)
+        configs = FolderConfigs(
+            folder=Path(),
+            index=config_dict(getattr(pipeline, "config", None)),
+            denoiser=config_dict(denoiser),
+            text_encoder=config_dict(getattr(pipeline, "text_encoder", None)),
+            scheduler=config_dict(getattr(pipeline, "scheduler", None)),
+            vae=config_dict(getattr(pipeline, "vae", None)),
+        )
+        return denoiser is not None and self.detect(configs) is not None
+
+    def generation_dtype(self, device: Any) -> Any:
+        """The weights' dtype for generating on `device`: float32 on the CPU; on a GPU float16, or
+        bfloat16 for a family whose activations overflow float16 (`needs_bf16`).
+
+        Args:
+            device: a torch device or its name.
+        """
+        import torch
+
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if self.needs_bf16 else torch.float16
+
+    def call_arguments(
+        self, pipeline: Any, *, guidance_scale: float | None, distilled_guidance: float | None, negative: bool
+    ) -> tuple[dict[str, Any], float | None]:
+        """The guidance arguments of a pipeline call, and the distilled guidance the infotext names.
+
+        Args:
+            pipeline: the pipeline about to be called.
+            guidance_scale: A1111's "CFG scale"; None: the pipeline's default.
+            distilled_guidance: the distilled guidance asked for (None: the family's default).
+            negative: whether any image of the request has a negative prompt.
+
+        Returns:
+            The keyword arguments, and the distilled guidance used (None when the model has none).
+        """
+        return ({} if guidance_scale is None else {"guidance_scale": guidance_scale}), None
+
+    def cfg_used(self, call_arguments: dict[str, Any], guidance_scale: float | None, pipeline: Any) -> Any:
+        """The CFG scale that ran, as the infotext's `CFG scale` names it.
+
+        Args:
+            call_arguments: what `call_arguments` returned.
+            guidance_scale: the CFG scale asked for (None: the pipeline's default).
+            pipeline: the pipeline that ran.
+        """
+        return guidance_scale if guidance_scale is not None else getattr(pipeline, "guidance_scale", None)
+
+    def needs_negative_pass(self, call_arguments: dict[str, Any]) -> bool:
+        """Whether the pipeline call takes the negative prompt (False: the model runs unguided).
+
+        Args:
+            call_arguments: what `call_arguments` returned.
+        """
+        return True
+
+    def preview_latents(self, pipeline: Any, latents: Any, width: int, height: int) -> Any:
+        """A step's latents as (batch, channels, height/8, width/8) for a live preview, or None.
+
+        Args:
+            pipeline: the pipeline running.
+            latents: the latents its step callback got.
+            width: the image width in pixels.
+            height: the image height in pixels.
+        """
+        return latents
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether a ControlNet's (or UNet's) config is of this family's ControlNet group.
+
+        Args:
+            config: the ControlNet's `config.json` (or a UNet config).
+        """
+        return False

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from nbkit.families._generation import HubControlNet
 from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
 from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily
 
@@ -29,11 +33,7 @@ class SD1(StableDiffusionFamily):
     def claims(self, configs: FolderConfigs) -> bool:
         return True
 
-    # -- models: the tiny model, memory figures ---------------------------------------------------
-    # (methods about this family's models go here)
-
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (methods about this family's files go here)
 
     single_file = SingleFileLayout(
         (LDM_UNET, LDM_VAE, SingleFileComponent("text_encoder", "cond_stage_model.transformer.", "clip")),
@@ -41,11 +41,16 @@ class SD1(StableDiffusionFamily):
         evidence="a CLIP ViT-L text encoder under cond_stage_model.transformer (SD 1.x)",
     )
 
-    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
-    # (methods about training this family go here)
-
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
+    controlnet_group = "sd1"
+    controlnet_title = "SD 1.5"
+    controlnets = (
+        HubControlNet("control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_canny", "canny"),
+        HubControlNet("control_v11f1p_sd15_depth", "lllyasviel/control_v11f1p_sd15_depth", "depth"),
+    )
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        return True  # asked last: any ControlNet that no other group claims
 
 
 FAMILY = SD1()

@@ -3,8 +3,10 @@ gelu); the 512 px base predicts noise, the 768 px model predicts v."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from nbkit.families._generation import HubControlNet
 from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
 from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily, cross_attention_width
 
@@ -43,13 +45,11 @@ class SD2(StableDiffusionFamily):
         return prediction_type != "v_prediction"
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
-    # (methods about this family's models go here)
 
     tiny_attention_head_dim = (2, 2, 2, 4)  # as many heads as keep them 64 wide (5, 10, 20, 20); here 16
     linear_projection = True
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (methods about this family's files go here)
 
     single_file = SingleFileLayout(
         (
@@ -64,6 +64,18 @@ class SD2(StableDiffusionFamily):
 
     def open_clip_tokenizer(self, name: str) -> bool:
         return True
+
+    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
+    controlnet_group = "sd2"  # the 512 base and the 768-v model take the same ControlNets
+    controlnet_title = "SD 2.x"
+    controlnets = (
+        HubControlNet("controlnet-sd21-canny-diffusers", "thibaud/controlnet-sd21-canny-diffusers", "canny"),
+        HubControlNet("controlnet-sd21-depth-diffusers", "thibaud/controlnet-sd21-depth-diffusers", "depth"),
+    )
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        # Linear projections in the transformers (SD 1.5 has convolutions), without SDXL's text_time.
+        return bool(config.get("use_linear_projection")) and config.get("addition_embed_type") != "text_time"
 
 
 class SD2V(SD2):
@@ -84,7 +96,6 @@ class SD2V(SD2):
         return prediction_type == "v_prediction"
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
-    # (methods about this family's models go here)
 
     upcast_attention = True
 
@@ -94,16 +105,9 @@ class SD2V(SD2):
         return ddim_scheduler(self.prediction_type)
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (methods about this family's files go here)
 
     original_config = "v2-inference-v.yaml"  # without it A1111 takes the weights for the 512 px model's
     choice_hint = "768 px v-prediction models (SD 2.0/2.1 768-v and models fine-tuned from them)"
-
-    # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
-    # (methods about training this family go here)
-
-    # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
 
 
 FAMILY = SD2()

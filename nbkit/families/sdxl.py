@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from nbkit.families._generation import HubControlNet
 from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
 from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily
 
@@ -37,7 +38,6 @@ class SDXL(StableDiffusionFamily):
         return has_second_encoder or configs.denoiser.get("addition_embed_type") == "text_time"
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
-    # (methods about this family's models go here)
 
     # SDXL's VAE overflows in fp16 (the flag travels with the config).
     vae_latent = MappingProxyType({"latent_channels": 4, "scaling_factor": 0.13025, "force_upcast": True})
@@ -78,7 +78,6 @@ class SDXL(StableDiffusionFamily):
         )
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (methods about this family's files go here)
 
     single_file = SingleFileLayout(
         (
@@ -101,7 +100,6 @@ class SDXL(StableDiffusionFamily):
         }
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
-    # (methods about training this family go here)
 
     lora_oom_hint = " — the usual way to train SDXL on a T4"
 
@@ -134,7 +132,21 @@ class SDXL(StableDiffusionFamily):
         return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
+    preview_coefficients = (
+        (0.3448, 0.4168, 0.4395),
+        (-0.1953, -0.0290, 0.0250),
+        (0.1074, 0.0886, -0.0163),
+        (-0.3730, -0.2499, -0.2088),
+    )
+    controlnet_group = "sdxl"
+    controlnet_title = "SDXL"
+    controlnets = (
+        HubControlNet("controlnet-canny-sdxl-1.0", "diffusers/controlnet-canny-sdxl-1.0", "canny"),
+        HubControlNet("controlnet-depth-sdxl-1.0", "diffusers/controlnet-depth-sdxl-1.0", "depth"),
+    )
+
+    def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
+        return config.get("addition_embed_type") == "text_time"  # SDXL's size/crop conditioning
 
 
 FAMILY = SDXL()

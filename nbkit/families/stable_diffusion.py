@@ -50,7 +50,6 @@ class StableDiffusionFamily(Family):
         return DetectedFamily(self.name, prediction_type, int(sample_size) * vae_scale)
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
-    # (methods about this family's models go here)
 
     # The tiny UNet's head widths (one per level, or one for all): 8 heads everywhere, as SD 1.x.
     tiny_attention_head_dim: ClassVar[int | tuple[int, ...]] = 8
@@ -104,14 +103,12 @@ class StableDiffusionFamily(Family):
         return controlnet_from_unet(self.build_tiny_pipeline(seed=seed).unet, seed=seed + 1)
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (methods about this family's files go here)
 
     def single_file_pipeline_extras(self, index: Mapping[str, Any]) -> dict[str, Any]:
         # No safety checker: single files carry none, and nbkit's downloads leave it out.
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
-    # (methods about training this family go here)
 
     def check_training_settings(self, config: Any) -> None:
         require(
@@ -179,7 +176,13 @@ class StableDiffusionFamily(Family):
         return {}
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    # (methods about generating with this family go here)
+    # A1111's "Approx cheap" coefficients for the SD 1.x/2.x latent space.
+    preview_coefficients = (
+        (0.298, 0.207, 0.208),
+        (0.187, 0.286, 0.173),
+        (-0.158, 0.189, 0.264),
+        (-0.184, -0.271, -0.473),
+    )
 
 
 def cross_attention_width(unet: dict) -> int | None:

@@ -13,51 +13,38 @@ adds A1111's hires fix (`HiresFix`: upscale the first pass, in latent space or a
 img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
 (the whole request) and `skip` (the current batch).
 
-FLUX.1 pipelines (`nbkit.generation.placement.pipeline_family` tells them by their `transformer`) run through
-the same loop with their own call (`nbkit.generation.placement.flux_call_arguments`): the distilled guidance
-(Forge's "Distilled CFG Scale", 3.5 by default; schnell has none) goes to `guidance_scale`, true CFG
-(`true_cfg_scale` with the negative prompt) only when the CFG scale is above 1 and a negative prompt is
-given (the infotext's `CFG scale` is the one used: 1 without true CFG), the T5 reads up to `max_sequence_length` tokens (512 for dev,
-256 for schnell), sizes are multiples of 16, only the flow-matching samplers apply, and the hires fix
-upscales pixels only (Flux's latents are packed). ControlNet is not offered for Flux.
+What differs between model families the loop asks the model's family (`nbkit.families`; told from the
+pipeline when the request names none): its guidance arguments (`Family.call_arguments`: FLUX.1 takes
+Forge's "Distilled CFG Scale", and true CFG only above CFG 1 with a negative prompt), the CFG the infotext
+names, what image sides must be multiples of, its samplers (flow-matching ones for FLUX.1), whether the
+hires fix may upscale latents (FLUX.1 packs them) and how a step's latents become a preview.
 
-`load_session_pipeline` loads a model a session exported (`session.manifest.models`) into a one-slot
-cache: asking for another model frees the previous one first, so a notebook GPU never holds two.
+Models a session exported are loaded by `nbkit.generation.session_models`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
-import json
+import inspect
 import random
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nbkit
-from nbkit.errors import NbkitError
 from nbkit.generation.infotext import format_infotext
 from nbkit.generation.placement import (
-    SIZE_MULTIPLE,
     accepts,
-    apply_memory_option,
-    flux_call_arguments,
-    generation_dtype,
-    is_flow_family,
+    as_family,
     pipeline_family,
-    plan_generation_memory,
-    size_multiple,
 )
 from nbkit.generation.samplers import build_scheduler, resolve, sampler_name, schedule_label
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from nbkit.session.core import Session
-    from nbkit.session.manifest import ExportedModel
 
+SIZE_MULTIPLE = 8  # A1111's: the VAE's downsampling factor
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this
 # A1111's latent upscalers: torch interpolation mode and antialiasing.
@@ -146,8 +133,8 @@ class GenerationSettings:
         hires: A1111's hires fix (text-to-image only), or None.
         distilled_guidance: FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale"); None:
             3.5. Other families ignore it.
-        family: the model's family (`flux` or an SD one); None: told from the pipeline by
-            `generate_images` (and SD rules in `check_inputs`).
+        family: the model's family (a key of `nbkit.families.FAMILIES`); None: told from the pipeline
+            by `generate_images` (and the default family's rules in `check_inputs`).
     """
 
     prompts: list[str]
@@ -232,8 +219,7 @@ def check_inputs(settings: GenerationSettings) -> None:
     Args:
         settings: the request.
     """
-    family = settings.family
-    flow = is_flow_family(family)
+    family = as_family(settings.family)
     prompts = settings.prompts
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -256,11 +242,11 @@ def check_inputs(settings: GenerationSettings) -> None:
         raise ValueError(f"seeds must be integers from 0 to {MAX_SEED} (or -1 for random), got {bad[0]!r}")
     if not _is_int(settings.steps) or settings.steps < 1:
         raise ValueError(f"steps must be a positive integer, got {settings.steps!r}")
-    step = size_multiple(family)
+    step = family.image_size_multiple
     for name in ("width", "height"):
         value = getattr(settings, name)
         if not _is_int(value) or value < step or value % step:
-            what = f" for {family} models" if flow else ""
+            what = f" for {family.name} models" if step != SIZE_MULTIPLE else ""
             raise ValueError(f"{name} must be a positive multiple of {step}{what}, got {value!r}")
     guidance = settings.guidance_scale
     if guidance is not None and (not _is_number(guidance) or guidance < 0):
@@ -295,9 +281,9 @@ def check_inputs(settings: GenerationSettings) -> None:
             )
         if not isinstance(hires.upscaler, str) or not hires.upscaler.strip():
             raise ValueError(f"hires upscaler must be a name, got {hires.upscaler!r}")
-        if flow and hires.used_upscaler in LATENT_UPSCALERS:
+        if not family.latent_hires and hires.used_upscaler in LATENT_UPSCALERS:
             raise ValueError(
-                f"hires upscaler {hires.upscaler!r} works on latents, which FLUX.1 models pack into "
+                f"hires upscaler {hires.upscaler!r} works on latents, which {family.title} models pack into "
                 f"tokens; pick a pixel upscaler for them: {', '.join(PIXEL_UPSCALERS)}"
             )
 
@@ -321,6 +307,7 @@ def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None 
 def _step_callback(
     on_step: Callable[[StepProgress], None] | None,
     stops: list[threading.Event],
+    family: Any,
     batch: int,
     batches: int,
     images: list[int],
@@ -334,11 +321,8 @@ def _step_callback(
         if on_step is not None:
             total = getattr(pipeline, "num_timesteps", None) or index + 1
             latents = tensors.get("latents")
-            if latents is not None and latents.ndim == 3:
-                # FLUX.1 packs 2x2 latent patches into tokens: unpack them for a preview, or give none.
-                unpack = getattr(pipeline, "_unpack_latents", None)
-                factor = getattr(pipeline, "vae_scale_factor", None)
-                latents = unpack(latents, size[1], size[0], factor) if unpack and factor and size else None
+            if latents is not None and size is not None:
+                latents = family.preview_latents(pipeline, latents, *size)
             on_step(StepProgress(batch, batches, images, index + 1, total, latents, hires))
         if any(event.is_set() for event in stops):
             pipeline._interrupt = True  # diffusers skips the remaining steps and decodes what it has
@@ -449,7 +433,7 @@ def generate_images(
     if settings.family is None:
         settings = dataclasses.replace(settings, family=pipeline_family(pipeline))
     check_inputs(settings)
-    flow = is_flow_family(settings.family)
+    family = as_family(settings.family)
     count = len(settings.prompts)
     seeds = resolve_seeds(settings.seeds, count)
     negatives = settings.negative_prompts()
@@ -473,12 +457,12 @@ def generate_images(
     infotexts: list[str] = []
     interrupted = False
     stops = [event for event in (interrupt, skip) if event is not None]
-    kwargs: dict[str, Any] = {}
-    distilled = None
-    if flow:
-        kwargs, distilled = flux_call_arguments(pipeline, settings)
-    elif settings.guidance_scale is not None:
-        kwargs["guidance_scale"] = settings.guidance_scale
+    kwargs, distilled = family.call_arguments(
+        pipeline,
+        guidance_scale=settings.guidance_scale,
+        distilled_guidance=settings.distilled_guidance,
+        negative=any(negatives),
+    )
     if accepts(pipeline, "height"):  # img2img pipelines take the size from their image
         kwargs.update(height=settings.height, width=settings.width)
     size = (settings.width, settings.height)
@@ -502,15 +486,15 @@ def generate_images(
             prompts = [settings.prompts[index] for index in indices]
             # None rather than "": SDXL uses zeros, not the encoded empty prompt, for no negative.
             negative = batch_negatives if any(batch_negatives) else None
-            negatives_kwargs = {"negative_prompt": negative}
-            if flow and "true_cfg_scale" not in kwargs:
-                negatives_kwargs = {}  # no true CFG: Flux's distilled guidance needs no negative pass
+            negatives_kwargs = {"negative_prompt": negative} if family.needs_negative_pass(kwargs) else {}
             output = pipeline(
                 prompt=prompts,
                 num_inference_steps=settings.steps,
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
                 output_type="latent" if latent_hires else "pil",
-                callback_on_step_end=_step_callback(on_step, stops, batch, len(starts), indices, size=size),
+                callback_on_step_end=_step_callback(
+                    on_step, stops, family, batch, len(starts), indices, size=size
+                ),
                 **negatives_kwargs,
                 **_per_image(settings.inputs, len(indices)),
                 **kwargs,
@@ -522,11 +506,10 @@ def generate_images(
                     if latent_hires:
                         batch_images = decode_latents(pipeline, batch_images)
                 else:
-                    width, height = hires.size(
-                        settings.width, settings.height, size_multiple(settings.family)
-                    )
+                    width, height = hires.size(settings.width, settings.height, family.image_size_multiple)
                     second = {key: value for key, value in kwargs.items() if key not in ("height", "width")}
-                    if flow:
+                    if "height" in inspect.signature(hires_pipeline.__call__).parameters:
+                        # FLUX.1's img2img packs its latents by the size it is given; SD's read the image's.
                         second.update(height=height, width=width)
                     batch_images = hires_pipeline(
                         prompt=prompts,
@@ -536,17 +519,19 @@ def generate_images(
                         generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
                         output_type="pil",
                         callback_on_step_end=_step_callback(
-                            on_step, stops, batch, len(starts), indices, hires=True, size=(width, height)
+                            on_step,
+                            stops,
+                            family,
+                            batch,
+                            len(starts),
+                            indices,
+                            hires=True,
+                            size=(width, height),
                         ),
                         **negatives_kwargs,
                         **second,
                     ).images
-            if flow:  # the CFG that ran: without true CFG, FLUX.1 runs unguided (CFG 1)
-                guidance = kwargs.get("true_cfg_scale", 1)
-            else:
-                guidance = settings.guidance_scale
-                if guidance is None:
-                    guidance = getattr(pipeline, "guidance_scale", None)
+            guidance = family.cfg_used(kwargs, settings.guidance_scale, pipeline)
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
                 parameters = _parameters(settings, scheduler, guidance, seeds[index], distilled)
@@ -630,191 +615,3 @@ def generate(
     return generate_images(
         pipeline, settings, on_step=on_step, interrupt=interrupt, on_batch=on_batch, skip=skip
     )
-
-
-# --- session models ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Slot:
-    key: tuple | None = None
-    pipeline: Any = None
-    model: ExportedModel | None = None
-
-
-_SLOT = _Slot()
-_SLOT_LOCK = threading.Lock()
-
-
-def find_model(session: Session, model: str | None = None) -> ExportedModel:
-    """The exported model `model` of `session` (None: the newest).
-
-    Args:
-        session: an open session.
-        model: an `ExportedModel.name`, or None.
-    """
-    models = session.manifest.models
-    if not models:
-        raise NbkitError(
-            f"session {session.name!r} has no exported models yet",
-            path=session.path,
-            fix="train the session (its last step exports the model) or export a checkpoint",
-        )
-    if model is None:
-        # The newest by creation time; the later entry wins a tie.
-        return max(enumerate(models), key=lambda item: (item[1].created, item[0]))[1]
-    for record in models:
-        if record.name == model:
-            return record
-    names = ", ".join(record.name for record in models)
-    raise NbkitError(
-        f"session {session.name!r} has no model named {model!r}; its models are: {names}",
-        path=session.path,
-        fix="pick one of those names (or None for the newest)",
-    )
-
-
-def _session_file(session: Session, record: ExportedModel, role: str) -> Path | None:
-    relative = record.files.get(role)
-    return session.path / relative if relative else None
-
-
-def _load_record(
-    session: Session, record: ExportedModel, device: Any, dtype: Any, quantization: str | None = None
-) -> Any:
-    from nbkit.models.loading import load_pipeline
-
-    if record.kind == "full":
-        for role in ("folder", "single_file"):
-            path = _session_file(session, record, role)
-            if path is not None and path.exists():
-                return load_pipeline(
-                    path, family=record.family, torch_dtype=dtype, device=device, quantization=quantization
-                )
-        raise NbkitError(
-            f"model {record.name!r} lists {', '.join(record.files.values()) or 'no files'}, "
-            "but none of them exists",
-            path=session.path / "models",
-            fix="export the model again, or restore the missing files from Drive's trash",
-        )
-    if record.kind == "lora":
-        paths = [_session_file(session, record, role) for role in ("diffusers", "kohya")]
-        found = [path for path in paths if path is not None and path.is_file()]
-        if not found:
-            raise NbkitError(
-                f"LoRA {record.name!r} lists {', '.join(record.files.values()) or 'no files'}, "
-                "but none of them exists",
-                path=session.path / "models",
-                fix="export the LoRA again, or restore the missing files from Drive's trash",
-            )
-        pipeline = load_pipeline(
-            record.base_model,
-            family=record.family,
-            torch_dtype=dtype,
-            device=device,
-            quantization=quantization,
-        )
-        pipeline.load_lora_weights(str(found[0]))
-        return pipeline
-    raise NbkitError(f"model {record.name!r} has unknown kind {record.kind!r}", path=session.path)
-
-
-def _default_device_and_dtype(device: Any, dtype: Any, family: str | None = None) -> tuple[Any, Any]:
-    import torch
-
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    return device, generation_dtype(family, device) if dtype is None else dtype
-
-
-def release_pipeline() -> None:
-    """Drop the cached pipeline and give its memory back (CUDA included)."""
-    with _SLOT_LOCK:
-        _release()
-
-
-def _release() -> None:
-    _SLOT.key = _SLOT.pipeline = _SLOT.model = None
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def loaded_model() -> ExportedModel | None:
-    """The session model the cache holds, or None."""
-    return _SLOT.model
-
-
-def load_session_pipeline(
-    session: Session, model: str | None = None, *, device: Any = None, dtype: Any = None
-) -> Any:
-    """Load a model the session exported, through a one-slot cache.
-
-    The same model (and device and dtype) again returns the cached pipeline; another one frees the
-    cached pipeline first. A `full` model loads from its diffusers folder (else its single file); a
-    `lora` loads its base model (`ExportedModel.base_model`) and applies the LoRA with
-    `load_lora_weights` (the diffusers file, else the kohya one).
-
-    Args:
-        session: an open session.
-        model: an `ExportedModel.name` from `session.manifest.models`; None: the newest.
-        device: where to run (default: CUDA when available, else the CPU).
-        dtype: the weights' dtype (default: float16 on CUDA, bfloat16 for FLUX.1; float32 on the CPU).
-
-    Returns:
-        A diffusers pipeline.
-
-    Raises:
-        NbkitError: a FLUX.1 model on a GPU that cannot run it (no bf16, too little memory).
-    """
-    record = find_model(session, model)
-    device, dtype = _default_device_and_dtype(device, dtype, record.family)
-    key = (
-        str(session.path),
-        record.name,
-        record.created,
-        json.dumps(record.files, sort_keys=True),
-        record.base_model,
-        str(device),
-        str(dtype),
-    )
-    with _SLOT_LOCK:
-        if _SLOT.key == key:
-            return _SLOT.pipeline
-        option = plan_generation_memory(record.family, device)  # a T4 is refused before any loading
-        if _SLOT.pipeline is not None:
-            _release()
-        # With a memory option the pipeline stays on the CPU until the option places it.
-        quantization = option.quantization if option is not None else None
-        pipeline = _load_record(session, record, None if option is not None else device, dtype, quantization)
-        if option is not None:
-            pipeline = apply_memory_option(pipeline, option, device)
-        _SLOT.key, _SLOT.pipeline, _SLOT.model = key, pipeline, record
-        return pipeline
-
-
-def infotext_fields(record: ExportedModel) -> dict[str, Any]:
-    """The `model_name`, `model_hash` and `extra_parameters` that `generate` writes for a session model.
-
-    A full model is named as A1111 names a checkpoint (its file's stem, hashed by its short hash); a
-    LoRA names its base model and adds `Lora hashes` (A1111's 12-hex LoRA hash) when its kohya file
-    has a recorded sha256.
-
-    Args:
-        record: an `ExportedModel`.
-    """
-    if record.kind == "lora":
-        kohya = record.files.get("kohya")
-        extra = {}
-        if kohya and kohya in record.sha256:
-            extra["Lora hashes"] = f"{Path(kohya).stem}: {record.sha256[kohya][:12]}"
-        base = record.base_model.rstrip("/").rsplit("/", 1)[-1]
-        return {"model_name": Path(base).stem or base, "model_hash": None, "extra_parameters": extra}
-    single = record.files.get("single_file")
-    digest = record.sha256.get(single) if single else None
-    return {
-        "model_name": Path(single).stem if single else record.name,
-        "model_hash": digest[:10] if digest else None,
-        "extra_parameters": {},
-    }

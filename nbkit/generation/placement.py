@@ -1,135 +1,76 @@
-"""What generation does differently for FLUX.1: telling the family, sizes, dtype, call arguments, memory.
+"""Where and how a model runs for generation: its family, dtype, memory plan and placement.
 
-`nbkit.generation.generate` runs SD and FLUX.1 pipelines through one loop; the web UI's service loads and places
-them. Both ask this module the FLUX.1 questions: is this family (or pipeline) a flow-matching one, what
-must image sides be multiples of, which dtype the weights load in (FLUX.1's activations overflow
-float16, so bfloat16 on a GPU), which guidance and T5 arguments a FluxPipeline call takes, and how the
-model fits the GPU (`nbkit.models.memory.plan_memory`: bf16 on the GPU, or model CPU offload, with
-8- or 4-bit weights where the GPU is small).
+`nbkit.generation.generate` and the web UI's service ask this module which family a name or a loaded
+pipeline is (`as_family`, `pipeline_family`), which dtype the weights load in (the family's
+`generation_dtype`: bfloat16 on a GPU for a family whose activations overflow float16), and how the
+model fits the GPU (`nbkit.models.memory.plan_memory`: bf16 on the GPU, or model CPU offload, with 8-
+or 4-bit weights where the GPU is small, for the families it plans).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from nbkit.generation.samplers import FLOW_FAMILIES
+from nbkit.families import DEFAULT_FAMILY, Family, family_of_pipeline, get_family
+from nbkit.families._generation import accepts
 
-if TYPE_CHECKING:
-    from nbkit.generation.generate import GenerationSettings
+__all__ = [
+    "accepts",
+    "apply_memory_option",
+    "as_family",
+    "generation_dtype",
+    "pipeline_family",
+    "plan_generation_memory",
+]
 
-SIZE_MULTIPLE = 8  # the VAE's downsampling factor
-FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance default (diffusers' and Forge's)
-# How many T5 tokens FLUX.1 reads: what BFL's reference code uses for each model.
-FLUX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 
+def as_family(family: Family | str | None) -> Family:
+    """The family object for a family or its registry name; None is the default family (SD 1.x).
 
-def is_flow_family(family: str | None) -> bool:
-    """True for the flow-matching transformer families (FLUX.1)."""
-    return family in FLOW_FAMILIES
+    Args:
+        family: a `Family`, a key of `nbkit.families.FAMILIES`, or None.
+    """
+    if isinstance(family, Family):
+        return family
+    return get_family(family or DEFAULT_FAMILY)
 
 
 def pipeline_family(pipeline: Any) -> str | None:
-    """`flux` for a FLUX.1 pipeline (it has a `transformer`, not a `unet`), else None (an SD family)."""
-    if getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith("Flux"):
-        return "flux"
-    return None
+    """The registry name of a loaded pipeline's family (`nbkit.families.family_of_pipeline`), or None."""
+    family = family_of_pipeline(pipeline)
+    return family.name if family is not None else None
 
 
-def size_multiple(family: str | None) -> int:
-    """What image sides must be multiples of: the registry's step for FLUX.1 (16), else 8 (A1111's)."""
-    if is_flow_family(family):
-        from nbkit.families import FAMILIES
-
-        return FAMILIES[family].resolution_step
-    return SIZE_MULTIPLE
-
-
-def generation_dtype(family: str | None, device: Any) -> Any:
-    """The weights' dtype for generating on `device`: bfloat16 for FLUX.1 on a GPU (its activations
-    overflow float16), float16 for the SD families on a GPU, float32 on the CPU.
+def generation_dtype(family: Family | str | None, device: Any) -> Any:
+    """The weights' dtype for generating with `family` on `device` (`Family.generation_dtype`).
 
     Args:
-        family: the model's family (None: an SD one).
+        family: the model's family (None: the default one).
         device: a torch device or its name.
     """
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if is_flow_family(family) else torch.float16
+    return as_family(family).generation_dtype(device)
 
 
-def accepts(pipeline: Any, name: str) -> bool:
-    """Whether `pipeline(...)` takes the keyword `name`."""
-    parameters = inspect.signature(pipeline.__call__).parameters
-    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
-def flux_sequence_length(pipeline: Any) -> int:
-    """How many T5 tokens a FLUX.1 pipeline reads: 512 for dev, 256 for schnell (no guidance embedding),
-    never more than its T5 tokenizer holds."""
-    from nbkit.families.flux1 import is_flux_schnell
-
-    schnell = is_flux_schnell(dict(pipeline.transformer.config))
-    length = FLUX_SEQUENCE_LENGTH["schnell" if schnell else "dev"]
-    tokenizer = getattr(pipeline, "tokenizer_2", None)
-    limit = getattr(tokenizer, "model_max_length", None)
-    return min(length, limit) if isinstance(limit, int) and limit > 0 else length
-
-
-def flux_call_arguments(pipeline: Any, settings: GenerationSettings) -> tuple[dict[str, Any], float | None]:
-    """A FLUX.1 call's guidance and T5 arguments, and the distilled guidance the infotext names.
-
-    True CFG (`true_cfg_scale`) is in the arguments only when it runs: a CFG scale above 1 and a
-    negative prompt (it runs the transformer twice per step; diffusers does it only with a negative).
-
-    Args:
-        pipeline: a FluxPipeline (or one made from it with `from_pipe`).
-        settings: the request.
-
-    Returns:
-        The keyword arguments, and the distilled guidance (None for schnell, which has no guidance
-        embedding and ignores it).
-    """
-    from nbkit.families.flux1 import is_flux_schnell
-
-    kwargs: dict[str, Any] = {"max_sequence_length": flux_sequence_length(pipeline)}
-    distilled = None
-    if not is_flux_schnell(dict(pipeline.transformer.config)):
-        distilled = FLUX_GUIDANCE if settings.distilled_guidance is None else settings.distilled_guidance
-        kwargs["guidance_scale"] = distilled
-    cfg = settings.guidance_scale
-    if (
-        cfg is not None
-        and cfg > 1
-        and any(settings.negative_prompts())
-        and accepts(pipeline, "true_cfg_scale")
-    ):
-        kwargs["true_cfg_scale"] = cfg
-    return kwargs, distilled
-
-
-def plan_generation_memory(family: str | None, device: Any) -> Any:
-    """Check up front that a FLUX.1 model fits the GPU `device` (`nbkit.models.memory.plan_memory`).
+def plan_generation_memory(family: Family | str | None, device: Any) -> Any:
+    """Check up front that a model fits the GPU `device` (`nbkit.models.memory.plan_memory`).
 
     Args:
         family: the model's family.
         device: where it will run.
 
     Returns:
-        The `MemoryOption` to run it with, or None (an SD family, or the CPU).
+        The `MemoryOption` to run it with, or None (a family that is not planned, or the CPU).
 
     Raises:
         NbkitError: a GPU without bf16 (a T4) or with too little memory, with the reason and the ways.
     """
     import torch
 
-    if not is_flow_family(family) or torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda":
         return None
     from nbkit.models import memory
 
-    return memory.plan_memory(family, "generate", memory.device_facts())
+    return memory.plan_memory(as_family(family).name, "generate", memory.device_facts())
 
 
 def apply_memory_option(pipeline: Any, option: Any, device: Any, *, offload: bool = False) -> Any:

@@ -8,11 +8,12 @@ SD 2.x 768-v), `steps_offset` and the rest stay the model's, and only the algori
 schedule change. "Automatic" is what A1111 means by it: the sampler's own default schedule (Karras
 for DPM++ 2M and DPM++ SDE, Exponential for DPM++ 2M SDE), otherwise the model's plain schedule.
 
-FLUX.1 (a flow-matching model) takes only the flow-matching samplers (`FLOW_SAMPLERS`: "Euler", diffusers'
-FlowMatchEulerDiscreteScheduler) and their schedule types (`FLOW_SCHEDULES`: "Simple", which "Automatic"
-means, as Forge's default for Flux, plus "Karras", "Exponential" and "Beta" sigmas); pass
-`family="flux"` to `resolve` and `build_scheduler`. An SD sampler on a Flux model is a ValueError that
-lists the ones that work.
+A flow-matching family (`Family.flow_matching`, FLUX.1) takes only the flow-matching samplers
+(`FLOW_SAMPLERS`: "Euler", diffusers' FlowMatchEulerDiscreteScheduler) and their schedule types
+(`FLOW_SCHEDULES`: "Simple", which "Automatic" means, as Forge's default for Flux, plus "Karras",
+"Exponential" and "Beta" sigmas); pass the model's family to `resolve` and `build_scheduler`. An SD
+sampler on such a model is a ValueError that lists the ones that work. `sampler_tables` gives the
+tables a family takes.
 
 `list_samplers` and `list_schedulers` return what A1111's `/sdapi/v1/samplers` and
 `/sdapi/v1/schedulers` return. This module imports neither torch nor diffusers until a scheduler is
@@ -27,6 +28,8 @@ import inspect
 from typing import Any
 
 from nbkit.errors import NbkitError
+from nbkit.families import Family
+from nbkit.generation.placement import as_family
 
 # The sigma-schedule switches of diffusers' k-diffusion-style schedulers; a schedule sets all of them
 # (those the class has) so a flag in the model's config never leaks into another schedule.
@@ -193,8 +196,17 @@ FLOW_SCHEDULES: dict[str, Schedule] = {
         Schedule("beta", "Beta", config={"use_beta_sigmas": True}),
     )
 }
-# The families whose models take the flow-matching samplers.
-FLOW_FAMILIES = ("flux",)
+
+
+def sampler_tables(family: Family | str | None) -> tuple[dict[str, Sampler], dict[str, Schedule]]:
+    """The samplers and schedule types a family's models take (None: an SD family's).
+
+    Args:
+        family: the model's family, or its registry name.
+    """
+    if family is not None and as_family(family).flow_matching:
+        return FLOW_SAMPLERS, FLOW_SCHEDULES
+    return SAMPLERS, SCHEDULES
 
 
 def _lookup(table: dict[str, Any], name: str, fields: tuple[str, ...]) -> Any:
@@ -242,10 +254,8 @@ def split_legacy_name(name: str) -> tuple[str, str | None]:
     return stripped, None
 
 
-def _resolve_flow(sampler: str, schedule: str | None, family: str) -> tuple[Sampler, Schedule]:
-    from nbkit.families import FAMILIES
-
-    title = FAMILIES[family].title if family in FAMILIES else family
+def _resolve_flow(sampler: str, schedule: str | None, family: Family) -> tuple[Sampler, Schedule]:
+    title = family.title
     valid = ", ".join(FLOW_SAMPLERS)
     base, suffix = split_legacy_name(sampler)
     found = _lookup(FLOW_SAMPLERS, base, ("name",))
@@ -272,7 +282,7 @@ def _resolve_flow(sampler: str, schedule: str | None, family: str) -> tuple[Samp
 
 
 def resolve(
-    sampler: str, schedule: str | None = "Automatic", family: str | None = None
+    sampler: str, schedule: str | None = "Automatic", family: Family | str | None = None
 ) -> tuple[Sampler, Schedule]:
     """The sampler and concrete schedule A1111 would use for these names.
 
@@ -282,14 +292,14 @@ def resolve(
     Args:
         sampler: an A1111 sampler name or alias, or a legacy combined name.
         schedule: an A1111 schedule type (label or name, any case); None means "Automatic".
-        family: the model's family; a flow-matching one (`FLOW_FAMILIES`) takes `FLOW_SAMPLERS` only.
+        family: the model's family (or its name); a flow-matching one takes `FLOW_SAMPLERS` only.
 
     Raises:
         ValueError: for an unknown name, an SD sampler on a flow-matching model, or a legacy suffix
             that contradicts `schedule`; the message lists the valid names.
     """
-    if family in FLOW_FAMILIES and isinstance(sampler, str) and sampler.strip():
-        return _resolve_flow(sampler, schedule, family)
+    if sampler_tables(family)[0] is FLOW_SAMPLERS and isinstance(sampler, str) and sampler.strip():
+        return _resolve_flow(sampler, schedule, as_family(family))
     if not isinstance(sampler, str) or not sampler.strip():
         raise ValueError(
             f"sampler must be a sampler name, got {sampler!r}; valid samplers: {_valid_samplers()}"
@@ -326,7 +336,7 @@ def _scheduler_class(sampler: Sampler) -> type:
 
 
 def build_scheduler(
-    config: Any, sampler: str, schedule: str | None = "Automatic", family: str | None = None
+    config: Any, sampler: str, schedule: str | None = "Automatic", family: Family | str | None = None
 ) -> Any:
     """A new diffusers scheduler for an A1111 sampler, built from a model's scheduler config.
 
@@ -334,7 +344,7 @@ def build_scheduler(
         config: the model's scheduler config (`pipeline.scheduler.config`) or the scheduler itself.
         sampler: an A1111 sampler name or alias, or a legacy combined name ("DPM++ 2M Karras").
         schedule: an A1111 schedule type; "Automatic" (or None) as A1111 means it.
-        family: the model's family (FLUX.1 takes the flow-matching samplers only).
+        family: the model's family or its name (a flow-matching one takes the flow-matching samplers only).
 
     Raises:
         ValueError: for an unknown name, or a schedule this diffusers scheduler cannot follow.
@@ -346,7 +356,7 @@ def build_scheduler(
     accepted = inspect.signature(cls.__init__).parameters
     missing = [key for key in chosen.config if key not in accepted]
     if missing:
-        table = FLOW_SCHEDULES if family in FLOW_FAMILIES else SCHEDULES
+        table = sampler_tables(family)[1]
         usable = [label for label, other in table.items() if all(key in accepted for key in other.config)]
         raise ValueError(
             f"schedule type {chosen.label!r} is not available for sampler {found.name!r} "

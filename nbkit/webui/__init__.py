@@ -18,12 +18,13 @@ import threading
 from typing import Any
 
 from nbkit.compat import check_versions
+from nbkit.tunnel import PROVIDERS, open_tunnel
 
 # A bad gradio/diffusers/transformers pairing is reported here, in one paragraph, rather than as a
 # traceback from deep inside gradio or a pipeline.
 check_versions("ui")
 
-TUNNELS = ("none", "gradio", "ngrok", "localtunnel", "cloudflared")
+TUNNELS = tuple(PROVIDERS)  # nbkit.tunnel's providers
 
 
 class WebUI:
@@ -171,10 +172,6 @@ def announce(ui: WebUI, file: Any = None) -> None:
 def _open_tunnel(provider: str, host: str, port: int, options: dict[str, Any]) -> tuple[Any, str | None]:
     if provider == "none":
         return None, None
-    try:
-        from nbkit.tunnel import open_tunnel
-    except ImportError:
-        return None, f"{provider}: tunnel support is missing in this nbkit (nbkit.tunnel); use the local URL"
     # The tunnel never gets the password: it is nbkit's own login, checked by the server.
     tunnel = open_tunnel(provider, port, host="127.0.0.1" if host in ("0.0.0.0", "::") else host, **options)
     return tunnel, getattr(tunnel, "error", None)

@@ -33,10 +33,15 @@ from nbkit.errors import NbkitError
 from nbkit.generation.infotext import PNG_KEY, parse_infotext, read_infotext
 from nbkit.generation.samplers import list_samplers, list_schedulers, resolve
 from nbkit.webui.queue import GpuQueue, QueueFull
+from nbkit.webui.requests import (
+    DISTILLED_CFG_SCALE,
+    HR_UPSCALERS,
+    ControlNetUnit,
+    GenerationOutput,
+    GenerationRequest,
+)
 from nbkit.webui.security import LimitError, Limits, check_request_caps, decode_base64_image_bytes
-from nbkit.webui.service import ControlNetUnit, GenerationOutput, GenerationRequest, GenerationService
-
-HR_UPSCALERS = ("Latent", "Lanczos")
+from nbkit.webui.service import GenerationService, cuda_memory
 
 
 class ApiError(Exception):
@@ -69,7 +74,7 @@ class _Request(BaseModel):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
-    distilled_cfg_scale: float = 3.5  # Forge's field: FLUX.1-dev's distilled guidance
+    distilled_cfg_scale: float = DISTILLED_CFG_SCALE  # Forge's field: FLUX.1-dev's distilled guidance
     width: int = 512
     height: int = 512
     restore_faces: bool | None = None
@@ -359,28 +364,7 @@ def memory_info() -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device")
-        free, total = torch.cuda.mem_get_info()
-        stats = torch.cuda.memory_stats()
-        cuda: dict[str, Any] = {
-            "system": {"free": free, "used": total - free, "total": total},
-            "active": {
-                "current": stats.get("active_bytes.all.current", 0),
-                "peak": stats.get("active_bytes.all.peak", 0),
-            },
-            "allocated": {
-                "current": stats.get("allocated_bytes.all.current", 0),
-                "peak": stats.get("allocated_bytes.all.peak", 0),
-            },
-            "reserved": {
-                "current": stats.get("reserved_bytes.all.current", 0),
-                "peak": stats.get("reserved_bytes.all.peak", 0),
-            },
-            "inactive": {
-                "current": stats.get("inactive_split_bytes.all.current", 0),
-                "peak": stats.get("inactive_split_bytes.all.peak", 0),
-            },
-            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
-        }
+        cuda = cuda_memory()
     except Exception as error:  # no torch, no GPU: A1111 reports the reason the same way
         cuda = {"error": str(error)}
     return {"ram": ram, "cuda": cuda}
@@ -420,22 +404,30 @@ def current_title(service: GenerationService) -> str | None:
 def create_router(state: ApiState) -> APIRouter:
     """The `/sdapi/v1` routes on `state`."""
     router = APIRouter(prefix="/sdapi/v1")
-    service = state.service
+    for add_routes in (_generation_routes, _model_routes, _list_routes, _progress_routes, _info_routes):
+        add_routes(router, state)
+    return router
 
-    def _checkpoint(key: Any) -> str:
-        """The title of a listed checkpoint (A1111 accepts a title, a name or a hash; never a new path)."""
-        if not isinstance(key, str) or not key.strip():
-            raise ApiError(400, "sd_model_checkpoint must be a checkpoint title, name or hash")
-        try:
-            return service.catalog.find(key).title
-        except NbkitError as error:
-            raise ApiError(400, str(error), "CheckpointNotFound") from None
+
+def _checkpoint(service: GenerationService, key: Any) -> str:
+    """The title of a listed checkpoint (A1111 accepts a title, a name or a hash; never a new path)."""
+    if not isinstance(key, str) or not key.strip():
+        raise ApiError(400, "sd_model_checkpoint must be a checkpoint title, name or hash")
+    try:
+        return service.catalog.find(key).title
+    except NbkitError as error:
+        raise ApiError(400, str(error), "CheckpointNotFound") from None
+
+
+def _generation_routes(router: APIRouter, state: ApiState) -> None:
+    """txt2img and img2img (with `override_settings.sd_model_checkpoint`: on that checkpoint)."""
+    service = state.service
 
     async def generate(body: _Request) -> dict[str, Any]:
         request = await run_in_threadpool(to_generation_request, body, state.limits)
         model = (body.override_settings or {}).get("sd_model_checkpoint")
         if model is not None:
-            model = _checkpoint(model)
+            model = _checkpoint(service, model)
         restore = body.override_settings_restore_afterwards
 
         def job() -> GenerationOutput:
@@ -468,6 +460,11 @@ def create_router(state: ApiState) -> APIRouter:
     async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
         return await generate(body)
 
+
+def _model_routes(router: APIRouter, state: ApiState) -> None:
+    """The checkpoints, and A1111's options (`sd_model_checkpoint` switches the model)."""
+    service = state.service
+
     @router.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
         return [entry.to_api() for entry in service.catalog.checkpoints]
@@ -497,12 +494,16 @@ def create_router(state: ApiState) -> APIRouter:
     async def set_options(body: dict[str, Any]) -> None:
         key = body.get("sd_model_checkpoint")
         if key is not None:
-            title = _checkpoint(key)
+            title = _checkpoint(service, key)
             await run_queued(state, lambda: service.select_model(title))
         state.options.update(
             {k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
         )
         return None
+
+
+def _list_routes(router: APIRouter, state: ApiState) -> None:
+    """What there is to choose from: samplers, schedule types, upscalers, LoRAs, VAEs, scripts."""
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -525,7 +526,7 @@ def create_router(state: ApiState) -> APIRouter:
 
     @router.get("/loras")
     def loras() -> list[dict[str, Any]]:
-        return [entry.to_api() for entry in service.catalog.loras]
+        return [entry.to_api() for entry in state.service.catalog.loras]
 
     @router.get("/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
@@ -535,6 +536,11 @@ def create_router(state: ApiState) -> APIRouter:
     def scripts() -> dict[str, list]:
         # webuiapi asks for this on connect to learn which extensions are there: none.
         return {"txt2img": [], "img2img": []}
+
+
+def _progress_routes(router: APIRouter, state: ApiState) -> None:
+    """The running job's progress (with a live preview), interrupt and skip."""
+    service = state.service
 
     @router.get("/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -579,6 +585,10 @@ def create_router(state: ApiState) -> APIRouter:
     def skip() -> None:
         service.skip()
 
+
+def _info_routes(router: APIRouter, state: ApiState) -> None:
+    """PNG info (an image's infotext) and memory."""
+
     @router.post("/png-info")
     def png_info(body: PngInfoRequest) -> dict[str, Any]:
         data = decode_base64_image_bytes(body.image, state.limits, "image")
@@ -596,8 +606,6 @@ def create_router(state: ApiState) -> APIRouter:
     @router.get("/memory")
     def memory() -> dict[str, Any]:
         return memory_info()
-
-    return router
 
 
 # --- errors ------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """ControlNet for the web UI: which ControlNet fits which model, preprocessors, and loading.
 
-A ControlNet is trained against one base family: SD 1.5's ControlNets (768-wide text context) do not
-fit SD 2.x (1024) or SDXL (2048, with its text_time embedding). `CONTROLNETS` lists the common hub
-models per family; a local diffusers folder's family is read from its `config.json`. `check_compatible`
-refuses a pair that does not fit, before any weights load, with a reason and the ones that would.
+A ControlNet is trained against one architecture group of model families (`Family.controlnet_group`):
+SD 1.5's ControlNets (768-wide text context) do not fit SD 2.x (1024) or SDXL (2048, with its text_time
+embedding). `CONTROLNETS` lists the hub models the families name (`Family.controlnets`); a local
+diffusers folder's group is read from its `config.json` by the families (`Family.fits_controlnet_config`).
+`check_compatible` refuses a pair that does not fit, before any weights load, with a reason and the ones
+that would.
 
 Preprocessors turn a picture into the control map a ControlNet expects: `canny` (OpenCV's edge
 detector), `depth` (a transformers depth-estimation model, Depth Anything V2 Small by default) and
@@ -20,13 +22,25 @@ from typing import Any
 from PIL import Image
 
 from nbkit.errors import NbkitError
+from nbkit.families import FAMILIES, Family, get_family
 from nbkit.fsio import read_json
 
 PREPROCESSORS = ("none", "canny", "depth")
+# A1111's resize_mode -> diffusers' `VaeImageProcessor.resize` mode (3, latent upscale, resizes as 0).
+RESIZE_MODES = {0: "default", 1: "crop", 2: "fill", 3: "default"}
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
-# A model family -> the ControlNet family it takes (SD 2.x base and 768-v share theirs).
-CONTROLNET_FAMILY = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
-FAMILY_TITLES = {"sd1": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def _controlnet_families() -> list[Family]:
+    """The families that take ControlNets, most specific first (the order their configs are asked)."""
+    families = sorted(FAMILIES.values(), key=lambda family: -family.detection_priority)
+    return [family for family in families if family.controlnet_group is not None]
+
+
+# A model family's name -> the ControlNet group it takes (SD 2.x base and 768-v share theirs).
+CONTROLNET_FAMILY = {family.name: family.controlnet_group for family in _controlnet_families()}
+# A ControlNet group -> its name in messages.
+GROUP_TITLES = {family.controlnet_group: family.controlnet_title for family in _controlnet_families()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +50,7 @@ class ControlNetSpec:
     Args:
         key: the name the UI and API show (the repo's name).
         repo_id: the hub repo (diffusers layout).
-        family: the ControlNet family: `sd1`, `sd2` or `sdxl`.
+        family: the ControlNet group (`Family.controlnet_group`).
         preprocessor: the preprocessor that makes its control maps.
     """
 
@@ -46,20 +60,12 @@ class ControlNetSpec:
     preprocessor: str
 
 
+# The families' hub ControlNets, in registry order (families of one group list the same ones).
 CONTROLNETS: dict[str, ControlNetSpec] = {
-    spec.key: spec
-    for spec in (
-        ControlNetSpec("control_v11p_sd15_canny", "lllyasviel/control_v11p_sd15_canny", "sd1", "canny"),
-        ControlNetSpec("control_v11f1p_sd15_depth", "lllyasviel/control_v11f1p_sd15_depth", "sd1", "depth"),
-        ControlNetSpec(
-            "controlnet-sd21-canny-diffusers", "thibaud/controlnet-sd21-canny-diffusers", "sd2", "canny"
-        ),
-        ControlNetSpec(
-            "controlnet-sd21-depth-diffusers", "thibaud/controlnet-sd21-depth-diffusers", "sd2", "depth"
-        ),
-        ControlNetSpec("controlnet-canny-sdxl-1.0", "diffusers/controlnet-canny-sdxl-1.0", "sdxl", "canny"),
-        ControlNetSpec("controlnet-depth-sdxl-1.0", "diffusers/controlnet-depth-sdxl-1.0", "sdxl", "depth"),
-    )
+    hub.key: ControlNetSpec(hub.key, hub.repo_id, family.controlnet_group, hub.preprocessor)
+    for family in FAMILIES.values()
+    if family.controlnet_group is not None
+    for hub in family.controlnets
 }
 
 
@@ -70,7 +76,7 @@ class ControlNetSource:
     Args:
         name: what the infotext calls it.
         source: a local folder or a hub repo id.
-        family: `sd1`, `sd2` or `sdxl`.
+        family: its ControlNet group (`Family.controlnet_group`).
         cross_attention_dim: its text context width, when known before loading.
     """
 
@@ -81,12 +87,14 @@ class ControlNetSource:
 
 
 def family_of_config(config: Any) -> str:
-    """The ControlNet family of a UNet or ControlNet config: SDXL has the text_time embedding, SD 2.x
-    linear projections in its transformers, SD 1.5 neither."""
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-    if get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if get("use_linear_projection", False) else "sd1"
+    """The ControlNet group of a UNet or ControlNet config: the first family (most specific first) whose
+    `fits_controlnet_config` claims it."""
+    if not isinstance(config, dict):
+        config = {key: getattr(config, key, None) for key in ("addition_embed_type", "use_linear_projection")}
+    for family in _controlnet_families():
+        if family.fits_controlnet_config(config):
+            return family.controlnet_group
+    raise NbkitError("no model family takes this ControlNet", fix="pick a ControlNet of an SD family")
 
 
 def find_controlnet(key: str) -> ControlNetSource:
@@ -134,17 +142,18 @@ def check_compatible(controlnet: ControlNetSource, unet_config: Any, model_famil
     Args:
         controlnet: the ControlNet.
         unet_config: the loaded UNet's config.
-        model_family: the model's family (`sd1`, `sd2`, `sd2-v`, `sdxl`), or None to read it from the UNet.
+        model_family: the model's family name, or None to read its group from the UNet.
     """
-    family = CONTROLNET_FAMILY.get(model_family or "") or family_of_config(unet_config)
+    group = get_family(model_family).controlnet_group if model_family else None
+    family = group or family_of_config(unet_config)
     get = getattr(unet_config, "get", None) or (lambda key, default=None: getattr(unet_config, key, default))
     if controlnet.family != family:
         fitting = ", ".join(spec.key for spec in CONTROLNETS.values() if spec.family == family)
         raise NbkitError(
-            f"ControlNet {controlnet.name!r} is for {FAMILY_TITLES[controlnet.family]} models, but the loaded "
-            f"model is {FAMILY_TITLES[family]}",
-            fix=f"pick a {FAMILY_TITLES[family]} ControlNet ({fitting}) or load a "
-            f"{FAMILY_TITLES[controlnet.family]} model",
+            f"ControlNet {controlnet.name!r} is for {GROUP_TITLES[controlnet.family]} models, but the loaded "
+            f"model is {GROUP_TITLES[family]}",
+            fix=f"pick a {GROUP_TITLES[family]} ControlNet ({fitting}) or load a "
+            f"{GROUP_TITLES[controlnet.family]} model",
         )
     width = get("cross_attention_dim")
     if controlnet.cross_attention_dim is not None and controlnet.cross_attention_dim != width:
@@ -184,7 +193,7 @@ def load_controlnet(
 
 
 def resize_for_generation(image: Image.Image, width: int, height: int, resize_mode: int = 0) -> Image.Image:
-    """`image` at width x height with A1111's resize modes.
+    """`image` at width x height with A1111's resize modes (diffusers' `VaeImageProcessor.resize`, Lanczos).
 
     Args:
         image: the picture.
@@ -193,40 +202,13 @@ def resize_for_generation(image: Image.Image, width: int, height: int, resize_mo
         resize_mode: 0 just resize (stretch), 1 crop and resize (fill, centre crop), 2 resize and fill
             (fit, the gaps filled by stretching the picture's edges), 3 (latent upscale) as 0.
     """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be 0, 1, 2 or 3, got {resize_mode!r}")
+    from diffusers.image_processor import VaeImageProcessor
+
     image = image.convert("RGB")
-    if resize_mode in (0, 3) or image.size == (width, height):
-        return image.resize((width, height), Image.Resampling.LANCZOS)
-    ratio, source_ratio = width / height, image.width / image.height
-    if resize_mode == 1:
-        scale = width / image.width if ratio > source_ratio else height / image.height
-        resized = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-            Image.Resampling.LANCZOS,
-        )
-        left, top = (resized.width - width) // 2, (resized.height - height) // 2
-        return resized.crop((left, top, left + width, top + height))
-    if resize_mode == 2:
-        scale = width / image.width if ratio < source_ratio else height / image.height
-        fitted = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-            Image.Resampling.LANCZOS,
-        )
-        canvas = Image.new("RGB", (width, height))
-        left, top = (width - fitted.width) // 2, (height - fitted.height) // 2
-        canvas.paste(fitted, (left, top))
-        # As A1111 does: the gaps get the picture's outermost rows or columns, stretched.
-        if left > 0:
-            canvas.paste(fitted.crop((0, 0, 1, fitted.height)).resize((left, fitted.height)), (0, top))
-            right = width - left - fitted.width
-            edge = fitted.crop((fitted.width - 1, 0, fitted.width, fitted.height))
-            canvas.paste(edge.resize((right, fitted.height)), (left + fitted.width, top))
-        if top > 0:
-            canvas.paste(fitted.crop((0, 0, fitted.width, 1)).resize((fitted.width, top)), (left, 0))
-            bottom = height - top - fitted.height
-            edge = fitted.crop((0, fitted.height - 1, fitted.width, fitted.height))
-            canvas.paste(edge.resize((fitted.width, bottom)), (left, top + fitted.height))
-        return canvas
-    raise ValueError(f"resize_mode must be 0, 1, 2 or 3, got {resize_mode!r}")
+    mode = RESIZE_MODES[resize_mode] if image.size != (width, height) else "default"
+    return VaeImageProcessor(resample="lanczos").resize(image, height, width, resize_mode=mode)
 
 
 def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from nbkit.errors import NbkitError
+from nbkit.families import get_family
 from nbkit.fsio import atomic_write_json, read_json
 from nbkit.models.registry import MODELS
 
@@ -39,7 +40,8 @@ class ModelEntry:
         source: what `nbkit.models.loading.load_pipeline` loads.
         kind: `session` (exported by the session), `base` (the registry) or `file` (the models folder,
             a custom path or URL).
-        family: `sd1`, `sd2`, `sd2-v`, `sdxl`, or None when it is only known once loaded.
+        family: the registry name of its family (`nbkit.families`), or None when it is only known
+            once loaded.
         sha256: the file's sha256, when known (A1111's `sd_checkpoint_hash`).
     """
 
@@ -151,7 +153,8 @@ class ModelCatalog:
                     relative = record.files["kohya"]
                     # Named, listed and hashed as A1111 does: by the kohya file. FLUX.1 loads the
                     # session's diffusers file of the same weights (see `LoraEntry`).
-                    loaded = record.files.get("diffusers") if record.family == "flux" else None
+                    from_diffusers = get_family(record.family).session_lora_from_diffusers
+                    loaded = record.files.get("diffusers") if from_diffusers else None
                     loras.append(
                         LoraEntry(
                             Path(relative).stem,

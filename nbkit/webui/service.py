@@ -10,327 +10,92 @@ the loaded pipeline: they share its modules (no second copy of the weights), and
 ControlNet is passed in as one more component. LoRAs named in the prompt are loaded into the shared
 modules for the request and unloaded after it. Inpainting follows A1111: the mask is blurred by
 `mask_blur`, "masked content" prepares the masked area, and the result is pasted over the original
-through the blurred mask, so the unmasked area keeps its pixels exactly.
+through the blurred mask, so the unmasked area keeps its pixels exactly (`nbkit.webui.inpaint`).
 
-FLUX.1 checkpoints (diffusers folders, registry models, session exports) run on the same paths with
-their own rules (`nbkit.generation.generate`): the flow-matching samplers, Forge's `distilled_cfg_scale`, sizes in
-steps of 16, Flux LoRAs on the transformer; ControlNet is refused for them. Before a FLUX.1 model loads
-on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot run it (a T4) and picks how to
-place it (bf16 on the GPU, or CPU offload, with the transformer and T5 in 8 or 4 bits where the GPU is
-small: `nbkit.models.quantization`).
+The request types are in `nbkit.webui.requests`, their checks in `nbkit.webui.validation`, and loading
+the checkpoint, VAE and ControlNet in `nbkit.webui.loading`; this module runs the request.
+
+Every family's checkpoints (diffusers folders, registry models, session exports) run on the same paths;
+what differs the loaded model's family says (`nbkit.families`, through `nbkit.generation.generate`): its
+samplers, guidance (FLUX.1's `distilled_cfg_scale`), size steps, live preview and whether it takes
+ControlNets. Before a model loads on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot
+run it (a T4 for FLUX.1) and picks how to place it (bf16 on the GPU, or CPU offload, with the
+transformer and T5 in 8 or 4 bits where the GPU is small: `nbkit.models.quantization`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from nbkit.errors import NbkitError
+from nbkit.families import Family
 from nbkit.webui import controlnet as cn
+from nbkit.webui.inpaint import blur_mask, masked_content, paste_back
+from nbkit.webui.loading import ModelLoading
 from nbkit.webui.lora import applied_loras, lora_hash, lora_hashes_text, parse_loras
-from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
+from nbkit.webui.models import ModelCatalog, ModelEntry
 from nbkit.webui.outputs import OutputStore
+from nbkit.webui.requests import ControlNetUnit, GenerationOutput, GenerationRequest, Progress
+from nbkit.webui.validation import check_request
 
-Mode = Literal["txt2img", "img2img", "inpaint"]
-MODES = ("txt2img", "img2img", "inpaint")
-# A1111's "Approx cheap" live preview: a linear map from the 4 latent channels to RGB, per family.
-PREVIEW_COEFFICIENTS = {
-    "sd": ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473)),
-    "sdxl": (
-        (0.3448, 0.4168, 0.4395),
-        (-0.1953, -0.0290, 0.0250),
-        (0.1074, 0.0886, -0.0163),
-        (-0.3730, -0.2499, -0.2088),
-    ),
-    # FLUX.1's 16 latent channels (ComfyUI's and Forge's latent_rgb_factors for Flux).
-    "flux": (
-        (-0.0346, 0.0244, 0.0681),
-        (0.0034, 0.0210, 0.0687),
-        (0.0275, -0.0668, -0.0433),
-        (-0.0174, 0.0160, 0.0617),
-        (0.0859, 0.0721, 0.0329),
-        (0.0004, 0.0383, 0.0115),
-        (0.0405, 0.0861, 0.0915),
-        (-0.0236, -0.0185, -0.0259),
-        (-0.0245, 0.0250, 0.1180),
-        (0.1008, 0.0755, -0.0421),
-        (-0.0515, 0.0201, 0.0011),
-        (0.0428, -0.0012, -0.0036),
-        (0.0817, 0.0765, 0.0749),
-        (-0.1264, -0.0522, -0.1103),
-        (-0.0280, -0.0881, -0.0499),
-        (-0.1262, -0.0982, -0.0778),
-    ),
-}
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
 ATTENTION = ("sdpa", "xformers")
+__all__ = [
+    "ControlNetUnit",
+    "GenerationOutput",
+    "GenerationRequest",
+    "GenerationService",
+    "Progress",
+    "check_request",
+    "latent_preview",
+]
 
 
-@dataclasses.dataclass
-class ControlNetUnit:
-    """One ControlNet applied to a request.
-
-    Args:
-        model: a ControlNet registry key, hub repo id or local folder (`nbkit.webui.controlnet`).
-        image: the input picture (preprocessed unless `preprocessor` is `none`).
-        preprocessor: `canny`, `depth` or `none` (the image already is a control map).
-        weight: the conditioning scale.
-        guidance_start: the fraction of the steps where the ControlNet starts acting.
-        guidance_end: the fraction of the steps where it stops.
-        low_threshold: Canny's low threshold.
-        high_threshold: Canny's high threshold.
-    """
-
-    model: str
-    image: Image.Image
-    preprocessor: str = "none"
-    weight: float = 1.0
-    guidance_start: float = 0.0
-    guidance_end: float = 1.0
-    low_threshold: int = 100
-    high_threshold: int = 200
-
-
-@dataclasses.dataclass
-class GenerationRequest:
-    """One request, with A1111's field names and the web UI's defaults.
+def latent_preview(latents: Any, family: Family | str | None = None) -> Image.Image:
+    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size) by the
+    family's `preview_coefficients`.
 
     Args:
-        mode: `txt2img`, `img2img` or `inpaint`.
-        prompt: the prompt; `<lora:NAME:WEIGHT>` tags in it apply LoRAs.
-        negative_prompt: the negative prompt.
-        seed: the first image's seed (image i gets seed + i); -1 draws one.
-        batch_size: images per pipeline call.
-        n_iter: batches (A1111's batch count).
-        steps: sampling steps.
-        cfg_scale: classifier-free guidance (FLUX.1: true CFG, only above 1 with a negative prompt).
-        distilled_cfg_scale: FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale").
-        width: image width (multiple of 8).
-        height: image height (multiple of 8).
-        sampler_name: an A1111 sampler ("Euler a", "DPM++ 2M Karras", ...).
-        scheduler: an A1111 schedule type ("Automatic", "Karras", ...).
-        denoising_strength: img2img/inpaint strength, and the hires pass's.
-        init_image: the img2img/inpaint source picture.
-        mask: the inpaint mask (white: repaint).
-        mask_blur: pixels of blur on the mask edge.
-        inpainting_mask_invert: repaint the black part instead.
-        inpainting_fill: A1111's masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.
-        resize_mode: A1111's: 0 just resize, 1 crop and resize, 2 resize and fill.
-        enable_hr: txt2img hires fix: upscale, then a second img2img pass.
-        hr_scale: the upscale factor.
-        hr_upscaler: `Latent` or `Lanczos` (and A1111's other names, mapped to these).
-        hr_second_pass_steps: steps of the second pass (0: as many as `steps`).
-        vae: a VAE to use instead of the model's (None: the model's).
-        controlnet: a ControlNet unit, or None.
-        save_images: save into the outputs folder.
-    """
-
-    mode: Mode = "txt2img"
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 20
-    cfg_scale: float = 7.0
-    distilled_cfg_scale: float = 3.5
-    width: int = 512
-    height: int = 512
-    sampler_name: str = "Euler a"
-    scheduler: str = "Automatic"
-    denoising_strength: float = 0.75
-    init_image: Image.Image | None = None
-    mask: Image.Image | None = None
-    mask_blur: int = 4
-    inpainting_mask_invert: bool = False
-    inpainting_fill: int = 1
-    resize_mode: int = 0
-    enable_hr: bool = False
-    hr_scale: float = 2.0
-    hr_upscaler: str = "Latent"
-    hr_second_pass_steps: int = 0
-    vae: str | None = None
-    controlnet: ControlNetUnit | None = None
-    save_images: bool = True
-
-
-@dataclasses.dataclass
-@dataclasses.dataclass
-class GenerationOutput:
-    """What a request made.
-
-    Args:
-        images: the images, in order.
-        infotexts: each image's A1111 infotext.
-        seeds: each image's seed.
-        paths: where they were saved (empty when not saved).
-        request: the request.
-        model: the checkpoint used.
-        interrupted: True when stopped early.
-        seconds: wall time.
-        control_image: the ControlNet's control map, when one was used.
-    """
-
-    images: list[Image.Image]
-    infotexts: list[str]
-    seeds: list[int]
-    paths: list[Any]
-    request: GenerationRequest
-    model: ModelEntry | None
-    interrupted: bool = False
-    seconds: float = 0.0
-    control_image: Image.Image | None = None
-
-
-@dataclasses.dataclass
-class Progress:
-    """A snapshot of the running job (A1111's /progress `state`).
-
-    Args:
-        job: a short name of the running job ("" when idle).
-        job_no: the batch being drawn (0-based).
-        job_count: batches in the job (0 when idle).
-        sampling_step: steps done in this batch.
-        sampling_steps: steps in this batch.
-        interrupted: interrupt was asked.
-        skipped: skip was asked.
-        started: when the job started (time.time()), or None.
-        preview: a small preview of the current image, when one was made.
-        textinfo: a line for people ("Loading model ...", "Step 3/20").
-    """
-
-    job: str = ""
-    job_no: int = 0
-    job_count: int = 0
-    sampling_step: int = 0
-    sampling_steps: int = 0
-    interrupted: bool = False
-    skipped: bool = False
-    started: float | None = None
-    preview: Image.Image | None = None
-    textinfo: str = ""
-
-    @property
-    def fraction(self) -> float:
-        """How far the job is, 0..1."""
-        if not self.job_count:
-            return 0.0
-        within = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
-        return min(1.0, (self.job_no + within) / self.job_count)
-
-    @property
-    def eta(self) -> float:
-        """Seconds left, estimated from the time so far."""
-        if self.started is None or self.fraction <= 0:
-            return 0.0
-        elapsed = time.time() - self.started
-        return elapsed / self.fraction - elapsed
-
-
-def latent_preview(latents: Any, sdxl: bool = False) -> Image.Image:
-    """A1111's cheap live preview: the first image's latents mapped linearly to RGB (1/8 size).
-
-    16-channel latents (FLUX.1's, unpacked) use Flux's coefficients.
+        latents: (batch, channels, height/8, width/8) latents.
+        family: the model's family (None: the default one).
     """
     import torch
 
-    channels = latents.shape[1]
-    table = "flux" if channels == 16 else "sdxl" if sdxl else "sd"
-    coefficients = torch.tensor(PREVIEW_COEFFICIENTS[table], dtype=torch.float32)
+    from nbkit.generation.placement import as_family
+
+    coefficients = torch.tensor(as_family(family).preview_coefficients, dtype=torch.float32)
     rows = coefficients.shape[0]
     rgb = torch.einsum("lxy,lr->rxy", latents[0].detach().float().cpu()[:rows], coefficients)
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(pixels)
 
 
-def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
-    """A1111's mask blur: a Gaussian of sigma `radius`, across then down (kernel 2*int(2.5r+0.5)+1)."""
-    if radius <= 0:
-        return mask
-    import cv2
-    import numpy as np
+def cuda_memory() -> dict[str, Any]:
+    """The CUDA memory figures of A1111's /sdapi/v1/memory (`cuda`), on a machine with a GPU."""
+    import torch
 
-    size = 2 * int(2.5 * radius + 0.5) + 1
-    pixels = cv2.GaussianBlur(np.asarray(mask), (size, 1), radius)
-    return Image.fromarray(cv2.GaussianBlur(pixels, (1, size), radius))
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
 
+    def pair(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
 
-def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111's "fill" masked content: the masked area gets the colours around it, from ever finer blurs
-    of the unmasked picture laid over each other."""
-    masked = Image.new("RGBa", image.size)
-    masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask))
-    result = Image.new("RGBA", image.size)
-    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
-        blurred = masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
-        for _ in range(repeats):
-            result.alpha_composite(blurred)
-    return result.convert("RGB")
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": pair("active_bytes"),
+        "allocated": pair("allocated_bytes"),
+        "reserved": pair("reserved_bytes"),
+        "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
 
 
-def check_request(request: GenerationRequest) -> None:
-    """Check a request's own fields before anything loads; raises ValueError naming the bad value.
-
-    (Sizes, steps, seeds and samplers are checked by `nbkit.generation.generate.check_inputs`.)
-
-    Args:
-        request: the request.
-    """
-
-    def whole(name: str, low: int, high: int | None = None) -> None:
-        value = getattr(request, name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < low
-            or (high is not None and value > high)
-        ):
-            span = f"from {low} to {high}" if high is not None else f">= {low}"
-            raise ValueError(f"{name} must be an integer {span}, got {value!r}")
-
-    if request.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {request.mode!r}")
-    whole("batch_size", 1)
-    whole("n_iter", 1)
-    whole("resize_mode", 0, 3)
-    if request.mode != "txt2img":
-        if not isinstance(request.init_image, Image.Image):
-            raise ValueError(f"{request.mode} needs an init image")
-        strength = request.denoising_strength
-        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
-            raise ValueError(f"denoising_strength must be in (0, 1], got {strength!r}")
-        if isinstance(request.steps, int) and int(request.steps * strength) < 1:
-            raise ValueError(
-                f"denoising_strength {strength} of {request.steps} steps leaves no step to run; "
-                "raise the steps or the strength"
-            )
-    if request.mode == "inpaint":
-        if not isinstance(request.mask, Image.Image):
-            raise ValueError("inpaint needs a mask (white: repaint)")
-        whole("mask_blur", 0, 256)
-        whole("inpainting_fill", 0, 3)
-    if request.controlnet is not None:
-        unit = request.controlnet
-        if not isinstance(unit.image, Image.Image):
-            raise ValueError("the ControlNet unit needs an image")
-        if unit.preprocessor.strip().lower() not in cn.PREPROCESSORS:
-            raise ValueError(
-                f"preprocessor must be one of {', '.join(cn.PREPROCESSORS)}, got {unit.preprocessor!r}"
-            )
-        if not 0 <= unit.guidance_start < unit.guidance_end <= 1:
-            raise ValueError(
-                f"ControlNet guidance must satisfy 0 <= start < end <= 1, got {unit.guidance_start}, "
-                f"{unit.guidance_end}"
-            )
-
-
-class GenerationService:
+class GenerationService(ModelLoading):
     """One loaded checkpoint and the requests that run on it.
 
     Args:
@@ -363,7 +128,7 @@ class GenerationService:
         self.catalog = catalog
         self.outputs = outputs
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = generation_dtype(None, self.device)  # the SD families' (FLUX.1: `_dtype_for`)
+        self.dtype = generation_dtype(None, self.device)  # the default family's (a model's: `_dtype_for`)
         self.low_vram = low_vram
         self.attention = attention
         self.pipeline: Any = None
@@ -381,202 +146,10 @@ class GenerationService:
         self._controlnet: tuple[str, Any] | None = None
         self._depth: cn.DepthEstimator | None = None
         self._lora_hashes: dict[tuple, str] = {}
-        self._memory_option: Any = None  # FLUX.1's memory plan on a GPU (nbkit.models.memory)
+        self._memory_option: Any = None  # the model's memory plan on a GPU (nbkit.models.memory)
+        self._family: Family | None = None  # the loaded model's family
 
     # --- models -------------------------------------------------------------------------------------
-
-    def select_model(self, key: str) -> ModelEntry:
-        """Load the checkpoint `key` names (title, model name, hash, file, or a new path/URL/hub id).
-
-        The old weights are freed before the new ones load (a T4 has room for one SDXL).
-        """
-        try:
-            entry = self.catalog.find(key)
-        except NbkitError:
-            if not any(sep in key for sep in ("/", "\\", ".")):
-                raise
-            entry = self.catalog.add(key)
-        if self.current == entry and self.pipeline is not None:
-            return entry
-        from nbkit.generation.placement import pipeline_family, plan_generation_memory
-
-        family = entry.family or folder_family(entry.source)
-        # A GPU that cannot run it (a T4 for FLUX.1) is refused before the old model is dropped.
-        option = plan_generation_memory(family, self.device)
-        self._set_progress(job="load model", textinfo=f"Loading {entry.title}")
-        self.unload()
-        from nbkit.models.loading import load_pipeline
-
-        try:
-            pipeline = load_pipeline(
-                entry.source,
-                family=entry.family,
-                torch_dtype=self._dtype_for(family),
-                quantization=option.quantization if option is not None else None,
-            )
-            loaded = pipeline_family(pipeline)
-            if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
-                if self.dtype != self._dtype_for(loaded):
-                    pipeline = pipeline.to(dtype=self._dtype_for(loaded))
-                option = plan_generation_memory(loaded, self.device)
-                if option is not None and option.quantization is not None:
-                    raise NbkitError(
-                        f"this GPU runs {entry.title} only with {option.quantization} weights ({option.name}), "
-                        "and quantized weights load from a diffusers folder, not a single-file checkpoint",
-                        path=entry.source,
-                        fix="convert it to a diffusers folder (`nbkit convert FILE FOLDER --dtype bf16`) and "
-                        "open that folder, or use a GPU with more memory",
-                    )
-            pipeline.set_progress_bar_config(disable=True)
-            self.pipeline = self._place(pipeline, option)
-            self.current = entry
-        finally:
-            self._set_progress(job="", textinfo="")
-        return entry
-
-    def _dtype_for(self, family: str | None) -> Any:
-        """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
-        from nbkit.generation.placement import generation_dtype
-
-        return generation_dtype(family, self.device)
-
-    @property
-    def family(self) -> str | None:
-        """The loaded checkpoint's family as far as generation cares: `flux`, else None (an SD family)."""
-        from nbkit.generation.placement import pipeline_family
-
-        return pipeline_family(self.pipeline) if self.pipeline is not None else None
-
-    @property
-    def _offload(self) -> bool:
-        option = self._memory_option
-        planned = option is not None and (option.offload or option.quantization is not None)
-        return self.device.type == "cuda" and (self.low_vram or planned)
-
-    def _place(self, pipeline: Any, option: Any = None) -> Any:
-        """Move a loaded pipeline where it runs; `option` is FLUX.1's memory plan (None otherwise)."""
-        self._memory_option = option
-        if option is not None:
-            from nbkit.generation.placement import apply_memory_option
-
-            if option.offload or option.quantization:
-                from nbkit.models.quantization import describe_loaded
-
-                weights = describe_loaded(pipeline)
-                self.notes.append(
-                    f"FLUX.1 runs as {option.name}: {option.description}"
-                    + (f"; {weights}" if weights else "")
-                )
-            # Low VRAM offloads a plan that fits whole too: placement and `_offload` (which derived
-            # pipelines follow) must agree.
-            return apply_memory_option(pipeline, option, self.device, offload=self._offload)
-        if self.device.type == "cuda" and self.attention == "xformers":
-            try:
-                pipeline.enable_xformers_memory_efficient_attention()
-            except Exception as error:  # not installed, or built for another torch: SDPA stays
-                self.notes.append(f"xformers is not usable here ({error}); using PyTorch SDPA attention")
-        if self._offload:
-            pipeline.enable_attention_slicing()
-            pipeline.enable_vae_tiling()
-            pipeline.enable_model_cpu_offload(device=self.device)
-            return pipeline
-        return pipeline.to(self.device)
-
-    def unload(self) -> None:
-        """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
-        self.pipeline = self.current = self._memory_option = None
-        self._vae = self._controlnet = None
-        self._depth = None
-        gc.collect()
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-
-    def ensure_model(self) -> ModelEntry:
-        """The loaded checkpoint, loading the wanted (or first) one when none is."""
-        if self.pipeline is None:
-            if self._wanted is None and not self.catalog.checkpoints:
-                raise NbkitError("there is no checkpoint to load", fix="train a model or add one to models/")
-            self.select_model(self._wanted or self.catalog.checkpoints[0].title)
-        return self.current
-
-    def _load_vae(self, source: str) -> Any:
-        """The VAE at `source` (cached for the next request): a VAE folder, a pipeline folder with
-        `vae/`, or a single file (diffusers or original layout, read with the model's VAE config).
-
-        It loads in the dtype of the model's own VAE: FLUX.1 runs in bfloat16 on a GPU, not `self.dtype`,
-        and its latents reach the VAE in the pipeline's dtype."""
-        if self._vae is not None and self._vae[0] == source:
-            return self._vae[1]
-        from diffusers import AutoencoderKL
-
-        path = Path(source).expanduser()
-        self._vae = None
-        dtype = self.pipeline.vae.dtype
-        try:
-            if path.is_dir():
-                subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
-            elif path.is_file():
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as config:
-                    self.pipeline.vae.save_config(config)
-                    vae = AutoencoderKL.from_single_file(
-                        str(path), config=config, torch_dtype=dtype, local_files_only=True
-                    )
-            else:
-                raise NbkitError("no such VAE file or folder", path=path, fix="check the path")
-        except (OSError, ValueError, KeyError) as error:
-            raise NbkitError(
-                f"could not load this VAE: {error}",
-                path=path,
-                fix="give a diffusers VAE folder or a VAE file",
-            ) from error
-        if vae.config.latent_channels != self.pipeline.vae.config.latent_channels:
-            raise NbkitError(
-                f"this VAE has {vae.config.latent_channels} latent channels, the model "
-                f"{self.pipeline.vae.config.latent_channels}",
-                path=path,
-                fix="pick a VAE made for this model's family",
-            )
-        vae = vae if self._offload else vae.to(self.device)
-        self._vae = (source, vae)
-        return vae
-
-    def _load_controlnet(self, unit: ControlNetUnit) -> tuple[cn.ControlNetSource, Any]:
-        source = cn.find_controlnet(unit.model)
-        cn.check_compatible(source, self.pipeline.unet.config, self.current.family if self.current else None)
-        if self._controlnet is None or self._controlnet[0] != source.source:
-            self._controlnet = None  # free the old one first
-            model = cn.load_controlnet(source, torch_dtype=self.dtype)
-            self._controlnet = (source.source, model if self._offload else model.to(self.device))
-        return source, self._controlnet[1]
-
-    def _depth_estimator(self) -> cn.DepthEstimator:
-        if self._depth is None or self._depth.name != self.depth_model:
-            self._depth = cn.DepthEstimator(self.depth_model, device=self.device)
-        return self._depth
-
-    def _derive(self, mode: str, **components: Any) -> Any:
-        """A `mode` pipeline on the loaded pipeline's modules (plus a VAE or ControlNet override)."""
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
-
-        components = {name: value for name, value in components.items() if value is not None}
-        if mode == "txt2img" and not components and not self._offload:
-            return self.pipeline
-        auto = {
-            "txt2img": AutoPipelineForText2Image,
-            "img2img": AutoPipelineForImage2Image,
-            "inpaint": AutoPipelineForInpainting,
-        }[mode]
-        pipeline = auto.from_pipe(self.pipeline, **components)
-        pipeline.set_progress_bar_config(disable=True)
-        if self._offload:
-            # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.
-            pipeline.enable_model_cpu_offload(device=self.device)
-        return pipeline
 
     def _lora_hash(self, path: Path) -> str | None:
         try:
@@ -597,23 +170,7 @@ class GenerationService:
         result: dict[str, Any] = {
             "ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}
         }
-        if not torch.cuda.is_available():
-            result["cuda"] = {"error": "CUDA is not available"}
-            return result
-        free, total = torch.cuda.mem_get_info()
-        stats = torch.cuda.memory_stats()
-
-        def pair(name: str) -> dict[str, int]:
-            return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
-
-        result["cuda"] = {
-            "system": {"free": free, "used": total - free, "total": total},
-            "active": pair("active_bytes"),
-            "allocated": pair("allocated_bytes"),
-            "reserved": pair("reserved_bytes"),
-            "inactive": pair("inactive_split_bytes"),
-            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
-        }
+        result["cuda"] = cuda_memory() if torch.cuda.is_available() else {"error": "CUDA is not available"}
         return result
 
     # --- generation ---------------------------------------------------------------------------------
@@ -622,15 +179,16 @@ class GenerationService:
         """Run one request on the loaded checkpoint (load it first if needed). Not thread-safe: call it
         through the `GpuQueue`."""
         from nbkit.generation.generate import GenerationSettings, HiresFix, generate_images, resolve_seeds
+        from nbkit.generation.placement import as_family
 
         started = time.time()
         check_request(request)
         entry = self.ensure_model()
-        family = self.family
-        if family is not None and request.controlnet is not None:
+        family = as_family(self._family)
+        if family.controlnet_group is None and request.controlnet is not None:
             raise NbkitError(
                 f"ControlNet is not available for {entry.title}: nbkit offers ControlNet for the SD "
-                "families only, not FLUX.1",
+                f"families only, not {family.title}",
                 fix="turn the ControlNet unit off, or pick an SD 1.5, SD 2.x or SDXL checkpoint",
             )
         self._interrupt.clear()
@@ -663,7 +221,7 @@ class GenerationService:
             ).convert("L")
             if request.inpainting_mask_invert:
                 mask = ImageOps.invert(mask)
-            init = self._masked_content(init, mask, request.inpainting_fill, seeds[0])
+            init = masked_content(init, mask, request.inpainting_fill, seeds[0])
             mask = blur_mask(mask, request.mask_blur)
             inputs.update(image=init, mask_image=mask)
             extra["Mask blur"] = request.mask_blur
@@ -721,7 +279,7 @@ class GenerationService:
             inputs=inputs,
             hires=hires,
             distilled_guidance=request.distilled_cfg_scale,
-            family=family,
+            family=family.name,
         )
         from nbkit.generation.generate import check_inputs
 
@@ -763,7 +321,7 @@ class GenerationService:
         images = result.images
         if request.mode == "inpaint":
             # A1111 pastes the original back through the blurred mask: unmasked pixels stay exactly.
-            images = [Image.composite(image.convert("RGB"), original, mask) for image in images]
+            images = [paste_back(image, original, mask) for image in images]
         paths = []
         if request.save_images and self.outputs is not None and images:
             paths = self.outputs.save(images, result.infotexts, result.seeds)
@@ -779,27 +337,6 @@ class GenerationService:
             control_image=control_image,
         )
 
-    @staticmethod
-    def _masked_content(image: Image.Image, mask: Image.Image, fill: int, seed: int) -> Image.Image:
-        """The init image with A1111's "masked content" prepared in the (unblurred) masked area.
-
-        0 fill (surrounding colours), 1 original (as it is); A1111's 2 latent noise and 3 latent
-        nothing work in latent space, which the diffusers pipelines do not expose: they are
-        approximated in pixels by seeded noise and by mid grey (which encodes to about zero latents).
-        """
-        import numpy as np
-
-        if fill == 1:
-            return image
-        if fill == 0:
-            return fill_masked(image, mask)
-        if fill == 2:
-            rng = np.random.default_rng(seed)
-            noise = Image.fromarray(rng.integers(0, 256, (image.height, image.width, 3), dtype=np.uint8))
-        else:
-            noise = Image.new("RGB", image.size, (128, 128, 128))
-        return Image.composite(noise, image, mask.point(lambda value: 255 if value >= 128 else 0))
-
     # --- progress -----------------------------------------------------------------------------------
 
     def _on_step(self, step) -> None:
@@ -813,8 +350,7 @@ class GenerationService:
         }
         every = max(1, int(self.preview_every))
         if step.latents is not None and (step.step % every == 0 or step.step == step.steps):
-            sdxl = self.pipeline is not None and "text_encoder_2" in self.pipeline.components
-            changes["preview"] = latent_preview(step.latents, sdxl)
+            changes["preview"] = latent_preview(step.latents, self._family)
         self._set_progress(**changes)
 
     def _set_progress(self, **changes: Any) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,20 +21,24 @@ import gradio as gr
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.generation.infotext import parse_infotext, read_infotext
-from nbkit.generation.samplers import FLOW_FAMILIES, FLOW_SAMPLERS, FLOW_SCHEDULES, SAMPLERS, SCHEDULES
-from nbkit.webui.controlnet import CONTROLNETS
+from nbkit.generation.placement import as_family
+from nbkit.generation.samplers import SAMPLERS, SCHEDULES, sampler_tables
+from nbkit.webui.controlnet import CONTROLNETS, PREPROCESSORS
 from nbkit.webui.models import folder_family
 from nbkit.webui.queue import GpuQueue, QueueFull
+from nbkit.webui.requests import (
+    DISTILLED_CFG_SCALE,
+    HR_UPSCALERS,
+    MASKED_CONTENT,
+    RESIZE_MODES,
+    ControlNetUnit,
+    GenerationRequest,
+)
 from nbkit.webui.security import LimitError, Limits, check_request_caps
-from nbkit.webui.service import ControlNetUnit, GenerationRequest, GenerationService
+from nbkit.webui.service import GenerationService
+from nbkit.webui.tabs import outputs_tab, png_info_tab, settings_tab
 
-HR_UPSCALERS = ["Latent", "Lanczos"]
-RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill"]
-MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
-PREPROCESSORS = ["none", "canny", "depth"]
 POLL_SECONDS = 0.25
-TABS = ("txt2img", "img2img", "inpaint", "controlnet")
 
 CSS = """
 .nbkit-progress {position: relative; height: 22px; border-radius: 6px; background: var(--neutral-200);
@@ -131,21 +134,23 @@ class _Panel:
                             label="Mask mode",
                         )
                     f["inpainting_fill"] = gr.Radio(
-                        MASKED_CONTENT, value="original", label="Masked content", type="index"
+                        list(MASKED_CONTENT), value="original", label="Masked content", type="index"
                     )
                 elif mode == "controlnet":
                     f["control_image"] = gr.Image(
                         label="Control image", type="pil", image_mode="RGB", height=300
                     )
                     with gr.Row():
-                        f["cn_preprocessor"] = gr.Dropdown(PREPROCESSORS, value="canny", label="Preprocessor")
+                        f["cn_preprocessor"] = gr.Dropdown(
+                            list(PREPROCESSORS), value="canny", label="Preprocessor"
+                        )
                         f["cn_model"] = gr.Dropdown(
                             _controlnet_choices(), label="ControlNet model", allow_custom_value=True
                         )
                     f["cn_weight"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
                 if mode in ("img2img", "inpaint"):
                     f["resize_mode"] = gr.Radio(
-                        RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index"
+                        list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", type="index"
                     )
                 with gr.Row():
                     f["sampler_name"] = gr.Dropdown(
@@ -159,7 +164,9 @@ class _Panel:
                     with gr.Accordion("Hires. fix", open=False):
                         f["enable_hr"] = gr.Checkbox(label="Enable hires. fix", value=False)
                         with gr.Row():
-                            f["hr_upscaler"] = gr.Dropdown(HR_UPSCALERS, value="Latent", label="Upscaler")
+                            f["hr_upscaler"] = gr.Dropdown(
+                                list(HR_UPSCALERS), value="Latent", label="Upscaler"
+                            )
                             f["hr_second_pass_steps"] = gr.Slider(
                                 0, limits.max_steps, value=0, step=1, label="Hires steps"
                             )
@@ -183,9 +190,15 @@ class _Panel:
                             1, min(8, limits.max_images), value=1, step=1, label="Batch size"
                         )
                 f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{mode}-cfg")
-                # Forge's slider: FLUX.1-dev's distilled guidance (SD models ignore it).
+                # Forge's slider: a guidance-distilled model's embedded guidance (FLUX.1-dev's); shown
+                # only while such a model is loaded (`Family.distilled_guidance_default`).
                 f["distilled_cfg_scale"] = gr.Slider(
-                    0, 30, value=3.5, step=0.1, label="Distilled CFG Scale (FLUX.1)"
+                    0,
+                    30,
+                    value=DISTILLED_CFG_SCALE,
+                    step=0.1,
+                    label="Distilled CFG Scale (FLUX.1)",
+                    visible=False,
                 )
                 if mode in ("img2img", "inpaint"):
                     f["denoising_strength"] = gr.Slider(
@@ -261,7 +274,7 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         n_iter=int(values["n_iter"]),
         steps=int(values["steps"]),
         cfg_scale=float(values["cfg_scale"]),
-        distilled_cfg_scale=float(values.get("distilled_cfg_scale", 3.5)),
+        distilled_cfg_scale=float(values.get("distilled_cfg_scale", DISTILLED_CFG_SCALE)),
         width=width,
         height=height,
         sampler_name=values["sampler_name"] or "Euler a",
@@ -395,45 +408,82 @@ def _wire_panel(
     panel.gallery.select(select, inputs=[panel.infotexts], outputs=[panel.infotext, panel.selected])
 
 
-def _png_info(path: str | None) -> tuple[str, str]:
-    if not path:
-        return "", ""
-    try:
-        text = read_infotext(path)
-    except Exception as error:
-        gr.Warning(f"Cannot read that file: {error}")
-        return "", ""
-    if not text:
-        return "", "<p>This image has no generation parameters.</p>"
-    info = parse_infotext(text)
-    rows = "".join(
-        f"<tr><td><b>{html.escape(key)}</b></td><td>{html.escape(str(value))}</td></tr>"
-        for key, value in info.to_a1111().items()
-    )
-    return text, f"<table>{rows}</table>"
+def _titles(service: GenerationService) -> list[str]:
+    return [entry.title for entry in service.catalog.checkpoints]
 
 
-def _send_to_txt2img(text: str) -> tuple:
-    """The txt2img fields an infotext sets (prompt, negative, steps, sampler, schedule, CFG, seed, size)."""
-    if not text:
-        gr.Warning("Drop an image with generation parameters first")
-        return (gr.skip(),) * 10
-    info = parse_infotext(text)
-    size = info.size
-    sampler = info.sampler if info.sampler in SAMPLERS else gr.skip()
-    schedule = info.schedule if info.schedule in {s.label for s in SCHEDULES.values()} else gr.skip()
-    return (
-        gr.Tabs(selected="txt2img"),
-        info.prompt,
-        info.negative_prompt,
-        info.steps if info.steps is not None else gr.skip(),
-        sampler,
-        schedule,
-        info.cfg_scale if info.cfg_scale is not None else gr.skip(),
-        info.seed if info.seed is not None else gr.skip(),
-        size[0] if size else gr.skip(),
-        size[1] if size else gr.skip(),
-    )
+def _current(service: GenerationService) -> str | None:
+    from nbkit.webui.api import current_title
+
+    return current_title(service)
+
+
+def _wire_model_picker(
+    blocks: gr.Blocks,
+    model: gr.Dropdown,
+    refresh: gr.Button,
+    status: gr.Markdown,
+    panels: dict[str, _Panel],
+    service: GenerationService,
+    queue: GpuQueue,
+) -> None:
+    """The checkpoint dropdown: switching loads the model (through the queue), and every panel's sampler,
+    schedule, CFG and distilled CFG fields follow the loaded model's family."""
+    catalog = service.catalog
+
+    # Each panel's sampler dropdown, schedule dropdown, CFG slider, then distilled CFG slider.
+    fitted = [
+        panel.fields[name]
+        for name in ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale")
+        for panel in panels.values()
+    ]
+
+    def fitting_samplers(family: str | None) -> list[Any]:
+        # The fields take the loaded family's samplers and schedules; a flow model (FLUX.1) moves
+        # the dropdowns off "Euler a", and CFG to 1 (true CFG doubles each step). The distilled CFG
+        # slider shows only for a family with distilled guidance.
+        count = len(panels)
+        samplers, schedules = sampler_tables(family)
+        distilled = family is not None and as_family(family).distilled_guidance_default is not None
+        if samplers is SAMPLERS:  # the full lists back; the values stay as they are
+            fields = [gr.Dropdown(choices=list(samplers))] * count
+            fields += [gr.Dropdown(choices=list(schedules))] * count + [gr.skip()] * count
+        else:
+            fields = [gr.Dropdown(choices=list(samplers), value=next(iter(samplers)))] * count
+            fields += [gr.Dropdown(choices=list(schedules), value="Automatic")] * count
+            fields += [gr.Slider(value=1)] * count
+        return fields + [gr.Slider(visible=distilled)] * count
+
+    def switch(title: str) -> list[Any]:
+        if not title or (service.current is not None and service.current.title == title):
+            return [gr.skip()] * (1 + len(fitted))
+        try:
+            entry = queue.run(lambda: service.select_model(title))
+        except QueueFull as error:
+            gr.Warning(f"Busy: {error}")
+            return [gr.skip()] * (1 + len(fitted))
+        except Exception as error:
+            raise gr.Error(_describe(error)) from None
+        gr.Info(f"Loaded {entry.title}")
+        return [f"Loaded **{html.escape(entry.title)}**", *fitting_samplers(service.family)]
+
+    def on_load() -> list[Any]:
+        if service.current is not None:
+            return fitting_samplers(service.family)
+        # Still loading (launch queues the first load): the family its configs name.
+        try:
+            entry = catalog.find(_current(service) or "")
+        except NbkitError:
+            return fitting_samplers(None)
+        return fitting_samplers(entry.family or folder_family(entry.source))
+
+    def do_refresh() -> Any:
+        catalog.refresh()
+        return gr.Dropdown(choices=_titles(service), value=_current(service))
+
+    model.input(switch, inputs=model, outputs=[status, *fitted])
+    blocks.load(on_load, outputs=fitted)
+    refresh.click(do_refresh, outputs=model)
 
 
 def build_ui(
@@ -448,21 +498,11 @@ def build_ui(
         share_outputs: show the Outputs tab (browse and download the outputs folder).
     """
     limits = limits or Limits()
-    catalog = service.catalog
-
-    def titles() -> list[str]:
-        return [entry.title for entry in catalog.checkpoints]
-
-    def current() -> str | None:
-        from nbkit.webui.api import current_title
-
-        return current_title(service)
-
     with gr.Blocks(title="nbkit web UI", analytics_enabled=False) as blocks:
         with gr.Row():
             model = gr.Dropdown(
-                titles(),
-                value=current(),
+                _titles(service),
+                value=_current(service),
                 label="Stable Diffusion checkpoint",
                 scale=6,
                 allow_custom_value=True,
@@ -481,158 +521,12 @@ def build_ui(
                 with gr.Tab(label, id=mode):
                     panels[mode] = _Panel(mode, limits)
                     _wire_panel(panels[mode], mode, service, queue, limits)
-            with gr.Tab("PNG Info", id="pnginfo"):
-                with gr.Row():
-                    with gr.Column():
-                        png_image = gr.Image(
-                            label="Source",
-                            type="filepath",
-                            image_mode=None,
-                            sources=["upload", "clipboard"],
-                            height=400,
-                        )
-                    with gr.Column():
-                        png_text = gr.Textbox(
-                            label="Parameters", lines=6, interactive=False, elem_id="pnginfo-text"
-                        )
-                        png_table = gr.HTML()
-                        send = gr.Button("Send to txt2img", elem_id="pnginfo-send")
-                png_image.change(_png_info, inputs=png_image, outputs=[png_text, png_table])
-                t2i = panels["txt2img"].fields
-                send.click(
-                    _send_to_txt2img,
-                    inputs=png_text,
-                    outputs=[
-                        tabs,
-                        t2i["prompt"],
-                        t2i["negative_prompt"],
-                        t2i["steps"],
-                        t2i["sampler_name"],
-                        t2i["scheduler"],
-                        t2i["cfg_scale"],
-                        t2i["seed"],
-                        t2i["width"],
-                        t2i["height"],
-                    ],
-                )
+            png_info_tab(panels, tabs)
             if share_outputs and service.outputs is not None:
-                with gr.Tab("Outputs", id="outputs"):
-                    with gr.Row():
-                        outputs_refresh = gr.Button("Refresh", size="sm")
-                        zip_button = gr.Button("Download all as zip", size="sm")
-                    outputs_gallery = gr.Gallery(
-                        label="Outputs (newest first)", columns=6, height=520, interactive=False
-                    )
-                    outputs_info = gr.Textbox(label="Parameters", lines=4, interactive=False)
-                    zip_file = gr.File(label="Zip", visible=True, interactive=False)
-                    outputs_texts = gr.State([])
+                outputs_tab(blocks, service)
+            settings_tab(blocks, service, queue, limits)
 
-                    def list_outputs() -> tuple[list, list]:
-                        saved = service.outputs.list()
-                        return [(str(item.path), item.relative) for item in saved], [
-                            item.infotext or "" for item in saved
-                        ]
-
-                    def make_zip() -> str:
-                        data = service.outputs.zip_bytes()
-                        if not data or len(data) <= 22:
-                            gr.Warning("There are no images in the outputs folder yet")
-                        handle, path = tempfile.mkstemp(
-                            suffix=".zip", prefix="outputs-", dir=os.environ.get("GRADIO_TEMP_DIR")
-                        )
-                        with os.fdopen(handle, "wb") as file:
-                            file.write(data)
-                        return path
-
-                    def pick(texts: list, event: gr.SelectData) -> str:
-                        index = event.index if isinstance(event.index, int) else 0
-                        return texts[index] if index < len(texts) else ""
-
-                    outputs_refresh.click(list_outputs, outputs=[outputs_gallery, outputs_texts])
-                    zip_button.click(make_zip, outputs=zip_file)
-                    outputs_gallery.select(pick, inputs=outputs_texts, outputs=outputs_info)
-                    blocks.load(list_outputs, outputs=[outputs_gallery, outputs_texts])
-            with gr.Tab("Settings", id="settings"):
-                settings = gr.Markdown(elem_id="nbkit-settings")
-                with gr.Row():
-                    unload = gr.Button("Unload checkpoint (free memory)", size="sm")
-
-                def describe() -> str:
-                    entry = service.current
-                    return "\n".join(
-                        [
-                            f"- **Checkpoint:** {entry.title if entry else '(none loaded yet)'}",
-                            f"- **Device:** {service.device} ({'low-VRAM mode' if service.low_vram else 'normal'})",
-                            f"- **Outputs folder:** `{service.outputs.folder if service.outputs else '(not saved)'}`",
-                            f"- **Queue:** {queue.pending} waiting, at most {queue.max_pending}",
-                            f"- **Limits:** {limits.max_pixels} pixels, {limits.max_steps} steps, "
-                            f"{limits.max_images} images per request, {limits.max_image_bytes // 2**20} MB per image",
-                        ]
-                    )
-
-                def do_unload() -> str:
-                    try:
-                        queue.run(service.unload)
-                    except QueueFull as error:
-                        gr.Warning(f"Busy: {error}")
-                    return describe()
-
-                unload.click(do_unload, outputs=settings)
-                blocks.load(describe, outputs=settings)
-
-        # Each panel's sampler dropdown, then each one's schedule dropdown, then each one's CFG slider.
-        fitted = [
-            panel.fields[name]
-            for name in ("sampler_name", "scheduler", "cfg_scale")
-            for panel in panels.values()
-        ]
-
-        def fitting_samplers(family: str | None) -> list[Any]:
-            # A flow model (FLUX.1) takes only the flow samplers and schedules: move the dropdowns off
-            # "Euler a", and CFG to 1 (true CFG doubles each step; FLUX.1-dev is guidance-distilled).
-            count = len(panels)
-            if family not in FLOW_FAMILIES:  # the full lists back; the values stay as they are
-                return (
-                    [gr.Dropdown(choices=list(SAMPLERS))] * count
-                    + [gr.Dropdown(choices=list(SCHEDULES))] * count
-                    + [gr.skip()] * count
-                )
-            return (
-                [gr.Dropdown(choices=list(FLOW_SAMPLERS), value=next(iter(FLOW_SAMPLERS)))] * count
-                + [gr.Dropdown(choices=list(FLOW_SCHEDULES), value="Automatic")] * count
-                + [gr.Slider(value=1)] * count
-            )
-
-        def switch(title: str) -> list[Any]:
-            if not title or (service.current is not None and service.current.title == title):
-                return [gr.skip()] * (1 + len(fitted))
-            try:
-                entry = queue.run(lambda: service.select_model(title))
-            except QueueFull as error:
-                gr.Warning(f"Busy: {error}")
-                return [gr.skip()] * (1 + len(fitted))
-            except Exception as error:
-                raise gr.Error(_describe(error)) from None
-            gr.Info(f"Loaded {entry.title}")
-            return [f"Loaded **{html.escape(entry.title)}**", *fitting_samplers(service.family)]
-
-        def on_load() -> list[Any]:
-            if service.current is not None:
-                return fitting_samplers(service.family)
-            # Still loading (launch queues the first load): the family its configs name.
-            try:
-                entry = catalog.find(current() or "")
-            except NbkitError:
-                return fitting_samplers(None)
-            return fitting_samplers(entry.family or folder_family(entry.source))
-
-        def do_refresh() -> Any:
-            catalog.refresh()
-            return gr.Dropdown(choices=titles(), value=current())
-
-        model.input(switch, inputs=model, outputs=[status, *fitted])
-        blocks.load(on_load, outputs=fitted)
-        refresh.click(do_refresh, outputs=model)
+        _wire_model_picker(blocks, model, refresh, status, panels, service, queue)
     # gradio embeds the API description (labels, defaults, checkpoint titles) in every page, the login
     # page included; the UI is for people and /sdapi/v1 is the API, so gradio's own is kept private.
     for function in blocks.fns.values():

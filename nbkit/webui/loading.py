@@ -1,0 +1,236 @@
+"""Loading what the generation service runs: the checkpoint, a chosen VAE, a ControlNet, and the
+pipelines derived from the checkpoint for each mode.
+
+`ModelLoading` is the part of `nbkit.webui.service.GenerationService` that holds one loaded checkpoint:
+the old weights are freed before new ones load, the model's family (`nbkit.families`) picks its dtype and
+memory plan (`nbkit.generation.placement`), and img2img, inpainting and ControlNet pipelines are made per
+request with diffusers' `from_pipe`, sharing the loaded modules.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+from nbkit.errors import NbkitError
+from nbkit.families import Family, get_family
+from nbkit.webui import controlnet as cn
+from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
+from nbkit.webui.requests import ControlNetUnit
+
+
+class ModelLoading:
+    """The loaded checkpoint of a `GenerationService` and what is loaded with it (a mixin: the service
+    sets the attributes below in its `__init__`)."""
+
+    catalog: ModelCatalog
+    device: Any
+    dtype: Any
+    low_vram: bool
+    attention: str
+    pipeline: Any
+    current: ModelEntry | None
+    notes: list[str]
+    depth_model: str
+    _wanted: str | None
+    _vae: tuple[str, Any] | None
+    _controlnet: tuple[str, Any] | None
+    _depth: cn.DepthEstimator | None
+    _memory_option: Any
+    _family: Family | None
+
+    def _set_progress(self, **changes: Any) -> None:
+        raise NotImplementedError  # the service's
+
+    def select_model(self, key: str) -> ModelEntry:
+        """Load the checkpoint `key` names (title, model name, hash, file, or a new path/URL/hub id).
+
+        The old weights are freed before the new ones load (a T4 has room for one SDXL).
+        """
+        try:
+            entry = self.catalog.find(key)
+        except NbkitError:
+            if not any(sep in key for sep in ("/", "\\", ".")):
+                raise
+            entry = self.catalog.add(key)
+        if self.current == entry and self.pipeline is not None:
+            return entry
+        from nbkit.families import family_of_pipeline
+        from nbkit.generation.placement import plan_generation_memory
+
+        family = entry.family or folder_family(entry.source)
+        # A GPU that cannot run it (a T4 for FLUX.1) is refused before the old model is dropped.
+        option = plan_generation_memory(family, self.device)
+        self._set_progress(job="load model", textinfo=f"Loading {entry.title}")
+        self.unload()
+        from nbkit.models.loading import load_pipeline
+
+        try:
+            pipeline = load_pipeline(
+                entry.source,
+                family=entry.family,
+                torch_dtype=self._dtype_for(family),
+                quantization=option.quantization if option is not None else None,
+            )
+            loaded = get_family(family) if family is not None else family_of_pipeline(pipeline)
+            if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
+                if self.dtype != self._dtype_for(loaded):
+                    pipeline = pipeline.to(dtype=self._dtype_for(loaded))
+                option = plan_generation_memory(loaded, self.device)
+                if option is not None and option.quantization is not None:
+                    raise NbkitError(
+                        f"this GPU runs {entry.title} only with {option.quantization} weights ({option.name}), "
+                        "and quantized weights load from a diffusers folder, not a single-file checkpoint",
+                        path=entry.source,
+                        fix="convert it to a diffusers folder (`nbkit convert FILE FOLDER --dtype bf16`) and "
+                        "open that folder, or use a GPU with more memory",
+                    )
+            pipeline.set_progress_bar_config(disable=True)
+            self.pipeline = self._place(pipeline, option, loaded)
+            self.current, self._family = entry, loaded
+        finally:
+            self._set_progress(job="", textinfo="")
+        return entry
+
+    def _dtype_for(self, family: Family | str | None) -> Any:
+        """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
+        from nbkit.generation.placement import generation_dtype
+
+        return generation_dtype(family, self.device)
+
+    @property
+    def family(self) -> str | None:
+        """The registry name of the loaded checkpoint's family (None: none loaded, or not one nbkit knows)."""
+        return self._family.name if self._family is not None and self.pipeline is not None else None
+
+    @property
+    def _offload(self) -> bool:
+        option = self._memory_option
+        planned = option is not None and (option.offload or option.quantization is not None)
+        return self.device.type == "cuda" and (self.low_vram or planned)
+
+    def _place(self, pipeline: Any, option: Any = None, family: Family | None = None) -> Any:
+        """Move a loaded pipeline where it runs; `option` is its family's memory plan (None: none)."""
+        self._memory_option = option
+        if option is not None:
+            from nbkit.generation.placement import apply_memory_option, as_family
+
+            if option.offload or option.quantization:
+                from nbkit.models.quantization import describe_loaded
+
+                weights = describe_loaded(pipeline)
+                self.notes.append(
+                    f"{as_family(family).title} runs as {option.name}: {option.description}"
+                    + (f"; {weights}" if weights else "")
+                )
+            # Low VRAM offloads a plan that fits whole too: placement and `_offload` (which derived
+            # pipelines follow) must agree.
+            return apply_memory_option(pipeline, option, self.device, offload=self._offload)
+        if self.device.type == "cuda" and self.attention == "xformers":
+            try:
+                pipeline.enable_xformers_memory_efficient_attention()
+            except Exception as error:  # not installed, or built for another torch: SDPA stays
+                self.notes.append(f"xformers is not usable here ({error}); using PyTorch SDPA attention")
+        if self._offload:
+            pipeline.enable_attention_slicing()
+            pipeline.enable_vae_tiling()
+            pipeline.enable_model_cpu_offload(device=self.device)
+            return pipeline
+        return pipeline.to(self.device)
+
+    def unload(self) -> None:
+        """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
+        self.pipeline = self.current = self._memory_option = self._family = None
+        self._vae = self._controlnet = None
+        self._depth = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def ensure_model(self) -> ModelEntry:
+        """The loaded checkpoint, loading the wanted (or first) one when none is."""
+        if self.pipeline is None:
+            if self._wanted is None and not self.catalog.checkpoints:
+                raise NbkitError("there is no checkpoint to load", fix="train a model or add one to models/")
+            self.select_model(self._wanted or self.catalog.checkpoints[0].title)
+        return self.current
+
+    def _load_vae(self, source: str) -> Any:
+        """The VAE at `source` (cached for the next request): a VAE folder, a pipeline folder with
+        `vae/`, or a single file (diffusers or original layout, read with the model's VAE config).
+
+        It loads in the dtype of the model's own VAE: FLUX.1 runs in bfloat16 on a GPU, not `self.dtype`,
+        and its latents reach the VAE in the pipeline's dtype."""
+        if self._vae is not None and self._vae[0] == source:
+            return self._vae[1]
+        from diffusers import AutoencoderKL
+
+        path = Path(source).expanduser()
+        self._vae = None
+        dtype = self.pipeline.vae.dtype
+        try:
+            if path.is_dir():
+                subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+            elif path.is_file():
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as config:
+                    self.pipeline.vae.save_config(config)
+                    vae = AutoencoderKL.from_single_file(
+                        str(path), config=config, torch_dtype=dtype, local_files_only=True
+                    )
+            else:
+                raise NbkitError("no such VAE file or folder", path=path, fix="check the path")
+        except (OSError, ValueError, KeyError) as error:
+            raise NbkitError(
+                f"could not load this VAE: {error}",
+                path=path,
+                fix="give a diffusers VAE folder or a VAE file",
+            ) from error
+        if vae.config.latent_channels != self.pipeline.vae.config.latent_channels:
+            raise NbkitError(
+                f"this VAE has {vae.config.latent_channels} latent channels, the model "
+                f"{self.pipeline.vae.config.latent_channels}",
+                path=path,
+                fix="pick a VAE made for this model's family",
+            )
+        vae = vae if self._offload else vae.to(self.device)
+        self._vae = (source, vae)
+        return vae
+
+    def _load_controlnet(self, unit: ControlNetUnit) -> tuple[cn.ControlNetSource, Any]:
+        source = cn.find_controlnet(unit.model)
+        cn.check_compatible(source, self.pipeline.unet.config, self.current.family if self.current else None)
+        if self._controlnet is None or self._controlnet[0] != source.source:
+            self._controlnet = None  # free the old one first
+            model = cn.load_controlnet(source, torch_dtype=self.dtype)
+            self._controlnet = (source.source, model if self._offload else model.to(self.device))
+        return source, self._controlnet[1]
+
+    def _depth_estimator(self) -> cn.DepthEstimator:
+        if self._depth is None or self._depth.name != self.depth_model:
+            self._depth = cn.DepthEstimator(self.depth_model, device=self.device)
+        return self._depth
+
+    def _derive(self, mode: str, **components: Any) -> Any:
+        """A `mode` pipeline on the loaded pipeline's modules (plus a VAE or ControlNet override)."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        components = {name: value for name, value in components.items() if value is not None}
+        if mode == "txt2img" and not components and not self._offload:
+            return self.pipeline
+        auto = {
+            "txt2img": AutoPipelineForText2Image,
+            "img2img": AutoPipelineForImage2Image,
+            "inpaint": AutoPipelineForInpainting,
+        }[mode]
+        pipeline = auto.from_pipe(self.pipeline, **components)
+        pipeline.set_progress_bar_config(disable=True)
+        if self._offload:
+            # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.
+            pipeline.enable_model_cpu_offload(device=self.device)
+        return pipeline

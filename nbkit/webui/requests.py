@@ -1,0 +1,186 @@
+"""The web UI's and the API's requests to the generation service, and what comes back.
+
+`GenerationRequest` holds one request with A1111's field names and the web UI's defaults; the API
+(`nbkit.webui.api`) and the UI (`nbkit.webui.ui`) each map their fields onto it after checking the server's caps
+(`nbkit.webui.security.check_request_caps`). The tables the UI's menus and the API's lists share are here
+too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Literal
+
+from PIL import Image
+
+from nbkit.webui.models import ModelEntry
+
+Mode = Literal["txt2img", "img2img", "inpaint"]
+MODES = ("txt2img", "img2img", "inpaint")
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
+# The hires fix upscalers the UI's menu and the API's /upscalers offer (A1111 names others; they map to
+# these, `nbkit.generation.generate.HiresFix.used_upscaler`).
+HR_UPSCALERS = ("Latent", "Lanczos")
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # A1111's resize_mode 0..2
+DISTILLED_CFG_SCALE = 3.5  # Forge's default "Distilled CFG Scale" (FLUX.1-dev's guidance)
+
+
+@dataclasses.dataclass
+class ControlNetUnit:
+    """One ControlNet applied to a request.
+
+    Args:
+        model: a ControlNet registry key, hub repo id or local folder (`nbkit.webui.controlnet`).
+        image: the input picture (preprocessed unless `preprocessor` is `none`).
+        preprocessor: `canny`, `depth` or `none` (the image already is a control map).
+        weight: the conditioning scale.
+        guidance_start: the fraction of the steps where the ControlNet starts acting.
+        guidance_end: the fraction of the steps where it stops.
+        low_threshold: Canny's low threshold.
+        high_threshold: Canny's high threshold.
+    """
+
+    model: str
+    image: Image.Image
+    preprocessor: str = "none"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One request, with A1111's field names and the web UI's defaults.
+
+    Args:
+        mode: `txt2img`, `img2img` or `inpaint`.
+        prompt: the prompt; `<lora:NAME:WEIGHT>` tags in it apply LoRAs.
+        negative_prompt: the negative prompt.
+        seed: the first image's seed (image i gets seed + i); -1 draws one.
+        batch_size: images per pipeline call.
+        n_iter: batches (A1111's batch count).
+        steps: sampling steps.
+        cfg_scale: classifier-free guidance (FLUX.1: true CFG, only above 1 with a negative prompt).
+        distilled_cfg_scale: FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale").
+        width: image width (multiple of 8).
+        height: image height (multiple of 8).
+        sampler_name: an A1111 sampler ("Euler a", "DPM++ 2M Karras", ...).
+        scheduler: an A1111 schedule type ("Automatic", "Karras", ...).
+        denoising_strength: img2img/inpaint strength, and the hires pass's.
+        init_image: the img2img/inpaint source picture.
+        mask: the inpaint mask (white: repaint).
+        mask_blur: pixels of blur on the mask edge.
+        inpainting_mask_invert: repaint the black part instead.
+        inpainting_fill: A1111's masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+        resize_mode: A1111's: 0 just resize, 1 crop and resize, 2 resize and fill.
+        enable_hr: txt2img hires fix: upscale, then a second img2img pass.
+        hr_scale: the upscale factor.
+        hr_upscaler: `Latent` or `Lanczos` (and A1111's other names, mapped to these).
+        hr_second_pass_steps: steps of the second pass (0: as many as `steps`).
+        vae: a VAE to use instead of the model's (None: the model's).
+        controlnet: a ControlNet unit, or None.
+        save_images: save into the outputs folder.
+    """
+
+    mode: Mode = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    distilled_cfg_scale: float = DISTILLED_CFG_SCALE
+    width: int = 512
+    height: int = 512
+    sampler_name: str = "Euler a"
+    scheduler: str = "Automatic"
+    denoising_strength: float = 0.75
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    mask_blur: int = 4
+    inpainting_mask_invert: bool = False
+    inpainting_fill: int = 1
+    resize_mode: int = 0
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    vae: str | None = None
+    controlnet: ControlNetUnit | None = None
+    save_images: bool = True
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """What a request made.
+
+    Args:
+        images: the images, in order.
+        infotexts: each image's A1111 infotext.
+        seeds: each image's seed.
+        paths: where they were saved (empty when not saved).
+        request: the request.
+        model: the checkpoint used.
+        interrupted: True when stopped early.
+        seconds: wall time.
+        control_image: the ControlNet's control map, when one was used.
+    """
+
+    images: list[Image.Image]
+    infotexts: list[str]
+    seeds: list[int]
+    paths: list[Any]
+    request: GenerationRequest
+    model: ModelEntry | None
+    interrupted: bool = False
+    seconds: float = 0.0
+    control_image: Image.Image | None = None
+
+
+@dataclasses.dataclass
+class Progress:
+    """A snapshot of the running job (A1111's /progress `state`).
+
+    Args:
+        job: a short name of the running job ("" when idle).
+        job_no: the batch being drawn (0-based).
+        job_count: batches in the job (0 when idle).
+        sampling_step: steps done in this batch.
+        sampling_steps: steps in this batch.
+        interrupted: interrupt was asked.
+        skipped: skip was asked.
+        started: when the job started (time.time()), or None.
+        preview: a small preview of the current image, when one was made.
+        textinfo: a line for people ("Loading model ...", "Step 3/20").
+    """
+
+    job: str = ""
+    job_no: int = 0
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    interrupted: bool = False
+    skipped: bool = False
+    started: float | None = None
+    preview: Image.Image | None = None
+    textinfo: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """How far the job is, 0..1."""
+        if not self.job_count:
+            return 0.0
+        within = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
+        return min(1.0, (self.job_no + within) / self.job_count)
+
+    @property
+    def eta(self) -> float:
+        """Seconds left, estimated from the time so far."""
+        if self.started is None or self.fraction <= 0:
+            return 0.0
+        elapsed = time.time() - self.started
+        return elapsed / self.fraction - elapsed
