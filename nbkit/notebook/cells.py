@@ -437,15 +437,17 @@ def stop_ui(ui, stop: bool = True) -> None:
 @friendly
 def controlnets(session=None, model: str = "") -> list[str]:
     """List the ControlNet models that fit the model's family (the UI downloads one when first picked)."""
+    from nbkit.families import FAMILIES
     from nbkit.session.base_model import base_model_ref
-    from nbkit.webui.controlnet import CONTROLNET_FAMILY, CONTROLNETS
+    from nbkit.webui.controlnet import CONTROLNETS
 
     base = session.manifest.base_model if session is not None else None
     if model:
         # A single file or URL does not say its family: then every ControlNet is listed.
         with contextlib.suppress(NbkitError):
             base = base_model_ref(model)
-    family = CONTROLNET_FAMILY.get(base.family) if base is not None else None
+    known = FAMILIES.get(base.family) if base is not None else None
+    family = known.controlnet_group if known is not None else None
     names = [key for key, spec in CONTROLNETS.items() if family is None or spec.family == family]
     print("ControlNet models for this model:", ", ".join(names) or "none")
     return names

@@ -37,8 +37,6 @@ def _controlnet_families() -> list[Family]:
     return [family for family in families if family.controlnet_group is not None]
 
 
-# A model family's name -> the ControlNet group it takes (SD 2.x base and 768-v share theirs).
-CONTROLNET_FAMILY = {family.name: family.controlnet_group for family in _controlnet_families()}
 # A ControlNet group -> its name in messages.
 GROUP_TITLES = {family.controlnet_group: family.controlnet_title for family in _controlnet_families()}
 
