@@ -128,3 +128,18 @@ def test_an_unsupported_stack_stops_the_training_import_with_the_message(tmp_pat
     completed = subprocess.run([sys.executable, "-c", code, str(fake)], capture_output=True, text=True)
     assert "IncompatibleVersionsError" in completed.stdout
     assert "peft 0.1.0 is outside peft>=0.13" in completed.stdout
+
+
+def test_catalog_modules_import_without_the_version_check():
+    # The check belongs to the entry points (training, the web UI), not to importing a table.
+    code = (
+        "import nbkit.compat\n"
+        "def refuse(*args, **kwargs): raise SystemExit('versions checked')\n"
+        "nbkit.compat.check_versions = refuse\n"
+        "import nbkit.train.oom, nbkit.train.plan, nbkit.webui.controlnet, nbkit.generation.samplers\n"
+        "print('catalogs imported', flush=True)\n"
+        "from nbkit.train import train\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.stdout.strip() == "catalogs imported", completed.stderr
+    assert completed.returncode == 1 and "versions checked" in completed.stderr

@@ -20,10 +20,6 @@ from typing import Any
 from nbkit.compat import check_versions
 from nbkit.tunnel import PROVIDERS, open_tunnel
 
-# A bad gradio/diffusers/transformers pairing is reported here, in one paragraph, rather than as a
-# traceback from deep inside gradio or a pipeline.
-check_versions("ui")
-
 TUNNELS = tuple(PROVIDERS)  # nbkit.tunnel's providers
 
 
@@ -222,6 +218,9 @@ def launch(
     """
     if tunnel not in TUNNELS:
         raise ValueError(f"tunnel must be one of {', '.join(TUNNELS)}, not {tunnel!r}")
+    # A bad gradio/diffusers/transformers pairing is reported here, in one paragraph, rather than as a
+    # traceback from deep inside gradio or a pipeline.
+    check_versions("ui")
     from nbkit.env import storage_root
     from nbkit.session.core import Session
     from nbkit.webui.models import ModelCatalog
