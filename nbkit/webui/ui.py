@@ -33,8 +33,9 @@ from nbkit.webui.requests import (
     RESIZE_MODES,
     ControlNetUnit,
     GenerationRequest,
+    make_request,
 )
-from nbkit.webui.security import LimitError, Limits, check_request_caps
+from nbkit.webui.security import LimitError, Limits
 from nbkit.webui.service import GenerationService
 from nbkit.webui.tabs import outputs_tab, png_info_tab, settings_tab
 
@@ -252,21 +253,8 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         values: the tab's field values by name.
         limits: the request caps.
     """
-    width, height = int(values["width"]), int(values["height"])
     hires = bool(values.get("enable_hr"))
-    scale = float(values.get("hr_scale") or 2)
-    check_request_caps(
-        width=width,
-        height=height,
-        steps=int(values["steps"]),
-        batch_size=int(values["batch_size"]),
-        n_iter=int(values["n_iter"]),
-        limits=limits,
-        final_size=(int(width * scale), int(height * scale)) if hires else None,
-        second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
-    )
     fields: dict[str, Any] = dict(
-        mode="txt2img",
         prompt=values["prompt"] or "",
         negative_prompt=values["negative_prompt"] or "",
         seed=int(values["seed"] if values["seed"] is not None else -1),
@@ -275,18 +263,18 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         steps=int(values["steps"]),
         cfg_scale=float(values["cfg_scale"]),
         distilled_cfg_scale=float(values.get("distilled_cfg_scale", DISTILLED_CFG_SCALE)),
-        width=width,
-        height=height,
+        width=int(values["width"]),
+        height=int(values["height"]),
         sampler_name=values["sampler_name"] or "Euler a",
         scheduler=values["scheduler"] or "Automatic",
         save_images=True,
+        enable_hr=hires,
+        hr_scale=float(values.get("hr_scale") or 2),
+        hr_second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
     )
-    if mode == "txt2img" and hires:
+    if hires:
         fields.update(
-            enable_hr=True,
-            hr_scale=scale,
             hr_upscaler=values["hr_upscaler"] or "Latent",
-            hr_second_pass_steps=int(values["hr_second_pass_steps"] or 0),
             denoising_strength=float(values["denoising_strength"]),
         )
     if mode in ("img2img", "inpaint"):
@@ -294,38 +282,47 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
             denoising_strength=float(values["denoising_strength"]),
             resize_mode=int(values["resize_mode"] or 0),
         )
-    if mode == "img2img":
-        if values.get("init_image") is None:
-            raise NbkitError("img2img needs an image", fix="drop a picture into the image box first")
-        fields.update(mode="img2img", init_image=values["init_image"])
-    elif mode == "inpaint":
-        image, mask = _mask_from_editor(values.get("mask_editor"))
-        if image is None:
-            raise NbkitError("inpaint needs an image", fix="drop a picture into the image box first")
-        if mask is None or mask.getbbox() is None:
-            raise NbkitError("inpaint needs a mask", fix="paint over the part of the picture to repaint")
-        fields.update(
-            mode="inpaint",
-            init_image=image,
-            mask=mask,
-            mask_blur=int(values["mask_blur"]),
-            inpainting_fill=int(values["inpainting_fill"] if values["inpainting_fill"] is not None else 1),
-            inpainting_mask_invert=values["inpainting_mask_invert"] == "Inpaint not masked",
-        )
-    elif mode == "controlnet":
-        if values.get("control_image") is None:
-            raise NbkitError(
-                "ControlNet needs a control image", fix="drop a picture into the control image box"
+
+    def read_inputs() -> dict[str, Any]:
+        if mode == "img2img":
+            if values.get("init_image") is None:
+                raise NbkitError("img2img needs an image", fix="drop a picture into the image box first")
+            return {"init_image": values["init_image"]}
+        if mode == "inpaint":
+            image, mask = _mask_from_editor(values.get("mask_editor"))
+            if image is None:
+                raise NbkitError("inpaint needs an image", fix="drop a picture into the image box first")
+            if mask is None or mask.getbbox() is None:
+                raise NbkitError("inpaint needs a mask", fix="paint over the part of the picture to repaint")
+            fill = values["inpainting_fill"]
+            return dict(
+                init_image=image,
+                mask=mask,
+                mask_blur=int(values["mask_blur"]),
+                inpainting_fill=int(fill if fill is not None else 1),
+                inpainting_mask_invert=values["inpainting_mask_invert"] == "Inpaint not masked",
             )
-        if not values.get("cn_model"):
-            raise NbkitError("pick a ControlNet model", fix="choose one that matches the checkpoint's family")
-        fields["controlnet"] = ControlNetUnit(
-            model=values["cn_model"],
-            image=values["control_image"],
-            preprocessor=values["cn_preprocessor"] or "none",
-            weight=float(values["cn_weight"]),
-        )
-    return GenerationRequest(**fields)
+        if mode == "controlnet":
+            if values.get("control_image") is None:
+                raise NbkitError(
+                    "ControlNet needs a control image", fix="drop a picture into the control image box"
+                )
+            if not values.get("cn_model"):
+                raise NbkitError(
+                    "pick a ControlNet model", fix="choose one that matches the checkpoint's family"
+                )
+            unit = ControlNetUnit(
+                model=values["cn_model"],
+                image=values["control_image"],
+                preprocessor=values["cn_preprocessor"] or "none",
+                weight=float(values["cn_weight"]),
+            )
+            return {"controlnet": unit}
+        return {}
+
+    return make_request(
+        mode if mode in ("img2img", "inpaint") else "txt2img", fields, limits, read_inputs=read_inputs
+    )
 
 
 def _describe(error: BaseException) -> str:
