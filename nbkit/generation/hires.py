@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
+    from nbkit.families import Family
+
 SIZE_MULTIPLE = 8  # A1111's: the VAE's downsampling factor
 # A1111's latent upscalers: torch interpolation mode and antialiasing.
 LATENT_UPSCALERS = {
@@ -66,12 +68,12 @@ class HiresFix:
         known = self.upscaler in LATENT_UPSCALERS or self.upscaler in PIXEL_UPSCALERS
         return self.upscaler if known else "Lanczos"
 
-    def check(self, steps: int, family: Any) -> None:
+    def check(self, steps: int, family: Family) -> None:
         """Refuse settings the second pass cannot run.
 
         Args:
             steps: the first pass's steps.
-            family: the model's family (`nbkit.families.Family`): whether it may upscale latents.
+            family: the model's family: whether it may upscale latents (`Family.latent_hires`).
 
         Raises:
             ValueError: what is wrong, and what to pick instead.
