@@ -7,7 +7,8 @@ import pytest
 
 from nbkit.errors import NbkitError
 from nbkit.families.flux1 import flux_sequence_length
-from nbkit.generation.generate import GenerationSettings, HiresFix, check_inputs, generate, generate_images
+from nbkit.generation.generate import GenerationSettings, check_inputs, generate, generate_images
+from nbkit.generation.hires import HiresFix
 from nbkit.generation.infotext import parse_infotext
 from nbkit.generation.placement import (
     apply_memory_option,
@@ -217,7 +218,7 @@ def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, 
     from peft.utils import get_peft_model_state_dict
 
     import nbkit.models.memory as memory
-    from nbkit.generation.session_models import load_session_pipeline, release_pipeline
+    from nbkit.generation.session_models import SESSION_PIPELINES, load_session_pipeline
     from nbkit.session.manifest import ExportedModel
 
     base = generate(flux, ["a dog"], **FAST)
@@ -250,7 +251,7 @@ def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, 
     session = types.SimpleNamespace(
         name="dog", path=tmp_path, manifest=types.SimpleNamespace(models=[record])
     )
-    release_pipeline()
+    SESSION_PIPELINES.release()
     try:
         monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("Tesla T4", 15.0, bf16=False))
         with pytest.raises(NbkitError, match="no bfloat16"):
@@ -259,6 +260,6 @@ def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, 
         pipeline.set_progress_bar_config(disable=True)
         loaded = generate(pipeline, ["a dog"], **FAST)
     finally:
-        release_pipeline()
+        SESSION_PIPELINES.release()
     assert not np.array_equal(_pixels(loaded)[0], _pixels(base)[0])
     assert np.abs(_pixels(loaded)[0].astype(int) - _pixels(trained)[0]).max() <= 1

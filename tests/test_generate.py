@@ -17,11 +17,10 @@ from nbkit.errors import NbkitError
 from nbkit.generation.generate import VERSION, GenerationSettings, check_inputs, generate
 from nbkit.generation.infotext import parse_infotext
 from nbkit.generation.session_models import (
+    SESSION_PIPELINES,
     find_model,
     infotext_fields,
     load_session_pipeline,
-    loaded_model,
-    release_pipeline,
 )
 from nbkit.session.manifest import ExportedModel
 
@@ -224,9 +223,9 @@ def test_bad_settings_fail_before_anything_is_generated(sd1, change, message):
 
 @pytest.fixture
 def empty_slot():
-    release_pipeline()
+    SESSION_PIPELINES.release()
     yield
-    release_pipeline()
+    SESSION_PIPELINES.release()
 
 
 def _session(path, models):
@@ -286,7 +285,7 @@ def test_session_models_load_through_a_one_slot_cache(tmp_path, tiny_model_dir, 
 
     pipeline = load_session_pipeline(session, "dog-full", device="cpu")
     pipeline.set_progress_bar_config(disable=True)
-    assert loaded_model() is full and pipeline.unet.dtype == torch.float32
+    assert SESSION_PIPELINES.loaded is full and pipeline.unet.dtype == torch.float32
     assert load_session_pipeline(session, "dog-full", device="cpu") is pipeline  # cached
     base = _pixels(generate(pipeline, ["a photo of sks dog"], seeds=0, sampler=None, **FAST))[0]
     released = weakref.ref(pipeline)
@@ -295,7 +294,7 @@ def test_session_models_load_through_a_one_slot_cache(tmp_path, tiny_model_dir, 
     newest = load_session_pipeline(session, device="cpu")  # None: the newest, the LoRA
     gc.collect()
     assert released() is None, "the previous model is still in memory"
-    assert loaded_model() is lora
+    assert SESSION_PIPELINES.loaded is lora
     newest.set_progress_bar_config(disable=True)
     with_lora = _pixels(generate(newest, ["a photo of sks dog"], seeds=0, sampler=None, **FAST))[0]
     assert np.abs(with_lora.astype(int) - base).max() > 10, "the LoRA must change the image"
@@ -316,7 +315,7 @@ def test_unknown_or_missing_models_are_user_errors(tmp_path, tiny_model_dir, emp
     assert "export the LoRA again" in str(caught.value)
     with pytest.raises(NbkitError, match="has no exported models yet"):
         find_model(_session(tmp_path, []))
-    assert loaded_model() is None
+    assert SESSION_PIPELINES.loaded is None
 
 
 def test_infotext_fields_name_the_model_as_a1111_does():
@@ -341,7 +340,8 @@ def test_infotext_fields_name_the_model_as_a1111_does():
 
 
 def test_hires_fix_skip_and_infotext_prompts(sd1):
-    from nbkit.generation.generate import GenerationSettings, HiresFix, generate_images
+    from nbkit.generation.generate import GenerationSettings, generate_images
+    from nbkit.generation.hires import HiresFix
 
     settings = GenerationSettings(
         prompts=["a dog"] * 2,

@@ -9,8 +9,8 @@ its A1111 infotext.
 
 `GenerationSettings` holds one request. The web UI runs img2img, inpainting and ControlNet through the
 same loop (a pipeline sharing the model's components, its extra inputs in `GenerationSettings.inputs`),
-adds A1111's hires fix (`HiresFix`: upscale the first pass, in latent space or as pixels, then an
-img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
+adds A1111's hires fix (`nbkit.generation.hires.HiresFix`: upscale the first pass, in latent space or as
+pixels, then an img2img pass at the new size), reports progress through `on_step` and stops through `interrupt`
 (the whole request) and `skip` (the current batch).
 
 What differs between model families the loop asks the model's family (`nbkit.families`; told from the
@@ -25,13 +25,21 @@ Models a session exported are loaded by `nbkit.generation.session_models`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import random
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import nbkit
+from nbkit.generation.hires import (
+    LATENT_UPSCALERS,
+    SIZE_MULTIPLE,
+    HiresFix,
+    decode_latents,
+    is_int,
+    is_number,
+    second_pass,
+)
 from nbkit.generation.infotext import format_infotext
 from nbkit.generation.placement import (
     accepts,
@@ -44,67 +52,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-SIZE_MULTIPLE = 8  # A1111's: the VAE's downsampling factor
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED_RANGE = 4294967294  # A1111 draws random seeds below this
-# A1111's latent upscalers: torch interpolation mode and antialiasing.
-LATENT_UPSCALERS = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-# A1111's pixel upscalers nbkit has; "None" is A1111's plain Lanczos resize. Its model-based ones
-# (ESRGAN, SwinIR, LDSR, ...) are done with Lanczos, and the infotext says so.
-PIXEL_UPSCALERS = ("Lanczos", "Nearest", "None")
 # Not a PEP 440 version on purpose: A1111 turns on back-compat switches for infotexts whose Version
 # parses as older than its own (e.g. "Old prompt editing timelines" below 1.6).
 VERSION = f"nbkit {nbkit.__version__}"
-
-
-@dataclasses.dataclass
-class HiresFix:
-    """A1111's hires fix: upscale each first-pass image, then redraw it with an img2img pass.
-
-    Args:
-        scale: the upscale factor (the size is rounded down to a multiple of 8).
-        upscaler: an A1111 upscaler name: the `LATENT_UPSCALERS` work on latents, `PIXEL_UPSCALERS` on
-            the decoded image; any other (a model-based one such as "R-ESRGAN 4x+") is done with Lanczos.
-        steps: the second pass's steps (0: as many as the first pass).
-        denoising_strength: how much the second pass redraws (0..1].
-    """
-
-    scale: float = 2.0
-    upscaler: str = "Latent"
-    steps: int = 0
-    denoising_strength: float = 0.7
-
-    def size(self, width: int, height: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-        """The upscaled (width, height), rounded down to a multiple of `multiple`."""
-        return (
-            int(width * self.scale) // multiple * multiple,
-            int(height * self.scale) // multiple * multiple,
-        )
-
-    @property
-    def used_upscaler(self) -> str:
-        """The upscaler that is really used (Lanczos for the ones nbkit does not have)."""
-        known = self.upscaler in LATENT_UPSCALERS or self.upscaler in PIXEL_UPSCALERS
-        return self.upscaler if known else "Lanczos"
-
-    def parameters(self, settings: GenerationSettings) -> dict[str, Any]:
-        """The infotext pairs A1111 writes for it."""
-        pairs: dict[str, Any] = {
-            "Denoising strength": self.denoising_strength,
-            "Hires upscale": self.scale,
-            "Hires steps": self.steps or None,
-            "Hires upscaler": self.used_upscaler,
-        }
-        if self.used_upscaler != self.upscaler:
-            pairs["Hires upscaler requested"] = self.upscaler
-        return pairs
 
 
 @dataclasses.dataclass
@@ -205,14 +157,6 @@ class GenerationResult:
     interrupted: bool = False
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def check_inputs(settings: GenerationSettings) -> None:
     """Check a request before anything is generated; raises ValueError naming the bad value.
 
@@ -235,26 +179,26 @@ def check_inputs(settings: GenerationSettings) -> None:
             raise ValueError(
                 f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed or one per prompt"
             )
-        bad = [seed for seed in seeds if not _is_int(seed) or not -1 <= seed <= MAX_SEED]
+        bad = [seed for seed in seeds if not is_int(seed) or not -1 <= seed <= MAX_SEED]
     else:
-        bad = [] if _is_int(seeds) and -1 <= seeds <= MAX_SEED - len(prompts) + 1 else [seeds]
+        bad = [] if is_int(seeds) and -1 <= seeds <= MAX_SEED - len(prompts) + 1 else [seeds]
     if bad:
         raise ValueError(f"seeds must be integers from 0 to {MAX_SEED} (or -1 for random), got {bad[0]!r}")
-    if not _is_int(settings.steps) or settings.steps < 1:
+    if not is_int(settings.steps) or settings.steps < 1:
         raise ValueError(f"steps must be a positive integer, got {settings.steps!r}")
     step = family.image_size_multiple
     for name in ("width", "height"):
         value = getattr(settings, name)
-        if not _is_int(value) or value < step or value % step:
+        if not is_int(value) or value < step or value % step:
             what = f" for {family.name} models" if step != SIZE_MULTIPLE else ""
             raise ValueError(f"{name} must be a positive multiple of {step}{what}, got {value!r}")
     guidance = settings.guidance_scale
-    if guidance is not None and (not _is_number(guidance) or guidance < 0):
+    if guidance is not None and (not is_number(guidance) or guidance < 0):
         raise ValueError(f"guidance_scale must be a number >= 0, got {guidance!r}")
     distilled = settings.distilled_guidance
-    if distilled is not None and (not _is_number(distilled) or distilled < 0):
+    if distilled is not None and (not is_number(distilled) or distilled < 0):
         raise ValueError(f"distilled_guidance must be a number >= 0, got {distilled!r}")
-    if not _is_int(settings.batch_size) or settings.batch_size < 1:
+    if not is_int(settings.batch_size) or settings.batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {settings.batch_size!r}")
     if settings.sampler is not None:
         # Unknown names (and SD samplers on FLUX.1): ValueError listing the valid ones.
@@ -266,26 +210,8 @@ def check_inputs(settings: GenerationSettings) -> None:
         raise ValueError(f"infotext_prompts must be a list of {len(prompts)} prompts, got {shown!r}")
     if not isinstance(settings.inputs, dict):
         raise ValueError(f"inputs must be a dict, got {settings.inputs!r}")
-    hires = settings.hires
-    if hires is not None:
-        if not _is_number(hires.scale) or not 1 <= hires.scale <= 8:
-            raise ValueError(f"hires scale must be a number from 1 to 8, got {hires.scale!r}")
-        if not _is_int(hires.steps) or hires.steps < 0:
-            raise ValueError(f"hires steps must be an integer >= 0, got {hires.steps!r}")
-        strength = hires.denoising_strength
-        if not _is_number(strength) or not 0 < strength <= 1:
-            raise ValueError(f"hires denoising_strength must be in (0, 1], got {strength!r}")
-        if int((hires.steps or settings.steps) * strength) < 1:
-            raise ValueError(
-                f"hires denoising_strength {strength} of {hires.steps or settings.steps} steps leaves no step"
-            )
-        if not isinstance(hires.upscaler, str) or not hires.upscaler.strip():
-            raise ValueError(f"hires upscaler must be a name, got {hires.upscaler!r}")
-        if not family.latent_hires and hires.used_upscaler in LATENT_UPSCALERS:
-            raise ValueError(
-                f"hires upscaler {hires.upscaler!r} works on latents, which {family.title} models pack into "
-                f"tokens; pick a pixel upscaler for them: {', '.join(PIXEL_UPSCALERS)}"
-            )
+    if settings.hires is not None:
+        settings.hires.check(settings.steps, family)
 
 
 def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None = None) -> list[int]:
@@ -339,45 +265,6 @@ def _per_image(inputs: dict[str, Any], count: int) -> dict[str, Any]:
     }
 
 
-def decode_latents(pipeline: Any, latents: Any) -> list[Image.Image]:
-    """PIL images from a pipeline's latents (as `output_type="pil"` would make them)."""
-    import torch
-
-    vae = pipeline.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
-    with torch.no_grad():
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            pixels = vae.decode(latents.to(vae.device, dtype) / vae.config.scaling_factor).sample
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-    return pipeline.image_processor.postprocess(pixels, output_type="pil")
-
-
-def upscale(images: Any, hires: HiresFix, width: int, height: int) -> Any:
-    """First-pass output upscaled to (width, height): latents for latent upscalers, else PIL images.
-
-    Args:
-        images: a latent tensor (latent upscalers) or PIL images.
-        hires: the hires settings.
-        width: the target width in pixels.
-        height: the target height in pixels.
-    """
-    from PIL import Image
-
-    if hires.used_upscaler in LATENT_UPSCALERS:
-        import torch
-
-        mode, antialias = LATENT_UPSCALERS[hires.used_upscaler]
-        size = (height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
-        return torch.nn.functional.interpolate(images, size=size, mode=mode, antialias=antialias)
-    resample = Image.Resampling.NEAREST if hires.used_upscaler == "Nearest" else Image.Resampling.LANCZOS
-    return [image.resize((width, height), resample) for image in images]
-
-
 def _parameters(
     settings: GenerationSettings, scheduler: Any, guidance: Any, seed: int, distilled: Any = None
 ) -> dict[str, Any]:
@@ -396,7 +283,7 @@ def _parameters(
         "Size": f"{settings.width}x{settings.height}",
         "Model hash": settings.model_hash,
         "Model": settings.model_name,
-        **(settings.hires.parameters(settings) if settings.hires is not None else {}),
+        **(settings.hires.parameters() if settings.hires is not None else {}),
         **settings.extra_parameters,
         "Version": VERSION,
     }
@@ -506,31 +393,21 @@ def generate_images(
                     if latent_hires:
                         batch_images = decode_latents(pipeline, batch_images)
                 else:
-                    width, height = hires.size(settings.width, settings.height, family.image_size_multiple)
-                    second = {key: value for key, value in kwargs.items() if key not in ("height", "width")}
-                    if "height" in inspect.signature(hires_pipeline.__call__).parameters:
-                        # FLUX.1's img2img packs its latents by the size it is given; SD's read the image's.
-                        second.update(height=height, width=width)
-                    batch_images = hires_pipeline(
+                    hires_size = hires.size(settings.width, settings.height, family.image_size_multiple)
+                    batch_images = second_pass(
+                        hires_pipeline,
+                        hires,
+                        batch_images,
+                        hires_size,
+                        settings.steps,
                         prompt=prompts,
-                        image=upscale(batch_images, hires, width, height),
-                        strength=hires.denoising_strength,
-                        num_inference_steps=hires.steps or settings.steps,
                         generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch_seeds],
-                        output_type="pil",
                         callback_on_step_end=_step_callback(
-                            on_step,
-                            stops,
-                            family,
-                            batch,
-                            len(starts),
-                            indices,
-                            hires=True,
-                            size=(width, height),
+                            on_step, stops, family, batch, len(starts), indices, hires=True, size=hires_size
                         ),
                         **negatives_kwargs,
-                        **second,
-                    ).images
+                        **kwargs,
+                    )
             guidance = family.cfg_used(kwargs, settings.guidance_scale, pipeline)
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)

@@ -1,19 +1,19 @@
 """Loading the models a session exported (`session.manifest.models`) for generation.
 
-`load_session_pipeline` loads one into a one-slot cache: asking for another model frees the previous
-one first, so a notebook GPU never holds two. `infotext_fields` names it in infotexts as A1111 would.
+`load_session_pipeline` loads one into `SESSION_PIPELINES`, a one-slot `PipelineCache` (the class the
+web UI's service keeps its checkpoint in): asking for another model frees the previous one first, so a
+notebook GPU never holds two. `infotext_fields` names it in infotexts as A1111 would.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import json
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nbkit.device import default_device
 from nbkit.errors import NbkitError
+from nbkit.generation.cache import PipelineCache
 from nbkit.generation.placement import apply_memory_option, generation_dtype, plan_generation_memory
 
 if TYPE_CHECKING:
@@ -21,15 +21,7 @@ if TYPE_CHECKING:
     from nbkit.session.manifest import ExportedModel
 
 
-@dataclasses.dataclass
-class _Slot:
-    key: tuple | None = None
-    pipeline: Any = None
-    model: ExportedModel | None = None
-
-
-_SLOT = _Slot()
-_SLOT_LOCK = threading.Lock()
+SESSION_PIPELINES = PipelineCache()  # `loaded`: the `ExportedModel` it holds
 
 
 def find_model(session: Session, model: str | None = None) -> ExportedModel:
@@ -106,36 +98,14 @@ def _load_record(
 
 
 def _default_device_and_dtype(device: Any, dtype: Any, family: str | None = None) -> tuple[Any, Any]:
-    import torch
-
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     return device, generation_dtype(family, device) if dtype is None else dtype
-
-
-def release_pipeline() -> None:
-    """Drop the cached pipeline and give its memory back (CUDA included)."""
-    with _SLOT_LOCK:
-        _release()
-
-
-def _release() -> None:
-    _SLOT.key = _SLOT.pipeline = _SLOT.model = None
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def loaded_model() -> ExportedModel | None:
-    """The session model the cache holds, or None."""
-    return _SLOT.model
 
 
 def load_session_pipeline(
     session: Session, model: str | None = None, *, device: Any = None, dtype: Any = None
 ) -> Any:
-    """Load a model the session exported, through a one-slot cache.
+    """Load a model the session exported, through the one-slot cache `SESSION_PIPELINES`.
 
     The same model (and device and dtype) again returns the cached pipeline; another one frees the
     cached pipeline first. A `full` model loads from its diffusers folder (else its single file); a
@@ -165,19 +135,16 @@ def load_session_pipeline(
         str(device),
         str(dtype),
     )
-    with _SLOT_LOCK:
-        if _SLOT.key == key:
-            return _SLOT.pipeline
-        option = plan_generation_memory(record.family, device)  # a T4 is refused before any loading
-        if _SLOT.pipeline is not None:
-            _release()
+    # A GPU that cannot run it (a T4 for FLUX.1) is refused before the cached model is dropped.
+    option = plan_generation_memory(record.family, device)
+
+    def load() -> Any:
         # With a memory option the pipeline stays on the CPU until the option places it.
         quantization = option.quantization if option is not None else None
         pipeline = _load_record(session, record, None if option is not None else device, dtype, quantization)
-        if option is not None:
-            pipeline = apply_memory_option(pipeline, option, device)
-        _SLOT.key, _SLOT.pipeline, _SLOT.model = key, pipeline, record
-        return pipeline
+        return apply_memory_option(pipeline, option, device) if option is not None else pipeline
+
+    return SESSION_PIPELINES.get(key, load, loaded=record)
 
 
 def infotext_fields(record: ExportedModel) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Loading what the generation service runs: the checkpoint, a chosen VAE, a ControlNet, and the
 pipelines derived from the checkpoint for each mode.
 
-`ModelLoading` is the part of `nbkit.webui.service.GenerationService` that holds one loaded checkpoint:
+`ModelLoading` is the part of `nbkit.webui.service.GenerationService` that holds one loaded checkpoint,
+in a one-slot `nbkit.generation.cache.PipelineCache` (the class `load_session_pipeline` uses too):
 the old weights are freed before new ones load, the model's family (`nbkit.families`) picks its dtype and
 memory plan (`nbkit.generation.placement`), and img2img, inpainting and ControlNet pipelines are made per
 request with diffusers' `from_pipe`, sharing the loaded modules.
@@ -9,12 +10,12 @@ request with diffusers' `from_pipe`, sharing the loaded modules.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
 from nbkit.families import Family, get_family
+from nbkit.generation.cache import PipelineCache
 from nbkit.webui import controlnet as cn
 from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
 from nbkit.webui.requests import ControlNetUnit
@@ -29,8 +30,6 @@ class ModelLoading:
     dtype: Any
     low_vram: bool
     attention: str
-    pipeline: Any
-    current: ModelEntry | None
     notes: list[str]
     depth_model: str
     _wanted: str | None
@@ -39,6 +38,7 @@ class ModelLoading:
     _depth: cn.DepthEstimator | None
     _memory_option: Any
     _family: Family | None
+    _models: PipelineCache  # `loaded`: the checkpoint's `ModelEntry`
 
     def _set_progress(self, **changes: Any) -> None:
         raise NotImplementedError  # the service's
@@ -56,7 +56,6 @@ class ModelLoading:
             entry = self.catalog.add(key)
         if self.current == entry and self.pipeline is not None:
             return entry
-        from nbkit.families import family_of_pipeline
         from nbkit.generation.placement import plan_generation_memory
 
         family = entry.family or folder_family(entry.source)
@@ -64,34 +63,51 @@ class ModelLoading:
         option = plan_generation_memory(family, self.device)
         self._set_progress(job="load model", textinfo=f"Loading {entry.title}")
         self.unload()
-        from nbkit.models.loading import load_pipeline
-
         try:
-            pipeline = load_pipeline(
-                entry.source,
-                family=entry.family,
-                torch_dtype=self._dtype_for(family),
-                quantization=option.quantization if option is not None else None,
-            )
-            loaded = get_family(family) if family is not None else family_of_pipeline(pipeline)
-            if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
-                if self.dtype != self._dtype_for(loaded):
-                    pipeline = pipeline.to(dtype=self._dtype_for(loaded))
-                option = plan_generation_memory(loaded, self.device)
-                if option is not None and option.quantization is not None:
-                    raise NbkitError(
-                        f"this GPU runs {entry.title} only with {option.quantization} weights ({option.name}), "
-                        "and quantized weights load from a diffusers folder, not a single-file checkpoint",
-                        path=entry.source,
-                        fix="convert it to a diffusers folder (`nbkit convert FILE FOLDER --dtype bf16`) and "
-                        "open that folder, or use a GPU with more memory",
-                    )
-            pipeline.set_progress_bar_config(disable=True)
-            self.pipeline = self._place(pipeline, option, loaded)
-            self.current, self._family = entry, loaded
+            self._models.get(entry, lambda: self._load(entry, family, option))
         finally:
             self._set_progress(job="", textinfo="")
         return entry
+
+    def _load(self, entry: ModelEntry, family: str | None, option: Any) -> Any:
+        """Load and place `entry`; `family` and `option` are what its entry says (None: known once loaded)."""
+        from nbkit.families import family_of_pipeline
+        from nbkit.generation.placement import plan_generation_memory
+        from nbkit.models.loading import load_pipeline
+
+        pipeline = load_pipeline(
+            entry.source,
+            family=entry.family,
+            torch_dtype=self._dtype_for(family),
+            quantization=option.quantization if option is not None else None,
+        )
+        loaded = get_family(family) if family is not None else family_of_pipeline(pipeline)
+        if loaded is not None and family is None:  # a single file: known once loaded, still on the CPU
+            if self.dtype != self._dtype_for(loaded):
+                pipeline = pipeline.to(dtype=self._dtype_for(loaded))
+            option = plan_generation_memory(loaded, self.device)
+            if option is not None and option.quantization is not None:
+                raise NbkitError(
+                    f"this GPU runs {entry.title} only with {option.quantization} weights ({option.name}), "
+                    "and quantized weights load from a diffusers folder, not a single-file checkpoint",
+                    path=entry.source,
+                    fix="convert it to a diffusers folder (`nbkit convert FILE FOLDER --dtype bf16`) and "
+                    "open that folder, or use a GPU with more memory",
+                )
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline = self._place(pipeline, option, loaded)
+        self._family = loaded
+        return pipeline
+
+    @property
+    def pipeline(self) -> Any:
+        """The loaded checkpoint's pipeline, or None."""
+        return self._models.pipeline
+
+    @property
+    def current(self) -> ModelEntry | None:
+        """The loaded checkpoint, or None."""
+        return self._models.loaded
 
     def _dtype_for(self, family: Family | str | None) -> Any:
         """The weights' dtype: float16 on a GPU (bfloat16 for FLUX.1, which overflows float16), else float32."""
@@ -141,14 +157,10 @@ class ModelLoading:
 
     def unload(self) -> None:
         """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
-        self.pipeline = self.current = self._memory_option = self._family = None
+        self._memory_option = self._family = None
         self._vae = self._controlnet = None
         self._depth = None
-        gc.collect()
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+        self._models.release()  # after the VAE and ControlNet are dropped: it frees their memory too
 
     def ensure_model(self) -> ModelEntry:
         """The loaded checkpoint, loading the wanted (or first) one when none is."""

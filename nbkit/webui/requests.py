@@ -1,29 +1,43 @@
 """The web UI's and the API's requests to the generation service, and what comes back.
 
-`GenerationRequest` holds one request with A1111's field names and the web UI's defaults; the API
-(`nbkit.webui.api`) and the UI (`nbkit.webui.ui`) each map their fields onto it after checking the server's caps
-(`nbkit.webui.security.check_request_caps`). The tables the UI's menus and the API's lists share are here
-too.
+`GenerationRequest` holds one request with A1111's field names and the web UI's defaults. The API
+(`nbkit.webui.api_models`) and the UI (`nbkit.webui.ui`) parse their values into A1111-named fields and
+hand them to `make_request`, which checks the server's caps (`nbkit.webui.security.check_request_caps`)
+and keeps the fields the mode uses. The tables the UI's menus and the API's lists share are here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from PIL import Image
 
 from nbkit.webui.models import ModelEntry
+from nbkit.webui.security import Limits, check_request_caps
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
 MODES = ("txt2img", "img2img", "inpaint")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
 # The hires fix upscalers the UI's menu and the API's /upscalers offer (A1111 names others; they map to
-# these, `nbkit.generation.generate.HiresFix.used_upscaler`).
+# these, `nbkit.generation.hires.HiresFix.used_upscaler`).
 HR_UPSCALERS = ("Latent", "Lanczos")
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # A1111's resize_mode 0..2
 DISTILLED_CFG_SCALE = 3.5  # Forge's default "Distilled CFG Scale" (FLUX.1-dev's guidance)
+
+# What `make_request` keeps: every mode's fields, the hires fix's (txt2img with `enable_hr`), and those
+# of the modes that start from an image.
+_COMMON_FIELDS = (
+    "prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "distilled_cfg_scale",
+    "width", "height", "sampler_name", "scheduler", "vae", "controlnet", "save_images",
+)  # fmt: skip
+_HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
+_IMAGE_FIELDS = (
+    "init_image", "mask", "mask_blur", "inpainting_fill", "inpainting_mask_invert", "resize_mode",
+    "denoising_strength",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -184,3 +198,54 @@ class Progress:
             return 0.0
         elapsed = time.time() - self.started
         return elapsed / self.fraction - elapsed
+
+
+def make_request(
+    mode: Mode,
+    fields: dict[str, Any],
+    limits: Limits,
+    *,
+    final_size: tuple[int, int] | None = None,
+    read_inputs: Callable[[], dict[str, Any]] | None = None,
+) -> GenerationRequest:
+    """A `GenerationRequest` from an API body's or a UI form's A1111-named fields, after the caps.
+
+    The caps go first: the size, steps and image count, and with the hires fix its final size and
+    second-pass steps. Only then does `read_inputs` read what is costly or checked on its own (images,
+    the API's sampler), so a request above the caps decodes nothing. Of the fields, the request keeps
+    those of its mode: the hires fix's for txt2img with `enable_hr`, the image ones for img2img and
+    inpaint; a field not given keeps `GenerationRequest`'s default.
+
+    Args:
+        mode: `txt2img`, `img2img` or `inpaint`.
+        fields: `GenerationRequest` fields by name; `width`, `height`, `steps`, `batch_size` and `n_iter`
+            are required.
+        limits: the request caps.
+        final_size: the hires fix's final size, when the request gives it (A1111's `hr_resize_x/y`); the
+            hires scale then is its width over `width`. None: `hr_scale` times the size.
+        read_inputs: returns more fields, read once the caps pass (None: none).
+
+    Raises:
+        LimitError: a request above the caps.
+    """
+    width, height = fields["width"], fields["height"]
+    hires = mode == "txt2img" and bool(fields.get("enable_hr"))
+    scale = fields.get("hr_scale", 2.0)
+    final = final_size or (int(width * scale), int(height * scale))
+    check_request_caps(
+        width=width,
+        height=height,
+        steps=fields["steps"],
+        batch_size=fields["batch_size"],
+        n_iter=fields["n_iter"],
+        limits=limits,
+        final_size=final if hires else None,
+        second_pass_steps=fields.get("hr_second_pass_steps", 0),
+    )
+    if read_inputs is not None:
+        fields = {**fields, **read_inputs()}
+    names = _COMMON_FIELDS + (_HIRES_FIELDS if hires else ()) + (_IMAGE_FIELDS if mode != "txt2img" else ())
+    kept = {name: fields[name] for name in names if name in fields}
+    if hires and final_size is not None:
+        kept["hr_scale"] = final_size[0] / width
+    return GenerationRequest(mode=mode, **kept)

@@ -35,11 +35,12 @@ from PIL import Image, ImageOps
 
 from nbkit.errors import NbkitError
 from nbkit.families import Family
+from nbkit.generation.cache import PipelineCache
 from nbkit.webui import controlnet as cn
 from nbkit.webui.inpaint import blur_mask, masked_content, paste_back
 from nbkit.webui.loading import ModelLoading
 from nbkit.webui.lora import applied_loras, lora_hash, lora_hashes_text, parse_loras
-from nbkit.webui.models import ModelCatalog, ModelEntry
+from nbkit.webui.models import ModelCatalog
 from nbkit.webui.outputs import OutputStore
 from nbkit.webui.requests import ControlNetUnit, GenerationOutput, GenerationRequest, Progress
 from nbkit.webui.validation import check_request
@@ -131,8 +132,7 @@ class GenerationService(ModelLoading):
         self.dtype = generation_dtype(None, self.device)  # the default family's (a model's: `_dtype_for`)
         self.low_vram = low_vram
         self.attention = attention
-        self.pipeline: Any = None
-        self.current: ModelEntry | None = None
+        self._models = PipelineCache()  # the loaded checkpoint (`pipeline`, `current`)
         self.notes: list[str] = []
         self.preview_every = 5  # steps between live previews
         self.depth_model = cn.DEFAULT_DEPTH_MODEL  # what the depth preprocessor loads
@@ -178,7 +178,8 @@ class GenerationService(ModelLoading):
     def generate(self, request: GenerationRequest) -> GenerationOutput:
         """Run one request on the loaded checkpoint (load it first if needed). Not thread-safe: call it
         through the `GpuQueue`."""
-        from nbkit.generation.generate import GenerationSettings, HiresFix, generate_images, resolve_seeds
+        from nbkit.generation.generate import GenerationSettings, generate_images, resolve_seeds
+        from nbkit.generation.hires import HiresFix
         from nbkit.generation.placement import as_family
 
         started = time.time()

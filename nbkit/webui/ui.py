@@ -22,19 +22,17 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.generation.placement import as_family
-from nbkit.generation.samplers import SAMPLERS, SCHEDULES, sampler_tables
-from nbkit.webui.controlnet import CONTROLNETS, PREPROCESSORS
+from nbkit.generation.samplers import SAMPLERS, sampler_tables
 from nbkit.webui.models import folder_family
+from nbkit.webui.panel import Panel, progress_html
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
-    HR_UPSCALERS,
-    MASKED_CONTENT,
-    RESIZE_MODES,
     ControlNetUnit,
     GenerationRequest,
+    make_request,
 )
-from nbkit.webui.security import LimitError, Limits, check_request_caps
+from nbkit.webui.security import LimitError, Limits
 from nbkit.webui.service import GenerationService
 from nbkit.webui.tabs import outputs_tab, png_info_tab, settings_tab
 
@@ -54,14 +52,6 @@ def theme() -> Any:
     """gradio's default theme with system fonts: nothing is fetched from Google Fonts."""
     return gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-    )
-
-
-def _progress_html(fraction: float, text: str) -> str:
-    percent = max(0.0, min(1.0, fraction)) * 100
-    return (
-        f'<div class="nbkit-progress" data-progress="{percent:.0f}"><div style="width:{percent:.1f}%"></div>'
-        f"<span>{html.escape(text)}</span></div>"
     )
 
 
@@ -86,164 +76,6 @@ def _gallery_items(paths: list, images: list) -> list:
     return [str(path) for path in paths] if paths else list(images)
 
 
-class _Panel:
-    """The generation settings of one tab (each tab has its own, as in A1111)."""
-
-    def __init__(self, mode: str, limits: Limits):
-        self.mode = mode
-        self.fields: dict[str, Any] = {}
-        f = self.fields
-        with gr.Row():
-            with gr.Column(scale=6):
-                f["prompt"] = gr.Textbox(
-                    label="Prompt",
-                    lines=3,
-                    placeholder="Prompt (Ctrl+Enter to generate)",
-                    elem_id=f"{mode}-prompt",
-                )
-                f["negative_prompt"] = gr.Textbox(
-                    label="Negative prompt", lines=2, elem_id=f"{mode}-negative"
-                )
-            with gr.Column(scale=1, min_width=160):
-                self.generate = gr.Button(
-                    "Generate", variant="primary", elem_id=f"{mode}-generate", elem_classes="nbkit-generate"
-                )
-                with gr.Row():
-                    self.interrupt = gr.Button("Interrupt", size="sm", elem_id=f"{mode}-interrupt")
-                    self.skip = gr.Button("Skip", size="sm", elem_id=f"{mode}-skip")
-        with gr.Row():
-            with gr.Column(scale=1):
-                if mode == "img2img":
-                    f["init_image"] = gr.Image(
-                        label="Image for img2img", type="pil", image_mode="RGB", height=360
-                    )
-                elif mode == "inpaint":
-                    f["mask_editor"] = gr.ImageMask(
-                        label="Image and mask (paint over what to repaint)",
-                        type="pil",
-                        height=420,
-                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                        layers=False,
-                        transforms=(),
-                    )
-                    with gr.Row():
-                        f["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
-                        f["inpainting_mask_invert"] = gr.Radio(
-                            ["Inpaint masked", "Inpaint not masked"],
-                            value="Inpaint masked",
-                            label="Mask mode",
-                        )
-                    f["inpainting_fill"] = gr.Radio(
-                        list(MASKED_CONTENT), value="original", label="Masked content", type="index"
-                    )
-                elif mode == "controlnet":
-                    f["control_image"] = gr.Image(
-                        label="Control image", type="pil", image_mode="RGB", height=300
-                    )
-                    with gr.Row():
-                        f["cn_preprocessor"] = gr.Dropdown(
-                            list(PREPROCESSORS), value="canny", label="Preprocessor"
-                        )
-                        f["cn_model"] = gr.Dropdown(
-                            _controlnet_choices(), label="ControlNet model", allow_custom_value=True
-                        )
-                    f["cn_weight"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
-                if mode in ("img2img", "inpaint"):
-                    f["resize_mode"] = gr.Radio(
-                        list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", type="index"
-                    )
-                with gr.Row():
-                    f["sampler_name"] = gr.Dropdown(
-                        list(SAMPLERS), value="Euler a", label="Sampling method", elem_id=f"{mode}-sampler"
-                    )
-                    f["scheduler"] = gr.Dropdown(
-                        list(SCHEDULES), value="Automatic", label="Schedule type", elem_id=f"{mode}-scheduler"
-                    )
-                f["steps"] = gr.Slider(1, limits.max_steps, value=20, step=1, label="Sampling steps")
-                if mode == "txt2img":
-                    with gr.Accordion("Hires. fix", open=False):
-                        f["enable_hr"] = gr.Checkbox(label="Enable hires. fix", value=False)
-                        with gr.Row():
-                            f["hr_upscaler"] = gr.Dropdown(
-                                list(HR_UPSCALERS), value="Latent", label="Upscaler"
-                            )
-                            f["hr_second_pass_steps"] = gr.Slider(
-                                0, limits.max_steps, value=0, step=1, label="Hires steps"
-                            )
-                        with gr.Row():
-                            f["denoising_strength"] = gr.Slider(
-                                0, 1, value=0.7, step=0.01, label="Denoising strength"
-                            )
-                            f["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by")
-                side = min(2048, int(limits.max_pixels**0.5) * 2)
-                with gr.Row():
-                    with gr.Column():
-                        f["width"] = gr.Slider(
-                            64, side, value=512, step=8, label="Width", elem_id=f"{mode}-width"
-                        )
-                        f["height"] = gr.Slider(
-                            64, side, value=512, step=8, label="Height", elem_id=f"{mode}-height"
-                        )
-                    with gr.Column():
-                        f["n_iter"] = gr.Slider(1, limits.max_images, value=1, step=1, label="Batch count")
-                        f["batch_size"] = gr.Slider(
-                            1, min(8, limits.max_images), value=1, step=1, label="Batch size"
-                        )
-                f["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG Scale", elem_id=f"{mode}-cfg")
-                # Forge's slider: a guidance-distilled model's embedded guidance (FLUX.1-dev's); shown
-                # only while such a model is loaded (`Family.distilled_guidance_default`).
-                f["distilled_cfg_scale"] = gr.Slider(
-                    0,
-                    30,
-                    value=DISTILLED_CFG_SCALE,
-                    step=0.1,
-                    label="Distilled CFG Scale (FLUX.1)",
-                    visible=False,
-                )
-                if mode in ("img2img", "inpaint"):
-                    f["denoising_strength"] = gr.Slider(
-                        0, 1, value=0.75, step=0.01, label="Denoising strength"
-                    )
-                with gr.Row():
-                    f["seed"] = gr.Number(
-                        value=-1, precision=0, label="Seed", scale=4, elem_id=f"{mode}-seed"
-                    )
-                    self.dice = gr.Button(
-                        "⚄", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-random-seed"
-                    )
-                    self.reuse = gr.Button(
-                        "♻", elem_classes="nbkit-tool", scale=0, elem_id=f"{mode}-reuse-seed"
-                    )
-            with gr.Column(scale=1):
-                self.progress = gr.HTML(_progress_html(0, "Idle"), elem_id=f"{mode}-progress")
-                self.gallery = gr.Gallery(
-                    label="Output",
-                    columns=2,
-                    height=480,
-                    format="png",
-                    elem_id=f"{mode}-gallery",
-                    interactive=False,
-                )
-                self.infotext = gr.Textbox(
-                    label="Generation parameters", lines=4, interactive=False, elem_id=f"{mode}-info"
-                )
-        self.seeds = gr.State([])
-        self.infotexts = gr.State([])
-        self.selected = gr.State(0)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.fields)
-
-    @property
-    def inputs(self) -> list[Any]:
-        return list(self.fields.values())
-
-
-def _controlnet_choices() -> list[str]:
-    return sorted(CONTROLNETS)
-
-
 def build_request(mode: str, values: dict[str, Any], limits: Limits) -> GenerationRequest:
     """A `GenerationRequest` from one tab's values, after the caps are checked.
 
@@ -252,21 +84,8 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         values: the tab's field values by name.
         limits: the request caps.
     """
-    width, height = int(values["width"]), int(values["height"])
     hires = bool(values.get("enable_hr"))
-    scale = float(values.get("hr_scale") or 2)
-    check_request_caps(
-        width=width,
-        height=height,
-        steps=int(values["steps"]),
-        batch_size=int(values["batch_size"]),
-        n_iter=int(values["n_iter"]),
-        limits=limits,
-        final_size=(int(width * scale), int(height * scale)) if hires else None,
-        second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
-    )
     fields: dict[str, Any] = dict(
-        mode="txt2img",
         prompt=values["prompt"] or "",
         negative_prompt=values["negative_prompt"] or "",
         seed=int(values["seed"] if values["seed"] is not None else -1),
@@ -275,18 +94,18 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         steps=int(values["steps"]),
         cfg_scale=float(values["cfg_scale"]),
         distilled_cfg_scale=float(values.get("distilled_cfg_scale", DISTILLED_CFG_SCALE)),
-        width=width,
-        height=height,
+        width=int(values["width"]),
+        height=int(values["height"]),
         sampler_name=values["sampler_name"] or "Euler a",
         scheduler=values["scheduler"] or "Automatic",
         save_images=True,
+        enable_hr=hires,
+        hr_scale=float(values.get("hr_scale") or 2),
+        hr_second_pass_steps=int(values.get("hr_second_pass_steps") or 0),
     )
-    if mode == "txt2img" and hires:
+    if hires:
         fields.update(
-            enable_hr=True,
-            hr_scale=scale,
             hr_upscaler=values["hr_upscaler"] or "Latent",
-            hr_second_pass_steps=int(values["hr_second_pass_steps"] or 0),
             denoising_strength=float(values["denoising_strength"]),
         )
     if mode in ("img2img", "inpaint"):
@@ -294,38 +113,47 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
             denoising_strength=float(values["denoising_strength"]),
             resize_mode=int(values["resize_mode"] or 0),
         )
-    if mode == "img2img":
-        if values.get("init_image") is None:
-            raise NbkitError("img2img needs an image", fix="drop a picture into the image box first")
-        fields.update(mode="img2img", init_image=values["init_image"])
-    elif mode == "inpaint":
-        image, mask = _mask_from_editor(values.get("mask_editor"))
-        if image is None:
-            raise NbkitError("inpaint needs an image", fix="drop a picture into the image box first")
-        if mask is None or mask.getbbox() is None:
-            raise NbkitError("inpaint needs a mask", fix="paint over the part of the picture to repaint")
-        fields.update(
-            mode="inpaint",
-            init_image=image,
-            mask=mask,
-            mask_blur=int(values["mask_blur"]),
-            inpainting_fill=int(values["inpainting_fill"] if values["inpainting_fill"] is not None else 1),
-            inpainting_mask_invert=values["inpainting_mask_invert"] == "Inpaint not masked",
-        )
-    elif mode == "controlnet":
-        if values.get("control_image") is None:
-            raise NbkitError(
-                "ControlNet needs a control image", fix="drop a picture into the control image box"
+
+    def read_inputs() -> dict[str, Any]:
+        if mode == "img2img":
+            if values.get("init_image") is None:
+                raise NbkitError("img2img needs an image", fix="drop a picture into the image box first")
+            return {"init_image": values["init_image"]}
+        if mode == "inpaint":
+            image, mask = _mask_from_editor(values.get("mask_editor"))
+            if image is None:
+                raise NbkitError("inpaint needs an image", fix="drop a picture into the image box first")
+            if mask is None or mask.getbbox() is None:
+                raise NbkitError("inpaint needs a mask", fix="paint over the part of the picture to repaint")
+            fill = values["inpainting_fill"]
+            return dict(
+                init_image=image,
+                mask=mask,
+                mask_blur=int(values["mask_blur"]),
+                inpainting_fill=int(fill if fill is not None else 1),
+                inpainting_mask_invert=values["inpainting_mask_invert"] == "Inpaint not masked",
             )
-        if not values.get("cn_model"):
-            raise NbkitError("pick a ControlNet model", fix="choose one that matches the checkpoint's family")
-        fields["controlnet"] = ControlNetUnit(
-            model=values["cn_model"],
-            image=values["control_image"],
-            preprocessor=values["cn_preprocessor"] or "none",
-            weight=float(values["cn_weight"]),
-        )
-    return GenerationRequest(**fields)
+        if mode == "controlnet":
+            if values.get("control_image") is None:
+                raise NbkitError(
+                    "ControlNet needs a control image", fix="drop a picture into the control image box"
+                )
+            if not values.get("cn_model"):
+                raise NbkitError(
+                    "pick a ControlNet model", fix="choose one that matches the checkpoint's family"
+                )
+            unit = ControlNetUnit(
+                model=values["cn_model"],
+                image=values["control_image"],
+                preprocessor=values["cn_preprocessor"] or "none",
+                weight=float(values["cn_weight"]),
+            )
+            return {"controlnet": unit}
+        return {}
+
+    return make_request(
+        mode if mode in ("img2img", "inpaint") else "txt2img", fields, limits, read_inputs=read_inputs
+    )
 
 
 def _describe(error: BaseException) -> str:
@@ -335,7 +163,7 @@ def _describe(error: BaseException) -> str:
 
 
 def _generate_handler(
-    mode: str, panel: _Panel, service: GenerationService, queue: GpuQueue, limits: Limits
+    mode: str, panel: Panel, service: GenerationService, queue: GpuQueue, limits: Limits
 ) -> Callable[..., Iterator[tuple]]:
     names = panel.names
 
@@ -346,7 +174,7 @@ def _generate_handler(
             future = queue.submit(lambda: service.generate(request))
         except QueueFull as error:
             gr.Warning(f"Busy: {error}")
-            yield gr.skip(), gr.skip(), _progress_html(0, f"Busy: {error.message}"), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), progress_html(0, f"Busy: {error.message}"), gr.skip(), gr.skip()
             return
         except (NbkitError, ValueError) as error:
             raise gr.Error(_describe(error)) from None
@@ -355,24 +183,24 @@ def _generate_handler(
             snapshot = service.progress()
             if snapshot.job_count:
                 text = snapshot.textinfo or f"Step {snapshot.sampling_step}/{snapshot.sampling_steps}"
-                yield gr.skip(), gr.skip(), _progress_html(snapshot.fraction, text), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), progress_html(snapshot.fraction, text), gr.skip(), gr.skip()
             else:
                 text = snapshot.textinfo or (
                     f"Waiting in the queue ({waited} ahead)" if waited else "Starting"
                 )
-                yield gr.skip(), gr.skip(), _progress_html(0, text), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), progress_html(0, text), gr.skip(), gr.skip()
             time.sleep(POLL_SECONDS)
         try:
             output = future.result()
         except Exception as error:
-            yield gr.skip(), gr.skip(), _progress_html(0, "Failed"), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), progress_html(0, "Failed"), gr.skip(), gr.skip()
             raise gr.Error(_describe(error)) from None
         done = "Interrupted" if output.interrupted else f"Done in {output.seconds:.1f} s"
         first = output.infotexts[0] if output.infotexts else ""
         yield (
             _gallery_items(output.paths, output.images),
             first,
-            _progress_html(1 if output.images else 0, done),
+            progress_html(1 if output.images else 0, done),
             list(output.seeds),
             list(output.infotexts),
         )
@@ -380,9 +208,7 @@ def _generate_handler(
     return run
 
 
-def _wire_panel(
-    panel: _Panel, mode: str, service: GenerationService, queue: GpuQueue, limits: Limits
-) -> None:
+def _wire_panel(panel: Panel, mode: str, service: GenerationService, queue: GpuQueue, limits: Limits) -> None:
     handler = _generate_handler(mode, panel, service, queue, limits)
     outputs = [panel.gallery, panel.infotext, panel.progress, panel.seeds, panel.infotexts]
     panel.generate.click(handler, inputs=panel.inputs, outputs=outputs, concurrency_limit=None)
@@ -423,7 +249,7 @@ def _wire_model_picker(
     model: gr.Dropdown,
     refresh: gr.Button,
     status: gr.Markdown,
-    panels: dict[str, _Panel],
+    panels: dict[str, Panel],
     service: GenerationService,
     queue: GpuQueue,
 ) -> None:
@@ -510,7 +336,7 @@ def build_ui(
             )
             refresh = gr.Button("↻", elem_classes="nbkit-tool", scale=0, elem_id="nbkit-refresh")
             status = gr.Markdown("", elem_id="nbkit-status")
-        panels: dict[str, _Panel] = {}
+        panels: dict[str, Panel] = {}
         with gr.Tabs(elem_id="nbkit-tabs") as tabs:
             for mode, label in (
                 ("txt2img", "txt2img"),
@@ -519,7 +345,7 @@ def build_ui(
                 ("controlnet", "ControlNet"),
             ):
                 with gr.Tab(label, id=mode):
-                    panels[mode] = _Panel(mode, limits)
+                    panels[mode] = Panel(mode, limits)
                     _wire_panel(panels[mode], mode, service, queue, limits)
             png_info_tab(panels, tabs)
             if share_outputs and service.outputs is not None:
