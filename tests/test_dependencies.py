@@ -115,19 +115,26 @@ def test_the_models_part_does_not_need_peft():
     assert find_problems("models", {**SUPPORTED, "peft": None}) == []
 
 
-def test_an_unsupported_stack_stops_the_training_import_with_the_message(tmp_path):
-    """A faked site-packages with peft 0.1 in front of the real one: `import nbkit.train` says so."""
+@pytest.mark.parametrize(
+    ("package", "start", "message"),
+    [
+        ("peft", "from nbkit.train import train", "peft 0.1.0 is outside peft>=0.13"),
+        ("gradio", "from nbkit.webui import launch; launch()", "gradio 0.1.0 is outside gradio>=4.44"),
+    ],
+)
+def test_an_unsupported_stack_stops_training_and_the_ui_with_the_message(tmp_path, package, start, message):
+    """A faked site-packages with an old package in front of the real one: starting says so, in one line."""
     fake = tmp_path / "site"
-    info = fake / "peft-0.1.0.dist-info"
+    info = fake / f"{package}-0.1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.1.0\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1.0\n")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "try:\n    import nbkit.train\nexcept Exception as error:\n    print(type(error).__name__, error)\n"
+        f"try:\n    {start}\nexcept Exception as error:\n    print(type(error).__name__, error)\n"
     )
     completed = subprocess.run([sys.executable, "-c", code, str(fake)], capture_output=True, text=True)
     assert "IncompatibleVersionsError" in completed.stdout
-    assert "peft 0.1.0 is outside peft>=0.13" in completed.stdout
+    assert message in completed.stdout
 
 
 def test_catalog_modules_import_without_the_version_check():
