@@ -16,7 +16,8 @@ from pathlib import Path
 
 from nbkit.errors import NbkitError
 from nbkit.families import flux1, sd1, sd2, sdxl
-from nbkit.families.base import DetectedFamily, Family, FolderConfigs
+from nbkit.families.base import Family
+from nbkit.families.facts import DetectedFamily, FolderConfigs
 from nbkit.fsio import read_json
 
 ENTRY_POINT_GROUP = "nbkit.families"

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.families._generation import accepts
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require
-from nbkit.families.base import DetectedFamily, Family, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.base import Family
+from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbkit.families._generation import HubControlNet
-from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
+from nbkit.families.facts import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
 from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily
 
 

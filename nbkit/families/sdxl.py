@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from nbkit.families._generation import HubControlNet
-from nbkit.families.base import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
+from nbkit.families.facts import FolderConfigs, HubModel, SingleFileComponent, SingleFileLayout
 from nbkit.families.stable_diffusion import LDM_UNET, LDM_VAE, StableDiffusionFamily
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nbkit.families._training import NoisyLatents, min_snr_weights, require, sample_timesteps, training_target
-from nbkit.families.base import DetectedFamily, Family, FolderConfigs, SingleFileComponent
+from nbkit.families.base import Family
+from nbkit.families.facts import DetectedFamily, FolderConfigs, SingleFileComponent
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES
-from nbkit.families.base import MemoryOption, Task
+from nbkit.families.facts import MemoryOption, Task
 from nbkit.models.quantization import BACKEND_BITS
 from nbkit.models.registry import ModelSpec
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES
-from nbkit.families.base import RESOLUTION_STEP, HubModel, PredictionType
+from nbkit.families.facts import RESOLUTION_STEP, HubModel, PredictionType
 
 
 @dataclasses.dataclass(frozen=True)
