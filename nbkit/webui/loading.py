@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nbkit.device import use_attention
 from nbkit.errors import NbkitError
 from nbkit.families import Family, get_family
 from nbkit.generation.cache import PipelineCache
@@ -143,11 +144,12 @@ class ModelLoading:
             # Low VRAM offloads a plan that fits whole too: placement and `_offload` (which derived
             # pipelines follow) must agree.
             return apply_memory_option(pipeline, option, self.device, offload=self._offload)
-        if self.device.type == "cuda" and self.attention == "xformers":
-            try:
-                pipeline.enable_xformers_memory_efficient_attention()
-            except Exception as error:  # not installed, or built for another torch: SDPA stays
-                self.notes.append(f"xformers is not usable here ({error}); using PyTorch SDPA attention")
+        if self.device.type == "cuda":
+            _, why_not = use_attention(
+                pipeline, self.device, self.attention
+            )  # SDPA stays when xformers fails
+            if why_not:
+                self.notes.append(why_not)
         if self._offload:
             pipeline.enable_attention_slicing()
             pipeline.enable_vae_tiling()

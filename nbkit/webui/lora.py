@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,3 @@ def applied_loras(pipeline: Any, loras: list[tuple[LoraTag, Path]]) -> Iterator[
     finally:
         if names:
             pipeline.unload_lora_weights()
-
-
-def resolve_loras(tags: list[LoraTag], find: Callable[[str], Any]) -> list[tuple[LoraTag, Any]]:
-    """Each tag with the catalog entry `find(name)` returns (it raises for an unknown name)."""
-    return [(tag, find(tag.name)) for tag in tags]

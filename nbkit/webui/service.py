@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from nbkit.device import default_device
 from nbkit.errors import NbkitError
 from nbkit.families import Family
 from nbkit.generation.cache import PipelineCache
@@ -120,15 +121,13 @@ class GenerationService(ModelLoading):
         low_vram: bool = False,
         attention: str = "sdpa",
     ):
-        import torch
-
         from nbkit.generation.placement import generation_dtype
 
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.catalog = catalog
         self.outputs = outputs
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.dtype = generation_dtype(None, self.device)  # the default family's (a model's: `_dtype_for`)
         self.low_vram = low_vram
         self.attention = attention
