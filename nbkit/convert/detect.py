@@ -21,7 +21,7 @@ from nbkit.convert.keymaps_unet import LDM_UNET_PREFIX
 from nbkit.convert.metadata import METADATA_FAMILY, METADATA_PREDICTION, METADATA_RESOLUTION
 from nbkit.convert.tensor_sources import open_tensor_file
 from nbkit.errors import NbkitError
-from nbkit.families import FAMILIES, Family, detect_family_from_config
+from nbkit.families import FAMILIES, Family, detect_family_from_config, most_specific_first
 
 # Keys some trainers add to mark a v-prediction model (ComfyUI and kohya's scripts read them).
 V_PREDICTION_MARKERS = ("v_pred",)
@@ -94,7 +94,7 @@ def _from_folder(folder: Path) -> FamilyGuess:
 
 def _single_file_families() -> list[Family]:
     """The families with a single-file layout, most specific first."""
-    ordered = sorted(FAMILIES.values(), key=lambda family: -family.detection_priority)
+    ordered = most_specific_first()
     return [family for family in ordered if family.single_file is not None]
 
 

@@ -62,6 +62,12 @@ def _load_plugins() -> None:
 _load_plugins()
 
 
+def most_specific_first() -> list[Family]:
+    """The families in the order they are asked to claim a folder, a file or a pipeline: by descending
+    `detection_priority`, so the most general family (SD 1.x, any UNet) answers last."""
+    return sorted(FAMILIES.values(), key=lambda family: -family.detection_priority)
+
+
 def get_family(name: str) -> Family:
     """Return family `name`, or raise `NbkitError` listing the families."""
     if name not in FAMILIES:
@@ -121,7 +127,7 @@ def detect_family_from_config(folder: str | os.PathLike) -> DetectedFamily:
         NbkitError: when the folder lacks a config, a config is not JSON, or no family claims it.
     """
     configs = read_folder_configs(folder)
-    for family in sorted(FAMILIES.values(), key=lambda family: -family.detection_priority):
+    for family in most_specific_first():
         detected = family.detect(configs)
         if detected is not None:
             return detected
@@ -132,6 +138,18 @@ def detect_family_from_config(folder: str | os.PathLike) -> DetectedFamily:
     )
 
 
+def family_of_pipeline(pipeline: object) -> Family | None:
+    """The family of a loaded diffusers pipeline (each family asked, most specific first), or None.
+
+    Args:
+        pipeline: a diffusers pipeline (text-to-image, or one made from it with `from_pipe`).
+    """
+    for family in most_specific_first():
+        if family.owns_pipeline(pipeline):
+            return family
+    return None
+
+
 __all__ = [
     "DEFAULT_FAMILY",
     "FAMILIES",
@@ -139,19 +157,9 @@ __all__ = [
     "Family",
     "FolderConfigs",
     "detect_family_from_config",
+    "family_of_pipeline",
     "get_family",
+    "most_specific_first",
     "read_folder_configs",
     "register_family",
 ]
-
-
-def family_of_pipeline(pipeline: object) -> Family | None:
-    """The family of a loaded diffusers pipeline (each family asked, most specific first), or None.
-
-    Args:
-        pipeline: a diffusers pipeline (text-to-image, or one made from it with `from_pipe`).
-    """
-    for family in sorted(FAMILIES.values(), key=lambda family: -family.detection_priority):
-        if family.owns_pipeline(pipeline):
-            return family
-    return None

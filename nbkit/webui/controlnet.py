@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from nbkit.errors import NbkitError
-from nbkit.families import FAMILIES, Family, get_family
+from nbkit.families import FAMILIES, Family, get_family, most_specific_first
 from nbkit.fsio import read_json
 
 PREPROCESSORS = ("none", "canny", "depth")
@@ -33,8 +33,7 @@ DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
 def _controlnet_families() -> list[Family]:
     """The families that take ControlNets, most specific first (the order their configs are asked)."""
-    families = sorted(FAMILIES.values(), key=lambda family: -family.detection_priority)
-    return [family for family in families if family.controlnet_group is not None]
+    return [family for family in most_specific_first() if family.controlnet_group is not None]
 
 
 # A ControlNet group -> its name in messages.
