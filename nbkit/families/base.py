@@ -198,6 +198,7 @@ class Family:
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
 
     # Facts: `trains_text_encoders` (stage 1 can train them; else they only encode each caption once),
+    # `trains_full_denoiser` (stage 2 may fine-tune the whole denoiser; else a LoRA of it only),
     # `offloads_text_encoders` (on a GPU they wait on the CPU once the captions are encoded),
     # `trains_on_quantized_base` (its frozen denoiser may load in 8 or 4 bits under the LoRA, QLoRA),
     # `xformers_training` (its denoiser trains with xformers' attention where installed),
@@ -206,6 +207,7 @@ class Family:
     # `lora_oom_hint` (said after "train a LoRA" in out-of-memory advice), `training_note` (the
     # notebook's line about how it trains), `demo_training_overrides` (the tiny demo's settings).
     trains_text_encoders: ClassVar[bool] = True
+    trains_full_denoiser: ClassVar[bool] = True
     offloads_text_encoders: ClassVar[bool] = False
     trains_on_quantized_base: ClassVar[bool] = False
     xformers_training: ClassVar[bool] = True

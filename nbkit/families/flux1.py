@@ -147,6 +147,7 @@ class Flux1(Family):
     # DreamBooth LoRA example; the CLIP and T5 encoders stay frozen and encode each caption once.
 
     trains_text_encoders = False
+    trains_full_denoiser = False
     offloads_text_encoders = True  # T5-XXL is 9.5 GB; the memory plan's options assume it waits on the CPU
     trains_on_quantized_base = True
     xformers_training = False

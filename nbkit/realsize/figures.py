@@ -1,0 +1,160 @@
+"""Compute a family's memory figures (the traces the planner reads) and write them beside its adapter.
+
+    python -m nbkit.realsize.figures FAMILY [FAMILY ...]     # writes nbkit/families/figures/FAMILY.json
+
+What is traced, at the family's native resolution and batch 1, in its training precision (bf16 for
+families that need it, else fp16 mixed precision), with 8-bit Adam (bitsandbytes' states, modelled):
+
+- training, per stage nbkit runs (stage 1 `text_encoder` where the family trains its text encoders,
+  stage 2 `denoiser`) x full fine-tuning (where the family allows it) or a rank-16 LoRA of the
+  adapter's LoRA targets x gradient checkpointing on / off (stage 1: on only);
+- generation, phase by phase (`text`, `denoise` with classifier-free guidance where the family uses
+  it, `decode`), so the planner can add the phases up for a resident pipeline or take the largest one
+  for model CPU offload.
+
+Each row keeps the breakdown at the peak (parameters, gradients, optimizer, activations, temporaries,
+inputs) and the number of parameters that train, so the planner can scale activations to another
+size or batch and swap 8-bit Adam for AdamW's float32 states (`nbkit.models.memory`). Text encoders
+that a family keeps on the CPU while training (`offloads_text_encoders`) are not resident in its
+training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLUX.1 are the long ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from nbkit.families import FAMILIES, get_family
+from nbkit.families.base import Family
+from nbkit.fsio import atomic_write_json
+from nbkit.realsize.memory_trace import (
+    GenerateSettings,
+    MemoryFigure,
+    TrainSettings,
+    _trace_models,
+    generation_phases,
+    prepare_generation,
+    prepare_training,
+    track_peak,
+)
+
+FIGURES_DIR = Path(__file__).resolve().parents[1] / "families" / "figures"
+LORA_RANK = 16
+
+
+def training_rows(family: Family) -> list[TrainSettings]:
+    """The training settings traced for `family` (module docstring)."""
+    precision = "bf16" if family.needs_bf16 else "fp16"
+    rows = []
+    stages = ("text_encoder", "denoiser") if family.trains_text_encoders else ("denoiser",)
+    for stage in stages:
+        for rank in (0, LORA_RANK) if family.trains_full_denoiser else (LORA_RANK,):
+            for checkpointing in (True, False) if stage == "denoiser" else (True,):
+                rows.append(
+                    TrainSettings(
+                        family.native_resolution,
+                        precision=precision,
+                        optimizer="adamw8bit",
+                        gradient_checkpointing=checkpointing,
+                        lora_rank=rank,
+                        lora_targets=family.lora_target_modules(family.denoiser),
+                        stage=stage,
+                    )
+                )
+    return rows
+
+
+def _row(settings: TrainSettings, figure: MemoryFigure, trained: int) -> dict[str, Any]:
+    return {
+        "stage": settings.stage,
+        "mode": "lora" if settings.lora_rank else "full",
+        "lora_rank": settings.lora_rank,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "optimizer": settings.optimizer,
+        "trained_parameters": trained,
+        "peak": figure.peak_bytes,
+        "breakdown": figure.breakdown,
+        "trace_seconds": round(figure.seconds, 1),
+    }
+
+
+def compute_figures(name: str, *, log=print) -> dict[str, Any]:
+    """Trace every row of family `name` and return the figures document (module docstring)."""
+    import diffusers
+    import torch
+
+    family = get_family(name)
+    precision = "bf16" if family.needs_bf16 else "fp16"
+    resident_in_training = None
+    if family.offloads_text_encoders:
+        resident_in_training = lambda models: {
+            k: v for k, v in models.items() if not k.startswith("text_encoder")
+        }  # noqa: E731
+    train = []
+    components: dict[str, dict[str, int]] = {}
+    for settings in training_rows(family):
+        models, fake_mode = _trace_models(name)
+        if not components:
+            components = {
+                key: {"parameters": sum(p.numel() for p in model.parameters())}
+                for key, model in models.items()
+            }
+        with fake_mode:
+            step = prepare_training(models, settings)
+        trained = sum(p.numel() for model in models.values() for p in model.parameters() if p.requires_grad)
+        tracked = resident_in_training(models) if resident_in_training else models
+        figure = track_peak(step, tracked, fake_mode=fake_mode, cuda_rounding=True)
+        train.append(_row(settings, figure, trained))
+        log(
+            f"{name} train {settings.stage} rank {settings.lora_rank} ckpt {settings.gradient_checkpointing}: {figure.describe()} [{figure.seconds:.0f} s]"
+        )
+    generate = {}
+    models, fake_mode = _trace_models(name)
+    settings = GenerateSettings(family.native_resolution, precision=precision, vae_upcast=False)
+    with fake_mode:
+        prepare_generation(models, settings)  # casts the models
+        phases = generation_phases(models, settings)
+    for phase, (names, step) in phases.items():
+        figure = track_peak(
+            step, {key: models[key] for key in names}, fake_mode=fake_mode, cuda_rounding=True
+        )
+        generate[phase] = {
+            "components": list(names),
+            "peak": figure.peak_bytes,
+            "breakdown": figure.breakdown,
+        }
+        log(f"{name} generate {phase}: {figure.describe()} [{figure.seconds:.0f} s]")
+    return {
+        "family": name,
+        "resolution": family.native_resolution,
+        "batch": 1,
+        "precision": precision,
+        "lora_rank": LORA_RANK,
+        "components": components,
+        "train": train,
+        "generate": generate,
+        "computed_with": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+            "method": "FakeTensorMode + MemTracker, 512-byte rounding (nbkit.realsize.memory_trace)",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="+", choices=sorted(FAMILIES))
+    parser.add_argument("--out", type=Path, default=FIGURES_DIR)
+    args = parser.parse_args(argv)
+    for name in args.families:
+        document = compute_figures(name, log=lambda line: print(line, flush=True))
+        atomic_write_json(args.out / f"{name}.json", document)
+        print(f"wrote {args.out / f'{name}.json'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
