@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from nbkit.families import FAMILIES
+from nbkit.families.flux1 import LORA_TARGETS as FLUX_LORA_TARGETS
 from nbkit.realsize.memory_trace import (
     GPU_OVERHEAD_FACTOR,
     GenerateSettings,
@@ -20,7 +21,6 @@ from nbkit.realsize.memory_trace import (
     trace_generation,
     trace_training,
 )
-from nbkit.families.flux1 import LORA_TARGETS as FLUX_LORA_TARGETS
 
 ROWS = {
     "sd1": dict(lora_rank=0, precision="fp16"),

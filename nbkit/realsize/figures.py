@@ -22,7 +22,6 @@ training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLU
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -88,11 +87,6 @@ def compute_figures(name: str, *, log=print) -> dict[str, Any]:
 
     family = get_family(name)
     precision = "bf16" if family.needs_bf16 else "fp16"
-    resident_in_training = None
-    if family.offloads_text_encoders:
-        resident_in_training = lambda models: {
-            k: v for k, v in models.items() if not k.startswith("text_encoder")
-        }  # noqa: E731
     train = []
     components: dict[str, dict[str, int]] = {}
     for settings in training_rows(family):
@@ -105,7 +99,11 @@ def compute_figures(name: str, *, log=print) -> dict[str, Any]:
         with fake_mode:
             step = prepare_training(models, settings)
         trained = sum(p.numel() for model in models.values() for p in model.parameters() if p.requires_grad)
-        tracked = resident_in_training(models) if resident_in_training else models
+        # Text encoders the trainer keeps on the CPU while training are not resident.
+        offloaded = family.offloads_text_encoders
+        tracked = {
+            key: model for key, model in models.items() if not (offloaded and key.startswith("text_encoder"))
+        }
         figure = track_peak(step, tracked, fake_mode=fake_mode, cuda_rounding=True)
         train.append(_row(settings, figure, trained))
         log(

@@ -188,8 +188,7 @@ def _write_weights(module: torch.nn.Module, out: Path, *, stem: str, dtype: torc
 
 
 def _write_tokenizer(folder: Path, out: Path, name: str, class_name: str) -> None:
-    from nbkit.tokenizers import make_t5_tokenizer
-    from nbkit.tokenizers import EOS_TOKEN, make_clip_tokenizer, write_clip_vocab_files
+    from nbkit.tokenizers import EOS_TOKEN, make_clip_tokenizer, make_t5_tokenizer, write_clip_vocab_files
 
     if class_name.startswith("T5"):
         make_t5_tokenizer().save_pretrained(out / name)
