@@ -1,4 +1,5 @@
-"""`nbkit model`: list the base models, build tiny ones, fetch models into the cache, inspect a model."""
+"""`nbkit model`: list the base models, build tiny or full-size random ones, fetch models into the cache,
+inspect a model."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("family", metavar="FAMILY", help=f"{', '.join(FAMILIES)} (tiny-FAMILY also accepted)")
     tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     tiny.set_defaults(func=tiny_command, loads_models=True)
+
+    random = actions.add_parser(
+        "random",
+        help="save a full-size random-weight model (offline, from nbkit's shipped configs) as a diffusers "
+        "folder, for benchmarks and memory checks",
+    )
+    random.add_argument("family", metavar="FAMILY", help=", ".join(FAMILIES))
+    random.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a new or empty folder")
+    random.add_argument("--seed", type=int, default=0, help="the seed every weight derives from")
+    random.add_argument(
+        "--dtype", choices=["float16", "bfloat16"], default=None, help="default: bf16 where the family needs it"
+    )
+    random.set_defaults(func=random_command, loads_models=True)
 
     fetch = actions.add_parser("fetch", help="download a model into the cache and print its local path")
     fetch.add_argument("source", metavar="SOURCE", help="registry key, owner/name[@revision], path or URL")
@@ -58,6 +72,17 @@ def tiny_command(args: argparse.Namespace) -> int:
 
     family = args.family.removeprefix("tiny-")
     print(save_tiny_pipeline(family, args.out_dir))
+    return 0
+
+
+def random_command(args: argparse.Namespace) -> int:
+    from nbkit.families import get_family
+    from nbkit.realsize.random_models import describe, save_random_model
+
+    family = get_family(args.family)  # an unknown name is refused with the known ones
+    counts = ", ".join(f"{name} {millions:,.1f} M" for name, millions in describe(family.name).items())
+    print(f"{family.title} at full size, random weights ({counts} parameters)", flush=True)
+    print(save_random_model(family.name, args.out_dir, seed=args.seed, dtype=args.dtype))
     return 0
 
 

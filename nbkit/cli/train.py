@@ -30,6 +30,7 @@ FIELDS = {
     "min_snr_gamma": "min_snr_gamma",
     "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints",
+    "training_mode": "training_mode",
     "lora_rank": "lora_rank",
     "lora_alpha": "lora_alpha",
     "mixed_precision": "mixed_precision",
@@ -184,6 +185,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weight of the class images' loss",
         type=float,
         metavar="W",
+    )
+    option(
+        "--training-mode",
+        "training_mode",
+        "auto: full fine-tuning where the GPU holds it, else a rank-16 LoRA (said before the run); full: "
+        "refused before the run where it does not fit; lora: always a LoRA",
+        choices=["auto", "full", "lora"],
     )
     option(
         "--lora-rank",

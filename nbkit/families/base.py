@@ -11,6 +11,8 @@ This module imports neither torch nor diffusers: the behaviour methods import th
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +35,21 @@ from nbkit.families.facts import (
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
+
+FIGURES_DIR = Path(__file__).resolve().parent / "figures"
+# How a family without ways of its own runs: everything on the GPU, or (generation) model CPU offload.
+_DEFAULT_MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
+    "generate": (
+        MemoryOption("resident", "everything on the GPU"),
+        MemoryOption("offload", "each component moved to the GPU only while it runs", offload=True),
+    ),
+    "train": (MemoryOption("resident", "the denoiser, text encoders and VAE on the GPU"),),
+}
+
+
+@functools.cache
+def _read_figures(path: Path) -> Mapping[str, Any] | None:
+    return MappingProxyType(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
 class Family:
@@ -160,13 +177,18 @@ class Family:
         raise NbkitError(f"nbkit has no ControlNet for {self.title}", fix="use an SD family model")
 
     def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
-        """The ways of running this family's models for `task`, largest (fastest) first, with their
-        rough peak GPU memory; empty when its models fit every GPU nbkit supports (not checked).
+        """The ways of running this family's models for `task`, largest (fastest) first (their peaks
+        are computed by the planner, `nbkit.models.memory`, from `memory_figures`).
 
         Args:
             task: `generate` or `train`.
         """
-        return ()
+        return _DEFAULT_MEMORY_OPTIONS[task]
+
+    def memory_figures(self) -> Mapping[str, Any] | None:
+        """The GPU memory traced for this family's real-width model (`python -m nbkit.realsize.figures`),
+        kept in `nbkit/families/figures/<name>.json`; None when nbkit has none for it."""
+        return _read_figures(FIGURES_DIR / f"{self.name}.json")
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
 

@@ -81,16 +81,22 @@ class MemoryOption:
     Args:
         name: a short name (`bf16`, `bf16-offload`, `8bit-offload`, `4bit-offload`).
         description: what it does, for messages.
-        peak_gib: the rough peak GPU memory in GiB.
+        peak_gib: the peak GPU memory in GiB, computed by the planner (`nbkit.models.memory`) from the
+            family's traced figures; None in the family's own list.
         quantization: `8bit`, `4bit` or None; quantized weights need bitsandbytes or torchao.
         offload: the text encoders (and, for generation, idle components) live on the CPU.
+        quantized: the components loaded with `quantization` weights.
+        stays: under offload, the components that stay on the GPU anyway (bitsandbytes' 8-bit modules
+            cannot move between devices).
     """
 
     name: str
     description: str
-    peak_gib: float
+    peak_gib: float | None = None
     quantization: Literal["8bit", "4bit"] | None = None
     offload: bool = False
+    quantized: tuple[str, ...] = ()
+    stays: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

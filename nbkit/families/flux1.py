@@ -32,21 +32,23 @@ FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance default (diffusers' and F
 FLUX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 
 
-# Rough peak GPU memory of each way of running FLUX.1 (dev and schnell share the architecture), measured
-# by the diffusers and kohya communities and rounded up, largest first: bf16 weights, 1024 px, batch 1;
-# training is a rank-16 LoRA with gradient checkpointing and cached text embeddings.
+# The ways of running FLUX.1 (dev and schnell share the architecture), largest first. Their peaks are
+# computed by the planner (`nbkit.models.memory`) from the traces in `figures/flux.json`. Training is
+# a LoRA over a frozen (optionally quantized) transformer with the text encoders on the CPU after
+# caching; generation quantizes the transformer and T5, as `nbkit.models.loading.load_pipeline` does.
+_QUANTIZED = ("transformer", "text_encoder_2")
 MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
     "generate": (
-        MemoryOption("bf16", "everything on the GPU in bf16", 36.0),
-        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", 26.0, offload=True),
-        # bitsandbytes' 8-bit modules cannot be offloaded: the int8 transformer and T5 (15.5 GB) stay.
-        MemoryOption("8bit-offload", "8-bit transformer and T5, the rest offloaded", 18.0, "8bit", offload=True),
-        MemoryOption("4bit-offload", "4-bit (NF4) transformer and T5, with offload", 11.0, "4bit", offload=True),
+        MemoryOption("bf16", "everything on the GPU in bf16"),
+        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", offload=True),
+        # bitsandbytes' 8-bit modules cannot be offloaded: the int8 transformer and T5 stay.
+        MemoryOption("8bit-offload", "8-bit transformer and T5, the rest offloaded", None, "8bit", True, _QUANTIZED, _QUANTIZED),
+        MemoryOption("4bit-offload", "4-bit (NF4) transformer and T5, with offload", None, "4bit", True, _QUANTIZED),
     ),
     "train": (
-        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", 36.0, offload=True),
-        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoders offloaded", 24.0, "8bit", offload=True),
-        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoders offloaded", 16.0, "4bit", offload=True),
+        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", offload=True),
+        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoders offloaded", None, "8bit", True, ("transformer",)),
+        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoders offloaded", None, "4bit", True, ("transformer",)),
     ),
 }  # fmt: skip
 

@@ -13,7 +13,8 @@ families that need it, else fp16 mixed precision), with 8-bit Adam (bitsandbytes
   for model CPU offload.
 
 Each row keeps the breakdown at the peak (parameters, gradients, optimizer, activations, temporaries,
-inputs) and the number of parameters that train, so the planner can scale activations to another
+inputs), the most activations, temporaries and inputs held at any moment (`dynamic_max`) and the
+number of parameters that train, so the planner can scale activations to another
 size or batch and swap 8-bit Adam for AdamW's float32 states (`nbkit.models.memory`). Text encoders
 that a family keeps on the CPU while training (`offloads_text_encoders`) are not resident in its
 training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLUX.1 are the long ones).
@@ -61,6 +62,7 @@ def training_rows(family: Family) -> list[TrainSettings]:
                         lora_rank=rank,
                         lora_targets=family.lora_target_modules(family.denoiser),
                         stage=stage,
+                        text_cached=family.offloads_text_encoders,
                     )
                 )
     return rows
@@ -76,6 +78,7 @@ def _row(settings: TrainSettings, figure: MemoryFigure, trained: int) -> dict[st
         "trained_parameters": trained,
         "peak": figure.peak_bytes,
         "breakdown": figure.breakdown,
+        "dynamic_max": figure.dynamic_max,
         "trace_seconds": round(figure.seconds, 1),
     }
 
@@ -123,6 +126,7 @@ def compute_figures(name: str, *, log=print) -> dict[str, Any]:
             "components": list(names),
             "peak": figure.peak_bytes,
             "breakdown": figure.breakdown,
+            "dynamic_max": figure.dynamic_max,
         }
         log(f"{name} generate {phase}: {figure.describe()} [{figure.seconds:.0f} s]")
     return {

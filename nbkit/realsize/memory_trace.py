@@ -50,6 +50,7 @@ GiB = 1024**3
 # measurement (to be replaced by the GPU check's figures, issue 20 part 6).
 GPU_OVERHEAD_FACTOR = 1.15
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth LoRA examples
+DYNAMIC_CATEGORIES = ("activations", "temporaries", "inputs")
 CATEGORIES = {
     "Parameter": "parameters",
     "Buffer": "parameters",
@@ -75,6 +76,8 @@ class TrainSettings:
         lora_targets: the peft target modules (default: diffusers' attention projections).
         stage: nbkit's stage 1 (`text_encoder`: the CLIP text encoders train, the denoiser is frozen
             in half precision but still backpropagated through) or stage 2 (`denoiser`).
+        text_cached: the prompts are encoded once before training and their encoders wait on the
+            CPU (FLUX.1's T5-XXL): the step reads the embeddings.
         vae_upcast: the VAE runs in float32 under fp16 (SDXL's VAE overflows in float16).
     """
 
@@ -86,6 +89,7 @@ class TrainSettings:
     lora_rank: int = 0
     lora_targets: tuple[str, ...] | str = DEFAULT_LORA_TARGETS
     stage: Literal["denoiser", "text_encoder"] = "denoiser"
+    text_cached: bool = False
     vae_upcast: bool = False
 
 
@@ -108,11 +112,16 @@ class GenerateSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryFigure:
-    """A traced peak and what it was made of at that moment (bytes)."""
+    """A traced peak and what it was made of at that moment (bytes).
+
+    `dynamic_max` bounds how the peak grows with the batch or the pixels: the peak's moment holds
+    `breakdown`, but a larger batch may move the peak to the moment that held the most activations.
+    """
 
     peak_bytes: int
     breakdown: dict[str, int]
     seconds: float
+    dynamic_max: int = 0  # the most activations, temporaries and inputs held at any one moment
 
     @property
     def peak_gib(self) -> float:
@@ -367,6 +376,10 @@ def prepare_training(models: dict[str, torch.nn.Module], settings: TrainSettings
     autocast = torch.autocast("cpu", dtype=weight_dtype, enabled=mixed)
 
     size = settings.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    cached = None
+    if settings.text_cached:
+        with torch.no_grad(), autocast:
+            cached = _encode(_text_encoders(models), settings.batch)
 
     def step() -> None:
         # nbkit encodes every photo once before training (`LatentCache`): the step reads latents.
@@ -381,7 +394,7 @@ def prepare_training(models: dict[str, torch.nn.Module], settings: TrainSettings
             stack.enter_context(autocast)
             if not trained_encoders:
                 stack.enter_context(torch.no_grad())
-            texts = _encode(_text_encoders(models), settings.batch)
+            texts = cached if cached is not None else _encode(_text_encoders(models), settings.batch)
         noise = torch.randn_like(latents)
         with autocast:
             prediction = _denoise(denoiser, latents + noise, texts, cfg=False)
@@ -465,7 +478,17 @@ def _tracker():
     frozen parameter refuses a hook)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+    dynamic_kinds = {kind for kind in _MemRefType if CATEGORIES[kind.value] in DYNAMIC_CATEGORIES}
+
     class Tracker(MemTracker):
+        dynamic_max = 0
+
+        def _update_peak_stats(self, peak_state):
+            super()._update_peak_stats(peak_state)
+            for snapshot in self._curr_mem_snap.values():
+                dynamic = sum(value for kind, value in snapshot.items() if kind in dynamic_kinds)
+                self.dynamic_max = max(self.dynamic_max, dynamic)
+
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             result = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
             if not install_grad_hooks:
@@ -538,7 +561,9 @@ def track_peak(
     for kind, value in device_snapshot.items():
         if kind != "Total":
             breakdown[CATEGORIES[str(kind.value if hasattr(kind, "value") else kind)]] += value
-    return MemoryFigure(device_snapshot["Total"], breakdown, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    dynamic_max = max(tracker.dynamic_max, sum(breakdown[name] for name in DYNAMIC_CATEGORIES))
+    return MemoryFigure(device_snapshot["Total"], breakdown, seconds, dynamic_max)
 
 
 def _trace_models(family: str):

@@ -15,6 +15,7 @@ from nbkit.config import StrictConfig
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 FluxTimestepSampling = Literal["logit_normal", "none"]
 QuantizeBase = Literal["auto", "none", "8bit", "4bit"]
+TrainingMode = Literal["auto", "full", "lora"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]
 
 
@@ -42,6 +43,11 @@ class TrainConfig(StrictConfig):
     resume still continues with the same steps, data order, optimizer and schedule state, but the last
     bits of the weights may differ from an uninterrupted run.
     `score` scores each checkpoint's samples with `nbkit.vision` (DINO, CLIP) into `logs/`.
+
+    `training_mode` `auto` fine-tunes the full model (`lora_rank` 0) where the GPU holds it and trains
+    a rank-16 LoRA where it does not (SDXL on a T4 or L4), saying why; `full` refuses a GPU that cannot
+    hold it before the run, with the figure; `lora` always trains a LoRA (`lora_rank`, or 16). The
+    figures are computed (`nbkit.models.memory`); on a CPU nothing is checked.
 
     FLUX.1 trains a LoRA of its transformer only (stage 2; `text_encoder_steps` must be 0 and
     `lora_rank` above 0: full fine-tuning of FLUX.1 is not supported). `flux_guidance` is the distilled
@@ -78,6 +84,7 @@ class TrainConfig(StrictConfig):
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = True
     use_8bit_adam: bool = True
+    training_mode: TrainingMode = "auto"
     lora_rank: int = 0
     lora_alpha: float | None = None
     deterministic: bool = False

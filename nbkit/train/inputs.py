@@ -6,6 +6,7 @@ photos or a resolution the model was not made for fails in a second, not after a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from nbkit.session.settings import TrainConfig
 
 if TYPE_CHECKING:
     import torch
+
+    from nbkit.models.memory import TrainingPlan
 
 # Settings a resumed run must share with its checkpoint, or the weights would not fit or mean something else.
 RESUME_KEYS = (
@@ -83,42 +86,27 @@ def check_family_config(family: str, config: TrainConfig) -> None:
     get_family(family).check_training_settings(config)
 
 
-def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) -> str | None:
-    """Refuse up front a GPU that cannot train the base model (FLUX.1 on a T4, or too little memory),
-    and say how the base loads: `8bit`/`4bit` (its denoiser quantized, the LoRA on top) or None.
+def plan_gpu_memory(base_model: BaseModelRef, config: TrainConfig) -> TrainingPlan:
+    """Plan the run for the GPU at hand from the computed figures (`nbkit.models.memory.plan_training`):
+    full fine-tuning or a LoRA, and how the base loads; refuse a GPU that cannot train it.
 
     Args:
         base_model: the run's base model.
-        config: the run's settings (`quantize_base`); None: `auto`.
+        config: the run's settings.
 
     Raises:
-        NbkitError: the GPU cannot train it; `quantize_base` `none` where only a quantized way fits; a
-            quantized base without a library that does it (4-bit without bitsandbytes on CUDA).
+        NbkitError: the GPU cannot train it as set (with the figure and what would fit); a quantized
+            base without a library that does it (4-bit without bitsandbytes on CUDA).
     """
     from nbkit.models import memory
 
     family = get_family(base_model.family)
-    wanted = "auto" if config is None else config.quantize_base
-    facts = memory.device_facts() if family.trains_on_quantized_base else None
-    option = memory.plan_memory(model_spec(base_model), "train", facts)
-    if not family.trains_on_quantized_base or wanted == "none":
-        if option is not None and option.quantization is not None:
-            raise NbkitError(
-                f"{facts.name} has {facts.total_gib:.0f} GiB: training a {family.title} LoRA there needs the "
-                f"{option.name} way ({option.description}), but quantize_base is 'none'",
-                fix="use quantize_base 'auto' (--quantize-base auto), or a GPU with more memory (an A100 "
-                "40 GB or larger)",
-            )
-        return None
-    quantization = option.quantization if wanted == "auto" and option is not None else None
-    if wanted in ("8bit", "4bit"):
-        if option is not None and option.quantization == "4bit" and wanted == "8bit":
-            raise NbkitError(
-                f"{facts.name} has {facts.total_gib:.0f} GiB: training a {family.title} LoRA there needs the "
-                f"{option.name} way ({option.description}), but quantize_base is '8bit'",
-                fix="use quantize_base 'auto' or '4bit', or a GPU with more memory",
-            )
-        quantization = wanted
+    facts = memory.device_facts()
+    plan = memory.plan_training(model_spec(base_model), config, facts)
+    option = plan.option
+    quantization = option.quantization if option is not None else None
+    if config.quantize_base in ("8bit", "4bit") and family.trains_on_quantized_base:
+        quantization = config.quantize_base
     if quantization is not None:
         from nbkit.models.quantization import choose_backend
 
@@ -132,7 +120,13 @@ def check_memory(base_model: BaseModelRef, config: TrainConfig | None = None) ->
                 f"{option.name} way ({option.description}), and {error.message}",
                 fix=error.fix,
             ) from error
-    return quantization
+    return dataclasses.replace(plan, quantization=quantization)
+
+
+def check_memory(base_model: BaseModelRef, config: TrainConfig) -> str | None:
+    """How the base loads for this run on this GPU: `8bit`/`4bit` (its denoiser quantized, the LoRA on
+    top) or None (`plan_gpu_memory`, for a config the plan has already been applied to)."""
+    return plan_gpu_memory(base_model, config).quantization
 
 
 def _require(condition: bool, message: str, fix: str) -> None:
@@ -142,6 +136,11 @@ def _require(condition: bool, message: str, fix: str) -> None:
 
 def check_config(config: TrainConfig) -> None:
     """Reject settings that cannot train, naming the setting and the value."""
+    _require(
+        not (config.training_mode == "full" and config.lora_rank > 0),
+        f"training_mode is 'full' but lora_rank is {config.lora_rank}",
+        "use lora_rank 0 (--lora-rank 0) for full fine-tuning, or training_mode 'lora'",
+    )
     _require(
         config.text_encoder_steps >= 0, f"text_encoder_steps is {config.text_encoder_steps}", "use 0 or more"
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
+from nbkit.models.memory import DEFAULT_LORA_RANK
 from nbkit.session.base_model import base_model_ref, native_resolution
 from nbkit.session.core import Session
 from nbkit.session.manifest import BaseModelRef, TrainingState
@@ -23,11 +24,11 @@ from nbkit.train.inputs import (
     check_config,
     check_family_config,
     check_images,
-    check_memory,
     check_resolution,
     check_resume,
     family_overrides,
     merge_config,
+    plan_gpu_memory,
 )
 
 
@@ -42,6 +43,7 @@ class RunPlan:
         clear_checkpoints: delete earlier checkpoints when the run starts (`restart`).
         skipped: checkpoints newer than `resume_from` that failed their check, with the reason.
         recrop: instance images to crop again because the resolution changed.
+        notes: what the GPU memory plan decided and why (`nbkit.models.memory.plan_training`).
     """
 
     base_model: BaseModelRef
@@ -50,6 +52,7 @@ class RunPlan:
     clear_checkpoints: bool = False
     skipped: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
     recrop: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain form to broadcast to the other processes of a multi-GPU run."""
@@ -60,6 +63,7 @@ class RunPlan:
             "clear_checkpoints": self.clear_checkpoints,
             "skipped": [[str(path), why] for path, why in self.skipped],
             "recrop": list(self.recrop),
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -72,6 +76,7 @@ class RunPlan:
             clear_checkpoints=data["clear_checkpoints"],
             skipped=[(Path(path), why) for path, why in data["skipped"]],
             recrop=list(data["recrop"]),
+            notes=list(data.get("notes", [])),
         )
 
 
@@ -116,7 +121,11 @@ def plan_run(
     check_family_config(base_model.family, config)
     check_images(session.path, session.manifest.images)
     check_resolution(base_model, config.resolution, force=force_resolution)
-    quantization = check_memory(base_model, config)  # quantize_base checked before anything is written
+    if config.training_mode == "lora" and config.lora_rank == 0:
+        config = config.replace(lora_rank=DEFAULT_LORA_RANK)
+    memory_plan = plan_gpu_memory(base_model, config)  # before anything is written
+    config = config.replace(**memory_plan.changes)
+    quantization = memory_plan.quantization
 
     state = session.manifest.state
     checkpoints_dir = session.path / "checkpoints"
@@ -133,7 +142,9 @@ def plan_run(
             fix="to train again from scratch, pass --restart (restart=True); to use the model, open it in "
             "the web UI or convert it (`nbkit convert`)",
         )
-    plan = RunPlan(base_model=base_model, config=config, clear_checkpoints=restart)
+    plan = RunPlan(
+        base_model=base_model, config=config, clear_checkpoints=restart, notes=list(memory_plan.notes)
+    )
     if restart:
         found = []
     elif found or damaged or state.last_checkpoint:

@@ -121,6 +121,8 @@ def train(
         plan = RunPlan.from_dict(broadcast_object_list([plan_data])[0])
         for line in describe_skipped(plan) if state.is_main_process else ():
             warnings.warn(line, NbkitWarning, stacklevel=2)
+        for note in plan.notes if state.is_main_process else ():
+            print(note, flush=True)  # what the GPU memory plan chose (a LoRA for SDXL on a T4, say)
         if plan.config.deterministic:
             stack.enter_context(deterministic_mode(state.device))
         mixed_precision, weight_dtype = resolve_precision(plan.config.mixed_precision, state.device)
