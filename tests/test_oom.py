@@ -74,14 +74,32 @@ def test_explain_oom_names_every_setting_worth_lowering_with_current_values():
         "gradient_checkpointing: true",
         "mixed_precision",
         "use_8bit_adam: true",
-        "--lora-rank",
+        "--training-mode lora",
         "--batch-size` is 4",
         "`gradient_accumulation` 8",
         "prior preservation",
         "--resolution` is 768; try 576",
-        "--te-steps 0",
     ):
         assert expected in text, expected
+    # Stage 2 is the larger one here: skipping stage 1 would not help, so it is not offered.
+    assert "--te-steps 0" not in text
+
+
+def _tips(config, family):
+    return [tip.split(" (`")[0] for tip in suggestions(config, family=family)]
+
+
+def test_the_advice_is_ranked_by_the_computed_savings():
+    # SD 1.5 full fine-tuning at 512 px: the optimizer states are the big saving, checkpointing a small one.
+    full = TrainConfig(use_8bit_adam=False, gradient_checkpointing=False, text_encoder_steps=0)
+    tips = _tips(full, "sd1")
+    assert tips.index("train a LoRA instead of the full model") < tips.index("use 8-bit Adam")
+    assert tips.index("use 8-bit Adam") < tips.index("turn gradient checkpointing on")
+    # A LoRA at 1024 px: the activations are the peak, so checkpointing comes first.
+    lora = TrainConfig(resolution=1024, lora_rank=16, gradient_checkpointing=False, text_encoder_steps=0)
+    assert _tips(lora, "sd1")[0] == "turn gradient checkpointing on"
+    text = " ".join(suggestions(lora, family="sd1"))
+    assert "GiB less)" in text
 
 
 def test_explain_oom_leaves_out_what_is_already_set():

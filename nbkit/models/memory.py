@@ -121,15 +121,18 @@ def _pick(
             "(Colab: L4 24 GB or A100 40 GB)",
         )
     smallest = min(options, key=lambda option: option.peak_gib)
+    lacks_library = not installed and any(option.quantization for option in options)
     missing = (
-        "" if installed else " (8-bit and 4-bit need `pip install bitsandbytes` or torchao, not installed)"
+        " (8-bit and 4-bit need `pip install bitsandbytes` or torchao, not installed)"
+        if lacks_library
+        else ""
     )
-    bigger = smallest_gpu(min(option.peak_gib for option in options), bf16=family.needs_bf16)
+    bigger = smallest_gpu(smallest.peak_gib, bf16=family.needs_bf16)
     raise NbkitError(
         f"{device.name} has {device.total_gib:.0f} GiB, too little to {what} {family.title}: the smallest way "
         f"({smallest.name}) needs about {smallest.peak_gib:.1f} GiB{missing}; ways: {listing}",
-        fix=f"use a GPU with more memory ({bigger or 'a larger GPU'})"
-        + ("" if installed else ", or install bitsandbytes and restart the runtime"),
+        fix=f"use {bigger or 'a GPU with more memory'}"
+        + (", or install bitsandbytes and restart the runtime" if lacks_library else ""),
     )
 
 
@@ -215,6 +218,7 @@ class TrainingRun:
         eight_bit_adam: bitsandbytes' 8-bit AdamW, else float32 AdamW states.
         resolution: the training size; None: the family's native size.
         batch: images per step (class images included).
+        samples: the run renders sample images (the whole pipeline on the GPU while it does).
     """
 
     full: bool = False
@@ -224,6 +228,7 @@ class TrainingRun:
     eight_bit_adam: bool = True
     resolution: int | None = None
     batch: int = 1
+    samples: bool = True
 
     def describe(self, family: Family) -> str:
         mode = "full fine-tuning" if self.full else f"a rank-{self.lora_rank} LoRA"
@@ -260,7 +265,7 @@ def training_options(
             )
             if estimate is None:
                 return ()
-            peaks.append(estimate.peak)
+            peaks.append(estimate.peak(samples=run.samples))
         options.append(dataclasses.replace(option, peak_gib=max(peaks)))
     return tuple(options)
 
@@ -311,6 +316,7 @@ def training_run(
         eight_bit_adam=config.use_8bit_adam,
         resolution=config.resolution,
         batch=config.batch_size * (2 if config.prior.num_images > 0 else 1),
+        samples=bool(config.sample_prompts),
     )
 
 

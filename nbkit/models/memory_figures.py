@@ -52,22 +52,24 @@ class TrainingEstimate:
     setup: float
     sampling: float
 
-    @property
-    def peak(self) -> float:
-        return max(self.step, self.setup, self.sampling)
+    def peak(self, *, samples: bool = True) -> float:
+        """The largest phase (sampling only when the run renders samples)."""
+        return max(self.step, self.setup, *((self.sampling,) if samples else ()))
 
 
-def _dynamic(traced: Mapping[str, Any], scale: float = 1.0) -> float:
+def _dynamic(traced: Mapping[str, Any], scale: float = 1.0, *, fixed: float = 0.0) -> float:
     """The activations, temporaries and inputs of a traced row at `scale` times its pixels x batch.
 
     At the traced size it is what the peak's moment held. Larger, the peak may move to the moment
-    that held the most (`dynamic_max`): growing at that rate bounds it from above. Smaller, the
-    peak's own moment shrinks with it.
+    that held the most (`dynamic_max`): growing at that rate bounds it from above, less `fixed`, the
+    part of that most which does not grow with the batch (autocast's half-precision copies of float32
+    weights). Smaller, the peak's own moment shrinks with it.
     """
     at_peak = sum(traced["breakdown"].get(key, 0) for key in DYNAMIC)
     if scale <= 1:
         return at_peak * scale
-    return at_peak + traced.get("dynamic_max", at_peak) * (scale - 1)
+    rate = max(at_peak, traced.get("dynamic_max", at_peak) - fixed)
+    return at_peak + rate * (scale - 1)
 
 
 def _row(figures: Mapping[str, Any], stage: str, mode: str, checkpointing: bool) -> Mapping[str, Any] | None:
@@ -200,7 +202,9 @@ def training_estimate(
         base = [name for name in option.quantized if name in figures["components"]]
         parameters -= _weights(family, figures, base)
         parameters += _weights(family, figures, base, quantization=quantization, quantized=base)
-    step = parameters + gradients + optimizer + _dynamic(row, pixels * batch) + extra
+    # Mixed precision: autocast keeps a half-precision copy of every float32 weight it used in the forward.
+    casts = row["trained_parameters"] * HALF if figures["precision"] in ("fp16", "bf16") else 0
+    step = parameters + gradients + optimizer + _dynamic(row, pixels * batch, fixed=casts) + extra
     # Setup and sampling hold the whole pipeline (text encoders a family offloads included) besides the
     # trained weights; sampling also keeps the optimizer's states. One image at a time.
     quantized = option.quantized if option is not None else ()
