@@ -476,7 +476,7 @@ def generation_phases(
 def _tracker():
     """A `MemTracker` that hooks gradients only of parameters that take them (it hooks all, and a
     frozen parameter refuses a hook)."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     dynamic_kinds = {kind for kind in _MemRefType if CATEGORIES[kind.value] in DYNAMIC_CATEGORIES}
 
@@ -484,8 +484,12 @@ def _tracker():
         dynamic_max = 0
 
         def _update_peak_stats(self, peak_state):
-            super()._update_peak_stats(peak_state)
-            for snapshot in self._curr_mem_snap.values():
+            # Only the step's peak and the most dynamic memory are wanted: MemTracker's own version also
+            # walks every tracked module after every op, which makes a trace quadratic in the model's size.
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                    self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                    self._peak_mem_snap[device] = dict(snapshot)
                 dynamic = sum(value for kind, value in snapshot.items() if kind in dynamic_kinds)
                 self.dynamic_max = max(self.dynamic_max, dynamic)
 
