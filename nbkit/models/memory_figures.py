@@ -7,9 +7,9 @@ into parameters, gradients, optimizer states and the rest (activations, temporar
 estimates here take those figures to the run's settings:
 
 - the activations, temporaries and inputs scale with the images' pixels times the batch (prior
-  preservation doubles it), above the traced size at the rate of the moment that held the most of
-  them (an upper bound); attention runs in fused kernels that keep no score matrix, so they grow
-  linearly with pixels rather than with their square;
+  preservation doubles it), above the traced size at the rate the peak grew from batch 1 to batch 2
+  (both traced); attention runs in fused kernels that keep no score matrix, so they grow linearly
+  with pixels rather than with their square;
 - AdamW keeps two float32 states per trained parameter (8 bytes); 8-bit Adam the traced figure
   (about 2 bytes: bitsandbytes' uint8 states and their block scales);
 - a LoRA of another rank scales its trained parameters, gradients and states with the rank;
@@ -57,19 +57,17 @@ class TrainingEstimate:
         return max(self.step, self.setup, *((self.sampling,) if samples else ()))
 
 
-def _dynamic(traced: Mapping[str, Any], scale: float = 1.0, *, fixed: float = 0.0) -> float:
+def _dynamic(traced: Mapping[str, Any], scale: float = 1.0) -> float:
     """The activations, temporaries and inputs of a traced row at `scale` times its pixels x batch.
 
-    At the traced size it is what the peak's moment held. Larger, the peak may move to the moment
-    that held the most (`dynamic_max`): growing at that rate bounds it from above, less `fixed`, the
-    part of that most which does not grow with the batch (autocast's half-precision copies of float32
-    weights). Smaller, the peak's own moment shrinks with it.
+    At the traced size it is what the peak's moment held. Larger, the peak grows as it grew from the
+    traced batch 1 to 2 (a larger batch may move it to a moment that holds more activations, so the
+    growth is never taken below what the batch-1 peak's moment held). Smaller, that moment shrinks.
     """
     at_peak = sum(traced["breakdown"].get(key, 0) for key in DYNAMIC)
     if scale <= 1:
         return at_peak * scale
-    rate = max(at_peak, traced.get("dynamic_max", at_peak) - fixed)
-    return at_peak + rate * (scale - 1)
+    return at_peak + max(at_peak, traced["peak_batch_2"] - traced["peak"]) * (scale - 1)
 
 
 def _row(figures: Mapping[str, Any], stage: str, mode: str, checkpointing: bool) -> Mapping[str, Any] | None:
@@ -202,9 +200,7 @@ def training_estimate(
         base = [name for name in option.quantized if name in figures["components"]]
         parameters -= _weights(family, figures, base)
         parameters += _weights(family, figures, base, quantization=quantization, quantized=base)
-    # Mixed precision: autocast keeps a half-precision copy of every float32 weight it used in the forward.
-    casts = row["trained_parameters"] * HALF if figures["precision"] in ("fp16", "bf16") else 0
-    step = parameters + gradients + optimizer + _dynamic(row, pixels * batch, fixed=casts) + extra
+    step = parameters + gradients + optimizer + _dynamic(row, pixels * batch) + extra
     # Setup and sampling hold the whole pipeline (text encoders a family offloads included) besides the
     # trained weights; sampling also keeps the optimizer's states. One image at a time.
     quantized = option.quantized if option is not None else ()

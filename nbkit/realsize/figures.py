@@ -12,9 +12,9 @@ families that need it, else fp16 mixed precision), with 8-bit Adam (bitsandbytes
   it, `decode`), so the planner can add the phases up for a resident pipeline or take the largest one
   for model CPU offload.
 
-Each row keeps the breakdown at the peak (parameters, gradients, optimizer, activations, temporaries,
-inputs), the most activations, temporaries and inputs held at any moment (`dynamic_max`) and the
-number of parameters that train, so the planner can scale activations to another
+Each row is traced at batch 1 and 2 and keeps the breakdown at batch 1's peak (parameters,
+gradients, optimizer, activations, temporaries, inputs), batch 2's peak (how the peak grows with the
+batch or the pixels) and the number of parameters that train, so the planner can scale activations to another
 size or batch and swap 8-bit Adam for AdamW's float32 states (`nbkit.models.memory`). Text encoders
 that a family keeps on the CPU while training (`offloads_text_encoders`) are not resident in its
 training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLUX.1 are the long ones).
@@ -23,6 +23,7 @@ training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def training_rows(family: Family) -> list[TrainSettings]:
     return rows
 
 
-def _row(settings: TrainSettings, figure: MemoryFigure, trained: int) -> dict[str, Any]:
+def _row(settings: TrainSettings, figure: MemoryFigure, double: MemoryFigure, trained: int) -> dict[str, Any]:
     return {
         "stage": settings.stage,
         "mode": "lora" if settings.lora_rank else "full",
@@ -77,58 +78,73 @@ def _row(settings: TrainSettings, figure: MemoryFigure, trained: int) -> dict[st
         "optimizer": settings.optimizer,
         "trained_parameters": trained,
         "peak": figure.peak_bytes,
+        "peak_batch_2": double.peak_bytes,
         "breakdown": figure.breakdown,
-        "dynamic_max": figure.dynamic_max,
-        "trace_seconds": round(figure.seconds, 1),
+    }
+
+
+def _trace_step(name: str, settings: TrainSettings) -> tuple[MemoryFigure, dict[str, dict[str, int]], int]:
+    family = get_family(name)
+    models, fake_mode = _trace_models(name)
+    components = {
+        key: {"parameters": sum(p.numel() for p in model.parameters())} for key, model in models.items()
+    }
+    with fake_mode:
+        step = prepare_training(models, settings)
+    trained = sum(p.numel() for model in models.values() for p in model.parameters() if p.requires_grad)
+    # Text encoders the trainer keeps on the CPU while training are not resident.
+    offloaded = family.offloads_text_encoders
+    tracked = {
+        key: model for key, model in models.items() if not (offloaded and key.startswith("text_encoder"))
+    }
+    return track_peak(step, tracked, fake_mode=fake_mode, cuda_rounding=True), components, trained
+
+
+def _trace_generation(
+    name: str, settings: GenerateSettings
+) -> dict[str, tuple[tuple[str, ...], MemoryFigure]]:
+    models, fake_mode = _trace_models(name)
+    with fake_mode:
+        prepare_generation(models, settings)  # casts the models
+        phases = generation_phases(models, settings)
+    return {
+        phase: (
+            names,
+            track_peak(step, {key: models[key] for key in names}, fake_mode=fake_mode, cuda_rounding=True),
+        )
+        for phase, (names, step) in phases.items()
     }
 
 
 def compute_figures(name: str, *, log=print) -> dict[str, Any]:
-    """Trace every row of family `name` and return the figures document (module docstring)."""
+    """Trace every row of family `name`, at batch 1 and 2, and return the figures document (module
+    docstring)."""
     import diffusers
     import torch
 
     family = get_family(name)
     precision = "bf16" if family.needs_bf16 else "fp16"
     train = []
-    components: dict[str, dict[str, int]] = {}
     for settings in training_rows(family):
-        models, fake_mode = _trace_models(name)
-        if not components:
-            components = {
-                key: {"parameters": sum(p.numel() for p in model.parameters())}
-                for key, model in models.items()
-            }
-        with fake_mode:
-            step = prepare_training(models, settings)
-        trained = sum(p.numel() for model in models.values() for p in model.parameters() if p.requires_grad)
-        # Text encoders the trainer keeps on the CPU while training are not resident.
-        offloaded = family.offloads_text_encoders
-        tracked = {
-            key: model for key, model in models.items() if not (offloaded and key.startswith("text_encoder"))
-        }
-        figure = track_peak(step, tracked, fake_mode=fake_mode, cuda_rounding=True)
-        train.append(_row(settings, figure, trained))
+        figure, components, trained = _trace_step(name, settings)
+        double, _, _ = _trace_step(name, dataclasses.replace(settings, batch=2))
+        train.append(_row(settings, figure, double, trained))
         log(
-            f"{name} train {settings.stage} rank {settings.lora_rank} ckpt {settings.gradient_checkpointing}: {figure.describe()} [{figure.seconds:.0f} s]"
+            f"{name} train {settings.stage} rank {settings.lora_rank} ckpt {settings.gradient_checkpointing}: "
+            f"{figure.describe()}, batch 2 {double.peak_gib:.2f} GiB [{figure.seconds + double.seconds:.0f} s]"
         )
-    generate = {}
-    models, fake_mode = _trace_models(name)
     settings = GenerateSettings(family.native_resolution, precision=precision, vae_upcast=False)
-    with fake_mode:
-        prepare_generation(models, settings)  # casts the models
-        phases = generation_phases(models, settings)
-    for phase, (names, step) in phases.items():
-        figure = track_peak(
-            step, {key: models[key] for key in names}, fake_mode=fake_mode, cuda_rounding=True
-        )
+    single = _trace_generation(name, settings)
+    double = _trace_generation(name, dataclasses.replace(settings, batch=2))
+    generate = {}
+    for phase, (names, figure) in single.items():
         generate[phase] = {
             "components": list(names),
             "peak": figure.peak_bytes,
+            "peak_batch_2": double[phase][1].peak_bytes,
             "breakdown": figure.breakdown,
-            "dynamic_max": figure.dynamic_max,
         }
-        log(f"{name} generate {phase}: {figure.describe()} [{figure.seconds:.0f} s]")
+        log(f"{name} generate {phase}: {figure.describe()}, batch 2 {double[phase][1].peak_gib:.2f} GiB")
     return {
         "family": name,
         "resolution": family.native_resolution,

@@ -50,7 +50,6 @@ GiB = 1024**3
 # measurement (to be replaced by the GPU check's figures, issue 20 part 6).
 GPU_OVERHEAD_FACTOR = 1.15
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth LoRA examples
-DYNAMIC_CATEGORIES = ("activations", "temporaries", "inputs")
 CATEGORIES = {
     "Parameter": "parameters",
     "Buffer": "parameters",
@@ -112,16 +111,11 @@ class GenerateSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryFigure:
-    """A traced peak and what it was made of at that moment (bytes).
-
-    `dynamic_max` bounds how the peak grows with the batch or the pixels: the peak's moment holds
-    `breakdown`, but a larger batch may move the peak to the moment that held the most activations.
-    """
+    """A traced peak and what it was made of at that moment (bytes)."""
 
     peak_bytes: int
     breakdown: dict[str, int]
     seconds: float
-    dynamic_max: int = 0  # the most activations, temporaries and inputs held at any one moment
 
     @property
     def peak_gib(self) -> float:
@@ -478,20 +472,14 @@ def _tracker():
     frozen parameter refuses a hook)."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
-    dynamic_kinds = {kind for kind in _MemRefType if CATEGORIES[kind.value] in DYNAMIC_CATEGORIES}
-
     class Tracker(MemTracker):
-        dynamic_max = 0
-
         def _update_peak_stats(self, peak_state):
-            # Only the step's peak and the most dynamic memory are wanted: MemTracker's own version also
-            # walks every tracked module after every op, which makes a trace quadratic in the model's size.
+            # Only the step's peak is wanted: MemTracker's own version also walks every tracked module
+            # after every op, which makes a trace quadratic in the model's size.
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
                     self._peak_mem[device] = snapshot[_TOTAL_KEY]
                     self._peak_mem_snap[device] = dict(snapshot)
-                dynamic = sum(value for kind, value in snapshot.items() if kind in dynamic_kinds)
-                self.dynamic_max = max(self.dynamic_max, dynamic)
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             result = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
@@ -565,9 +553,7 @@ def track_peak(
     for kind, value in device_snapshot.items():
         if kind != "Total":
             breakdown[CATEGORIES[str(kind.value if hasattr(kind, "value") else kind)]] += value
-    seconds = time.perf_counter() - start
-    dynamic_max = max(tracker.dynamic_max, sum(breakdown[name] for name in DYNAMIC_CATEGORIES))
-    return MemoryFigure(device_snapshot["Total"], breakdown, seconds, dynamic_max)
+    return MemoryFigure(device_snapshot["Total"], breakdown, time.perf_counter() - start)
 
 
 def _trace_models(family: str):
