@@ -76,7 +76,9 @@ def _stage_figures(name: str) -> str:
             cells.append(f"{label} {options[0].peak_gib:.1f}")
             if not full:
                 fp32 = dataclasses.replace(run, eight_bit_adam=True, gradient_checkpointing=False)
-                cells.append(f"{label} no-ckpt {training_options(family, fp32, precision=precision)[0].peak_gib:.1f}")
+                cells.append(
+                    f"{label} no-ckpt {training_options(family, fp32, precision=precision)[0].peak_gib:.1f}"
+                )
         if full:
             adamw = TrainingRun(full=True, eight_bit_adam=False)
             cells.append(f"full AdamW {training_options(family, adamw, precision=precision)[0].peak_gib:.1f}")
@@ -108,7 +110,9 @@ def main() -> None:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     print()
     for name in names:
-        print(f"{get_family(name).title} stages at {get_family(name).native_resolution} px: {_stage_figures(name)}")
+        print(
+            f"{get_family(name).title} stages at {get_family(name).native_resolution} px: {_stage_figures(name)}"
+        )
         options = generation_options(name, precision="bf16" if get_family(name).needs_bf16 else "fp16")
         print("  generation ways: " + "; ".join(f"{o.name} {o.peak_gib:.1f}" for o in options))
     if args.trace:
