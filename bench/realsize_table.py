@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES, get_family
@@ -44,14 +45,21 @@ def _config(name: str) -> TrainConfig:
     return TrainConfig(resolution=family.native_resolution).replace(**family.training_defaults)
 
 
+def _refusal(error: NbkitError) -> str:
+    if "no bfloat16" in error.message:
+        return "no (no bf16)"
+    needs = re.search(r"needs about ([\d.]+) GiB", error.message)
+    return f"no (needs {needs.group(1)})" if needs else "no"
+
+
 def _training_cell(name: str, device: DeviceFacts) -> str:
     try:
         plan = plan_training(name, _config(name), device, quantizers=QUANTIZERS)
     except NbkitError as error:
-        return "no: " + error.message.split(": it ")[-1].split(" (ways")[0]
+        return _refusal(error)
     rank = plan.changes.get("lora_rank") or _config(name).lora_rank
     mode = f"LoRA r{rank}" if rank else "full"
-    way = f" {plan.option.name}" if plan.option.name not in ("resident", "bf16") else ""
+    way = f" {plan.option.name}" if plan.option.name != "resident" else ""
     return f"{mode}{way}, {plan.option.peak_gib:.1f}"
 
 
@@ -59,7 +67,7 @@ def _generation_cell(name: str, device: DeviceFacts) -> str:
     try:
         option = plan_memory(name, "generate", device, quantizers=QUANTIZERS)
     except NbkitError as error:
-        return "no: " + error.message.split(": ")[-1][:40]
+        return _refusal(error)
     return f"{option.name}, {option.peak_gib:.1f}"
 
 

@@ -156,7 +156,7 @@ def test_memory_plan_refuses_a_t4_and_passes_the_cpu(monkeypatch):
     with pytest.raises(NbkitError, match=r"Tesla T4 cannot run FLUX\.1: it has no bfloat16"):
         plan_generation_memory("flux", "cuda")
     assert plan_generation_memory("flux", "cpu") is None
-    assert plan_generation_memory("sdxl", "cuda") is None  # the SD families are not checked
+    assert plan_generation_memory("sdxl", "cuda").name == "resident"  # SDXL in fp16 fits a T4 whole
     monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("A100", 79.0, bf16=True))
     assert plan_generation_memory("flux", "cuda").name == "bf16"
 

@@ -162,8 +162,12 @@ def test_the_estimates_move_the_way_memory_does():
             stage=stage, full=full, gradient_checkpointing=checkpointing, resolution=resolution, batch=batch
         )
         peak = _step_peak(family, **case)
-        assert _step_peak(family, **{**case, "batch": batch + 1}) > peak, case
-        assert _step_peak(family, **{**case, "resolution": resolution + 128}) > peak, case
+        # More pixels never need less (the optimizer step's gradients may stay the peak: equal), and
+        # where activations are the peak (no checkpointing) they need more.
+        strictly = not checkpointing and stage == "denoiser"
+        for more in ({"batch": batch + 1}, {"resolution": resolution + 128}):
+            larger = _step_peak(family, **{**case, **more})
+            assert larger > peak if strictly else larger >= peak, (case, more)
         assert _step_peak(family, **case, eight_bit_adam=False) > peak, case
         assert (
             _step_peak(family, **{**case, "gradient_checkpointing": False}) >= peak or checkpointing is False
@@ -172,28 +176,28 @@ def test_the_estimates_move_the_way_memory_does():
 
 
 def test_prior_preservation_doubles_the_batch_the_plan_sees():
-    alone = plan_training("sdxl", _new_session("sdxl", lora_rank=16), A100, quantizers=BNB).option.peak_gib
-    with_prior = plan_training(
-        "sdxl",
-        _new_session("sdxl", lora_rank=16, prior=PriorPreservation("a dog", 50)),
-        A100,
-        quantizers=BNB,
-    ).option.peak_gib
-    with_batch_2 = plan_training(
-        "sdxl", _new_session("sdxl", lora_rank=16, batch_size=2), A100, quantizers=BNB
-    ).option.peak_gib
-    assert with_prior == pytest.approx(with_batch_2) and with_prior > alone
+    # SD 1.5 full fine-tuning: the training step is the peak, and it grows with the batch.
+    def peak(**settings):
+        return plan_training("sd1", _new_session("sd1", **settings), A100, quantizers=BNB).option.peak_gib
+
+    alone, batch_2 = peak(), peak(batch_size=2)
+    with_prior = peak(prior=PriorPreservation("a dog", 50).to_dict())
+    assert with_prior == pytest.approx(batch_2) and with_prior > alone
 
 
 def test_a_run_on_a_faked_t4_trains_sdxl_as_a_lora_and_refuses_full_before_writing(
     tiny_model_dir, monkeypatch
 ):
-    from nbkit.models import memory
-    from nbkit.session import Session
-    from nbkit.train.plan import plan_run
-    from tests.test_train_support import make_session
+    from test_train_support import make_session
 
-    make_session("xl", tiny_model_dir("sdxl"), "sdxl")
+    from nbkit.models import memory
+    from nbkit.session.core import Session
+    from nbkit.train.plan import plan_run
+
+    # The T4 settings a Colab user has: 8-bit Adam, gradient checkpointing, batch 1.
+    make_session(
+        "xl", tiny_model_dir("sdxl"), "sdxl", batch_size=1, gradient_checkpointing=True, use_8bit_adam=True
+    )
     monkeypatch.setattr(memory, "device_facts", lambda index=0: T4)
     monkeypatch.setattr(memory, "quantizers_installed", lambda *args: BNB)
     session = Session.open("xl")

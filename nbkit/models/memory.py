@@ -420,22 +420,31 @@ def _refuse_training(family, config, device, runs, first, precision, usable) -> 
         f"{device.name} has {device.total_gib:.0f} GiB, too little for {run.describe(family)} of {family.title}: "
         f"it needs about {need:.1f} GiB" + (f" (ways: {_listing(first)})" if len(first) > 1 else "")
     )
-    fixes = []
-    if run.full and family.trains_full_denoiser:
-        lora = dataclasses.replace(run, full=False, lora_rank=DEFAULT_LORA_RANK)
-        lora_peak = min(option.peak_gib for option in training_options(family, lora, precision=precision))
-        if lora_peak <= usable:
-            fixes.append(f"train a LoRA (--training-mode lora): about {lora_peak:.1f} GiB")
-    for change, words in (
+
+    def peak(candidate: TrainingRun) -> float:
+        return min(option.peak_gib for option in training_options(family, candidate, precision=precision))
+
+    lora = dataclasses.replace(run, full=False, lora_rank=DEFAULT_LORA_RANK)
+    changes = [
+        ({}, ""),
         (dict(eight_bit_adam=True), "use 8-bit Adam (use_8bit_adam: true; needs bitsandbytes)"),
         (dict(gradient_checkpointing=True), "turn gradient checkpointing on (gradient_checkpointing: true)"),
         (dict(batch=1), "use batch size 1 without prior preservation"),
-    ):
-        changed = dataclasses.replace(run, **change)
-        if changed != run:
-            peak = min(option.peak_gib for option in training_options(family, changed, precision=precision))
-            if peak <= usable:
-                fixes.append(f"{words}: about {peak:.1f} GiB")
+        (dict(gradient_checkpointing=True, batch=1), "turn gradient checkpointing on with batch size 1"),
+    ]
+    fixes = []
+    for base, words in ((run, ""), (lora, "train a LoRA (--training-mode lora)")):
+        if base is lora and not (run.full and family.trains_full_denoiser):
+            continue
+        for change, change_words in changes:
+            changed = dataclasses.replace(base, **change)
+            if (change and changed == base) or (base is run and not change):
+                continue
+            if peak(changed) <= usable:
+                fixes.append(
+                    f"{' and '.join(filter(None, (words, change_words)))}: about {peak(changed):.1f} GiB"
+                )
+                break  # the smallest change that fits, for this mode
     bigger = smallest_gpu(need, bf16=family.needs_bf16 or precision == "bf16")
     fixes.append(f"use {bigger}" if bigger else "use a GPU with more memory")
     return NbkitError(message, fix="; or ".join(fixes))

@@ -57,17 +57,22 @@ class TrainingEstimate:
         return max(self.step, self.setup, *((self.sampling,) if samples else ()))
 
 
-def _dynamic(traced: Mapping[str, Any], scale: float = 1.0) -> float:
+def _dynamic(traced: Mapping[str, Any], scale: float = 1.0, *, floor: float = 0.0) -> float:
     """The activations, temporaries and inputs of a traced row at `scale` times its pixels x batch.
 
     At the traced size it is what the peak's moment held. Larger, the peak grows as it grew from the
-    traced batch 1 to 2 (a larger batch may move it to a moment that holds more activations, so the
-    growth is never taken below what the batch-1 peak's moment held). Smaller, that moment shrinks.
+    traced batch 1 to 2, and never slower than what the batch-1 peak's moment held or than `floor`
+    (a larger batch may move the peak to a moment that holds more activations). Smaller, that moment
+    shrinks.
     """
     at_peak = sum(traced["breakdown"].get(key, 0) for key in DYNAMIC)
     if scale <= 1:
         return at_peak * scale
-    return at_peak + max(at_peak, traced["peak_batch_2"] - traced["peak"]) * (scale - 1)
+    return at_peak + max(at_peak, _growth(traced), floor) * (scale - 1)
+
+
+def _growth(traced: Mapping[str, Any]) -> float:
+    return traced["peak_batch_2"] - traced["peak"]
 
 
 def _row(figures: Mapping[str, Any], stage: str, mode: str, checkpointing: bool) -> Mapping[str, Any] | None:
@@ -200,7 +205,18 @@ def training_estimate(
         base = [name for name in option.quantized if name in figures["components"]]
         parameters -= _weights(family, figures, base)
         parameters += _weights(family, figures, base, quantization=quantization, quantized=base)
-    step = parameters + gradients + optimizer + _dynamic(row, pixels * batch) + extra
+    # Fine-tuning the whole model holds at least the activations a LoRA of it holds (its peak may sit at
+    # the optimizer step at batch 1 and 2, where activations are gone).
+    lora = _row(figures, row["stage"], "lora", row["gradient_checkpointing"]) if full else None
+    floor = _growth(lora) if lora is not None else 0.0
+    step = parameters + gradients + optimizer + _dynamic(row, pixels * batch, floor=floor) + extra
+    # The optimizer step holds every gradient (float32) at once, whatever the size.
+    step = max(step, parameters + wanted * 4 + optimizer)
+    if not gradient_checkpointing:  # keeping activations never needs less than recomputing them
+        arguments = dict(stage=stage, full=full, eight_bit_adam=eight_bit_adam, resolution=resolution)
+        arguments.update(batch=batch, lora_rank=lora_rank, option=option, precision=precision)
+        checkpointed = training_estimate(family, gradient_checkpointing=True, **arguments)
+        step = max(step, checkpointed.step * GiB / OVERHEAD_FACTOR)
     # Setup and sampling hold the whole pipeline (text encoders a family offloads included) besides the
     # trained weights; sampling also keeps the optimizer's states. One image at a time.
     quantized = option.quantized if option is not None else ()
