@@ -25,7 +25,14 @@ How the peak is read: each child reports its own VmHWM (/proc/self/status) on it
 `getrusage(RUSAGE_CHILDREN).ru_maxrss` is not used: Linux carries the parent's high-water mark
 into a child across fork and exec, so it reads at least the parent's size. While a child runs, the
 parent also polls its VmHWM, so a child killed for memory still gets a (lower-bound) figure.
-"Under 12.7 GB" compares with 12.7e9 bytes (11.83 GiB), the stricter reading of Colab's figure.
+"Under 12.7 GB" compares VmHWM with 12.7e9 bytes (11.83 GiB), the stricter reading of Colab's figure.
+
+Two columns, because most weights are never copied: safetensors files are mapped, and weights already in
+the load dtype stay those mappings, so the touched file pages count in RSS (VmHWM) although the kernel can
+drop them at any time (they are clean page cache). `anon GiB` is the largest anonymous RSS seen (polled
+every 0.1 s, so a spike shorter than that can be missed): the memory that cannot be dropped, and what
+runs a Colab kernel out of memory. A FLUX.1 load shows both: VmHWM stops at this machine's RAM while
+the kernel drops mapped pages, and the anonymous part stays small.
 
 Run (about 10 min for sd1 and sdxl on 2 cores; 2 GB + 7 GB of disk per family for folder and file):
 
@@ -36,7 +43,8 @@ Run (about 10 min for sd1 and sdxl on 2 cores; 2 GB + 7 GB of disk per family fo
 Without `--models-dir` the folders and files go to a temporary folder that is deleted at the end.
 FLUX.1 needs about 33 GB (folder) + 24 GB (transformer file) of disk, and its unquantized training and
 web UI loads hold the 12-billion-parameter transformer (24 GB in bf16), more than this machine's RAM:
-they are refused here unless `--allow-over-ram` is given.
+they are refused here unless `--allow-over-ram` or `--quantization 8bit|4bit` is given (the
+transformer loads quantized as training and the web UI do on smaller GPUs; `--only train,webui,lora`).
 """
 
 from __future__ import annotations
@@ -148,7 +156,13 @@ def _child_train(spec: dict) -> dict:
 
     family = get_family(spec["family"])
     _offline_tokenizers(spec["source"])
-    components = load_components(spec["source"], family.name, family.prediction_type, _gpu_dtype(family))
+    components = load_components(
+        spec["source"],
+        family.name,
+        family.prediction_type,
+        _gpu_dtype(family),
+        quantization=spec.get("quantization"),
+    )
     touch(components.pipeline)
     return {"dtype": str(components.unet.dtype).removeprefix("torch.")}
 
@@ -161,7 +175,9 @@ def _child_webui(spec: dict) -> dict:
     # ModelLoading._load up to `_place`: a folder's family comes from its configs, a file's once loaded.
     _offline_tokenizers(spec["source"])
     family = folder_family(spec["source"])
-    pipeline = load_pipeline(spec["source"], family=family, torch_dtype=_gpu_dtype(family))
+    pipeline = load_pipeline(
+        spec["source"], family=family, torch_dtype=_gpu_dtype(family), quantization=spec.get("quantization")
+    )
     if family is None:
         loaded = family_of_pipeline(pipeline)
         if _gpu_dtype(None) != _gpu_dtype(loaded):
@@ -178,7 +194,13 @@ def _child_lora(spec: dict) -> dict:
 
     family = get_family(spec["family"])
     _offline_tokenizers(spec["source"])
-    components = load_components(spec["source"], family.name, family.prediction_type, _gpu_dtype(family))
+    components = load_components(
+        spec["source"],
+        family.name,
+        family.prediction_type,
+        _gpu_dtype(family),
+        quantization=spec.get("quantization"),
+    )
     touch(components.pipeline)
     roles = [components.denoiser_role]
     if family.trains_text_encoders:
@@ -311,6 +333,11 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(WHATS), help="comma list of " + ", ".join(WHATS))
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--allow-over-ram", action="store_true", help="run loads bigger than this machine")
+    parser.add_argument(
+        "--quantization",
+        choices=("8bit", "4bit"),
+        help="FLUX.1 loads with this (bitsandbytes needs a CUDA GPU; torchao 8-bit runs on the CPU)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -342,7 +369,9 @@ def main() -> None:
         for family in args.families:
             folder = root / family
             single = root / f"{family}.safetensors"
-            too_big = family == "flux" and not args.allow_over_ram  # 24 GB transformer > this machine's RAM
+            # FLUX.1's transformer alone is 24 GB in bf16, more than this machine's RAM, unless quantized.
+            quantization = args.quantization if family == "flux" else None
+            too_big = family == "flux" and not (args.allow_over_ram or quantization)
             if not (folder / "model_index.json").is_file():
                 if folder.exists():
                     raise SystemExit(f"{folder} is incomplete: delete it to build it again")
@@ -363,10 +392,11 @@ def main() -> None:
             for what in ("train", "webui"):
                 for name, source in sources.items():
                     if what in only and not too_big:
-                        measure(family, what, name, {"source": str(source)})
+                        measure(family, what, name, {"source": str(source), "quantization": quantization})
             if "lora" in only and not too_big:
                 with tempfile.TemporaryDirectory(dir=root) as out:
-                    measure(family, "lora", "folder", {"source": str(folder), "out": out})
+                    spec = {"source": str(folder), "out": out, "quantization": quantization}
+                    measure(family, "lora", "folder", spec)
     finally:
         if temporary is not None:
             temporary.cleanup()
