@@ -1,6 +1,6 @@
 """Host RAM at real width: a full-size SD 1.5 loads for training and runs its UNet within Colab's 12.7 GB.
 
-The model is random-weight but full width (`save_random_model`, float16 on disk as the hub's fp16
+The model is random-weight but full width (`nbkit model random`, float16 on disk as the hub's fp16
 files are). A fresh child process loads it the way `nbkit.train.trainer` does
 (`load_components`) and runs one UNet forward pass at 512 px, batch 1, without gradients. The frozen
 weights are float32, what the trainer chooses on a CPU (`resolve_precision("auto", cpu)`): float16
@@ -17,8 +17,6 @@ import sys
 import textwrap
 
 import pytest
-
-from nbkit.realsize.random_models import save_random_model
 
 COLAB_RAM_BYTES = 12.7e9  # Colab's standard runtime, read as bytes (11.8 GiB), the stricter reading
 
@@ -51,7 +49,16 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sd1_training_load_and_unet_forward_fit_colab_ram(tmp_path):
-    folder = save_random_model("sd1", tmp_path / "sd1")
+    # Built the way a user builds one: `nbkit model random sd1 DIR`.
+    folder = tmp_path / "sd1"
+    built = subprocess.run(
+        [sys.executable, "-m", "nbkit", "model", "random", "sd1", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "859.5 M" in built.stdout and built.stdout.strip().endswith(str(folder))
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, timeout=900
     )
