@@ -87,7 +87,8 @@ def _measured_peak(small_models, prepare, settings) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     # The CPU kernels' own buffers are pinned so that the figure is the same on every CPU:
-    # - one thread: CPU flash attention allocates its scratch per thread (1.4 MB more at 2 threads here);
+    # - one thread: kernels allocate scratch per thread (CPU flash attention's sizes by the thread count);
+    #   the LoRA text-encoder step at 256 px peaked 1.4 MB (22%) higher at 2 threads than at 1;
     # - training runs PyTorch's reference convolutions, whose im2col buffers depend on shapes only
     #   (oneDNN's depend on the CPU: fp16 goes through it only where AVX512-FP16 or AMX exists, and its
     #   fp32 workspace changed with ONEDNN_MAX_CPU_ISA); they stay small next to a step's activations;
