@@ -516,6 +516,25 @@ def _cuda_rounding(enabled: bool) -> Iterator[None]:
         mem_tracker._WeakRefInfo._calculate_mem_consumed = original
 
 
+@contextlib.contextmanager
+def _unbuffered_module_hooks() -> Iterator[None]:
+    """Make `ModTracker`'s backward markers fire on a module's first input gradient.
+
+    Its "all"-mode multi-grad hook on each module's inputs holds every input's gradient until the last
+    one arrives; an input shared by many modules (the UNet's `temb`, a trained text encoder's states)
+    gets its gradient only at the end of backward, so each such module's input gradient stayed alive
+    through the whole backward pass and the traced peak exceeded the real step's.
+    """
+    from torch.distributed._tools import mod_tracker
+
+    original = mod_tracker.register_multi_grad_hook
+    mod_tracker.register_multi_grad_hook = lambda tensors, fn, mode="all": original(tensors, fn, mode="any")
+    try:
+        yield
+    finally:
+        mod_tracker.register_multi_grad_hook = original
+
+
 def track_peak(
     step: Callable[[], None],
     models: dict[str, torch.nn.Module],
@@ -536,6 +555,7 @@ def track_peak(
         if fake_mode is not None:
             stack.enter_context(fake_mode)
         stack.enter_context(_cuda_rounding(cuda_rounding))
+        stack.enter_context(_unbuffered_module_hooks())
         tracker = _tracker()
         tracker.track_external(*models.values())
         if getattr(step, "optimizer", None) is not None:
