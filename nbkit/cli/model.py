@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     random.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a new or empty folder")
     random.add_argument("--seed", type=int, default=0, help="the seed every weight derives from")
     random.add_argument(
-        "--dtype", choices=["float16", "bfloat16"], default=None, help="default: bf16 where the family needs it"
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        default=None,
+        help="default: bf16 where the family needs it",
     )
     random.set_defaults(func=random_command, loads_models=True)
 

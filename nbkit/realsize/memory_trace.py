@@ -26,7 +26,8 @@ What the trace is and is not:
   for smaller ones; its fused kernel updates in place, so it needs no temporaries.
 - With `cuda_rounding` each allocation is rounded up to the CUDA caching allocator's 512-byte
   granule. Allocator fragmentation, the CUDA context (~0.3-0.5 GiB) and cuBLAS/cuDNN workspaces are
-  not in the figure: `GPU_OVERHEAD_FACTOR` is the stated correction a planner applies on top.
+  not in the figure: `nbkit.models.memory_figures.OVERHEAD_FACTOR` is the stated correction the planner
+  applies on top.
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ Precision = Literal["fp16", "bf16", "bf16-pure", "fp32"]
 Optimizer = Literal["adamw", "adamw8bit"]
 
 GiB = 1024**3
-# Computed peak -> what `torch.cuda.max_memory_reserved` shows, plus context: a planning margin, not a
-# measurement (to be replaced by the GPU check's figures, issue 20 part 6).
-GPU_OVERHEAD_FACTOR = 1.15
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth LoRA examples
 CATEGORIES = {
     "Parameter": "parameters",
