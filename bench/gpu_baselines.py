@@ -26,6 +26,23 @@ from gpu_models import CAPTION, Case, StepClock, load_pixels, new_accelerator, w
 # --- the baselines, written like diffusers' example scripts ------------------------------------------
 
 
+def update(accelerator, loss, parameters, optimizer, lr_scheduler) -> None:
+    """The examples' update: backward, gradients clipped at 1.0 where they sync, step, schedule, zero."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finish(accelerator, clock: StepClock, args) -> dict[str, Any]:
+    """The loop's figures, its memory freed for the next measurement."""
+    result = clock.figures(args.steps)
+    accelerator.free_memory()
+    return result
+
+
 def make_optimizer_like_examples(parameters, case: Case, weight_decay: float):
     import torch
 
@@ -124,20 +141,13 @@ def baseline_sd1(case: Case, folder: Path, images: list[Path], args, attention: 
                 else:
                     target = noise_scheduler.get_velocity(model_input, noise, timesteps)
                 loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                update(accelerator, loss, unet.parameters(), optimizer, lr_scheduler)
             loss.detach().item()  # the example logs the loss every step
             clock.step_done()
             steps += 1
             if steps == total:
                 break
-    result = clock.figures(args.steps)
-    accelerator.free_memory()
-    return result
+    return finish(accelerator, clock, args)
 
 
 def _precomputed_dataset(images: list[Path], resolution: int):
@@ -287,20 +297,13 @@ def baseline_sdxl(case: Case, folder: Path, images: list[Path], args, attention:
                 else:
                     target = noise_scheduler.get_velocity(model_input, noise, timesteps)
                 loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                update(accelerator, loss, parameters, optimizer, lr_scheduler)
             loss.detach().item()
             clock.step_done()
             steps += 1
             if steps == total:
                 break
-    result = clock.figures(args.steps)
-    accelerator.free_memory()
-    return result
+    return finish(accelerator, clock, args)
 
 
 def baseline_flux(case: Case, folder: Path, images: list[Path], args, attention: str) -> dict[str, Any]:
@@ -470,20 +473,13 @@ def baseline_flux(case: Case, folder: Path, images: list[Path], args, attention:
                     ),
                     1,
                 ).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                update(accelerator, loss, parameters, optimizer, lr_scheduler)
             loss.detach().item()
             clock.step_done()
             steps += 1
             if steps == total:
                 break
-    result = clock.figures(args.steps)
-    accelerator.free_memory()
-    return result
+    return finish(accelerator, clock, args)
 
 
 BASELINES = {"sd1": baseline_sd1, "sdxl": baseline_sdxl, "flux": baseline_flux}

@@ -150,7 +150,8 @@ def _child_convert(spec: dict) -> dict:
     return {}
 
 
-def _child_train(spec: dict) -> dict:
+def _load_for_training(spec: dict):
+    """The family and the components of `spec`'s model, loaded as the trainer loads them, every weight read."""
     from nbkit.families import get_family
     from nbkit.train.components import load_components
 
@@ -164,6 +165,11 @@ def _child_train(spec: dict) -> dict:
         quantization=spec.get("quantization"),
     )
     touch(components.pipeline)
+    return family, components
+
+
+def _child_train(spec: dict) -> dict:
+    _, components = _load_for_training(spec)
     return {"dtype": str(components.unet.dtype).removeprefix("torch.")}
 
 
@@ -188,20 +194,10 @@ def _child_webui(spec: dict) -> dict:
 
 
 def _child_lora(spec: dict) -> dict:
-    from nbkit.families import get_family
-    from nbkit.train.components import add_lora, load_components, make_trainable
+    from nbkit.train.components import add_lora, make_trainable
     from nbkit.train.export import export_lora
 
-    family = get_family(spec["family"])
-    _offline_tokenizers(spec["source"])
-    components = load_components(
-        spec["source"],
-        family.name,
-        family.prediction_type,
-        _gpu_dtype(family),
-        quantization=spec.get("quantization"),
-    )
-    touch(components.pipeline)
+    family, components = _load_for_training(spec)
     roles = [components.denoiser_role]
     if family.trains_text_encoders:
         roles += components.text_encoder_roles

@@ -73,23 +73,20 @@ def _generation_cell(name: str, device: DeviceFacts) -> str:
 
 def _stage_figures(name: str) -> str:
     family = get_family(name)
-    precision = "bf16" if family.needs_bf16 else "fp16"
     cells = []
     modes = (True, False) if family.trains_full_denoiser else (False,)
     for full in modes:
         for stage in ("text_encoder", "denoiser") if family.trains_text_encoders else ("denoiser",):
             run = TrainingRun(full=full, stages=(stage,))
-            options = training_options(family, run, precision=precision)
+            options = training_options(family, run)
             label = ("full" if full else "LoRA") + (" TE" if stage == "text_encoder" else "")
             cells.append(f"{label} {options[0].peak_gib:.1f}")
             if not full:
                 fp32 = dataclasses.replace(run, eight_bit_adam=True, gradient_checkpointing=False)
-                cells.append(
-                    f"{label} no-ckpt {training_options(family, fp32, precision=precision)[0].peak_gib:.1f}"
-                )
+                cells.append(f"{label} no-ckpt {training_options(family, fp32)[0].peak_gib:.1f}")
         if full:
             adamw = TrainingRun(full=True, eight_bit_adam=False)
-            cells.append(f"full AdamW {training_options(family, adamw, precision=precision)[0].peak_gib:.1f}")
+            cells.append(f"full AdamW {training_options(family, adamw)[0].peak_gib:.1f}")
     return "; ".join(cells)
 
 

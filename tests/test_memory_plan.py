@@ -79,7 +79,7 @@ def test_a_new_session_trains_what_fits_the_gpu(family, device, changes, expecte
     assert _fits(plan.option.peak_gib, device)
     # Every larger way (listed before the chosen one) does not fit; the note gives the chosen figure.
     run = training_run(get_family(family), config.replace(**plan.changes))
-    options = training_options(family, run, precision="bf16" if device.bf16 else "fp16")
+    options = training_options(family, run)
     names = [option.name for option in options]
     for option in options[: names.index(plan.option.name)]:
         assert not _fits(option.peak_gib, device)
@@ -123,7 +123,7 @@ def test_a_cpu_and_a_lora_rank_are_left_alone():
 
 def test_flux_picks_the_largest_way_that_fits_and_needs_a_library_for_its_bits():
     config = _new_session("flux")
-    options = training_options("flux", TrainingRun(), precision="bf16")
+    options = training_options("flux", TrainingRun())
     for device in (L4, A100, DeviceFacts("NVIDIA H100 80GB HBM3", 79.2, True)):
         chosen = plan_training("flux", config, device, quantizers=BNB).option
         fitting = [option for option in options if _fits(option.peak_gib, device)]

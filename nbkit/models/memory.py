@@ -196,7 +196,7 @@ def plan_memory(
     if task == "generate":
         options = generation_options(family, precision=precision)
     else:
-        options = training_options(family, TrainingRun(), precision=precision)
+        options = training_options(family, TrainingRun())
     if not options:
         return None
     what = "train a LoRA of" if task == "train" else "run"
@@ -235,16 +235,14 @@ class TrainingRun:
         return f"{mode} at {self.resolution or family.native_resolution} px, batch {self.batch}"
 
 
-def training_options(
-    spec: ModelSpec | str | Family, run: TrainingRun, *, precision: str = "fp16"
-) -> tuple[MemoryOption, ...]:
+def training_options(spec: ModelSpec | str | Family, run: TrainingRun) -> tuple[MemoryOption, ...]:
     """The family's ways of training `run` with their computed peaks (GiB, overhead included: the
-    largest of each stage's step, setup and sampling); empty without figures.
+    largest of each stage's step, setup and sampling; fp16 and bf16 hold the same bytes); empty
+    without figures.
 
     Args:
         spec: the model, its family or the family's name.
         run: what trains.
-        precision: `fp16` or `bf16` mixed precision.
     """
     family = _family(spec)
     options = []
@@ -261,7 +259,6 @@ def training_options(
                 batch=run.batch,
                 lora_rank=run.lora_rank,
                 option=option,
-                precision=precision,
             )
             if estimate is None:
                 return ()
@@ -372,7 +369,7 @@ def plan_training(
         runs = [dataclasses.replace(run, eight_bit_adam=False) for run in runs]
     if not runs[0].stages:
         return TrainingPlan()
-    first = training_options(family, runs[0], precision=precision)
+    first = training_options(family, runs[0])
     if not first:
         return TrainingPlan()
     what = "train a LoRA of" if not runs[0].full else "fine-tune"
@@ -380,7 +377,7 @@ def plan_training(
         raise _refuse_bf16(family, device, what, _listing(first))
     usable = device.total_gib - headroom_gib
     for run in runs:
-        options = training_options(family, run, precision=precision)
+        options = training_options(family, run)
         allowed = [option for option in options if _allowed(option, config.quantize_base)]
         if not any(option.peak_gib <= usable for option in options):
             continue
@@ -410,10 +407,10 @@ def plan_training(
             f"of {device.name}'s {device.total_gib:.0f} GiB"
         )
         return TrainingPlan(option, changes, tuple(notes), option.quantization)
-    raise _refuse_training(family, config, device, runs, first, precision, usable)
+    raise _refuse_training(family, device, runs, first, precision, usable)
 
 
-def _refuse_training(family, config, device, runs, first, precision, usable) -> NbkitError:
+def _refuse_training(family, device, runs, first, precision, usable) -> NbkitError:
     need = min(option.peak_gib for option in first)
     run = runs[0]
     message = (
@@ -422,7 +419,7 @@ def _refuse_training(family, config, device, runs, first, precision, usable) -> 
     )
 
     def peak(candidate: TrainingRun) -> float:
-        return min(option.peak_gib for option in training_options(family, candidate, precision=precision))
+        return min(option.peak_gib for option in training_options(family, candidate))
 
     lora = dataclasses.replace(run, full=False, lora_rank=DEFAULT_LORA_RANK)
     changes = [

@@ -87,7 +87,6 @@ def _pixels(figures: Mapping[str, Any], resolution: int) -> float:
 
 
 def _weights(
-    family: Family,
     figures: Mapping[str, Any],
     names,
     *,
@@ -146,8 +145,8 @@ def generation_bytes(
         scale = batch if phase == "text" else batch * pixels
         dynamic = _dynamic(traced, scale) * (2 if phase == "decode" and upcast else 1)
         moved = [name for name in traced["components"] if name not in resident]
-        largest = max(largest, _weights(family, figures, moved, **weights) + dynamic)
-    return _weights(family, figures, resident, **weights) + largest
+        largest = max(largest, _weights(figures, moved, **weights) + dynamic)
+    return _weights(figures, resident, **weights) + largest
 
 
 def training_estimate(
@@ -161,9 +160,9 @@ def training_estimate(
     batch: int = 1,
     lora_rank: int = 16,
     option: MemoryOption | None = None,
-    precision: str = "fp16",
 ) -> TrainingEstimate | None:
-    """The estimated peak GPU memory of a training stage's phases (module docstring), in GiB.
+    """The estimated peak GPU memory of a training stage's phases (module docstring), in GiB. fp16 and
+    bf16 mixed precision hold the same bytes, so the estimate does not depend on which.
 
     Args:
         family: the base model's family.
@@ -175,7 +174,6 @@ def training_estimate(
         batch: images per step, class images of prior preservation included.
         lora_rank: the LoRA's rank (ignored for full fine-tuning).
         option: one of `family.memory_options("train")` (a quantized base), or None.
-        precision: `fp16` or `bf16` mixed precision.
 
     Returns:
         The estimate, or None when the family has no figures or nothing was traced for the stage and mode.
@@ -203,8 +201,8 @@ def training_estimate(
     quantization = option.quantization if option is not None else None
     if quantization:
         base = [name for name in option.quantized if name in figures["components"]]
-        parameters -= _weights(family, figures, base)
-        parameters += _weights(family, figures, base, quantization=quantization, quantized=base)
+        parameters -= _weights(figures, base)
+        parameters += _weights(figures, base, quantization=quantization, quantized=base)
     # Fine-tuning the whole model holds at least the activations a LoRA of it holds (its peak may sit at
     # the optimizer step at batch 1 and 2, where activations are gone).
     lora = _row(figures, row["stage"], "lora", row["gradient_checkpointing"]) if full else None
@@ -214,15 +212,13 @@ def training_estimate(
     step = max(step, parameters + wanted * 4 + optimizer)
     if not gradient_checkpointing:  # keeping activations never needs less than recomputing them
         arguments = dict(stage=stage, full=full, eight_bit_adam=eight_bit_adam, resolution=resolution)
-        arguments.update(batch=batch, lora_rank=lora_rank, option=option, precision=precision)
+        arguments.update(batch=batch, lora_rank=lora_rank, option=option)
         checkpointed = training_estimate(family, gradient_checkpointing=True, **arguments)
         step = max(step, checkpointed.step * GiB / OVERHEAD_FACTOR)
     # Setup and sampling hold the whole pipeline (text encoders a family offloads included) besides the
     # trained weights; sampling also keeps the optimizer's states. One image at a time.
     quantized = option.quantized if option is not None else ()
-    resident = _weights(
-        family, figures, figures["components"], quantization=quantization, quantized=quantized
-    )
+    resident = _weights(figures, figures["components"], quantization=quantization, quantized=quantized)
     # float32 masters: a full model's replace its half-precision weights, a LoRA's come on top
     trained_bytes = wanted * (2 if full else 4)
     largest_phase = max(
