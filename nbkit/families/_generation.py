@@ -34,3 +34,23 @@ def config_dict(config: Any) -> dict[str, Any]:
     if hasattr(config, "to_dict"):
         return dict(config.to_dict())
     return {key: list(value) if isinstance(value, tuple) else value for key, value in dict(config).items()}
+
+
+class GenerationDefaults(NamedTuple):
+    """The sampling settings a model starts from (`Family.generation_defaults`).
+
+    Args:
+        steps: sampling steps.
+        cfg_scale: A1111's "CFG scale" (1: no classifier-free guidance).
+        sampler: an A1111 sampler name the family takes.
+        schedule: an A1111 schedule type.
+        own: the model's own settings (its model card's: a few-step distilled model's, say), which an
+            API request that omits them gets too; False: A1111's web UI defaults, and the API keeps
+            A1111's declared ones.
+    """
+
+    steps: int
+    cfg_scale: float
+    sampler: str
+    schedule: str = "Automatic"
+    own: bool = False

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from nbkit.errors import NbkitError
-from nbkit.families._generation import HubControlNet, config_dict
+from nbkit.families._generation import GenerationDefaults, HubControlNet, config_dict
 from nbkit.families._training import NoisyLatents
 from nbkit.families.facts import (
     RESOLUTION_STEP,
@@ -373,6 +373,9 @@ class Family:
     #     file is still what it lists and hashes), for a family whose kohya file diffusers cannot read
     #     at every model width.
     session_lora_from_diffusers: ClassVar[bool] = False
+    # image_input_max_pixels: the largest image (width x height) its img2img, inpainting and hires-fix
+    #     pipelines keep at its size (None: any); FLUX.2 [klein]'s shrinks a larger input to 1 megapixel.
+    image_input_max_pixels: ClassVar[int | None] = None
 
     @property
     def flow_matching(self) -> bool:
@@ -453,6 +456,53 @@ class Family:
             height: the image height in pixels.
         """
         return latents
+
+    def generation_defaults(self, pipeline: Any) -> GenerationDefaults:
+        """The steps, CFG scale, sampler and schedule a loaded model starts from: A1111's web UI defaults
+        (20 steps, CFG 7, Euler a; a flow-matching model Euler at CFG 1, as Forge runs FLUX.1), or a
+        family's models' own (`GenerationDefaults.own`).
+
+        Args:
+            pipeline: the loaded pipeline (its configs tell a model's variant, e.g. distilled or not), or
+                None before one has loaded (the family's usual model).
+        """
+        if self.flow_matching:
+            return GenerationDefaults(20, 1.0, "Euler")
+        return GenerationDefaults(20, 7.0, "Euler a")
+
+    def image_pipeline_class(self, pipeline: Any, mode: Literal["txt2img", "img2img", "inpaint"]) -> Any:
+        """The diffusers pipeline class whose `from_pipe` runs `mode` on a loaded pipeline's modules:
+        diffusers' `AutoPipelineForText2Image`, `AutoPipelineForImage2Image` or `AutoPipelineForInpainting`
+        (which also pick the ControlNet pipelines when a `controlnet` is passed to `from_pipe`).
+
+        Args:
+            pipeline: the loaded text-to-image pipeline.
+            mode: `txt2img` (the same pipeline with other components), `img2img` (with `image` and
+                `strength`; also the hires fix's second pass) or `inpaint` (with `mask_image` too).
+
+        Raises:
+            NbkitError: when the family's models cannot run `mode`.
+        """
+        import diffusers
+
+        return {
+            "txt2img": diffusers.AutoPipelineForText2Image,
+            "img2img": diffusers.AutoPipelineForImage2Image,
+            "inpaint": diffusers.AutoPipelineForInpainting,
+        }[mode]
+
+    def negative_arguments(
+        self, pipeline: Any, negative_prompts: list[str] | None, call_arguments: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The negative prompts' pipeline arguments: `negative_prompt` when the call takes the negative
+        pass (`needs_negative_pass`), else none.
+
+        Args:
+            pipeline: the pipeline about to be called.
+            negative_prompts: one per image of the batch, or None when none of them has one.
+            call_arguments: what `call_arguments` returned.
+        """
+        return {"negative_prompt": negative_prompts} if self.needs_negative_pass(call_arguments) else {}
 
     def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
         """Whether a ControlNet's (or UNet's) config is of this family's ControlNet group.

@@ -5,10 +5,12 @@ without guidance; the base models take classifier-free guidance over 50."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from nbkit.families._generation import GenerationDefaults
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
 from nbkit.families.base import Family
 from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
@@ -23,6 +25,11 @@ LORA_TARGETS = (
     r"|(ff|ff_context)\.(linear_in|linear_out)"
     r"|single_transformer_blocks\.\d+\.attn\.to_out)"
 )
+
+# The model cards' settings: the distilled models take 4 steps unguided, the base models 50 at CFG 4.
+DISTILLED_STEPS = 4
+BASE_STEPS = 50
+BASE_CFG = 4.0
 
 _QUANTIZED = ("transformer", "text_encoder")
 MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
@@ -197,14 +204,34 @@ class Flux2Klein(Family):
         return pipeline_class._unpack_latents_with_ids(prediction[:, : packed.shape[1]], image_ids)
 
     # -- generation: distilled (4 steps, unguided) or base (CFG) --------------------------------------
+    # img2img (and the hires fix's second pass) runs `Flux2KleinInpaintPipeline` with the whole picture
+    # masked: diffusers' AutoPipelineForImage2Image maps [klein] to Flux2KleinPipeline, which edits
+    # after reference images without a denoising strength. That pipeline also conditions on the picture
+    # as a reference (FLUX.2's editing tokens), so even strength 1 keeps to it, and it shrinks a picture
+    # above 1 megapixel (hence `image_input_max_pixels`).
     image_size_multiple = 16
     latent_hires = False  # patched and normalised latents: the hires fix upscales pixels
     session_lora_from_diffusers = True
+    image_input_max_pixels = 1024 * 1024
 
     def owns_pipeline(self, pipeline: Any) -> bool:
         return getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith(
             "Flux2"
         )
+
+    def generation_defaults(self, pipeline: Any) -> GenerationDefaults:
+        """The distilled models' 4 steps without guidance, or the base models' 50 steps at CFG 4 (their
+        model cards'). Before a model loads, the distilled ones' (all the hub models nbkit lists)."""
+        if pipeline is None or _distilled(pipeline):
+            return GenerationDefaults(DISTILLED_STEPS, 1.0, "Euler", own=True)
+        return GenerationDefaults(BASE_STEPS, BASE_CFG, "Euler", own=True)
+
+    def image_pipeline_class(self, pipeline: Any, mode: Literal["txt2img", "img2img", "inpaint"]) -> Any:
+        if mode == "txt2img":
+            return type(pipeline)
+        from diffusers import Flux2KleinInpaintPipeline
+
+        return Flux2KleinInpaintPipeline if mode == "inpaint" else _img2img_class()
 
     def call_arguments(
         self, pipeline: Any, *, guidance_scale: float | None, distilled_guidance: float | None, negative: bool
@@ -212,7 +239,7 @@ class Flux2Klein(Family):
         """FLUX.2's CFG is A1111's (`neg + s * (pos - neg)`, off at 1); a distilled model ignores it."""
         if _distilled(pipeline):
             return {"guidance_scale": 1.0}, None
-        return {"guidance_scale": 4.0 if guidance_scale is None else guidance_scale}, None
+        return {"guidance_scale": BASE_CFG if guidance_scale is None else guidance_scale}, None
 
     def cfg_used(self, call_arguments: dict[str, Any], guidance_scale: float | None, pipeline: Any) -> Any:
         return call_arguments["guidance_scale"]
@@ -220,12 +247,44 @@ class Flux2Klein(Family):
     def needs_negative_pass(self, call_arguments: dict[str, Any]) -> bool:
         return call_arguments["guidance_scale"] > 1
 
+    def negative_arguments(
+        self, pipeline: Any, negative_prompts: list[str] | None, call_arguments: dict[str, Any]
+    ) -> dict[str, Any]:
+        """[klein]'s pipelines take no `negative_prompt` (they encode "" themselves): a negative prompt
+        goes in encoded, as `negative_prompt_embeds`."""
+        if not self.needs_negative_pass(call_arguments) or negative_prompts is None:
+            return {}
+        embeds, _ = pipeline.encode_prompt(list(negative_prompts), device=pipeline._execution_device)
+        return {"negative_prompt_embeds": embeds}
+
     def preview_latents(self, pipeline: Any, latents: Any, width: int, height: int) -> Any:
         return None  # packed, normalised 128-channel tokens: no cheap preview
 
 
 def _distilled(pipeline: Any) -> bool:
     return bool(getattr(getattr(pipeline, "config", None), "is_distilled", False))
+
+
+@functools.cache
+def _img2img_class() -> Any:
+    """`Flux2KleinInpaintPipeline` as img2img: without a mask, the whole picture is redrawn."""
+    import torch
+    from diffusers import Flux2KleinInpaintPipeline
+    from PIL import Image
+
+    class Flux2KleinImg2ImgPipeline(Flux2KleinInpaintPipeline):
+        def __call__(
+            self, prompt: Any = None, image: Any = None, mask_image: Any = None, **kwargs: Any
+        ) -> Any:
+            if mask_image is None and image is not None:
+                first = image[0] if isinstance(image, list) else image
+                if isinstance(first, Image.Image):
+                    mask_image = Image.new("L", first.size, 255)
+                else:  # a (batch, channels, height, width) or (channels, height, width) tensor
+                    mask_image = torch.ones((1, 1, *first.shape[-2:]))
+            return super().__call__(prompt=prompt, image=image, mask_image=mask_image, **kwargs)
+
+    return Flux2KleinImg2ImgPipeline
 
 
 FAMILY = Flux2Klein()

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from nbkit.families._generation import GenerationDefaults
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
 from nbkit.families.base import Family
 from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
 # and diffusers' Z-Image LoRAs train them.
 LORA_TARGETS = r".*(^|\.)layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))"
 TURBO_STEPS = 8  # Z-Image-Turbo's distilled step count (diffusers' example uses 9 scheduler steps: 8 NFEs)
+# Z-Image-Turbo's scheduler shifts by 3, the base model's (Tongyi-MAI/Z-Image) by 6; the base model card
+# samples 50 steps at guidance 4 (Z-Image's own scale: A1111's CFG 5).
+TURBO_SHIFT = 3.0
+BASE_STEPS = 50
+BASE_GUIDANCE = 4.0
 
 _QUANTIZED = ("transformer", "text_encoder")
 MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
@@ -177,13 +183,22 @@ class ZImage(Family):
             "ZImage"
         )
 
+    def generation_defaults(self, pipeline: Any) -> GenerationDefaults:
+        """Z-Image-Turbo's 8 steps without guidance (CFG 1), or the base model's 50 steps at guidance 4
+        (CFG 5); told apart by the scheduler's shift (Turbo's 3, the base model's 6)."""
+        shift = getattr(getattr(pipeline, "scheduler", None), "config", {}).get("shift", TURBO_SHIFT)
+        if shift > TURBO_SHIFT:
+            return GenerationDefaults(BASE_STEPS, BASE_GUIDANCE + 1, "Euler", own=True)
+        return GenerationDefaults(TURBO_STEPS, 1.0, "Euler", own=True)
+
     def call_arguments(
         self, pipeline: Any, *, guidance_scale: float | None, distilled_guidance: float | None, negative: bool
     ) -> tuple[dict[str, Any], float | None]:
         """Z-Image guides as `pos + s * (pos - neg)`, so A1111's CFG scale c is s = c - 1: CFG 1 (what
-        Turbo runs at) turns guidance off. Without a CFG scale, Turbo's unguided default."""
-        scale = 1.0 if guidance_scale is None else guidance_scale
-        return {"guidance_scale": max(scale - 1.0, 0.0)}, None
+        Turbo runs at) turns guidance off. Without a CFG scale, the model's own (`generation_defaults`)."""
+        if guidance_scale is None:
+            guidance_scale = self.generation_defaults(pipeline).cfg_scale
+        return {"guidance_scale": max(guidance_scale - 1.0, 0.0)}, None
 
     def cfg_used(self, call_arguments: dict[str, Any], guidance_scale: float | None, pipeline: Any) -> Any:
         return call_arguments["guidance_scale"] + 1

@@ -15,9 +15,12 @@ pixels, then an img2img pass at the new size), reports progress through `on_step
 
 What differs between model families the loop asks the model's family (`nbkit.families`; told from the
 pipeline when the request names none): its guidance arguments (`Family.call_arguments`: FLUX.1 takes
-Forge's "Distilled CFG Scale", and true CFG only above CFG 1 with a negative prompt), the CFG the infotext
-names, what image sides must be multiples of, its samplers (flow-matching ones for FLUX.1), whether the
-hires fix may upscale latents (FLUX.1 packs them) and how a step's latents become a preview.
+Forge's "Distilled CFG Scale", and true CFG only above CFG 1 with a negative prompt; Z-Image's scale is
+A1111's minus 1), how a negative prompt reaches the pipeline (`Family.negative_arguments`: FLUX.2 [klein]
+takes it encoded), the CFG the infotext names, what image sides must be multiples of, its samplers
+(flow-matching ones for FLUX.1, Z-Image and FLUX.2), the hires fix's img2img pipeline
+(`Family.image_pipeline_class`), whether the hires fix may upscale latents (the flow families pack them),
+the largest picture its img2img redraws at its size, and how a step's latents become a preview.
 
 Models a session exported are loaded by `nbkit.generation.session_models`.
 """
@@ -25,6 +28,7 @@ Models a session exported are loaded by `nbkit.generation.session_models`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -212,6 +216,19 @@ def check_inputs(settings: GenerationSettings) -> None:
         raise ValueError(f"inputs must be a dict, got {settings.inputs!r}")
     if settings.hires is not None:
         settings.hires.check(settings.steps, family)
+    limit = family.image_input_max_pixels
+    if limit is not None:
+        # Its img2img pipeline would shrink a larger picture and return a smaller image than asked.
+        sizes = {"the image": (settings.width, settings.height)} if "image" in settings.inputs else {}
+        if settings.hires is not None:
+            sizes["the hires fix's size"] = settings.hires.size(settings.width, settings.height, step)
+        for what, (width, height) in sizes.items():
+            if width * height > limit:
+                side = math.isqrt(limit)
+                raise ValueError(
+                    f"{what} is {width}x{height}, more pixels than {family.title} models redraw a picture "
+                    f"at ({side}x{side} at most); make it smaller"
+                )
 
 
 def resolve_seeds(seeds: int | list[int], count: int, rng: random.Random | None = None) -> list[int]:
@@ -312,8 +329,9 @@ def generate_images(
             save them as they come).
         skip: when set, the current batch ends after its current step (its images are kept, as
             A1111 does) and the next batch starts; it is cleared for the next batch.
-        hires_pipeline: the img2img pipeline of the hires fix's second pass (default: one made with
-            `AutoPipelineForImage2Image.from_pipe(pipeline)`, sharing its components).
+        hires_pipeline: the img2img pipeline of the hires fix's second pass (default: the family's
+            img2img pipeline (`Family.image_pipeline_class`) made with `from_pipe(pipeline)`, sharing
+            its components).
     """
     import torch
 
@@ -327,9 +345,7 @@ def generate_images(
     shown_prompts = settings.infotext_prompts or settings.prompts
     hires = settings.hires
     if hires is not None and hires_pipeline is None:
-        from diffusers import AutoPipelineForImage2Image
-
-        hires_pipeline = AutoPipelineForImage2Image.from_pipe(pipeline)
+        hires_pipeline = family.image_pipeline_class(pipeline, "img2img").from_pipe(pipeline)
     pipelines = [pipeline] + ([hires_pipeline] if hires is not None else [])
     originals = [p.scheduler for p in pipelines]
     schedulers = list(originals)
@@ -373,7 +389,7 @@ def generate_images(
             prompts = [settings.prompts[index] for index in indices]
             # None rather than "": SDXL uses zeros, not the encoded empty prompt, for no negative.
             negative = batch_negatives if any(batch_negatives) else None
-            negatives_kwargs = {"negative_prompt": negative} if family.needs_negative_pass(kwargs) else {}
+            negatives_kwargs = family.negative_arguments(pipeline, negative, kwargs)
             output = pipeline(
                 prompt=prompts,
                 num_inference_steps=settings.steps,

@@ -145,7 +145,8 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
         return {
             "images": images if body.send_images else [],
             "parameters": echo_parameters(body),
-            "info": json.dumps(build_info(body, request, output), ensure_ascii=False),
+            # `output.request`: the request as it ran, with the model's defaults for what it left out.
+            "info": json.dumps(build_info(body, output.request, output), ensure_ascii=False),
         }
 
     @router.post("/txt2img")

@@ -271,6 +271,15 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
             )
         return inputs
 
+    # What the client left out takes the loaded model's own settings where it has them (A1111's declared
+    # defaults above stay for the others): a few-step distilled model must not run 50 steps at CFG 7.
+    given = body.model_fields_set
+    left = [name for name in ("steps", "cfg_scale", "scheduler") if name not in given]
+    if not given & {"sampler_name", "sampler_index"}:
+        left.append("sampler_name")
+    if txt2img and body.hr_upscaler is None:
+        left.append("hr_upscaler")
+    fields["model_defaults"] = tuple(left)
     mode = "txt2img" if txt2img else "inpaint" if body.mask else "img2img"
     final = _hires_size(body) if txt2img else None
     return make_request(mode, fields, limits, final_size=final, read_inputs=read_inputs)

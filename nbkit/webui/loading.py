@@ -231,18 +231,16 @@ class ModelLoading:
         return self._depth
 
     def _derive(self, mode: str, **components: Any) -> Any:
-        """A `mode` pipeline on the loaded pipeline's modules (plus a VAE or ControlNet override)."""
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+        """A `mode` pipeline on the loaded pipeline's modules (plus a VAE or ControlNet override), of the
+        class the model's family runs `mode` with (`Family.image_pipeline_class`: diffusers' AutoPipelines,
+        or FLUX.2 [klein]'s inpainting pipeline for img2img)."""
+        from nbkit.generation.placement import as_family
 
         components = {name: value for name, value in components.items() if value is not None}
         if mode == "txt2img" and not components and not self._offload:
             return self.pipeline
-        auto = {
-            "txt2img": AutoPipelineForText2Image,
-            "img2img": AutoPipelineForImage2Image,
-            "inpaint": AutoPipelineForInpainting,
-        }[mode]
-        pipeline = auto.from_pipe(self.pipeline, **components)
+        family = as_family(self._family)
+        pipeline = family.image_pipeline_class(self.pipeline, mode).from_pipe(self.pipeline, **components)
         pipeline.set_progress_bar_config(disable=True)
         if self._offload:
             # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.

@@ -26,12 +26,15 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111
 HR_UPSCALERS = ("Latent", "Lanczos")
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # A1111's resize_mode 0..2
 DISTILLED_CFG_SCALE = 3.5  # Forge's default "Distilled CFG Scale" (FLUX.1-dev's guidance)
+# The fields a request may leave to the loaded model (`GenerationRequest.model_defaults`).
+MODEL_DEFAULT_FIELDS = ("steps", "cfg_scale", "sampler_name", "scheduler", "hr_upscaler")
+PIXEL_UPSCALER = "Lanczos"  # the hires upscaler a model that packs its latents gets when none is named
 
 # What `make_request` keeps: every mode's fields, the hires fix's (txt2img with `enable_hr`), and those
 # of the modes that start from an image.
 _COMMON_FIELDS = (
     "prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "distilled_cfg_scale",
-    "width", "height", "sampler_name", "scheduler", "vae", "controlnet", "save_images",
+    "width", "height", "sampler_name", "scheduler", "vae", "controlnet", "save_images", "model_defaults",
 )  # fmt: skip
 _HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
 _IMAGE_FIELDS = (
@@ -97,6 +100,10 @@ class GenerationRequest:
         vae: a VAE to use instead of the model's (None: the model's).
         controlnet: a ControlNet unit, or None.
         save_images: save into the outputs folder.
+        model_defaults: the fields an API client left out (of `MODEL_DEFAULT_FIELDS`): they take the loaded
+            model's own settings where its family has them (`Family.generation_defaults` with `own`:
+            Z-Image-Turbo's 8 steps at CFG 1, say), and `hr_upscaler` a pixel upscaler for a model
+            whose latents cannot be upscaled; otherwise they keep the values given (A1111's defaults).
     """
 
     mode: Mode = "txt2img"
@@ -126,6 +133,7 @@ class GenerationRequest:
     vae: str | None = None
     controlnet: ControlNetUnit | None = None
     save_images: bool = True
+    model_defaults: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass

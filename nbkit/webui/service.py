@@ -43,7 +43,13 @@ from nbkit.webui.loading import ModelLoading
 from nbkit.webui.lora import applied_loras, lora_hash, lora_hashes_text, parse_loras
 from nbkit.webui.models import ModelCatalog
 from nbkit.webui.outputs import OutputStore
-from nbkit.webui.requests import ControlNetUnit, GenerationOutput, GenerationRequest, Progress
+from nbkit.webui.requests import (
+    PIXEL_UPSCALER,
+    ControlNetUnit,
+    GenerationOutput,
+    GenerationRequest,
+    Progress,
+)
 from nbkit.webui.validation import check_request
 
 ATTENTION = ("sdpa", "xformers")
@@ -185,6 +191,7 @@ class GenerationService(ModelLoading):
         check_request(request)
         entry = self.ensure_model()
         family = as_family(self._family)
+        request = self._with_model_defaults(request, family)
         if family.controlnet_group is None and request.controlnet is not None:
             raise NbkitError(
                 f"ControlNet is not available for {entry.title}: nbkit offers ControlNet for the SD "
@@ -336,6 +343,31 @@ class GenerationService(ModelLoading):
             seconds=time.time() - started,
             control_image=control_image,
         )
+
+    def _with_model_defaults(self, request: GenerationRequest, family: Family) -> GenerationRequest:
+        """`request` with the fields it left to the model (`GenerationRequest.model_defaults`) filled in:
+        the model's own steps, CFG scale, sampler and schedule where its family has them, and a pixel
+        upscaler for the hires fix of a model whose latents are packed."""
+        left = set(request.model_defaults)
+        if not left:
+            return request
+        changes: dict[str, Any] = {}
+        defaults = family.generation_defaults(self.pipeline)
+        if defaults.own:
+            own = {
+                "steps": defaults.steps,
+                "cfg_scale": defaults.cfg_scale,
+                "sampler_name": defaults.sampler,
+                "scheduler": defaults.schedule,
+            }
+            changes.update({name: value for name, value in own.items() if name in left})
+        if "hr_upscaler" in left and not family.latent_hires:
+            changes["hr_upscaler"] = PIXEL_UPSCALER
+        if not changes:
+            return request
+        request = dataclasses.replace(request, **changes)
+        check_request(request)  # the steps changed: the denoising strength must still leave one
+        return request
 
     # --- progress -----------------------------------------------------------------------------------
 

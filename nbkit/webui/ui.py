@@ -28,6 +28,7 @@ from nbkit.webui.panel import Panel, progress_html
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
+    PIXEL_UPSCALER,
     ControlNetUnit,
     GenerationRequest,
     make_request,
@@ -244,6 +245,56 @@ def _current(service: GenerationService) -> str | None:
     return current_title(service)
 
 
+def fitted_fields(
+    panels: dict[str, Panel], family: str | None, defaults: Any, *, set_values: bool
+) -> list[tuple[Any, Any]]:
+    """(component, update) for every panel's fields that follow the loaded model: the sampler and
+    schedule menus take its family's tables, the distilled CFG slider shows only for a family with
+    distilled guidance, and the hires upscaler is a pixel one for a family that packs its latents.
+
+    Args:
+        panels: the UI's panels.
+        family: the loaded model's family (None: the default one's tables).
+        defaults: the model's `GenerationDefaults` (`Family.generation_defaults`).
+        set_values: also set steps, CFG, sampler and schedule to `defaults` (else they keep their values,
+            unless the family does not take them: an SD sampler on a flow model moves to its default).
+    """
+    from nbkit.generation.hires import LATENT_UPSCALERS
+
+    samplers, schedules = sampler_tables(family)
+    known = as_family(family)
+    distilled = family is not None and known.distilled_guidance_default is not None
+    flow = samplers is not SAMPLERS
+    updates: list[tuple[Any, Any]] = []
+    for panel in panels.values():
+        fields = panel.fields
+        moved = set_values or flow  # a flow model's menus hold none of the SD names
+        updates += [
+            (fields["sampler_name"], gr.Dropdown(choices=list(samplers), **_value(moved, defaults.sampler))),
+            (fields["scheduler"], gr.Dropdown(choices=list(schedules), **_value(moved, defaults.schedule))),
+            (fields["steps"], gr.Slider(value=defaults.steps) if set_values else gr.skip()),
+            (fields["cfg_scale"], gr.Slider(value=defaults.cfg_scale) if moved else gr.skip()),
+            (fields["distilled_cfg_scale"], gr.Slider(visible=distilled)),
+        ]
+        if "hr_upscaler" in fields:
+            pixels = not known.latent_hires
+            upscaler = PIXEL_UPSCALER if pixels else next(iter(LATENT_UPSCALERS))
+            updates.append(
+                (fields["hr_upscaler"], gr.Dropdown(value=upscaler) if pixels or set_values else gr.skip())
+            )
+    return updates
+
+
+def _value(moved: bool, value: Any) -> dict[str, Any]:
+    return {"value": value} if moved else {}
+
+
+def _model_defaults(service: GenerationService, family: str | None = None) -> Any:
+    """The loaded model's `GenerationDefaults` (or, none loaded yet, its family's with no pipeline)."""
+    family = family if service.pipeline is None else service.family
+    return as_family(family).generation_defaults(service.pipeline)
+
+
 def _wire_model_picker(
     blocks: gr.Blocks,
     model: gr.Dropdown,
@@ -254,35 +305,22 @@ def _wire_model_picker(
     queue: GpuQueue,
 ) -> None:
     """The checkpoint dropdown: switching loads the model (through the queue), and every panel's sampler,
-    schedule, CFG and distilled CFG fields follow the loaded model's family."""
+    schedule, steps, CFG, distilled CFG and hires upscaler fields follow the loaded model
+    (`fitted_fields`): a page opens with the model's defaults (`Family.generation_defaults`: A1111's for
+    SD, Z-Image-Turbo's 8 steps at CFG 1, ...), and a switch sets them when they differ from the last
+    model's (from one SD model to another, the values people set stay)."""
     catalog = service.catalog
-
-    # Each panel's sampler dropdown, schedule dropdown, CFG slider, then distilled CFG slider.
     fitted = [
-        panel.fields[name]
-        for name in ("sampler_name", "scheduler", "cfg_scale", "distilled_cfg_scale")
-        for panel in panels.values()
+        component for component, _ in fitted_fields(panels, None, _model_defaults(service), set_values=True)
     ]
 
-    def fitting_samplers(family: str | None) -> list[Any]:
-        # The fields take the loaded family's samplers and schedules; a flow model (FLUX.1) moves
-        # the dropdowns off "Euler a", and CFG to 1 (true CFG doubles each step). The distilled CFG
-        # slider shows only for a family with distilled guidance.
-        count = len(panels)
-        samplers, schedules = sampler_tables(family)
-        distilled = family is not None and as_family(family).distilled_guidance_default is not None
-        if samplers is SAMPLERS:  # the full lists back; the values stay as they are
-            fields = [gr.Dropdown(choices=list(samplers))] * count
-            fields += [gr.Dropdown(choices=list(schedules))] * count + [gr.skip()] * count
-        else:
-            fields = [gr.Dropdown(choices=list(samplers), value=next(iter(samplers)))] * count
-            fields += [gr.Dropdown(choices=list(schedules), value="Automatic")] * count
-            fields += [gr.Slider(value=1)] * count
-        return fields + [gr.Slider(visible=distilled)] * count
+    def fitting(family: str | None, defaults: Any, set_values: bool) -> list[Any]:
+        return [update for _, update in fitted_fields(panels, family, defaults, set_values=set_values)]
 
     def switch(title: str) -> list[Any]:
         if not title or (service.current is not None and service.current.title == title):
             return [gr.skip()] * (1 + len(fitted))
+        before = _model_defaults(service) if service.pipeline is not None else None
         try:
             entry = queue.run(lambda: service.select_model(title))
         except QueueFull as error:
@@ -291,17 +329,19 @@ def _wire_model_picker(
         except Exception as error:
             raise gr.Error(_describe(error)) from None
         gr.Info(f"Loaded {entry.title}")
-        return [f"Loaded **{html.escape(entry.title)}**", *fitting_samplers(service.family)]
+        after = _model_defaults(service)
+        return [f"Loaded **{html.escape(entry.title)}**", *fitting(service.family, after, after != before)]
 
     def on_load() -> list[Any]:
         if service.current is not None:
-            return fitting_samplers(service.family)
+            return fitting(service.family, _model_defaults(service), True)
         # Still loading (launch queues the first load): the family its configs name.
         try:
             entry = catalog.find(_current(service) or "")
         except NbkitError:
-            return fitting_samplers(None)
-        return fitting_samplers(entry.family or folder_family(entry.source))
+            return fitting(None, _model_defaults(service), True)
+        family = entry.family or folder_family(entry.source)
+        return fitting(family, _model_defaults(service, family), True)
 
     def do_refresh() -> Any:
         catalog.refresh()
