@@ -28,6 +28,7 @@ from nbkit.webui.panel import Panel, progress_html
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
+    HR_UPSCALERS,
     PIXEL_UPSCALER,
     ControlNetUnit,
     GenerationRequest,
@@ -280,7 +281,12 @@ def fitted_fields(
             pixels = not known.latent_hires
             upscaler = PIXEL_UPSCALER if pixels else next(iter(LATENT_UPSCALERS))
             updates.append(
-                (fields["hr_upscaler"], gr.Dropdown(value=upscaler) if pixels or set_values else gr.skip())
+                (
+                    fields["hr_upscaler"],
+                    gr.Dropdown(choices=list(HR_UPSCALERS), value=upscaler)
+                    if pixels or set_values
+                    else gr.skip(),
+                )
             )
     return updates
 
