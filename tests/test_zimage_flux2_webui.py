@@ -9,8 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
+import test_webui_browser as web
 import torch
 from PIL import Image
+from test_webui_browser import browser  # noqa: F401  (the fixture)
 from webui_support import decode, png_b64, start_server
 
 from nbkit.errors import NbkitError
@@ -206,12 +208,22 @@ def test_ui_fields_take_the_loaded_models_defaults(service):
     assert [args["choices"] for args in values["sampler_name"]] == [["Euler"], ["Euler"]]
     assert [args["value"] for args in values["hr_upscaler"]] == ["Lanczos"]  # txt2img's only
     assert all(args["visible"] is False for args in values["distilled_cfg_scale"])
+
+    def sent(updates, name):
+        return [
+            getattr(update, "constructor_args", {}).get("value")
+            for c, update in updates
+            if names[id(c)] == name
+        ]
+
     # The same model's defaults again: the values people set stay (only the menus' choices are sent).
-    kept = fitted_fields(panels, service.family, defaults, set_values=False)
+    assert sent(fitted_fields(panels, service.family, defaults, set_values=False), "steps") == [None, None]
+    # A page just opened on an SD model: its fields already hold A1111's defaults, none is sent again.
+    opened = fitted_fields(
+        panels, "sd1", get_family("sd1").generation_defaults(None), set_values=True, opened=True
+    )
     assert all(
-        "value" not in getattr(update, "constructor_args", {})
-        for component, update in kept
-        if names[id(component)] == "steps"
+        sent(opened, name) == [None, None] for name in ("steps", "cfg_scale", "sampler_name", "scheduler")
     )
 
 
@@ -282,3 +294,29 @@ def test_api_txt2img_lora_img2img_and_defaults(server, name):
     assert decode(hires.json()["images"][0]).size == (96, 96)
     refused = requests.post(server.api + "/txt2img", json={**fast, "sampler_name": "Euler a"}, timeout=300)
     assert refused.status_code == 400 and "samplers for " in refused.json()["detail"]
+
+
+@web.pytestmark  # skipped without Debian's chromium, as the other browser tests
+@pytest.mark.parametrize("name", FAMILIES)
+def test_browser_opens_on_the_models_defaults_and_generates(name, tmp_path, tiny_model_dir, browser):  # noqa: F811
+    """The page opens with the model's own steps and CFG, a flow sampler and a pixel hires upscaler."""
+    from selenium.webdriver.common.by import By
+
+    server = start_server(tmp_path / "root", tiny_model_dir(name), "--auth", f"{web.USER}:{web.PASSWORD}")
+    try:
+        web._log_in(browser, server.url)
+        steps = {"zimage": "8", "flux2": "4"}[name]
+        field = browser.find_element(
+            By.XPATH,
+            "//label[contains(., 'Sampling steps')]/ancestor::div[contains(@class,'block')][1]//input[@type='number']",
+        )
+        web._wait(lambda: field.get_attribute("value") == steps, 60, f"the steps to become {steps}")
+        cfg = browser.find_element(By.CSS_SELECTOR, "#txt2img-cfg input[type='number']")
+        assert cfg.get_attribute("value") == "1"
+        assert (
+            browser.find_element(By.CSS_SELECTOR, "#txt2img-sampler input").get_attribute("value") == "Euler"
+        )
+        info = web._generate(browser, "a photo of zwx dog")
+    finally:
+        server.stop()
+    assert info.startswith("a photo of zwx dog\n") and "Steps: 3," in info and "CFG scale: 1," in info

@@ -247,7 +247,7 @@ def _current(service: GenerationService) -> str | None:
 
 
 def fitted_fields(
-    panels: dict[str, Panel], family: str | None, defaults: Any, *, set_values: bool
+    panels: dict[str, Panel], family: str | None, defaults: Any, *, set_values: bool, opened: bool = False
 ) -> list[tuple[Any, Any]]:
     """(component, update) for every panel's fields that follow the loaded model: the sampler and
     schedule menus take its family's tables, the distilled CFG slider shows only for a family with
@@ -259,6 +259,8 @@ def fitted_fields(
         defaults: the model's `GenerationDefaults` (`Family.generation_defaults`).
         set_values: also set steps, CFG, sampler and schedule to `defaults` (else they keep their values,
             unless the family does not take them: an SD sampler on a flow model moves to its default).
+        opened: the page has just opened, its fields at their first values: only values that differ
+            are sent (one sent late would overwrite what someone typed meanwhile).
     """
     from nbkit.generation.hires import LATENT_UPSCALERS
 
@@ -266,33 +268,40 @@ def fitted_fields(
     known = as_family(family)
     distilled = family is not None and known.distilled_guidance_default is not None
     flow = samplers is not SAMPLERS
+    moved = set_values or flow  # a flow model's menus hold none of the SD names
+
+    def value(component: Any, wanted: Any, send: bool) -> dict[str, Any]:
+        return {"value": wanted} if send and not (opened and component.value == wanted) else {}
+
     updates: list[tuple[Any, Any]] = []
     for panel in panels.values():
         fields = panel.fields
-        moved = set_values or flow  # a flow model's menus hold none of the SD names
+        steps = value(fields["steps"], defaults.steps, set_values)
+        cfg = value(fields["cfg_scale"], defaults.cfg_scale, moved)
         updates += [
-            (fields["sampler_name"], gr.Dropdown(choices=list(samplers), **_value(moved, defaults.sampler))),
-            (fields["scheduler"], gr.Dropdown(choices=list(schedules), **_value(moved, defaults.schedule))),
-            (fields["steps"], gr.Slider(value=defaults.steps) if set_values else gr.skip()),
-            (fields["cfg_scale"], gr.Slider(value=defaults.cfg_scale) if moved else gr.skip()),
+            (
+                fields["sampler_name"],
+                gr.Dropdown(choices=list(samplers), **value(fields["sampler_name"], defaults.sampler, moved)),
+            ),
+            (
+                fields["scheduler"],
+                gr.Dropdown(choices=list(schedules), **value(fields["scheduler"], defaults.schedule, moved)),
+            ),
+            (fields["steps"], gr.Slider(**steps) if steps else gr.skip()),
+            (fields["cfg_scale"], gr.Slider(**cfg) if cfg else gr.skip()),
             (fields["distilled_cfg_scale"], gr.Slider(visible=distilled)),
         ]
         if "hr_upscaler" in fields:
             pixels = not known.latent_hires
-            upscaler = PIXEL_UPSCALER if pixels else next(iter(LATENT_UPSCALERS))
+            wanted = PIXEL_UPSCALER if pixels else next(iter(LATENT_UPSCALERS))
+            upscaler = value(fields["hr_upscaler"], wanted, pixels or set_values)
             updates.append(
                 (
                     fields["hr_upscaler"],
-                    gr.Dropdown(choices=list(HR_UPSCALERS), value=upscaler)
-                    if pixels or set_values
-                    else gr.skip(),
+                    gr.Dropdown(choices=list(HR_UPSCALERS), **upscaler) if upscaler else gr.skip(),
                 )
             )
     return updates
-
-
-def _value(moved: bool, value: Any) -> dict[str, Any]:
-    return {"value": value} if moved else {}
 
 
 def _model_defaults(service: GenerationService, family: str | None = None) -> Any:
@@ -320,8 +329,9 @@ def _wire_model_picker(
         component for component, _ in fitted_fields(panels, None, _model_defaults(service), set_values=True)
     ]
 
-    def fitting(family: str | None, defaults: Any, set_values: bool) -> list[Any]:
-        return [update for _, update in fitted_fields(panels, family, defaults, set_values=set_values)]
+    def fitting(family: str | None, defaults: Any, set_values: bool, opened: bool = False) -> list[Any]:
+        updates = fitted_fields(panels, family, defaults, set_values=set_values, opened=opened)
+        return [update for _, update in updates]
 
     def switch(title: str) -> list[Any]:
         if not title or (service.current is not None and service.current.title == title):
@@ -340,14 +350,14 @@ def _wire_model_picker(
 
     def on_load() -> list[Any]:
         if service.current is not None:
-            return fitting(service.family, _model_defaults(service), True)
+            return fitting(service.family, _model_defaults(service), True, opened=True)
         # Still loading (launch queues the first load): the family its configs name.
         try:
             entry = catalog.find(_current(service) or "")
         except NbkitError:
-            return fitting(None, _model_defaults(service), True)
+            return fitting(None, _model_defaults(service), True, opened=True)
         family = entry.family or folder_family(entry.source)
-        return fitting(family, _model_defaults(service, family), True)
+        return fitting(family, _model_defaults(service, family), True, opened=True)
 
     def do_refresh() -> Any:
         catalog.refresh()
