@@ -319,8 +319,9 @@ def generate_images(
     """Run one request (see `generate` for the keyword form).
 
     Args:
-        pipeline: a diffusers SD1/SD2/SDXL pipeline, used as it is: text-to-image, or img2img,
-            inpainting or ControlNet with their inputs in `settings.inputs`.
+        pipeline: a diffusers pipeline of any family, used as it is: text-to-image, or img2img,
+            inpainting or ControlNet (`Family.image_pipeline_class`) with their inputs in
+            `settings.inputs`.
         settings: the request.
         on_step: called after every denoising step with a `StepProgress`.
         interrupt: when set, the current batch ends after its current step (its images are
@@ -465,8 +466,8 @@ def generate(
     """Generate one image per prompt with a diffusers text-to-image pipeline.
 
     Args:
-        pipeline: a diffusers SD1/SD2/SDXL or FLUX.1 text-to-image pipeline; its scheduler is restored
-            after.
+        pipeline: a diffusers text-to-image pipeline of any family (SD 1.x/2.x, SDXL, FLUX.1, Z-Image,
+            FLUX.2 [klein]); its scheduler is restored after.
         prompts: one prompt per image.
         seeds: one seed (image `i` gets `seed + i`; -1: random) or one per image.
         steps: sampling steps.

@@ -3,7 +3,15 @@
 Field names, defaults and response shapes follow A1111 (see the compatibility notes), so its clients
 (`webuiapi`, scripts written against A1111) work unchanged: `images` are raw base64 PNGs carrying
 the `parameters` chunk, `parameters` echoes the request, `info` is a JSON *string*. Unknown request
-fields are ignored. Errors are JSON `{"error", "detail", "body", "errors"}` with a status: 400 for a
+fields are ignored.
+
+Defaults: a value the client sends is used as sent. A field it leaves out keeps A1111's declared
+default (50 steps, CFG 7, Euler, the "Latent" hires upscaler), except where the loaded model has its
+own settings (`Family.generation_defaults` with `own`): then `steps`, `cfg_scale`, `sampler_name` and
+`scheduler` left out take the model's (Z-Image-Turbo: 8 steps at CFG 1; FLUX.2 [klein] distilled: 4
+steps at CFG 1; their base models: 50 steps at CFG 5 and 4), and `hr_upscaler` left out is a pixel
+upscaler (Lanczos) for a model whose latents cannot be upscaled (FLUX.1, Z-Image, FLUX.2). `info`
+reports the values that ran. Errors are JSON `{"error", "detail", "body", "errors"}` with a status: 400 for a
 bad value, 413 for an oversized body or image, 422 for a malformed request, 503 when the queue is
 full or a training run holds the GPU.
 

@@ -94,10 +94,11 @@ def applied_loras(pipeline: Any, loras: list[tuple[LoraTag, Path]]) -> Iterator[
     """Load LoRAs into `pipeline` with their weights for the `with` block, then unload them all.
 
     Args:
-        pipeline: a diffusers SD/SDXL or FLUX.1 pipeline (its components may be shared with other
+        pipeline: a diffusers pipeline of any family (its components may be shared with other
             pipelines, which see the LoRAs too).
         loras: each tag with its kohya (or diffusers) `.safetensors`; a Flux LoRA may be in diffusers'
-            format or kohya's/ComfyUI's (`lora_unet_double_blocks_...`), both read by `load_lora_weights`.
+            format or kohya's/ComfyUI's (`lora_unet_double_blocks_...`), both read by `load_lora_weights`;
+            a session's LoRA of a family with `session_lora_from_diffusers` is its diffusers file.
 
     Yields:
         The peft adapter names.
@@ -115,7 +116,7 @@ def applied_loras(pipeline: Any, loras: list[tuple[LoraTag, Path]]) -> Iterator[
                 raise NbkitError(
                     f"LoRA {tag.name!r} does not fit this model: {error}",
                     path=path,
-                    fix="pick a LoRA trained for this model's family (SD 1.5, SD 2.x, SDXL or FLUX.1)",
+                    fix="pick a LoRA trained for this model's family",
                 ) from error
             names.append(name)
         components = pipeline.get_list_adapters()
@@ -123,7 +124,7 @@ def applied_loras(pipeline: Any, loras: list[tuple[LoraTag, Path]]) -> Iterator[
         for name, (tag, _) in zip(names, loras, strict=True):
             weights.append(
                 {
-                    # The denoiser (an SD UNet or FLUX.1's transformer) takes the UNet weight.
+                    # The denoiser (an SD UNet or a flow model's transformer) takes the UNet weight.
                     component: tag.unet_weight if component in ("unet", "transformer") else tag.te_weight
                     for component, adapters in components.items()
                     if name in adapters

@@ -17,8 +17,9 @@ the checkpoint, VAE and ControlNet in `nbkit.webui.loading`; this module runs th
 
 Every family's checkpoints (diffusers folders, registry models, session exports) run on the same paths;
 what differs the loaded model's family says (`nbkit.families`, through `nbkit.generation.generate`): its
-samplers, guidance (FLUX.1's `distilled_cfg_scale`), size steps, live preview and whether it takes
-ControlNets. Before a model loads on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot
+samplers, guidance (FLUX.1's `distilled_cfg_scale`, Z-Image's CFG), size steps, live preview, whether it
+takes ControlNets, the pipeline classes of img2img and inpainting (`Family.image_pipeline_class`), and the
+settings an API request leaves to the model (`Family.generation_defaults`). Before a model loads on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot
 run it (a T4 for FLUX.1) and picks how to place it (bf16 on the GPU, or CPU offload, with the
 transformer and T5 in 8 or 4 bits where the GPU is small: `nbkit.models.quantization`).
 """
