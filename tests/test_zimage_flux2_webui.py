@@ -320,3 +320,30 @@ def test_browser_opens_on_the_models_defaults_and_generates(name, tmp_path, tiny
     finally:
         server.stop()
     assert info.startswith("a photo of zwx dog\n") and "Steps: 3," in info and "CFG scale: 1," in info
+
+
+def test_api_fields_left_out_and_the_sd_families_keep_a1111s_defaults():
+    from nbkit.webui.api_models import Txt2ImgRequest, to_generation_request
+    from nbkit.webui.requests import MODEL_DEFAULT_FIELDS
+    from nbkit.webui.security import Limits
+
+    left_out = to_generation_request(Txt2ImgRequest(prompt="a dog"), Limits())
+    assert set(left_out.model_defaults) == set(MODEL_DEFAULT_FIELDS)
+    assert (left_out.steps, left_out.cfg_scale, left_out.sampler_name) == (50, 7.0, "Euler")  # A1111's
+    sent = to_generation_request(
+        Txt2ImgRequest(prompt="a dog", steps=5, sampler_index="Euler", hr_upscaler="Latent"), Limits()
+    )
+    assert set(sent.model_defaults) == {"cfg_scale", "scheduler"}
+
+    service = GenerationService(ModelCatalog(include_base_models=False), device="cpu")
+    request = GenerationRequest(
+        steps=50, cfg_scale=7.0, hr_upscaler="Latent", model_defaults=MODEL_DEFAULT_FIELDS
+    )
+    assert service._with_model_defaults(request, get_family("sd1")) is request
+    flux = service._with_model_defaults(request, get_family("flux"))  # FLUX.1 packs its latents
+    assert (flux.steps, flux.cfg_scale, flux.sampler_name, flux.hr_upscaler) == (
+        50,
+        7.0,
+        "Euler a",
+        "Lanczos",
+    )
