@@ -24,6 +24,7 @@ LORA_TARGETS = (
     r"|single_transformer_blocks\.\d+\.attn\.to_out)"
 )
 
+_GATED = "gated, non-commercial licence: accept it on the hub, then set HF_TOKEN"
 _QUANTIZED = ("transformer", "text_encoder")
 MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
     "generate": (
@@ -64,13 +65,13 @@ class Flux2Klein(Family):
         {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
     )
     tiny_native_resolution = 64
+    # bf16 weights only. The 4B models are Apache 2.0; the 9B ones are gated under the FLUX
+    # Non-Commercial License. The base models are undistilled: 50 steps with CFG.
     hub_models = (
-        HubModel("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "FLUX.2 [klein] 4B (4 steps, Apache 2.0)", variant=None),
-        HubModel(
-            "flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B",
-            "FLUX.2 [klein] 9B (4 steps; gated, non-commercial licence: accept it on the hub, then set HF_TOKEN)",
-            variant=None, gated=True,
-        ),
+        HubModel("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "FLUX.2 [klein] 4B (4 steps; Apache 2.0)", variant=None),
+        HubModel("flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", f"FLUX.2 [klein] 9B (4 steps; {_GATED})", variant=None, gated=True),
+        HubModel("flux2-klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B", "FLUX.2 [klein] base 4B (50 steps with CFG; Apache 2.0)", variant=None),
+        HubModel("flux2-klein-base-9b", "black-forest-labs/FLUX.2-klein-base-9B", f"FLUX.2 [klein] base 9B (50 steps with CFG; {_GATED})", variant=None, gated=True),
     )  # fmt: skip
     detection_priority = (
         110  # asked before FLUX.1, whose check (a `Flux*` pipeline) claims FLUX.2 folders too

@@ -55,8 +55,10 @@ class ZImage(Family):
         {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
     )
     tiny_native_resolution = 64
+    # Apache 2.0, not gated; one precision each, no fp16 variant (Turbo's transformer is stored in fp32).
     hub_models = (
-        HubModel("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "Z-Image-Turbo (6B, 8 steps, Apache 2.0)", variant=None),
+        HubModel("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "Z-Image-Turbo (6B, 8 steps, no CFG; Apache 2.0)", variant=None),
+        HubModel("zimage", "Tongyi-MAI/Z-Image", "Z-Image base (6B, 28-50 steps with CFG; Apache 2.0)", variant=None),
     )  # fmt: skip
     detection_priority = 100
 
