@@ -233,3 +233,39 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_is_bit_exact(family, tin
     assert_same_tensors(_final(resumed), _final(reference))
     for kind, path in reference.lora_files.items():
         assert_same_tensors(load_tensors(resumed.lora_files[kind]), load_tensors(path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_on_the_8bit_transformer_resumes_bit_exact_and_loads_on_the_plain_base(
+    family, tiny_model_dir, monkeypatch
+):
+    """QLoRA as on a GPU too small for the bf16 transformer (torchao's int8 weights, which run on a CPU)."""
+    pytest.importorskip("torchao")
+    from nbkit.train import components as train_components
+    from nbkit.train import trainer
+
+    kinds = []
+    original = train_components.load_components
+
+    def spy(*args, **kwargs):
+        components = original(*args, **kwargs)
+        first = next(module for module in components.unet.modules() if isinstance(module, torch.nn.Linear))
+        kinds.append(type(first.weight).__name__)
+        return components
+
+    monkeypatch.setattr(trainer, "load_components", spy)
+    settings = {"quantize_base": "8bit", "unet_steps": 4, "checkpoint_every": 2, "random_flip": True}
+    for name in ("reference", "stopped"):
+        _session(name, family, tiny_model_dir, **settings)
+    reference = trainer.train("reference")
+    first = trainer.train("stopped", max_steps_this_run=1)
+    second = trainer.train("stopped", resume=True)
+    assert kinds == ["Int8Tensor"] * 3  # every run trained on the int8 transformer
+    assert second.finished and first.losses + second.losses == reference.losses
+    assert_same_tensors(_final(second), _final(reference))
+    diffusers_file = reference.lora_files["diffusers"]
+    assert all(tensor.dtype == torch.float32 for tensor in load_tensors(diffusers_file).values())
+    base = _pipeline(family, tiny_model_dir(family))
+    before = _render(base)
+    base.load_lora_weights(diffusers_file.parent, weight_name=diffusers_file.name)
+    assert np.abs(_render(base) - before).max() > 0
