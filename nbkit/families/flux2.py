@@ -195,7 +195,11 @@ class Flux2Klein(Family):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return pipeline_class._unpack_latents_with_ids(prediction[:, : packed.shape[1]], image_ids)
+        # The grid size given, not read back from the ids (a device sync per step).
+        height, width = noisy.shape[-2:]
+        return pipeline_class._unpack_latents_with_ids(
+            prediction[:, : packed.shape[1]], image_ids, height=height, width=width
+        )
 
     # -- generation: distilled (4 steps, unguided) or base (CFG) --------------------------------------
     image_size_multiple = 16

@@ -282,33 +282,6 @@ def _cached_conditioning(denoiser: torch.nn.Module, batch: int, dtype: torch.dty
     return embeds, pooled
 
 
-@contextlib.contextmanager
-def _sized_unpacking(pipeline_class: type, height: int, width: int) -> Iterator[None]:
-    """Give the image's token grid to diffusers' FLUX.2 unpacking when its caller does not.
-
-    `_unpack_latents_with_ids` scatters tokens back by their position ids and, without a size, reads
-    it from the ids' maximum (`.item()`: a device sync on a GPU, and a value fake tensors lack).
-    """
-    name = "_unpack_latents_with_ids"
-    if not hasattr(pipeline_class, name):
-        yield
-        return
-    saved = pipeline_class.__dict__.get(name)
-    original = getattr(pipeline_class, name)
-
-    def unpack(x, x_ids, given_height=None, given_width=None):
-        return original(x, x_ids, given_height or height, given_width or width)
-
-    setattr(pipeline_class, name, staticmethod(unpack))
-    try:
-        yield
-    finally:
-        if saved is None:
-            delattr(pipeline_class, name)
-        else:
-            setattr(pipeline_class, name, saved)
-
-
 def _adapter_denoise(
     family: Family, denoiser: torch.nn.Module, latents: torch.Tensor, embeds: torch.Tensor, pooled
 ) -> torch.Tensor:
@@ -316,16 +289,13 @@ def _adapter_denoise(
 
     The adapters of these families read neither the pipeline nor the run's settings.
     """
-    import diffusers
     import torch
 
     from nbkit.families._training import NoisyLatents
 
     timesteps = torch.full((latents.shape[0],), 500.0)  # flow matching: 1000 * sigma, on the CPU
     batch = NoisyLatents(latents, timesteps, latents, None)
-    pipeline_class = getattr(diffusers, family.pipeline_class)
-    with _sized_unpacking(pipeline_class, latents.shape[-2], latents.shape[-1]):
-        return family.denoise(None, denoiser, batch, embeds, pooled, None, None)
+    return family.denoise(None, denoiser, batch, embeds, pooled, None, None)
 
 
 def _denoise(denoiser: torch.nn.Module, latents: torch.Tensor, texts: list, cfg: bool) -> torch.Tensor:

@@ -136,18 +136,29 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def constant_tensor(key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """The tensor a random model holds at `key` when it is not random, else None: 1-D weights scale
+    norms (ones); biases start at zero; a batch norm's statistics are those of a fresh one (mean 0,
+    variance 1, no batches seen)."""
     import torch
 
-    # 1-D weights scale norms (ones); biases start at zero; a batch norm's statistics are those of a
-    # fresh one (mean 0, variance 1, no batches seen); the rest are small normal weights. Each tensor
-    # has its own generator seeded from its name, so shards can be written in any order.
     if not dtype.is_floating_point:
         return torch.zeros(shape, dtype=dtype)
     if (len(shape) == 1 and key.endswith(("weight", "scale"))) or key.endswith("running_var"):
         return torch.ones(shape, dtype=dtype)
     if key.endswith(("bias", "running_mean")):
         return torch.zeros(shape, dtype=dtype)
+    return None
+
+
+def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    import torch
+
+    # Small normal weights, each tensor with its own generator seeded from its name, so shards can be
+    # written in any order.
+    constant = constant_tensor(key, shape, dtype)
+    if constant is not None:
+        return constant
     generator = torch.Generator().manual_seed(seed ^ zlib.crc32(key.encode()))
     return (torch.randn(shape, generator=generator) * WEIGHT_STD).to(dtype)
 
