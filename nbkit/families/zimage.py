@@ -49,7 +49,7 @@ class ZImage(Family):
     modelspec_architecture = "z-image"
     modelspec_implementation = "https://github.com/Tongyi-MAI/Z-Image"
     resolution_step = 16
-    needs_bf16 = True
+    needs_bf16 = True  # fp16 overflows to NaN (black images) on T4/V100: Tongyi-MAI/Z-Image issue 15
     denoiser = "transformer"
     training_defaults = MappingProxyType(
         {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
