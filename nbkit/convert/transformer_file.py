@@ -73,9 +73,13 @@ def transformer_layout(
     found = transformer_family(config) if family is None else family
     modules = found.transformer_layout(config) if found is not None else None
     if found is None or modules is None:
-        what = family.title if family is not None else "a transformer nbkit writes as one file"
+        what = (
+            f"a {family.title} transformer"
+            if family is not None
+            else "a transformer nbkit writes as one file"
+        )
         raise NbkitError(
-            f"not {what} transformer config ({config.get('_class_name', 'no _class_name')})",
+            f"not {what} ({config.get('_class_name', 'no _class_name')} config)",
             path=path,
             fix="give a diffusers pipeline folder of a transformer family (FLUX.1, Z-Image, FLUX.2), its "
             "transformer folder, or its transformer model",
@@ -329,7 +333,9 @@ def save_transformer_file(
             METADATA_FAMILY: found.name,
             METADATA_PREDICTION: found.prediction_type,
             METADATA_RESOLUTION: str(resolution or found.native_resolution),
-            METADATA_CONFIGS: json.dumps({"transformer": _clean_config(config)}, sort_keys=True, default=list),
+            METADATA_CONFIGS: json.dumps(
+                {"transformer": _clean_config(config)}, sort_keys=True, default=list
+            ),
         }
         header = merge_metadata(header, metadata)
 
@@ -383,7 +389,9 @@ def _config_location(
     return folder, None
 
 
-def read_original_file(path: Path, title: str = "transformer") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_original_file(
+    path: Path, title: str = "transformer"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors without ComfyUI's checkpoint prefix, metadata) of an original-layout .safetensors file."""
     from safetensors.torch import load_file
 

@@ -93,7 +93,9 @@ def flux1_modules(config: Mapping[str, Any]) -> list[FusedModule] | None:
     if "num_layers" not in config or "num_single_layers" not in config:
         return None
     return flux_modules(
-        int(config["num_layers"]), int(config["num_single_layers"]), bool(config.get("guidance_embeds", False))
+        int(config["num_layers"]),
+        int(config["num_single_layers"]),
+        bool(config.get("guidance_embeds", False)),
     )
 
 

@@ -25,11 +25,16 @@ PATCH_KEY = "2-1"
 def _block(original: str, ours: str, *, modulated: bool) -> list[FusedModule]:
     attention = f"{ours}.attention."
     modules = [
-        FusedModule(f"{original}.attention.qkv", tuple(attention + name for name in ("to_q", "to_k", "to_v"))),
+        FusedModule(
+            f"{original}.attention.qkv", tuple(attention + name for name in ("to_q", "to_k", "to_v"))
+        ),
         FusedModule(f"{original}.attention.out", (attention + "to_out.0",)),
         FusedModule(f"{original}.attention.q_norm", (attention + "norm_q",), WEIGHT_ONLY),
         FusedModule(f"{original}.attention.k_norm", (attention + "norm_k",), WEIGHT_ONLY),
-        *(FusedModule(f"{original}.feed_forward.{w}", (f"{ours}.feed_forward.{w}",)) for w in ("w1", "w2", "w3")),
+        *(
+            FusedModule(f"{original}.feed_forward.{w}", (f"{ours}.feed_forward.{w}",))
+            for w in ("w1", "w2", "w3")
+        ),
         *(
             FusedModule(f"{original}.{norm}", (f"{ours}.{norm}",), WEIGHT_ONLY)
             for norm in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2")
@@ -50,7 +55,8 @@ def zimage_modules(config: Mapping[str, Any]) -> list[FusedModule] | None:
     """
     if config.get("_class_name", TRANSFORMER_CLASS) != TRANSFORMER_CLASS or "n_layers" not in config:
         return None
-    patches = [f"{p}-{f}" for p, f in zip(config.get("all_patch_size", (2,)), config.get("all_f_patch_size", (1,)))]
+    sizes = zip(config.get("all_patch_size", (2,)), config.get("all_f_patch_size", (1,)), strict=False)
+    patches = [f"{p}-{f}" for p, f in sizes]
     if patches != [PATCH_KEY] or config.get("siglip_feat_dim"):
         return None
     refiners = int(config.get("n_refiner_layers", 2))

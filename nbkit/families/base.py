@@ -26,8 +26,8 @@ from nbkit.families.facts import (
     RESOLUTION_STEP,
     DetectedFamily,
     FolderConfigs,
-    HubModel,
     FusedModule,
+    HubModel,
     MemoryOption,
     PredictionType,
     SingleFileLayout,
@@ -201,6 +201,8 @@ class Family:
     original_config: ClassVar[str | None] = None
     # When a file could be this family or another with the same weights, the `--family` choice's hint.
     choice_hint: ClassVar[str] = ""
+    # The `ss_network_module` its LoRA's A1111/ComfyUI file names (kohya's module that trains such a LoRA).
+    lora_network_module: ClassVar[str] = "networks.lora"
 
     def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
         """The original (single-file) layout of this family's transformer, module by module, or None when

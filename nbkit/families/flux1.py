@@ -143,6 +143,7 @@ class Flux1(Family):
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (a FLUX.1 single file holds the transformer alone, in Black Forest Labs' layout)
+    lora_network_module = "networks.lora_flux"
 
     def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
         from nbkit.families._layout_flux1 import flux1_modules
