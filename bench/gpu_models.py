@@ -328,7 +328,10 @@ def train_nbkit(case: Case, folder: Path, images: list[Path], args: argparse.Nam
     components.pipeline.to(device)
     attention = enable_memory_savers(components, gradient_checkpointing=True, device=device)
     captions = [CAPTION] * len(images)
-    latents = LatentCache(components.vae, images, case.resolution, flip=config.random_flip, device=device)
+    normalize = components.family_adapter.latent_normalizer(components.vae)
+    latents = LatentCache(
+        components.vae, images, case.resolution, flip=config.random_flip, device=device, normalize=normalize
+    )
     instance = stages.ImageSet(latents, captions, STREAM_INSTANCE_ORDER, tokenize(components, captions))
     scratch = Path(args.work_dir) / "scratch"
     context = stages.RunContext(

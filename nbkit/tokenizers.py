@@ -10,6 +10,11 @@ The T5 tokenizer (FLUX.1's second) is a Unigram model over the same prompt words
 built with the `tokenizers` library: `</s>` ends every sequence and `<pad>` pads, as in T5; rare
 instance tokens ("zwx") split into letters, as they do in the real SentencePiece vocabulary.
 
+The Qwen tokenizer (Z-Image's and FLUX.2's text encoder is Qwen3) is a byte-level BPE as Qwen2's: the
+prompt words, each with its leading space, are single tokens, other text splits into shorter pieces
+down to bytes; it has Qwen's chat markers and a chat template that renders a user message as Qwen3's
+own template does, since both pipelines wrap each prompt in it.
+
 Tiny models, the caption checks and the tiny vision backbones all use these, so the module sits low and
 imports nothing from nbkit but `nbkit.errors` and `nbkit.fsio`.
 """
@@ -29,7 +34,7 @@ from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_text
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer, PreTrainedTokenizerBase, T5TokenizerFast
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase, Qwen2Tokenizer, T5TokenizerFast
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -86,20 +91,21 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+def learn_merges(words: Sequence[str], *, end_of_word: str = END_OF_WORD) -> list[tuple[str, str]]:
     """Learn BPE merges until every word in `words` is a single symbol.
 
     Ties between equally frequent pairs are broken by the pair itself, so the result never depends on
     dict or set order.
 
     Args:
-        words: lower-case words; each becomes a sequence of byte characters, the last with `</w>`.
+        words: lower-case words; each becomes a sequence of byte characters, the last with `end_of_word`.
+        end_of_word: CLIP's `</w>`; byte-level BPEs without one (Qwen's) pass "".
     """
     to_char = byte_to_unicode()
     word_counts: collections.Counter[tuple[str, ...]] = collections.Counter()
     for word in words:
         chars = [to_char[byte] for byte in word.encode("utf-8")]
-        chars[-1] += END_OF_WORD
+        chars[-1] += end_of_word
         word_counts[tuple(chars)] += 1
     corpus = list(word_counts.items())
     pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -300,3 +306,61 @@ def make_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH) -> T5TokenizerFast:
         additional_special_tokens=[],
         model_max_length=model_max_length,
     )
+
+
+QWEN_PAD_TOKEN = "<|endoftext|>"
+QWEN_SPECIAL_TOKENS = (QWEN_PAD_TOKEN, "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN_MAX_LENGTH = 512  # Z-Image's and FLUX.2's default max_sequence_length
+# Qwen3's template for plain text messages: ChatML turns, then the assistant's turn; with
+# `enable_thinking=False` an empty thinking block, as Qwen3's own template writes it.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocabulary and merges: the 256 byte characters, then merges learnt until each
+    prompt word, with and without its leading space, is one token."""
+    words = sorted({form for word in PROMPT_WORDS for form in (" " + word, word)})
+    merges = learn_merges(words, end_of_word="")
+    vocab = {char: index for index, char in enumerate(byte_to_unicode().values())}
+    for pair in merges:
+        vocab.setdefault("".join(pair), len(vocab))
+    return vocab, merges
+
+
+def make_qwen_tokenizer(model_max_length: int = QWEN_MAX_LENGTH) -> Qwen2Tokenizer:
+    """Build the tiny Qwen tokenizer in memory (a `transformers.Qwen2Tokenizer`, fast).
+
+    Args:
+        model_max_length: the longest sequence; the pipelines pad prompts to their `max_sequence_length`.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = qwen_vocab_and_merges()
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    qwen = Qwen2Tokenizer(
+        tokenizer_object=tokenizer,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token=QWEN_PAD_TOKEN,
+        model_max_length=model_max_length,
+    )
+    qwen.chat_template = QWEN_CHAT_TEMPLATE
+    return qwen

@@ -1,7 +1,7 @@
 """The model families nbkit knows, one module each, and the questions asked of all of them.
 
 `FAMILIES` maps a family's name to its `Family` object (`nbkit.families.base`): SD 1.x, SD 2.x (512 and
-768-v), SDXL and FLUX.1, plus any family another package registers under the `nbkit.families` entry-point
+768-v), SDXL, FLUX.1, Z-Image and FLUX.2 [klein], plus any family another package registers under the `nbkit.families` entry-point
 group (a `Family` object, or a module with a `FAMILY`). `get_family` looks one up by name and
 `detect_family_from_config` asks each family, most specific first, whether a diffusers folder is one of
 its models.
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.families import flux1, sd1, sd2, sdxl
+from nbkit.families import flux1, flux2, sd1, sd2, sdxl, zimage
 from nbkit.families.base import Family
 from nbkit.families.facts import DetectedFamily, FolderConfigs
 from nbkit.fsio import read_json
@@ -46,7 +46,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-for _family in (sd1.FAMILY, sd2.FAMILY, sd2.FAMILY_V, sdxl.FAMILY, flux1.FAMILY):
+for _family in (sd1.FAMILY, sd2.FAMILY, sd2.FAMILY_V, sdxl.FAMILY, flux1.FAMILY, zimage.FAMILY, flux2.FAMILY):
     register_family(_family)
 
 

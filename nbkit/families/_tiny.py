@@ -269,3 +269,29 @@ def controlnet_from_unet(unet: Any, *, seed: int):
                 ):
                     parameter.copy_(torch.randn_like(parameter) * 0.2)
     return controlnet
+
+
+def qwen3_config(tokenizer: Any, *, layers: int) -> Any:
+    """The tiny Qwen3 text encoder's config: grouped-query attention (2 query heads share 1 key/value
+    head, as Qwen3-4B's 32 share 8), q/k norms, tied embeddings, the width the tiny transformers take.
+
+    Args:
+        tokenizer: the tiny Qwen tokenizer (`nbkit.tokenizers.make_qwen_tokenizer`).
+        layers: hidden layers (FLUX.2 reads layers 9, 18 and 27, so its encoder needs 28 or more).
+    """
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )

@@ -127,3 +127,40 @@ def flow_matching_inputs(
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     weights = compute_loss_weighting_for_sd3(weighting_scheme="none", sigmas=sigmas).view(batch)
     return NoisyLatents(noisy, timesteps, noise - latents, weights)
+
+
+def require_transformer_lora(config: Any, title: str) -> None:
+    """The settings every family that trains as a LoRA of its flow-matching transformer refuses:
+    full fine-tuning, text-encoder training, SD noise-schedule settings and float16.
+
+    Args:
+        config: the run's `TrainConfig`.
+        title: the family's name, for messages.
+    """
+    require(
+        config.lora_rank > 0,
+        f"full fine-tuning of {title} is not supported; use --lora-rank N (lora_rank is 0)",
+        f"pass --lora-rank 16 (lora_rank=16): nbkit trains {title} as a LoRA of its transformer",
+    )
+    require(
+        config.text_encoder_steps == 0,
+        f"training {title}'s text encoder is not supported (text_encoder_steps is {config.text_encoder_steps}): "
+        f"nbkit trains a LoRA of the {title} transformer only",
+        "pass --te-steps 0 (text_encoder_steps=0): only the transformer's LoRA trains",
+    )
+    require(
+        config.min_snr_gamma is None and config.offset_noise == 0,
+        f"min_snr_gamma ({config.min_snr_gamma}) and offset_noise ({config.offset_noise}) are SD noise-schedule "
+        f"settings; {title}'s flow-matching loss has no use for them",
+        f"drop --min-snr-gamma and --offset-noise (set them to none and 0) for {title}",
+    )
+    require(
+        config.mixed_precision != "fp16",
+        f"mixed_precision is 'fp16', but {title} overflows in float16",
+        "use mixed_precision 'auto' (bf16 on a GPU that has it) or 'bf16'",
+    )
+    require(
+        config.flux_max_sequence_length in range(1, 513),
+        f"flux_max_sequence_length (the text encoder's prompt length) is {config.flux_max_sequence_length}",
+        "use 1 to 512 (512 is the pipeline's default)",
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -176,6 +176,17 @@ class Family:
             NbkitError: when the family has no ControlNet.
         """
         raise NbkitError(f"nbkit has no ControlNet for {self.title}", fix="use an SD family model")
+
+    def latent_normalizer(self, vae: Any) -> Callable[[Any], Any]:
+        """How VAE latents become the denoiser's training input: shifted and scaled by the VAE config's
+        `shift_factor` and `scaling_factor`, as the pipelines do before denoising.
+
+        Args:
+            vae: the pipeline's VAE (its settings are read now: it may leave the GPU later).
+        """
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return lambda latents: (latents - shift) * scale
 
     def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
         """The ways of running this family's models for `task`, largest (fastest) first (their peaks

@@ -327,12 +327,13 @@ def _snapshot(
 
 def _tiny_fingerprint(family: Family) -> str:
     # Rebuild cached tiny models whenever the code that builds them changes: the shared builders and
-    # the modules of the family's class and its bases.
+    # the modules of the family's class and its bases (the builders are the families' `_tiny*` modules).
     from nbkit import tokenizers
-    from nbkit.families import _tiny, _tiny_flux
+    from nbkit.families import _tiny
 
     modules = {sys.modules[cls.__module__] for cls in type(family).__mro__ if cls is not object}
-    files = sorted({Path(module.__file__) for module in (_tiny, _tiny_flux, tokenizers, *modules)})
+    builders = Path(_tiny.__file__).parent.glob("_tiny*.py")
+    files = sorted({*builders, *(Path(module.__file__) for module in (tokenizers, *modules))})
     digest = hashlib.sha256(nbkit.__version__.encode())
     for path in files:
         digest.update(path.read_bytes())

@@ -9,7 +9,7 @@ uninterrupted one would have drawn.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,13 +86,22 @@ class LatentCache:
         resolution: the square training size in pixels.
         flip: also cache the horizontally flipped variant of each image.
         device: where the cached tensors live (the training device).
+        normalize: turns sampled latents into the denoiser's input (`Family.latent_normalizer`).
     """
 
-    def __init__(self, vae, paths: Sequence[Path], resolution: int, *, flip: bool, device: torch.device):
+    def __init__(
+        self,
+        vae,
+        paths: Sequence[Path],
+        resolution: int,
+        *,
+        flip: bool,
+        device: torch.device,
+        normalize: Callable[[torch.Tensor], torch.Tensor],
+    ):
         self.resolution = resolution
         self.flip = flip
-        self.scaling_factor = vae.config.scaling_factor
-        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
+        self.normalize = normalize
         means, stds, sizes, crops = [], [], [], []
         # SDXL's VAE overflows in fp16; its config says so with force_upcast.
         dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else vae.dtype
@@ -122,13 +131,13 @@ class LatentCache:
     def sample(
         self, indices: Sequence[int], flips: Sequence[bool], generator: torch.Generator
     ) -> torch.Tensor:
-        """Draw scaled latents for images `indices` (flipped where `flips` says) with `generator`."""
+        """Draw normalised latents for images `indices` (flipped where `flips` says) with `generator`."""
         rows = [
             index * 2 + int(flip) if self.flip else index for index, flip in zip(indices, flips, strict=True)
         ]
         mean, std = self.means[rows], self.stds[rows]
         noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+        return self.normalize(mean + std * noise)
 
     def time_ids(self, indices: Sequence[int]) -> torch.Tensor:
         """SDXL's micro-conditioning per image: original size, crop top-left, target size."""

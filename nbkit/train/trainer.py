@@ -183,7 +183,10 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
     with accelerator.main_process_first():  # the main process copies; the others find the copies
         paths = copy_to_scratch([session.path / record.file for record in records], scratch / "instance")
     captions = [record.caption for record in records]
-    latents = LatentCache(components.vae, paths, config.resolution, flip=config.random_flip, device=device)
+    normalize = components.family_adapter.latent_normalizer(components.vae)
+    latents = LatentCache(
+        components.vae, paths, config.resolution, flip=config.random_flip, device=device, normalize=normalize
+    )
     instance = ImageSet(latents, captions, STREAM_INSTANCE_ORDER, tokenize(components, captions))
     prior = config.prior
     if prior.num_images == 0:
@@ -207,7 +210,12 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
         class_paths = copy_to_scratch(sources, scratch / "class")
     class_captions = [prior.class_prompt] * len(class_paths)
     class_latents = LatentCache(
-        components.vae, class_paths, config.resolution, flip=config.random_flip, device=device
+        components.vae,
+        class_paths,
+        config.resolution,
+        flip=config.random_flip,
+        device=device,
+        normalize=normalize,
     )
     return instance, ImageSet(
         class_latents, class_captions, STREAM_CLASS_ORDER, tokenize(components, class_captions)

@@ -1,0 +1,232 @@
+"""FLUX.2 [klein] (Black Forest Labs): 4B and 9B rectified-flow transformers of FLUX.1's design,
+conditioned on three stacked hidden layers of a Qwen3 encoder, over the FLUX.2 VAE's 32-channel latent
+patched 2x2 and normalised by the VAE's batch-norm statistics. The distilled models render in 4 steps
+without guidance; the base models take classifier-free guidance over 50."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
+from nbkit.families.base import Family
+from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+# Attention and MLP projections of both stream kinds, as diffusers' FLUX.2 [klein] DreamBooth LoRA
+# example's defaults plus the single blocks' fused projections and the double blocks' MLPs.
+LORA_TARGETS = (
+    r".*(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj)"
+    r"|(ff|ff_context)\.(linear_in|linear_out)"
+    r"|single_transformer_blocks\.\d+\.attn\.to_out)"
+)
+
+_GATED = "gated, non-commercial licence: accept it on the hub, then set HF_TOKEN"
+_QUANTIZED = ("transformer", "text_encoder")
+MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
+    "generate": (
+        MemoryOption("bf16", "everything on the GPU in bf16"),
+        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", offload=True),
+        MemoryOption("8bit-offload", "8-bit transformer and Qwen3, the rest offloaded", None, "8bit", True, _QUANTIZED, _QUANTIZED),
+        MemoryOption("4bit-offload", "4-bit (NF4) transformer and Qwen3, with offload", None, "4bit", True, _QUANTIZED),
+    ),
+    "train": (
+        MemoryOption("bf16", "bf16 transformer, text encoder offloaded after caching", offload=True),
+        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoder offloaded", None, "8bit", True, ("transformer",)),
+        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoder offloaded", None, "4bit", True, ("transformer",)),
+    ),
+}  # fmt: skip
+
+
+def _pipeline_class() -> Any:
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline
+
+
+class Flux2Klein(Family):
+    name = "flux2"
+    title = "FLUX.2 [klein]"
+    prediction_type = "flow"
+    native_resolution = 1024
+    allowed_resolutions = range(512, 2049, 16)
+    pipeline_class = "Flux2KleinPipeline"
+    text_encoder_count = 1
+    cross_attention_dim = 7680  # 3 stacked Qwen3-4B layers of 2560 (the 9B: 3 x 4096)
+    modelspec_architecture = "flux-2-klein"
+    modelspec_implementation = "https://github.com/black-forest-labs/flux2"
+    resolution_step = 16
+    needs_bf16 = True
+    denoiser = "transformer"
+    training_defaults = MappingProxyType(
+        {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
+    )
+    tiny_native_resolution = 64
+    # bf16 weights only. The 4B models are Apache 2.0; the 9B ones are gated under the FLUX
+    # Non-Commercial License. The base models are undistilled: 50 steps with CFG.
+    hub_models = (
+        HubModel("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "FLUX.2 [klein] 4B (4 steps; Apache 2.0)", variant=None),
+        HubModel("flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", f"FLUX.2 [klein] 9B (4 steps; {_GATED})", variant=None, gated=True),
+        HubModel("flux2-klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B", "FLUX.2 [klein] base 4B (50 steps with CFG; Apache 2.0)", variant=None),
+        HubModel("flux2-klein-base-9b", "black-forest-labs/FLUX.2-klein-base-9B", f"FLUX.2 [klein] base 9B (50 steps with CFG; {_GATED})", variant=None, gated=True),
+    )  # fmt: skip
+    detection_priority = (
+        110  # asked before FLUX.1, whose check (a `Flux*` pipeline) claims FLUX.2 folders too
+    )
+
+    def detect(self, configs: FolderConfigs) -> DetectedFamily | None:
+        if not configs.has_transformer:
+            return None
+        if (
+            str(configs.index.get("_class_name", "")).startswith("Flux2")
+            or configs.denoiser.get("_class_name") == "Flux2Transformer2DModel"
+        ):
+            return DetectedFamily(
+                self.name, "flow", int(configs.vae.get("sample_size") or self.native_resolution)
+            )
+        return None
+
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+
+    vae_latent = MappingProxyType({"latent_channels": 32})
+    clip_tokenizers = ()
+    quantizable = True
+
+    def make_tiny_pipeline(self) -> DiffusionPipeline:
+        from nbkit.families._tiny_flux2 import build_tiny_flux2
+
+        return build_tiny_flux2(sample_size=self.tiny_native_resolution)
+
+    def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
+        return MEMORY_OPTIONS[task]
+
+    def latent_normalizer(self, vae: Any) -> Callable[[Any], Any]:
+        """2x2 patches, then the VAE's batch-norm statistics: the space the transformer works in."""
+        import torch
+
+        patchify = _pipeline_class()._patchify_latents
+        mean = vae.bn.running_mean.detach().float().cpu().view(1, -1, 1, 1)
+        std = torch.sqrt(
+            vae.bn.running_var.detach().float().cpu().view(1, -1, 1, 1) + vae.config.batch_norm_eps
+        )
+
+        def normalize(latents: Any) -> Any:
+            patched = patchify(latents)
+            return (patched - mean.to(patched.device, patched.dtype)) / std.to(patched.device, patched.dtype)
+
+        return normalize
+
+    # -- training: a LoRA of the transformer, the Qwen3 encoder frozen ------------------------------
+    # The loss of diffusers' FLUX.2 [klein] DreamBooth LoRA example: flow matching on the velocity of
+    # the normalised, patched latents, packed into tokens with 4-axis position ids.
+
+    trains_text_encoders = False
+    trains_full_denoiser = False
+    offloads_text_encoders = True
+    trains_on_quantized_base = True
+    xformers_training = False
+    training_note = (
+        "FLUX.2 [klein] trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
+    )
+    demo_training_overrides = MappingProxyType(
+        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
+    )
+
+    def check_training_settings(self, config: Any) -> None:
+        require_transformer_lora(config, self.title)
+
+    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def lora_target_modules(self, role: str) -> list[str] | str:
+        return LORA_TARGETS
+
+    def encode_prompts(
+        self,
+        pipeline: Any,
+        text_encoders: Sequence[Any],
+        token_ids: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: Any,
+    ) -> tuple[Any, Any | None]:
+        # The stacked hidden layers, padded to the prompt length; the text ids it also returns are
+        # rebuilt per batch.
+        embeds, _ = pipeline.encode_prompt(
+            list(captions), device=device, max_sequence_length=max_sequence_length
+        )
+        return embeds, None
+
+    def noisy_latents(
+        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
+    ) -> NoisyLatents:
+        return flow_matching_inputs(
+            latents, noise, scheduler, generator, sampling=config.flux_timestep_sampling
+        )
+
+    def denoise(
+        self,
+        pipeline: Any,
+        denoiser: Any,
+        batch: NoisyLatents,
+        embeds: Any,
+        pooled: Any | None,
+        time_ids: Any,
+        config: Any,
+    ) -> Any:
+        pipeline_class = _pipeline_class()
+        device = batch.noisy.device
+        noisy = batch.noisy.to(embeds.dtype)
+        packed = pipeline_class._pack_latents(noisy)
+        image_ids = pipeline_class._prepare_latent_ids(noisy).to(device)
+        text_ids = pipeline_class._prepare_text_ids(embeds).to(device)
+        prediction = denoiser(
+            hidden_states=packed,
+            timestep=batch.timesteps.to(device) / 1000,
+            guidance=None,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        return pipeline_class._unpack_latents_with_ids(prediction[:, : packed.shape[1]], image_ids)
+
+    # -- generation: distilled (4 steps, unguided) or base (CFG) --------------------------------------
+    image_size_multiple = 16
+    latent_hires = False  # patched and normalised latents: the hires fix upscales pixels
+    session_lora_from_diffusers = True
+
+    def owns_pipeline(self, pipeline: Any) -> bool:
+        return getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith(
+            "Flux2"
+        )
+
+    def call_arguments(
+        self, pipeline: Any, *, guidance_scale: float | None, distilled_guidance: float | None, negative: bool
+    ) -> tuple[dict[str, Any], float | None]:
+        """FLUX.2's CFG is A1111's (`neg + s * (pos - neg)`, off at 1); a distilled model ignores it."""
+        if _distilled(pipeline):
+            return {"guidance_scale": 1.0}, None
+        return {"guidance_scale": 4.0 if guidance_scale is None else guidance_scale}, None
+
+    def cfg_used(self, call_arguments: dict[str, Any], guidance_scale: float | None, pipeline: Any) -> Any:
+        return call_arguments["guidance_scale"]
+
+    def needs_negative_pass(self, call_arguments: dict[str, Any]) -> bool:
+        return call_arguments["guidance_scale"] > 1
+
+    def preview_latents(self, pipeline: Any, latents: Any, width: int, height: int) -> Any:
+        return None  # packed, normalised 128-channel tokens: no cheap preview
+
+
+def _distilled(pipeline: Any) -> bool:
+    return bool(getattr(getattr(pipeline, "config", None), "is_distilled", False))
+
+
+FAMILY = Flux2Klein()

@@ -1,0 +1,197 @@
+"""Z-Image (Tongyi-MAI): a 6B single-stream rectified-flow DiT conditioned on a Qwen3-4B encoder's
+hidden states, over FLUX.1's 16-channel VAE latent. Z-Image-Turbo is distilled to render in 8 steps
+without classifier-free guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
+from nbkit.families.base import Family
+from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.flux1 import FAMILY as FLUX1
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+# The attention and feed-forward layers of the 30 shared blocks (not the refiners), as ai-toolkit's
+# and diffusers' Z-Image LoRAs train them.
+LORA_TARGETS = r".*(^|\.)layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))"
+TURBO_STEPS = 8  # Z-Image-Turbo's distilled step count (diffusers' example uses 9 scheduler steps: 8 NFEs)
+
+_QUANTIZED = ("transformer", "text_encoder")
+MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
+    "generate": (
+        MemoryOption("bf16", "everything on the GPU in bf16"),
+        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", offload=True),
+        MemoryOption("8bit-offload", "8-bit transformer and Qwen3, the rest offloaded", None, "8bit", True, _QUANTIZED, _QUANTIZED),
+        MemoryOption("4bit-offload", "4-bit (NF4) transformer and Qwen3, with offload", None, "4bit", True, _QUANTIZED),
+    ),
+    "train": (
+        MemoryOption("bf16", "bf16 transformer, text encoder offloaded after caching", offload=True),
+        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoder offloaded", None, "8bit", True, ("transformer",)),
+        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoder offloaded", None, "4bit", True, ("transformer",)),
+    ),
+}  # fmt: skip
+
+
+class ZImage(Family):
+    name = "zimage"
+    title = "Z-Image"
+    prediction_type = "flow"
+    native_resolution = 1024
+    allowed_resolutions = range(512, 2049, 16)
+    pipeline_class = "ZImagePipeline"
+    text_encoder_count = 1
+    cross_attention_dim = 2560  # Qwen3-4B's width
+    modelspec_architecture = "z-image"
+    modelspec_implementation = "https://github.com/Tongyi-MAI/Z-Image"
+    resolution_step = 16
+    needs_bf16 = True
+    denoiser = "transformer"
+    training_defaults = MappingProxyType(
+        {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
+    )
+    tiny_native_resolution = 64
+    # Apache 2.0, not gated; one precision each, no fp16 variant (Turbo's transformer is stored in fp32).
+    hub_models = (
+        HubModel("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "Z-Image-Turbo (6B, 8 steps, no CFG; Apache 2.0)", variant=None),
+        HubModel("zimage", "Tongyi-MAI/Z-Image", "Z-Image base (6B, 28-50 steps with CFG; Apache 2.0)", variant=None),
+    )  # fmt: skip
+    detection_priority = 100
+
+    def detect(self, configs: FolderConfigs) -> DetectedFamily | None:
+        if not configs.has_transformer:
+            return None
+        if (
+            str(configs.index.get("_class_name", "")).startswith("ZImage")
+            or configs.denoiser.get("_class_name") == "ZImageTransformer2DModel"
+        ):
+            return DetectedFamily(
+                self.name, "flow", int(configs.vae.get("sample_size") or self.native_resolution)
+            )
+        return None
+
+    # -- models: the tiny model, memory figures ---------------------------------------------------
+
+    vae_latent = FLUX1.vae_latent  # FLUX.1's VAE
+    clip_tokenizers = ()  # Qwen's tokenizer only
+    quantizable = True
+
+    def make_tiny_pipeline(self) -> DiffusionPipeline:
+        from nbkit.families._tiny_zimage import build_tiny_zimage
+
+        return build_tiny_zimage(sample_size=self.tiny_native_resolution, vae_latent=self.vae_latent)
+
+    def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
+        return MEMORY_OPTIONS[task]
+
+    # -- training: a LoRA of the transformer, the Qwen3 encoder frozen ------------------------------
+    # The loss of diffusers' Z-Image DreamBooth LoRA example: flow matching on the velocity, with the
+    # model's prediction negated (Z-Image predicts image - noise) and its timestep reversed.
+
+    trains_text_encoders = False
+    trains_full_denoiser = False
+    offloads_text_encoders = True
+    trains_on_quantized_base = True
+    xformers_training = False
+    training_note = "Z-Image trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
+    demo_training_overrides = MappingProxyType(
+        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
+    )
+
+    def check_training_settings(self, config: Any) -> None:
+        require_transformer_lora(config, self.title)
+
+    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def lora_target_modules(self, role: str) -> list[str] | str:
+        return LORA_TARGETS
+
+    def encode_prompts(
+        self,
+        pipeline: Any,
+        text_encoders: Sequence[Any],
+        token_ids: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        max_sequence_length: int,
+        device: Any,
+    ) -> tuple[Any, Any | None]:
+        """(caption features padded to the longest caption, their token mask): the pipeline's own
+        `encode_prompt` gives each caption's features without its padding, of its own length."""
+        import torch
+
+        features, _ = pipeline.encode_prompt(
+            list(captions),  # a copy: the pipeline writes the chat-templated prompts into the list
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        length = max_sequence_length
+        embeds = features[0].new_zeros(len(features), length, features[0].shape[-1])
+        mask = torch.zeros(len(features), length, dtype=torch.bool, device=embeds.device)
+        for row, caption in enumerate(features):
+            embeds[row, : len(caption)] = caption
+            mask[row, : len(caption)] = True
+        return embeds, mask
+
+    def noisy_latents(
+        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
+    ) -> NoisyLatents:
+        return flow_matching_inputs(
+            latents, noise, scheduler, generator, sampling=config.flux_timestep_sampling
+        )
+
+    def denoise(
+        self,
+        pipeline: Any,
+        denoiser: Any,
+        batch: NoisyLatents,
+        embeds: Any,
+        pooled: Any | None,
+        time_ids: Any,
+        config: Any,
+    ) -> Any:
+        """The transformer takes lists: one (C, 1, H, W) latent and one unpadded caption per image."""
+        import torch
+
+        device = batch.noisy.device
+        images = list(batch.noisy.to(embeds.dtype).unsqueeze(2).unbind(0))
+        captions = [row[mask] for row, mask in zip(embeds, pooled, strict=True)]
+        timestep = (1000 - batch.timesteps.to(device)) / 1000
+        prediction = denoiser(images, timestep, captions, return_dict=False)[0]
+        return -torch.stack(prediction).squeeze(2)
+
+    # -- generation: few-step, CFG as `pos + s * (pos - neg)` ---------------------------------------
+    image_size_multiple = 16  # the VAE's 8 times the 2x2 patches
+    preview_coefficients = FLUX1.preview_coefficients  # the same VAE latent
+    latent_hires = False  # the hires fix upscales pixels
+    session_lora_from_diffusers = True
+
+    def owns_pipeline(self, pipeline: Any) -> bool:
+        return getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith(
+            "ZImage"
+        )
+
+    def call_arguments(
+        self, pipeline: Any, *, guidance_scale: float | None, distilled_guidance: float | None, negative: bool
+    ) -> tuple[dict[str, Any], float | None]:
+        """Z-Image guides as `pos + s * (pos - neg)`, so A1111's CFG scale c is s = c - 1: CFG 1 (what
+        Turbo runs at) turns guidance off. Without a CFG scale, Turbo's unguided default."""
+        scale = 1.0 if guidance_scale is None else guidance_scale
+        return {"guidance_scale": max(scale - 1.0, 0.0)}, None
+
+    def cfg_used(self, call_arguments: dict[str, Any], guidance_scale: float | None, pipeline: Any) -> Any:
+        return call_arguments["guidance_scale"] + 1
+
+    def needs_negative_pass(self, call_arguments: dict[str, Any]) -> bool:
+        return call_arguments["guidance_scale"] > 0
+
+
+FAMILY = ZImage()
