@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nbkit.convert.transformer_file import transformer_folder
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES
 
@@ -84,7 +83,7 @@ def _to_folder(args: argparse.Namespace) -> int:
 
 
 def _transformer_to_file(args: argparse.Namespace) -> int:
-    from nbkit.convert.transformer_file import save_transformer_file, transformer_family
+    from nbkit.convert.transformer_file import save_transformer_file, transformer_family, transformer_folder
     from nbkit.fsio import read_json
 
     config = read_json(transformer_folder(args.src) / "config.json")
@@ -151,6 +150,12 @@ def command(args: argparse.Namespace) -> int:
     if not src.exists():
         raise NbkitError("no such file or folder", path=src, fix="check the path")
     if not to_single_file:
+        if args.lora is not None:
+            raise NbkitError(
+                "--lora merges a LoRA into the file written from a diffusers folder",
+                path=args.out,
+                fix="convert the file to a folder first, then convert the folder with --lora to a .safetensors",
+            )
         if src.is_dir():
             raise NbkitError(
                 f"{args.out!r} is not a .safetensors or .ckpt name, and SRC is already a diffusers folder",
@@ -158,6 +163,8 @@ def command(args: argparse.Namespace) -> int:
                 fix="name the output .safetensors (or .ckpt), or pass --format",
             )
         return _to_folder(args)
+    from nbkit.convert.transformer_file import transformer_folder
+
     if src.is_dir() and transformer_folder(src) is not None:
         return _transformer_to_file(args)
     if args.lora is not None:

@@ -19,7 +19,6 @@ from nbkit.errors import NbkitError
 from nbkit.families import detect_family_from_config, get_family
 from nbkit.fsio import read_json
 
-
 # The down (A) matrix of each LoRA module, in the formats diffusers reads.
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", "_lora.down.weight")
 ADAPTER = "nbkit-merged"
@@ -32,7 +31,9 @@ def _adapted_modules(pipeline: Any) -> int:
     count = 0
     for value in vars(pipeline).values():
         if isinstance(value, torch.nn.Module):
-            count += sum(1 for module in value.modules() if ADAPTER in (getattr(module, "lora_A", None) or {}))
+            count += sum(
+                1 for module in value.modules() if ADAPTER in (getattr(module, "lora_A", None) or {})
+            )
     return count
 
 
