@@ -116,10 +116,8 @@ def _architecture_group(
 
     # A transformer family's transformer alone, in its original layout (`Family.transformer_layout`).
     transformers = (
-        (
-            "double_blocks.",
-            "a FLUX.1 or FLUX.2 transformer in the Black Forest Labs layout (double_blocks.*)",
-        ),
+        ("double_stream_modulation_img.", "a FLUX.2 transformer in the Black Forest Labs layout"),
+        ("double_blocks.", "a FLUX.1 transformer in the Black Forest Labs layout (double_blocks.*)"),
         ("noise_refiner.", "a Z-Image transformer in its original layout (noise_refiner.*, layers.*)"),
     )
     for marker, what in transformers:
