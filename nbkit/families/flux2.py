@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
 from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -119,6 +119,14 @@ class Flux2Klein(Family):
 
         return normalize
 
+    # -- conversion: its single file holds the transformer alone, in its original layout --------------
+    lora_network_module = "networks.lora_flux_2"
+
+    def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
+        from nbkit.families._layout_flux2 import flux2_modules
+
+        return flux2_modules(config)
+
     # -- training: a LoRA of the transformer, the Qwen3 encoder frozen ------------------------------
     # The loss of diffusers' FLUX.2 [klein] DreamBooth LoRA example: flow matching on the velocity of
     # the normalised, patched latents, packed into tokens with 4-axis position ids.
@@ -128,6 +136,7 @@ class Flux2Klein(Family):
     offloads_text_encoders = True
     trains_on_quantized_base = True
     xformers_training = False
+    lora_file_layout = "original"
     training_note = (
         "FLUX.2 [klein] trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
 from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
 from nbkit.families.flux1 import FAMILY as FLUX1
 
 if TYPE_CHECKING:
@@ -88,6 +88,14 @@ class ZImage(Family):
     def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
         return MEMORY_OPTIONS[task]
 
+    # -- conversion: its single file holds the transformer alone, in its original layout --------------
+    lora_network_module = "networks.lora_zimage"
+
+    def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
+        from nbkit.families._layout_zimage import zimage_modules
+
+        return zimage_modules(config)
+
     # -- training: a LoRA of the transformer, the Qwen3 encoder frozen ------------------------------
     # The loss of diffusers' Z-Image DreamBooth LoRA example: flow matching on the velocity, with the
     # model's prediction negated (Z-Image predicts image - noise) and its timestep reversed.
@@ -97,6 +105,7 @@ class ZImage(Family):
     offloads_text_encoders = True
     trains_on_quantized_base = True
     xformers_training = False
+    lora_file_layout = "original"
     training_note = "Z-Image trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     demo_training_overrides = MappingProxyType(
         {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
