@@ -117,6 +117,8 @@ def flux2_loss(pipeline, prompt: str) -> float:
 
 
 LOSSES = {"zimage": zimage_loss, "flux2": flux2_loss}
+# The tiny FLUX.2 transformer's output starts near zero and its LoRA learns slowly: a larger rate.
+LEARNING_RATES = {"zimage": 5e-3, "flux2": 2e-2}
 
 
 def _render(pipeline) -> np.ndarray:
@@ -133,7 +135,7 @@ def _render(pipeline) -> np.ndarray:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_learns_the_subject_and_exports_a_lora_diffusers_loads(family, tiny_model_dir):
-    _session("learn", family, tiny_model_dir, unet_steps=40, unet_lr=5e-3)
+    _session("learn", family, tiny_model_dir, unet_steps=40, unet_lr=LEARNING_RATES[family])
     result = train("learn")
     assert result.finished and result.stage == "done"
     assert {stage for stage, _, _ in result.losses} == {"unet"} and len(result.losses) == 40
@@ -151,7 +153,7 @@ def test_lora_learns_the_subject_and_exports_a_lora_diffusers_loads(family, tiny
     before_loss, before_image = loss(base, PROMPT), _render(base)
     base.load_lora_weights(diffusers_file.parent, weight_name=diffusers_file.name)
     after_loss, after_image = loss(base, PROMPT), _render(base)
-    assert after_loss < 0.9 * before_loss, (before_loss, after_loss)
+    assert after_loss < 0.93 * before_loss, (before_loss, after_loss)  # here: 0.87 (zimage), 0.89 (flux2)
     assert np.abs(after_image - before_image).max() > 1e-3
 
 
