@@ -96,8 +96,8 @@ class Case:
 
 @contextlib.contextmanager
 def random_weights_on(device: str) -> Iterator[None]:
-    """Draw `save_random_model`'s tensors on `device`: the same per-tensor scheme (ones for 1-D weights
-    and scales, zeros for biases, N(0, WEIGHT_STD) seeded by the tensor's name), another generator."""
+    """Draw `save_random_model`'s tensors on `device`: the same per-tensor scheme (its constant tensors,
+    else N(0, WEIGHT_STD) seeded by the tensor's name), another generator."""
     import zlib
 
     import torch
@@ -105,10 +105,9 @@ def random_weights_on(device: str) -> Iterator[None]:
     from nbkit.realsize import random_models
 
     def draw(key: str, shape, dtype, seed: int):
-        if len(shape) == 1 and key.endswith(("weight", "scale")):
-            return torch.ones(shape, dtype=dtype)
-        if key.endswith("bias"):
-            return torch.zeros(shape, dtype=dtype)
+        constant = random_models.constant_tensor(key, shape, dtype)
+        if constant is not None:
+            return constant
         generator = torch.Generator(device).manual_seed(seed ^ zlib.crc32(key.encode()))
         values = torch.randn(shape, generator=generator, device=device).mul_(random_models.WEIGHT_STD)
         return values.to(dtype).cpu()

@@ -137,6 +137,7 @@ def _check_scaling(name: str, resolution: int, batch: int) -> None:
         optimizer="adamw8bit",
         lora_rank=0 if full else 16,
         lora_targets=family.lora_target_modules(family.denoiser),
+        text_cached=family.offloads_text_encoders,
     )
     figure = trace_training(name, settings)
     run = TrainingRun(full=full, resolution=resolution, batch=batch)

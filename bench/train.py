@@ -26,6 +26,11 @@ LoRA on the attention layers, T5 prompts of `--max-sequence-length` tokens:
   logit-normal timesteps and takes the flow-matching loss.
 - nbkit: `nbkit.train.train` on a flux session (cached latents and T5/CLIP embeddings).
 
+`--family zimage` and `--family flux2` bench Z-Image and FLUX.2 [klein] LoRA training the same way on
+their tiny models (`nbkit model tiny zimage|flux2`), against the loops of `bench/train_references.py`,
+written like diffusers' Z-Image and FLUX.2 [klein] DreamBooth LoRA examples (Qwen3 prompt and VAE
+encoded every step); nbkit caches both.
+
 Steps/s is measured over the steps after `--warmup`. Peak RSS is the worker process's lifetime peak
 (loading, caching and training: what must fit in the machine), and `steps_peak_rss_mib` the peak
 sampled between the end of the first step and the last one (the training steady state). The last
@@ -44,7 +49,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import train_references
 
 CAPTION = "a photo of zwx dog"
 IMAGE_COUNT = 8
@@ -434,7 +442,7 @@ def reference_flux_lora(
 def nbkit_flux_lora(
     model_dir: Path, image_paths: list[Path], args: argparse.Namespace
 ) -> tuple[list[float], RssSampler]:
-    """nbkit's trainer on a FLUX.1 session: a rank-16 LoRA of the transformer."""
+    """nbkit's trainer on a FLUX.1 (Z-Image, FLUX.2) session: a rank-16 LoRA of the transformer."""
     return nbkit_stage2(
         model_dir,
         image_paths,
@@ -447,11 +455,31 @@ def nbkit_flux_lora(
 # projections, which only makes its side slower).
 FLUX_REFERENCE_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
 
+
+def _with_sampler(reference: Callable) -> Callable:
+    def run(
+        model_dir: Path, image_paths: list[Path], args: argparse.Namespace
+    ) -> tuple[list[float], RssSampler]:
+        sampler = RssSampler()
+        return reference(model_dir, image_paths, args, sampler), sampler
+
+    return run
+
+
 SIDES = {
     "reference": reference_stage2,
     "nbkit": nbkit_stage2,
     "flux-reference": reference_flux_lora,
     "flux-nbkit": nbkit_flux_lora,
+    "zimage-reference": _with_sampler(train_references.reference_zimage_lora),
+    "zimage-nbkit": nbkit_flux_lora,  # the same nbkit settings: a rank-16 LoRA, cached prompts
+    "flux2-reference": _with_sampler(train_references.reference_flux2_lora),
+    "flux2-nbkit": nbkit_flux_lora,
+}
+LORA_FAMILIES = {
+    "flux": "tiny-flux (2+2 blocks, 2x16 heads, T5/CLIP 32)",
+    "zimage": "tiny-zimage (2 layers + 1+1 refiners, 2x16 heads, Qwen3 32x3)",
+    "flux2": "tiny-flux2 (2+2 blocks, 2x16 heads, Qwen3 32x28)",
 }
 
 
@@ -481,8 +509,10 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both sides")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; the best counts")
-    parser.add_argument("--family", choices=["sd1", "flux"], default="sd1", help="sd1: full UNet; flux: LoRA")
-    parser.add_argument("--max-sequence-length", type=int, default=64, help="flux: T5 prompt tokens")
+    parser.add_argument(
+        "--family", choices=["sd1", *LORA_FAMILIES], default="sd1", help="sd1: full UNet; the others: LoRA"
+    )
+    parser.add_argument("--max-sequence-length", type=int, default=64, help="T5/Qwen3 prompt tokens")
     parser.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", help=argparse.SUPPRESS)
@@ -496,15 +526,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="nbkit-bench-") as scratch:
         scratch = Path(scratch)
-        if args.family == "flux":
+        if args.family in LORA_FAMILIES:
             from nbkit.models.tiny import save_tiny_pipeline
 
-            save_tiny_pipeline("flux", scratch / "model")
+            save_tiny_pipeline(args.family, scratch / "model")
         else:
             build_small_sd1(scratch / "model")
         make_instance_images(scratch / "images", IMAGE_COUNT, args.resolution)
         results: dict[str, dict] = {}
-        prefix = "flux-" if args.family == "flux" else ""
+        prefix = f"{args.family}-" if args.family in LORA_FAMILIES else ""
         for attempt in range(args.repeats):
             for side in ("reference", "nbkit"):
                 figures = _run_side(prefix + side, scratch, attempt, args)
@@ -518,10 +548,10 @@ def main() -> None:
                     results[side] = figures
     reference, nbkit = results["reference"], results["nbkit"]
     summary = {
-        "benchmark": "train_flux_lora" if args.family == "flux" else "train_stage2",
-        "model": "tiny-flux (2+2 blocks, 2x16 heads, T5/CLIP 32)"
-        if args.family == "flux"
-        else "sd1-topology UNet(64,128,256,256) VAE(32,64,128,128) CLIP 256x12",
+        "benchmark": f"train_{args.family}_lora" if args.family in LORA_FAMILIES else "train_stage2",
+        "model": LORA_FAMILIES.get(
+            args.family, "sd1-topology UNet(64,128,256,256) VAE(32,64,128,128) CLIP 256x12"
+        ),
         "resolution": args.resolution,
         "batch_size": args.batch_size,
         "steps": args.steps,

@@ -57,6 +57,12 @@ TABLE = [
     ("flux", T4, {}, "refused: no bfloat16"),
     ("flux", L4, {}, "lora"),
     ("flux", A100, {}, "lora"),
+    ("zimage", T4, {}, "refused: no bfloat16"),
+    ("zimage", L4, {}, "lora"),
+    ("zimage", A100, {}, "lora"),
+    ("flux2", T4, {}, "refused: no bfloat16"),
+    ("flux2", L4, {}, "lora"),
+    ("flux2", A100, {}, "lora"),
 ]
 
 
@@ -134,7 +140,24 @@ def test_flux_picks_the_largest_way_that_fits_and_needs_a_library_for_its_bits()
         plan_training("flux", config.replace(quantize_base="none"), L4, quantizers=BNB)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_the_qwen_families_train_a_lora_in_bf16_or_on_a_quantized_base(family):
+    """Z-Image and FLUX.2 [klein] train only a LoRA: full fine-tuning is never planned, a T4 is refused
+    for its missing bf16 whatever the figures, and an L4 gets the largest way that fits."""
+    config = _new_session(family).replace(lora_rank=0)  # asks for full fine-tuning where a family has it
+    with pytest.raises(NbkitError, match="no bfloat16"):
+        plan_training(family, config, T4, quantizers=BNB)
+    with pytest.raises(NbkitError, match="no bfloat16"):
+        plan_memory(family, "generate", T4, quantizers=BNB)
+    plan = plan_training(family, config, L4, quantizers=BNB)
+    assert plan.changes == {"lora_rank": 16}
+    options = training_options(family, TrainingRun())
+    assert plan.option.name == next(o.name for o in options if _fits(o.peak_gib, L4))
+    assert plan.quantization == plan.option.quantization
+    assert training_estimate(get_family(family), stage="denoiser", full=True) is None  # nothing traced
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "zimage", "flux2"])
 def test_generation_takes_the_largest_way_that_fits(family):
     precision = "bf16" if get_family(family).needs_bf16 else "fp16"
     options = generation_options(family, precision=precision)

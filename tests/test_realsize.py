@@ -159,6 +159,30 @@ def test_traced_generation_peak_matches_the_allocator_within_10_percent(small_mo
     _check(small_models, prepare_generation, GenerateSettings(128, batch=2, precision="fp32"), "activations")
 
 
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_a_step_through_the_family_adapter_traces_as_the_allocator_measures(family):
+    """Z-Image and FLUX.2 [klein] train through their adapter's `latent_normalizer` and `denoise` from
+    cached caption features (their text encoder is offloaded, so not among the models)."""
+    import functools
+
+    from nbkit.families import get_family
+
+    adapter = get_family(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipeline = adapter.make_tiny_pipeline()
+    models = {"transformer": pipeline.transformer, "vae": pipeline.vae}
+    settings = TrainSettings(
+        128,
+        precision="fp32",
+        gradient_checkpointing=False,
+        lora_rank=4,
+        lora_targets=adapter.lora_target_modules("transformer"),
+        text_cached=True,
+    )
+    _check(models, functools.partial(prepare_training, family=adapter), settings, "activations")
+
+
 def test_every_shipped_real_config_builds_at_full_width_on_meta():
     from nbkit.realsize.random_models import build_meta_models, parameter_count, real_config_folders
 
@@ -170,6 +194,41 @@ def test_every_shipped_real_config_builds_at_full_width_on_meta():
     assert round(counts["sdxl"]["unet"] / 1e6, 1) == 2567.5
     assert round(counts["flux"]["transformer"] / 1e9, 2) == 11.90
     assert round(counts["flux"]["text_encoder_2"] / 1e9, 2) == 4.76
+    assert round(counts["zimage"]["transformer"] / 1e9, 2) == 6.15
+    assert round(counts["flux2"]["transformer"] / 1e9, 2) == 3.88  # the 4B, the family's default model
+
+
+def test_the_random_model_writer_handles_the_qwen_families(tmp_path):
+    """Batch-norm statistics (FLUX.2's VAE) are written as a fresh batch norm's, its integer counter
+    as an integer; a tied LM head (Qwen3-4B) is written once; the Qwen tokenizer has its chat template."""
+    from diffusers import AutoencoderKLFlux2
+    from transformers import AutoTokenizer
+
+    from nbkit.realsize.random_models import (
+        PACKAGE,
+        _write_tokenizer,
+        build_component,
+        real_config_folder,
+        weights_to_write,
+        write_component,
+    )
+
+    folder = real_config_folder("flux2")
+    with torch.device("meta"):
+        small = weights_to_write(build_component(folder, "text_encoder"), torch.bfloat16)
+        large = weights_to_write(
+            build_component(PACKAGE / "configs" / "flux2-klein-9b", "text_encoder"), torch.bfloat16
+        )
+    assert "lm_head.weight" not in small and "lm_head.weight" in large  # tied in the 4B, not in the 9B
+    write_component(folder, "vae", tmp_path, dtype=torch.bfloat16)
+    vae = AutoencoderKLFlux2.from_pretrained(tmp_path / "vae")
+    assert torch.equal(vae.bn.running_var, torch.ones_like(vae.bn.running_var))
+    assert torch.equal(vae.bn.running_mean, torch.zeros_like(vae.bn.running_mean))
+    assert vae.bn.num_batches_tracked.dtype == torch.int64
+    _write_tokenizer(folder, tmp_path, "tokenizer", "Qwen2TokenizerFast")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "a dog"}], tokenize=False)
+    assert "a dog" in text and tokenizer("a dog").input_ids
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ def test_family_facts():
         "sd2-v": ("v_prediction", 768, 1),
         "sdxl": ("epsilon", 1024, 2),
         "flux": ("flow", 1024, 2),
+        "zimage": ("flow", 1024, 1),
+        "flux2": ("flow", 1024, 1),
     }
     assert tuple(name for name, f in FAMILIES.items() if f.denoiser == "unet") == (
         "sd1",
@@ -41,6 +43,8 @@ def test_family_facts():
         ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "epsilon", 1024),
         ("flux1-dev", "black-forest-labs/FLUX.1-dev", "flux", "flow", 1024),
         ("flux1-schnell", "black-forest-labs/FLUX.1-schnell", "flux", "flow", 1024),
+        ("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "zimage", "flow", 1024),
+        ("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "flux2", "flow", 1024),
     ],
 )
 def test_hub_models(key, repo_id, family, prediction, native):
@@ -74,6 +78,8 @@ def test_modelspec_names_of_each_family():
         "sd2-v": "stable-diffusion-v2-768-v",
         "sdxl": "stable-diffusion-xl-v1-base",
         "flux": "flux-1-dev",
+        "zimage": "z-image",
+        "flux2": "flux-2-klein",
     }
     assert FAMILIES["sdxl"].modelspec_implementation == "https://github.com/Stability-AI/generative-models"
 

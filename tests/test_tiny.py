@@ -50,7 +50,8 @@ def _folder_bytes(path) -> int:
 
 
 def test_every_family_has_a_tiny_model():
-    assert (*UNET_FAMILIES, "flux") == TINY_FAMILIES  # flux: tests/test_tiny_flux.py
+    # flux: tests/test_tiny_flux.py; zimage and flux2: tests/test_tiny_qwen_families.py
+    assert (*UNET_FAMILIES, "flux", "zimage", "flux2") == TINY_FAMILIES
 
 
 @pytest.mark.parametrize("family", UNET_FAMILIES)

@@ -63,7 +63,7 @@ def make_session(
 ) -> Session:
     """A session on the tiny model at `model_dir` with `images` subject photos and FAST settings."""
     resolution = TINY_RESOLUTION[family]
-    prediction = "v_prediction" if family == "sd2-v" else "epsilon"
+    prediction = FAMILIES[family].prediction_type
     base = BaseModelRef(source=str(model_dir), family=family, prediction_type=prediction)
     session = Session.create(name, root=root, base_model=base, resolution=resolution)
     for index in range(images):

@@ -3,9 +3,11 @@
 - SRC a diffusers folder, OUT a `.safetensors`/`.ckpt` name: one file in the original layout.
 - SRC a checkpoint, OUT a `.safetensors`/`.ckpt` name: re-encoded (pickle -> safetensors, fp32 -> fp16).
 - SRC a checkpoint, OUT any other name: a diffusers folder.
-- SRC a FLUX.1 diffusers folder (or its transformer folder), OUT a `.safetensors` name: the
-  transformer in the original Black Forest Labs layout that ComfyUI and Forge load (default bf16);
-  with `--lora FILE` (a pipeline folder only), that LoRA merged into it first.
+- SRC a FLUX.1, Z-Image or FLUX.2 diffusers folder (or its transformer folder), OUT a `.safetensors`
+  name: the transformer in its original layout (Black Forest Labs', Tongyi's) that ComfyUI and Forge
+  load (default bf16).
+- `--lora FILE` (SRC a pipeline folder): that LoRA merged into the model first; any LoRA file nbkit
+  writes (the diffusers file, or the A1111/ComfyUI file beside it).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES
 
-# Families whose full checkpoints are single files (a FLUX.1 file holds the transformer alone, which
-# loads only with its pipeline folder).
+# Families whose full checkpoints are single files (a transformer family's file holds the transformer
+# alone, which loads only with its pipeline folder).
 FAMILY_CHOICES = tuple(name for name, family in FAMILIES.items() if family.single_file is not None)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -35,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
         default=None,
-        help="weights' precision (default: fp16 for a single file, bf16 for a FLUX.1 transformer, fp32 for a "
-        "diffusers folder)",
+        help="weights' precision (default: fp16 for a single file, bf16 for a transformer file (FLUX.1, Z-Image, "
+        "FLUX.2), fp32 for a diffusers folder)",
     )
     parser.add_argument(
         "--format", choices=("safetensors", "ckpt"), default=None, help="default: from OUT's suffix"
@@ -50,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip reading the output back to check it")
     parser.add_argument(
-        "--lora", type=Path, default=None, help="FLUX.1 only: a LoRA file to merge into the transformer"
+        "--lora",
+        type=Path,
+        default=None,
+        help="a LoRA file to merge into the model (SRC a diffusers pipeline folder)",
     )
     parser.add_argument(
         "--lora-weight", type=float, default=1.0, help="the merged LoRA's strength (default: 1)"
@@ -77,32 +82,66 @@ def _to_folder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flux_to_file(args: argparse.Namespace) -> int:
-    from nbkit.convert.flux import save_flux_transformer
+def _transformer_to_file(args: argparse.Namespace) -> int:
+    from nbkit.convert.transformer_file import save_transformer_file, transformer_family, transformer_folder
+    from nbkit.fsio import read_json
 
+    config = read_json(transformer_folder(args.src) / "config.json")
+    family = transformer_family(config)
     if args.format == "ckpt" or Path(args.out).suffix.lower() != ".safetensors":
         raise NbkitError(
-            "a FLUX.1 transformer is written as .safetensors only",
+            f"a {family.title} transformer is written as .safetensors only",
             path=args.out,
             fix="name the output .safetensors" + (" and drop --format ckpt" if args.format == "ckpt" else ""),
         )
-    dtype = args.dtype or "bf16"  # FLUX.1's own precision; fp16 overflows in its activations
+    # bf16: the transformer families' own precision; fp16 overflows in FLUX.1's activations.
+    dtype = args.dtype or "bf16"
     source, metadata = args.src, {}
     if args.lora is not None:
-        from nbkit.convert.flux_lora import merge_flux_lora
+        from nbkit.convert.lora_merge import merged_pipeline
 
-        if not (Path(args.src) / "model_index.json").is_file():
-            raise NbkitError(
-                "merging a LoRA needs the whole FLUX.1 pipeline folder",
-                path=args.src,
-                fix="give the pipeline folder",
-            )
-        source = merge_flux_lora(args.src, args.lora, weight=args.lora_weight)
+        source = getattr(
+            merged_pipeline(args.src, args.lora, weight=args.lora_weight, denoiser_only=True), family.denoiser
+        )
         metadata = {"nbkit.merged_lora": f"{args.lora.name}:{args.lora_weight:g}"}
-    out = save_flux_transformer(source, args.out, dtype=dtype, metadata=metadata)
+    out = save_transformer_file(source, args.out, dtype=dtype, metadata=metadata, family=family)
     size = out.stat().st_size / 2**20
-    print(f"Converted {args.src}\n       -> {out} (FLUX.1 transformer, BFL layout, {dtype}, {size:.1f} MiB)")
+    print(
+        f"Converted {args.src}\n       -> {out} ({family.title} transformer, original layout, {dtype}, {size:.1f} MiB)"
+    )
     return 0
+
+
+def _merged_to_single_file(args: argparse.Namespace):
+    """`convert_to_single_file` of SRC with the LoRA merged into it (through a merged diffusers folder)."""
+    import tempfile
+
+    from nbkit.convert import convert_to_single_file
+    from nbkit.convert.lora_merge import merged_pipeline
+
+    if not (Path(args.src) / "model_index.json").is_file():
+        raise NbkitError(
+            "--lora merges a LoRA into a diffusers pipeline folder",
+            path=args.src,
+            fix="give the model's diffusers folder (convert a single file to a folder first)",
+        )
+    pipeline = merged_pipeline(args.src, args.lora, weight=args.lora_weight)
+    out = Path(args.out)
+    # Beside the output: the merged folder is as large as the model, and the system temp may be small.
+    with tempfile.TemporaryDirectory(
+        prefix=".nbkit-merged-", dir=out.parent if out.parent.is_dir() else None
+    ) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        del pipeline
+        return convert_to_single_file(
+            tmp,
+            args.out,
+            dtype=args.dtype or "fp16",
+            fmt=args.format,
+            verify=not args.no_verify,
+            family=args.family,
+            metadata={"nbkit.merged_lora": f"{args.lora.name}:{args.lora_weight:g}"},
+        )
 
 
 def command(args: argparse.Namespace) -> int:
@@ -111,6 +150,12 @@ def command(args: argparse.Namespace) -> int:
     if not src.exists():
         raise NbkitError("no such file or folder", path=src, fix="check the path")
     if not to_single_file:
+        if args.lora is not None:
+            raise NbkitError(
+                "--lora merges a LoRA into the file written from a diffusers folder",
+                path=args.out,
+                fix="convert the file to a folder first, then convert the folder with --lora to a .safetensors",
+            )
         if src.is_dir():
             raise NbkitError(
                 f"{args.out!r} is not a .safetensors or .ckpt name, and SRC is already a diffusers folder",
@@ -118,16 +163,13 @@ def command(args: argparse.Namespace) -> int:
                 fix="name the output .safetensors (or .ckpt), or pass --format",
             )
         return _to_folder(args)
-    from nbkit.convert.flux import is_flux_folder
+    from nbkit.convert.transformer_file import transformer_folder
 
-    if src.is_dir() and is_flux_folder(src):
-        return _flux_to_file(args)
+    if src.is_dir() and transformer_folder(src) is not None:
+        return _transformer_to_file(args)
     if args.lora is not None:
-        raise NbkitError(
-            "--lora merges a LoRA into a FLUX.1 transformer only",
-            path=src,
-            fix="give a FLUX.1 pipeline folder",
-        )
+        print(_merged_to_single_file(args))
+        return 0
     from nbkit.convert import convert_to_single_file
 
     report = convert_to_single_file(

@@ -14,13 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--family",
         default=DEFAULT_FAMILY,
         choices=list(FAMILIES),
-        help="tiny model family (FLUX.1: a LoRA of the transformer, no text-encoder stage)",
+        help="tiny model family (FLUX.1, Z-Image, FLUX.2: a LoRA of the transformer, no text-encoder stage)",
     )
     parser.add_argument(
         "--root", type=Path, default=None, help="storage root (default: $NBKIT_HOME or ~/nbkit)"
     )
     parser.add_argument("--session", default=None, help="session name (default: demo-<family>-<timestamp>)")
-    parser.add_argument("--te-steps", type=int, default=4, help="text-encoder steps (ignored for FLUX.1)")
+    parser.add_argument(
+        "--te-steps",
+        type=int,
+        default=4,
+        help="text-encoder steps (ignored where the family trains a LoRA of its transformer only)",
+    )
     parser.add_argument("--unet-steps", type=int, default=8, help="UNet steps")
     parser.add_argument(
         "--keep-ui", action="store_true", help="keep the web UI running at the end (until Ctrl+C)"

@@ -2,8 +2,8 @@
 
 Options left out keep the session's stored settings; the ones given are saved back into
 `session.json`. The same command runs on several GPUs under `accelerate launch --num_processes N -m
-nbkit train SESSION ...`. On a FLUX.1 base model it trains a LoRA of the transformer only (full
-fine-tuning of FLUX.1 is not supported).
+nbkit train SESSION ...`. On a base model of a family that trains a LoRA only (FLUX.1, Z-Image,
+FLUX.2 [klein]: `Family.trains_full_denoiser` is False) it trains a LoRA of the transformer only.
 """
 
 from __future__ import annotations
@@ -86,14 +86,19 @@ def _family_defaults() -> str:
     )
 
 
+def _lora_only() -> str:
+    """The families that train a LoRA of their denoiser only, by title."""
+    return ", ".join(family.title for family in FAMILIES.values() if not family.trains_full_denoiser)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a session's model (text encoder, then UNet; FLUX.1: a LoRA of its transformer) and export it",
+        help="train a session's model (text encoder, then UNet; or a LoRA of the transformer) and export it",
         description="Two-stage DreamBooth. Options left out keep the session's stored settings; the "
         "defaults shown are a new session's. Every input is checked before a model is loaded. "
-        "FLUX.1 (flux1-dev, flux1-schnell): a LoRA of the transformer only, text encoders frozen; full "
-        "fine-tuning of FLUX.1 is not supported (use --lora-rank N)." + _family_defaults(),
+        f"{_lora_only()}: a LoRA of the transformer only, text encoders frozen; full fine-tuning of them "
+        "is not supported (use --lora-rank N)." + _family_defaults(),
     )
     parser.add_argument("session", metavar="SESSION", help="the session name")
     parser.add_argument("--root", help="the storage root (default: Google Drive on Colab, else NBKIT_HOME)")
@@ -196,8 +201,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(
         "--lora-rank",
         "lora_rank",
-        "train a LoRA of this rank (0: full fine-tune; FLUX.1 needs a LoRA: full fine-tuning of FLUX.1 is "
-        "not supported)",
+        f"train a LoRA of this rank (0: full fine-tune, except {_lora_only()}, which train a LoRA only)",
         type=int,
         metavar="R",
     )
@@ -212,20 +216,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(
         "--flux-max-sequence-length",
         "flux_max_sequence_length",
-        "FLUX.1: T5 prompt tokens (512 dev, 256 schnell)",
+        "FLUX.1: T5 prompt tokens (512 dev, 256 schnell); Z-Image, FLUX.2: Qwen3 prompt tokens (512)",
         type=int,
         metavar="N",
     )
     option(
         "--flux-timestep-sampling",
         "flux_timestep_sampling",
-        "FLUX.1: training timestep density (none: uniform)",
+        "flow-matching families: training timestep density (none: uniform)",
         choices=["logit_normal", "none"],
     )
     option(
         "--quantize-base",
         "quantize_base",
-        "FLUX.1: load the frozen transformer with 8-bit or 4-bit weights and train the LoRA on top "
+        "LoRA-only families: load the frozen transformer with 8-bit or 4-bit weights and train the LoRA on top "
         "(auto: when the GPU needs it; needs bitsandbytes, or torchao for 8-bit)",
         choices=["auto", "none", "8bit", "4bit"],
     )

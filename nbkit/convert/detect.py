@@ -114,16 +114,22 @@ def _architecture_group(
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in shapes)
 
-    if has("double_blocks.") or has(f"{LDM_UNET_PREFIX}double_blocks."):
-        raise NbkitError(
-            "this is a FLUX.1 transformer in the Black Forest Labs layout (double_blocks.*), not a Stable "
-            "Diffusion checkpoint; it holds no VAE or text encoders, so it loads only with its base "
-            "pipeline folder",
-            path=path,
-            fix="load it with nbkit.convert.flux.load_flux_transformer(file, base_folder) and pass it to "
-            "FluxPipeline.from_pretrained(base_folder, transformer=...), or use the file as is in "
-            "ComfyUI or Forge",
-        )
+    # A transformer family's transformer alone, in its original layout (`Family.transformer_layout`).
+    transformers = (
+        ("double_stream_modulation_img.", "a FLUX.2 transformer in the Black Forest Labs layout"),
+        ("double_blocks.", "a FLUX.1 transformer in the Black Forest Labs layout (double_blocks.*)"),
+        ("noise_refiner.", "a Z-Image transformer in its original layout (noise_refiner.*, layers.*)"),
+    )
+    for marker, what in transformers:
+        if has(marker) or has(f"{LDM_UNET_PREFIX}{marker}"):
+            raise NbkitError(
+                f"this is {what}, not a Stable Diffusion checkpoint; it holds no VAE or text encoders, so it "
+                "loads only with its base pipeline folder",
+                path=path,
+                fix="load it with nbkit.convert.transformer_file.load_transformer_file(file, base_folder) "
+                "(for FLUX.1 also nbkit.convert.flux.load_flux_transformer) and pass it to the pipeline's "
+                "from_pretrained(base_folder, transformer=...), or use the file as is in ComfyUI or Forge",
+            )
     if not has(LDM_UNET_PREFIX):
         if has("lora_") or any(".lora_" in key for key in shapes):
             looks_like = "a LoRA"

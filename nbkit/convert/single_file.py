@@ -98,12 +98,15 @@ def _plan_folder(
             path=folder,
             fix=f"drop --family, or pass --family {guess.family}",
         )
-    if FAMILIES[chosen].single_file is None:  # FLUX.1: a transformer file, not a full checkpoint
+    if (
+        FAMILIES[chosen].single_file is None
+    ):  # a transformer family: a transformer file, not a full checkpoint
         raise NbkitError(
             f"a {FAMILIES[chosen].title} folder converts to a transformer file in the original layout, "
             "not a full checkpoint",
             path=folder,
-            fix="use nbkit.convert.flux.save_flux_transformer(folder, out) (nbkit convert does this)",
+            fix="use nbkit.convert.transformer_file.save_transformer_file(folder, out) (nbkit convert does this; "
+            "for FLUX.1 also nbkit.convert.flux.save_flux_transformer)",
         )
     configs: dict[str, Any] = {"model_index": _clean_config(read_json(folder / "model_index.json"))}
     recipes: list[TensorRecipe] = []

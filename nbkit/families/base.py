@@ -26,6 +26,7 @@ from nbkit.families.facts import (
     RESOLUTION_STEP,
     DetectedFamily,
     FolderConfigs,
+    FusedModule,
     HubModel,
     MemoryOption,
     PredictionType,
@@ -204,13 +205,45 @@ class Family:
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
 
     # The original single-file layout of its full checkpoints, or None when it has none nbkit converts
-    # (a FLUX.1 single file holds the transformer alone; `nbkit.convert.flux` converts it).
+    # (a transformer family's single file holds the transformer alone: `transformer_layout`).
     single_file: ClassVar[SingleFileLayout | None] = None
     # The original (LDM) config A1111 must find beside a single file of the family, as `<file stem>.yaml`,
     # when the file's weights do not tell it (shipped in `nbkit/configs/<family>/`).
     original_config: ClassVar[str | None] = None
     # When a file could be this family or another with the same weights, the `--family` choice's hint.
     choice_hint: ClassVar[str] = ""
+    # The `ss_network_module` its LoRA's A1111/ComfyUI file names (kohya's module that trains such a LoRA).
+    lora_network_module: ClassVar[str] = "networks.lora"
+
+    def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
+        """The original (single-file) layout of this family's transformer, module by module, or None when
+        the family has none nbkit writes (UNet families: `single_file`) or `config` is not its transformer's.
+
+        The transformer file (`nbkit.convert.transformer_file`) and the ComfyUI LoRA file
+        (`nbkit.convert.lora_layout`) are both written from this list, and read back through it.
+
+        Args:
+            config: the diffusers transformer's config (its `_class_name` and sizes).
+        """
+        return None
+
+    def transformer_architecture(self, config: Mapping[str, Any]) -> str:
+        """The `modelspec.architecture` of a transformer file (a LoRA file appends `/lora`).
+
+        Args:
+            config: the diffusers transformer's config (a variant may name itself apart, as schnell does).
+        """
+        return self.modelspec_architecture
+
+    def single_file_checkpoint(self, state_dict: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+        """The checkpoint to give diffusers' `from_single_file` for an original-layout state dict: the
+        state dict itself, unless diffusers' converter needs help at some model sizes.
+
+        Args:
+            state_dict: the original-layout tensors (no `model.diffusion_model.` prefix); may be consumed.
+            config: the transformer config.
+        """
+        return state_dict
 
     def open_clip_tokenizer(self, name: str) -> bool:
         """Whether the pipeline's tokenizer `name` is OpenCLIP's (pads with `!`), not OpenAI CLIP's.
@@ -236,7 +269,8 @@ class Family:
     # `trains_on_quantized_base` (its frozen denoiser may load in 8 or 4 bits under the LoRA, QLoRA),
     # `xformers_training` (its denoiser trains with xformers' attention where installed),
     # `lora_file_layout` (the key layout of its LoRA's A1111/ComfyUI file: `kohya`, as sd-scripts
-    # writes it from the diffusers modules, or `bfl`, the fused modules of Black Forest Labs' code),
+    # writes it from the diffusers modules, or `original`, kohya's names of the fused modules of the
+    # family's `transformer_layout`, which ComfyUI maps for every model: FLUX.1, Z-Image, FLUX.2),
     # `lora_oom_hint` (said after "train a LoRA" in out-of-memory advice), `training_note` (the
     # notebook's line about how it trains), `demo_training_overrides` (the tiny demo's settings).
     trains_text_encoders: ClassVar[bool] = True
@@ -244,7 +278,7 @@ class Family:
     offloads_text_encoders: ClassVar[bool] = False
     trains_on_quantized_base: ClassVar[bool] = False
     xformers_training: ClassVar[bool] = True
-    lora_file_layout: ClassVar[Literal["kohya", "bfl"]] = "kohya"
+    lora_file_layout: ClassVar[Literal["kohya", "original"]] = "kohya"
     lora_oom_hint: ClassVar[str] = ""
     training_note: ClassVar[str] = ""
     demo_training_overrides: ClassVar[Mapping[str, Any]] = {}

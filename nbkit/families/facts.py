@@ -136,3 +136,44 @@ class SingleFileLayout:
     components: tuple[SingleFileComponent, ...]
     signature: str
     evidence: str
+
+
+# A linear module's parameters, named the same in both layouts: (original, diffusers).
+LINEAR_PARAMS: tuple[tuple[str, str], ...] = (("weight", "weight"), ("bias", "bias"))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedModule:
+    """One module of a transformer's original (single-file) layout and the diffusers modules it is made of.
+
+    The original layouts (Black Forest Labs' FLUX code, Tongyi's Z-Image code) fuse what diffusers keeps
+    apart (q, k and v are one `qkv`); the rest is renames. A family's `transformer_layout` lists its
+    modules; the transformer file and the ComfyUI LoRA file are both written from that list.
+
+    Args:
+        original: its name in the original layout, e.g. `double_blocks.0.img_attn.qkv`.
+        parts: the diffusers modules, concatenated along the output dimension, in that order.
+        params: (original parameter, diffusers parameter) names: a FLUX norm's `scale` is diffusers'
+            `weight`; an empty name is a bare parameter (Z-Image's `x_pad_token`), not a module's.
+        swap_halves: the output's two halves are swapped (FLUX's final (shift, scale) modulation, which
+            diffusers keeps as (scale, shift)).
+    """
+
+    original: str
+    parts: tuple[str, ...]
+    params: tuple[tuple[str, str], ...] = LINEAR_PARAMS
+    swap_halves: bool = False
+
+    @property
+    def is_linear(self) -> bool:
+        """A linear module (weight, optional bias): one a LoRA may patch."""
+        return self.params == LINEAR_PARAMS
+
+    def key(self, param: str) -> str:
+        """The original layout's tensor name of parameter `param` (an original parameter name)."""
+        return f"{self.original}.{param}" if param else self.original
+
+    @staticmethod
+    def part_key(part: str, param: str) -> str:
+        """The diffusers tensor name of parameter `param` (a diffusers parameter name) of `part`."""
+        return f"{part}.{param}" if param else part

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from nbkit.families._generation import accepts
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require
 from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -142,7 +142,21 @@ class Flux1(Family):
         return MEMORY_OPTIONS[task]
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
-    # (a FLUX.1 single file holds the transformer alone: `nbkit.convert.flux` converts it)
+    # (a FLUX.1 single file holds the transformer alone, in Black Forest Labs' layout)
+    lora_network_module = "networks.lora_flux"
+
+    def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
+        from nbkit.families._layout_flux1 import flux1_modules
+
+        return flux1_modules(config)
+
+    def transformer_architecture(self, config: Mapping[str, Any]) -> str:
+        return SCHNELL_ARCHITECTURE if is_flux_schnell(dict(config)) else self.modelspec_architecture
+
+    def single_file_checkpoint(self, state_dict: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+        from nbkit.families._layout_flux1 import diffusers_checkpoint
+
+        return diffusers_checkpoint(state_dict, config)
 
     # -- training: prompt encoding, noise, loss target, LoRA targets --------------------------------
     # nbkit trains a LoRA of the transformer only, with the flow-matching loss of diffusers' Flux
@@ -153,7 +167,7 @@ class Flux1(Family):
     offloads_text_encoders = True  # T5-XXL is 9.5 GB; the memory plan's options assume it waits on the CPU
     trains_on_quantized_base = True
     xformers_training = False
-    lora_file_layout = "bfl"
+    lora_file_layout = "original"
     training_note = "FLUX.1 trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     # A LoRA of the tiny transformer, its T5 prompt kept short.
     demo_training_overrides = MappingProxyType(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from nbkit.families._generation import GenerationDefaults
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
 from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -31,6 +31,7 @@ DISTILLED_STEPS = 4
 BASE_STEPS = 50
 BASE_CFG = 4.0
 
+_GATED = "gated, non-commercial licence: accept it on the hub, then set HF_TOKEN"
 _QUANTIZED = ("transformer", "text_encoder")
 MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
     "generate": (
@@ -71,13 +72,13 @@ class Flux2Klein(Family):
         {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
     )
     tiny_native_resolution = 64
+    # bf16 weights only. The 4B models are Apache 2.0; the 9B ones are gated under the FLUX
+    # Non-Commercial License. The base models are undistilled: 50 steps with CFG.
     hub_models = (
-        HubModel("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "FLUX.2 [klein] 4B (4 steps, Apache 2.0)", variant=None),
-        HubModel(
-            "flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B",
-            "FLUX.2 [klein] 9B (4 steps; gated, non-commercial licence: accept it on the hub, then set HF_TOKEN)",
-            variant=None, gated=True,
-        ),
+        HubModel("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "FLUX.2 [klein] 4B (4 steps; Apache 2.0)", variant=None),
+        HubModel("flux2-klein-9b", "black-forest-labs/FLUX.2-klein-9B", f"FLUX.2 [klein] 9B (4 steps; {_GATED})", variant=None, gated=True),
+        HubModel("flux2-klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B", "FLUX.2 [klein] base 4B (50 steps with CFG; Apache 2.0)", variant=None),
+        HubModel("flux2-klein-base-9b", "black-forest-labs/FLUX.2-klein-base-9B", f"FLUX.2 [klein] base 9B (50 steps with CFG; {_GATED})", variant=None, gated=True),
     )  # fmt: skip
     detection_priority = (
         110  # asked before FLUX.1, whose check (a `Flux*` pipeline) claims FLUX.2 folders too
@@ -125,6 +126,14 @@ class Flux2Klein(Family):
 
         return normalize
 
+    # -- conversion: its single file holds the transformer alone, in its original layout --------------
+    lora_network_module = "networks.lora_flux_2"
+
+    def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
+        from nbkit.families._layout_flux2 import flux2_modules
+
+        return flux2_modules(config)
+
     # -- training: a LoRA of the transformer, the Qwen3 encoder frozen ------------------------------
     # The loss of diffusers' FLUX.2 [klein] DreamBooth LoRA example: flow matching on the velocity of
     # the normalised, patched latents, packed into tokens with 4-axis position ids.
@@ -134,6 +143,7 @@ class Flux2Klein(Family):
     offloads_text_encoders = True
     trains_on_quantized_base = True
     xformers_training = False
+    lora_file_layout = "original"
     training_note = (
         "FLUX.2 [klein] trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     )
@@ -201,7 +211,11 @@ class Flux2Klein(Family):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return pipeline_class._unpack_latents_with_ids(prediction[:, : packed.shape[1]], image_ids)
+        # The grid size given, not read back from the ids (a device sync per step).
+        height, width = noisy.shape[-2:]
+        return pipeline_class._unpack_latents_with_ids(
+            prediction[:, : packed.shape[1]], image_ids, height=height, width=width
+        )
 
     # -- generation: distilled (4 steps, unguided) or base (CFG) --------------------------------------
     # img2img (and the hires fix's second pass) runs `Flux2KleinInpaintPipeline` with the whole picture

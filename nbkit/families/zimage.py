@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from nbkit.families._generation import GenerationDefaults
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
 from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, HubModel, MemoryOption, Task
+from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
 from nbkit.families.flux1 import FAMILY as FLUX1
 
 if TYPE_CHECKING:
@@ -55,14 +55,16 @@ class ZImage(Family):
     modelspec_architecture = "z-image"
     modelspec_implementation = "https://github.com/Tongyi-MAI/Z-Image"
     resolution_step = 16
-    needs_bf16 = True
+    needs_bf16 = True  # fp16 overflows to NaN (black images) on T4/V100: Tongyi-MAI/Z-Image issue 15
     denoiser = "transformer"
     training_defaults = MappingProxyType(
         {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
     )
     tiny_native_resolution = 64
+    # Apache 2.0, not gated; one precision each, no fp16 variant (Turbo's transformer is stored in fp32).
     hub_models = (
-        HubModel("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "Z-Image-Turbo (6B, 8 steps, Apache 2.0)", variant=None),
+        HubModel("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "Z-Image-Turbo (6B, 8 steps, no CFG; Apache 2.0)", variant=None),
+        HubModel("zimage", "Tongyi-MAI/Z-Image", "Z-Image base (6B, 28-50 steps with CFG; Apache 2.0)", variant=None),
     )  # fmt: skip
     detection_priority = 100
 
@@ -92,6 +94,14 @@ class ZImage(Family):
     def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
         return MEMORY_OPTIONS[task]
 
+    # -- conversion: its single file holds the transformer alone, in its original layout --------------
+    lora_network_module = "networks.lora_zimage"
+
+    def transformer_layout(self, config: Mapping[str, Any]) -> list[FusedModule] | None:
+        from nbkit.families._layout_zimage import zimage_modules
+
+        return zimage_modules(config)
+
     # -- training: a LoRA of the transformer, the Qwen3 encoder frozen ------------------------------
     # The loss of diffusers' Z-Image DreamBooth LoRA example: flow matching on the velocity, with the
     # model's prediction negated (Z-Image predicts image - noise) and its timestep reversed.
@@ -101,6 +111,7 @@ class ZImage(Family):
     offloads_text_encoders = True
     trains_on_quantized_base = True
     xformers_training = False
+    lora_file_layout = "original"
     training_note = "Z-Image trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     demo_training_overrides = MappingProxyType(
         {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}

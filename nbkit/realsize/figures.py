@@ -17,7 +17,11 @@ gradients, optimizer, activations, temporaries, inputs), batch 2's peak (how the
 batch or the pixels) and the number of parameters that train, so the planner can scale activations to another
 size or batch and swap 8-bit Adam for AdamW's float32 states (`nbkit.models.memory`). Text encoders
 that a family keeps on the CPU while training (`offloads_text_encoders`) are not resident in its
-training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLUX.1 are the long ones).
+training rows. A full set takes minutes to an hour of one CPU core (SDXL and FLUX.1 are the long ones;
+Z-Image and FLUX.2 [klein] about a minute each, LoRA rows only: their families train no full model).
+
+The planner reads one document per family, traced from its shipped configs (FLUX.2 [klein]: the 4B).
+`--config nbkit/configs/flux2-klein-9b --out DIR` traces another folder of a family for reading.
 """
 
 from __future__ import annotations
@@ -83,14 +87,16 @@ def _row(settings: TrainSettings, figure: MemoryFigure, double: MemoryFigure, tr
     }
 
 
-def _trace_step(name: str, settings: TrainSettings) -> tuple[MemoryFigure, dict[str, dict[str, int]], int]:
+def _trace_step(
+    name: str, settings: TrainSettings, folder: Path | None = None
+) -> tuple[MemoryFigure, dict[str, dict[str, int]], int]:
     family = get_family(name)
-    models, fake_mode = _trace_models(name)
+    models, fake_mode = _trace_models(name, folder)
     components = {
         key: {"parameters": sum(p.numel() for p in model.parameters())} for key, model in models.items()
     }
     with fake_mode:
-        step = prepare_training(models, settings)
+        step = prepare_training(models, settings, family)
     trained = sum(p.numel() for model in models.values() for p in model.parameters() if p.requires_grad)
     # Text encoders the trainer keeps on the CPU while training are not resident.
     offloaded = family.offloads_text_encoders
@@ -101,12 +107,13 @@ def _trace_step(name: str, settings: TrainSettings) -> tuple[MemoryFigure, dict[
 
 
 def _trace_generation(
-    name: str, settings: GenerateSettings
+    name: str, settings: GenerateSettings, folder: Path | None = None
 ) -> dict[str, tuple[tuple[str, ...], MemoryFigure]]:
-    models, fake_mode = _trace_models(name)
+    family = get_family(name)
+    models, fake_mode = _trace_models(name, folder)
     with fake_mode:
-        prepare_generation(models, settings)  # casts the models
-        phases = generation_phases(models, settings)
+        prepare_generation(models, settings, family)  # casts the models
+        phases = generation_phases(models, settings, family)
     return {
         phase: (
             names,
@@ -116,9 +123,16 @@ def _trace_generation(
     }
 
 
-def compute_figures(name: str, *, log=print) -> dict[str, Any]:
+def compute_figures(name: str, *, folder: Path | None = None, log=print) -> dict[str, Any]:
     """Trace every row of family `name`, at batch 1 and 2, and return the figures document (module
-    docstring)."""
+    docstring).
+
+    Args:
+        name: the family.
+        folder: another config folder of the family than the one its figures are traced from (the
+            planner reads one document per family: the others' figures are for reading).
+        log: where each row's line goes.
+    """
     import diffusers
     import torch
 
@@ -126,16 +140,16 @@ def compute_figures(name: str, *, log=print) -> dict[str, Any]:
     precision = "bf16" if family.needs_bf16 else "fp16"
     train = []
     for settings in training_rows(family):
-        figure, components, trained = _trace_step(name, settings)
-        double, _, _ = _trace_step(name, dataclasses.replace(settings, batch=2))
+        figure, components, trained = _trace_step(name, settings, folder)
+        double, _, _ = _trace_step(name, dataclasses.replace(settings, batch=2), folder)
         train.append(_row(settings, figure, double, trained))
         log(
             f"{name} train {settings.stage} rank {settings.lora_rank} ckpt {settings.gradient_checkpointing}: "
             f"{figure.describe()}, batch 2 {double.peak_gib:.2f} GiB [{figure.seconds + double.seconds:.0f} s]"
         )
     settings = GenerateSettings(family.native_resolution, precision=precision, vae_upcast=False)
-    single = _trace_generation(name, settings)
-    double = _trace_generation(name, dataclasses.replace(settings, batch=2))
+    single = _trace_generation(name, settings, folder)
+    double = _trace_generation(name, dataclasses.replace(settings, batch=2), folder)
     generate = {}
     for phase, (names, figure) in single.items():
         generate[phase] = {
@@ -167,11 +181,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="+", choices=sorted(FAMILIES))
     parser.add_argument("--out", type=Path, default=FIGURES_DIR)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="trace this config folder of the (one) family instead (e.g. nbkit/configs/flux2-klein-9b), "
+        "written as <out>/<folder name>.json",
+    )
     args = parser.parse_args(argv)
+    if args.config is not None and (len(args.families) != 1 or args.out == FIGURES_DIR):
+        parser.error("--config traces one family into another --out folder than the shipped figures")
     for name in args.families:
-        document = compute_figures(name, log=lambda line: print(line, flush=True))
-        atomic_write_json(args.out / f"{name}.json", document)
-        print(f"wrote {args.out / f'{name}.json'}", flush=True)
+        document = compute_figures(name, folder=args.config, log=lambda line: print(line, flush=True))
+        if args.config is not None:
+            document["config"] = args.config.name
+        path = args.out / f"{args.config.name if args.config else name}.json"
+        atomic_write_json(path, document)
+        print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

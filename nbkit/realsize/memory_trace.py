@@ -20,6 +20,11 @@ What the trace is and is not:
   precision where CUDA's autocast runs them in float32; `_cuda_autocast_policy` upcasts them as CUDA
   does. Attention goes through `scaled_dot_product_attention`, whose fused kernels (flash on CPU,
   memory-efficient on a T4) keep only the output and its log-sum-exp, never the score matrix.
+- Denoisers other than the UNets' and FLUX.1's (Z-Image, FLUX.2 [klein]) run through their family
+  adapter's own training code (`latent_normalizer`, `denoise`), as nbkit's trainer runs them, from
+  cached caption features of `TEXT_TOKENS` tokens (their families encode each caption once and
+  offload the text encoder): the prompt length their pipelines pad to, so a longer caption is not
+  assumed away. Their text phase runs the Qwen3 encoder as the pipelines do (`output_hidden_states`).
 - 8-bit Adam is not traced through bitsandbytes (it needs CUDA); `Adam8bitStates` allocates exactly
   the states bitsandbytes 0.50's `Optimizer2State.init_state` does: two uint8 tensors per parameter
   of at least 4096 elements plus one float32 absmax per 256-element block for each, float32 states
@@ -36,6 +41,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from nbkit.realsize.random_models import build_component, model_components, real_config_folder
@@ -43,11 +49,14 @@ from nbkit.realsize.random_models import build_component, model_components, real
 if TYPE_CHECKING:
     import torch
 
+    from nbkit.families.base import Family
+
 Precision = Literal["fp16", "bf16", "bf16-pure", "fp32"]
 Optimizer = Literal["adamw", "adamw8bit"]
 
 GiB = 1024**3
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth LoRA examples
+TEXT_TOKENS = 512  # the prompt length T5 and the Qwen3 encoders pad to (the pipelines' max_sequence_length)
 CATEGORIES = {
     "Parameter": "parameters",
     "Buffer": "parameters",
@@ -74,7 +83,8 @@ class TrainSettings:
         stage: nbkit's stage 1 (`text_encoder`: the CLIP text encoders train, the denoiser is frozen
             in half precision but still backpropagated through) or stage 2 (`denoiser`).
         text_cached: the prompts are encoded once before training and their encoders wait on the
-            CPU (FLUX.1's T5-XXL): the step reads the embeddings.
+            CPU (FLUX.1's T5-XXL, the Qwen3 encoders): the step reads the embeddings. A denoiser its
+            family adapter runs always reads cached features.
         vae_upcast: the VAE runs in float32 under fp16 (SDXL's VAE overflows in float16).
     """
 
@@ -197,9 +207,15 @@ class Adam8bitStates:
         return Adam8bit(params)
 
 
-def fake_models(family: str, fake_mode) -> dict[str, torch.nn.Module]:
-    """Every model component of `family` at full width, built inside `fake_mode` (no storage)."""
-    folder = real_config_folder(family)
+def fake_models(family: str, fake_mode, folder: Path | None = None) -> dict[str, torch.nn.Module]:
+    """Every model component of `family` at full width, built inside `fake_mode` (no storage).
+
+    Args:
+        family: a family name with shipped real configs.
+        fake_mode: the `FakeTensorMode` to build in.
+        folder: another config folder of the family (FLUX.2 [klein] 9B) instead of its shipped one.
+    """
+    folder = folder or real_config_folder(family)
     with fake_mode:
         return {
             name: build_component(folder, name)
@@ -220,16 +236,66 @@ def _is_clip(module: torch.nn.Module) -> bool:
     return type(module).__name__.startswith("CLIPText")
 
 
+def _is_qwen(module: torch.nn.Module) -> bool:
+    return str(getattr(module.config, "model_type", "")).startswith("qwen")
+
+
 def _encode(encoders: list[torch.nn.Module], batch: int) -> list:
     import torch
 
     outputs = []
     for encoder in encoders:
         device = next(encoder.parameters()).device
-        length = encoder.config.max_position_embeddings if _is_clip(encoder) else 512
+        length = encoder.config.max_position_embeddings if _is_clip(encoder) else TEXT_TOKENS
         ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        if _is_qwen(encoder):  # the pipelines read hidden layers of the chat model, with its padding mask
+            mask = torch.ones_like(ids)
+            outputs.append(
+                encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            )
+            continue
         outputs.append(encoder(ids, output_hidden_states=_is_clip(encoder)))
     return outputs
+
+
+def _runs_through_adapter(denoiser: torch.nn.Module) -> bool:
+    """Whether `denoiser` is conditioned by its family adapter's code (not the UNets' or FLUX.1's)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    return not isinstance(denoiser, (UNet2DConditionModel, FluxTransformer2DModel))
+
+
+def _cached_conditioning(denoiser: torch.nn.Module, batch: int, dtype: torch.dtype) -> tuple:
+    """The caption features an adapter-run denoiser reads, as its family caches them: (embeds, pooled).
+
+    Z-Image's transformer (`cap_feat_dim`) takes each caption's features unpadded, picked by the token
+    mask its family caches as `pooled`; a boolean mask picks a data-dependent length, which fake tensors
+    cannot know, so the trace passes what the full-length caption's all-true mask picks: every row
+    (`slice(None)`). FLUX.2's (`joint_attention_dim`) takes the padded features and no pooled ones.
+    """
+    import torch
+
+    config = denoiser.config
+    width = config.cap_feat_dim if "cap_feat_dim" in config else config.joint_attention_dim
+    embeds = torch.zeros(batch, TEXT_TOKENS, width, dtype=dtype)
+    pooled = [slice(None)] * batch if "cap_feat_dim" in config else None
+    return embeds, pooled
+
+
+def _adapter_denoise(
+    family: Family, denoiser: torch.nn.Module, latents: torch.Tensor, embeds: torch.Tensor, pooled
+) -> torch.Tensor:
+    """One call of `family`'s training `denoise` on (already normalised) `latents` at mid-schedule.
+
+    The adapters of these families read neither the pipeline nor the run's settings.
+    """
+    import torch
+
+    from nbkit.families._training import NoisyLatents
+
+    timesteps = torch.full((latents.shape[0],), 500.0)  # flow matching: 1000 * sigma, on the CPU
+    batch = NoisyLatents(latents, timesteps, latents, None)
+    return family.denoise(None, denoiser, batch, embeds, pooled, None, None)
 
 
 def _denoise(denoiser: torch.nn.Module, latents: torch.Tensor, texts: list, cfg: bool) -> torch.Tensor:
@@ -314,7 +380,9 @@ def _add_lora(model: torch.nn.Module, rank: int, targets) -> None:
         model.add_adapter(config)
 
 
-def prepare_training(models: dict[str, torch.nn.Module], settings: TrainSettings) -> Callable[[], None]:
+def prepare_training(
+    models: dict[str, torch.nn.Module], settings: TrainSettings, family: Family | None = None
+) -> Callable[[], None]:
     """Cast, adapt and wire `models` as diffusers' DreamBooth scripts do; return one training step.
 
     The optimizer's states are created here (a step on zero gradients), so the step that is returned
@@ -323,6 +391,8 @@ def prepare_training(models: dict[str, torch.nn.Module], settings: TrainSettings
     Args:
         models: the pipeline's model components by name (fake or real tensors).
         settings: the step's settings.
+        family: the models' family; needed for a denoiser its adapter runs (module docstring), which
+            always reads cached caption features.
     """
     import torch
 
@@ -368,6 +438,8 @@ def prepare_training(models: dict[str, torch.nn.Module], settings: TrainSettings
     autocast = torch.autocast("cpu", dtype=weight_dtype, enabled=mixed)
 
     size = settings.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    if _runs_through_adapter(denoiser):
+        return _adapter_training_step(family, denoiser, vae, settings, size, optimizer, autocast)
     cached = None
     if settings.text_cached:
         with torch.no_grad(), autocast:
@@ -401,8 +473,44 @@ def prepare_training(models: dict[str, torch.nn.Module], settings: TrainSettings
     return step
 
 
-def prepare_generation(models: dict[str, torch.nn.Module], settings: GenerateSettings) -> Callable[[], None]:
-    """Cast `models` for inference; return one generation (text, one denoising step, VAE decode)."""
+def _adapter_training_step(family, denoiser, vae, settings: TrainSettings, size: int, optimizer, autocast):
+    """`prepare_training`'s step for a denoiser its family adapter runs: the trainer's cached latents
+    (normalised by the family) and cached caption features, the adapter's `denoise`, the MSE loss."""
+    import torch
+
+    if family is None:
+        raise ValueError(f"{type(denoiser).__name__} is traced through its family adapter: pass `family`")
+    normalize = family.latent_normalizer(vae)
+    mixed = settings.precision in ("fp16", "bf16")
+    embeds, pooled = _cached_conditioning(denoiser, settings.batch, _dtype(settings.precision))
+
+    def step() -> None:
+        shape = (settings.batch, vae.config.latent_channels, size, size)
+        latents = normalize(torch.randn(shape, dtype=torch.float32 if mixed else _dtype(settings.precision)))
+        noise = torch.randn_like(latents)
+        with autocast:
+            prediction = _adapter_denoise(family, denoiser, latents + noise, embeds, pooled)
+        target = torch.randn_like(prediction)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        del prediction, latents, noise, target
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.optimizer = optimizer
+    return step
+
+
+def prepare_generation(
+    models: dict[str, torch.nn.Module], settings: GenerateSettings, family: Family | None = None
+) -> Callable[[], None]:
+    """Cast `models` for inference; return one generation (text, one denoising step, VAE decode).
+
+    Args:
+        models: the pipeline's model components by name (fake or real tensors).
+        settings: the generation's settings.
+        family: the models' family; needed for a denoiser its adapter runs (module docstring).
+    """
     import torch
 
     dtype = _dtype(settings.precision)
@@ -419,23 +527,39 @@ def prepare_generation(models: dict[str, torch.nn.Module], settings: GenerateSet
         size = settings.resolution // factor
         latents = torch.randn(settings.batch, channels, size, size, dtype=dtype)
         texts = _encode(_text_encoders(models), settings.batch)
-        prediction = _denoise(denoiser, latents, texts, cfg=cfg)
-        del texts, prediction
+        if _runs_through_adapter(denoiser):
+            del texts  # the pipeline keeps only the caption features
+            prediction = _generation_denoise(family, denoiser, vae, latents)
+        else:
+            prediction = _denoise(denoiser, latents, texts, cfg=cfg)
+            del texts
+        del prediction
         vae.decode(latents.to(vae.dtype), return_dict=False)
 
     return step
 
 
+def _generation_denoise(family, denoiser, vae, latents: torch.Tensor) -> torch.Tensor:
+    """One unguided denoiser call (Z-Image-Turbo and the distilled FLUX.2 [klein] run without CFG)
+    through `family`'s adapter, on its caption features and its normalised latents."""
+    if family is None:
+        raise ValueError(f"{type(denoiser).__name__} is traced through its family adapter: pass `family`")
+    embeds, pooled = _cached_conditioning(denoiser, latents.shape[0], latents.dtype)
+    return _adapter_denoise(family, denoiser, family.latent_normalizer(vae)(latents), embeds, pooled)
+
+
 def generation_phases(
-    models: dict[str, torch.nn.Module], settings: GenerateSettings
+    models: dict[str, torch.nn.Module], settings: GenerateSettings, family: Family | None = None
 ) -> dict[str, tuple[tuple[str, ...], Callable[[], None]]]:
     """The phases of one generation, each with the components it needs on the GPU (model CPU offload
     keeps only those there): `text` (the text encoders), `denoise` (one denoiser call; the prompt is
-    encoded again in it, by text encoders not counted as resident) and `decode` (the VAE).
+    encoded again in it, by text encoders not counted as resident, or for a denoiser its adapter runs
+    read as caption features) and `decode` (the VAE).
 
     Args:
         models: the pipeline's model components, cast as `prepare_generation` casts them.
         settings: the generation's settings.
+        family: the models' family; needed for a denoiser its adapter runs (module docstring).
     """
     import torch
 
@@ -455,6 +579,9 @@ def generation_phases(
 
     @torch.no_grad()
     def denoise() -> None:
+        if _runs_through_adapter(denoiser):
+            _generation_denoise(family, denoiser, vae, latents())
+            return
         _denoise(denoiser, latents(), _encode(encoders, settings.batch), cfg="unet" in models)
 
     @torch.no_grad()
@@ -574,18 +701,23 @@ def track_peak(
     return MemoryFigure(device_snapshot["Total"], breakdown, time.perf_counter() - start)
 
 
-def _trace_models(family: str):
-    """`family`'s real-width models built in a new `FakeTensorMode`, and the mode."""
+def _trace_models(family: str, folder: Path | None = None):
+    """`family`'s real-width models (from `folder`, default its shipped configs) built in a new
+    `FakeTensorMode`, and the mode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    return fake_models(family, fake_mode), fake_mode
+    return fake_models(family, fake_mode, folder), fake_mode
 
 
 def _trace(family: str, prepare, settings) -> MemoryFigure:
+    from nbkit.families import get_family
+
     models, fake_mode = _trace_models(family)
     with fake_mode:
-        step = prepare(models, settings)
+        step = prepare(models, settings, get_family(family))
+    if getattr(settings, "text_cached", False):  # the text encoders wait on the CPU
+        models = {name: model for name, model in models.items() if not name.startswith("text_encoder")}
     return track_peak(step, models, fake_mode=fake_mode, cuda_rounding=True)
 
 

@@ -23,9 +23,13 @@ user's model. Where FLUX.1 [dev]'s numbers come from (no comment can sit in a JS
 - scheduler (FlowMatchEulerDiscreteScheduler, shift 3.0, dynamic shifting from 256 to 4096 tokens
   between 0.5 and 1.15): taproot's `flux/pretrained/scheduler.py`.
 
-Tokenizers are nbkit's tiny offline ones (`nbkit.models.tokenizer`, `make_t5_tokenizer`): what costs
-memory is the text encoder's `vocab_size` (its embedding table), which stays the real one; the tiny
-vocabularies only produce ids below it.
+Z-Image-Turbo (`nbkit/configs/zimage-turbo/`) and FLUX.2 [klein] 4B and 9B (`flux2-klein-4b/`,
+`flux2-klein-9b/`) say where their numbers come from in each folder's SOURCES.md. Two folders detect
+as FLUX.2 [klein]; the first in name order, the 4B (the family's default model), is the family's.
+
+Tokenizers are nbkit's tiny offline ones (`nbkit.tokenizers`: CLIP, `make_t5_tokenizer`,
+`make_qwen_tokenizer`): what costs memory is the text encoder's `vocab_size` (its embedding table),
+which stays the real one; the tiny vocabularies only produce ids below it.
 """
 
 from __future__ import annotations
@@ -132,17 +136,66 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
+def constant_tensor(key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+    """The tensor a random model holds at `key` when it is not random, else None: 1-D weights scale
+    norms (ones); biases start at zero; a batch norm's statistics are those of a fresh one (mean 0,
+    variance 1, no batches seen)."""
+    import torch
+
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype)
+    if (len(shape) == 1 and key.endswith(("weight", "scale"))) or key.endswith("running_var"):
+        return torch.ones(shape, dtype=dtype)
+    if key.endswith(("bias", "running_mean")):
+        return torch.zeros(shape, dtype=dtype)
+    return None
+
+
 def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
     import torch
 
-    # 1-D weights scale norms (ones); biases start at zero; the rest are small normal weights. Each
-    # tensor has its own generator seeded from its name, so shards can be written in any order.
-    if len(shape) == 1 and key.endswith(("weight", "scale")):
-        return torch.ones(shape, dtype=dtype)
-    if key.endswith("bias"):
-        return torch.zeros(shape, dtype=dtype)
+    # Small normal weights, each tensor with its own generator seeded from its name, so shards can be
+    # written in any order.
+    constant = constant_tensor(key, shape, dtype)
+    if constant is not None:
+        return constant
     generator = torch.Generator().manual_seed(seed ^ zlib.crc32(key.encode()))
     return (torch.randn(shape, generator=generator) * WEIGHT_STD).to(dtype)
+
+
+def weights_to_write(
+    module: torch.nn.Module, dtype: torch.dtype
+) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """The tensors a random-weight `module` is saved with: name -> (shape, dtype).
+
+    Floating-point tensors take `dtype`; integer buffers (a batch norm's `num_batches_tracked`) keep
+    theirs. A tied weight (an LM head sharing the embedding table) is saved once, under its first
+    name, as `save_pretrained` does: the model ties it again on load.
+
+    Args:
+        module: the component, built on `meta`.
+        dtype: the floating-point dtype of the weights.
+
+    Raises:
+        NbkitError: for state that is not a tensor of numbers (random values cannot stand in).
+    """
+    import torch
+
+    tensors: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    seen: set[int] = set()
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if tensor.is_floating_point():
+            tensors[key] = (tensor.shape, dtype)
+        elif tensor.dtype in (torch.int64, torch.int32) and tensor.numel() <= 1:
+            tensors[key] = (tensor.shape, tensor.dtype)
+        else:
+            raise NbkitError(
+                f"{type(module).__name__}'s {key} is {tensor.dtype}; random weights cannot stand in."
+            )
+    return tensors
 
 
 def _shards(shapes: dict[str, tuple[torch.Size, int]]) -> Iterator[list[str]]:
@@ -162,20 +215,15 @@ def _write_weights(module: torch.nn.Module, out: Path, *, stem: str, dtype: torc
     """Write `module`'s state dict as seeded random tensors, one shard in memory at a time."""
     from safetensors.torch import save_file
 
-    shapes = {
-        key: (tensor.shape, tensor.numel() * dtype.itemsize)
-        for key, tensor in module.state_dict().items()
-        if tensor.is_floating_point()
-    }
-    if len(shapes) != len(module.state_dict()):
-        raise NbkitError(f"{type(module).__name__} has non-float state; random weights cannot stand in.")
+    written = weights_to_write(module, dtype)
+    shapes = {key: (shape, shape.numel() * kind.itemsize) for key, (shape, kind) in written.items()}
     shards = list(_shards(shapes))
     weight_map: dict[str, str] = {}
     for number, keys in enumerate(shards, 1):
         filename = f"{stem}.safetensors"
         if len(shards) > 1:
             filename = f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {key: _random_tensor(key, shapes[key][0], dtype, seed) for key in keys}
+        tensors = {key: _random_tensor(key, *written[key], seed) for key in keys}
         save_file(tensors, out / filename, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, filename))
         del tensors
@@ -188,10 +236,19 @@ def _write_weights(module: torch.nn.Module, out: Path, *, stem: str, dtype: torc
 
 
 def _write_tokenizer(folder: Path, out: Path, name: str, class_name: str) -> None:
-    from nbkit.tokenizers import EOS_TOKEN, make_clip_tokenizer, make_t5_tokenizer, write_clip_vocab_files
+    from nbkit.tokenizers import (
+        EOS_TOKEN,
+        make_clip_tokenizer,
+        make_qwen_tokenizer,
+        make_t5_tokenizer,
+        write_clip_vocab_files,
+    )
 
     if class_name.startswith("T5"):
         make_t5_tokenizer().save_pretrained(out / name)
+        return
+    if class_name.startswith("Qwen"):  # Z-Image's and FLUX.2's Qwen3 encoders (chat template included)
+        make_qwen_tokenizer().save_pretrained(out / name)
         return
     # OpenCLIP text encoders (gelu) pad with "!", OpenAI's CLIP (quick_gelu) with its end token.
     encoder = "text_encoder" + name.removeprefix("tokenizer")
@@ -206,8 +263,8 @@ def save_random_model(family: str, out_dir: str | Path, *, seed: int = 0, dtype:
 
     Each component is built on `meta` for its tensor names and shapes, then its weights are drawn
     (seeded per tensor) and saved shard by shard, so host RAM stays near one shard (2 GiB) even for
-    FLUX.1's 12-billion-parameter transformer. Disk: about 2 GB for SD 1.5, 7 GB for SDXL and 33 GB
-    for FLUX.1 in half precision.
+    FLUX.1's 12-billion-parameter transformer. Disk: about 2 GB for SD 1.5, 7 GB for SDXL, 33 GB
+    for FLUX.1, 20 GB for Z-Image and 16 GB for FLUX.2 [klein] 4B in half precision.
 
     Args:
         family: a family name with shipped real configs.
@@ -224,19 +281,35 @@ def save_random_model(family: str, out_dir: str | Path, *, seed: int = 0, dtype:
     torch_dtype = getattr(torch, dtype or ("bfloat16" if FAMILIES[family].needs_bf16 else "float16"))
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "model_index.json", out / "model_index.json")
-    for name, (library, class_name) in model_components(folder).items():
+    for name, (_, class_name) in model_components(folder).items():
         if "Tokenizer" in class_name:
             _write_tokenizer(folder, out, name, class_name)
-            continue
-        shutil.copytree(folder / name, out / name)
-        if "Scheduler" in class_name:
-            continue
+        else:
+            write_component(folder, name, out, dtype=torch_dtype, seed=seed)
+    return out
+
+
+def write_component(folder: Path, name: str, out: Path, *, dtype: torch.dtype, seed: int = 0) -> Path:
+    """Write one model component (or scheduler) of config folder `folder` into `out / name`: its
+    config, and for a model its seeded random weights (`save_random_model`).
+
+    Args:
+        folder: a config folder (`real_config_folder(...)`).
+        name: the component (`transformer`, `vae`, `text_encoder`, `scheduler`, ...).
+        out: the model folder being written.
+        dtype: the floating-point dtype of the weights.
+        seed: the seed every tensor's generator derives from.
+    """
+    import torch
+
+    library, class_name = model_components(folder)[name]
+    shutil.copytree(folder / name, out / name)
+    if "Scheduler" not in class_name:
         with torch.device("meta"):
             module = build_component(folder, name)
         stem = "diffusion_pytorch_model" if library == "diffusers" else "model"
-        _write_weights(module, out / name, stem=stem, dtype=torch_dtype, seed=seed)
-        del module
-    return out
+        _write_weights(module, out / name, stem=stem, dtype=dtype, seed=seed)
+    return out / name
 
 
 def describe(family: str) -> dict[str, Any]:

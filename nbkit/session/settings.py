@@ -49,12 +49,14 @@ class TrainConfig(StrictConfig):
     hold it before the run, with the figure; `lora` always trains a LoRA (`lora_rank`, or 16). The
     figures are computed (`nbkit.models.memory`); on a CPU nothing is checked.
 
-    FLUX.1 trains a LoRA of its transformer only (stage 2; `text_encoder_steps` must be 0 and
-    `lora_rank` above 0: full fine-tuning of FLUX.1 is not supported). `flux_guidance` is the distilled
-    guidance the transformer is conditioned on while training (FLUX.1-dev; ignored by schnell, which
-    has none), `flux_max_sequence_length` the T5 prompt length, `flux_timestep_sampling` the density
-    training timesteps are drawn from (`logit_normal` or `none`: uniform), as in diffusers' Flux
-    DreamBooth LoRA example. `quantize_base` loads FLUX.1's frozen transformer with 8-bit or 4-bit
+    FLUX.1, Z-Image and FLUX.2 [klein] train a LoRA of their transformer only (stage 2;
+    `text_encoder_steps` must be 0 and `lora_rank` above 0: full fine-tuning of them is not
+    supported). `flux_guidance` is the distilled guidance the transformer is conditioned on while
+    training (FLUX.1-dev; ignored by the others, which have none), `flux_max_sequence_length` the prompt
+    length of the text encoder that has none of its own (FLUX.1's T5, Z-Image's and FLUX.2's Qwen3; the
+    names keep their first family's prefix so that older sessions load), `flux_timestep_sampling` the
+    density training timesteps are drawn from (`logit_normal` or `none`: uniform), as in diffusers' Flux
+    DreamBooth LoRA examples. `quantize_base` loads the frozen transformer with 8-bit or 4-bit
     weights and trains the LoRA on top (QLoRA): `auto` does what the GPU memory check picks
     (`nbkit.models.memory`; never on the CPU), `none` never, `8bit`/`4bit` always (bitsandbytes on CUDA,
     else torchao for 8-bit).

@@ -10,9 +10,10 @@ is what A1111's `<lora:name:1>` and ComfyUI's LoRA loader read. Kohya files carr
 training resolution and `modelspec.hash_sha256` of its tensors.
 
 The key layout of the second file is the family's (`Family.lora_file_layout`): `kohya` names the
-diffusers modules (the SD families); `bfl` names the fused modules of Black Forest Labs' code, which
-ComfyUI and Forge patch (FLUX.1, its transformer only), converted by
-`nbkit.convert.flux_lora.save_comfy_lora` from the diffusers file.
+diffusers modules (the SD families); `original` names the fused modules of the family's original
+transformer layout (`Family.transformer_layout`: Black Forest Labs' code for FLUX.1 and FLUX.2, Tongyi's
+for Z-Image), which ComfyUI and Forge patch, converted by `nbkit.convert.lora_layout.save_original_lora`
+from the diffusers file.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 from nbkit.convert.hashes import MODELSPEC_HASH_KEY, with_modelspec_hash
 from nbkit.convert.metadata import modelspec_metadata
 from nbkit.families import FAMILIES
-from nbkit.families.flux1 import is_flux_schnell
 from nbkit.fsio import atomic_path, atomic_write_bytes
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -198,8 +198,8 @@ def save_lora(
     with atomic_path(diffusers_path) as tmp:
         pipeline_class.save_lora_weights(tmp.parent, weight_name=tmp.name, **layers, **adapter_metadata)
 
-    if facts.lora_file_layout == "bfl":
-        from nbkit.convert.flux_lora import save_comfy_lora
+    if facts.lora_file_layout == "original":
+        from nbkit.convert.lora_layout import save_original_lora
 
         header = _header(
             family,
@@ -209,15 +209,27 @@ def save_lora(
             author,
             metadata,
             unet.peft_config[adapter_name],
-            "networks.lora_flux",
+            facts.lora_network_module,
         )
         # The converter writes the file, so the hash of its tensors is its to add; no placeholder here.
         header.pop(MODELSPEC_HASH_KEY, None)
         header.pop("modelspec.prediction_type", None)  # SAI's spec knows epsilon and v, not flow
-        header.pop("modelspec.architecture", None)  # dev or schnell: the converter derives it
-        schnell = is_flux_schnell(dict(unet.config))
-        comfy_path = save_comfy_lora(
-            diffusers_path, out_dir / f"{name}.safetensors", metadata=header, schnell=schnell
+        header.pop("modelspec.architecture", None)  # the variant's (dev or schnell): the converter derives it
+        # The peft-adapted model keeps its class and config; its sizes place the zero blocks of fused
+        # modules the LoRA covers only in part.
+        config = {**dict(unet.config), "_class_name": type(unet).__name__}
+        rows = {
+            key.removesuffix(".weight").replace(".base_layer", ""): tensor.shape[0]
+            for key, tensor in unet.state_dict().items()
+            if key.endswith(".weight") and "lora_" not in key
+        }
+        comfy_path = save_original_lora(
+            diffusers_path,
+            out_dir / f"{name}.safetensors",
+            family=facts,
+            config=config,
+            metadata=header,
+            rows=rows.__getitem__,
         )
         return {"diffusers": diffusers_path, "kohya": Path(comfy_path)}
 
