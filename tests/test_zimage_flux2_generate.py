@@ -194,8 +194,6 @@ def test_faked_t4_is_refused(name, monkeypatch):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_faked_small_gpu_is_refused(name, monkeypatch):
-    if get_family(name).memory_figures() is None:
-        pytest.skip(f"no traced memory figures for {name} yet")
     import nbkit.models.memory as memory
 
     monkeypatch.setattr(memory, "device_facts", lambda index=0: DeviceFacts("Tiny GPU", 2.0, bf16=True))

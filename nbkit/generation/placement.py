@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbkit.errors import NbkitError
 from nbkit.families import DEFAULT_FAMILY, Family, family_of_pipeline, get_family
 from nbkit.families._generation import accepts
 
@@ -71,18 +70,7 @@ def plan_generation_memory(family: Family | str | None, device: Any) -> Any:
         return None
     from nbkit.models import memory
 
-    family = as_family(family)
-    facts = memory.device_facts()
-    option = memory.plan_memory(family.name, "generate", facts)
-    if option is None and family.needs_bf16 and facts is not None and not facts.bf16:
-        # A family without traced figures is not planned, but a GPU without bf16 still cannot run it.
-        raise NbkitError(
-            f"{facts.name} cannot run {family.title}: it has no bfloat16, and {family.title} overflows "
-            "in float16",
-            fix="switch the runtime to a GPU with bf16 (Colab: L4 or A100; Kaggle: none, its T4 and P100 "
-            "lack it), or use an SD family model on this GPU",
-        )
-    return option
+    return memory.plan_memory(as_family(family).name, "generate", memory.device_facts())
 
 
 def apply_memory_option(pipeline: Any, option: Any, device: Any, *, offload: bool = False) -> Any:
