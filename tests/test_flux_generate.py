@@ -263,3 +263,13 @@ def test_session_flux_lora_loads_base_plus_lora(tmp_path, tiny_model_dir, flux, 
         SESSION_PIPELINES.release()
     assert not np.array_equal(_pixels(loaded)[0], _pixels(base)[0])
     assert np.abs(_pixels(loaded)[0].astype(int) - _pixels(trained)[0]).max() <= 1
+
+
+def test_schnell_starts_from_its_four_steps_and_dev_from_forges_defaults():
+    from nbkit.families import get_family
+
+    flux = get_family("flux")
+    schnell = flux.make_tiny_pipeline(guidance=False)
+    assert tuple(flux.generation_defaults(schnell))[:3] == (4, 1.0, "Euler") and flux.generation_defaults(schnell).own
+    dev = flux.generation_defaults(flux.make_tiny_pipeline())
+    assert (dev.steps, dev.cfg_scale, dev.own) == (20, 1.0, False)

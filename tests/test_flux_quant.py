@@ -112,7 +112,10 @@ def test_single_file_and_sd_families_are_refused(tmp_path, tiny_model_dir):
     assert "8bit weights load from a diffusers folder, not a single-file checkpoint" in message
     assert str(single) in message and "nbkit convert" in message
     pytest.importorskip("torchao")
-    with pytest.raises(NbkitError, match=r"8-bit and 4-bit weights are for FLUX\.1; this model is SD 1"):
+    with pytest.raises(
+        NbkitError,
+        match=r"8-bit and 4-bit weights are for FLUX\.1, Z-Image and FLUX\.2 \[klein\]; this model is SD 1",
+    ):
         load_pipeline(tiny_model_dir("sd1"), quantization="8bit")
 
 
@@ -214,7 +217,9 @@ def test_quantize_base_is_checked_before_loading(monkeypatch):
     monkeypatch.setattr(quant, "available_backends", lambda **_: ())  # no CUDA for bitsandbytes after all
     with pytest.raises(NbkitError, match=r"NVIDIA L4 has 22 GiB: .*4bit way.*4bit weights need bitsandbytes"):
         check_memory(flux, TrainConfig())
-    with pytest.raises(NbkitError, match=r"8-bit/4-bit base weights are for FLUX\.1 only"):
+    with pytest.raises(
+        NbkitError, match=r"8-bit/4-bit base weights are for the large transformer families .*, not SDXL"
+    ):
         check_family_config("sdxl", TrainConfig(quantize_base="8bit"))
 
 

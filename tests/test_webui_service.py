@@ -240,7 +240,7 @@ def test_sd_session_lora_lists_loads_and_hashes_its_kohya_file(sd1, storage, tmp
 
 def test_lora_prompt_syntax():
     assert parse_loras("a <lora:x:0.5> dog, <LORA:y>") == (
-        "a  dog, ",
+        "a  dog,",
         [parse_loras("<lora:x:0.5>")[1][0], parse_loras("<lora:y:1>")[1][0]],
     )
     tag = parse_loras("<lora:name:0.8:0.3>")[1][0]

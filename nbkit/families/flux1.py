@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from nbkit.families._generation import accepts
+from nbkit.families._generation import GenerationDefaults, accepts
 from nbkit.families._training import NoisyLatents, flow_matching_inputs, require
 from nbkit.families.base import Family
 from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
@@ -329,6 +329,13 @@ class Flux1(Family):
         ):
             kwargs["true_cfg_scale"] = guidance_scale
         return kwargs, distilled
+
+    def generation_defaults(self, pipeline: Any) -> GenerationDefaults:
+        """FLUX.1-schnell is timestep-distilled to 4 steps (its model card's); dev starts from Forge's
+        Euler at 20 steps."""
+        if pipeline is not None and is_flux_schnell(dict(pipeline.transformer.config)):
+            return GenerationDefaults(4, 1.0, "Euler", own=True)
+        return super().generation_defaults(pipeline)
 
     def cfg_used(self, call_arguments: dict[str, Any], guidance_scale: float | None, pipeline: Any) -> Any:
         return call_arguments.get("true_cfg_scale", 1)  # without true CFG, FLUX.1 runs unguided (CFG 1)

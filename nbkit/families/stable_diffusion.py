@@ -114,7 +114,8 @@ class StableDiffusionFamily(Family):
     def check_training_settings(self, config: Any) -> None:
         require(
             config.quantize_base in ("auto", "none"),
-            f"quantize_base is {config.quantize_base!r}, but 8-bit/4-bit base weights are for FLUX.1 only",
+            f"quantize_base is {config.quantize_base!r}, but 8-bit/4-bit base weights are for the large "
+            f"transformer families (FLUX.1, Z-Image, FLUX.2 [klein]), not {self.title}",
             "use quantize_base 'auto' (--quantize-base auto): every GPU nbkit supports has room for this model",
         )
 

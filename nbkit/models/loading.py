@@ -104,7 +104,8 @@ def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: A
         kwargs["torch_dtype"] = torch_dtype
     if quantization_config is not None:
         if not get_family(detected.family).quantizable:
-            quantizable = " and ".join(family.title for family in FAMILIES.values() if family.quantizable)
+            titles = [family.title for family in FAMILIES.values() if family.quantizable]
+            quantizable = " and ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
             raise NbkitError(
                 f"8-bit and 4-bit weights are for {quantizable}; this model is {get_family(detected.family).title}",
                 path=folder,

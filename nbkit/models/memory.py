@@ -197,11 +197,12 @@ def plan_memory(
         options = generation_options(family, precision=precision)
     else:
         options = training_options(family, TrainingRun())
+    what = "train a LoRA of" if task == "train" else "run"
+    # A family that needs bf16 is refused on a GPU without it, figures or not.
+    if family.needs_bf16 and not device.bf16:
+        raise _refuse_bf16(family, device, what, _listing(options) if options else "bf16 only")
     if not options:
         return None
-    what = "train a LoRA of" if task == "train" else "run"
-    if family.needs_bf16 and not device.bf16:
-        raise _refuse_bf16(family, device, what, _listing(options))
     installed = tuple(quantizers_installed() if quantizers is None else quantizers)
     return _pick(family, options, device, installed, what, headroom_gib)
 

@@ -69,8 +69,10 @@ def parse_loras(prompt: str) -> tuple[str, list[LoraTag]]:
             raise NbkitError(f"the prompt's {match.group(0)} names no LoRA", fix="write <lora:NAME:0.8>")
         tags.pop(name.strip(), None)
         tags[name.strip()] = LoraTag(name.strip(), te, unet)
-    # A1111 removes the tags and leaves the text around them as it was.
-    return LORA_TAG.sub("", prompt), list(tags.values())
+    # A1111 removes the tags and leaves the text around them as it was; the ends are stripped too, which
+    # changes nothing for CLIP and T5 (their tokenizers strip) but keeps a Qwen prompt (Z-Image,
+    # FLUX.2) from ending in the space a trailing tag leaves.
+    return LORA_TAG.sub("", prompt).strip(), list(tags.values())
 
 
 def lora_hash(path: str | Path) -> str:
