@@ -10,9 +10,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from nbkit.families._generation import GenerationDefaults, accepts
-from nbkit.families._training import NoisyLatents, flow_matching_inputs, require
-from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
+from nbkit.families._training import NoisyLatents, require
+from nbkit.families.facts import FusedModule, HubModel
+from nbkit.families.flow_transformer import FlowTransformerFamily, transformer_memory_options
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -32,27 +32,6 @@ FLUX_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance default (diffusers' and F
 FLUX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 
 
-# The ways of running FLUX.1 (dev and schnell share the architecture), largest first. Their peaks are
-# computed by the planner (`nbkit.models.memory`) from the traces in `figures/flux.json`. Training is
-# a LoRA over a frozen (optionally quantized) transformer with the text encoders on the CPU after
-# caching; generation quantizes the transformer and T5, as `nbkit.models.loading.load_pipeline` does.
-_QUANTIZED = ("transformer", "text_encoder_2")
-MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
-    "generate": (
-        MemoryOption("bf16", "everything on the GPU in bf16"),
-        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", offload=True),
-        # bitsandbytes' 8-bit modules cannot be offloaded: the int8 transformer and T5 stay.
-        MemoryOption("8bit-offload", "8-bit transformer and T5, the rest offloaded", None, "8bit", True, _QUANTIZED, _QUANTIZED),
-        MemoryOption("4bit-offload", "4-bit (NF4) transformer and T5, with offload", None, "4bit", True, _QUANTIZED),
-    ),
-    "train": (
-        MemoryOption("bf16", "bf16 transformer, text encoders offloaded after caching", offload=True),
-        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoders offloaded", None, "8bit", True, ("transformer",)),
-        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoders offloaded", None, "4bit", True, ("transformer",)),
-    ),
-}  # fmt: skip
-
-
 def is_flux_schnell(transformer_config: dict[str, Any]) -> bool:
     """FLUX.1-schnell is timestep-distilled without a guidance input; dev embeds the guidance scale."""
     return not transformer_config.get("guidance_embeds", False)
@@ -67,24 +46,17 @@ def flux_sequence_length(pipeline: Any) -> int:
     return min(length, limit) if isinstance(limit, int) and limit > 0 else length
 
 
-class Flux1(Family):
+class Flux1(FlowTransformerFamily):
     name = "flux"
     title = "FLUX.1"
-    prediction_type = "flow"
-    native_resolution = 1024
     allowed_resolutions = range(512, 1537, 16)
     pipeline_class = "FluxPipeline"
+    pipeline_prefix = "Flux"
+    transformer_class = "FluxTransformer2DModel"
     text_encoder_count = 2
     cross_attention_dim = 4096  # T5-XXL's width
     modelspec_architecture = "flux-1-dev"
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
-    resolution_step = 16
-    needs_bf16 = True
-    denoiser = "transformer"
-    # A rank-16 LoRA of the transformer at a LoRA learning rate, as diffusers' Flux DreamBooth LoRA example.
-    training_defaults = MappingProxyType(
-        {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
-    )
     tiny_native_resolution = 64  # an 8x8 latent, 4x4 = 16 image tokens after 2x2 packing
     # The FLUX.1 repositories ship bf16 weights only (no fp16 variant).
     hub_models = (
@@ -94,22 +66,6 @@ class Flux1(Family):
         ),
         HubModel("flux1-schnell", "black-forest-labs/FLUX.1-schnell", "FLUX.1 [schnell] (4-step, Apache 2.0)", variant=None),
     )  # fmt: skip
-    detection_priority = 100
-
-    def detect(self, configs: FolderConfigs) -> DetectedFamily | None:
-        if not configs.has_transformer:
-            return None
-
-        if (
-            str(configs.index.get("_class_name", "")).startswith("Flux")
-            or configs.denoiser.get("_class_name") == "FluxTransformer2DModel"
-        ):
-            # The transformer has no size of its own; the VAE's sample_size is the size it was made for.
-            return DetectedFamily(
-                self.name, "flow", int(configs.vae.get("sample_size") or self.native_resolution)
-            )
-        return None
-
     # -- models: the tiny model, memory figures ---------------------------------------------------
 
     # 16 latent channels, no quant convs, latents scaled and shifted.
@@ -124,7 +80,8 @@ class Flux1(Family):
         }
     )
     clip_tokenizers = ("tokenizer",)  # the second is T5's
-    quantizable = True
+    # Generation quantizes the transformer and T5; figures in `figures/flux.json`.
+    ways = transformer_memory_options("T5", ("text_encoder_2",))
 
     def make_tiny_pipeline(self, *, guidance: bool = True) -> DiffusionPipeline:
         """Assemble the tiny FLUX.1 pipeline; the caller seeds torch.
@@ -137,9 +94,6 @@ class Flux1(Family):
         return build_tiny_flux(
             sample_size=self.tiny_native_resolution, vae_latent=self.vae_latent, guidance=guidance
         )
-
-    def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
-        return MEMORY_OPTIONS[task]
 
     # -- conversion: single-file layout, LoRA file keys ---------------------------------------------
     # (a FLUX.1 single file holds the transformer alone, in Black Forest Labs' layout)
@@ -162,12 +116,7 @@ class Flux1(Family):
     # nbkit trains a LoRA of the transformer only, with the flow-matching loss of diffusers' Flux
     # DreamBooth LoRA example; the CLIP and T5 encoders stay frozen and encode each caption once.
 
-    trains_text_encoders = False
-    trains_full_denoiser = False
-    offloads_text_encoders = True  # T5-XXL is 9.5 GB; the memory plan's options assume it waits on the CPU
-    trains_on_quantized_base = True
-    xformers_training = False
-    lora_file_layout = "original"
+    lora_targets = LORA_TARGETS
     training_note = "FLUX.1 trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     # A LoRA of the tiny transformer, its T5 prompt kept short.
     demo_training_overrides = MappingProxyType(
@@ -209,16 +158,6 @@ class Flux1(Family):
             "use 1.0 (what diffusers' example's commands pass for FLUX.1-dev) or another value >= 0",
         )
 
-    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        # A copy, as diffusers' Flux example keeps (`noise_scheduler_copy`): its sigmas and timesteps
-        # give the training noise levels, and the pipeline's own scheduler stays free for samples.
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
-    def lora_target_modules(self, role: str) -> list[str] | str:
-        return LORA_TARGETS
-
     def encode_prompts(
         self,
         pipeline: Any,
@@ -235,13 +174,6 @@ class Flux1(Family):
             list(captions), prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
         return embeds, pooled
-
-    def noisy_latents(
-        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
-    ) -> NoisyLatents:
-        return flow_matching_inputs(
-            latents, noise, scheduler, generator, sampling=config.flux_timestep_sampling
-        )
 
     def denoise(
         self,
@@ -279,7 +211,6 @@ class Flux1(Family):
         return FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
 
     # -- generation: pipelines, samplers, guidance, dtype --------------------------------------------
-    image_size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
     # FLUX.1's 16 latent channels (ComfyUI's and Forge's latent_rgb_factors for Flux).
     preview_coefficients = (
         (-0.0346, 0.0244, 0.0681),
@@ -300,14 +231,6 @@ class Flux1(Family):
         (-0.1262, -0.0982, -0.0778),
     )
     distilled_guidance_default = FLUX_GUIDANCE
-    latent_hires = False  # its latents are packed into tokens: the hires fix upscales pixels
-    session_lora_from_diffusers = True
-
-    def owns_pipeline(self, pipeline: Any) -> bool:
-        # Its img2img and inpainting pipelines (made with from_pipe) are Flux*Pipeline too.
-        return getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith(
-            "Flux"
-        )
 
     def call_arguments(
         self, pipeline: Any, *, guidance_scale: float | None, distilled_guidance: float | None, negative: bool

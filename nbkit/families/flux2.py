@@ -11,9 +11,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from nbkit.families._generation import GenerationDefaults
-from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
-from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
+from nbkit.families._training import NoisyLatents
+from nbkit.families.facts import FusedModule, HubModel
+from nbkit.families.flow_transformer import FlowTransformerFamily, transformer_memory_options
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -32,20 +32,6 @@ BASE_STEPS = 50
 BASE_CFG = 4.0
 
 _GATED = "gated, non-commercial licence: accept it on the hub, then set HF_TOKEN"
-_QUANTIZED = ("transformer", "text_encoder")
-MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
-    "generate": (
-        MemoryOption("bf16", "everything on the GPU in bf16"),
-        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", offload=True),
-        MemoryOption("8bit-offload", "8-bit transformer and Qwen3, the rest offloaded", None, "8bit", True, _QUANTIZED, _QUANTIZED),
-        MemoryOption("4bit-offload", "4-bit (NF4) transformer and Qwen3, with offload", None, "4bit", True, _QUANTIZED),
-    ),
-    "train": (
-        MemoryOption("bf16", "bf16 transformer, text encoder offloaded after caching", offload=True),
-        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoder offloaded", None, "8bit", True, ("transformer",)),
-        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoder offloaded", None, "4bit", True, ("transformer",)),
-    ),
-}  # fmt: skip
 
 
 def _pipeline_class() -> Any:
@@ -54,23 +40,17 @@ def _pipeline_class() -> Any:
     return Flux2KleinPipeline
 
 
-class Flux2Klein(Family):
+class Flux2Klein(FlowTransformerFamily):
     name = "flux2"
     title = "FLUX.2 [klein]"
-    prediction_type = "flow"
-    native_resolution = 1024
     allowed_resolutions = range(512, 2049, 16)
     pipeline_class = "Flux2KleinPipeline"
+    pipeline_prefix = "Flux2"
+    transformer_class = "Flux2Transformer2DModel"
     text_encoder_count = 1
     cross_attention_dim = 7680  # 3 stacked Qwen3-4B layers of 2560 (the 9B: 3 x 4096)
     modelspec_architecture = "flux-2-klein"
     modelspec_implementation = "https://github.com/black-forest-labs/flux2"
-    resolution_step = 16
-    needs_bf16 = True
-    denoiser = "transformer"
-    training_defaults = MappingProxyType(
-        {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
-    )
     tiny_native_resolution = 64
     # bf16 weights only. The 4B models are Apache 2.0; the 9B ones are gated under the FLUX
     # Non-Commercial License. The base models are undistilled: 50 steps with CFG.
@@ -80,35 +60,18 @@ class Flux2Klein(Family):
         HubModel("flux2-klein-base-4b", "black-forest-labs/FLUX.2-klein-base-4B", "FLUX.2 [klein] base 4B (50 steps with CFG; Apache 2.0)", variant=None),
         HubModel("flux2-klein-base-9b", "black-forest-labs/FLUX.2-klein-base-9B", f"FLUX.2 [klein] base 9B (50 steps with CFG; {_GATED})", variant=None, gated=True),
     )  # fmt: skip
-    detection_priority = (
-        110  # asked before FLUX.1, whose check (a `Flux*` pipeline) claims FLUX.2 folders too
-    )
-
-    def detect(self, configs: FolderConfigs) -> DetectedFamily | None:
-        if not configs.has_transformer:
-            return None
-        if (
-            str(configs.index.get("_class_name", "")).startswith("Flux2")
-            or configs.denoiser.get("_class_name") == "Flux2Transformer2DModel"
-        ):
-            return DetectedFamily(
-                self.name, "flow", int(configs.vae.get("sample_size") or self.native_resolution)
-            )
-        return None
+    detection_priority = 110  # asked before FLUX.1, whose `Flux` prefix covers FLUX.2's pipelines too
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
 
     vae_latent = MappingProxyType({"latent_channels": 32})
     clip_tokenizers = ()
-    quantizable = True
+    ways = transformer_memory_options("Qwen3", ("text_encoder",))
 
     def make_tiny_pipeline(self) -> DiffusionPipeline:
         from nbkit.families._tiny_flux2 import build_tiny_flux2
 
         return build_tiny_flux2(sample_size=self.tiny_native_resolution)
-
-    def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
-        return MEMORY_OPTIONS[task]
 
     def latent_normalizer(self, vae: Any) -> Callable[[Any], Any]:
         """2x2 patches, then the VAE's batch-norm statistics: the space the transformer works in."""
@@ -138,29 +101,13 @@ class Flux2Klein(Family):
     # The loss of diffusers' FLUX.2 [klein] DreamBooth LoRA example: flow matching on the velocity of
     # the normalised, patched latents, packed into tokens with 4-axis position ids.
 
-    trains_text_encoders = False
-    trains_full_denoiser = False
-    offloads_text_encoders = True
-    trains_on_quantized_base = True
-    xformers_training = False
-    lora_file_layout = "original"
+    lora_targets = LORA_TARGETS
     training_note = (
         "FLUX.2 [klein] trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     )
     demo_training_overrides = MappingProxyType(
         {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
     )
-
-    def check_training_settings(self, config: Any) -> None:
-        require_transformer_lora(config, self.title)
-
-    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
-    def lora_target_modules(self, role: str) -> list[str] | str:
-        return LORA_TARGETS
 
     def encode_prompts(
         self,
@@ -178,13 +125,6 @@ class Flux2Klein(Family):
             list(captions), device=device, max_sequence_length=max_sequence_length
         )
         return embeds, None
-
-    def noisy_latents(
-        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
-    ) -> NoisyLatents:
-        return flow_matching_inputs(
-            latents, noise, scheduler, generator, sampling=config.flux_timestep_sampling
-        )
 
     def denoise(
         self,
@@ -223,15 +163,7 @@ class Flux2Klein(Family):
     # after reference images without a denoising strength. That pipeline also conditions on the picture
     # as a reference (FLUX.2's editing tokens), so even strength 1 keeps to it, and it shrinks a picture
     # above 1 megapixel (hence `image_input_max_pixels`).
-    image_size_multiple = 16
-    latent_hires = False  # patched and normalised latents: the hires fix upscales pixels
-    session_lora_from_diffusers = True
     image_input_max_pixels = 1024 * 1024
-
-    def owns_pipeline(self, pipeline: Any) -> bool:
-        return getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith(
-            "Flux2"
-        )
 
     def generation_defaults(self, pipeline: Any) -> GenerationDefaults:
         """The distilled models' 4 steps without guidance, or the base models' 50 steps at CFG 4 (their

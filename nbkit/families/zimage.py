@@ -9,9 +9,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from nbkit.families._generation import GenerationDefaults
-from nbkit.families._training import NoisyLatents, flow_matching_inputs, require_transformer_lora
-from nbkit.families.base import Family
-from nbkit.families.facts import DetectedFamily, FolderConfigs, FusedModule, HubModel, MemoryOption, Task
+from nbkit.families._training import NoisyLatents
+from nbkit.families.facts import FusedModule, HubModel
+from nbkit.families.flow_transformer import FlowTransformerFamily, transformer_memory_options
 from nbkit.families.flux1 import FAMILY as FLUX1
 
 if TYPE_CHECKING:
@@ -27,72 +27,36 @@ TURBO_SHIFT = 3.0
 BASE_STEPS = 50
 BASE_GUIDANCE = 4.0
 
-_QUANTIZED = ("transformer", "text_encoder")
-MEMORY_OPTIONS: dict[Task, tuple[MemoryOption, ...]] = {
-    "generate": (
-        MemoryOption("bf16", "everything on the GPU in bf16"),
-        MemoryOption("bf16-offload", "bf16, each component moved to the GPU only while it runs", offload=True),
-        MemoryOption("8bit-offload", "8-bit transformer and Qwen3, the rest offloaded", None, "8bit", True, _QUANTIZED, _QUANTIZED),
-        MemoryOption("4bit-offload", "4-bit (NF4) transformer and Qwen3, with offload", None, "4bit", True, _QUANTIZED),
-    ),
-    "train": (
-        MemoryOption("bf16", "bf16 transformer, text encoder offloaded after caching", offload=True),
-        MemoryOption("8bit", "8-bit transformer (LoRA on top), text encoder offloaded", None, "8bit", True, ("transformer",)),
-        MemoryOption("4bit", "4-bit (NF4, QLoRA) transformer, text encoder offloaded", None, "4bit", True, ("transformer",)),
-    ),
-}  # fmt: skip
 
-
-class ZImage(Family):
+class ZImage(FlowTransformerFamily):
     name = "zimage"
     title = "Z-Image"
-    prediction_type = "flow"
-    native_resolution = 1024
     allowed_resolutions = range(512, 2049, 16)
     pipeline_class = "ZImagePipeline"
+    pipeline_prefix = "ZImage"
+    transformer_class = "ZImageTransformer2DModel"
     text_encoder_count = 1
     cross_attention_dim = 2560  # Qwen3-4B's width
     modelspec_architecture = "z-image"
     modelspec_implementation = "https://github.com/Tongyi-MAI/Z-Image"
-    resolution_step = 16
-    needs_bf16 = True  # fp16 overflows to NaN (black images) on T4/V100: Tongyi-MAI/Z-Image issue 15
-    denoiser = "transformer"
-    training_defaults = MappingProxyType(
-        {"text_encoder_steps": 0, "lora_rank": 16, "unet_lr": 1e-4, "unet_steps": 500}
-    )
+    # needs_bf16: fp16 overflows to NaN (black images) on a T4 or V100 (Tongyi-MAI/Z-Image issue 15).
     tiny_native_resolution = 64
     # Apache 2.0, not gated; one precision each, no fp16 variant (Turbo's transformer is stored in fp32).
     hub_models = (
         HubModel("zimage-turbo", "Tongyi-MAI/Z-Image-Turbo", "Z-Image-Turbo (6B, 8 steps, no CFG; Apache 2.0)", variant=None),
         HubModel("zimage", "Tongyi-MAI/Z-Image", "Z-Image base (6B, 28-50 steps with CFG; Apache 2.0)", variant=None),
     )  # fmt: skip
-    detection_priority = 100
-
-    def detect(self, configs: FolderConfigs) -> DetectedFamily | None:
-        if not configs.has_transformer:
-            return None
-        if (
-            str(configs.index.get("_class_name", "")).startswith("ZImage")
-            or configs.denoiser.get("_class_name") == "ZImageTransformer2DModel"
-        ):
-            return DetectedFamily(
-                self.name, "flow", int(configs.vae.get("sample_size") or self.native_resolution)
-            )
-        return None
 
     # -- models: the tiny model, memory figures ---------------------------------------------------
 
     vae_latent = FLUX1.vae_latent  # FLUX.1's VAE
     clip_tokenizers = ()  # Qwen's tokenizer only
-    quantizable = True
+    ways = transformer_memory_options("Qwen3", ("text_encoder",))
 
     def make_tiny_pipeline(self) -> DiffusionPipeline:
         from nbkit.families._tiny_zimage import build_tiny_zimage
 
         return build_tiny_zimage(sample_size=self.tiny_native_resolution, vae_latent=self.vae_latent)
-
-    def memory_options(self, task: Task) -> tuple[MemoryOption, ...]:
-        return MEMORY_OPTIONS[task]
 
     # -- conversion: its single file holds the transformer alone, in its original layout --------------
     lora_network_module = "networks.lora_zimage"
@@ -106,27 +70,11 @@ class ZImage(Family):
     # The loss of diffusers' Z-Image DreamBooth LoRA example: flow matching on the velocity, with the
     # model's prediction negated (Z-Image predicts image - noise) and its timestep reversed.
 
-    trains_text_encoders = False
-    trains_full_denoiser = False
-    offloads_text_encoders = True
-    trains_on_quantized_base = True
-    xformers_training = False
-    lora_file_layout = "original"
+    lora_targets = LORA_TARGETS
     training_note = "Z-Image trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
     demo_training_overrides = MappingProxyType(
         {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
     )
-
-    def check_training_settings(self, config: Any) -> None:
-        require_transformer_lora(config, self.title)
-
-    def training_noise_scheduler(self, scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
-    def lora_target_modules(self, role: str) -> list[str] | str:
-        return LORA_TARGETS
 
     def encode_prompts(
         self,
@@ -156,13 +104,6 @@ class ZImage(Family):
             mask[row, : len(caption)] = True
         return embeds, mask
 
-    def noisy_latents(
-        self, scheduler: Any, latents: Any, noise: Any, generator: Any, config: Any
-    ) -> NoisyLatents:
-        return flow_matching_inputs(
-            latents, noise, scheduler, generator, sampling=config.flux_timestep_sampling
-        )
-
     def denoise(
         self,
         pipeline: Any,
@@ -184,15 +125,7 @@ class ZImage(Family):
         return -torch.stack(prediction).squeeze(2)
 
     # -- generation: few-step, CFG as `pos + s * (pos - neg)` ---------------------------------------
-    image_size_multiple = 16  # the VAE's 8 times the 2x2 patches
     preview_coefficients = FLUX1.preview_coefficients  # the same VAE latent
-    latent_hires = False  # the hires fix upscales pixels
-    session_lora_from_diffusers = True
-
-    def owns_pipeline(self, pipeline: Any) -> bool:
-        return getattr(pipeline, "transformer", None) is not None and type(pipeline).__name__.startswith(
-            "ZImage"
-        )
 
     def generation_defaults(self, pipeline: Any) -> GenerationDefaults:
         """Z-Image-Turbo's 8 steps without guidance (CFG 1), or the base model's 50 steps at guidance 4
