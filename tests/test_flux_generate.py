@@ -270,6 +270,9 @@ def test_schnell_starts_from_its_four_steps_and_dev_from_forges_defaults():
 
     flux = get_family("flux")
     schnell = flux.make_tiny_pipeline(guidance=False)
-    assert tuple(flux.generation_defaults(schnell))[:3] == (4, 1.0, "Euler") and flux.generation_defaults(schnell).own
+    assert (
+        tuple(flux.generation_defaults(schnell))[:3] == (4, 1.0, "Euler")
+        and flux.generation_defaults(schnell).own
+    )
     dev = flux.generation_defaults(flux.make_tiny_pipeline())
     assert (dev.steps, dev.cfg_scale, dev.own) == (20, 1.0, False)

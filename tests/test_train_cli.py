@@ -120,7 +120,8 @@ def test_every_train_option_has_help_and_shows_its_default():
             without_default.append(flag)
     assert undocumented == [] and without_default == []
     help_text = " ".join(train_parser.format_help().split())
-    assert "(default: 1500; FLUX.1: 500)" in help_text  # unet steps, as a new SD / FLUX.1 session has them
+    # unet steps, as a new SD / transformer-family session has them
+    assert "(default: 1500; FLUX.1, Z-Image, FLUX.2 [klein]: 500)" in help_text
     assert "(default: the base model's native size)" in help_text
 
 

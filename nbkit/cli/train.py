@@ -65,24 +65,30 @@ def _default(field: str) -> str:
         return "the base model's native size"
     if value is None or value == "" or value == []:
         return "none"
-    # Families that start from their own value (FLUX.1's LoRA settings) say so after it.
-    own = [
-        f"{family.title}: {family.training_defaults[field]}"
-        for family in FAMILIES.values()
-        if field in family.training_defaults
-    ]
-    return "; ".join([str(value), *own])
+    # Families that start from their own value (the transformer families' LoRA settings) say so after
+    # it, those with the same value together.
+    own: dict[str, list[str]] = {}
+    for family in FAMILIES.values():
+        if field in family.training_defaults:
+            own.setdefault(str(family.training_defaults[field]), []).append(family.title)
+    return "; ".join(
+        [str(value), *(f"{', '.join(titles)}: {own_value}" for own_value, titles in own.items())]
+    )
 
 
 def _family_defaults() -> str:
     """What a session of each family with its own starting settings trains with, as flags."""
     flags = {field: "--" + option.replace("_", "-") for option, field in FIELDS.items()}
+    settings: dict[str, list[str]] = {}
+    for family in FAMILIES.values():
+        if family.training_defaults:
+            as_flags = " ".join(
+                f"{flags[field]} {value}" for field, value in family.training_defaults.items()
+            )
+            settings.setdefault(as_flags, []).append(family.title)
     return "".join(
-        f" A {family.title} session still at the defaults trains with "
-        + " ".join(f"{flags[field]} {value}" for field, value in family.training_defaults.items())
-        + "."
-        for family in FAMILIES.values()
-        if family.training_defaults
+        f" A {', '.join(titles)} session still at the defaults trains with {as_flags}."
+        for as_flags, titles in settings.items()
     )
 
 
