@@ -103,7 +103,9 @@ def test_flow_schedules_build_and_run(flux):
 
 def test_flux_sizes_are_multiples_of_16():
     settings = GenerationSettings(prompts=["a"], width=72, height=64, family="flux", sampler="Euler")
-    with pytest.raises(ValueError, match="width must be a positive multiple of 16 for flux models, got 72"):
+    with pytest.raises(
+        ValueError, match=r"width must be a positive multiple of 16 for FLUX\.1 models, got 72"
+    ):
         check_inputs(settings)
     check_inputs(GenerationSettings(prompts=["a"], width=72, height=64))  # SD: multiples of 8
 

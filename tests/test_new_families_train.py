@@ -164,6 +164,9 @@ def test_full_fine_tune_text_encoder_training_and_fp16_are_refused(family, tiny_
     saved = (session.path / "session.json").read_bytes()
     with pytest.raises(NbkitError, match=f"full fine-tuning of {title} is not supported".replace("[", r"\[")):
         train("refused", {"lora_rank": 0})
+    with pytest.raises(NbkitError, match=r"not supported \(training_mode is 'full'\)") as caught:
+        train("refused", {"training_mode": "full"})
+    assert "--training-mode lora" in str(caught.value)  # not the circular "use --lora-rank 0"
     with pytest.raises(NbkitError, match="text encoder is not supported"):
         train("refused", {"text_encoder_steps": 2})
     with pytest.raises(NbkitError, match="overflows in float16"):
@@ -271,3 +274,20 @@ def test_a_lora_on_the_8bit_transformer_resumes_bit_exact_and_loads_on_the_plain
     before = _render(base)
     base.load_lora_weights(diffusers_file.parent, weight_name=diffusers_file.name)
     assert np.abs(_render(base) - before).max() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_grids_render_at_the_models_own_steps_and_cfg(family, tiny_model_dir, tmp_path):
+    from nbkit.generation.infotext import parse_infotext
+    from nbkit.train.samples import render_samples
+
+    pipeline = _pipeline(family, tiny_model_dir(family))
+    out = render_samples(
+        pipeline, [PROMPT], seed=3, steps=None, resolution=RESOLUTION, out_path=tmp_path / "s.png"
+    )
+    from PIL import Image
+
+    with Image.open(out) as grid:
+        info = parse_infotext(grid.text["parameters"])
+    defaults = get_family(family).generation_defaults(pipeline)
+    assert (info.steps, info.cfg_scale) == (defaults.steps, 1) == ({"zimage": 8, "flux2": 4}[family], 1)

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=4,
         help="text-encoder steps (ignored where the family trains a LoRA of its transformer only)",
     )
-    parser.add_argument("--unet-steps", type=int, default=8, help="UNet steps")
+    parser.add_argument(
+        "--unet-steps", type=int, default=8, help="stage 2 steps (the UNet, or the transformer's LoRA)"
+    )
     parser.add_argument(
         "--keep-ui", action="store_true", help="keep the web UI running at the end (until Ctrl+C)"
     )

@@ -133,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(
         "--unet-steps",
         "unet_steps",
-        "stage 2 (UNet; FLUX.1: its transformer) steps; 0 skips it",
+        "stage 2 steps (the UNet, or the transformer's LoRA); 0 skips it",
         type=int,
         metavar="N",
     )
@@ -242,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     option(
         "--mixed-precision",
         "mixed_precision",
-        "auto: bf16 on Ampere+ GPUs, fp16 on older ones, no on CPU",
+        "auto: bf16 on Ampere+ GPUs, fp16 on older ones (refused by the bf16-only families), no on CPU",
         choices=["auto", "no", "fp16", "bf16"],
     )
     option(
@@ -252,7 +252,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         metavar="TEXT",
     )
-    option("--sample-steps", "sample_steps", "denoising steps of the sample images", type=int, metavar="N")
+    option(
+        "--sample-steps",
+        "sample_steps",
+        "denoising steps of the sample images (none: the model's own, e.g. Z-Image-Turbo 8, FLUX.2 [klein] 4; "
+        "else 25)",
+        type=int,
+        metavar="N",
+    )
     option("--sample-seed", "sample_seed", "seed of the sample images", type=int, metavar="S")
     option(
         "--score",

@@ -138,6 +138,12 @@ def require_transformer_lora(config: Any, title: str) -> None:
         title: the family's name, for messages.
     """
     require(
+        config.training_mode != "full",
+        f"full fine-tuning of {title} is not supported (training_mode is 'full')",
+        f"use training_mode 'auto' or 'lora' (--training-mode lora): nbkit trains {title} as a LoRA of its "
+        "transformer",
+    )
+    require(
         config.lora_rank > 0,
         f"full fine-tuning of {title} is not supported; use --lora-rank N (lora_rank is 0)",
         f"pass --lora-rank 16 (lora_rank=16): nbkit trains {title} as a LoRA of its transformer",

@@ -125,6 +125,12 @@ class Flux1(FlowTransformerFamily):
 
     def check_training_settings(self, config: Any) -> None:
         require(
+            config.training_mode != "full",
+            f"{FLUX_FULL_FINE_TUNE} (training_mode is 'full')",
+            "use training_mode 'auto' or 'lora' (--training-mode lora): nbkit trains FLUX.1 as a LoRA of its "
+            "transformer",
+        )
+        require(
             config.lora_rank > 0,
             f"{FLUX_FULL_FINE_TUNE} (lora_rank is 0)",
             "pass --lora-rank 16 (lora_rank=16): nbkit trains FLUX.1 as a LoRA of its transformer",

@@ -194,7 +194,7 @@ def check_inputs(settings: GenerationSettings) -> None:
     for name in ("width", "height"):
         value = getattr(settings, name)
         if not is_int(value) or value < step or value % step:
-            what = f" for {family.name} models" if step != SIZE_MULTIPLE else ""
+            what = f" for {family.title} models" if step != SIZE_MULTIPLE else ""
             raise ValueError(f"{name} must be a positive multiple of {step}{what}, got {value!r}")
     guidance = settings.guidance_scale
     if guidance is not None and (not is_number(guidance) or guidance < 0):

@@ -62,14 +62,16 @@ def _hub(family: str, model: HubModel) -> ModelSpec:
 # The tiny models keep the real VAE's factor of 8 and the real UNet depths, so 64 px (an 8x8 latent)
 # is the smallest size that goes through every level; sd2-v is built at 128, as 768 is to 512. Tiny
 # FLUX.1 at 64 px has an 8x8 latent, 4x4 = 16 image tokens after 2x2 packing.
-# nbkit.models.tiny builds them at these sizes.
+# nbkit.models.tiny builds them at these sizes, in the family's size step (64 for the UNets, 16 for
+# the transformer families).
 TINY_RESOLUTIONS = range(64, 257, 64)
 
 
 def _tiny(family: str) -> ModelSpec:
+    sizes = range(TINY_RESOLUTIONS.start, TINY_RESOLUTIONS.stop, FAMILIES[family].resolution_step)
     return ModelSpec(
         f"tiny-{family}", family, f"Tiny random {FAMILIES[family].title} (offline, for tests and demos)",
-        None, "tiny", FAMILIES[family].tiny_native_resolution, TINY_RESOLUTIONS,
+        None, "tiny", FAMILIES[family].tiny_native_resolution, sizes,
     )  # fmt: skip
 
 

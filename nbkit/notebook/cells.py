@@ -388,7 +388,7 @@ def launch_ui(
 
 
 @friendly
-def try_ui(ui, prompt: str, *, steps: int = 20, size: int | None = None, session=None) -> dict | None:
+def try_ui(ui, prompt: str, *, steps: int | None = 20, size: int | None = None, session=None) -> dict | None:
     """Ask the running UI for one image through the A1111 API (a check that it answers), and show it.
 
     "" skips it. Returns the API's answer without the image data.
@@ -396,7 +396,8 @@ def try_ui(ui, prompt: str, *, steps: int = 20, size: int | None = None, session
     Args:
         ui: what `launch_ui` returned.
         prompt: the prompt; a LoRA session's LoRA is added to it (`<lora:name:1>`).
-        steps: sampling steps.
+        steps: sampling steps (None: what the API gives a request without them: the model's own steps
+            where it has them, else A1111's 50).
         size: the square size (None: the session's training size, else 512).
         session: the session whose newest model to try.
     """
@@ -411,7 +412,9 @@ def try_ui(ui, prompt: str, *, steps: int = 20, size: int | None = None, session
         prompt = f"{prompt} {session.manifest.models[-1].prompt_tag()}".rstrip()
     size = size or (session.manifest.training.resolution if session is not None else 512)
     auth = (ui.username, ui.password) if ui.password else None
-    payload = {"prompt": prompt, "steps": steps, "width": size, "height": size, "save_images": True}
+    payload = {"prompt": prompt, "width": size, "height": size, "save_images": True}
+    if steps is not None:
+        payload["steps"] = steps
     response = requests.post(
         ui.local_url.rstrip("/") + "/sdapi/v1/txt2img", json=payload, auth=auth, timeout=600
     )

@@ -80,7 +80,7 @@ class TrainConfig(StrictConfig):
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     sample_prompts: list[str] = dataclasses.field(default_factory=list)
-    sample_steps: int = 25
+    sample_steps: int | None = None
     sample_seed: int = 1234
     score: bool = False
     mixed_precision: MixedPrecision = "auto"

@@ -117,8 +117,8 @@ def plan_run(
         overrides["resolution"] = native_resolution(base_model)  # the stored size belongs to the old model
     overrides = family_overrides(base_model.family, session.manifest.training, overrides)
     config = merge_config(session.manifest.training, overrides)
+    check_family_config(base_model.family, config)  # first: it says what the family cannot train at all
     check_config(config)
-    check_family_config(base_model.family, config)
     check_images(session.path, session.manifest.images)
     check_resolution(base_model, config.resolution, force=force_resolution)
     if config.training_mode == "lora" and config.lora_rank == 0:

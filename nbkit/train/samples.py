@@ -17,10 +17,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from nbkit.families import family_of_pipeline
 from nbkit.generation.generate import generate
 from nbkit.generation.infotext import save_image
 
 MAX_COLUMNS = 4
+# The sample steps and CFG scale of a model without its own settings (the SD families, FLUX.1-dev).
+SAMPLE_STEPS = 25
+SAMPLE_CFG = 7.5
 SAMPLES_KEY = "nbkit-samples"
 
 
@@ -29,11 +33,11 @@ def render_samples(
     prompts: list[str],
     *,
     seed: int,
-    steps: int,
+    steps: int | None,
     resolution: int,
     out_path: Path,
     negative_prompt: str = "",
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     model_name: str | None = None,
 ) -> Path:
     """Render one image per prompt and save them as a labelled grid PNG with A1111 infotext.
@@ -42,11 +46,13 @@ def render_samples(
         pipeline: a diffusers text-to-image pipeline (SD1/SD2/SDXL) with the weights to show.
         prompts: the sample prompts; image `i` uses seed `seed + i`.
         seed: the first image's seed (>= 0: samples are never random).
-        steps: inference steps per image.
+        steps: inference steps per image; None: the model's own where it has them (Z-Image-Turbo's 8,
+            a distilled FLUX.2 [klein]'s 4: `Family.generation_defaults`), else `SAMPLE_STEPS`.
         resolution: width and height in pixels.
         out_path: the grid's path (written atomically).
         negative_prompt: used for every image.
-        guidance_scale: classifier-free guidance scale (A1111's "CFG scale").
+        guidance_scale: classifier-free guidance scale (A1111's "CFG scale"); None: the model's own
+            where it has them (Turbo's unguided 1, ...), else `SAMPLE_CFG`.
         model_name: written as `Model` in the infotext, if given.
 
     Returns:
@@ -54,6 +60,11 @@ def render_samples(
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    defaults = family_of_pipeline(pipeline).generation_defaults(pipeline)
+    if steps is None:
+        steps = defaults.steps if defaults.own else SAMPLE_STEPS
+    if guidance_scale is None and not defaults.own:
+        guidance_scale = SAMPLE_CFG
     result = generate(
         pipeline,
         prompts,

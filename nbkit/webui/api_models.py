@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
-from nbkit.generation.infotext import PNG_KEY
+from nbkit.generation.infotext import PNG_KEY, parse_infotext
 from nbkit.generation.samplers import resolve
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
@@ -291,6 +291,8 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
     model = output.model
     count = len(output.images)
     sampler, _schedule = resolve(request.sampler_name, request.scheduler)
+    # The CFG scale that ran, as the infotext names it: a distilled model ignores the one asked for.
+    ran = parse_infotext(output.infotexts[0]).cfg_scale if output.infotexts else None
     return {
         "prompt": request.prompt,
         "all_prompts": [request.prompt] * count,
@@ -304,7 +306,7 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
         "width": request.width,
         "height": request.height,
         "sampler_name": sampler.name,
-        "cfg_scale": request.cfg_scale,
+        "cfg_scale": request.cfg_scale if ran is None else ran,
         "steps": request.steps,
         "batch_size": request.batch_size,
         "restore_faces": False,

@@ -112,15 +112,27 @@ def applied_loras(pipeline: Any, loras: list[tuple[LoraTag, Path]]) -> Iterator[
     try:
         for index, (tag, path) in enumerate(loras):
             name = f"webui_{index}"  # peft keys modules by adapter name: no dots or spaces allowed
+            elsewhere = NbkitError(
+                f"LoRA {tag.name!r} has no weights this model takes: none of its modules is in this model, "
+                "so it was made for another model family",
+                path=path,
+                fix="pick a LoRA trained for this model's family",
+            )
             try:
                 pipeline.load_lora_weights(str(path), adapter_name=name)
             except (ValueError, KeyError, RuntimeError) as error:
+                if "not found in the base model" in str(error):  # peft: no target module is there
+                    raise elsewhere from error
                 raise NbkitError(
                     f"LoRA {tag.name!r} does not fit this model: {error}",
                     path=path,
                     fix="pick a LoRA trained for this model's family",
                 ) from error
             names.append(name)
+            # diffusers loads a file whose keys fit none of the model's modules as an empty adapter
+            # (quietly, for some families), which set_adapters then refuses in peft's words.
+            if not any(name in adapters for adapters in pipeline.get_list_adapters().values()):
+                raise elsewhere
         components = pipeline.get_list_adapters()
         weights = []
         for name, (tag, _) in zip(names, loras, strict=True):
