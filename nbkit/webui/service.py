@@ -19,9 +19,10 @@ Every family's checkpoints (diffusers folders, registry models, session exports)
 what differs the loaded model's family says (`nbkit.families`, through `nbkit.generation.generate`): its
 samplers, guidance (FLUX.1's `distilled_cfg_scale`, Z-Image's CFG), size steps, live preview, whether it
 takes ControlNets, the pipeline classes of img2img and inpainting (`Family.image_pipeline_class`), and the
-settings an API request leaves to the model (`Family.generation_defaults`). Before a model loads on a GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot
-run it (a T4 for FLUX.1) and picks how to place it (bf16 on the GPU, or CPU offload, with the
-transformer and T5 in 8 or 4 bits where the GPU is small: `nbkit.models.quantization`).
+settings an API request leaves to the model (`Family.generation_defaults`). Before a model loads on a
+GPU, `nbkit.models.memory.plan_memory` refuses a GPU that cannot run it (a T4 for the bf16-only
+families) and picks how to place it (bf16 on the GPU, or CPU offload, with the transformer and its big
+text encoder in 8 or 4 bits where the GPU is small: `nbkit.models.quantization`).
 """
 
 from __future__ import annotations
