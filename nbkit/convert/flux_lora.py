@@ -7,7 +7,6 @@ sd-scripts write them and diffusers' `load_lora_weights` also reads (at FLUX.1's
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,16 +111,3 @@ def save_comfy_lora(
     return save_original_lora(
         diffusers_lora_file, out_file, family=FLUX, config=config, metadata=metadata, rows=rows
     )
-
-
-def merge_flux_lora(base_folder: str | os.PathLike, lora_file: str | os.PathLike, *, weight: float = 1.0):
-    """The FLUX.1 transformer of `base_folder` with the LoRA in `lora_file` merged into its weights.
-
-    Args:
-        base_folder: the FLUX.1 diffusers pipeline folder the LoRA was trained on.
-        lora_file: the LoRA `.safetensors` (diffusers format, or the BFL-layout kohya file).
-        weight: the LoRA's strength, as `<lora:name:weight>`.
-    """
-    from nbkit.convert.lora_merge import merged_pipeline
-
-    return merged_pipeline(base_folder, lora_file, weight=weight, denoiser_only=True).transformer

@@ -225,11 +225,6 @@ def transformer_folder(path: str | os.PathLike) -> Path | None:
         return None
 
 
-def is_transformer_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a pipeline folder, or a transformer folder, of a family with a transformer file."""
-    return transformer_folder(path) is not None
-
-
 @contextlib.contextmanager
 def _open_source(
     source: Any, family: Family | None
