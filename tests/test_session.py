@@ -800,6 +800,6 @@ def test_create_checks_the_resolution_step_of_the_model_family(tmp_path):
     )
     tiny = BaseModelRef(source="tiny-flux", family="flux", prediction_type="flow")
     with pytest.warns(
-        NbkitWarning, match=r"resolution 512 is not one of tiny-flux's sizes \(64-256 in steps of 64\)"
+        NbkitWarning, match=r"resolution 512 is not one of tiny-flux's sizes \(64-256 in steps of 16\)"
     ):
         Session.create("t", root=tmp_path, base_model=tiny, resolution=512)
