@@ -103,6 +103,16 @@ class FlowTransformerFamily(Family):
     trains_on_quantized_base = True
     xformers_training = False
     lora_file_layout = "original"
+    # A LoRA of the tiny transformer, its prompt kept short.
+    demo_training_overrides = MappingProxyType(
+        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
+    )
+
+    @property
+    def training_note(self) -> str:  # type: ignore[override]
+        return (
+            f"{self.title} trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
+        )
 
     def check_training_settings(self, config: Any) -> None:
         require_transformer_lora(config, self.title)

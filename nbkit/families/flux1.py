@@ -117,11 +117,6 @@ class Flux1(FlowTransformerFamily):
     # DreamBooth LoRA example; the CLIP and T5 encoders stay frozen and encode each caption once.
 
     lora_targets = LORA_TARGETS
-    training_note = "FLUX.1 trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
-    # A LoRA of the tiny transformer, its T5 prompt kept short.
-    demo_training_overrides = MappingProxyType(
-        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
-    )
 
     def check_training_settings(self, config: Any) -> None:
         require(

@@ -102,12 +102,6 @@ class Flux2Klein(FlowTransformerFamily):
     # the normalised, patched latents, packed into tokens with 4-axis position ids.
 
     lora_targets = LORA_TARGETS
-    training_note = (
-        "FLUX.2 [klein] trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
-    )
-    demo_training_overrides = MappingProxyType(
-        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
-    )
 
     def encode_prompts(
         self,

@@ -5,7 +5,6 @@ without classifier-free guidance."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from nbkit.families._generation import GenerationDefaults
@@ -71,10 +70,6 @@ class ZImage(FlowTransformerFamily):
     # model's prediction negated (Z-Image predicts image - noise) and its timestep reversed.
 
     lora_targets = LORA_TARGETS
-    training_note = "Z-Image trains as a LoRA of its transformer: set LORA_RANK (16) and TEXT_ENCODER_STEPS 0"
-    demo_training_overrides = MappingProxyType(
-        {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 1e-3, "flux_max_sequence_length": 32}
-    )
 
     def encode_prompts(
         self,
