@@ -321,14 +321,12 @@ def reference_flux_lora(
     """A Flux DreamBooth LoRA loop written the way diffusers' train_dreambooth_lora_flux.py does it."""
     import copy
 
-    import numpy as np
     import torch
     from accelerate import Accelerator
     from diffusers import FluxPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
     from peft import LoraConfig
-    from PIL import Image
 
     accelerator = Accelerator(mixed_precision="no")
     torch.manual_seed(0)
@@ -344,98 +342,71 @@ def reference_flux_lora(
     )
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
-    def load(path: Path) -> torch.Tensor:
-        image = Image.open(path).convert("RGB")
-        scale = args.resolution / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-        left, top = (image.width - args.resolution) // 2, (image.height - args.resolution) // 2
-        image = image.crop((left, top, left + args.resolution, top + args.resolution))
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-    class InstanceDataset(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(image_paths)
-
-        def __getitem__(self, index: int) -> dict:
-            return {"pixel_values": load(image_paths[index]), "prompt": CAPTION}
-
-    def collate(examples: list[dict]) -> dict:
-        return {
-            "pixel_values": torch.stack([example["pixel_values"] for example in examples]).contiguous(),
-            "prompts": [example["prompt"] for example in examples],
-        }
-
-    loader = torch.utils.data.DataLoader(
-        InstanceDataset(), batch_size=args.batch_size, shuffle=True, collate_fn=collate
-    )
     parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, loader, lr_scheduler
-    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     transformer.train()
 
     total = args.warmup + args.steps
     step_times: list[float] = []
     with RssSampler() as rss:
-        while len(step_times) < total:
-            for batch in loader:
-                with torch.no_grad():
-                    prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
-                        batch["prompts"], None, max_sequence_length=args.max_sequence_length
-                    )
-                latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
-                latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-                image_ids = FluxPipeline._prepare_latent_image_ids(
-                    latents.shape[0],
-                    latents.shape[2] // 2,
-                    latents.shape[3] // 2,
-                    latents.device,
-                    latents.dtype,
+        for batch in train_references.instance_batches(image_paths, args):
+            with torch.no_grad():
+                prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
+                    batch["prompts"], None, max_sequence_length=args.max_sequence_length
                 )
-                noise = torch.randn_like(latents)
-                bsz = latents.shape[0]
-                u = compute_density_for_timestep_sampling("logit_normal", bsz, logit_mean=0.0, logit_std=1.0)
-                indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-                timesteps = noise_scheduler_copy.timesteps[indices]
-                sigmas = noise_scheduler_copy.sigmas[indices].view(-1, 1, 1, 1)
-                noisy = (1.0 - sigmas) * latents + sigmas * noise
-                packed = FluxPipeline._pack_latents(
-                    noisy, bsz, latents.shape[1], latents.shape[2], latents.shape[3]
-                )
-                guidance = torch.ones(bsz)
-                prediction = transformer(
-                    hidden_states=packed,
-                    timestep=timesteps / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=prompt_embeds,
-                    txt_ids=text_ids,
-                    img_ids=image_ids,
-                    return_dict=False,
-                )[0]
-                prediction = FluxPipeline._unpack_latents(
-                    prediction,
-                    latents.shape[2] * vae_scale_factor,
-                    latents.shape[3] * vae_scale_factor,
-                    vae_scale_factor,
-                )
-                weighting = compute_loss_weighting_for_sd3("none", sigmas)
-                target = noise - latents
-                loss = torch.mean(
-                    (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(bsz, -1), 1
-                )
-                loss = loss.mean()
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                float(loss)
-                step_times.append(time.time())
-                if len(step_times) == total:
-                    break
+            latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+            image_ids = FluxPipeline._prepare_latent_image_ids(
+                latents.shape[0],
+                latents.shape[2] // 2,
+                latents.shape[3] // 2,
+                latents.device,
+                latents.dtype,
+            )
+            noise = torch.randn_like(latents)
+            bsz = latents.shape[0]
+            u = compute_density_for_timestep_sampling("logit_normal", bsz, logit_mean=0.0, logit_std=1.0)
+            indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+            timesteps = noise_scheduler_copy.timesteps[indices]
+            sigmas = noise_scheduler_copy.sigmas[indices].view(-1, 1, 1, 1)
+            noisy = (1.0 - sigmas) * latents + sigmas * noise
+            packed = FluxPipeline._pack_latents(
+                noisy, bsz, latents.shape[1], latents.shape[2], latents.shape[3]
+            )
+            guidance = torch.ones(bsz)
+            prediction = transformer(
+                hidden_states=packed,
+                timestep=timesteps / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+            prediction = FluxPipeline._unpack_latents(
+                prediction,
+                latents.shape[2] * vae_scale_factor,
+                latents.shape[3] * vae_scale_factor,
+                vae_scale_factor,
+            )
+            weighting = compute_loss_weighting_for_sd3("none", sigmas)
+            target = noise - latents
+            loss = torch.mean(
+                (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(bsz, -1), 1
+            )
+            loss = loss.mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(loss)
+            step_times.append(time.time())
+            if len(step_times) == total:
+                break
     return step_times, rss
 
 

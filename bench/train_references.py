@@ -18,7 +18,9 @@ CAPTION = "a photo of zwx dog"
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the examples' default `--lora_layers`
 
 
-def _batches(image_paths: list[Path], args: argparse.Namespace) -> Iterator[dict]:
+def instance_batches(image_paths: list[Path], args: argparse.Namespace) -> Iterator[dict]:
+    """Endless shuffled batches of `{"pixel_values", "prompts"}`, loaded and cropped per step as diffusers'
+    examples' DreamBooth dataset does."""
     import numpy as np
     import torch
     from PIL import Image
@@ -79,7 +81,7 @@ def _train(
     transformer.train()
     step_times: list[float] = []
     with sampler:
-        for batch in _batches(image_paths, args):
+        for batch in instance_batches(image_paths, args):
             loss = loss_of(batch, transformer)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(parameters, 1.0)
