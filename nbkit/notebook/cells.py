@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nbkit.errors import NbkitError
-from nbkit.notebook.widgets import SessionPicker, UploadBox, picked_session, show, show_image
+from nbkit.notebook.widgets import SessionPicker, UILinks, UploadBox, picked_session, show, show_image
 
 F = TypeVar("F", bound=Callable[..., Any])
 VISION_MODELS = ("default", "tiny", "off")
@@ -360,31 +360,40 @@ def launch_ui(
     *,
     model: str = "",
     host: str = "127.0.0.1",
-    tunnel: str = "gradio",
+    tunnel: str = "auto",
     password: str = "",
     extra_models: list[str] | None = None,
 ):
-    """Start the web UI and its A1111 API; the link and the password are printed.
+    """Start the web UI and its A1111 API; show its link (kept current) and login.
+
+    A password typed here is never shown; a generated one shows once, masked with a copy button.
 
     Args:
         session: the session (its models and outputs), or None for the storage root's.
         model: the checkpoint to load first ("" the session's newest).
         host: the address to bind (loopback unless a tunnel is used).
-        tunnel: `none`, `gradio`, `ngrok`, `localtunnel`, `cloudflared`.
+        tunnel: `auto` (the first provider that gives a link, in `nbkit.tunnel.AUTO_ORDER`, and the next
+            one when it drops), `none`, `gradio`, `ngrok`, `localtunnel`, `cloudflared`.
         password: the UI password ("" generates one when a tunnel needs it).
         extra_models: more checkpoints (paths, URLs, hub ids, LoRA files in `<root>/loras`).
     """
-    from nbkit.webui import launch
+    from nbkit.webui import announce, launch
 
     auth = f"nbkit:{password}" if password else None
-    return launch(
+    ui = launch(
         session=session,
         model=model or None,
         host=host,
         tunnel=tunnel,
         auth=auth,
         extra_models=[m for m in extra_models or [] if m],
+        quiet=True,
     )
+    try:
+        show(UILinks(ui))
+    except NbkitError:  # no ipywidgets: the same as `nbkit ui` prints
+        announce(ui)
+    return ui
 
 
 @friendly

@@ -182,3 +182,88 @@ class UploadBox:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+# A copy button for the password field: the browser reads the field it sits next to (found by a class
+# unique to that row), so the password is in no HTML the notebook saves, only in the field's widget.
+_COPY_BUTTON = """<button class="jupyter-button" title="Copy the password to the clipboard" onclick="(function(b){
+var i=document.querySelector('.{row} input');if(!i)return;
+var ok=function(){b.textContent='Copied';};
+var old=function(){var t=i.type;i.type='text';i.select();document.execCommand('copy');i.type=t;ok();};
+if(navigator.clipboard){navigator.clipboard.writeText(i.value).then(ok,old);}else{old();}})(this)">Copy</button>"""
+
+
+class UILinks:
+    """The running UI's links, kept current, and its login, for the launch cell's output.
+
+    The links update in place when the watchdog reopens the tunnel or moves it to another provider. A
+    generated password shows once, as a masked field with a copy button (and a Show toggle where the
+    browser blocks the copy): it lives in the field's widget state, never in the cell's saved HTML or
+    text. A password the user chose is never shown.
+
+    Args:
+        ui: the `WebUI` that `nbkit.webui.launch` returned.
+    """
+
+    def __init__(self, ui):
+        import secrets
+
+        from nbkit.webui import links_html
+
+        widgets = _widgets()
+        self.ui = ui
+        self.links = widgets.HTML(value=links_html(ui))
+        rows: list[Any] = [self.links]
+        password = ui.reveal_password()
+        self.password = self.login = None
+        if password is not None:
+            row = f"nbkit-password-{secrets.token_hex(4)}"
+            self.password = widgets.Password(value=password, description="Password")
+            self.show = widgets.ToggleButton(description="Show", icon="eye", value=False)
+            self.show.observe(lambda change: self._reveal(change["new"]), names="value")
+            copy = widgets.HTML(value=_COPY_BUTTON.replace("{row}", row))
+            self.row = widgets.HBox([self.password, copy, self.show])
+            self.row.add_class(row)
+            self.login = widgets.HTML(
+                value=f"Login: user <code>{_escape(ui.username)}</code> with this generated password "
+                "(shown once, stored nowhere: copy it now)"
+            )
+            rows += [self.login, self.row]
+        elif ui.password is not None:
+            who = (
+                "generated password shown when it started" if ui.password_generated else "password you chose"
+            )
+            self.login = widgets.HTML(value=f"Login: user <code>{_escape(ui.username)}</code> with the {who}")
+            rows.append(self.login)
+        self.widget = widgets.VBox(rows)
+        ui.on_link_change(lambda url: self.refresh())
+
+    def refresh(self) -> None:
+        """Show the UI's current links (called when they change)."""
+        from nbkit.webui import links_html
+
+        self.links.value = links_html(self.ui)
+
+    def __repr__(self) -> str:  # the text a notebook saves beside the widget: links only
+        public = f", public_url={self.ui.public_url!r}" if self.ui.public_url else ""
+        return f"UILinks(local_url={self.ui.local_url!r}{public})"
+
+    def _reveal(self, visible: bool) -> None:
+        # a Text field in place of the Password one (same value) so it can be selected and copied
+        widgets = _widgets()
+        value = self.row.children[0].value
+        field = widgets.Text(value=value) if visible else widgets.Password(value=value)
+        field.description = "Password"
+        self.row.children = (field, *self.row.children[1:])
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict):  # a widget's text form can list its fields' values
+            bundle = {**bundle, "text/plain": repr(self)}
+        return bundle
+
+
+def _escape(text: str | None) -> str:
+    import html
+
+    return html.escape(text or "")

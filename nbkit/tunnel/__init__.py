@@ -6,21 +6,28 @@
     tunnel.close()
 
 Providers: `none`, `gradio` (share link), `ngrok` (pyngrok, token), `localtunnel` (npx),
-`cloudflared` (quick tunnel). A provider that fails does not raise: the Tunnel comes back with
-`public_url` None and `error` naming the provider, the reason and the next thing to try, so the UI
-stays up on its local URL. Only misuse (an unknown provider, a bad port or option) raises ValueError.
+`cloudflared` (quick tunnel), and `auto`: the first of them that opens, in the order `AUTO_ORDER`
+states (nbkit/tunnel/auto.py), falling back to the next when one fails later. A provider that fails
+does not raise: the Tunnel comes back with `public_url` None and `error` naming the provider, the
+reason and the next thing to try, so the UI stays up on its local URL. Only misuse (an unknown
+provider, a bad port or option) raises ValueError. A `Watchdog` keeps a link up while the UI runs:
+
+    watchdog = Watchdog(tunnel, interval=30, on_change=print).start()   # reopens / falls back
+    watchdog.stop()
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from nbkit.tunnel.auto import AUTO_ORDER, AutoTunnel
 from nbkit.tunnel.base import DEFAULT_TIMEOUT, Tunnel, TunnelFailure
 from nbkit.tunnel.cloudflared import CloudflaredTunnel
 from nbkit.tunnel.gradio_share import GradioTunnel
 from nbkit.tunnel.localtunnel import LocaltunnelTunnel
 from nbkit.tunnel.ngrok import NgrokTunnel
 from nbkit.tunnel.none import NoTunnel
+from nbkit.tunnel.watchdog import Watchdog
 
 PROVIDERS: dict[str, type[Tunnel]] = {
     "none": NoTunnel,
@@ -29,12 +36,19 @@ PROVIDERS: dict[str, type[Tunnel]] = {
     "localtunnel": LocaltunnelTunnel,
     "cloudflared": CloudflaredTunnel,
 }
+AUTO = "auto"  # not a provider itself: the first of AUTO_ORDER that opens
+CHOICES = (AUTO, *PROVIDERS)  # what `--tunnel` and `launch(tunnel=)` accept
 
 __all__ = [
+    "AUTO",
+    "AUTO_ORDER",
+    "CHOICES",
     "DEFAULT_TIMEOUT",
     "PROVIDERS",
+    "AutoTunnel",
     "Tunnel",
     "TunnelFailure",
+    "Watchdog",
     "describe",
     "make_tunnel",
     "open_tunnel",
@@ -45,7 +59,7 @@ def make_tunnel(provider: str, port: int, *, host: str = "127.0.0.1", **options:
     """A Tunnel for `provider`, checked but not opened (`describe()` it, or `open()` it).
 
     Args:
-        provider: one of `PROVIDERS` (none, gradio, ngrok, localtunnel, cloudflared).
+        provider: `auto` or one of `PROVIDERS` (none, gradio, ngrok, localtunnel, cloudflared).
         port: the local port the UI listens on.
         host: the address the UI is bound to (a wildcard bind is reached on 127.0.0.1).
         **options: `timeout` (seconds, default 30) and the provider's own options (see its class).
@@ -55,11 +69,11 @@ def make_tunnel(provider: str, port: int, *, host: str = "127.0.0.1", **options:
             the provider does not take; each message names the bad value and the valid ones.
     """
     name = provider.strip().lower() if isinstance(provider, str) else provider
-    if name not in PROVIDERS:
-        raise ValueError(f"unknown tunnel provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    if name != AUTO and name not in PROVIDERS:
+        raise ValueError(f"unknown tunnel provider {provider!r}: use one of {', '.join((AUTO, *PROVIDERS))}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"tunnel port {port!r}: use a port number from 1 to 65535")
-    cls = PROVIDERS[name]
+    cls = AutoTunnel if name == AUTO else PROVIDERS[name]
     unknown = sorted(set(options) - {"timeout", *cls.option_names})
     if unknown:
         valid = ", ".join(("timeout", *cls.option_names))
@@ -76,14 +90,15 @@ def open_tunnel(
     """Open a public link to `host:port` with `provider`; never raises for a provider's failure.
 
     Args:
-        provider: none, gradio, ngrok, localtunnel or cloudflared.
+        provider: auto, none, gradio, ngrok, localtunnel or cloudflared.
         port: the local port the UI listens on.
         host: the address the UI is bound to (a wildcard bind is reached on 127.0.0.1).
         auth: the UI's own `user:password`. nbkit's server checks it on every route, so no provider
             needs it; it is accepted for the interface's sake and never sent, logged or stored.
         **options: `timeout` (seconds to wait for the link, default 30) and the provider's options:
             gradio `share_server_address`; ngrok `token`, `region`, `domain`, `ngrok_path`;
-            localtunnel `npx`, `subdomain`, `fetch_password`; cloudflared `binary`.
+            localtunnel `npx`, `subdomain`, `fetch_password`; cloudflared `binary`; auto `order`
+            and any of these (each goes to the provider that takes it).
 
     Returns:
         The Tunnel: `public_url` set, or None with `error` saying why and what to try next.
@@ -102,7 +117,7 @@ def describe(provider: str, port: int, *, host: str = "127.0.0.1", **options: An
     without doing it: for the notebook's "what will happen" text.
 
     Args:
-        provider: none, gradio, ngrok, localtunnel or cloudflared.
+        provider: auto, none, gradio, ngrok, localtunnel or cloudflared.
         port: the local port.
         host: the address the UI is bound to.
         **options: as for `open_tunnel`.

@@ -195,6 +195,18 @@ class Tunnel:
         self.close()
         return self.open()
 
+    def recover(self, cancel: threading.Event | None = None) -> str | None:
+        """Get a link back after it dropped or failed (what `Watchdog` calls); returns it, or None.
+
+        A single provider reopens itself; `auto` then falls back to the next providers.
+
+        Args:
+            cancel: set when the caller is closing: stop trying as soon as possible.
+        """
+        if cancel is not None and cancel.is_set():
+            return None
+        return self.reopen()
+
     def close(self) -> None:
         """Take the link down (kill the provider's process). Safe to call twice; never raises."""
         self.public_url = None

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import html
+import logging
 import os
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from nbkit.compat import check_versions
-from nbkit.tunnel import PROVIDERS, open_tunnel
+from nbkit.tunnel import CHOICES, Watchdog, open_tunnel
+from nbkit.tunnel.watchdog import DEFAULT_INTERVAL
 
-TUNNELS = tuple(PROVIDERS)  # nbkit.tunnel's providers
+TUNNELS = CHOICES  # `auto` and nbkit.tunnel's providers
+logger = logging.getLogger("nbkit.webui")
 
 
 class WebUI:
@@ -28,11 +34,14 @@ class WebUI:
 
     Attributes:
         local_url: the URL on this machine, e.g. `http://127.0.0.1:7860/`.
-        public_url: the tunnel's URL, or None (no tunnel, or the tunnel failed: see `tunnel_error`).
+        public_url: the tunnel's current URL, or None (no tunnel, or the tunnel failed or dropped:
+            see `tunnel_error`); with a watchdog it follows the link as it is reopened or moved.
         username: the login name, or None when no login is required.
-        password: the password, or None when no login is required.
+        password: the password, or None when no login is required (in memory only: never in the
+            repr, a log line or a file).
         tunnel: the `nbkit.tunnel` handle, or None.
         tunnel_error: why the tunnel is not open (provider, reason, what to try next), or None.
+        watchdog: the `nbkit.tunnel.Watchdog` keeping the link up, or None.
         service: the generation service.
         queue: the GPU queue.
     """
@@ -43,8 +52,12 @@ class WebUI:
         self.queue = queue
         self._credentials = credentials
         self.tunnel = tunnel
-        self.tunnel_error = tunnel_error
+        self._tunnel_error = tunnel_error
+        self.watchdog: Watchdog | None = None
         self._closed = False
+        self._password_shown = False  # a generated password is shown once
+        self._listeners: list[Callable[[str | None], None]] = []
+        self._display: Any = None  # the notebook's display handle of the links, updated in place
 
     @property
     def local_url(self) -> str:
@@ -56,7 +69,17 @@ class WebUI:
 
     @property
     def public_url(self) -> str | None:
-        return getattr(self.tunnel, "public_url", None) if self.tunnel is not None else None
+        return self.tunnel.public_url if self.tunnel is not None else None
+
+    @property
+    def tunnel_error(self) -> str | None:
+        if self.tunnel is not None and self.tunnel.public_url is None:
+            return self.tunnel.error or self._tunnel_error
+        return None
+
+    @tunnel_error.setter
+    def tunnel_error(self, value: str | None) -> None:
+        self._tunnel_error = value
 
     @property
     def username(self) -> str | None:
@@ -67,6 +90,11 @@ class WebUI:
         return self._credentials.password if self._credentials else None
 
     @property
+    def password_generated(self) -> bool:
+        """Whether nbkit made the password (then it is shown once, since nothing else tells it)."""
+        return bool(self._credentials and self._credentials.generated)
+
+    @property
     def running(self) -> bool:
         return not self._closed and self._server.running
 
@@ -74,14 +102,48 @@ class WebUI:
         public = f", public_url={self.public_url!r}" if self.public_url else ""
         return f"WebUI(local_url={self.local_url!r}{public}, login={'on' if self._credentials else 'off'})"
 
+    @property
+    def password_shown(self) -> bool:
+        """Whether a generated password was already shown (`reveal_password` gave it)."""
+        return self._password_shown
+
+    def reveal_password(self) -> str | None:
+        """The generated password the first time it is asked for, so it is shown once; else None (a
+        password the user chose is never shown: they know it)."""
+        if not self.password_generated or self._password_shown:
+            return None
+        self._password_shown = True
+        return self.password
+
+    def on_link_change(self, listener: Callable[[str | None], None]) -> None:
+        """Call `listener(public_url)` whenever the public link changes (None: it is down for now)."""
+        self._listeners.append(listener)
+
     def reopen_tunnel(self) -> str | None:
         """Ask the tunnel for a new public URL (the UI keeps running); returns it, or None."""
         if self.tunnel is None:
             return None
-        url = self.tunnel.reopen()
-        self.tunnel_error = getattr(self.tunnel, "error", None)
-        announce(self)
+        if self.watchdog is not None:
+            self.watchdog.url = url = self.tunnel.recover()
+        else:
+            url = self.tunnel.reopen()
+        self._link_changed(url)
         return url
+
+    def _link_changed(self, url: str | None) -> None:
+        """Show the new link: in place in the notebook, as a line on the console; then the listeners."""
+        if self._display is not None:
+            with contextlib.suppress(Exception):  # a closed notebook must not stop the watchdog
+                from IPython.display import HTML
+
+                self._display.update(HTML(links_html(self)))
+        elif self._display is False and url is not None:  # announced as text (the console)
+            print(f"Public URL is now: {url}", flush=True)
+        for listener in list(self._listeners):
+            try:
+                listener(url)
+            except Exception:
+                logger.exception("web UI: a link listener failed")
 
     def wait(self) -> None:
         """Block until Ctrl+C (or SIGTERM), then close."""
@@ -100,10 +162,12 @@ class WebUI:
             self.close()
 
     def close(self) -> None:
-        """Stop the tunnel, the server and the queue, and free the model."""
+        """Stop the watchdog and the tunnel, the server and the queue, and free the model."""
         if self._closed:
             return
         self._closed = True
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.tunnel is not None:
             with contextlib.suppress(Exception):
                 self.tunnel.close()
@@ -125,44 +189,99 @@ def _in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
+def _via(ui: WebUI) -> str:
+    """` (via cloudflared)` for an `auto` tunnel, so the user knows which provider serves the link."""
+    active = getattr(ui.tunnel, "active", None)
+    return f" (via {active})" if active else ""
+
+
+def login_lines(ui: WebUI) -> list[str]:
+    """The login part of the announcement. A password the user chose is never shown; a generated one
+    only the first time (it is the only way to learn it), and it is stored nowhere."""
+    if ui.password is None:
+        return ["No login required (reachable from this machine only)."]
+    generated = ui.reveal_password()
+    if generated is not None:
+        login = (
+            f"Login: user {ui.username!r}, generated password {generated!r} "
+            "(shown this once and stored nowhere: note it now)"
+        )
+    elif ui.password_generated:
+        login = f"Login: user {ui.username!r} with the generated password shown when the UI started"
+    else:
+        login = f"Login: user {ui.username!r} with the password you chose (not shown)"
+    return [login, f"API: HTTP Basic with the same login ({ui.local_url}sdapi/v1/...)"]
+
+
+def links_html(ui: WebUI) -> str:
+    """The UI's links as HTML (the public one first, with its provider), and why there is no public one."""
+
+    def link(url: str, bold: bool = False) -> str:
+        text = f"<b>{html.escape(url)}</b>" if bold else html.escape(url)
+        return f'<a href="{html.escape(url)}" target="_blank">{text}</a>'
+
+    lines = [link(ui.public_url, bold=True) + html.escape(_via(ui))] if ui.public_url else []
+    lines.append(link(ui.local_url))
+    if ui.tunnel_error:
+        retry = " (trying again in the background)" if ui.watchdog is not None else ""
+        lines.append(
+            f"<span style='color:#b45309'>Tunnel not open: {html.escape(ui.tunnel_error)}{retry}</span>"
+        )
+    return f"<div style='font-size:1.1em'>nbkit web UI: {'<br>'.join(lines)}</div>"
+
+
 def announce(ui: WebUI, file: Any = None) -> None:
-    """Print the URLs and the login clearly (as links in a notebook)."""
+    """Print the URLs and the login (the links in place in a notebook, updated when they change).
+
+    A password the user chose is never printed; a generated one is printed the first time only.
+    """
     file = file or sys.stdout
     lines = [f"nbkit web UI running on local URL: {ui.local_url}"]
     if ui.public_url:
-        lines.append(f"Public URL: {ui.public_url}")
+        lines.append(f"Public URL: {ui.public_url}{_via(ui)}")
     if ui.tunnel_error:
-        lines.append(f"Tunnel not open: {ui.tunnel_error}")
-    if ui.password is not None:
-        lines.append(f"Login: user {ui.username!r}, password {ui.password!r}")
-        lines.append(f"API: HTTP Basic with the same login ({ui.local_url}sdapi/v1/...)")
-    else:
-        lines.append("No login required (reachable from this machine only).")
+        retry = " (trying again in the background)" if ui.watchdog is not None else ""
+        lines.append(f"Tunnel not open: {ui.tunnel_error}{retry}")
     if _in_notebook():
         try:
             from IPython.display import HTML, display
 
-            links = [f'<a href="{html.escape(ui.local_url)}" target="_blank">{html.escape(ui.local_url)}</a>']
-            if ui.public_url:
-                links.insert(
-                    0,
-                    f'<a href="{html.escape(ui.public_url)}" target="_blank"><b>{html.escape(ui.public_url)}</b></a>',
-                )
-            body = "<br>".join(links)
-            if ui.tunnel_error:
-                body += (
-                    f"<br><span style='color:#b45309'>Tunnel not open: {html.escape(ui.tunnel_error)}</span>"
-                )
-            if ui.password is not None:
-                body += (
-                    f"<br>Login: user <code>{html.escape(ui.username)}</code>, "
-                    f"password <code>{html.escape(ui.password)}</code>"
-                )
-            display(HTML(f"<div style='font-size:1.1em'>nbkit web UI: {body}</div>"))
+            ui._display = display(HTML(links_html(ui)), display_id=True)
+            if ui.password_generated and not ui.password_shown:
+                # not into the saved notebook: nbkit.notebook's launch cell shows it masked with a copy button
+                lines = [
+                    f"Login: user {ui.username!r} with a generated password: `ui.password` holds it "
+                    "(nbkit.notebook.launch_ui shows it masked, with a copy button)"
+                ]
+            else:
+                lines = login_lines(ui)[:1]
+            print("\n".join(lines), file=file, flush=True)
             return
         except Exception:  # a display problem must not stop the UI; fall back to text
-            pass
-    print("\n".join(lines), file=file, flush=True)
+            ui._display = None
+    ui._display = False
+    print("\n".join([*lines, *login_lines(ui)]), file=file, flush=True)
+
+
+def _reaches_ui(url: str, timeout: float = 10.0) -> bool:
+    """Whether a request through the public `url` reaches this UI: nbkit's API refuses an anonymous
+    call with its own `Basic realm="nbkit"` (a provider's error page never says that). No credentials
+    travel: the probe needs none."""
+    request = urllib.request.Request(
+        url.rstrip("/") + "/sdapi/v1/progress",
+        headers={
+            "User-Agent": "nbkit-tunnel-watchdog",
+            "bypass-tunnel-reminder": "1",  # localtunnel's visitor page
+            "ngrok-skip-browser-warning": "1",  # ngrok's
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code == 401 and 'realm="nbkit"' in (e.headers.get("www-authenticate") or "")
+    except (OSError, ValueError):
+        return False
 
 
 def _open_tunnel(provider: str, host: str, port: int, options: dict[str, Any]) -> tuple[Any, str | None]:
@@ -192,6 +311,7 @@ def launch(
     include_base_models: bool = True,
     extra_models: list[str] | None = None,
     quiet: bool = False,
+    tunnel_check: float | None = DEFAULT_INTERVAL,
 ) -> WebUI:
     """Start the web UI and the A1111 API on one server.
 
@@ -201,7 +321,9 @@ def launch(
             session's newest export, else the first in the list.
         host: the address to bind; anything but loopback requires a password.
         port: the port (None: a free one).
-        tunnel: `none`, `gradio`, `ngrok`, `localtunnel` or `cloudflared`; any tunnel requires a password.
+        tunnel: `auto` (the first provider that opens, in `nbkit.tunnel.AUTO_ORDER`, falling back to
+            the next when it fails), `none`, `gradio`, `ngrok`, `localtunnel` or `cloudflared`; any
+            tunnel requires a password.
         auth: `USER:PASS` or `(user, password)`; when a password is required and none is given, a
             strong one is generated for user `nbkit` and shown.
         low_vram: on a GPU, attention slicing, VAE tiling and model CPU offload.
@@ -215,6 +337,8 @@ def launch(
         include_base_models: list the registry's base models (downloaded when picked).
         extra_models: more checkpoints to offer (paths, folders, URLs or hub ids), loaded when picked.
         quiet: do not print the URLs (the handle still has them).
+        tunnel_check: seconds between the watchdog's checks of the public link (it reopens a dropped
+            link, and `auto` falls back to the next provider); None: no watchdog.
     """
     if tunnel not in TUNNELS:
         raise ValueError(f"tunnel must be one of {', '.join(TUNNELS)}, not {tunnel!r}")
@@ -251,7 +375,12 @@ def launch(
     except BaseException:
         queue.close(timeout=1)
         raise
-    tunnel_handle, tunnel_error = _open_tunnel(tunnel, host, server.port, tunnel_options or {})
+    try:
+        tunnel_handle, tunnel_error = _open_tunnel(tunnel, host, server.port, tunnel_options or {})
+    except ValueError:  # a bad tunnel option: nothing may keep running behind the error
+        server.close()
+        queue.close(timeout=1)
+        raise
     ui = WebUI(
         server=server,
         service=service,
@@ -266,6 +395,11 @@ def launch(
         queue.submit(lambda: service.ensure_model())
     if not quiet:
         announce(ui)
+    if tunnel_handle is not None and tunnel_check is not None:
+        # started after the announcement, so its first change is shown where that one was
+        ui.watchdog = Watchdog(
+            tunnel_handle, interval=tunnel_check, probe=_reaches_ui, on_change=ui._link_changed
+        ).start()
     if block:
         ui.wait()
     return ui
@@ -284,4 +418,4 @@ def _offer(catalog: Any, model: str) -> None:
             raise
 
 
-__all__ = ["TUNNELS", "WebUI", "announce", "launch"]
+__all__ = ["TUNNELS", "WebUI", "announce", "launch", "links_html", "login_lines"]
