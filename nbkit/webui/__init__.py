@@ -132,7 +132,7 @@ class WebUI:
 
     def _link_changed(self, url: str | None) -> None:
         """Show the new link: in place in the notebook, as a line on the console; then the listeners."""
-        if self._display is not None:
+        if self._display:  # a notebook's display handle (False: announced as text, None: not at all)
             with contextlib.suppress(Exception):  # a closed notebook must not stop the watchdog
                 from IPython.display import HTML
 
