@@ -209,3 +209,64 @@ def test_launch_with_a_chosen_password_prints_none_of_it(tmp_path, tiny_model_di
         assert not alone("b", text) and not alone("b", caplog.text) and not alone("b", repr(ui))
     finally:
         ui.close()
+
+
+def test_launch_auto_falls_back_and_its_watchdog_moves_the_link(tmp_path, tiny_model_dir, monkeypatch):
+    """A provider that breaks does not stop the UI; the link that drops comes back, shown and printed."""
+    from contextlib import redirect_stdout
+
+    import nbkit.tunnel as tunnel_package
+    import nbkit.webui as webui
+
+    class Boom(FakeTunnel):
+        provider = "boom"
+
+        def __init__(self, port, **options):
+            super().__init__()
+
+        def _open(self):
+            raise RuntimeError("the provider library broke")
+
+    script = ["https://one.example/", "https://two.example/"]  # shared by each reopen's instance
+
+    class Flaky(FakeTunnel):
+        provider = "flaky"
+
+        def __init__(self, port, **options):
+            super().__init__()
+            self.links = script
+
+        def _running(self):
+            return self.public_url is not None
+
+    monkeypatch.setattr(
+        tunnel_package, "PROVIDERS", {**tunnel_package.PROVIDERS, "boom": Boom, "flaky": Flaky}
+    )
+    monkeypatch.setattr(webui, "_reaches_ui", lambda url, timeout=10.0: True)
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        ui = webui.launch(
+            model=str(tiny_model_dir("sd1")),
+            tunnel="auto",
+            tunnel_options={"order": ["boom", "flaky"]},
+            tunnel_check=0.05,
+            root=tmp_path,
+            include_base_models=False,
+            device="cpu",
+        )
+        try:
+            assert ui.public_url == "https://one.example/" and ui.tunnel.active == "flaky"
+            assert "Public URL: https://one.example/ (via flaky)" in printed.getvalue()
+            assert ui.password_generated and printed.getvalue().count(ui.password) == 1
+            moved = threading.Event()
+            ui.on_link_change(lambda url: url and moved.set())
+            ui.tunnel.current._dropped("the fake provider exited")
+            assert moved.wait(10)
+            assert ui.public_url == "https://two.example/" and ui.running
+            import requests
+
+            assert requests.get(ui.local_url + "sdapi/v1/sd-models", timeout=10).status_code == 401
+        finally:
+            ui.close()
+    assert "Public URL is now: https://two.example/" in printed.getvalue()
+    assert ui.watchdog.stopped and ui.public_url is None and not ui.running

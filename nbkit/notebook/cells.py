@@ -377,7 +377,7 @@ def launch_ui(
         password: the UI password ("" generates one when a tunnel needs it).
         extra_models: more checkpoints (paths, URLs, hub ids, LoRA files in `<root>/loras`).
     """
-    from nbkit.webui import announce, launch
+    from nbkit.webui import announce, in_notebook, launch
 
     auth = f"nbkit:{password}" if password else None
     ui = launch(
@@ -389,10 +389,11 @@ def launch_ui(
         extra_models=[m for m in extra_models or [] if m],
         quiet=True,
     )
-    try:
-        show(UILinks(ui))
-    except NbkitError:  # no ipywidgets: the same as `nbkit ui` prints
-        announce(ui)
+    if in_notebook():
+        with contextlib.suppress(NbkitError):  # no ipywidgets: the text below
+            show(UILinks(ui))
+            return ui
+    announce(ui)  # a script or a console: what `nbkit ui` prints
     return ui
 
 

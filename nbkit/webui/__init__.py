@@ -180,7 +180,8 @@ class WebUI:
         remove_private_gradio_dir()
 
 
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
+    """Whether this runs in a notebook's kernel (Jupyter, Colab), where output can be rich."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -242,7 +243,7 @@ def announce(ui: WebUI, file: Any = None) -> None:
     if ui.tunnel_error:
         retry = " (trying again in the background)" if ui.watchdog is not None else ""
         lines.append(f"Tunnel not open: {ui.tunnel_error}{retry}")
-    if _in_notebook():
+    if in_notebook():
         try:
             from IPython.display import HTML, display
 
@@ -393,13 +394,14 @@ def launch(
         # Load the first checkpoint now, through the queue, so the first request does not wait for it;
         # a load error is reported by that request. Base models are never fetched unasked.
         queue.submit(lambda: service.ensure_model())
-    if not quiet:
-        announce(ui)
     if tunnel_handle is not None and tunnel_check is not None:
-        # started after the announcement, so its first change is shown where that one was
         ui.watchdog = Watchdog(
             tunnel_handle, interval=tunnel_check, probe=_reaches_ui, on_change=ui._link_changed
-        ).start()
+        )
+    if not quiet:
+        announce(ui)
+    if ui.watchdog is not None:
+        ui.watchdog.start()  # after the announcement, so a change is shown where that is
     if block:
         ui.wait()
     return ui
@@ -418,4 +420,4 @@ def _offer(catalog: Any, model: str) -> None:
             raise
 
 
-__all__ = ["TUNNELS", "WebUI", "announce", "launch", "links_html", "login_lines"]
+__all__ = ["TUNNELS", "WebUI", "announce", "in_notebook", "launch", "links_html", "login_lines"]
