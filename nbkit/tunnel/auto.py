@@ -20,6 +20,10 @@ import threading
 from typing import Any
 
 from nbkit.tunnel.base import DEFAULT_TIMEOUT, Tunnel, TunnelFailure
+from nbkit.tunnel.cloudflared import CloudflaredTunnel
+from nbkit.tunnel.gradio_share import GradioTunnel
+from nbkit.tunnel.localtunnel import LocaltunnelTunnel
+from nbkit.tunnel.ngrok import NgrokTunnel
 
 AUTO_ORDER: tuple[str, ...] = ("gradio", "cloudflared", "localtunnel", "ngrok")
 NEEDS_TOKEN = "ngrok"  # tried only when it has a token
@@ -53,17 +57,14 @@ class AutoTunnel(Tunnel):
     """
 
     provider = "auto"
+    # its own `order`, and every provider's options (each goes to the provider that takes it)
     option_names = (
         "order",
-        "share_server_address",
-        "token",
-        "region",
-        "domain",
-        "ngrok_path",
-        "npx",
-        "subdomain",
-        "fetch_password",
-        "binary",
+        *dict.fromkeys(
+            name
+            for cls in (GradioTunnel, CloudflaredTunnel, LocaltunnelTunnel, NgrokTunnel)
+            for name in cls.option_names
+        ),
     )
 
     def __init__(

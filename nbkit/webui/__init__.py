@@ -5,6 +5,11 @@ with the local URL, the public URL when a tunnel is open, the login, and `close(
 `service` (generation, no HTTP), `queue` (one GPU worker), `models`/`outputs` (what is offered and
 saved), `api` (`/sdapi/v1`), `ui` (gradio Blocks), `security` (login, caps, file routes) and
 `server` (uvicorn on a background thread).
+
+A password the user chose is never printed, logged or stored; a generated one is shown once (printed
+by `announce`, or masked with a copy button by the notebook's launch cell). A tunnel is looked after
+by a `nbkit.tunnel.Watchdog`: a dropped link is reopened (`auto` falls back to the next provider) and
+the new one shown in place in a notebook, printed on the console and logged.
 """
 
 from __future__ import annotations
