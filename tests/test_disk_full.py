@@ -24,7 +24,6 @@ from nbkit.errors import DiskFullError, DriveDisconnectedError
 from nbkit.fsio import (
     TEMP_PREFIX,
     atomic_directory,
-    atomic_path,
     atomic_write_bytes,
     is_disk_full,
     retry_io,
@@ -101,7 +100,9 @@ def test_retry_io_does_not_retry_a_full_disk():
 
 def test_what_libraries_raise_for_a_full_disk_is_recognised(tmp_path, monkeypatch):
     # safetensors (Rust I/O) words it; torch's writer only says the write came up short.
-    assert is_disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert is_disk_full(
+        Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    )
     short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
     assert not is_disk_full(short, tmp_path)  # plenty of room: some other failure
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
@@ -202,7 +203,7 @@ def test_not_enough_space_for_the_output_fails_before_writing(tiny_model_dir, tm
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "model.safetensors"
-    with pytest.raises(DiskFullError, match="not enough space for model.safetensors") as caught:
+    with pytest.raises(DiskFullError, match=r"not enough space for model\.safetensors") as caught:
         convert_to_single_file(tiny_model_dir("sd1"), out)
     assert caught.value.free == 1000 and caught.value.needed > 1000 and not out.exists()
 
@@ -211,8 +212,9 @@ def test_not_enough_space_for_the_output_fails_before_writing(tiny_model_dir, tm
 
 
 def test_a_disk_that_fills_up_mid_import_keeps_the_session_as_it_was(tmp_path, monkeypatch, capsys):
-    from nbkit.cli import main
     from test_train_support import subject_image
+
+    from nbkit.cli import main
 
     photos = tmp_path / "photos"
     photos.mkdir()
