@@ -191,11 +191,19 @@ def require_free_space(
         raise disk_full_error(path, needed=needed, free=free, what=what, then=then)
 
 
-class storage_errors(contextlib.ContextDecorator):
+@contextlib.contextmanager
+def storage_errors(
+    path: str | os.PathLike | None = None,
+    *,
+    needed: int | None = None,
+    what: str | None = None,
+    then: str = "run this again; what was saved before is intact",
+) -> Iterator[None]:
     """Turn a full disk into `DiskFullError`, and a raw ENOTCONN into `DriveDisconnectedError`.
 
     For entry points that write through libraries nbkit does not wrap (torch, safetensors, pip); a
-    context manager or a decorator.
+    context manager or a decorator. A temporary file named by the error is replaced by `path`, the
+    file the user knows.
 
     Args:
         path: where the block writes, named when the error itself names no file.
@@ -204,44 +212,31 @@ class storage_errors(contextlib.ContextDecorator):
         then: what to do once there is room.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        *,
-        needed: int | None = None,
-        what: str | None = None,
-        then: str = "run this again; what was saved before is intact",
-    ):
-        self.path, self.needed, self.what, self.then = path, needed, what, then
+    def named(candidate: str | os.PathLike | None) -> str | None:
+        if not candidate or (path is not None and TEMP_PREFIX in os.fspath(candidate)):
+            candidate = path
+        return None if candidate is None else os.fspath(candidate)
 
-    def __enter__(self) -> storage_errors:
-        return self
-
-    def _named(self, path: str | os.PathLike | None) -> str | None:
-        """The path to name: the file the user knows rather than a temporary that is gone."""
-        if not path or (self.path is not None and TEMP_PREFIX in os.fspath(path)):
-            path = self.path
-        return None if path is None else os.fspath(path)
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if isinstance(error, DiskFullError):
-            error.path = self._named(error.path)
-        if error is None or isinstance(error, NbkitError) or not isinstance(error, Exception):
-            return False
-        if is_disk_full(error, self.path):
-            named = self._named(getattr(error, "filename2", None) or getattr(error, "filename", None))
-            raise disk_full_error(
-                named, needed=self.needed, error=error, what=self.what, then=self.then
-            ) from error
+    try:
+        yield
+    except DiskFullError as error:
+        error.path = named(error.path)
+        raise
+    except NbkitError:
+        raise
+    except Exception as error:
+        if is_disk_full(error, path):
+            target = named(getattr(error, "filename2", None) or getattr(error, "filename", None))
+            raise disk_full_error(target, needed=needed, error=error, what=what, then=then) from error
         if isinstance(error, OSError) and error.errno == errno.ENOTCONN:
             raise DriveDisconnectedError(
-                f"{self.what or 'writing'} failed: {error.strerror} (the storage mount is gone)",
-                path=error.filename or self.path,
+                f"{what or 'writing'} failed: {error.strerror} (the storage mount is gone)",
+                path=named(error.filename),
                 fix="remount Google Drive (run the 'Mount Drive' cell again, or "
                 "drive.mount('/content/drive', force_remount=True)) and run this again; "
                 "work saved before this point is intact",
             ) from error
-        return False
+        raise
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

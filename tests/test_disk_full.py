@@ -266,6 +266,7 @@ def _fail_publishing(monkeypatch, checkpoint: str) -> None:
     monkeypatch.setattr(shutil, "copyfile", copyfile)
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_checkpoint_is_a_clear_error_and_the_previous_checkpoint_resumes(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -323,6 +324,7 @@ def test_torch_short_writes_on_a_full_scratch_disk_are_a_disk_full_error(
     assert "no checkpoint had been saved yet" in caught.value.fix
 
 
+@pytest.mark.slow
 def test_training_pauses_at_a_checkpoint_when_the_next_one_would_not_fit(tiny_model_dir, monkeypatch):
     from nbkit.train.trainer import train
 
