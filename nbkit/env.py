@@ -24,13 +24,12 @@ from types import ModuleType
 from typing import Any, Literal
 
 from nbkit.errors import DriveDisconnectedError, NbkitError
-from nbkit.fsio import retry_io
+from nbkit.fsio import COLAB_DRIVE_MOUNT, SCRATCH_ENV, retry_io
 
 RuntimeKind = Literal["colab", "kaggle", "jupyter", "python"]
 RUNTIME_KINDS = ("colab", "kaggle", "jupyter", "python")
 
 COLAB_CONTENT = Path("/content")
-COLAB_DRIVE_MOUNT = Path("/content/drive")
 KAGGLE_ROOT = Path("/kaggle")
 REMOUNT_HINT = "from google.colab import drive; drive.mount('/content/drive', force_remount=True)"
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere
@@ -324,8 +323,8 @@ def local_scratch(
     """
     environ = os.environ if environ is None else environ
     kind = runtime.kind if runtime is not None else detect_kind(environ=environ, path_exists=path_exists)
-    if environ.get("NBKIT_SCRATCH"):
-        scratch = Path(environ["NBKIT_SCRATCH"]).expanduser()
+    if environ.get(SCRATCH_ENV):
+        scratch = Path(environ[SCRATCH_ENV]).expanduser()
     elif kind == "colab":
         scratch = COLAB_CONTENT / "nbkit-scratch"
     elif kind == "kaggle":

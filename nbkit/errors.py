@@ -43,3 +43,28 @@ class SessionLockedError(NbkitError):
 
 class DriveDisconnectedError(NbkitError):
     """The Google Drive FUSE mount went away and did not come back."""
+
+
+class DiskFullError(NbkitError):
+    """A disk or a storage quota is full (ENOSPC, EDQUOT), or is too full to go on safely.
+
+    Args:
+        message: what could not be written.
+        path: the file or folder that did not fit.
+        fix: how to make room.
+        needed: the bytes the write needed, when known.
+        free: the bytes free on that disk, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike | None = None,
+        fix: str | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+    ):
+        self.needed = needed
+        self.free = free
+        super().__init__(message, path=path, fix=fix)

@@ -14,7 +14,6 @@ own name, which A1111 reads first.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -52,7 +51,7 @@ from nbkit.convert.text_extras import BASE_SOURCE, IDENTITY_SOURCE, open_base, t
 from nbkit.convert.verify import verify_single_file
 from nbkit.errors import NbkitError
 from nbkit.families import FAMILIES
-from nbkit.fsio import TRANSIENT_ERRNOS, atomic_path, atomic_write_text, read_json
+from nbkit.fsio import TRANSIENT_ERRNOS, atomic_path, atomic_write_text, disk_full_error, read_json
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
@@ -339,9 +338,11 @@ def convert_to_single_file(
             configs=plan.configs,
             extra=extra,
         )
-        _check_free_space(plan, target, out)
+        needed = _output_bytes(plan, target)
+        _check_free_space(out, needed)
         try:
-            with atomic_path(out) as tmp:
+            # A disk that fills up anyway (Drive syncing, another writer) is a DiskFullError from here.
+            with atomic_path(out, needed=needed) as tmp:
                 if fmt == "safetensors":
                     records, spec_hash = _write_safetensors(plan, target, header, tmp)
                 else:
@@ -355,7 +356,7 @@ def convert_to_single_file(
                 size = tmp.stat().st_size
             config_file = _write_original_config(plan.family, out)
         except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT, *TRANSIENT_ERRNOS):
+            if error.errno not in TRANSIENT_ERRNOS:
                 raise
             raise _write_failed(out, error) from error
     return ConversionReport(
@@ -403,30 +404,24 @@ def _write_original_config(family: str, out: Path) -> Path | None:
     return beside
 
 
-def _check_free_space(plan: ConversionPlan, target: torch.dtype, out: Path) -> None:
-    """Fail before writing gigabytes when the output cannot fit (Colab disks and Drive fill up)."""
-    needed = sum(
+def _output_bytes(plan: ConversionPlan, target: torch.dtype) -> int:
+    """The tensor bytes of the output (its header is small beside them)."""
+    return sum(
         _numel(recipe.shape)
         * output_dtype(plan.sources[recipe.component].infos[recipe.sources[0]].dtype, target).itemsize
         for recipe in plan.recipes
     )
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    """Fail before writing gigabytes when the output cannot fit (Colab disks and Drive fill up)."""
     folder = out.parent if out.parent.exists() else Path.cwd()
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise NbkitError(
-            f"not enough space: the output needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free",
-            path=out,
-            fix="free some space (old checkpoints, the trash of Google Drive) or write elsewhere",
-        )
+        raise disk_full_error(out, needed=needed, free=free, what=out.name, then="convert again")
 
 
 def _write_failed(out: Path, error: OSError) -> NbkitError:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NbkitError(
-            "the disk filled up while writing; nothing was left behind",
-            path=out,
-            fix="free some space (old checkpoints, the trash of Google Drive) or write elsewhere",
-        )
     return NbkitError(
         f"reading or writing failed ({error.strerror or error}); nothing was left behind",
         path=out,

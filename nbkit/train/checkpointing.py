@@ -155,7 +155,8 @@ def publish(local: Path, checkpoints_dir: Path) -> Path:
     with atomic_directory(target) as tmp:
         for index, entry in enumerate(sorted(local.iterdir())):
             retry_io(
-                lambda entry=entry: shutil.copyfile(entry, tmp / entry.name), what=f"saving {entry.name}"
+                lambda entry=entry: shutil.copyfile(entry, tmp / entry.name),
+                what=f"saving {local.name}/{entry.name}",
             )
             if pause and index == 0:
                 _pause_for_test(tmp)

@@ -23,8 +23,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from nbkit import gpu
-from nbkit.env import local_scratch
-from nbkit.errors import NbkitError, NbkitWarning
+from nbkit.errors import DiskFullError, NbkitError, NbkitWarning
+from nbkit.fsio import disk_full_error, free_bytes, is_disk_full, make_room_fix
 from nbkit.session.core import Session
 from nbkit.session.manifest import TrainingState
 from nbkit.session.settings import TrainConfig
@@ -34,6 +34,7 @@ from nbkit.train.data import STREAM_CLASS_ORDER, STREAM_INSTANCE_ORDER, LatentCa
 from nbkit.train.export import export_session_model
 from nbkit.train.inputs import check_memory, resolve_precision
 from nbkit.train.plan import RunPlan, describe_skipped, plan_run, start_run
+from nbkit.train.scratch import clean_stale_scratch, session_scratch
 from nbkit.train.stages import ImageSet, RunContext, Stage, load_frozen_roles, run_stage
 
 
@@ -100,6 +101,9 @@ def train(
         NbkitError: before any work when the session is locked by another kernel, has no (captioned)
             instance images, its resolution does not suit the model, a setting is invalid, or an earlier
             run needs --resume/--restart; during training when memory runs out, naming the settings to lower.
+        DiskFullError: when a disk fills up (the session keeps its last complete checkpoint), or, at a
+            checkpoint, when the next one would not fit: training pauses there, and `resume=True`
+            continues once there is room.
     """
     if max_steps_this_run is not None and max_steps_this_run < 1:
         raise NbkitError(
@@ -112,6 +116,7 @@ def train(
     # The first PartialState fixes the backend for the process: it must see ACCELERATE_USE_CPU, which
     # is how several CPU processes under `accelerate launch` get gloo instead of running alone.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    paused: list[DiskFullError] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(gpu.lease(gpu.TRAINING, wait=False))  # the web UI says "training in progress"
         plan_data: dict[str, Any] = {}
@@ -128,14 +133,51 @@ def train(
         mixed_precision, weight_dtype = resolve_precision(plan.config.mixed_precision, state.device)
         accelerator = Accelerator(mixed_precision=mixed_precision)
         try:
-            result = _execute(session, accelerator, plan, weight_dtype, max_steps_this_run, stack)
+            result = _execute(session, accelerator, plan, weight_dtype, max_steps_this_run, stack, paused)
         except Exception as error:
             from nbkit.train.oom import explain_oom, is_oom
 
             if is_oom(error):
                 raise explain_oom(plan.config, error, family=plan.base_model.family) from error
+            full = _disk_full(session, error, is_main=state.is_main_process)
+            if full is not None:
+                raise full from error
             raise
+    if paused:
+        raise paused[0]  # after the lock and the run record are closed: the pause is a clean stop
     return result
+
+
+def _resume_hint(session: Session) -> str:
+    state = session.manifest.state
+    if state.last_checkpoint:
+        return (
+            f"continue with `nbkit train {session.name} --resume` (in Python: train(..., resume=True)); "
+            f"the session keeps checkpoint {Path(state.last_checkpoint).name} ({state.stage} step {state.step})"
+        )
+    return f"train again (`nbkit train {session.name}`); no checkpoint had been saved yet"
+
+
+def _disk_full(session: Session, error: Exception, *, is_main: bool) -> DiskFullError | None:
+    """The `DiskFullError` for a write during training that did not fit (None for other errors).
+
+    The partly staged checkpoint in scratch is removed, so the disk is not left fuller than before."""
+    scratch = session_scratch(session, create=False)
+    if isinstance(error, DiskFullError):
+        full = error
+    elif isinstance(error, NbkitError) or not any(
+        is_disk_full(error, place) for place in (scratch, session.path / "checkpoints")
+    ):
+        return None
+    else:
+        named = getattr(error, "filename2", None) or getattr(error, "filename", None)
+        if named is None:  # torch and safetensors name no file: the fuller of the two disks
+            named = min((scratch, session.path / "checkpoints"), key=lambda place: free_bytes(place) or 0)
+        full = disk_full_error(named, error=error, what=f"training {session.name}")
+    if is_main:
+        shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
+    full.fix = make_room_fix(full.path, _resume_hint(session))
+    return full
 
 
 @contextlib.contextmanager
@@ -222,15 +264,16 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
     )
 
 
-def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack) -> TrainResult:
+def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack, paused) -> TrainResult:
     main, device = accelerator.is_main_process, accelerator.device
     base_model, config, resume_from = plan.base_model, plan.config, plan.resume_from
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    scratch = local_scratch() / "train" / session.name
+    scratch = session_scratch(session, create=main)
     if main:
         shutil.rmtree(scratch / "checkpoints", ignore_errors=True)  # staging of a killed run
+        clean_stale_scratch(current=session)
     accelerator.wait_for_everyone()
     quantization = check_memory(base_model, config)  # FLUX.1 on a smaller GPU: the transformer in 8/4 bits
     components = load_components(
@@ -251,7 +294,7 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
     result = TrainResult(
         session=session.path, finished=False, stage="idle", step=0, seed=config.seed, config=config
     )
-    reporter = _Reporter(session, components, config, result, accelerator) if main else None
+    reporter = _Reporter(session, components, config, result, accelerator, scratch) if main else None
     context = RunContext(
         accelerator=accelerator,
         components=components,
@@ -284,8 +327,13 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
         Stage("unet", 2, config.unet_steps, config.unet_lr, (components.denoiser_role,)),
     ]
     stages = [stage for stage in stages if stage.steps > 0]
+    if reporter is not None:
+        reporter.context, reporter.stages, reporter.weight_dtype = context, stages, weight_dtype
     try:
         finished = _run_stages(context, stages, resume_from, result)
+        if reporter is not None and reporter.paused is not None:
+            paused.append(reporter.paused)
+            finished = False  # paused after the last checkpoint: the export waits for room too
         if finished and main:
             reporter.export(context.trained_roles, weight_dtype)
     finally:
@@ -296,7 +344,9 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
     if record is not None:
         record.detail.update(stage=result.stage, step=result.step, finished=finished)
         if not finished:
-            record.status = "interrupted"  # stopped by max_steps_this_run; resume continues it
+            record.status = "interrupted"  # stopped by max_steps_this_run or a full disk; resume continues it
+        if paused:
+            record.detail["paused"] = paused[0].message
     return result
 
 
@@ -318,6 +368,8 @@ def _run_stages(context: RunContext, stages: list[Stage], resume_from, result: T
         result.stage, result.step = resume_from.stage, resume_from.step
         result.last_checkpoint = resume_from.path
     for stage in pending:
+        if context.steps_left is not None and context.steps_left <= 0:
+            return False  # stopped at the end of the stage before (max_steps_this_run, a pause)
         from_checkpoint = resume_from if resume_from is not None and resume_from.stage == stage.name else None
         if not run_stage(context, stage, start_step=start[stage.name], resume_from=from_checkpoint):
             return False
@@ -328,15 +380,36 @@ def _ignore(*_args) -> None:
     return None
 
 
+def _device(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        try:
+            return candidate.stat().st_dev
+        except OSError:
+            continue
+    return None
+
+
 class _Reporter:
     """Main-process bookkeeping: the manifest's state, pruning, samples, the loss log and export."""
 
-    def __init__(self, session: Session, components, config: TrainConfig, result: TrainResult, accelerator):
+    def __init__(
+        self,
+        session: Session,
+        components,
+        config: TrainConfig,
+        result: TrainResult,
+        accelerator,
+        scratch: Path,
+    ):
         from nbkit.train.progress_log import TrainingLog
 
         self.session, self.components, self.config = session, components, config
-        self.result, self.accelerator = result, accelerator
+        self.result, self.accelerator, self.scratch = result, accelerator, scratch
         self.log = TrainingLog(session.dir("logs"))
+        self.context: RunContext | None = None
+        self.stages: list[Stage] = []
+        self.paused: DiskFullError | None = None
+        self.weight_dtype = torch.float32
 
     def on_step(self, stage: Stage, step: int, loss: float, learning_rate: float) -> None:
         offset = self.config.text_encoder_steps if stage.name == "unet" else 0
@@ -360,6 +433,58 @@ class _Reporter:
                 score_after_checkpoint(self.session, device=str(self.accelerator.device))
         self.log.flush()
         self.result.loss_plot = self.log.plot(self.session.dir("logs") / "loss.png")
+        self._pause_if_full(stage, step, path)
+
+    def _pause_if_full(self, stage: Stage, step: int, path: Path) -> None:
+        """Stop here, with this checkpoint saved, when what comes next would not fit on a disk: the
+        next checkpoint (staged in scratch, then copied into the session), or the exported model."""
+        last = stage is self.stages[-1] and step == stage.steps
+        size = sum(entry.stat().st_size for entry in path.iterdir() if entry.is_file())
+        needs = {
+            path.parent: self._export_bytes(size) if last else self._next_checkpoint_bytes(stage, step, size)
+        }
+        if not last:
+            needs[self.scratch] = needs[path.parent]
+        if len({_device(place) for place in needs}) == 1 and len(needs) == 2:
+            needs = {path.parent: 2 * needs[path.parent]}  # one disk holds the staging and the copy
+        for place, needed in needs.items():
+            free = free_bytes(place)
+            if free is None or free >= needed:
+                continue
+            coming = "the export of the model" if last else "the next checkpoint"
+            pause = disk_full_error(
+                place,
+                needed=needed,
+                free=free,
+                what=coming,
+                then=_resume_hint(self.session),
+            )
+            pause.message = (
+                f"training paused at {stage.name} step {step} of {stage.steps}, with checkpoint {path.name} "
+                f"saved: {pause.message}"
+            )
+            if self.accelerator.num_processes > 1:
+                raise pause  # the launcher stops the other processes; the checkpoint is complete
+            self.paused = pause
+            self.context.steps_left = 0  # the loop stops before its next step
+            return
+
+    def _next_checkpoint_bytes(self, stage: Stage, step: int, size: int) -> int:
+        """The previous checkpoint's size; at the end of a full fine-tune's first stage, plus the
+        denoiser's weights and AdamW's two fp32 moments, which the second stage's checkpoints add."""
+        if step == stage.steps and self.config.lora_rank == 0:
+            parameters = sum(parameter.numel() for parameter in self.components.unet.parameters())
+            size += parameters * 12  # fp32 weights, as they train, and two fp32 moments
+        return size + (16 << 20)  # samples, logs, session.json
+
+    def _export_bytes(self, size: int) -> int:
+        """What the export writes: a full model twice (a diffusers folder in the run's weight dtype and an
+        fp16 single file), or the LoRA."""
+        if self.config.lora_rank > 0:
+            return size + (16 << 20)
+        models = [self.components.unet, self.components.vae, *self.components.text_encoders]
+        weights = sum(parameter.numel() for model in models for parameter in model.parameters())
+        return weights * (self.weight_dtype.itemsize + 2) + (16 << 20)
 
     def _render_samples(self, name: str) -> Path:
         from nbkit.train.samples import render_samples

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
 from nbkit.errors import NbkitError
-from nbkit.fsio import retry_io
+from nbkit.fsio import DISK_FULL_TEXTS, atomic_path, disk_full_error, retry_io
 from nbkit.wheels.lockfile import Pin
 
 CHUNK = 1 << 20
@@ -109,11 +108,19 @@ def requirements_text(pins: Iterable[Pin]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_quiet(command: list[str], what: str) -> None:
-    """Run a pip/uv command; on failure raise NbkitError with the tail of its output."""
+def run_quiet(command: list[str], what: str, *, writes_to: Path | None = None) -> None:
+    """Run a pip/uv command; on failure raise NbkitError with the tail of its output.
+
+    Args:
+        command: the command line.
+        what: what it does, for the message.
+        writes_to: the folder it fills, named when the disk runs out of space.
+    """
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()
+        if any(words in output.lower() for words in DISK_FULL_TEXTS):
+            raise disk_full_error(writes_to, what=what, error=OSError(output[-300:]), then="run this again")
         if "DO NOT MATCH THE HASHES" in output:
             raise NbkitError(
                 f"{what}: a downloaded file does not match the lock's sha256 (tampered, corrupted, or "
@@ -164,6 +171,7 @@ def download(
                 "-r", str(requirements), *index_args,
             ],
             "pip download",
+            writes_to=target,
         )  # fmt: skip
         added = []
         for wheel in wheels_in(target):
@@ -181,10 +189,10 @@ def download(
 
 
 def _move(source: Path, destination: Path) -> None:
-    # copy beside the destination, then rename: a half-copied wheel never carries a wheel's name
-    partial = destination.with_name(f".nbkit-tmp-{destination.name}")
-    shutil.copyfile(source, partial)
-    os.replace(partial, destination)
+    # copy beside the destination, then rename: a half-copied wheel never carries a wheel's name, and
+    # one the disk had no room for is removed (a DiskFullError naming the wheelhouse)
+    with atomic_path(destination, needed=source.stat().st_size) as partial:
+        shutil.copyfile(source, partial)
 
 
 @dataclasses.dataclass
