@@ -8,6 +8,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nbkit.tunnel import PROVIDERS
+    from nbkit.webui.queue import DEFAULT_MAX_PENDING
 
     parser = subparsers.add_parser(
         "ui",
@@ -35,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--root", type=Path, default=None, help="storage root (default: $NBKIT_HOME or ~/nbkit)"
     )
-    parser.add_argument("--max-queue", type=int, default=32, help="requests that may wait; one more gets 503")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_PENDING,
+        help=f"requests that may wait; one more gets 503 (default: {DEFAULT_MAX_PENDING})",
+    )
     parser.add_argument(
         "--extra-model",
         action="append",

@@ -12,8 +12,13 @@ own settings (`Family.generation_defaults` with `own`): then `steps`, `cfg_scale
 steps at CFG 1; their base models: 50 steps at CFG 5 and 4), and `hr_upscaler` left out is a pixel
 upscaler (Lanczos) for a model whose latents cannot be upscaled (FLUX.1, Z-Image, FLUX.2). `info`
 reports the values that ran. Errors are JSON `{"error", "detail", "body", "errors"}` with a status: 400 for a
-bad value, 413 for an oversized body or image, 422 for a malformed request, 503 when the queue is
-full or a training run holds the GPU.
+bad value, 413 for an oversized body or image, 422 for a malformed request (with the field's path:
+a non-finite number, a value out of range, an unknown option or always-on script), 503 with
+`Retry-After` when the queue is full or a training run holds the GPU, and 500 with a request id (in
+the body and the `X-Request-ID` header, and logged with its traceback) for anything unexpected.
+
+A queued request whose client disconnects is withdrawn before it starts (`run_queued`), so it never
+holds the GPU; the running one is stopped only by `/interrupt` or `/skip`, as in A1111.
 
 The request models and their translation to nbkit's `GenerationRequest` are in `nbkit.webui.api_models`;
 this module has the routes and the error handlers. Every generation (and every model switch) runs through the one `GpuQueue`; the handlers are async
@@ -27,6 +32,9 @@ import dataclasses
 import datetime
 import io
 import json
+import logging
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -40,12 +48,16 @@ from nbkit.errors import NbkitError
 from nbkit.generation.infotext import PNG_KEY, parse_infotext, read_infotext
 from nbkit.generation.samplers import list_samplers, list_schedulers
 from nbkit.webui.api_models import (
+    ALWAYSON_SCRIPTS,
+    OPTION_TYPES,
     ApiError,
     ApiRequest,
     Img2ImgRequest,
+    Options,
     PngInfoRequest,
     Txt2ImgRequest,
     build_info,
+    close_names,
     echo_parameters,
     encode_png,
     to_generation_request,
@@ -54,6 +66,10 @@ from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import HR_UPSCALERS, GenerationOutput
 from nbkit.webui.security import LimitError, Limits, decode_base64_image_bytes
 from nbkit.webui.service import GenerationService, cuda_memory
+
+logger = logging.getLogger(__name__)
+# How often a waiting request checks whether its client is still there (a check is one receive() poll).
+DISCONNECT_POLL_SECONDS = 0.25
 
 
 def memory_info() -> dict[str, Any]:
@@ -87,9 +103,26 @@ class ApiState:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-async def run_queued(state: ApiState, job: Any) -> Any:
-    """Queue `job` on the GPU queue and wait for it without holding a thread."""
-    return await asyncio.wrap_future(state.queue.submit(job))
+async def run_queued(state: ApiState, job: Callable[[], Any], request: Request | None = None) -> Any:
+    """Queue `job` on the GPU queue and wait for it without holding a thread.
+
+    While it waits its turn, `request`'s client is checked every `DISCONNECT_POLL_SECONDS`: when it
+    has gone, the job is withdrawn from the queue and never runs. Once running it runs to the end (or
+    to `/interrupt`), as in A1111.
+
+    Raises:
+        ApiError: 499 when the client disconnected before the job started (nobody reads the answer).
+    """
+    future = state.queue.submit(job)
+    waiting = asyncio.wrap_future(future)
+    while request is not None and not future.running() and not future.done():
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            break
+        if await request.is_disconnected() and state.queue.cancel(future):
+            waiting.cancel()
+            raise ApiError(499, "the client disconnected before its request started", "ClientDisconnected")
+    return await waiting
 
 
 def current_title(service: GenerationService) -> str | None:
@@ -127,9 +160,9 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
     """txt2img and img2img (with `override_settings.sd_model_checkpoint`: on that checkpoint)."""
     service = state.service
 
-    async def generate(body: ApiRequest) -> dict[str, Any]:
+    async def generate(body: ApiRequest, http: Request) -> dict[str, Any]:
         request = await run_in_threadpool(to_generation_request, body, state.limits)
-        model = (body.override_settings or {}).get("sd_model_checkpoint")
+        model = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
         if model is not None:
             model = _checkpoint(service, model)
         restore = body.override_settings_restore_afterwards
@@ -144,7 +177,7 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
                 if model and restore and previous and previous != service.current.title:
                     service.select_model(previous)
 
-        output = await run_queued(state, job)
+        output = await run_queued(state, job, http)
         images = await run_in_threadpool(
             lambda: [
                 encode_png(image, text) for image, text in zip(output.images, output.infotexts, strict=True)
@@ -158,12 +191,12 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
         }
 
     @router.post("/txt2img")
-    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
-        return await generate(body)
+    async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
+        return await generate(body, http)
 
     @router.post("/img2img")
-    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
-        return await generate(body)
+    async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
+        return await generate(body, http)
 
 
 def _model_routes(router: APIRouter, state: ApiState) -> None:
@@ -196,13 +229,15 @@ def _model_routes(router: APIRouter, state: ApiState) -> None:
         }
 
     @router.post("/options")
-    async def set_options(body: dict[str, Any]) -> None:
-        key = body.get("sd_model_checkpoint")
+    async def set_options(body: Options, http: Request) -> None:  # type: ignore[valid-type]
+        # Only A1111's option names (`OPTION_TYPES`) with typed values get here, so the store is bounded.
+        given = body.model_dump(exclude_unset=True)
+        key = given.get("sd_model_checkpoint")
         if key is not None:
             title = _checkpoint(service, key)
-            await run_queued(state, lambda: service.select_model(title))
+            await run_queued(state, lambda: service.select_model(title), http)
         state.options.update(
-            {k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
+            {k: v for k, v in given.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
         )
         return None
 
@@ -316,7 +351,14 @@ def _info_routes(router: APIRouter, state: ApiState) -> None:
 # --- errors ------------------------------------------------------------------------------------------
 
 
-def _error(status: int, error: str, detail: Any, errors: Any = None, body: Any = "") -> JSONResponse:
+def _error(
+    status: int,
+    error: str,
+    detail: Any,
+    errors: Any = None,
+    body: Any = "",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={
@@ -325,7 +367,74 @@ def _error(status: int, error: str, detail: Any, errors: Any = None, body: Any =
             "body": body,
             "errors": errors if errors is not None else detail,
         },
+        headers=headers,
     )
+
+
+def _validation_item(item: dict[str, Any]) -> dict[str, Any]:
+    """One validation error as the 422 body lists it; an unknown name gets the close known names."""
+    kept = {key: value for key, value in item.items() if key in ("loc", "msg", "type")}
+    loc = tuple(kept.get("loc") or ())
+    if kept.get("type") == "extra_forbidden" and loc:
+        name = loc[-1]
+        if "alwayson_scripts" in loc:
+            kept["msg"] = (
+                f"always on script {name} not found (nbkit has: {', '.join(ALWAYSON_SCRIPTS)})"
+                f"{close_names(str(name), ALWAYSON_SCRIPTS)}"
+            )
+        else:
+            kept["msg"] = f"unknown option {name!r}{close_names(str(name), OPTION_TYPES)}"
+    return kept
+
+
+def unexpected_error_response(error: BaseException, method: str, path: str) -> JSONResponse:
+    """A 500 for an error nothing else handled: logged with its traceback under a request id that the
+    body and the `X-Request-ID` header carry (the body holds no traceback and no message)."""
+    request_id = uuid.uuid4().hex[:16]
+    logger.error(
+        "request %s (%s %s) failed: %s", request_id, method, path, type(error).__name__, exc_info=error
+    )
+    return _error(
+        500,
+        "InternalServerError",
+        f"unexpected {type(error).__name__} (request id {request_id}); the server log has the details",
+        headers={"X-Request-ID": request_id},
+    )
+
+
+class LastResortMiddleware:
+    """ASGI middleware that turns any exception escaping the app into `unexpected_error_response`.
+
+    Starlette's own last-resort handler answers and then re-raises (so the server logs the error a
+    second time without the request id); this one answers and stops there. An error after the response
+    started cannot be answered: it is logged and re-raised.
+
+    Args:
+        app: the ASGI app.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as error:
+            if started:
+                logger.error("request %s %s failed mid-response", scope.get("method"), scope.get("path"))
+                raise
+            response = unexpected_error_response(error, scope.get("method", ""), scope.get("path", ""))
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -337,7 +446,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_request: Request, error: QueueFull) -> JSONResponse:
-        return _error(503, "QueueFull", f"busy: {error}")
+        return _error(503, "QueueFull", f"busy: {error}", headers={"Retry-After": str(error.retry_after)})
 
     @app.exception_handler(LimitError)
     async def _limit(_request: Request, error: LimitError) -> JSONResponse:
@@ -353,10 +462,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, error: RequestValidationError) -> JSONResponse:
-        errors = [
-            {key: value for key, value in item.items() if key in ("loc", "msg", "type")}
-            for item in error.errors()
-        ]
+        errors = [_validation_item(item) for item in error.errors()]
         detail = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in errors)
         return _error(422, "RequestValidationError", detail, errors)
 
@@ -367,5 +473,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
-        return _error(500, type(error).__name__, str(error))
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        # Reached only without `LastResortMiddleware` (which answers first); the same answer.
+        return unexpected_error_response(error, request.method, request.url.path)

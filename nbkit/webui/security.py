@@ -58,6 +58,8 @@ BLOCKED_PREFIXES = (
 )
 FILE_PREFIXES = ("/gradio_api/file=", "/gradio_api/file/", "/file=")
 API_PREFIX = "/sdapi/"
+# API routes whose body never carries an image: capped at `Limits.max_small_body_bytes`.
+SMALL_BODY_PATHS = ("/sdapi/v1/options",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +162,7 @@ class Limits:
         max_images: batch size x batch count.
         max_image_bytes: bytes of one decoded input image (base64 in the API, uploads in the UI).
         max_body_bytes: bytes of one API request body.
+        max_small_body_bytes: bytes of a body that carries no image (`SMALL_BODY_PATHS`: the options).
     """
 
     max_pixels: int = 2048 * 2048
@@ -167,6 +170,7 @@ class Limits:
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
+    max_small_body_bytes: int = 1024 * 1024
 
 
 class LimitError(NbkitError):
@@ -289,7 +293,10 @@ class AccessMiddleware:
       anything else gets 401 (with `WWW-Authenticate: Basic` on the API, as A1111 answers).
     - Always: gradio's file routes serve only files inside `file_roots` (the outputs folder and
       gradio's cache folder of this server); remote URLs and anything else get 403. Routes in
-      `BLOCKED_PREFIXES` get 404. API bodies above `limits.max_body_bytes` get 413.
+      `BLOCKED_PREFIXES` get 404. API bodies above `limits.max_body_bytes` (`max_small_body_bytes`
+      for `SMALL_BODY_PATHS`) get 413: by their Content-Length before anything is read, and by the
+      bytes actually received as they arrive (a chunked body has no Content-Length), so a body is cut
+      at the cap and never held whole.
 
     Args:
         app: the ASGI app.
@@ -327,17 +334,14 @@ class AccessMiddleware:
             )
         if any(path.startswith(prefix) for prefix in FILE_PREFIXES) and not self._file_allowed(path):
             return await _deny(scope, send, 403, "Forbidden", "only images of this web UI are served")
-        if path.startswith(API_PREFIX):
+        if path.startswith(API_PREFIX) and scope["type"] == "http":
+            cap = self.limits.max_small_body_bytes if path in SMALL_BODY_PATHS else self.limits.max_body_bytes
             length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            if length is not None and length.isdigit() and int(length) > cap:
                 return await _deny(
-                    scope,
-                    send,
-                    413,
-                    "PayloadTooLarge",
-                    f"the request body is {int(length)} bytes, above this server's limit of "
-                    f"{self.limits.max_body_bytes} bytes",
+                    scope, send, 413, "PayloadTooLarge", _too_large(f"{int(length)} bytes", cap)
                 )
+            return await _capped(self.app, scope, receive, send, cap)
         return await self.app(scope, receive, send)
 
     @staticmethod
@@ -375,6 +379,53 @@ class AccessMiddleware:
         return resolved.is_file() and any(
             _inside(resolved, Path(os.path.realpath(root))) for root in self.file_roots()
         )
+
+
+class BodyTooLarge(Exception):
+    """Raised into the app by `_capped`'s `receive` when a body passes its cap."""
+
+
+def _too_large(size: str, cap: int) -> str:
+    return f"the request body is {size}, above this server's limit of {cap} bytes"
+
+
+async def _capped(app: Any, scope: dict, receive: Callable, send: Callable, cap: int) -> None:
+    """Run `app` with a `receive` that counts the body's bytes and stops at `cap` with a 413.
+
+    Past the cap, `receive` raises `BodyTooLarge` (the app stops reading, nothing more is buffered)
+    and whatever the app answers instead is replaced by the 413; the server drops the rest of the body.
+    """
+    received = 0
+    over = False
+    started = False
+
+    async def counting_receive() -> dict:
+        nonlocal received, over
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > cap:
+                over = True
+                raise BodyTooLarge(f"request body over {cap} bytes")
+        return message
+
+    async def guarded_send(message: dict) -> None:
+        nonlocal started
+        if over:
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                await _deny(scope, send, 413, "PayloadTooLarge", _too_large(f"over {cap} bytes", cap))
+            return  # the app's own answer to the cut body is dropped
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, counting_receive, guarded_send)
+    except BodyTooLarge:
+        if started:
+            raise
+        await _deny(scope, send, 413, "PayloadTooLarge", _too_large(f"over {cap} bytes", cap))
 
 
 async def _deny(

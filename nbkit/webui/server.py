@@ -1,7 +1,7 @@
 """One HTTP server for the web UI: A1111's API at `/sdapi/v1`, the gradio UI at `/`.
 
-`create_app` builds the FastAPI app (API router, gradio Blocks mounted with gradio's login, and
-`AccessMiddleware` in front of everything); `Server` runs it with uvicorn on a background thread, on a
+`create_app` builds the FastAPI app (API router, gradio Blocks mounted with gradio's login,
+`AccessMiddleware` in front of everything, and `LastResortMiddleware` around it all); `Server` runs it with uvicorn on a background thread, on a
 socket it binds itself (port None: a free one, without a race), and `close()` stops it.
 
 gradio serves the images it shows from its cache folder. Each server process gets a private one
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
-from nbkit.webui.api import ApiState, create_router, install_error_handlers
+from nbkit.webui.api import ApiState, LastResortMiddleware, create_router, install_error_handlers
 from nbkit.webui.queue import GpuQueue
 from nbkit.webui.security import AccessMiddleware, Credentials, Limits
 from nbkit.webui.service import GenerationService
@@ -128,6 +128,8 @@ def create_app(
         gradio_tokens=gradio_tokens,
         limits=limits,
     )
+    # Outermost: whatever escapes (a route, the access checks, gradio) becomes a JSON 500 with a request id.
+    app.add_middleware(LastResortMiddleware)
     return app
 
 
