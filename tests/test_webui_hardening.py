@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import socket
 import threading
+import time
 from http import client as http_client
 from typing import Any
 
@@ -341,3 +344,136 @@ def test_fuzzed_bodies_get_4xx_never_5xx_and_never_run(server, http, case):
 
 def test_the_server_answers_a_good_request_after_the_fuzzing(server, http):
     assert http.post(server.api + "/txt2img", json=SMALL, timeout=60).status_code == 200
+
+
+# --- the queue and unexpected errors, on an in-process server with a counted fake generation -------------
+
+
+class _FakeGeneration:
+    """`GenerationService.generate` stand-in: counts the seeds it runs; seed 1 waits for `release`."""
+
+    def __init__(self):
+        self.seeds: list[int] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.error: Exception | None = None
+
+    def __call__(self, request):
+        from nbkit.webui.requests import GenerationOutput
+
+        self.seeds.append(request.seed)
+        if self.error is not None:
+            raise self.error
+        if request.seed == 1:
+            self.started.set()
+            assert self.release.wait(60), "the test never released the first job"
+        return GenerationOutput(
+            images=[Image.new("RGB", (8, 8))],
+            infotexts=[f"x\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: {request.seed}, Size: 64x64"],
+            seeds=[request.seed],
+            paths=[],
+            request=request,
+            model=None,
+        )
+
+
+@pytest.fixture()
+def fake_server(tmp_path):
+    """A real uvicorn server on loopback (so clients really disconnect), API only, queue depth 1."""
+    from nbkit.webui.models import ModelCatalog
+    from nbkit.webui.queue import GpuQueue
+    from nbkit.webui.server import Server, create_app
+    from nbkit.webui.service import GenerationService
+
+    service = GenerationService(ModelCatalog(None, tmp_path, include_base_models=False), None, device="cpu")
+    fake = service.generate = _FakeGeneration()
+    queue = GpuQueue(1)
+    server = Server(create_app(service, queue, with_ui=False))
+    server.start()
+    yield server, service, queue, fake
+    fake.release.set()
+    server.close()
+    queue.close()
+
+
+def _wait_for(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _start(url: str, seed: int, results: dict) -> threading.Thread:
+    thread = threading.Thread(
+        target=lambda: results.__setitem__(
+            seed, requests.post(url, json={**SMALL, "seed": seed}, timeout=120)
+        )
+    )
+    thread.start()
+    return thread
+
+
+def test_a_queued_request_whose_client_left_never_reaches_the_pipeline(fake_server):
+    server, _service, queue, fake = fake_server
+    url = server.url + "sdapi/v1/txt2img"
+    results: dict = {}
+    first = _start(url, 1, results)
+    assert fake.started.wait(30)
+    body = json.dumps({**SMALL, "seed": 2}).encode()
+    client = socket.create_connection(("127.0.0.1", server.port))
+    client.sendall(
+        b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    _wait_for(lambda: queue.pending == 1, "the second request to queue")
+    client.close()
+    _wait_for(lambda: queue.pending == 0, "the server to withdraw the request of the client that left")
+    fake.release.set()
+    first.join(60)
+    assert results[1].status_code == 200
+    third: dict = {}
+    _start(url, 3, third).join(60)
+    assert third[3].status_code == 200
+    assert fake.seeds == [1, 3], "the request of the client that left ran"
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_interrupt_still_answers(fake_server):
+    server, _service, queue, fake = fake_server
+    url = server.url + "sdapi/v1/txt2img"
+    results: dict = {}
+    threads = [_start(url, 1, results)]
+    assert fake.started.wait(30)
+    threads.append(_start(url, 2, results))
+    _wait_for(lambda: queue.pending == 1, "the second request to queue")
+    refused = requests.post(url, json={**SMALL, "seed": 3}, timeout=30)
+    assert refused.status_code == 503 and refused.json()["error"] == "QueueFull"
+    assert int(refused.headers["Retry-After"]) > 0
+    assert requests.post(server.url + "sdapi/v1/interrupt", timeout=10).json() == {}
+    fake.release.set()
+    for thread in threads:
+        thread.join(60)
+    assert [results[seed].status_code for seed in (1, 2)] == [200, 200] and fake.seeds == [1, 2]
+
+
+def test_unexpected_errors_are_a_json_500_with_a_request_id_and_a_logged_traceback(fake_server, caplog):
+    server, service, _queue, fake = fake_server
+    fake.error = RuntimeError("internal detail /secret/path")
+
+    def broken_refresh():
+        raise KeyError("another internal detail")
+
+    service.catalog.refresh = broken_refresh
+    with caplog.at_level(logging.ERROR, logger="nbkit.webui.api"):
+        queued = requests.post(server.url + "sdapi/v1/txt2img", json=SMALL, timeout=60)  # in the queue's job
+        sync = requests.post(server.url + "sdapi/v1/refresh-checkpoints", timeout=10)  # in a sync route
+    for response, kind in ((queued, "RuntimeError"), (sync, "KeyError")):
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        request_id = response.headers["X-Request-ID"]
+        body = response.json()
+        assert set(body) == {"error", "detail", "body", "errors"} and request_id in body["detail"]
+        assert kind in body["detail"] and "internal detail" not in response.text
+        assert "Traceback" not in response.text
+        logged = [record for record in caplog.records if request_id in record.getMessage()]
+        assert logged and logged[0].exc_info is not None and logged[0].exc_info[0].__name__ == kind
+    assert requests.get(server.url + "sdapi/v1/progress", timeout=10).status_code == 200
