@@ -43,7 +43,6 @@ def test_txt2img_images_parameters_info_and_png_info_round_trip(server, http):
         width=64,
         height=96,
         sampler_name="DPM++ 2M Karras",
-        alwayson_scripts={"ADetailer": {"args": [False]}},
         some_a1111_only_field=True,
     )
     assert len(body["images"]) == 4

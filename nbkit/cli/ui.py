@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nbkit.tunnel import PROVIDERS
+    from nbkit.tunnel import CHOICES
     from nbkit.webui.queue import DEFAULT_MAX_PENDING
 
     parser = subparsers.add_parser(
@@ -26,7 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     parser.add_argument(
-        "--tunnel", default="none", choices=list(PROVIDERS), help="public link provider (default: none)"
+        "--tunnel",
+        default="none",
+        choices=list(CHOICES),
+        help="public link provider (default: none); auto tries gradio, cloudflared, localtunnel, then ngrok "
+        "when a token is present, and falls back when a link drops",
     )
     parser.add_argument(
         "--auth", default=None, metavar="USER:PASS", help="login for the UI and the API (HTTP Basic)"

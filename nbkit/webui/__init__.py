@@ -29,6 +29,7 @@ from typing import Any
 from nbkit.compat import check_versions
 from nbkit.tunnel import CHOICES, Watchdog, open_tunnel
 from nbkit.tunnel.watchdog import DEFAULT_INTERVAL
+from nbkit.webui.queue import DEFAULT_MAX_PENDING
 
 TUNNELS = CHOICES  # `auto` and nbkit.tunnel's providers
 logger = logging.getLogger("nbkit.webui")
@@ -311,7 +312,7 @@ def launch(
     *,
     root: str | os.PathLike | None = None,
     device: str | None = None,
-    max_queue: int = 32,
+    max_queue: int = DEFAULT_MAX_PENDING,
     limits: Any = None,
     tunnel_options: dict[str, Any] | None = None,
     include_base_models: bool = True,
