@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from nbkit.convert.archive_check import PickleSummary, scan_checkpoint
-from nbkit.convert.safetensors_stream import MAX_HEADER_BYTES
+from nbkit.convert.safetensors_stream import MAX_HEADER_BYTES, read_header
 from nbkit.errors import NbkitError
 
 FileFormat = Literal["safetensors", "torch-zip", "torch-legacy"]
@@ -111,6 +111,26 @@ def check_pickled_checkpoint(path: str | os.PathLike) -> FileFormat:
             re-save the file.
     """
     return _checked(Path(path))[0]
+
+
+def check_tensor_file(path: str | os.PathLike) -> FileFormat:
+    """Check any model file without reading its tensors: a .safetensors header (`read_header`), or a
+    pickled checkpoint's container and pickle (`check_pickled_checkpoint`).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The file's format.
+
+    Raises:
+        NbkitError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    if sniff_format(path) == "safetensors":
+        read_header(path)
+        return "safetensors"
+    return check_pickled_checkpoint(path)
 
 
 def _checked(path: Path) -> tuple[FileFormat, PickleSummary | None]:
