@@ -11,13 +11,13 @@ really holds), come from a small simulation of the unpickler's stack.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickletools
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from nbkit.errors import NbkitError
 
@@ -37,6 +37,17 @@ MAX_KEPT_STRING = 1024
 # Python's pickle writes the legacy format's four pickles (magic, version, system info, object) back to back.
 LEGACY_PICKLES = 4
 _MARK = object()
+# opcode name -> (pops to a MARK, items popped below the MARK or in all, items pushed)
+_STACK_EFFECTS = {
+    opcode.name: (
+        pickletools.markobject in opcode.stack_before,
+        opcode.stack_before.index(pickletools.markobject)
+        if pickletools.markobject in opcode.stack_before
+        else len(opcode.stack_before),
+        len(opcode.stack_after),
+    )
+    for opcode in pickletools.opcodes
+}
 
 
 @dataclass(frozen=True)
@@ -69,47 +80,37 @@ class _TooLarge(Exception):
 
 
 class _LimitedReader:
-    """A read-only stream that refuses, before reading, anything past `limit` bytes in all.
+    """A buffered read-only stream that refuses, before reading, anything past `limit` bytes in all.
 
     genops reads an opcode's argument with one `read(n)`, `n` taken from the file: a lying length must not
     become an allocation.
     """
 
-    def __init__(self, raw: BinaryIO, limit: int):
+    def __init__(self, raw: io.BufferedReader, limit: int):
         self._raw = raw
-        self._left = limit
         self._start = raw.tell()
-        self._used = 0
-        self._peeked = b""
+        self._limit = limit
+        self._left = limit
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0 or size > self._left:
             raise _TooLarge  # genops never asks for everything
-        data, self._peeked = self._peeked[:size], self._peeked[size:]
-        if len(data) < size:
-            rest = self._raw.read(size - len(data))
-            data = data + rest if data else rest  # no copy of a large argument
+        data = self._raw.read(size)
         self._left -= len(data)
-        self._used += len(data)
         return data
 
     def readline(self, size: int = -1) -> bytes:
-        line, self._peeked = self._peeked, b""
-        if line != b"\n":
-            line += self._raw.readline(self._left + 1 - len(line))
+        line = self._raw.readline(self._left + 1)
         if len(line) > self._left:
             raise _TooLarge
         self._left -= len(line)
-        self._used += len(line)
         return line
 
     def tell(self) -> int:
-        return self._start + self._used
+        return self._start + self._limit - self._left
 
     def at_end(self) -> bool:
-        if not self._peeked:
-            self._peeked = self._raw.read(1)
-        return not self._peeked
+        return not self._raw.peek(1)
 
 
 def _item_sizes() -> dict[str, int]:
@@ -131,11 +132,11 @@ def _kept(value: object) -> object:
     return None
 
 
-def scan_pickles(stream: BinaryIO, *, count: int, limit: int = MAX_PICKLE_BYTES) -> PickleSummary:
+def scan_pickles(stream: io.BufferedReader, *, count: int, limit: int = MAX_PICKLE_BYTES) -> PickleSummary:
     """Read up to `count` pickles back to back from `stream` as opcodes, running nothing.
 
     Args:
-        stream: positioned at the first pickle.
+        stream: a buffered stream (one with `peek`), positioned at the first pickle.
         count: how many pickles to read at most (fewer when the stream ends).
         limit: the most bytes to read in all.
 
@@ -169,28 +170,26 @@ def scan_pickles(stream: BinaryIO, *, count: int, limit: int = MAX_PICKLE_BYTES)
                     raise ValueError("the pickle remembers implausibly many objects")
                 memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]  # as pickle's unpickler does
                 continue
-            before = opcode.stack_before
+            to_mark, before, after = _STACK_EFFECTS[name]
             popped: list[object] = []
-            if pickletools.markobject in before or (name == "POP" and stack and stack[-1] is _MARK):
+            if to_mark or (name == "POP" and stack and stack[-1] is _MARK):
                 if not marks:
                     raise ValueError(f"{name} without a MARK")
                 mark = marks.pop()
                 popped = stack[mark + 1 :]
                 del stack[mark:]
-                before = (
-                    before[: before.index(pickletools.markobject)] if pickletools.markobject in before else []
-                )
+                before = 0 if name == "POP" else before
             if before:
-                if len(stack) - (marks[-1] + 1 if marks else 0) < len(before):
+                if len(stack) - (marks[-1] + 1 if marks else 0) < before:
                     raise ValueError(f"{name} on a stack too short for it")
-                popped = stack[-len(before) :] + popped
-                del stack[-len(before) :]
+                popped = stack[-before:] + popped
+                del stack[-before:]
             pushed: object = None
             if name == "PROTO":
                 summary.protocol = max(summary.protocol, arg)
             elif name in ("GLOBAL", "INST"):
-                pushed = _Global(arg.replace(" ", "."))
-                summary.globals.add(pushed.name)
+                summary.globals.add(arg.replace(" ", "."))
+                pushed = _Global(arg.replace(" ", ".")) if name == "GLOBAL" else None
             elif name == "STACK_GLOBAL":
                 module, attribute = popped
                 known = isinstance(module, str) and isinstance(attribute, str)
@@ -210,7 +209,7 @@ def scan_pickles(stream: BinaryIO, *, count: int, limit: int = MAX_PICKLE_BYTES)
                 pushed = ()
             elif opcode.arg is not None and not before:
                 pushed = _kept(arg)
-            stack.extend([pushed] * len(opcode.stack_after))
+            stack.extend([pushed] * after)
             if name == "STOP":
                 break
     return summary
@@ -375,7 +374,8 @@ def scan_checkpoint(path: Path, file_format: str) -> PickleSummary:
     try:
         if file_format == "torch-zip":
             with open_torch_zip(path) as (archive, layout), archive.open(layout.pickle) as stream:
-                summary = scan_pickles(stream, count=1)
+                # buffered: genops reads an opcode at a time, and a zip entry's own read() is slow Python
+                summary = scan_pickles(io.BufferedReader(stream, buffer_size=2**16), count=1)
                 check_zip_storages(path, layout, summary)
                 return summary
         with open(path, "rb") as handle:

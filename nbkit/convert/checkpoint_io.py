@@ -1,9 +1,11 @@
 """Open model files safely, whatever their name says they are.
 
 The format is told from the first bytes, not the suffix: users bring safetensors files named .ckpt and
-the reverse. Pickled checkpoints are read only with `torch.load(weights_only=True)`, which builds
-tensors and plain containers and refuses anything else before it runs, so a file that tries to run
-code is rejected with a message saying so, and nothing of it runs.
+the reverse. Pickled checkpoints are checked first without running or inflating anything
+(`nbkit.convert.archive_check`: a zip bomb is refused from the sizes its zip directory declares, and the
+pickle's opcodes are read as a bounded stream), then read only with `torch.load(weights_only=True)`,
+which builds tensors and plain containers and refuses anything else before it runs, so a file that
+tries to run code is rejected with a message saying so, and nothing of it runs.
 """
 
 from __future__ import annotations
