@@ -34,8 +34,9 @@ SMALL_ENTRY_BYTES = 2**20
 MAX_ZIP_ENTRIES = 200_000
 # Strings the simulation keeps (module and function names, storage keys); longer ones are not needed.
 MAX_KEPT_STRING = 1024
-# Python's pickle writes the legacy format's four pickles (magic, version, system info, object) back to back.
-LEGACY_PICKLES = 4
+# torch's legacy (non-zip) format is five pickles back to back (magic number, format version, system
+# info, the object, its storage keys), then the storages' bytes; torch reads all five.
+LEGACY_PICKLES = 5
 _MARK = object()
 # opcode name -> (pops to a MARK, items popped below the MARK or in all, items pushed)
 _STACK_EFFECTS = {
