@@ -1,19 +1,19 @@
 """Open model files safely, whatever their name says they are.
 
 The format is told from the first bytes, not the suffix: users bring safetensors files named .ckpt and
-the reverse. Pickled checkpoints are read only with `torch.load(weights_only=True)`, which builds
-tensors and plain containers and refuses anything else before it runs, so a file that tries to run
-code is rejected with a message saying so, and nothing of it runs.
+the reverse. Pickled checkpoints are checked first without running or inflating anything
+(`nbkit.convert.archive_check`: a zip bomb is refused from the sizes its zip directory declares, and the
+pickle's opcodes are read as a bounded stream), then read only with `torch.load(weights_only=True)`,
+which builds tensors and plain containers and refuses anything else before it runs, so a file that
+tries to run code is rejected with a message saying so, and nothing of it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import pickle
-import pickletools
 import re
 import shlex
 import struct
@@ -25,16 +25,14 @@ from typing import Literal
 
 import torch
 
-from nbkit.convert.safetensors_stream import MAX_HEADER_BYTES
+from nbkit.convert.archive_check import PickleSummary, scan_checkpoint
+from nbkit.convert.safetensors_stream import MAX_HEADER_BYTES, read_header
 from nbkit.errors import NbkitError
 
 FileFormat = Literal["safetensors", "torch-zip", "torch-legacy"]
 PICKLE_PROTOCOL_OPCODE = 0x80
 # torch's safe loader (weights_only=True) reads only the opcodes of pickle protocol 2.
 SAFE_LOADER_PROTOCOL = 2
-# A legacy (non-zip) file is a run of pickles: magic number, format version, system info, the object.
-LEGACY_PICKLES = 4
-MAX_PICKLE_OPS = 50_000_000
 SNIFF_BYTES = 64
 MAX_STATE_DICT_NESTING = 4
 # Where nbkit's .ckpt files keep their header metadata, beside "state_dict" (A1111 and ComfyUI ignore it).
@@ -93,11 +91,15 @@ def _refused_global(error: Exception) -> str | None:
 
 
 def check_pickled_checkpoint(path: str | os.PathLike) -> FileFormat:
-    """Refuse a pickled checkpoint that would run code, or that torch's safe loader cannot read.
+    """Refuse a pickled checkpoint that would run code, that is a zip bomb, or that torch's safe loader
+    cannot read.
 
-    The pickle is only read as opcodes (`pickletools`), never executed: every function it would call
-    must be one `torch.load(weights_only=True)` allows (tensor and storage rebuilders, `OrderedDict`).
-    `load_pickled_checkpoint` runs this first, and `nbkit model info` runs it alone.
+    Nothing of the file is executed or inflated whole: the zip's central directory is checked first
+    (each entry's declared size against its compressed size and a bound), then the pickle is read as a
+    stream of opcodes (`nbkit.convert.archive_check`): every function it would call must be one
+    `torch.load(weights_only=True)` allows (tensor and storage rebuilders, `OrderedDict`), and every
+    tensor storage it declares must be in the file. `load_pickled_checkpoint` runs this first, and
+    `nbkit model info` runs it alone.
 
     Args:
         path: the file.
@@ -106,15 +108,40 @@ def check_pickled_checkpoint(path: str | os.PathLike) -> FileFormat:
         The file's format.
 
     Raises:
-        NbkitError: naming the function a code-running pickle would call, or, for plain tensors pickled
-            with a protocol newer than 2, saying so and how to re-save the file.
+        NbkitError: naming the function a code-running pickle would call, the entry a zip bomb would
+            inflate, or, for plain tensors pickled with a protocol newer than 2, saying so and how to
+            re-save the file.
+    """
+    return _checked(Path(path))[0]
+
+
+def check_tensor_file(path: str | os.PathLike) -> FileFormat:
+    """Check any model file without reading its tensors: a .safetensors header (`read_header`), or a
+    pickled checkpoint's container and pickle (`check_pickled_checkpoint`).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The file's format.
+
+    Raises:
+        NbkitError: naming the file and what is wrong with it.
     """
     path = Path(path)
+    if sniff_format(path) == "safetensors":
+        read_header(path)
+        return "safetensors"
+    return check_pickled_checkpoint(path)
+
+
+def _checked(path: Path) -> tuple[FileFormat, PickleSummary | None]:
+    """`check_pickled_checkpoint`, also returning what the pickle holds (None for safetensors)."""
     file_format = sniff_format(path)
     if file_format == "safetensors":
-        return file_format
+        return file_format, None
     try:
-        protocol, names = _pickle_globals(path, file_format)
+        summary = scan_checkpoint(path, file_format)
     except (
         ValueError,
         EOFError,
@@ -123,21 +150,30 @@ def check_pickled_checkpoint(path: str | os.PathLike) -> FileFormat:
         zipfile.BadZipFile,
         OSError,
         pickle.PickleError,
+        NotImplementedError,  # a zip compression method zipfile does not know
     ) as error:
         raise _damaged(path, error) from error
     allowed = _safe_globals()
-    refused = sorted(name for name in names if name not in allowed)
+    refused = sorted(name for name in summary.globals if name not in allowed)
     if refused:
         raise _code_error(path, ", ".join(refused))
-    if protocol > SAFE_LOADER_PROTOCOL:
+    if summary.protocol > SAFE_LOADER_PROTOCOL:
+        if not summary.holds_tensors:
+            raise _no_tensors(path)
         raise NbkitError(
-            f"this checkpoint holds only plain tensors, but they were pickled with protocol {protocol} "
+            f"this checkpoint holds only plain tensors, but they were pickled with protocol {summary.protocol} "
             f"({'zip' if file_format == 'torch-zip' else 'legacy, non-zip'} torch format), which torch's safe "
             "loader (weights_only=True) cannot read, so nbkit does not open it",
             path=path,
             fix=f"re-save it as .safetensors on a machine where you trust the file: {resave_command(path)}",
         )
-    return file_format
+    return file_format, summary
+
+
+def _no_tensors(path: Path) -> NbkitError:
+    return NbkitError(
+        "the checkpoint holds no tensors: it is not a model", path=path, fix="check that this is a model file"
+    )
 
 
 def resave_command(path: str | os.PathLike) -> str:
@@ -165,54 +201,6 @@ def _safe_globals() -> set[str]:
     extra = {f"{obj.__module__}.{obj.__qualname__}" for obj in torch.serialization.get_safe_globals()
              if hasattr(obj, "__qualname__")}  # fmt: skip
     return set(_get_allowed_globals()) | extra
-
-
-def _pickle_globals(path: Path, file_format: FileFormat) -> tuple[int, set[str]]:
-    """(protocol, the `module.name` of every global) of the checkpoint's pickles, read as opcodes only."""
-    if file_format == "torch-zip":
-        with zipfile.ZipFile(path) as archive:
-            pickled = [
-                name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"
-            ]
-            if not pickled:
-                raise KeyError("the zip has no data.pkl")
-            return _scan(io.BytesIO(archive.read(pickled[0])), count=1)
-    with open(path, "rb") as handle:
-        return _scan(handle, count=LEGACY_PICKLES)
-
-
-def _scan(stream, *, count: int) -> tuple[int, set[str]]:
-    protocol, names = 0, set()
-    for _ in range(count):
-        start = stream.tell()
-        if not stream.read(1):
-            break  # a plain pickle.dump file holds one pickle, not torch's run of them
-        stream.seek(start)
-        # STACK_GLOBAL (protocol 4+) takes module and name from the stack: follow the strings pushed
-        # and memoised, which is all a pickler puts there before it.
-        memo, pushed = {}, []
-        for ops, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
-            if ops > MAX_PICKLE_OPS:
-                raise ValueError("the pickle is implausibly long")
-            name = opcode.name
-            if name == "PROTO":
-                protocol = max(protocol, arg)
-            elif name in ("GLOBAL", "INST"):
-                names.add(arg.replace(" ", "."))
-            elif name == "STACK_GLOBAL":
-                module, attribute = pushed[-2:] if len(pushed) >= 2 else (None, None)
-                names.add(f"{module}.{attribute}" if module and attribute else "<a function it computes>")
-            elif name == "MEMOIZE":
-                memo[len(memo)] = pushed[-1] if pushed else None
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[arg] = pushed[-1] if pushed else None
-            elif name in ("BINGET", "LONG_BINGET", "GET"):
-                pushed.append(memo.get(arg))
-            elif isinstance(arg, str) and name.endswith(("UNICODE", "STRING")):
-                pushed.append(arg)
-            elif opcode.stack_after:
-                pushed.append(None)
-    return protocol, names
 
 
 def _code_error(path: Path, refused: str) -> NbkitError:
@@ -243,7 +231,7 @@ def load_pickled_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
         NbkitError: when the file asks to run code, is truncated or damaged, or holds no tensors.
     """
     path = Path(path)
-    file_format = check_pickled_checkpoint(path)
+    file_format, summary = _checked(path)
     if file_format == "safetensors":
         raise NbkitError("this is a .safetensors file, not a pickled checkpoint", path=path)
     try:
@@ -256,6 +244,8 @@ def load_pickled_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
         if refused is not None:
             raise _code_error(path, refused) from error
         if "truncated" not in str(error):
+            if not summary.holds_tensors:
+                raise _no_tensors(path) from error
             raise NbkitError(
                 f"refused to load: torch's safe loader cannot read its pickle ({str(error).splitlines()[-1][:200]})",
                 path=path,

@@ -96,11 +96,69 @@ def _invalid(path: Path, why: str) -> NbkitError:
     )
 
 
+class _Refused(ValueError):
+    """A header that parses as JSON but that safetensors would not read the same way."""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refusing a name given twice (readers would disagree on which counts) and strings
+    that are not UTF-8 (a lone surrogate escape)."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Refused(f"{key!r} appears twice in it")
+        for text in (key, value):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise _Refused(f"{key!r} is not UTF-8 text") from error
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> object:
+    raise _Refused(f"it holds {name}, which is not JSON")
+
+
+def _is_count(value: object) -> bool:
+    """A JSON non-negative integer (not a float, not a boolean), as safetensors' `usize`."""
+    return type(value) is int and value >= 0
+
+
+def _tensor_entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
+    """One tensor's entry of the header, checked: known dtype, shape and span that agree."""
+    if not isinstance(info, dict):
+        raise _invalid(path, f"tensor {name!r} is described by a {type(info).__name__}, not an object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise _invalid(
+            path,
+            f"tensor {name!r} has dtype {dtype_name!r}, which nbkit does not read (it reads {', '.join(DTYPES)})",
+        )
+    if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+        raise _invalid(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise _invalid(path, f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+    dtype, (begin, end) = DTYPES[dtype_name], offsets
+    numel = 1
+    for n in shape:
+        numel *= n
+    if end - begin != numel * dtype.itemsize:
+        raise _invalid(
+            path, f"tensor {name!r}: {end - begin} bytes do not hold {tuple(shape)} of {dtype_name}"
+        )
+    return TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)
+
+
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and check the header of a .safetensors file without reading its tensors.
 
-    Every tensor's byte range must match its dtype and shape, and the ranges must tile the data area
-    exactly, so a truncated file is caught here rather than as garbage weights later.
+    Nothing is allocated from what the header claims before it is checked: the header's length is
+    bounded as safetensors bounds it and must fit in the file; every tensor's dtype must be known and
+    its byte range match its dtype and shape; the ranges must tile the data area exactly (none outside
+    the file, none overlapping), so a truncated file is caught here rather than as garbage weights
+    later. A header this accepts is one safetensors reads the same way.
 
     Args:
         path: the file.
@@ -120,37 +178,35 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if header_length > MAX_HEADER_BYTES or 8 + header_length > size:
             raise _invalid(path, f"its header claims {header_length} bytes but the file has {size}")
         raw = handle.read(header_length)
+    if not raw.startswith(b"{"):
+        raise _invalid(path, "its header does not start with '{'")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _invalid(path, f"its header is not JSON ({error})") from error
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, _Refused, RecursionError) as error:
+        why = "it nests too deep" if isinstance(error, RecursionError) else str(error)
+        raise _invalid(path, f"its header is not valid JSON ({why})") from error
     if not isinstance(header, dict):
         raise _invalid(path, "its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _invalid(path, "its __metadata__ is not a mapping of strings")
     data_start = 8 + header_length
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(n) for n in info["shape"])
-            begin, end = (int(n) for n in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise _invalid(path, f"tensor {name!r} has a malformed entry ({error!r})") from error
-        numel = 1
-        for n in shape:
-            numel *= n
-        if min(shape, default=0) < 0 or end - begin != numel * dtype.itemsize:
-            raise _invalid(
-                path, f"tensor {name!r}: {end - begin} bytes do not hold {shape} of {info['dtype']}"
-            )
-        tensors[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
-    ordered = sorted(tensors.items(), key=lambda item: item[1].start)
+    tensors = {name: _tensor_entry(path, name, info, data_start) for name, info in header.items()}
+    # In the order safetensors checks them: by (begin, end), so an empty tensor comes first.
+    ordered = sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end))
     position = data_start
     for name, entry in ordered:
         if entry.start != position:
-            raise _invalid(path, f"tensor {name!r} does not start where the previous one ends")
+            raise _invalid(
+                path,
+                f"tensor {name!r} "
+                + (
+                    "overlaps the previous one"
+                    if entry.start < position
+                    else "does not start where the previous one ends"
+                ),
+            )
         position = entry.end
     if position > size:
         raise NbkitError(

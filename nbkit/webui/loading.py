@@ -10,6 +10,8 @@ request with diffusers' `from_pipe`, sharing the loaded modules.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,77 @@ from nbkit.generation.cache import PipelineCache
 from nbkit.webui import controlnet as cn
 from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
 from nbkit.webui.requests import ControlNetUnit
+
+# Suffixes of the files a model source names; a missing path with one is a missing file, not a hub id.
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_model_source(source: str | os.PathLike, family: str | None = None) -> None:
+    """Check that a local checkpoint file or diffusers folder will load, without loading its weights.
+
+    `nbkit ui` runs it on `--model` and every `--extra-model` before it listens or opens a tunnel, so a
+    bad file is an error at the start, not at the first generation. A single file is told by its bytes:
+    a .safetensors header, or a .ckpt's zip directory and pickle opcodes, are checked
+    (`nbkit.convert.checkpoint_io`), and its family is told from its keys and shapes. A folder's layout
+    and configs are checked, and the header of each of its weight files. Remote sources (a URL, a hub id,
+    a registry key) are left to load time.
+
+    Args:
+        source: a catalog entry's source: a path, URL, hub id or registry key.
+        family: the family the entry says it is (None: told from the file).
+
+    Raises:
+        NbkitError: naming the file or folder, what is wrong and the fix.
+    """
+    text = os.fspath(source).strip()
+    path = Path(text).expanduser()
+    if not path.exists():
+        looks_local = text.startswith(("/", "./", "../", "~")) or path.suffix.lower() in _FILE_SUFFIXES
+        if looks_local and not re.match(r"[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
+            raise NbkitError("no such file or folder", path=path.absolute(), fix="check the path")
+        return
+    from nbkit.models.sources import resolve_local
+
+    resolved = resolve_local(path)
+    if resolved.kind == "single_file":
+        _check_single_file(resolved.path, family)
+    else:
+        _check_folder(resolved.path, family)
+
+
+def _check_single_file(path: Path, family: str | None) -> None:
+    from nbkit.convert import detect_family, resolve_family
+
+    guess = detect_family(path)  # a .ckpt's tensors are memory-mapped, not read
+    if guess.ambiguous and family is None:
+        choices = " or ".join(f"--family {name}" for name in guess.candidates)
+        raise NbkitError(
+            f"cannot tell which model family this checkpoint is: {guess.evidence}",
+            path=path,
+            fix=f"convert it once to a diffusers folder, saying which it is (`nbkit convert {path} FOLDER "
+            f"{choices}`), and open that folder",
+        )
+    resolve_family(guess, family, path)
+
+
+def _check_folder(folder: Path, family: str | None) -> None:
+    from nbkit.convert.checkpoint_io import check_tensor_file
+    from nbkit.convert.tensor_sources import find_weight_files
+    from nbkit.families import detect_family_from_config
+    from nbkit.fsio import read_json
+    from nbkit.models.sources import required_components
+
+    detected = detect_family_from_config(folder)
+    if family is not None and detected.family != family:
+        raise NbkitError(
+            f"this model is {detected.family} ({get_family(detected.family).title}), not the expected {family}",
+            path=folder,
+            fix=f"pick a {family} model",
+        )
+    for name in required_components(read_json(folder / "model_index.json")):
+        if (folder / name / "config.json").is_file():  # a model (tokenizers and schedulers have no weights)
+            for weights in find_weight_files(folder / name):
+                check_tensor_file(weights)
 
 
 class ModelLoading:
