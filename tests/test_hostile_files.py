@@ -439,3 +439,19 @@ def test_the_model_check_asks_to_convert_a_file_that_does_not_say_its_family(tin
         check_model_source(bare)
     assert f"nbkit convert {bare} FOLDER --family" in caught.value.fix
     check_model_source(bare, family=caught.value.fix.split("--family ")[1].split()[0])
+
+
+def test_nbkit_ui_refuses_a_bad_model_before_it_listens(tmp_path, monkeypatch, capsys):
+    from nbkit.cli import main
+    from nbkit.webui import server
+
+    def listen(*_args, **_kwargs):
+        raise AssertionError("the server started with a bad --model")
+
+    monkeypatch.setattr(server.Server, "start", listen)
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("these are my notes, not a model\n")
+    argv = ["ui", "--model", str(bad), "--no-base-models", "--root", str(tmp_path / "root")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err

@@ -354,6 +354,7 @@ def launch(
     check_versions("ui")
     from nbkit.env import storage_root
     from nbkit.session.core import Session
+    from nbkit.webui.loading import check_model_source
     from nbkit.webui.models import ModelCatalog
     from nbkit.webui.outputs import OutputStore
     from nbkit.webui.queue import GpuQueue
@@ -371,6 +372,10 @@ def launch(
     catalog = ModelCatalog(session, root_path, include_base_models=include_base_models)
     for source in [*(extra_models or []), *([model] if model is not None else [])]:
         _offer(catalog, source)
+        # A bad local file is refused here, before the server listens or a tunnel opens, not at the
+        # first generation; remote sources are checked when they are fetched.
+        entry = catalog.find(source)
+        check_model_source(entry.source, family=entry.family)
     service = GenerationService(catalog, outputs, model=model, device=device, low_vram=low_vram)
     queue = GpuQueue(max_queue)
     try:
