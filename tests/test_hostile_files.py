@@ -49,15 +49,19 @@ def _write_zip_bomb(path: Path, inflated_bytes: int) -> None:
 
 def _run_measured(argv: list[str]) -> tuple[int, str, int]:
     """(exit status, stderr, peak RSS in bytes) of `nbkit ARGV` in a child process that reports its own
-    peak (`ru_maxrss`, so no other child of the test run counts)."""
+    peak. It reads VmHWM, the peak of its own address space: `ru_maxrss` would not do, since Linux
+    carries the parent's peak across the fork and exec that start the child (a test run that loaded a
+    big model before would count)."""
     code = textwrap.dedent(
         f"""
-        import resource, sys
+        import re, sys
         from nbkit.cli import main
         try:
             status = main({argv!r})
         finally:
-            print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+            with open("/proc/self/status") as status_file:
+                peak_kb = re.search(r"VmHWM:\\s*(\\d+) kB", status_file.read()).group(1)
+            print("PEAK_RSS_KB", peak_kb, file=sys.stderr)
         sys.exit(status)
         """
     )
