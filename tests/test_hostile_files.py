@@ -459,3 +459,29 @@ def test_nbkit_ui_refuses_a_bad_model_before_it_listens(tmp_path, monkeypatch, c
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err
+
+
+def test_a_large_record_beside_the_pickle_is_refused_whatever_its_ratio(tmp_path):
+    # torch reads `archive/version` whole: 40 MB that deflate only ~40x pass a ratio bound, so size
+    # alone must refuse it (a reviewer's 13 MB file of this kind took 6.6 GB to refuse before).
+    good = tmp_path / "good.ckpt"
+    torch.save(_tiny_state_dict(), good)
+    bomb = tmp_path / "bomb.ckpt"
+    noisy_block = os.urandom(25_000) + bytes(2**20 - 25_000)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bomb, "w") as target:
+        for info in source.infolist():
+            if info.filename.endswith("/version"):
+                record = zipfile.ZipInfo(info.filename)
+                record.compress_type = zipfile.ZIP_DEFLATED
+                with target.open(record, "w", force_zip64=True) as entry:
+                    entry.write(b"3\n")
+                    for _ in range(40):
+                        entry.write(noisy_block)
+            else:
+                target.writestr(info, source.read(info))
+    with zipfile.ZipFile(bomb) as archive:
+        version = next(info for info in archive.infolist() if info.filename.endswith("/version"))
+    assert 40 * 2**20 < version.file_size < 100 * version.compress_size  # under the ratio bound
+    with pytest.raises(NbkitError, match=r"'[^']*/version' would inflate to 41\.9 MB") as caught:
+        check_pickled_checkpoint(bomb)
+    assert caught.value.path == str(bomb)

@@ -292,6 +292,19 @@ def check_zip_directory(path: Path, archive: zipfile.ZipFile) -> TorchZip:
                 f"its entry {info.filename!r} would inflate to {_size(info.file_size)} from "
                 f"{_size(info.compress_size)} ({info.file_size // max(info.compress_size, 1)}x)",
             )
+    # Beyond the pickle and the tensor storages (checked against the pickle in `check_zip_storages`),
+    # torch reads only small records (version, byteorder, ...): a large one inflates into memory for
+    # nothing, whatever its ratio.
+    for info in infos:
+        bounded_elsewhere = (
+            info.filename.startswith(f"{prefix}/data/") or info.filename == f"{prefix}/data.pkl"
+        )
+        if info.file_size > SMALL_ENTRY_BYTES and not bounded_elsewhere:
+            raise _bomb(
+                path,
+                f"its entry {info.filename!r} would inflate to {_size(info.file_size)}, where a "
+                "checkpoint's records other than its pickle and tensors are a few bytes",
+            )
     total = os.path.getsize(path)
     if sum(info.compress_size for info in infos) > total:
         raise _bomb(path, f"its entries add up to more than the file's {_size(total)}")
