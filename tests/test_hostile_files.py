@@ -270,6 +270,14 @@ def test_lying_safetensors_headers_are_refused(tmp_path, change, data, header_le
         (b'{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 0]}}', "NaN"),
         (b'{"\xff": {}}', "not valid JSON"),
         (b"{" + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON"),
+        # valid JSON to Python, but past safetensors' own recursion limit (128): it would fail later
+        (
+            b'{"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4], "z": '
+            + b"[" * 200
+            + b"]" * 200
+            + b"}}",
+            "nests more than 32 levels",
+        ),
     ],
 )
 def test_safetensors_headers_that_are_not_plain_json_are_refused(tmp_path, raw, message):

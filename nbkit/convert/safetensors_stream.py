@@ -48,6 +48,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_DEPTH = 32  # levels of JSON nesting; a real header has 3
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 HEADER_ALIGNMENT = 8  # tensors start 8-byte aligned, as safetensors writes them
 
@@ -151,6 +152,18 @@ def _tensor_entry(path: Path, name: str, info: object, data_start: int) -> Tenso
     return TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)
 
 
+def _depth(value: object) -> int:
+    """How deep JSON containers nest in `value` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and check the header of a .safetensors file without reading its tensors.
 
@@ -187,6 +200,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise _invalid(path, f"its header is not valid JSON ({why})") from error
     if not isinstance(header, dict):
         raise _invalid(path, "its header is not a JSON object")
+    if _depth(header) > MAX_HEADER_DEPTH:
+        # safetensors' own parser gives up at 128 levels; nothing in a real header nests past 3
+        raise _invalid(path, f"its header nests more than {MAX_HEADER_DEPTH} levels deep")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
