@@ -218,3 +218,60 @@ def test_middleware_refuses_a_declared_oversized_body():
     scope = {"type": "http", "path": "/sdapi/v1/txt2img", "headers": [(b"content-length", b"101")]}
     asyncio.run(middleware(scope, None, send))
     assert sent[0]["status"] == 413 and b"above this server's limit" in sent[1]["body"]
+
+
+def test_bodies_held_at_once_are_bounded_with_a_503_and_retry_after():
+    """Each body under the cap, many at once over the in-flight budget: the one that would pass it is
+    refused with 503 and Retry-After; the bytes come back when a request is answered."""
+    import asyncio
+
+    from nbkit.webui.security import AccessMiddleware, Limits
+
+    release = asyncio.Event()
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await release.wait()  # held, as a queued generation request holds its body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limits = Limits(max_body_bytes=100, max_inflight_body_bytes=150)
+    middleware = AccessMiddleware(app, None, lambda: [], lambda: None, limits)
+    scope = {"type": "http", "path": "/sdapi/v1/txt2img", "headers": []}
+
+    async def request(size: int) -> list[dict]:
+        sent: list[dict] = []
+        chunks = [{"type": "http.request", "body": bytes(size // 2), "more_body": True}]
+        chunks.append({"type": "http.request", "body": bytes(size - size // 2), "more_body": False})
+
+        async def receive():
+            return chunks.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await middleware(scope, receive, send)
+        return sent
+
+    async def scenario() -> tuple[list, list, list]:
+        first = asyncio.create_task(request(100))
+        await asyncio.sleep(0)  # let it take its bytes
+        while middleware.inflight_body_bytes < 100:
+            await asyncio.sleep(0)
+        second = await request(100)  # 200 > 150: refused at once
+        release.set()
+        held = await first
+        assert middleware.inflight_body_bytes == 0
+        third = await request(100)  # the bytes came back
+        return held, second, third
+
+    held, second, third = asyncio.run(scenario())
+    assert held[0]["status"] == 200 and third[0]["status"] == 200
+    assert second[0]["status"] == 503
+    assert (b"retry-after", b"5") in second[0]["headers"]
+    assert b"too many large requests at once" in second[1]["body"]

@@ -163,6 +163,8 @@ class Limits:
         max_image_bytes: bytes of one decoded input image (base64 in the API, uploads in the UI).
         max_body_bytes: bytes of one API request body.
         max_small_body_bytes: bytes of a body that carries no image (`SMALL_BODY_PATHS`: the options).
+        max_inflight_body_bytes: bytes of API bodies held at once, all requests together: many
+            concurrent bodies each under `max_body_bytes` must not add up to the runtime's RAM.
     """
 
     max_pixels: int = 2048 * 2048
@@ -171,6 +173,7 @@ class Limits:
     max_image_bytes: int = 20 * 1024 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
     max_small_body_bytes: int = 1024 * 1024
+    max_inflight_body_bytes: int = 256 * 1024 * 1024
 
 
 class LimitError(NbkitError):
@@ -319,6 +322,7 @@ class AccessMiddleware:
         self.file_roots = file_roots
         self.gradio_tokens = gradio_tokens
         self.limits = limits
+        self.inflight_body_bytes = 0  # held by API requests now; one event loop, so no lock
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -341,7 +345,7 @@ class AccessMiddleware:
                 return await _deny(
                     scope, send, 413, "PayloadTooLarge", _too_large(f"{int(length)} bytes", cap)
                 )
-            return await _capped(self.app, scope, receive, send, cap)
+            return await _capped(self, scope, receive, send, cap)
         return await self.app(scope, receive, send)
 
     @staticmethod
@@ -382,50 +386,80 @@ class AccessMiddleware:
 
 
 class BodyTooLarge(Exception):
-    """Raised into the app by `_capped`'s `receive` when a body passes its cap."""
+    """Raised into the app by `_capped`'s `receive` when a body passes its cap (`busy`: when the
+    bodies of all requests together pass `Limits.max_inflight_body_bytes`)."""
+
+    def __init__(self, message: str, *, busy: bool = False):
+        super().__init__(message)
+        self.busy = busy
+
+
+BUSY_RETRY_AFTER_SECONDS = 5
 
 
 def _too_large(size: str, cap: int) -> str:
     return f"the request body is {size}, above this server's limit of {cap} bytes"
 
 
-async def _capped(app: Any, scope: dict, receive: Callable, send: Callable, cap: int) -> None:
-    """Run `app` with a `receive` that counts the body's bytes and stops at `cap` with a 413.
+async def _capped(
+    middleware: AccessMiddleware, scope: dict, receive: Callable, send: Callable, cap: int
+) -> None:
+    """Run the app with a `receive` that counts the body's bytes: past `cap` a 413, and past the
+    bytes all requests may hold at once (`Limits.max_inflight_body_bytes`) a 503 with `Retry-After`.
 
-    Past the cap, `receive` raises `BodyTooLarge` (the app stops reading, nothing more is buffered)
-    and whatever the app answers instead is replaced by the 413; the server drops the rest of the body.
+    Past either, `receive` raises `BodyTooLarge` (the app stops reading, nothing more is buffered)
+    and whatever the app answers instead is replaced by the refusal; the server drops the rest of the
+    body. The bytes a request holds count until the app has answered it.
     """
+    budget = middleware.limits.max_inflight_body_bytes
     received = 0
-    over = False
+    refusal: BodyTooLarge | None = None
     started = False
 
+    async def deny() -> None:
+        assert refusal is not None
+        if refusal.busy:
+            message = "the server is receiving too many large requests at once; try again shortly"
+            headers = [(b"retry-after", str(BUSY_RETRY_AFTER_SECONDS).encode())]
+            await _deny(scope, send, 503, "Busy", message, extra_headers=headers)
+        else:
+            message = f"the request body passes this server's limit of {cap} bytes"
+            await _deny(scope, send, 413, "PayloadTooLarge", message)
+
     async def counting_receive() -> dict:
-        nonlocal received, over
+        nonlocal received, refusal
         message = await receive()
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > cap:
-                over = True
-                raise BodyTooLarge(f"request body over {cap} bytes")
+            size = len(message.get("body", b""))
+            if received + size > cap:
+                refusal = BodyTooLarge(f"request body over {cap} bytes")
+            elif middleware.inflight_body_bytes + size > budget:
+                refusal = BodyTooLarge("request bodies over the in-flight budget", busy=True)
+            if refusal is not None:
+                raise refusal
+            received += size
+            middleware.inflight_body_bytes += size
         return message
 
     async def guarded_send(message: dict) -> None:
         nonlocal started
-        if over:
+        if refusal is not None:
             if message["type"] == "http.response.start" and not started:
                 started = True
-                await _deny(scope, send, 413, "PayloadTooLarge", _too_large(f"over {cap} bytes", cap))
+                await deny()
             return  # the app's own answer to the cut body is dropped
         if message["type"] == "http.response.start":
             started = True
         await send(message)
 
     try:
-        await app(scope, counting_receive, guarded_send)
+        await middleware.app(scope, counting_receive, guarded_send)
     except BodyTooLarge:
         if started:
             raise
-        await _deny(scope, send, 413, "PayloadTooLarge", _too_large(f"over {cap} bytes", cap))
+        await deny()
+    finally:
+        middleware.inflight_body_bytes -= received
 
 
 async def _deny(
