@@ -129,6 +129,11 @@ CANNY = "control_v11p_sd15_canny"
             ["alwayson_scripts", "controlnet", "args", 1],
         ),
         ({"ADetailer": {"args": [False]}}, ["alwayson_scripts", "ADetailer"]),
+        # two spellings of one script: one would silently win
+        (
+            {"controlnet": {"args": [{"model": CANNY, "input_image": PIXEL}]}, "CONTROLNET": {"args": []}},
+            ["alwayson_scripts"],
+        ),
     ],
 )
 def test_malformed_controlnet_and_unknown_scripts_are_a_422_naming_the_field(server, http, scripts, loc):
@@ -477,3 +482,36 @@ def test_unexpected_errors_are_a_json_500_with_a_request_id_and_a_logged_traceba
         logged = [record for record in caplog.records if request_id in record.getMessage()]
         assert logged and logged[0].exc_info is not None and logged[0].exc_info[0].__name__ == kind
     assert requests.get(server.url + "sdapi/v1/progress", timeout=10).status_code == 200
+
+
+def _png_declaring(width: int, height: int) -> str:
+    """A PNG whose header declares `width` x `height` (a few bytes on the wire, its pixels never sent)."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    return base64.b64encode(raw).decode()
+
+
+def test_an_image_declaring_a_huge_size_is_refused_as_over_the_limit(server, http):
+    body = {**SMALL, "init_images": [_png_declaring(60000, 60000)]}
+    response = http.post(server.api + "/img2img", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "above this server's limit" in response.json()["detail"]
+
+
+def test_png_info_of_junk_names_the_problem_not_a_memory_address(server, http):
+    response = http.post(server.api + "/png-info", json={"image": "aGVsbG8gd29ybGQ="}, timeout=30)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "not a readable image" in detail and "0x" not in detail

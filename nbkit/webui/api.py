@@ -335,8 +335,10 @@ def _info_routes(router: APIRouter, state: ApiState) -> None:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 items = {key: value for key, value in image.info.items() if isinstance(value, str)}
-        except Exception as error:
-            raise ApiError(422, f"image is not a readable image: {error}") from None
+        except Exception as error:  # PIL raises many types; its messages name memory addresses
+            raise ApiError(
+                422, f"image is not a readable image ({type(error).__name__}): send a PNG, JPEG or WebP"
+            ) from None
         text = read_infotext(data)
         items.pop(PNG_KEY, None)
         if not text:

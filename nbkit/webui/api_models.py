@@ -221,9 +221,15 @@ class AlwaysOnScripts(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _lower_names(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k.lower() if str(k).lower() in ALWAYSON_SCRIPTS else k: v for k, v in data.items()}
-        return data
+        if not isinstance(data, dict):
+            return data
+        named: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).lower() if str(key).lower() in ALWAYSON_SCRIPTS else key
+            if name in named:  # two spellings of one script: which one's units would be a guess
+                raise ValueError(f"{name} is given twice, under two spellings; send it once")
+            named[name] = value
+        return named
 
 
 # --- request models (A1111's fields and defaults; unknown fields are ignored) ------------------------
@@ -329,7 +335,14 @@ def decode_image(text: str, limits: Limits, what: str) -> Image.Image:
     """A PIL image from base64 (raw or `data:` URL), refused above the byte and pixel caps."""
     data = decode_base64_image_bytes(text, limits, what)
     try:
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:  # PIL's own bound, far above this server's
+            raise LimitError(
+                f"{what} declares a picture of more than {Image.MAX_IMAGE_PIXELS} pixels, above this "
+                "server's limit",
+                fix="send a smaller image",
+            ) from None
         # Check the header's size before decoding pixels: a small file can declare a huge image.
         if image.width * image.height > 4 * limits.max_pixels:
             raise LimitError(
