@@ -515,3 +515,15 @@ def test_png_info_of_junk_names_the_problem_not_a_memory_address(server, http):
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert "not a readable image" in detail and "0x" not in detail
+
+
+def test_a_vae_outside_the_storage_root_is_refused_before_anything_is_opened(server, http):
+    for path in ("/etc/passwd", "/etc/no-such-file", str(server.root.parent)):
+        body = {**SMALL, "override_settings": {"sd_vae": path}}
+        response = http.post(server.api + "/txt2img", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        assert "only inside" in response.json()["detail"]
+    # inside the root, the path is looked at (and here found missing)
+    body = {**SMALL, "override_settings": {"sd_vae": str(server.root / "vae" / "none.safetensors")}}
+    response = http.post(server.api + "/txt2img", json=body, timeout=60)
+    assert response.status_code == 400 and "only inside" not in response.json()["detail"]

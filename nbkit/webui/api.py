@@ -35,6 +35,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -156,12 +157,25 @@ def _checkpoint(service: GenerationService, key: Any) -> str:
         raise ApiError(400, str(error), "CheckpointNotFound") from None
 
 
+def _check_vae_path(service: GenerationService, vae: str) -> None:
+    """A client names a VAE inside the storage root or the session (A1111 takes names from its VAE
+    folder): any other path would let it probe the server's files and make it parse them."""
+    catalog = service.catalog
+    folders = [catalog.storage_root, getattr(catalog.session, "path", None)]
+    path = Path(vae).expanduser().resolve()
+    if not any(folder is not None and path.is_relative_to(Path(folder).resolve()) for folder in folders):
+        where = catalog.storage_root if catalog.storage_root is not None else "the storage root"
+        raise ApiError(400, f"sd_vae {vae!r}: the API opens VAE files and folders only inside {where}")
+
+
 def _generation_routes(router: APIRouter, state: ApiState) -> None:
     """txt2img and img2img (with `override_settings.sd_model_checkpoint`: on that checkpoint)."""
     service = state.service
 
     async def generate(body: ApiRequest, http: Request) -> dict[str, Any]:
         request = await run_in_threadpool(to_generation_request, body, state.limits)
+        if request.vae:
+            _check_vae_path(service, request.vae)
         model = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
         if model is not None:
             model = _checkpoint(service, model)
