@@ -59,26 +59,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=command, loads_models=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def command(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from nbkit.webui import launch
 
     if args.max_queue < 1:
         raise SystemExit("nbkit ui: error: --max-queue must be at least 1")
-    ui = launch(
-        session=args.session,
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        tunnel=args.tunnel,
-        auth=args.auth,
-        low_vram=args.lowvram,
-        root=args.root,
-        device=args.device,
-        max_queue=args.max_queue,
-        include_base_models=not args.no_base_models,
-        extra_models=args.extra_model,
-    )
-    print("Press Ctrl+C to stop.", flush=True)
-    ui.wait()
+    # SIGTERM (`kill`, a notebook's stop button) stops the UI like Ctrl+C from the very start, so the
+    # cleanup runs: a tunnel being opened is closed rather than left running without its UI (its
+    # processes are in their own process group, which no signal to this one reaches).
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        ui = launch(
+            session=args.session,
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            tunnel=args.tunnel,
+            auth=args.auth,
+            low_vram=args.lowvram,
+            root=args.root,
+            device=args.device,
+            max_queue=args.max_queue,
+            include_base_models=not args.no_base_models,
+            extra_models=args.extra_model,
+        )
+        try:
+            print("Press Ctrl+C to stop.", flush=True)
+            ui.wait()  # it handles SIGTERM itself while it waits, then puts `_interrupt` back
+        finally:
+            ui.close()  # a signal between launch and wait; otherwise already closed
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print("nbkit web UI stopped.", flush=True)
     return 0

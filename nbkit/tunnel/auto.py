@@ -77,6 +77,7 @@ class AutoTunnel(Tunnel):
         **options: Any,
     ):
         self.current: Tunnel | None = None
+        self._opening: Tunnel | None = None  # the provider being opened, so close() reaches it
         super().__init__(port, host=host, timeout=timeout)
         names = tuple(AUTO_ORDER if order is None else order)
         valid = [name for name in _providers() if name not in ("none", "auto")]
@@ -126,6 +127,7 @@ class AutoTunnel(Tunnel):
     def recover(self, cancel: threading.Event | None = None) -> str | None:
         """Reopen the current (or last) provider; when that fails, the next ones in order."""
         with self._lock:
+            self._closing = threading.Event()  # a close() from now on stops this recovery
             start = self.order.index(self._last) if self._last in self.order else 0
             names = self.order[start:] + self.order[:start]
             self.error = None
@@ -153,10 +155,24 @@ class AutoTunnel(Tunnel):
                 failures.append(f"{name}: skipped, no auth token")
                 continue
             self._quiet_stop()
-            tunnel = self._make(name)
-            url = tunnel.open()
+            tunnel = self._opening = self._make(name)
+            # `_opening` (then `current`) is set before `_closing` is checked: a close() on another
+            # thread either finds the provider there and closes it, or is seen here
+            url = None
+            try:
+                if not self._closing.is_set():
+                    url = tunnel.open()
+                if url:
+                    self.current = tunnel
+            finally:
+                self._opening = None
+            if self._closing.is_set():
+                self._quiet_stop()
+                tunnel.close()
+                failures.append("stopped: closed while opening")
+                break
             if url:
-                self.current, self._last = tunnel, name
+                self._last = name
                 self.note = tunnel.note
                 if failures:
                     logger.info("tunnel: %s gave a link after %s", name, "; ".join(failures))
@@ -170,9 +186,11 @@ class AutoTunnel(Tunnel):
         )
 
     def _stop(self) -> None:
-        current, self.current = self.current, None
-        if current is not None:
-            current.close()
+        for attr in ("_opening", "current"):
+            tunnel = getattr(self, attr)
+            setattr(self, attr, None)
+            if tunnel is not None:
+                tunnel.close()
 
     def _running(self) -> bool:
         current = self.current

@@ -12,6 +12,7 @@ startup timeout, and kills the whole process group on `close()` (`npx` starts no
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import os
@@ -27,6 +28,9 @@ from typing import Any, ClassVar, TypeVar
 DEFAULT_TIMEOUT = 30.0
 LOG_LINES = 40  # the tail of a provider's output kept for error messages
 _T = TypeVar("_T")
+# Provider processes not stopped yet: the last resort at exit kills their process groups, for a path
+# no close() ran on (an interrupt between starting one and recording it).
+_LIVE: set[subprocess.Popen] = set()
 
 
 class TunnelFailure(Exception):
@@ -147,6 +151,8 @@ class Tunnel:
         self.error: str | None = None
         self.note: str | None = None
         self._lock = threading.Lock()
+        # set by close(): an open() under way on another thread stops and leaves nothing running
+        self._closing = threading.Event()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.provider} port={self.port} url={self.public_url!r}>"
@@ -173,9 +179,14 @@ class Tunnel:
         return True
 
     def open(self) -> str | None:
-        """Open the link; returns `public_url` (None on failure, with `error` set). Never raises."""
+        """Open the link; returns `public_url` (None on failure, with `error` set).
+
+        Never raises for a provider's failure; a KeyboardInterrupt (Ctrl+C, or SIGTERM in `nbkit ui`)
+        stops what was starting before it goes on.
+        """
         with self._lock:
             self._quiet_stop()  # a second open() replaces the link rather than leaking it
+            self._closing = threading.Event()  # a close() from now on stops this open
             self.public_url = self.error = self.note = None
             try:
                 self.public_url = self._open()
@@ -186,6 +197,10 @@ class Tunnel:
                     f"{self.provider}: unexpected {type(e).__name__}: {self._scrub(str(e))}. "
                     f"Call reopen() to try again, or use another tunnel (--tunnel {self._fallback()})"
                 )
+            except BaseException:  # Ctrl+C or exit mid-open: nothing may keep running behind it
+                self.public_url = None
+                self._quiet_stop()
+                raise
             if self.public_url is None:
                 self._quiet_stop()
             return self.public_url
@@ -208,7 +223,9 @@ class Tunnel:
         return self.reopen()
 
     def close(self) -> None:
-        """Take the link down (kill the provider's process). Safe to call twice; never raises."""
+        """Take the link down (kill the provider's process), also while another thread opens it.
+        Safe to call twice; never raises."""
+        self._closing.set()
         self.public_url = None
         self._quiet_stop()
 
@@ -325,18 +342,26 @@ class ProcessTunnel(Tunnel):
             )
         except OSError as e:
             raise self.missing_binary(argv[0]) from e
-        self._proc = proc
-        self._reader = threading.Thread(
+        _LIVE.add(proc)
+        self._proc = proc  # before anything waits, so a close() or an interrupt reaches it
+        if self._closing.is_set():  # a close() came while it started: it saw no process to stop
+            self._stop()
+            raise TunnelFailure("closed while opening", "Call reopen() for a link")
+        reader = self._reader = threading.Thread(
             target=self._read, args=(proc, found, state), name=f"nbkit-tunnel-{self.provider}", daemon=True
         )
-        self._reader.start()
+        reader.start()
         if not found.wait(self.timeout):
             self._stop()
             raise self.explain_timeout(list(self.log))
+        if self._closing.is_set():
+            self._stop()
+            raise TunnelFailure("closed while opening", "Call reopen() for a link")
         if "url" not in state:
-            self._reader.join(5)
+            reader.join(5)
             code = proc.wait()
             self._proc = None
+            _LIVE.discard(proc)
             raise self.explain_exit(code, list(self.log))
         self.after_open(state["url"])
         return state["url"]
@@ -353,6 +378,7 @@ class ProcessTunnel(Tunnel):
         found.set()  # end of output: the process exited (or was killed)
         code = proc.wait()
         if self._proc is proc:  # not a close(): the link went away by itself
+            _LIVE.discard(proc)  # reaped: its process group id may be reused
             last = tail(self.log, count=2)
             self._dropped(f"{self.command()[0]} exited with code {code}" + (f": {last}" if last else ""))
 
@@ -371,6 +397,7 @@ class ProcessTunnel(Tunnel):
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc, group=True)
+            _LIVE.discard(proc)
         reader, self._reader = self._reader, None
         if reader is not None and reader is not threading.current_thread():
             reader.join(5)
@@ -395,10 +422,26 @@ def stop_process(proc: subprocess.Popen, *, group: bool = False, grace: float = 
                 proc.kill()
                 proc.wait(grace)
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
+    except (ProcessLookupError, PermissionError):
+        pass
+    finally:
+        # always, even when a second Ctrl+C cuts the grace short: npm ignores SIGTERM, and a child
+        # that outlived its parent is still in the group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+
+
+@atexit.register
+def _kill_live_groups() -> None:
+    """At exit, kill the process groups of provider processes nothing stopped (the last resort)."""
+    if os.name != "posix":
+        return
+    for proc in list(_LIVE):
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nbkit.compat import check_versions
-from nbkit.tunnel import CHOICES, Watchdog, open_tunnel
+from nbkit.tunnel import CHOICES, Watchdog, make_tunnel
 from nbkit.tunnel.watchdog import DEFAULT_INTERVAL
 from nbkit.webui.queue import DEFAULT_MAX_PENDING
 
@@ -291,12 +291,12 @@ def _reaches_ui(url: str, timeout: float = 10.0) -> bool:
         return False
 
 
-def _open_tunnel(provider: str, host: str, port: int, options: dict[str, Any]) -> tuple[Any, str | None]:
+def _make_tunnel(provider: str, host: str, port: int, options: dict[str, Any]) -> Any:
+    """The tunnel handle, not opened yet (so whoever opens it can close it when interrupted), or None."""
     if provider == "none":
-        return None, None
+        return None
     # The tunnel never gets the password: it is nbkit's own login, checked by the server.
-    tunnel = open_tunnel(provider, port, host="127.0.0.1" if host in ("0.0.0.0", "::") else host, **options)
-    return tunnel, getattr(tunnel, "error", None)
+    return make_tunnel(provider, port, host="127.0.0.1" if host in ("0.0.0.0", "::") else host, **options)
 
 
 def launch(
@@ -388,33 +388,48 @@ def launch(
         queue.close(timeout=1)
         raise
     try:
-        tunnel_handle, tunnel_error = _open_tunnel(tunnel, host, server.port, tunnel_options or {})
+        tunnel_handle = _make_tunnel(tunnel, host, server.port, tunnel_options or {})
     except ValueError:  # a bad tunnel option: nothing may keep running behind the error
         server.close()
         queue.close(timeout=1)
         raise
-    ui = WebUI(
-        server=server,
-        service=service,
-        queue=queue,
-        credentials=credentials,
-        tunnel=tunnel_handle,
-        tunnel_error=tunnel_error,
-    )
-    if model is not None or any(entry.kind != "base" for entry in catalog.checkpoints):
-        # Load the first checkpoint now, through the queue, so the first request does not wait for it;
-        # a load error is reported by that request. Base models are never fetched unasked.
-        queue.submit(lambda: service.ensure_model())
-    if tunnel_handle is not None and tunnel_check is not None:
-        ui.watchdog = Watchdog(
-            tunnel_handle, interval=tunnel_check, probe=_reaches_ui, on_change=ui._link_changed
+    ui = None
+    try:
+        if tunnel_handle is not None:
+            tunnel_handle.open()
+        ui = WebUI(
+            server=server,
+            service=service,
+            queue=queue,
+            credentials=credentials,
+            tunnel=tunnel_handle,
+            tunnel_error=getattr(tunnel_handle, "error", None),
         )
-    if not quiet:
-        announce(ui)
-    if ui.watchdog is not None:
-        ui.watchdog.start()  # after the announcement, so a change is shown where that is
-    if block:
-        ui.wait()
+        if model is not None or any(entry.kind != "base" for entry in catalog.checkpoints):
+            # Load the first checkpoint now, through the queue, so the first request does not wait for
+            # it; a load error is reported by that request. Base models are never fetched unasked.
+            queue.submit(lambda: service.ensure_model())
+        if tunnel_handle is not None and tunnel_check is not None:
+            ui.watchdog = Watchdog(
+                tunnel_handle, interval=tunnel_check, probe=_reaches_ui, on_change=ui._link_changed
+            )
+        if not quiet:
+            announce(ui)
+        if ui.watchdog is not None:
+            ui.watchdog.start()  # after the announcement, so a change is shown where that is
+        if block:
+            ui.wait()
+    except BaseException:
+        # Ctrl+C (or SIGTERM in `nbkit ui`) while the tunnel opens, or any failure before the handle is
+        # returned: the tunnel's processes (npm, node, cloudflared) must not outlive the UI.
+        if ui is not None:
+            ui.close()
+        else:
+            if tunnel_handle is not None:
+                tunnel_handle.close()
+            server.close()
+            queue.close(timeout=1)
+        raise
     return ui
 
 
