@@ -103,7 +103,8 @@ def test_stage1_trains_only_the_text_encoder_and_stage2_only_the_unet(tiny_model
     # Latents were cached before training: the VAE never ran in a stage. The text encoder ran once
     # per stage-1 step, then once in all of stage 2 (one caption); the UNet once per step.
     assert calls == {"vae": 0, "text_encoder": 3, "unet in text_encoder": 2, "unet in unet": 2}
-    copies = sorted(path.name for path in (tmp_path / "scratch" / "train" / "freeze" / "instance").iterdir())
+    (scratch,) = (tmp_path / "scratch" / "train").glob("freeze-*")  # keyed by the session's identity
+    copies = sorted(path.name for path in (scratch / "instance").iterdir())
     assert copies == ["00000-zwx_0.png", "00001-zwx_1.png", "00002-zwx_2.png"]  # trained from local disk
     base, after_te, after_unet = snapshots["base"], snapshots["text_encoder"], snapshots["unet"]
     assert_same_tensors(after_te["unet"], base["unet"])  # stage 1: every UNet tensor bit-identical
