@@ -178,11 +178,14 @@ class AutoTunnel(Tunnel):
                     logger.info("tunnel: %s gave a link after %s", name, "; ".join(failures))
                 return url
             logger.info("tunnel: %s", tunnel.error)
-            failures.append(tunnel.error or f"{name}: no link")
+            # each provider's reason only: its own advice (another provider, reopen) is moot here
+            failures.append(
+                f"{name}: {tunnel.reason}" if tunnel.reason else tunnel.error or f"{name}: no link"
+            )
         raise TunnelFailure(
             "no provider gave a link (" + "; ".join(failures) + ")",
-            "The UI is up on its local URL and the link is tried again in the background; check the "
-            "runtime's internet connection, or pick a provider (--tunnel NAME) to see its own advice",
+            "The UI is up on its local URL; check the runtime's internet connection, or pick one "
+            "provider (--tunnel NAME, or UI_TUNNEL in the notebook) to see its own advice",
         )
 
     def _stop(self) -> None:

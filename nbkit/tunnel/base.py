@@ -149,6 +149,7 @@ class Tunnel:
         self.timeout = timeout
         self.public_url: str | None = None
         self.error: str | None = None
+        self.reason: str | None = None  # why the last open failed, without the advice (`error` has both)
         self.note: str | None = None
         self._lock = threading.Lock()
         # set by close(): an open() under way on another thread stops and leaves nothing running
@@ -187,12 +188,14 @@ class Tunnel:
         with self._lock:
             self._quiet_stop()  # a second open() replaces the link rather than leaking it
             self._closing = threading.Event()  # a close() from now on stops this open
-            self.public_url = self.error = self.note = None
+            self.public_url = self.error = self.reason = self.note = None
             try:
                 self.public_url = self._open()
             except TunnelFailure as e:
                 self.error = f"{self.provider}: {e}"
+                self.reason = e.reason
             except Exception as e:  # a provider library's surprise must not take the UI down
+                self.reason = f"unexpected {type(e).__name__}: {self._scrub(str(e))}"
                 self.error = (
                     f"{self.provider}: unexpected {type(e).__name__}: {self._scrub(str(e))}. "
                     f"Call reopen() to try again, or use another tunnel (--tunnel {self._fallback()})"
