@@ -88,10 +88,16 @@ def load_pipeline(
     return pipeline.to(device) if device is not None else pipeline
 
 
-def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: Any, quantization_config: Any):
-    from diffusers import DiffusionPipeline
+def folder_family(folder: Path, family: str | None = None) -> DetectedFamily:
+    """The family a diffusers folder's configs say it is.
 
-    folder = resolved.path
+    Args:
+        folder: the pipeline folder.
+        family: the family it must be (None: any).
+
+    Raises:
+        NbkitError: the folder is another family than `family`.
+    """
     detected = detect_family_from_config(folder)
     if family is not None and detected.family != family:
         raise NbkitError(
@@ -99,6 +105,14 @@ def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: A
             path=folder,
             fix=f"pick a {family} model, or choose family {detected.family}",
         )
+    return detected
+
+
+def _load_folder(resolved: ResolvedSource, *, family: str | None, torch_dtype: Any, quantization_config: Any):
+    from diffusers import DiffusionPipeline
+
+    folder = resolved.path
+    detected = folder_family(folder, family)
     kwargs: dict[str, Any] = {"variant": resolved.variant}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype

@@ -78,17 +78,11 @@ def _check_single_file(path: Path, family: str | None) -> None:
 def _check_folder(folder: Path, family: str | None) -> None:
     from nbkit.convert.checkpoint_io import check_tensor_file
     from nbkit.convert.tensor_sources import find_weight_files
-    from nbkit.families import detect_family_from_config
     from nbkit.fsio import read_json
+    from nbkit.models.loading import folder_family
     from nbkit.models.sources import required_components
 
-    detected = detect_family_from_config(folder)
-    if family is not None and detected.family != family:
-        raise NbkitError(
-            f"this model is {detected.family} ({get_family(detected.family).title}), not the expected {family}",
-            path=folder,
-            fix=f"pick a {family} model",
-        )
+    folder_family(folder, family)
     for name in required_components(read_json(folder / "model_index.json")):
         if (folder / name / "config.json").is_file():  # a model (tokenizers and schedulers have no weights)
             for weights in find_weight_files(folder / name):
