@@ -182,15 +182,6 @@ def disk_full_error(
     return DiskFullError(message, path=path, fix=make_room_fix(path, then), needed=needed, free=free)
 
 
-def require_free_space(
-    path: str | os.PathLike, needed: int, *, what: str | None = None, then: str = "run this again"
-) -> None:
-    """Raise `DiskFullError` before writing when `needed` bytes do not fit on `path`'s disk."""
-    free = free_bytes(path)
-    if free is not None and free < needed:
-        raise disk_full_error(path, needed=needed, free=free, what=what, then=then)
-
-
 @contextlib.contextmanager
 def storage_errors(
     path: str | os.PathLike | None = None,

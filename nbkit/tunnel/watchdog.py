@@ -53,7 +53,6 @@ class Watchdog:
         self.on_change = on_change
         self.max_interval = max(max_interval, interval)
         self.url = tunnel.public_url  # the link last announced
-        self.checks = 0
         self._missed = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,7 +80,6 @@ class Watchdog:
 
         Returns the public URL after the check, or None.
         """
-        self.checks += 1
         tunnel = self.tunnel
         healthy = tunnel.alive
         if healthy and self.probe is not None:
