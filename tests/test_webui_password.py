@@ -256,7 +256,10 @@ def test_launch_auto_falls_back_and_its_watchdog_moves_the_link(tmp_path, tiny_m
         )
         try:
             assert ui.public_url == "https://one.example/" and ui.tunnel.active == "flaky"
-            assert "Public URL: https://one.example/ (via flaky)" in printed.getvalue()
+            text = printed.getvalue()
+            # the local URL comes first, before the (possibly slow) providers are tried
+            opening = text.index(f"local URL: {ui.local_url}; opening a public link (auto)")
+            assert opening < text.index("Public URL: https://one.example/ (via flaky)")
             assert ui.password_generated and printed.getvalue().count(ui.password) == 1
             moved = threading.Event()
             ui.on_link_change(lambda url: url and moved.set())
@@ -270,3 +273,23 @@ def test_launch_auto_falls_back_and_its_watchdog_moves_the_link(tmp_path, tiny_m
             ui.close()
     assert "Public URL is now: https://two.example/" in printed.getvalue()
     assert ui.watchdog.stopped and ui.public_url is None and not ui.running
+
+
+def test_nbkit_ui_takes_the_login_from_nbkit_auth(monkeypatch):
+    """NBKIT_AUTH keeps the password out of the process list (`ps` shows --auth's value)."""
+    import nbkit.webui as webui
+    from nbkit.cli import main
+
+    seen = {}
+
+    def fake_launch(**kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop right there: the login is what this test is about
+
+    monkeypatch.setattr(webui, "launch", fake_launch)
+    monkeypatch.setenv("NBKIT_AUTH", "me:from-the-environment")
+    assert main(["ui", "--model", "x"]) == 130
+    assert seen["auth"] == "me:from-the-environment"
+    seen.clear()
+    assert main(["ui", "--model", "x", "--auth", "me:given"]) == 130  # the flag wins
+    assert seen["auth"] == "me:given"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -33,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "when a token is present, and falls back when a link drops",
     )
     parser.add_argument(
-        "--auth", default=None, metavar="USER:PASS", help="login for the UI and the API (HTTP Basic)"
+        "--auth",
+        default=None,
+        metavar="USER:PASS",
+        help="login for the UI and the API (HTTP Basic); or set NBKIT_AUTH=USER:PASS, which keeps the "
+        "password out of the process list",
     )
     parser.add_argument("--lowvram", action="store_true", help="attention slicing, VAE tiling, CPU offload")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -84,7 +89,7 @@ def command(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             tunnel=args.tunnel,
-            auth=args.auth,
+            auth=args.auth or os.environ.get("NBKIT_AUTH") or None,
             low_vram=args.lowvram,
             root=args.root,
             device=args.device,

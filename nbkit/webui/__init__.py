@@ -396,6 +396,11 @@ def launch(
     ui = None
     try:
         if tunnel_handle is not None:
+            if not quiet:  # opening can take a while (each provider's timeout with `auto`): say where it is
+                print(
+                    f"nbkit web UI running on local URL: {server.url}; opening a public link ({tunnel})...",
+                    flush=True,
+                )
             tunnel_handle.open()
         ui = WebUI(
             server=server,
