@@ -124,7 +124,9 @@ def is_disk_full(error: BaseException, path: str | os.PathLike | None = None) ->
     return False
 
 
-def _size(count: int) -> str:
+def format_bytes(count: int) -> str:
+    """`1.8 GB`, `37.8 MB`, `512 bytes`: a byte count for messages, in decimal units (as disks and
+    downloads state their sizes)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
@@ -174,9 +176,9 @@ def disk_full_error(
         message = f"not enough space for {what or 'this write'}"
     else:
         message = f"{what or 'writing'} failed: the {'storage quota' if quota else 'disk'} is full"
-    amounts = [f"it needs about {_size(needed)}"] if needed is not None else []
+    amounts = [f"it needs about {format_bytes(needed)}"] if needed is not None else []
     if free is not None:
-        amounts.append(f"{_size(free)} free")
+        amounts.append(f"{format_bytes(free)} free")
     if amounts:
         message += f" ({', '.join(amounts)})"
     return DiskFullError(message, path=path, fix=make_room_fix(path, then), needed=needed, free=free)

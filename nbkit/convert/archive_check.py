@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbkit.errors import NbkitError
+from nbkit.fsio import format_bytes
 
 # A state dict's pickle is small: about 100 bytes a tensor, so 64 MiB is hundreds of thousands of tensors.
 MAX_PICKLE_BYTES = 64 * 2**20
@@ -240,13 +241,6 @@ def _bomb(path: Path, why: str) -> NbkitError:
     )
 
 
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} bytes"
-
-
 @dataclass(frozen=True)
 class TorchZip:
     """The checked layout of a torch zip checkpoint.
@@ -289,8 +283,8 @@ def check_zip_directory(path: Path, archive: zipfile.ZipFile) -> TorchZip:
         if info.file_size > SMALL_ENTRY_BYTES and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
             raise _bomb(
                 path,
-                f"its entry {info.filename!r} would inflate to {_size(info.file_size)} from "
-                f"{_size(info.compress_size)} ({info.file_size // max(info.compress_size, 1)}x)",
+                f"its entry {info.filename!r} would inflate to {format_bytes(info.file_size)} from "
+                f"{format_bytes(info.compress_size)} ({info.file_size // max(info.compress_size, 1)}x)",
             )
     # Beyond the pickle and the tensor storages (checked against the pickle in `check_zip_storages`),
     # torch reads only small records (version, byteorder, ...): a large one inflates into memory for
@@ -302,19 +296,19 @@ def check_zip_directory(path: Path, archive: zipfile.ZipFile) -> TorchZip:
         if info.file_size > SMALL_ENTRY_BYTES and not bounded_elsewhere:
             raise _bomb(
                 path,
-                f"its entry {info.filename!r} would inflate to {_size(info.file_size)}, where a "
+                f"its entry {info.filename!r} would inflate to {format_bytes(info.file_size)}, where a "
                 "checkpoint's records other than its pickle and tensors are a few bytes",
             )
     total = os.path.getsize(path)
     if sum(info.compress_size for info in infos) > total:
-        raise _bomb(path, f"its entries add up to more than the file's {_size(total)}")
+        raise _bomb(path, f"its entries add up to more than the file's {format_bytes(total)}")
     pickled = entries.get(f"{prefix}/data.pkl")
     if pickled is None:
         raise _damaged(path, f"the zip has no {prefix}/data.pkl")
     if pickled.file_size > MAX_PICKLE_BYTES:
         raise _bomb(
             path,
-            f"its pickle ({pickled.filename}) is {_size(pickled.file_size)}; a state dict's is at most a few MB",
+            f"its pickle ({pickled.filename}) is {format_bytes(pickled.file_size)}; a state dict's is at most a few MB",
         )
     return TorchZip(prefix, pickled, entries)
 
@@ -340,7 +334,7 @@ def check_zip_storages(path: Path, layout: TorchZip, summary: PickleSummary) -> 
         if nbytes is not None and nbytes > info.file_size:
             raise _damaged(
                 path,
-                f"the pickle declares {_size(nbytes)} for tensor storage {key!r}, which holds {_size(info.file_size)}",
+                f"the pickle declares {format_bytes(nbytes)} for tensor storage {key!r}, which holds {format_bytes(info.file_size)}",
             )
 
 
@@ -350,7 +344,7 @@ def check_legacy_storages(path: Path, summary: PickleSummary) -> None:
     if declared > os.path.getsize(path):
         raise _bomb(
             path,
-            f"its pickle declares {_size(declared)} of tensors in a file of {_size(os.path.getsize(path))}",
+            f"its pickle declares {format_bytes(declared)} of tensors in a file of {format_bytes(os.path.getsize(path))}",
         )
 
 
@@ -396,7 +390,7 @@ def scan_checkpoint(path: Path, file_format: str) -> PickleSummary:
             summary = scan_pickles(handle, count=LEGACY_PICKLES)
     except _TooLarge:
         raise _bomb(
-            path, f"its pickle is larger than {_size(MAX_PICKLE_BYTES)}; a state dict's is a few MB"
+            path, f"its pickle is larger than {format_bytes(MAX_PICKLE_BYTES)}; a state dict's is a few MB"
         ) from None
     check_legacy_storages(path, summary)
     return summary
