@@ -32,7 +32,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$status" = 3 ]; then
   echo "gpu.sh: installing nbkit as the README does, from wheels/dev-lock.txt"
   # torch is not in the lock: the machine's CUDA build stays.
-  [ -f wheels/dev-lock.txt ] && "$PYTHON" -m pip install -q --require-hashes -r wheels/dev-lock.txt \
+  [ -f wheels/dev-lock.txt ] && "$PYTHON" -m pip install -q --no-deps --require-hashes -r wheels/dev-lock.txt \
     || echo "gpu.sh: warning: installing from the lock failed (offline?)" >&2
   "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . \
     || echo "gpu.sh: warning: installing nbkit failed; running it from the checkout" >&2

@@ -20,9 +20,11 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 # The dev/CI lock: what it covers, and what it leaves to the runtime (see pyproject's tool.uv section).
+# torchvision (spandrel's) is the runtime's too: PyPI's Linux wheels are CUDA builds that fail to import
+# beside the CPU torch, so the lock is installed with --no-deps and spandrel runs without it.
 DEV_LOCK = "wheels/dev-lock.txt"
 DEV_EXTRAS = ("all", "dev")
-DEV_UNLOCKED = ("torch",)
+DEV_UNLOCKED = ("torch", "torchvision")
 
 
 @dataclass(frozen=True)
