@@ -286,11 +286,6 @@ def _list_routes(router: APIRouter, state: ApiState) -> None:
     def sd_vae() -> list[dict[str, Any]]:
         return []
 
-    @router.get("/scripts")
-    def scripts() -> dict[str, list]:
-        # webuiapi asks for this on connect to learn which extensions are there: none.
-        return {"txt2img": [], "img2img": []}
-
 
 def _progress_routes(router: APIRouter, state: ApiState) -> None:
     """The running job's progress (with a live preview), interrupt and skip."""

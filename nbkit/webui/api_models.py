@@ -29,9 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image, PngImagePlugin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
+from nbkit.errors import NbkitError
 from nbkit.generation.generate import MAX_SEED
 from nbkit.generation.infotext import PNG_KEY, parse_infotext
 from nbkit.generation.samplers import resolve
+from nbkit.webui import controlnet as cn
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
     ControlNetUnit,
@@ -174,34 +176,74 @@ Options = create_model(
 
 
 class ControlNetImage(BaseModel):
-    """Newer extension versions send `{"image": base64, "mask": base64}`."""
+    """The extension's `{"image": base64, "mask": base64}` form of a unit's image."""
 
     model_config = STRICT
     image: str
     mask: str | None = None
 
 
+# A unit's image: base64, `{"image", "mask"}`, `[image, mask]` or `[{"image", "mask"}]` (the extension's forms).
+UnitImage = str | ControlNetImage | Annotated[list[str | ControlNetImage], Field(min_length=1, max_length=2)]
+# The extension's older field names, and Forge's `mask_image`: each is read as the field it names.
+_UNIT_ALIASES = {
+    "input_image": "image",
+    "guidance": "guidance_end",
+    "lowvram": "low_vram",
+    "mask_image": "mask",
+}
+
+
 class ControlNetUnitArgs(BaseModel):
-    """One unit of `alwayson_scripts.controlnet.args`; nbkit uses the fields up to `guidance_end`."""
+    """One unit of `alwayson_scripts.controlnet.args`, with the fields of the sd-webui-controlnet extension's
+    unit and webuiapi's `ControlNetUnit.to_dict()`.
+
+    `null` is the field's default; the older names (`input_image`, `guidance`, `lowvram`, `mask_image`)
+    are read as the fields they name (both given: a 422). `resize_mode` and `control_mode` take the
+    extension's ints or names; `threshold_a/b` are Canny's low/high thresholds and `processor_res` the
+    short side Canny sees the picture at (out of range, -1 included: the module's default). `low_vram`,
+    `hr_option` and `save_detected_map` are read and have no effect (nbkit places models by its own plan;
+    the hires pass runs without ControlNet). Other fields are ignored.
+    """
 
     model_config = STRICT
     enabled: bool = True
-    module: Name | None = "none"
-    model: Name | None = "None"
-    weight: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
-    input_image: str | ControlNetImage | None = None
-    image: str | ControlNetImage | None = None
-    guidance_start: Fraction = 0.0
-    guidance_end: Fraction = 1.0
-    # The extension's other fields, typed so a malformed one is refused rather than silently dropped.
+    module: Name = "none"
+    model: Name = "None"
+    weight: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    image: UnitImage | None = None
     mask: str | None = None
-    resize_mode: Whole | Name = 1
-    control_mode: Whole | Name = 0
+    resize_mode: Whole | Name = "Crop and Resize"
+    low_vram: bool = False
     processor_res: Whole = -1
     threshold_a: Real = -1.0
     threshold_b: Real = -1.0
+    guidance_start: Fraction = 0.0
+    guidance_end: Fraction = 1.0
+    control_mode: Whole | Name = "Balanced"
     pixel_perfect: bool = False
-    low_vram: bool = False
+    hr_option: Name = "Both"
+    save_detected_map: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_and_aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # null (and webuiapi's "" for no image) is the default
+        data = {key: value for key, value in data.items() if value is not None and value != ""}
+        for alias, name in _UNIT_ALIASES.items():
+            if alias in data:
+                if name in data:
+                    raise ValueError(f"{alias!r} is the older name of {name!r}: give one of them")
+                data[name] = data.pop(alias)
+        return data
+
+    @model_validator(mode="after")
+    def _known_modes(self) -> ControlNetUnitArgs:
+        cn.resize_mode_index(self.resize_mode)
+        cn.control_mode_index(self.control_mode)
+        return self
 
 
 class ControlNetScript(BaseModel):
@@ -384,56 +426,100 @@ def _sampler(body: ApiRequest) -> tuple[str, str]:
 CONTROLNET_ARGS = ("alwayson_scripts", "controlnet", "args")
 
 
-def _preprocessor(module: str | None, loc: tuple[str | int, ...]) -> str:
-    """The nbkit preprocessor for an extension module name (`canny`, `depth_midas`, `none`, ...)."""
-    name = (module or "none").strip().lower()
-    if name in ("none", ""):
-        return "none"
-    for preprocessor in ("canny", "depth"):
-        if preprocessor in name:
-            return preprocessor
-    raise field_error(
-        (*loc, "module"),
-        f"ControlNet preprocessor {module!r} is not available here: use canny, depth or none "
-        "(none: send a ready control map as the image)",
-    )
+def _preprocessor(module: str | None, loc: tuple[str | int, ...]) -> cn.Module:
+    """The preprocessor an extension module name names (`canny`, `depth_midas`, `none`, ...); a 422 naming
+    the ones nbkit has for another."""
+    try:
+        return cn.find_module(module)
+    except NbkitError as error:
+        raise field_error((*loc, "module"), f"{error.message}; {error.fix}") from None
 
 
-def _controlnet(body: ApiRequest, limits: Limits) -> ControlNetUnit | None:
-    """The enabled unit of A1111's ControlNet extension arguments (`alwayson_scripts.controlnet`).
+def _unit_image(
+    unit: ControlNetUnitArgs, limits: Limits, loc: tuple[str | int, ...]
+) -> tuple[Image.Image | None, Image.Image | None]:
+    """A unit's picture and mask from the extension's forms of `image` (and `mask`), decoded."""
+    image, mask = unit.image, unit.mask
+    where, mask_where = ("image",), ("mask",)
+    if isinstance(image, list):
+        if len(image) == 2 and all(isinstance(item, str) for item in image):
+            image, mask = image
+            where, mask_where = ("image", 0), ("image", 1)
+        elif len(image) == 1 and isinstance(image[0], ControlNetImage):
+            image, where = image[0], ("image", 0)
+        else:
+            raise field_error(
+                (*loc, "image"),
+                "give one picture per unit: base64, {image, mask}, [image, mask] or [{image, mask}]",
+            )
+    if isinstance(image, ControlNetImage):
+        image, mask = image.image, image.mask
+        where, mask_where = (*where, "image"), (*where, "mask")
+    if not image:
+        return None, None
 
-    nbkit applies one ControlNet: an enabled unit without a model or an image, a second enabled unit,
-    or a preprocessor nbkit does not have is a 422 naming the unit's field, never silently dropped.
+    def path(parts: tuple[str | int, ...]) -> str:
+        return ".".join(str(part) for part in (*loc, *parts))
+
+    picture = decode_image(image, limits, path(where))
+    return picture, decode_image(mask, limits, path(mask_where)) if mask else None
+
+
+def _controlnet(body: ApiRequest, limits: Limits) -> list[ControlNetUnit]:
+    """The enabled units of the ControlNet extension's arguments (`alwayson_scripts.controlnet.args`).
+
+    An enabled unit without a model (or, in txt2img, an image), with a module nbkit does not run or a
+    guidance range that runs no step is a 422 naming its field; more enabled units than
+    `Limits.max_controlnet_units` is a 400. In img2img a unit without an image uses the init image.
     """
     script = body.alwayson_scripts.controlnet
     units = [(index, unit) for index, unit in enumerate(script.args if script else []) if unit.enabled]
-    if not units:
-        return None
-    if len(units) > 1:
-        raise field_error(
-            (*CONTROLNET_ARGS, units[1][0]),
-            f"{len(units)} ControlNet units are enabled; nbkit applies one: disable the others",
+    if len(units) > limits.max_controlnet_units:
+        raise LimitError(
+            f"{len(units)} ControlNet units are enabled, above this server's limit of "
+            f"{limits.max_controlnet_units}",
+            fix="disable some units",
         )
-    index, unit = units[0]
-    loc = (*CONTROLNET_ARGS, index)
-    if not unit.model or unit.model == "None":
-        raise field_error((*loc, "model"), "an enabled ControlNet unit needs a model")
-    image, where = (
-        (unit.input_image, "input_image") if unit.input_image is not None else (unit.image, "image")
-    )
-    if isinstance(image, ControlNetImage):
-        image, where = image.image, f"{where}.image"
-    if not image:
-        raise field_error((*loc, "input_image"), "an enabled ControlNet unit needs an input_image")
-    path = ".".join(str(part) for part in (*loc, where))
-    return ControlNetUnit(
-        model=unit.model,
-        image=decode_image(image, limits, path),
-        preprocessor=_preprocessor(unit.module, loc),
-        weight=unit.weight,
-        guidance_start=unit.guidance_start,
-        guidance_end=unit.guidance_end,
-    )
+    made = []
+    for index, unit in units:
+        loc = (*CONTROLNET_ARGS, index)
+        if unit.model.strip().lower() in ("", "none"):
+            raise field_error((*loc, "model"), "an enabled ControlNet unit needs a model")
+        module = _preprocessor(unit.module, loc)
+        if unit.guidance_start >= unit.guidance_end:
+            raise field_error(
+                (*loc, "guidance_start"),
+                f"guidance_start {unit.guidance_start} must be below guidance_end {unit.guidance_end}",
+            )
+        image, mask = _unit_image(unit, limits, loc)
+        if image is None and isinstance(body, Txt2ImgRequest):
+            raise field_error((*loc, "image"), "an enabled ControlNet unit needs an image in txt2img")
+        low, high = sorted(
+            int(slider.pick(value)) if slider else default
+            for slider, value, default in (
+                (module.threshold_a, unit.threshold_a, 100),
+                (module.threshold_b, unit.threshold_b, 200),
+            )
+        )
+        made.append(
+            ControlNetUnit(
+                model=unit.model,
+                image=image,
+                preprocessor=module.preprocessor,
+                weight=unit.weight,
+                guidance_start=unit.guidance_start,
+                guidance_end=unit.guidance_end,
+                low_threshold=low,
+                high_threshold=high,
+                mask=mask,
+                resize_mode=cn.resize_mode_index(unit.resize_mode),
+                processor_res=int(module.resolution.pick(unit.processor_res)) if module.resolution else 512,
+                pixel_perfect=unit.pixel_perfect,
+                control_mode=cn.control_mode_index(unit.control_mode),
+                module=module.name if unit.module.strip().lower() in ("", "none") else unit.module.strip(),
+            )
+        )
+    return made
 
 
 def _hires_size(body: Txt2ImgRequest) -> tuple[int, int] | None:

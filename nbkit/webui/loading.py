@@ -6,10 +6,15 @@ in a one-slot `nbkit.generation.cache.PipelineCache` (the class `load_session_pi
 the old weights are freed before new ones load, the model's family (`nbkit.families`) picks its dtype and
 memory plan (`nbkit.generation.placement`), and img2img, inpainting and ControlNet pipelines are made per
 request with diffusers' `from_pipe`, sharing the loaded modules.
+
+ControlNets stay loaded between requests: those the current request uses, and up to `CONTROLNET_CACHE`
+in all (the least recently used go first, before another loads). A request's units run together as one
+`nbkit.webui.controlnet_stack.ControlNetStack` (`_controlnet_run`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -25,6 +30,24 @@ from nbkit.webui.requests import ControlNetUnit
 
 # Suffixes of the files a model source names; a missing path with one is a missing file, not a hub id.
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+CONTROLNET_CACHE = 2  # ControlNets kept loaded (more while one request uses more), as the extension's default
+
+
+@dataclasses.dataclass
+class ControlNetRun:
+    """What a request's ControlNet units add to its run.
+
+    Args:
+        stack: the ControlNets as one pipeline component (None: no unit).
+        inputs: the pipeline's ControlNet arguments (control images, scales, guidance ranges).
+        infotext: the infotext's `ControlNet 0`, `ControlNet 1`, ... values.
+        maps: each unit's control map.
+    """
+
+    stack: Any = None
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    infotext: dict[str, str] = dataclasses.field(default_factory=dict)
+    maps: list[Any] = dataclasses.field(default_factory=list)
 
 
 def check_model_source(source: str | os.PathLike, family: str | None = None) -> None:
@@ -102,7 +125,7 @@ class ModelLoading:
     depth_model: str
     _wanted: str | None
     _vae: tuple[str, Any] | None
-    _controlnet: tuple[str, Any] | None
+    _controlnets: dict[str, Any]  # source -> loaded ControlNet, least recently used first
     _depth: cn.DepthEstimator | None
     _memory_option: Any
     _family: Family | None
@@ -227,7 +250,8 @@ class ModelLoading:
     def unload(self) -> None:
         """Free the loaded weights (CUDA memory included), with the VAE and ControlNet loaded for them."""
         self._memory_option = self._family = None
-        self._vae = self._controlnet = None
+        self._vae = None
+        self._controlnets = {}
         self._depth = None
         self._models.release()  # after the VAE and ControlNet are dropped: it frees their memory too
 
@@ -283,14 +307,99 @@ class ModelLoading:
         self._vae = (source, vae)
         return vae
 
-    def _load_controlnet(self, unit: ControlNetUnit) -> tuple[cn.ControlNetSource, Any]:
-        source = cn.find_controlnet(unit.model)
-        cn.check_compatible(source, self.pipeline.unet.config, self.current.family if self.current else None)
-        if self._controlnet is None or self._controlnet[0] != source.source:
-            self._controlnet = None  # free the old one first
+    def _load_controlnets(self, units: list[ControlNetUnit]) -> list[tuple[cn.ControlNetSource, Any]]:
+        """Each unit's ControlNet, all checked against the loaded model before any loads."""
+        group = self._family.controlnet_group if self._family is not None else None
+        root = self.catalog.storage_root
+        sources = [cn.find_controlnet(unit.model, storage_root=root, group=group) for unit in units]
+        for source in sources:
+            cn.check_compatible(
+                source, self.pipeline.unet.config, self.current.family if self.current else None
+            )
+        needed = {source.source for source in sources}
+        room = max(CONTROLNET_CACHE, len(needed))
+        for source in sources:
+            if source.source in self._controlnets:
+                self._controlnets[source.source] = self._controlnets.pop(source.source)  # most recent last
+                continue
+            for old in [key for key in self._controlnets if key not in needed]:
+                if len(self._controlnets) < room:
+                    break
+                del self._controlnets[old]  # freed before the next one loads
             model = cn.load_controlnet(source, torch_dtype=self.dtype)
-            self._controlnet = (source.source, model if self._offload else model.to(self.device))
-        return source, self._controlnet[1]
+            self._controlnets[source.source] = model if self._offload else model.to(self.device)
+        return [(source, self._controlnets[source.source]) for source in sources]
+
+    def _control_map(self, unit: ControlNetUnit, width: int, height: int, init: Any, resize_mode: int) -> Any:
+        """A unit's control map at the generation size; a unit without an image uses `init` (img2img's)."""
+        picture, mode = (unit.image, unit.resize_mode) if unit.image is not None else (init, resize_mode)
+        picture = cn.unit_picture(picture, unit.mask)
+        depth = self._depth_estimator() if unit.preprocessor.strip().lower() == "depth" else None
+        return cn.preprocess(
+            picture,
+            unit.preprocessor,
+            width,
+            height,
+            resize_mode=mode,
+            depth=depth,
+            low_threshold=unit.low_threshold,
+            high_threshold=unit.high_threshold,
+            resolution=None if unit.pixel_perfect else unit.processor_res,
+        )
+
+    def _controlnet_run(self, request: Any) -> ControlNetRun:
+        """The ControlNets, control maps, pipeline arguments and infotext of `request`'s units.
+
+        Args:
+            request: a `nbkit.webui.requests.GenerationRequest`.
+        """
+        units = request.controlnet
+        if not units:
+            return ControlNetRun()
+        from nbkit.webui.controlnet_stack import ControlNetStack
+
+        loaded = self._load_controlnets(units)
+        maps = [
+            self._control_map(unit, request.width, request.height, request.init_image, request.resize_mode)
+            for unit in units
+        ]
+        stack = ControlNetStack([model for _, model in loaded], [unit.control_mode for unit in units])
+        inputs = {
+            "image" if request.mode == "txt2img" else "control_image": maps,
+            "controlnet_conditioning_scale": [float(unit.weight) for unit in units],
+            "control_guidance_start": [float(unit.guidance_start) for unit in units],
+            "control_guidance_end": [float(unit.guidance_end) for unit in units],
+        }
+        infotext = {
+            f"ControlNet {index}": cn.unit_infotext(unit, source.name)
+            for index, (unit, (source, _)) in enumerate(zip(units, loaded, strict=True))
+        }
+        return ControlNetRun(stack, inputs, infotext, maps)
+
+    def detect_map(
+        self,
+        image: Any,
+        module: cn.Module,
+        *,
+        resolution: int | None = None,
+        threshold_a: float | None = None,
+        threshold_b: float | None = None,
+    ) -> Any:
+        """The control map a module makes of `image` (the extension's `/controlnet/detect`), with its
+        sliders' defaults for values out of range. Not thread-safe for depth: call it through the queue."""
+        depth = self._depth_estimator() if module.preprocessor == "depth" else None
+        low, high = sorted(
+            int(slider.pick(value)) if slider else 0
+            for slider, value in ((module.threshold_a, threshold_a), (module.threshold_b, threshold_b))
+        )
+        return cn.detect(
+            image,
+            module.preprocessor,
+            resolution=int(module.resolution.pick(resolution)) if module.resolution else None,
+            depth=depth,
+            low_threshold=low,
+            high_threshold=high,
+        )
 
     def _depth_estimator(self) -> cn.DepthEstimator:
         if self._depth is None or self._depth.name != self.depth_model:
@@ -309,6 +418,8 @@ class ModelLoading:
         family = as_family(self._family)
         pipeline = family.image_pipeline_class(self.pipeline, mode).from_pipe(self.pipeline, **components)
         pipeline.set_progress_bar_config(disable=True)
+        if hasattr(components.get("controlnet"), "guided_by"):
+            components["controlnet"].guided_by(pipeline)  # a ControlNetStack reads CFG from its pipeline
         if self._offload:
             # Offload hooks belong to one pipeline; the derived one (maybe with a ControlNet) gets its own.
             pipeline.enable_model_cpu_offload(device=self.device)

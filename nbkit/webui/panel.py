@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from nbkit.generation.samplers import SAMPLERS, SCHEDULES
-from nbkit.webui.controlnet import CONTROLNETS, PREPROCESSORS
+from nbkit.webui.controlnet import CONTROL_MODES, CONTROLNETS, PREPROCESSORS
 from nbkit.webui.requests import DISTILLED_CFG_SCALE, HR_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from nbkit.webui.security import Limits
 
@@ -88,6 +88,16 @@ class Panel:
                             sorted(CONTROLNETS), label="ControlNet model", allow_custom_value=True
                         )
                     f["cn_weight"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Control weight")
+                    with gr.Row():
+                        f["cn_guidance_start"] = gr.Slider(
+                            0, 1, value=0.0, step=0.01, label="Starting control step"
+                        )
+                        f["cn_guidance_end"] = gr.Slider(
+                            0, 1, value=1.0, step=0.01, label="Ending control step"
+                        )
+                    f["cn_control_mode"] = gr.Radio(
+                        list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control mode", type="index"
+                    )
                 if mode in ("img2img", "inpaint"):
                     f["resize_mode"] = gr.Radio(
                         list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode", type="index"

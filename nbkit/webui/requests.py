@@ -45,27 +45,42 @@ _IMAGE_FIELDS = (
 
 @dataclasses.dataclass
 class ControlNetUnit:
-    """One ControlNet applied to a request.
+    """One ControlNet applied to a request (a unit of the sd-webui-controlnet extension).
 
     Args:
-        model: a ControlNet registry key, hub repo id or local folder (`nbkit.webui.controlnet`).
-        image: the input picture (preprocessed unless `preprocessor` is `none`).
+        model: a ControlNet name, hub repo id or local folder (`nbkit.webui.controlnet.find_controlnet`).
+        image: the input picture (preprocessed unless `preprocessor` is `none`); None in img2img and
+            inpaint: the init image, fitted with the request's resize mode (as the extension does).
         preprocessor: `canny`, `depth` or `none` (the image already is a control map).
         weight: the conditioning scale.
         guidance_start: the fraction of the steps where the ControlNet starts acting.
         guidance_end: the fraction of the steps where it stops.
         low_threshold: Canny's low threshold.
         high_threshold: Canny's high threshold.
+        mask: the extension's mask over the image: a scribble drawn on a canvas (see
+            `nbkit.webui.controlnet.unit_picture`), or None.
+        resize_mode: how the map is fitted to the generation size: 0 just resize, 1 crop and resize,
+            2 resize and fill.
+        processor_res: the short side Canny sees the picture at (`pixel_perfect` off).
+        pixel_perfect: make the map at the generation size (the picture is fitted first).
+        control_mode: 0 balanced, 1 my prompt is more important, 2 ControlNet is more important.
+        module: the extension's module name the client gave, for the infotext (None: `preprocessor`).
     """
 
     model: str
-    image: Image.Image
+    image: Image.Image | None
     preprocessor: str = "none"
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     low_threshold: int = 100
     high_threshold: int = 200
+    mask: Image.Image | None = None
+    resize_mode: int = 1
+    processor_res: int = 512
+    pixel_perfect: bool = False
+    control_mode: int = 0
+    module: str | None = None
 
 
 @dataclasses.dataclass
@@ -98,7 +113,7 @@ class GenerationRequest:
         hr_upscaler: `Latent` or `Lanczos` (and A1111's other names, mapped to these).
         hr_second_pass_steps: steps of the second pass (0: as many as `steps`).
         vae: a VAE to use instead of the model's (None: the model's).
-        controlnet: a ControlNet unit, or None.
+        controlnet: the ControlNet units, applied together (empty: none).
         save_images: save into the outputs folder.
         model_defaults: the fields an API client left out (of `MODEL_DEFAULT_FIELDS`): they take the loaded
             model's own settings where its family has them (`Family.generation_defaults` with `own`:
@@ -131,7 +146,7 @@ class GenerationRequest:
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = 0
     vae: str | None = None
-    controlnet: ControlNetUnit | None = None
+    controlnet: list[ControlNetUnit] = dataclasses.field(default_factory=list)
     save_images: bool = True
     model_defaults: tuple[str, ...] = ()
 
@@ -149,7 +164,7 @@ class GenerationOutput:
         model: the checkpoint used.
         interrupted: True when stopped early.
         seconds: wall time.
-        control_image: the ControlNet's control map, when one was used.
+        control_images: the control map of each ControlNet unit.
     """
 
     images: list[Image.Image]
@@ -160,7 +175,7 @@ class GenerationOutput:
     model: ModelEntry | None
     interrupted: bool = False
     seconds: float = 0.0
-    control_image: Image.Image | None = None
+    control_images: list[Image.Image] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

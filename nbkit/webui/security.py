@@ -57,7 +57,7 @@ BLOCKED_PREFIXES = (
     "/monitoring",
 )
 FILE_PREFIXES = ("/gradio_api/file=", "/gradio_api/file/", "/file=")
-API_PREFIX = "/sdapi/"
+API_PREFIX = ("/sdapi/", "/controlnet/")  # A1111's API and the ControlNet extension's routes
 # API routes whose body never carries an image: capped at `Limits.max_small_body_bytes`.
 SMALL_BODY_PATHS = ("/sdapi/v1/options",)
 
@@ -165,6 +165,7 @@ class Limits:
         max_small_body_bytes: bytes of a body that carries no image (`SMALL_BODY_PATHS`: the options).
         max_inflight_body_bytes: bytes of API bodies held at once, all requests together: many
             concurrent bodies each under `max_body_bytes` must not add up to the runtime's RAM.
+        max_controlnet_units: enabled ControlNet units in one request (each loads a ControlNet).
     """
 
     max_pixels: int = 2048 * 2048
@@ -174,6 +175,7 @@ class Limits:
     max_body_bytes: int = 64 * 1024 * 1024
     max_small_body_bytes: int = 1024 * 1024
     max_inflight_body_bytes: int = 256 * 1024 * 1024
+    max_controlnet_units: int = 3  # the extension's default unit count
 
 
 class LimitError(NbkitError):

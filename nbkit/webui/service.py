@@ -150,7 +150,7 @@ class GenerationService(ModelLoading):
         self._skip = threading.Event()
         self._passes = 1
         self._vae: tuple[str, Any] | None = None
-        self._controlnet: tuple[str, Any] | None = None
+        self._controlnets: dict[str, Any] = {}  # the loaded ControlNets (`ModelLoading._load_controlnets`)
         self._depth: cn.DepthEstimator | None = None
         self._lora_hashes: dict[tuple, str] = {}
         self._memory_option: Any = None  # the model's memory plan on a GPU (nbkit.models.memory)
@@ -194,7 +194,7 @@ class GenerationService(ModelLoading):
         entry = self.ensure_model()
         family = as_family(self._family)
         request = self._with_model_defaults(request, family)
-        if family.controlnet_group is None and request.controlnet is not None:
+        if family.controlnet_group is None and request.controlnet:
             raise NbkitError(
                 f"ControlNet is not available for {entry.title}: nbkit offers ControlNet for the SD "
                 f"families only, not {family.title}",
@@ -234,31 +234,9 @@ class GenerationService(ModelLoading):
             mask = blur_mask(mask, request.mask_blur)
             inputs.update(image=init, mask_image=mask)
             extra["Mask blur"] = request.mask_blur
-        controlnet = control_image = None
-        if request.controlnet is not None:
-            unit = request.controlnet
-            source, controlnet = self._load_controlnet(unit)
-            depth = self._depth_estimator() if unit.preprocessor.strip().lower() == "depth" else None
-            control_image = cn.preprocess(
-                unit.image,
-                unit.preprocessor,
-                request.width,
-                request.height,
-                resize_mode=request.resize_mode,
-                depth=depth,
-                low_threshold=unit.low_threshold,
-                high_threshold=unit.high_threshold,
-            )
-            inputs["image" if request.mode == "txt2img" else "control_image"] = control_image
-            inputs.update(
-                controlnet_conditioning_scale=unit.weight,
-                control_guidance_start=unit.guidance_start,
-                control_guidance_end=unit.guidance_end,
-            )
-            extra["ControlNet 0"] = (
-                f"Module: {unit.preprocessor.strip().lower()}, Model: {source.name}, Weight: {unit.weight}, "
-                f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}"
-            )
+        control = self._controlnet_run(request)
+        inputs.update(control.inputs)
+        extra.update(control.infotext)
         hires = None
         if request.enable_hr and request.mode == "txt2img":  # A1111's img2img has no hires fix
             hires = HiresFix(
@@ -293,7 +271,7 @@ class GenerationService(ModelLoading):
         from nbkit.generation.generate import check_inputs
 
         check_inputs(settings)  # before the LoRAs load: an SD sampler on FLUX.1 is refused up front
-        task = self._derive(request.mode, vae=vae, controlnet=controlnet)
+        task = self._derive(request.mode, vae=vae, controlnet=control.stack)
         hires_pipeline = self._derive("img2img", vae=vae) if hires is not None else None
         self._passes = 2 if hires is not None else 1
         self._set_progress(
@@ -343,7 +321,7 @@ class GenerationService(ModelLoading):
             entry,
             interrupted=result.interrupted,
             seconds=time.time() - started,
-            control_image=control_image,
+            control_images=control.maps,
         )
 
     def _with_model_defaults(self, request: GenerationRequest, family: Family) -> GenerationRequest:

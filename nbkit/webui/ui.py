@@ -144,13 +144,18 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
                 raise NbkitError(
                     "pick a ControlNet model", fix="choose one that matches the checkpoint's family"
                 )
+            control_mode = values.get("cn_control_mode")
             unit = ControlNetUnit(
                 model=values["cn_model"],
                 image=values["control_image"],
                 preprocessor=values["cn_preprocessor"] or "none",
                 weight=float(values["cn_weight"]),
+                guidance_start=float(values.get("cn_guidance_start") or 0.0),
+                guidance_end=float(values.get("cn_guidance_end", 1.0)),
+                control_mode=int(control_mode) if control_mode is not None else 0,
+                pixel_perfect=True,  # the map is made at the generation size
             )
-            return {"controlnet": unit}
+            return {"controlnet": [unit]}
         return {}
 
     return make_request(

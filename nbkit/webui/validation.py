@@ -53,16 +53,24 @@ def check_request(request: GenerationRequest) -> None:
             raise ValueError("inpaint needs a mask (white: repaint)")
         whole("mask_blur", 0, 256)
         whole("inpainting_fill", 0, 3)
-    if request.controlnet is not None:
-        unit = request.controlnet
-        if not isinstance(unit.image, Image.Image):
-            raise ValueError("the ControlNet unit needs an image")
+    for index, unit in enumerate(request.controlnet):
+        name = f"ControlNet unit {index}"
+        if unit.image is None and request.mode == "txt2img":
+            raise ValueError(f"{name} needs an image (img2img and inpaint use the init image)")
+        if unit.image is not None and not isinstance(unit.image, Image.Image):
+            raise ValueError(f"{name}: image must be a picture, got {type(unit.image).__name__}")
         if unit.preprocessor.strip().lower() not in cn.PREPROCESSORS:
             raise ValueError(
-                f"preprocessor must be one of {', '.join(cn.PREPROCESSORS)}, got {unit.preprocessor!r}"
+                f"{name}: preprocessor must be one of {', '.join(cn.PREPROCESSORS)}, got {unit.preprocessor!r}"
             )
+        # diffusers runs a ControlNet on the steps between start and end: start == end would run none.
         if not 0 <= unit.guidance_start < unit.guidance_end <= 1:
             raise ValueError(
-                f"ControlNet guidance must satisfy 0 <= start < end <= 1, got {unit.guidance_start}, "
+                f"{name}: guidance must satisfy 0 <= start < end <= 1, got {unit.guidance_start}, "
                 f"{unit.guidance_end}"
+            )
+        if unit.control_mode not in range(len(cn.CONTROL_MODES)) or unit.resize_mode not in range(3):
+            raise ValueError(
+                f"{name}: control_mode and resize_mode must be 0, 1 or 2, got {unit.control_mode}, "
+                f"{unit.resize_mode}"
             )
