@@ -210,14 +210,18 @@ def test_a_bad_unit_is_a_422_naming_its_field(server, http, unit, field, words):
         assert word in response.text
 
 
-def test_more_units_than_the_limit_is_a_400_naming_it(server, http):
+def test_too_many_units_or_an_unknown_model_is_a_400_naming_what_there_is(server, http):
+    def post(units):
+        body = {**SMALL, "alwayson_scripts": {"controlnet": {"args": units}}}
+        return http.post(server.api + "/txt2img", json=body, timeout=60)
+
     unit = {"model": CANNY, "image": PICTURE}
-    response = http.post(
-        server.api + "/txt2img",
-        json={**SMALL, "alwayson_scripts": {"controlnet": {"args": [unit] * 4}}},
-        timeout=60,
-    )
+    response = post([unit] * 4)
     assert response.status_code == 400 and "limit of 3" in response.text
+    response = post([{**unit, "model": "openpose [0123abcd]"}])
+    assert (
+        response.status_code == 400 and CANNY in response.text and "control_v11p_sd15_canny" in response.text
+    )
 
 
 # --- webuiapi, unchanged ------------------------------------------------------------------------------------
