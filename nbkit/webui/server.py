@@ -1,5 +1,8 @@
 """One HTTP server for the web UI: A1111's API at `/sdapi/v1`, the gradio UI at `/`.
 
+The API's OpenAPI schema is at `/openapi.json` and its Swagger page at `/docs` (FastAPI's own, its
+script and style from the CDN FastAPI names); with a login, both need it as the API does.
+
 `create_app` builds the FastAPI app (API router, gradio Blocks mounted with gradio's login,
 `AccessMiddleware` in front of everything, and `LastResortMiddleware` around it all); `Server` runs it with uvicorn on a background thread, on a
 socket it binds itself (port None: a free one, without a race), and `close()` stops it.
@@ -27,6 +30,13 @@ from nbkit.webui.queue import GpuQueue
 from nbkit.webui.security import AccessMiddleware, Credentials, Limits
 from nbkit.webui.service import GenerationService
 
+OPENAPI_URL = "/openapi.json"
+DOCS_URL = "/docs"
+API_DESCRIPTION = (
+    "AUTOMATIC1111's REST API on nbkit. Every request field may be null (its default); unknown fields are "
+    "ignored. A 422 is FastAPI's validation body; other errors are A1111's "
+    "`{error, detail, body, errors}`."
+)
 _gradio_dir_lock = threading.Lock()
 _gradio_dir: str | None = None
 
@@ -78,8 +88,18 @@ def create_app(
     """
     from fastapi import FastAPI
 
+    from nbkit.generation.generate import VERSION
+
     limits = limits or Limits()
-    app = FastAPI(title="nbkit web UI", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own schema and Swagger page, added before gradio's mount so they answer at these paths.
+    app = FastAPI(
+        title="nbkit: AUTOMATIC1111's API",
+        version=VERSION,
+        description=API_DESCRIPTION,
+        docs_url=DOCS_URL,
+        openapi_url=OPENAPI_URL,
+        redoc_url=None,
+    )
     state = ApiState(service, queue, limits)
     app.state.nbkit = state
     app.include_router(create_router(state))
