@@ -159,24 +159,35 @@ def current_title(service: GenerationService) -> str | None:
     return service.catalog.checkpoints[0].title if service.catalog.checkpoints else None
 
 
-# The error answers every route may give besides its own (a 422 is documented by FastAPI where a route reads
-# a body or parameters), as A1111's error body: so the schema lists what clients can get.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in (
-        (400, "a bad value (an unknown sampler, a size or step count over this server's caps)"),
-        (401, "no or wrong login (HTTP Basic), when the server has one"),
-        (404, "not found (a checkpoint, img2img's init images)"),
-        (413, "a request body or image over this server's byte caps"),
-        (500, "an unexpected error: the request id is in the detail and the X-Request-ID header"),
-        (503, "busy: the queue is full or a training run holds the GPU (see Retry-After)"),
-    )
+# The error answers any API route may give besides its own (FastAPI documents a 422 where a route reads a
+# body or parameters), in A1111's error body; `document_errors` adds them to every operation of the schema.
+ERROR_STATUSES = {
+    400: "a bad value (an unknown sampler, a size or step count over this server's caps)",
+    401: "no or wrong login (HTTP Basic), when the server has one",
+    404: "not found (a checkpoint, img2img's init images)",
+    413: "a request body or image over this server's byte caps",
+    500: "an unexpected error: the request id is in the detail and the X-Request-ID header",
+    503: "busy: the queue is full or a training run holds the GPU (see Retry-After)",
 }
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (an OpenAPI document) with `ERROR_STATUSES` on every operation, whichever router added it."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = (
+        ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in ERROR_STATUSES.items():
+                responses.setdefault(str(status), {"description": description, "content": content})
+    return schema
 
 
 def create_router(state: ApiState) -> APIRouter:
     """The `/sdapi/v1` routes on `state`."""
-    router = APIRouter(prefix="/sdapi/v1", responses=ERROR_RESPONSES)
+    router = APIRouter(prefix="/sdapi/v1")
     for add_routes in (_generation_routes, _model_routes, _list_routes, _progress_routes, _info_routes):
         add_routes(router, state)
     return router

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
-from nbkit.webui.api import ApiState, LastResortMiddleware, create_router, install_error_handlers
+from nbkit.webui.api import (
+    ApiState,
+    LastResortMiddleware,
+    create_router,
+    document_errors,
+    install_error_handlers,
+)
 from nbkit.webui.queue import GpuQueue
 from nbkit.webui.security import AccessMiddleware, Credentials, Limits
 from nbkit.webui.service import GenerationService
@@ -100,6 +106,7 @@ def create_app(
         openapi_url=OPENAPI_URL,
         redoc_url=None,
     )
+    app.openapi = _api_schema(app)
     state = ApiState(service, queue, limits)
     app.state.nbkit = state
     app.include_router(create_router(state))
@@ -151,6 +158,21 @@ def create_app(
     # Outermost: whatever escapes (a route, the access checks, gradio) becomes a JSON 500 with a request id.
     app.add_middleware(LastResortMiddleware)
     return app
+
+
+def _api_schema(app: Any) -> Any:
+    """The app's `openapi()`: FastAPI's schema of its routes, with the errors every API route may answer."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = document_errors(schema)
+        return app.openapi_schema
+
+    return openapi
 
 
 def _bind(host: str, port: int | None) -> socket.socket:
