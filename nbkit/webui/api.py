@@ -11,11 +11,17 @@ own settings (`Family.generation_defaults` with `own`): then `steps`, `cfg_scale
 `scheduler` left out take the model's (Z-Image-Turbo: 8 steps at CFG 1; FLUX.2 [klein] distilled: 4
 steps at CFG 1; their base models: 50 steps at CFG 5 and 4), and `hr_upscaler` left out is a pixel
 upscaler (Lanczos) for a model whose latents cannot be upscaled (FLUX.1, Z-Image, FLUX.2). `info`
-reports the values that ran. Errors are JSON `{"error", "detail", "body", "errors"}` with a status: 400 for a
-bad value, 413 for an oversized body or image, 422 for a malformed request (with the field's path:
-a non-finite number, a value out of range, an unknown option or always-on script), 503 with
-`Retry-After` when the queue is full or a training run holds the GPU, and 500 with a request id (in
-the body and the `X-Request-ID` header, and logged with its traceback) for anything unexpected.
+reports the values that ran. A 422 (a malformed request: a non-finite number, a value out of range, an
+unknown option or always-on script, an unreadable image) has FastAPI's own body,
+`{"detail": [{"type", "loc", "msg", "input", ...}]}` with each field's path in `loc`, as A1111 answers
+its validation errors. Every other error is A1111's JSON `{"error", "detail", "body", "errors"}` with a
+status: 400 for a bad value (a sampler, a size over the caps), 404 for what is not there (a checkpoint,
+img2img's init images), 413 for an oversized body or image, 503 with `Retry-After` when the queue is
+full or a training run holds the GPU, and 500 with a request id (in the body and the `X-Request-ID`
+header, and logged with its traceback) for anything unexpected.
+
+Images are sent (and saved) in the `samples_format` option (`png`, `jpg`, `webp`, with `jpeg_quality`,
+`webp_lossless` and `enable_pnginfo`), set with POST /options or for one request in `override_settings`.
 
 A queued request whose client disconnects is withdrawn before it starts (`run_queued`), so it never
 holds the GPU; the running one is stopped only by `/interrupt` or `/skip`, as in A1111.
@@ -33,12 +39,14 @@ import datetime
 import io
 import json
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -50,22 +58,34 @@ from nbkit.generation.infotext import PNG_KEY, parse_infotext, read_infotext
 from nbkit.generation.samplers import list_samplers, list_schedulers
 from nbkit.webui.api_models import (
     ALWAYSON_SCRIPTS,
+    OPTION_DEFAULTS,
     OPTION_TYPES,
     ApiError,
     ApiRequest,
+    ErrorResponse,
+    ImageResponse,
     Img2ImgRequest,
+    MemoryResponse,
     Options,
     PngInfoRequest,
+    PngInfoResponse,
+    ProgressResponse,
     Txt2ImgRequest,
     build_info,
     close_names,
     echo_parameters,
+    effective_options,
+    encode_b64,
     encode_png,
+    field_error,
+    image_bytes,
+    image_format,
+    known_overrides,
     to_generation_request,
 )
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import HR_UPSCALERS, GenerationOutput
-from nbkit.webui.security import LimitError, Limits, decode_base64_image_bytes
+from nbkit.webui.security import LimitError, Limits
 from nbkit.webui.service import GenerationService, cuda_memory
 
 logger = logging.getLogger(__name__)
@@ -139,6 +159,32 @@ def current_title(service: GenerationService) -> str | None:
     return service.catalog.checkpoints[0].title if service.catalog.checkpoints else None
 
 
+# The error answers any API route may give besides its own (FastAPI documents a 422 where a route reads a
+# body or parameters), in A1111's error body; `document_errors` adds them to every operation of the schema.
+ERROR_STATUSES = {
+    400: "a bad value (an unknown sampler, a size or step count over this server's caps)",
+    401: "no or wrong login (HTTP Basic), when the server has one",
+    404: "not found (a checkpoint, img2img's init images)",
+    413: "a request body or image over this server's byte caps",
+    500: "an unexpected error: the request id is in the detail and the X-Request-ID header",
+    503: "busy: the queue is full or a training run holds the GPU (see Retry-After)",
+}
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (an OpenAPI document) with `ERROR_STATUSES` on every operation, whichever router added it."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = (
+        ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in ERROR_STATUSES.items():
+                responses.setdefault(str(status), {"description": description, "content": content})
+    return schema
+
+
 def create_router(state: ApiState) -> APIRouter:
     """The `/sdapi/v1` routes on `state`."""
     router = APIRouter(prefix="/sdapi/v1")
@@ -148,13 +194,17 @@ def create_router(state: ApiState) -> APIRouter:
 
 
 def _checkpoint(service: GenerationService, key: Any) -> str:
-    """The title of a listed checkpoint (A1111 accepts a title, a name or a hash; never a new path)."""
+    """The title of a listed checkpoint (A1111 accepts a title, a name or a hash; never a new path).
+
+    Raises:
+        ApiError: 404 for a checkpoint that is not listed.
+    """
     if not isinstance(key, str) or not key.strip():
         raise ApiError(400, "sd_model_checkpoint must be a checkpoint title, name or hash")
     try:
         return service.catalog.find(key).title
     except NbkitError as error:
-        raise ApiError(400, str(error), "CheckpointNotFound") from None
+        raise ApiError(404, str(error), "CheckpointNotFound") from None
 
 
 def _check_vae_path(service: GenerationService, vae: str) -> None:
@@ -173,10 +223,12 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
     service = state.service
 
     async def generate(body: ApiRequest, http: Request) -> dict[str, Any]:
-        request = await run_in_threadpool(to_generation_request, body, state.limits)
+        options = effective_options(state.options, body)
+        request = await run_in_threadpool(to_generation_request, body, state.limits, options)
         if request.vae:
             _check_vae_path(service, request.vae)
-        model = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
+        overrides = known_overrides(body)
+        model = overrides.get("sd_model_checkpoint")
         if model is not None:
             model = _checkpoint(service, model)
         restore = body.override_settings_restore_afterwards
@@ -192,9 +244,15 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
                     service.select_model(previous)
 
         output = await run_queued(state, job, http)
+        if not restore:  # as A1111: the overrides stay set (the checkpoint already stays switched)
+            state.options.update(
+                {k: v for k, v in overrides.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")}
+            )
+        fmt = image_format(options)
         images = await run_in_threadpool(
             lambda: [
-                encode_png(image, text) for image, text in zip(output.images, output.infotexts, strict=True)
+                encode_b64(image, text, fmt)
+                for image, text in zip(output.images, output.infotexts, strict=True)
             ]
         )
         return {
@@ -204,11 +262,11 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
             "info": json.dumps(build_info(body, output.request, output), ensure_ascii=False),
         }
 
-    @router.post("/txt2img")
+    @router.post("/txt2img", response_model=ImageResponse)
     async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
         return await generate(body, http)
 
-    @router.post("/img2img")
+    @router.post("/img2img", response_model=ImageResponse)
     async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
         return await generate(body, http)
 
@@ -233,10 +291,7 @@ def _model_routes(router: APIRouter, state: ApiState) -> None:
     def get_options() -> dict[str, Any]:
         current = service.current
         return {
-            "samples_save": True,
-            "samples_format": "png",
-            "sd_vae": "Automatic",
-            "CLIP_stop_at_last_layers": 1,
+            **OPTION_DEFAULTS,
             **state.options,
             "sd_model_checkpoint": current_title(service),
             "sd_checkpoint_hash": current.sha256 if current is not None else None,
@@ -246,6 +301,12 @@ def _model_routes(router: APIRouter, state: ApiState) -> None:
     async def set_options(body: Options, http: Request) -> None:  # type: ignore[valid-type]
         # Only A1111's option names (`OPTION_TYPES`) with typed values get here, so the store is bounded.
         given = body.model_dump(exclude_unset=True)
+        vae = given.get("sd_vae")
+        if vae not in (None, "", "Automatic", "None"):
+            # checked now, not at the next generation: a bad stored VAE would fail every request after it
+            _check_vae_path(service, vae)
+            if not Path(vae).expanduser().exists():
+                raise ApiError(404, f"sd_vae {vae!r} does not exist", "VaeNotFound")
         key = given.get("sd_model_checkpoint")
         if key is not None:
             title = _checkpoint(service, key)
@@ -291,7 +352,7 @@ def _progress_routes(router: APIRouter, state: ApiState) -> None:
     """The running job's progress (with a live preview), interrupt and skip."""
     service = state.service
 
-    @router.get("/progress")
+    @router.get("/progress", response_model=ProgressResponse)
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         snapshot = service.progress()
         job_count = snapshot.job_count
@@ -338,15 +399,17 @@ def _progress_routes(router: APIRouter, state: ApiState) -> None:
 def _info_routes(router: APIRouter, state: ApiState) -> None:
     """PNG info (an image's infotext) and memory."""
 
-    @router.post("/png-info")
+    @router.post("/png-info", response_model=PngInfoResponse)
     def png_info(body: PngInfoRequest) -> dict[str, Any]:
-        data = decode_base64_image_bytes(body.image, state.limits, "image")
+        data = image_bytes(body.image, state.limits, "image")
         try:
             with Image.open(io.BytesIO(data)) as image:
                 items = {key: value for key, value in image.info.items() if isinstance(value, str)}
         except Exception as error:  # PIL raises many types; its messages name memory addresses
-            raise ApiError(
-                422, f"image is not a readable image ({type(error).__name__}): send a PNG, JPEG or WebP"
+            raise field_error(
+                ("image",),
+                f"image is not a readable image ({type(error).__name__}): send a PNG, JPEG or WebP",
+                value=body.image[:64],
             ) from None
         text = read_infotext(data)
         items.pop(PNG_KEY, None)
@@ -354,7 +417,7 @@ def _info_routes(router: APIRouter, state: ApiState) -> None:
             return {"info": "", "items": items, "parameters": {}}
         return {"info": text, "items": items, "parameters": parse_infotext(text).to_a1111()}
 
-    @router.get("/memory")
+    @router.get("/memory", response_model=MemoryResponse)
     def memory() -> dict[str, Any]:
         return memory_info()
 
@@ -382,11 +445,38 @@ def _error(
     )
 
 
+MAX_SHOWN_INPUT = 200  # characters of a refused string shown back in a 422 (a base64 image is megabytes)
+
+
+def _shown_input(value: Any, depth: int = 0) -> Any:
+    """A refused value as the 422 shows it: long strings cut, deep or large containers summarised."""
+    if isinstance(value, str):
+        return value if len(value) <= MAX_SHOWN_INPUT else value[:MAX_SHOWN_INPUT] + "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN and Infinity are not JSON
+    if isinstance(value, dict | list) and (depth > 2 or len(value) > 64):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    if isinstance(value, dict):
+        return {str(key)[:MAX_SHOWN_INPUT]: _shown_input(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shown_input(item, depth + 1) for item in value]
+    return value if value is None or isinstance(value, bool | int | float) else str(value)
+
+
 def _validation_item(item: dict[str, Any]) -> dict[str, Any]:
-    """One validation error as the 422 body lists it; an unknown name gets the close known names."""
-    kept = {key: value for key, value in item.items() if key in ("loc", "msg", "type")}
-    loc = tuple(kept.get("loc") or ())
-    if kept.get("type") == "extra_forbidden" and loc:
+    """One validation error as FastAPI's 422 body lists it (`type`, `loc`, `msg`, `input`, `ctx`), with
+    the refused input cut short and the close known names for an unknown one."""
+    kept: dict[str, Any] = {
+        "type": item.get("type", "value_error"),
+        "loc": list(item.get("loc") or ()),
+        "msg": str(item.get("msg", "")),
+    }
+    if "input" in item:
+        kept["input"] = _shown_input(item["input"])
+    if item.get("ctx"):
+        kept["ctx"] = {str(key): _shown_input(value) for key, value in item["ctx"].items()}
+    loc = kept["loc"]
+    if kept["type"] == "extra_forbidden" and loc:
         name = loc[-1]
         if "alwayson_scripts" in loc:
             kept["msg"] = (
@@ -396,6 +486,17 @@ def _validation_item(item: dict[str, Any]) -> dict[str, Any]:
         else:
             kept["msg"] = f"unknown option {name!r}{close_names(str(name), OPTION_TYPES)}"
     return kept
+
+
+def validation_response(items: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
+    """A 422 in FastAPI's own shape, `{"detail": [{"type", "loc", "msg", "input", ...}]}`."""
+    detail = [_validation_item(item) for item in items]
+    return JSONResponse(status_code=422, content=jsonable_encoder({"detail": detail}), headers=headers)
+
+
+def _unplaced(message: Any) -> list[dict[str, Any]]:
+    """A 422 that names no field (raised as an error with a status): one item on the body as a whole."""
+    return [{"type": "value_error", "loc": ("body",), "msg": str(message)}]
 
 
 def unexpected_error_response(error: BaseException, method: str, path: str) -> JSONResponse:
@@ -453,6 +554,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
+        if error.status == 422:
+            return validation_response(_unplaced(error.detail))
         return _error(error.status, error.error, error.detail)
 
     @app.exception_handler(QueueFull)
@@ -461,7 +564,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LimitError)
     async def _limit(_request: Request, error: LimitError) -> JSONResponse:
-        return _error(error.status, "LimitExceeded" if error.status != 422 else "ValidationError", str(error))
+        if error.status == 422:
+            return validation_response(_unplaced(error))
+        return _error(error.status, "LimitExceeded", str(error))
 
     @app.exception_handler(NbkitError)
     async def _nbkit(_request: Request, error: NbkitError) -> JSONResponse:
@@ -473,15 +578,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, error: RequestValidationError) -> JSONResponse:
-        errors = [_validation_item(item) for item in error.errors()]
-        detail = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in errors)
-        return _error(422, "RequestValidationError", detail, errors)
+        # FastAPI's own answer (A1111 keeps it), each refused input cut short
+        return validation_response(list(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-        response = _error(error.status_code, "HTTPException", error.detail, str(error.detail))
-        response.headers.update(getattr(error, "headers", None) or {})
-        return response
+        headers = getattr(error, "headers", None) or None
+        if error.status_code == 422:
+            return validation_response(_unplaced(error.detail), headers)
+        # A1111's answer to an HTTPException: `errors` is the exception as text ("404: Not Found")
+        return _error(
+            error.status_code,
+            "HTTPException",
+            error.detail,
+            f"{error.status_code}: {error.detail}",
+            headers=headers,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -1,15 +1,20 @@
 """AUTOMATIC1111's API requests and responses: the request models, and their translation to and from
 nbkit's `GenerationRequest` and `GenerationOutput` (A1111 keeps its models in `modules/api/models.py`).
 
-Field names and defaults follow A1111; unknown request fields are ignored. Every value is checked
+Field names and defaults follow A1111; unknown request fields are ignored. As in A1111 (whose models
+are its processing classes' signatures with every field `Optional`), a field sent as `null` takes its
+default: `"seed": null` is a random seed, `"steps": null` the default steps, and a field left to the
+loaded model's settings when left out is left to them when `null` too. Every value is checked
 where it is parsed, so a bad one is a 422 naming its field path before anything queues: numbers are
 finite (JSON's `NaN` and `Infinity` are refused) and within ranges that make sense where A1111 sets
 none (a seed fits `torch.Generator`, a fraction is in [0, 1], a prompt is at most `MAX_PROMPT_CHARS`).
 The server's own caps (size, steps, images) stay in `nbkit.webui.security` and answer 400 with the cap.
 
 `alwayson_scripts` takes the scripts nbkit has (ControlNet); another name is a 422, as A1111 answers
-for an always-on script it does not have. `override_settings` and `POST /options` take A1111's option
-names of `OPTION_TYPES` with typed values; an unknown name is a 422 listing close names.
+for an always-on script it does not have. `POST /options` takes A1111's option names of `OPTION_TYPES`
+with typed values; an unknown name is a 422 listing close names. `override_settings` takes the same
+names and types for one request (`effective_options`); a name nbkit does not know is ignored and named
+in the response's `info` (`notes`), since clients send their own extensions' options there.
 
 `to_generation_request` decodes the base64 images and maps A1111's fields (`hr_resize_x/y`,
 `alwayson_scripts`' ControlNet, `override_settings.sd_vae`) onto `nbkit.webui.requests.make_request`,
@@ -26,14 +31,16 @@ import math
 from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from nbkit.errors import NbkitError
 from nbkit.generation.generate import MAX_SEED
-from nbkit.generation.infotext import PNG_KEY, parse_infotext
+from nbkit.generation.hires import PIXEL_UPSCALERS, SIZE_MULTIPLE, HiresFix, upscale
+from nbkit.generation.infotext import parse_infotext
 from nbkit.generation.samplers import resolve
 from nbkit.webui import controlnet as cn
+from nbkit.webui.outputs import SAMPLES_FORMATS, ImageFormat, encode_image
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
     ControlNetUnit,
@@ -55,10 +62,24 @@ class ApiError(Exception):
 
 
 def field_error(
-    loc: tuple[str | int, ...], message: str, kind: str = "value_error"
+    loc: tuple[str | int, ...], message: str, kind: str = "value_error", value: Any = None
 ) -> RequestValidationError:
-    """A 422 on one field, in the shape of FastAPI's own validation errors (`loc` starts at `body`)."""
-    return RequestValidationError([{"loc": ("body", *loc), "msg": message, "type": kind}])
+    """A 422 on one field, in the shape of FastAPI's own validation errors (`loc` starts at `body`).
+
+    Args:
+        loc: the field's path under the body.
+        message: what is wrong.
+        kind: the error type.
+        value: the value refused (its `input`).
+    """
+    return RequestValidationError([{"type": kind, "loc": ("body", *loc), "msg": message, "input": value}])
+
+
+def path_loc(path: str) -> tuple[str | int, ...]:
+    """A field path as written in messages (`init_images[0]`, `alwayson_scripts.controlnet.args.0.image`)
+    as a validation error's `loc`."""
+    parts = path.replace("[", ".").replace("]", "").split(".")
+    return tuple(int(part) if part.isdigit() else part for part in parts if part)
 
 
 def close_names(name: str, known: Any) -> str:
@@ -112,6 +133,16 @@ STRICT = ConfigDict(extra="ignore", allow_inf_nan=False)
 Flag = bool
 Text = Name
 Texts = Names
+
+
+def _samples_format(value: str) -> str:
+    kind = value.strip().lower()
+    if kind not in SAMPLES_FORMATS:
+        raise ValueError(f"samples_format must be one of {', '.join(SAMPLES_FORMATS)}, got {value!r}")
+    return kind
+
+
+SamplesFormat = Annotated[str, Field(max_length=16), AfterValidator(_samples_format)]
 OPTION_TYPES: dict[str, Any] = {
     # the checkpoint and its parts (sd_model_checkpoint switches the model; the others are kept)
     "sd_model_checkpoint": Text, "sd_checkpoint_hash": Text | None, "sd_vae": Text, "sd_unet": Text,
@@ -141,7 +172,7 @@ OPTION_TYPES: dict[str, Any] = {
     "sdxl_crop_top": Whole, "sdxl_crop_left": Whole, "sdxl_refiner_low_aesthetic_score": Real,
     "sdxl_refiner_high_aesthetic_score": Real,
     # saving and infotext
-    "samples_save": Flag, "samples_format": Text, "samples_filename_pattern": Text,
+    "samples_save": Flag, "samples_format": SamplesFormat, "samples_filename_pattern": Text,
     "save_images_add_number": Flag, "grid_save": Flag, "grid_format": Text, "grid_only_if_multiple": Flag,
     "n_rows": Whole, "enable_pnginfo": Flag, "save_txt": Flag, "save_images_before_face_restoration": Flag,
     "save_images_before_highres_fix": Flag, "save_images_before_color_correction": Flag,
@@ -163,13 +194,74 @@ OPTION_TYPES: dict[str, Any] = {
     "samples_log_stdout": Flag, "multiple_tqdm": Flag, "memmon_poll_rate": Whole,
 }  # fmt: skip
 
-# One model for POST /options and override_settings: known names, typed values, nothing else; so the
-# store never holds more than these names with values of bounded size.
+# The options nbkit acts on, with A1111's defaults (GET /options lists them before any is set): the
+# checkpoint and VAE, and the format of the images sent and saved.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "sd_vae": "Automatic",
+    "samples_save": True,
+    "samples_format": "png",
+    "jpeg_quality": 80,
+    "webp_lossless": False,
+    "enable_pnginfo": True,
+    "CLIP_stop_at_last_layers": 1,
+}
+
+# POST /options: known names, typed values, nothing else; so the store never holds more than these names
+# with values of bounded size.
+_OPTION_FIELDS: dict[str, Any] = {name: (kind | None, None) for name, kind in OPTION_TYPES.items()}
 Options = create_model(
-    "Options",
-    __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-    **{name: (kind | None, None) for name, kind in OPTION_TYPES.items()},
+    "Options", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **_OPTION_FIELDS
 )
+# override_settings: the same names and types; other names are kept aside (`model_extra`), never used or
+# echoed, and named in the response's notes.
+OverrideSettings = create_model(
+    "OverrideSettings", __config__=ConfigDict(extra="allow", allow_inf_nan=False), **_OPTION_FIELDS
+)
+MAX_NOTED_NAMES = 8  # unknown override names listed in a note (each cut to MAX_NAME_CHARS)
+
+
+def known_overrides(body: ApiRequest) -> dict[str, Any]:
+    """The request's `override_settings` of options nbkit has, as sent (None values dropped)."""
+    if body.override_settings is None:
+        return {}
+    given = body.override_settings.model_dump(exclude_unset=True)
+    return {name: value for name, value in given.items() if name in OPTION_TYPES and value is not None}
+
+
+def effective_options(stored: dict[str, Any], body: ApiRequest) -> dict[str, Any]:
+    """The options one request runs with: A1111's defaults, then those set with POST /options, then the
+    request's `override_settings` (for this request only, as A1111's `override_settings_restore_afterwards`).
+    """
+    return {**OPTION_DEFAULTS, **stored, **known_overrides(body)}
+
+
+def image_format(options: dict[str, Any]) -> ImageFormat:
+    """The format images are sent and saved in under `options` (`samples_format` and its options)."""
+    return ImageFormat(
+        kind=options["samples_format"],
+        quality=options["jpeg_quality"],
+        lossless=bool(options["webp_lossless"]),
+        infotext=bool(options["enable_pnginfo"]),
+    )
+
+
+def request_notes(body: ApiRequest) -> list[str]:
+    """What of the request nbkit did not do as asked, for the response's `info.notes`."""
+    notes = []
+    extra = body.override_settings.model_extra if body.override_settings is not None else None
+    if extra:
+        names = [str(name)[:MAX_NAME_CHARS] for name in list(extra)[:MAX_NOTED_NAMES]]
+        more = f" and {len(extra) - len(names)} more" if len(extra) > len(names) else ""
+        notes.append(f"override_settings: ignored {', '.join(names)}{more}: not options nbkit has")
+    if body.firstpass_image:
+        if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+            notes.append(
+                "firstpass_image: the hires fix's second pass ran on it as img2img, after upscaling it "
+                f"with {_firstpass_upscaler(body)}"
+            )
+        else:
+            notes.append("firstpass_image: ignored; A1111 uses it only in txt2img with enable_hr")
+    return notes
 
 
 # --- always-on scripts: ControlNet (the sd-webui-controlnet extension's unit fields) ---------------------
@@ -277,10 +369,30 @@ class AlwaysOnScripts(BaseModel):
 # --- request models (A1111's fields and defaults; unknown fields are ignored) ------------------------
 
 
-class ApiRequest(BaseModel):
-    """The fields txt2img and img2img share."""
+def _nullable_properties(schema: dict[str, Any]) -> None:
+    """Mark every property of a request model's JSON schema nullable (`null` = its default), as A1111's
+    schema does with its `Optional` fields."""
+    for name, prop in schema.get("properties", {}).items():
+        options = prop.get("anyOf", [prop])
+        if any(option.get("type") == "null" for option in options):
+            continue
+        outer = {key: prop.pop(key) for key in ("title", "default", "description") if key in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **outer}
 
-    model_config = STRICT
+
+class ApiRequest(BaseModel):
+    """The fields txt2img and img2img share (any field may be `null`: its default)."""
+
+    model_config = ConfigDict(**STRICT, json_schema_extra=_nullable_properties)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # Dropped rather than set, so a null field also counts as left out (then the model's own
+        # settings apply to it, as to a field not sent).
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
 
     prompt: Prompt = ""
     negative_prompt: Prompt = ""
@@ -309,11 +421,12 @@ class ApiRequest(BaseModel):
     s_tmax: Real | None = None
     s_tmin: Real | None = None
     s_noise: Real | None = None
-    override_settings: Options | None = None  # type: ignore[valid-type]
+    override_settings: OverrideSettings | None = None  # type: ignore[valid-type]
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: Name | None = None
     refiner_switch_at: Fraction | None = None
     disable_extra_networks: bool = False
+    firstpass_image: str | None = None  # txt2img with enable_hr: the first pass, given (base64)
     comments: FreeDict | None = None
     sampler_index: Name = "Euler"
     script_name: Name | None = None
@@ -329,7 +442,7 @@ class Txt2ImgRequest(ApiRequest):
     """POST /sdapi/v1/txt2img."""
 
     enable_hr: bool = False
-    denoising_strength: Fraction | None = None
+    denoising_strength: Fraction = 0.75
     firstphase_width: Whole = 0
     firstphase_height: Whole = 0
     hr_scale: Annotated[float, Field(ge=0.0, le=16.0)] = 2.0
@@ -373,9 +486,26 @@ class PngInfoRequest(BaseModel):
 # --- conversions -------------------------------------------------------------------------------------
 
 
+def image_bytes(text: str, limits: Limits, what: str) -> bytes:
+    """The bytes of a base64 image (raw or `data:` URL), refused above the byte cap (413); text that
+    is not base64 is a 422 on the field `what` names."""
+    try:
+        return decode_base64_image_bytes(text, limits, what)
+    except LimitError as error:
+        if error.status != 422:
+            raise
+        raise field_error(path_loc(what), str(error), value=_shown(text)) from None
+
+
+def _shown(text: Any) -> Any:
+    """A refused value as an error shows it: long text (a base64 image) cut to its start."""
+    return text[:64] + "..." if isinstance(text, str) and len(text) > 64 else text
+
+
 def decode_image(text: str, limits: Limits, what: str) -> Image.Image:
-    """A PIL image from base64 (raw or `data:` URL), refused above the byte and pixel caps."""
-    data = decode_base64_image_bytes(text, limits, what)
+    """A PIL image from base64 (raw or `data:` URL), refused above the byte and pixel caps; an
+    unreadable one is a 422 on the field `what` names."""
+    data = image_bytes(text, limits, what)
     try:
         try:
             image = Image.open(io.BytesIO(data))
@@ -395,22 +525,23 @@ def decode_image(text: str, limits: Limits, what: str) -> Image.Image:
     except LimitError:
         raise
     except Exception as error:  # PIL raises many types for a broken file
-        raise LimitError(
-            f"{what} is not a readable image ({type(error).__name__})",
-            status=422,
-            fix="send a PNG, JPEG or WebP as base64 (raw or a data: URL)",
+        raise field_error(
+            path_loc(what),
+            f"{what} is not a readable image ({type(error).__name__}): send a PNG, JPEG or WebP as base64 "
+            "(raw or a data: URL)",
+            value=_shown(text),
         ) from None
     return image
 
 
 def encode_png(image: Image.Image, infotext: str | None) -> str:
     """Raw base64 of a PNG carrying the infotext in its `parameters` chunk (no `data:` prefix)."""
-    info = PngImagePlugin.PngInfo()
-    if infotext is not None:
-        info.add_text(PNG_KEY, infotext)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return encode_b64(image, infotext, ImageFormat())
+
+
+def encode_b64(image: Image.Image, infotext: str | None, fmt: ImageFormat) -> str:
+    """Raw base64 of the image in `fmt` with its infotext where A1111 writes it (no `data:` prefix)."""
+    return base64.b64encode(encode_image(image, infotext, fmt)).decode("ascii")
 
 
 def _sampler(body: ApiRequest) -> tuple[str, str]:
@@ -541,15 +672,59 @@ def _check_scripts(body: ApiRequest) -> None:
         raise field_error(("script_name",), f"script {body.script_name!r} not found: nbkit has no scripts")
 
 
-def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest:
+def _firstpass_upscaler(body: Txt2ImgRequest) -> str:
+    """The pixel upscaler the given first pass is enlarged with: the one asked for when it works on pixels;
+    for a latent one (A1111 would upscale the image's latents), Lanczos."""
+    used = HiresFix(upscaler=body.hr_upscaler or "Lanczos").used_upscaler
+    return used if used in PIXEL_UPSCALERS else "Lanczos"
+
+
+def _firstpass_request(
+    body: Txt2ImgRequest, fields: dict[str, Any], limits: Limits, read_inputs: Any
+) -> GenerationRequest:
+    """txt2img with `enable_hr` and a `firstpass_image`: the hires fix's second pass alone, as A1111 runs it
+    on a given first pass (its "upscale" button): the image is enlarged to the hires size, then redrawn
+    by an img2img pass with the hires steps and denoising strength."""
+    width, height = _hires_size(body) or (body.width, body.height)
+    width, height = width // SIZE_MULTIPLE * SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE
+    fields = {
+        **{
+            key: value for key, value in fields.items() if key not in ("enable_hr", "hr_scale", "hr_upscaler")
+        },
+        "width": width,
+        "height": height,
+        "steps": body.hr_second_pass_steps or body.steps,
+        "hr_second_pass_steps": 0,
+        "resize_mode": 0,
+    }
+    hires = HiresFix(upscaler=_firstpass_upscaler(body))
+
+    def with_image() -> dict[str, Any]:
+        first = decode_image(body.firstpass_image, limits, "firstpass_image").convert("RGB")
+        return {**read_inputs(), "init_image": upscale([first], hires, width, height)[0]}
+
+    return make_request("img2img", fields, limits, read_inputs=with_image)
+
+
+def to_generation_request(
+    body: ApiRequest, limits: Limits, options: dict[str, Any] | None = None
+) -> GenerationRequest:
     """An A1111 request as nbkit's `GenerationRequest`, after the caps are checked.
 
+    Args:
+        body: the request.
+        limits: the request caps.
+        options: the options it runs with (`effective_options`; None: A1111's defaults and its own
+            `override_settings`).
+
     Raises:
-        ApiError: an unknown sampler or schedule type (400), img2img without `init_images` (422).
-        RequestValidationError: a script nbkit does not have, or a malformed ControlNet unit (422).
-        LimitError: a request above the caps (400/413), or an unreadable image (422).
+        ApiError: an unknown sampler or schedule type (400), img2img without `init_images` (404, as A1111).
+        RequestValidationError: a script nbkit does not have, a malformed ControlNet unit or an unreadable
+            image (422).
+        LimitError: a request above the caps (400/413).
     """
     txt2img = isinstance(body, Txt2ImgRequest)
+    options = effective_options({}, body) if options is None else options
     _check_scripts(body)
     fields: dict[str, Any] = dict(
         prompt=body.prompt,
@@ -562,7 +737,10 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
         distilled_cfg_scale=body.distilled_cfg_scale,
         width=body.width,
         height=body.height,
-        save_images=body.save_images,
+        styles=list(body.styles),
+        # As A1111: the API saves when asked (`save_images`) and the `samples_save` option allows it.
+        save_images=body.save_images and bool(options["samples_save"]),
+        save_format=image_format(options),
     )
     if txt2img:
         fields.update(
@@ -570,7 +748,7 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
             hr_scale=body.hr_scale,
             hr_upscaler=body.hr_upscaler or "Latent",
             hr_second_pass_steps=body.hr_second_pass_steps,
-            denoising_strength=body.denoising_strength if body.denoising_strength is not None else 0.7,
+            denoising_strength=body.denoising_strength,
         )
     else:
         assert isinstance(body, Img2ImgRequest)
@@ -586,7 +764,7 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
 
     def read_inputs() -> dict[str, Any]:
         sampler, scheduler = _sampler(body)
-        vae = body.override_settings.sd_vae if body.override_settings is not None else None
+        vae = options.get("sd_vae")
         inputs: dict[str, Any] = dict(
             sampler_name=sampler,
             scheduler=scheduler,
@@ -596,7 +774,9 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
         if not txt2img:
             if not body.init_images:
                 raise ApiError(
-                    422, "img2img needs init_images: a list with at least one base64 image", "ValidationError"
+                    404,
+                    "Init image not found: img2img needs init_images, a list of at least one base64 image",
+                    "InitImageNotFound",
                 )
             inputs.update(
                 init_image=decode_image(body.init_images[0], limits, "init_images[0]"),
@@ -613,13 +793,16 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
     if txt2img and body.hr_upscaler is None:
         left.append("hr_upscaler")
     fields["model_defaults"] = tuple(left)
+    if txt2img and body.enable_hr and body.firstpass_image:
+        return _firstpass_request(body, fields, limits, read_inputs)
     mode = "txt2img" if txt2img else "inpaint" if body.mask else "img2img"
     final = _hires_size(body) if txt2img else None
     return make_request(mode, fields, limits, final_size=final, read_inputs=read_inputs)
 
 
 def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationOutput) -> dict[str, Any]:
-    """The `info` dict of A1111's txt2img/img2img response (sent as a JSON string)."""
+    """The `info` dict of A1111's txt2img/img2img response (sent as a JSON string); `notes` (nbkit's) lists
+    what of the request was not done as asked (`request_notes`)."""
     seeds = output.seeds
     model = output.model
     count = len(output.images)
@@ -662,6 +845,7 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
         "is_using_inpainting_conditioning": False,
         "version": _version(),
         "interrupted": output.interrupted,
+        **({"notes": notes} if (notes := request_notes(body)) else {}),
     }
 
 
@@ -677,8 +861,51 @@ def echo_parameters(body: ApiRequest) -> dict[str, Any]:
     # The nested models as sent, not with every field they could have.
     parameters["alwayson_scripts"] = body.alwayson_scripts.model_dump(exclude_unset=True)
     if body.override_settings is not None:
-        parameters["override_settings"] = body.override_settings.model_dump(exclude_unset=True)
+        # the options nbkit has, as sent; other names are only named in the notes, never echoed
+        parameters["override_settings"] = known_overrides(body)
+    if body.firstpass_image is not None:
+        parameters["firstpass_image"] = None  # an image, not echoed (as init_images)
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         parameters["init_images"] = None  # as A1111: the images are not echoed unless asked for
         parameters["mask"] = None
     return parameters
+
+
+# --- response models (the schema at /openapi.json; A1111's names) ----------------------------------------
+
+
+class ImageResponse(BaseModel):
+    """txt2img and img2img: A1111's `TextToImageResponse` / `ImageToImageResponse`."""
+
+    images: list[str] = Field(description="the images, raw base64 in the samples_format (PNG by default)")
+    parameters: dict[str, Any] = Field(description="the request as received, with defaults filled in")
+    info: str = Field(description="a JSON string: seeds, infotexts, model, notes")
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="the image's infotext ('' when it has none)")
+    items: dict[str, Any] = Field(description="the image's other text items")
+    parameters: dict[str, Any] = Field(description="the infotext parsed as A1111's parameters")
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: str | None = None
+    textinfo: str | None = None
+    current_task: str | None = None
+
+
+class MemoryResponse(BaseModel):
+    ram: dict[str, Any]
+    cuda: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """A1111's error body (its `api_middleware`): every error but a 422's."""
+
+    error: str = Field(description="the error's kind")
+    detail: Any = Field(description="what went wrong")
+    body: Any = ""
+    errors: Any = None

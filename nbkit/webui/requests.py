@@ -16,6 +16,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from nbkit.webui.models import ModelEntry
+from nbkit.webui.outputs import PNG, ImageFormat
 from nbkit.webui.security import Limits, check_request_caps
 
 Mode = Literal["txt2img", "img2img", "inpaint"]
@@ -35,6 +36,7 @@ PIXEL_UPSCALER = "Lanczos"  # the hires upscaler a model that packs its latents 
 _COMMON_FIELDS = (
     "prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "distilled_cfg_scale",
     "width", "height", "sampler_name", "scheduler", "vae", "controlnet", "save_images", "model_defaults",
+    "styles", "save_format",
 )  # fmt: skip
 _HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
 _IMAGE_FIELDS = (
@@ -115,6 +117,8 @@ class GenerationRequest:
         vae: a VAE to use instead of the model's (None: the model's).
         controlnet: the ControlNet units, applied together (empty: none).
         save_images: save into the outputs folder.
+        save_format: the saved files' format (A1111's `samples_format` and its options).
+        styles: A1111 prompt style names to apply to the prompts.
         model_defaults: the fields an API client left out (of `MODEL_DEFAULT_FIELDS`): they take the loaded
             model's own settings where its family has them (`Family.generation_defaults` with `own`:
             Z-Image-Turbo's 8 steps at CFG 1, say), and `hr_upscaler` a pixel upscaler for a model
@@ -148,6 +152,8 @@ class GenerationRequest:
     vae: str | None = None
     controlnet: list[ControlNetUnit] = dataclasses.field(default_factory=list)
     save_images: bool = True
+    save_format: ImageFormat = PNG
+    styles: list[str] = dataclasses.field(default_factory=list)
     model_defaults: tuple[str, ...] = ()
 
 

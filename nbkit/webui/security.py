@@ -58,6 +58,8 @@ BLOCKED_PREFIXES = (
 )
 FILE_PREFIXES = ("/gradio_api/file=", "/gradio_api/file/", "/file=")
 API_PREFIX = ("/sdapi/", "/controlnet/")  # A1111's API and the ControlNet extension's routes
+# The API's schema and Swagger page: a browser asking for them without a login is asked for HTTP Basic.
+DOCS_PATHS = ("/docs", "/openapi.json")
 # API routes whose body never carries an image: capped at `Limits.max_small_body_bytes`.
 SMALL_BODY_PATHS = ("/sdapi/v1/options",)
 
@@ -334,7 +336,8 @@ class AccessMiddleware:
         if any(path.startswith(prefix) for prefix in BLOCKED_PREFIXES):
             return await _deny(scope, send, 404, "Not Found", f"{path} is not served by nbkit")
         if self.credentials is not None and not self._public(path) and not self._authorised(headers):
-            extra = [(b"www-authenticate", b'Basic realm="nbkit"')] if path.startswith(API_PREFIX) else []
+            basic = path.startswith(API_PREFIX) or path in DOCS_PATHS
+            extra = [(b"www-authenticate", b'Basic realm="nbkit"')] if basic else []
             return await _deny(
                 scope, send, 401, "Unauthorized", "log in first (HTTP Basic for the API)", extra_headers=extra
             )

@@ -1,5 +1,8 @@
 """One HTTP server for the web UI: A1111's API at `/sdapi/v1`, the gradio UI at `/`.
 
+The API's OpenAPI schema is at `/openapi.json` and its Swagger page at `/docs` (FastAPI's own, its
+script and style from the CDN FastAPI names); with a login, both need it as the API does.
+
 `create_app` builds the FastAPI app (API router, gradio Blocks mounted with gradio's login,
 `AccessMiddleware` in front of everything, and `LastResortMiddleware` around it all); `Server` runs it with uvicorn on a background thread, on a
 socket it binds itself (port None: a free one, without a race), and `close()` stops it.
@@ -22,12 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError
-from nbkit.webui.api import ApiState, LastResortMiddleware, create_router, install_error_handlers
+from nbkit.webui.api import (
+    ApiState,
+    LastResortMiddleware,
+    create_router,
+    document_errors,
+    install_error_handlers,
+)
 from nbkit.webui.api_controlnet import controlnet_router
 from nbkit.webui.queue import GpuQueue
 from nbkit.webui.security import AccessMiddleware, Credentials, Limits
 from nbkit.webui.service import GenerationService
 
+OPENAPI_URL = "/openapi.json"
+DOCS_URL = "/docs"
+API_DESCRIPTION = (
+    "AUTOMATIC1111's REST API on nbkit. Every request field may be null (its default); unknown fields are "
+    "ignored. A 422 is FastAPI's validation body; other errors are A1111's "
+    "`{error, detail, body, errors}`."
+)
 _gradio_dir_lock = threading.Lock()
 _gradio_dir: str | None = None
 
@@ -79,8 +95,19 @@ def create_app(
     """
     from fastapi import FastAPI
 
+    from nbkit.generation.generate import VERSION
+
     limits = limits or Limits()
-    app = FastAPI(title="nbkit web UI", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own schema and Swagger page, added before gradio's mount so they answer at these paths.
+    app = FastAPI(
+        title="nbkit: AUTOMATIC1111's API",
+        version=VERSION,
+        description=API_DESCRIPTION,
+        docs_url=DOCS_URL,
+        openapi_url=OPENAPI_URL,
+        redoc_url=None,
+    )
+    app.openapi = _api_schema(app)
     state = ApiState(service, queue, limits)
     app.state.nbkit = state
     app.include_router(create_router(state))
@@ -133,6 +160,21 @@ def create_app(
     # Outermost: whatever escapes (a route, the access checks, gradio) becomes a JSON 500 with a request id.
     app.add_middleware(LastResortMiddleware)
     return app
+
+
+def _api_schema(app: Any) -> Any:
+    """The app's `openapi()`: FastAPI's schema of its routes, with the errors every API route may answer."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = document_errors(schema)
+        return app.openapi_schema
+
+    return openapi
 
 
 def _bind(host: str, port: int | None) -> socket.socket:

@@ -311,7 +311,7 @@ class GenerationService(ModelLoading):
             images = [paste_back(image, original, mask) for image in images]
         paths = []
         if request.save_images and self.outputs is not None and images:
-            paths = self.outputs.save(images, result.infotexts, result.seeds)
+            paths = self.outputs.save(images, result.infotexts, result.seeds, request.save_format)
         return GenerationOutput(
             images,
             result.infotexts,
