@@ -372,13 +372,15 @@ def encode_png(image: Image.Image, infotext: str | None) -> str:
 
 
 def _sampler(body: ApiRequest) -> tuple[str, str]:
-    name = body.sampler_name or body.sampler_index or "Euler"
-    scheduler = body.scheduler or "Automatic"
-    try:
-        resolve(name, scheduler)
-    except ValueError as error:
-        raise ApiError(400, str(error), "SamplerNotFound") from None
-    return name, scheduler
+    """The sampler and schedule names as A1111's API reads them (`sampler_name`, else `sampler_index`).
+    Unknown names are not refused: generation falls back as A1111 does and says so in `info["warnings"]`."""
+    return body.sampler_name or body.sampler_index or "Euler", body.scheduler or "Automatic"
+
+
+def _sampler_that_ran(output: GenerationOutput) -> str:
+    """The sampler the infotext names (after a fallback, or a flow model's Euler), else the one asked."""
+    named = parse_infotext(output.infotexts[0]).sampler if output.infotexts else None
+    return named or output.request.sampler_name
 
 
 CONTROLNET_ARGS = ("alwayson_scripts", "controlnet", "args")
@@ -459,7 +461,7 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
     """An A1111 request as nbkit's `GenerationRequest`, after the caps are checked.
 
     Raises:
-        ApiError: an unknown sampler or schedule type (400), img2img without `init_images` (422).
+        ApiError: img2img without `init_images` (422).
         RequestValidationError: a script nbkit does not have, or a malformed ControlNet unit (422).
         LimitError: a request above the caps (400/413), or an unreadable image (422).
     """
@@ -537,7 +539,7 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
     seeds = output.seeds
     model = output.model
     count = len(output.images)
-    sampler, _schedule = resolve(request.sampler_name, request.scheduler)
+    sampler, _schedule = resolve(_sampler_that_ran(output), request.scheduler)
     # The CFG scale that ran, as the infotext names it: a distilled model ignores the one asked for.
     ran = parse_infotext(output.infotexts[0]).cfg_scale if output.infotexts else None
     return {
@@ -576,6 +578,7 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
         "is_using_inpainting_conditioning": False,
         "version": _version(),
         "interrupted": output.interrupted,
+        "warnings": list(output.warnings),  # sampler/schedule fallbacks and substitutions (not in A1111's)
     }
 
 

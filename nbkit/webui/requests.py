@@ -150,6 +150,8 @@ class GenerationOutput:
         interrupted: True when stopped early.
         seconds: wall time.
         control_image: the ControlNet's control map, when one was used.
+        warnings: the sampler and schedule fallbacks and substitutions made (`Sampler substitution:
+            ...`; `nbkit.generation.samplers.SamplerNote`), for the API's `info`.
     """
 
     images: list[Image.Image]
@@ -161,6 +163,7 @@ class GenerationOutput:
     interrupted: bool = False
     seconds: float = 0.0
     control_image: Image.Image | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
