@@ -202,7 +202,7 @@ def test_an_unknown_override_is_ignored_and_named_in_the_info(server, http):
             "override_settings": {"forge_additional_modules": [], "samples_format": "png"},
         },
     )
-    assert any("forge_additional_modules" in note for note in json.loads(body["info"])["notes"])
+    assert any("forge_additional_modules" in note for note in json.loads(body["info"])["warnings"])
     assert body["parameters"]["override_settings"] == {"samples_format": "png"}
     unknown_model = {**SMALL, "override_settings": {"sd_model_checkpoint": "no-such-model"}}
     assert "no-such-model" in _post(http, server, "/txt2img", unknown_model, status=404)["detail"]
@@ -223,7 +223,7 @@ def test_firstpass_image_runs_the_hires_second_pass_on_it(server, http):
     body = _post(http, server, "/txt2img", hires)
     info = json.loads(body["info"])
     assert decode(body["images"][0]).size == (96, 96) and info["width"] == 96
-    assert any("firstpass_image" in note for note in info["notes"])
+    assert any("firstpass_image" in note for note in info["warnings"])
     assert body["parameters"]["firstpass_image"] is None  # an image is not echoed back
     # the second pass redraws the given picture: a different one gives a different result
     other = _post(http, server, "/txt2img", {**hires, "firstpass_image": png_b64(Image.new("RGB", (64, 64)))})

@@ -80,12 +80,20 @@ def test_infotext_names_cfg_1_when_true_cfg_did_not_run(flux, negative, cfg):
     assert "CFG scale: 1," in asked.infotexts[0] and parse_infotext(asked.infotexts[0]).cfg_scale == 1.0
 
 
-def test_sd_sampler_on_flux_is_refused_with_the_flux_list(flux):
-    with pytest.raises(ValueError, match=r"'DPM\+\+ 2M'.*FLUX\.1.*Euler"):
-        generate(flux, ["a dog"], **{**FAST, "sampler": "DPM++ 2M"})
-    with pytest.raises(ValueError, match=r"schedule type 'SGM Uniform'.*Simple"):
-        generate(flux, ["a dog"], **FAST, schedule="SGM Uniform")
-    # The same names stay valid for SD models.
+def test_sd_sampler_and_schedule_on_flux_run_as_the_flow_ones(flux):
+    plain = generate(flux, ["a dog"], **FAST)
+    sd = generate(flux, ["a dog"], **{**FAST, "sampler": "DPM++ 2M"}, schedule="SGM Uniform")
+    assert np.array_equal(_pixels(plain)[0], _pixels(sd)[0])  # Euler on the model's own (Simple) sigmas
+    assert [line.split(":")[0] for line in sd.warnings] == [
+        "Sampler substitution",
+        "Schedule type substitution",
+    ]
+    info = parse_infotext(sd.infotexts[0])
+    assert info.sampler == "Euler" and info.schedule == "Simple"
+    assert info.parameters["Sampler substitution"].startswith(
+        "DPM++ 2M ran as Euler: nbkit runs FLUX.1 models"
+    )
+    # The same names stay A1111's for SD models.
     assert resolve("DPM++ 2M", "Automatic")[1].label == "Karras"
 
 

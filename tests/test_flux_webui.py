@@ -127,9 +127,11 @@ def test_img2img_and_inpaint(service):
     assert (pixels[:8, :8] == (220, 40, 40)).all()  # the unmasked area keeps its pixels
 
 
-def test_sd_sampler_and_controlnet_are_refused(service):
-    with pytest.raises(ValueError, match=r"'DPM\+\+ 2M Karras'.*does not work with FLUX\.1.*: Euler"):
-        service.generate(_req(sampler_name="DPM++ 2M Karras"))
+def test_sd_sampler_runs_as_euler_and_controlnet_is_refused(service):
+    substituted = service.generate(_req(sampler_name="DPM++ 2M Karras"))
+    assert substituted.warnings[0].startswith("Sampler substitution: DPM++ 2M ran as Euler")
+    info = parse_infotext(substituted.infotexts[0])
+    assert info.sampler == "Euler" and info.schedule == "Karras" and "Sampler substitution" in info.parameters
     unit = ControlNetUnit(model="canny-sd15", image=Image.new("RGB", (64, 64)))
     with pytest.raises(NbkitError, match=r"ControlNet is not available.*FLUX\.1"):
         service.generate(_req(controlnet=unit))
@@ -193,11 +195,13 @@ def test_api_txt2img_img2img_and_errors(server):
     assert response.status_code == 200, response.text
     assert "Denoising strength: 0.7" in read_infotext(decode(response.json()["images"][0]))
 
-    refused = requests.post(server.api + "/txt2img", json={**body, "sampler_name": "Euler a"}, timeout=120)
-    assert refused.status_code == 400
-    assert (
-        "'Euler a'" in refused.json()["detail"] and "samplers for FLUX.1: Euler" in refused.json()["detail"]
+    # An SD sampler runs as the flow-matching Euler (the same image), said in info's warnings.
+    euler_a = requests.post(server.api + "/txt2img", json={**body, "sampler_name": "Euler a"}, timeout=120)
+    assert euler_a.status_code == 200, euler_a.text
+    assert json.loads(euler_a.json()["info"])["warnings"][0].startswith(
+        "Sampler substitution: Euler a ran as Euler"
     )
+    assert np.array_equal(np.asarray(image), np.asarray(decode(euler_a.json()["images"][0])))
 
 
 def test_vae_override_loads_in_the_pipelines_vae_dtype(service, root, tmp_path, monkeypatch):

@@ -204,8 +204,8 @@ def test_scheduler_is_restored_when_generation_fails(sd1):
         ({"negative_prompt": ["x"]}, "1 negative prompts for 2 prompts"),
         ({"guidance_scale": -1}, "guidance_scale must be a number >= 0, got -1"),
         ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
-        ({"sampler": "Eular"}, "unknown sampler 'Eular'; valid samplers: "),
-        ({"schedule": "Karas"}, "unknown schedule type 'Karas'"),
+        ({"sampler": 3}, "sampler must be a sampler name"),
+        ({"schedule": ["Karras"]}, "schedule must be a schedule type"),
     ],
 )
 def test_bad_settings_fail_before_anything_is_generated(sd1, change, message):

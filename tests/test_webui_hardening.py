@@ -184,7 +184,7 @@ def test_options_refuse_unknown_names_with_close_ones_and_keep_known_ones(server
         server.api + "/txt2img", json={**SMALL, "override_settings": {"sd_vea": "x"}}, timeout=60
     )
     assert override.status_code == 200, override.text
-    assert "sd_vea" in " ".join(json.loads(override.json()["info"])["notes"])
+    assert "sd_vea" in " ".join(json.loads(override.json()["info"])["warnings"])
     assert override.json()["parameters"]["override_settings"] == {}
     wrong = http.post(
         server.api + "/txt2img", json={**SMALL, "override_settings": {"jpeg_quality": 0}}, timeout=10

@@ -98,8 +98,9 @@ def test_txt2img_same_seed_same_image_and_infotext(service):
     info = parse_infotext(first.infotexts[0])
     assert info.sampler == "Euler" and info.schedule == "Simple" and info.cfg_scale == 1.0
     assert info.parameters["Model"] == f"tiny-{service.family}"
-    with pytest.raises(ValueError, match=r"'DPM\+\+ 2M Karras'.*does not work with .*: Euler"):
-        service.generate(_req(sampler_name="DPM++ 2M Karras"))
+    substituted = service.generate(_req(sampler_name="DPM++ 2M Karras"))
+    assert substituted.warnings[0].startswith("Sampler substitution: DPM++ 2M ran as Euler")
+    assert parse_infotext(substituted.infotexts[0]).sampler == "Euler"
 
 
 def test_live_preview_where_the_family_has_one(service):
@@ -304,8 +305,11 @@ def test_api_txt2img_lora_img2img_and_defaults(server, name):
     )
     assert hires.status_code == 200, hires.text  # no upscaler named: a pixel one, not "Latent"
     assert decode(hires.json()["images"][0]).size == (96, 96)
-    refused = requests.post(server.api + "/txt2img", json={**fast, "sampler_name": "Euler a"}, timeout=300)
-    assert refused.status_code == 400 and "samplers for " in refused.json()["detail"]
+    euler_a = requests.post(server.api + "/txt2img", json={**fast, "sampler_name": "Euler a"}, timeout=300)
+    assert euler_a.status_code == 200, euler_a.text  # runs as the flow-matching Euler, said in info
+    assert json.loads(euler_a.json()["info"])["warnings"][0].startswith(
+        "Sampler substitution: Euler a ran as Euler"
+    )
 
 
 @web.pytestmark  # skipped without Debian's chromium, as the other browser tests

@@ -5,7 +5,9 @@
 the device). Seeds follow A1111: one seed `s` gives `s, s+1, ...`; `-1` draws a random one and the
 result reports the seeds used. A sampler name swaps in the matching diffusers scheduler
 (`nbkit.generation.samplers`) for the call only; the caller's pipeline keeps its own. Each image comes back with
-its A1111 infotext.
+its A1111 infotext. Sampler and schedule names never fail: an unknown one falls back as A1111's does, and
+one diffusers cannot run is substituted; each such note is written into the infotext
+(`Sampler substitution: ...`) and listed in `GenerationResult.warnings`.
 
 `GenerationSettings` holds one request. The web UI runs img2img, inpainting and ControlNet through the
 same loop (a pipeline sharing the model's components, its extra inputs in `GenerationSettings.inputs`),
@@ -50,7 +52,7 @@ from nbkit.generation.placement import (
     as_family,
     pipeline_family,
 )
-from nbkit.generation.samplers import build_scheduler, resolve, sampler_name, schedule_label
+from nbkit.generation.samplers import SamplerChoice, choose, sampler_name, schedule_label
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -77,7 +79,9 @@ class GenerationSettings:
         height: image height in pixels, a multiple of 8.
         guidance_scale: classifier-free guidance (A1111's "CFG scale"); None: the pipeline's default.
         sampler: an A1111 sampler name ("Euler a", "DPM++ 2M Karras"); None: the pipeline's own scheduler.
-        schedule: an A1111 schedule type ("Automatic", "Karras", ...); with `sampler` only.
+            An unknown name falls back to A1111's first sampler (`nbkit.generation.samplers.choose`).
+        schedule: an A1111 schedule type ("Automatic", "Karras", ...); with `sampler` only. An unknown
+            one falls back to Automatic.
         batch_size: images per pipeline call.
         model_name: the infotext's `Model`.
         model_hash: the infotext's `Model hash` (A1111's 10-hex short hash).
@@ -152,6 +156,8 @@ class GenerationResult:
         seeds: each image's seed (the random ones drawn for -1).
         settings: the request.
         interrupted: True when `interrupt` stopped it early.
+        warnings: the sampler and schedule fallbacks and substitutions made (`Sampler substitution:
+            ...`), also in every infotext.
     """
 
     images: list[Image.Image]
@@ -159,6 +165,7 @@ class GenerationResult:
     seeds: list[int]
     settings: GenerationSettings
     interrupted: bool = False
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def check_inputs(settings: GenerationSettings) -> None:
@@ -205,8 +212,8 @@ def check_inputs(settings: GenerationSettings) -> None:
     if not is_int(settings.batch_size) or settings.batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {settings.batch_size!r}")
     if settings.sampler is not None:
-        # Unknown names (and SD samplers on FLUX.1): ValueError listing the valid ones.
-        resolve(settings.sampler, settings.schedule, family)
+        # Names fall back or are substituted (never an error); only a name that is not a string is.
+        choose(settings.sampler, settings.schedule, family)
     if not isinstance(settings.extra_parameters, dict):
         raise ValueError(f"extra_parameters must be a dict, got {settings.extra_parameters!r}")
     shown = settings.infotext_prompts
@@ -283,11 +290,15 @@ def _per_image(inputs: dict[str, Any], count: int) -> dict[str, Any]:
 
 
 def _parameters(
-    settings: GenerationSettings, scheduler: Any, guidance: Any, seed: int, distilled: Any = None
+    settings: GenerationSettings,
+    choice: SamplerChoice | None,
+    scheduler: Any,
+    guidance: Any,
+    seed: int,
+    distilled: Any = None,
 ) -> dict[str, Any]:
-    if settings.sampler is not None:
-        sampler, schedule = resolve(settings.sampler, settings.schedule, settings.family)
-        names = (sampler.name, schedule.label)
+    if choice is not None:
+        names = (choice.sampler.name, choice.schedule.label)
     else:
         names = (sampler_name(scheduler), schedule_label(scheduler))
     return {
@@ -302,6 +313,7 @@ def _parameters(
         "Model": settings.model_name,
         **(settings.hires.parameters() if settings.hires is not None else {}),
         **settings.extra_parameters,
+        **(choice.infotext_pairs() if choice is not None else {}),
         "Version": VERSION,
     }
 
@@ -350,11 +362,10 @@ def generate_images(
     pipelines = [pipeline] + ([hires_pipeline] if hires is not None else [])
     originals = [p.scheduler for p in pipelines]
     schedulers = list(originals)
+    choice = None
     if settings.sampler is not None:
-        schedulers = [
-            build_scheduler(p.scheduler.config, settings.sampler, settings.schedule, settings.family)
-            for p in pipelines
-        ]
+        choice = choose(settings.sampler, settings.schedule, settings.family)
+        schedulers = [choice.build(p.scheduler.config) for p in pipelines]
     scheduler = schedulers[0]
     starts = list(range(0, count, settings.batch_size))
     images: list[Image.Image] = []
@@ -428,7 +439,7 @@ def generate_images(
             guidance = family.cfg_used(kwargs, settings.guidance_scale, pipeline)
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
-                parameters = _parameters(settings, scheduler, guidance, seeds[index], distilled)
+                parameters = _parameters(settings, choice, scheduler, guidance, seeds[index], distilled)
                 infotexts.append(format_infotext(shown_prompts[index], negatives[index], parameters))
             if on_batch is not None:
                 on_batch(indices, images[-len(indices) :], infotexts[-len(indices) :])
@@ -438,7 +449,8 @@ def generate_images(
     finally:
         for p, original in zip(pipelines, originals, strict=True):
             p.scheduler = original
-    return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted)
+    warnings = choice.warnings if choice is not None else []
+    return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted, warnings)
 
 
 def generate(
@@ -475,7 +487,8 @@ def generate(
         height: height in pixels (a multiple of 8).
         guidance_scale: A1111's "CFG scale"; None: the pipeline's default.
         negative_prompt: one for all images, or one per image.
-        sampler: an A1111 sampler name; None keeps the pipeline's scheduler.
+        sampler: an A1111 sampler name; None keeps the pipeline's scheduler. Unknown names fall back as
+            A1111's do; the result's `warnings` (and the infotexts) say so.
         schedule: an A1111 schedule type (with `sampler`).
         batch_size: images per pipeline call.
         model_name: the infotext's `Model`.

@@ -14,7 +14,7 @@ The server's own caps (size, steps, images) stay in `nbkit.webui.security` and a
 for an always-on script it does not have. `POST /options` takes A1111's option names of `OPTION_TYPES`
 with typed values; an unknown name is a 422 listing close names. `override_settings` takes the same
 names and types for one request (`effective_options`); a name nbkit does not know is ignored and named
-in the response's `info` (`notes`), since clients send their own extensions' options there.
+in the response's `info` (`warnings`), since clients send their own extensions' options there.
 
 `to_generation_request` decodes the base64 images and maps A1111's fields (`hr_resize_x/y`,
 `alwayson_scripts`' ControlNet, `override_settings.sd_vae`) onto `nbkit.webui.requests.make_request`,
@@ -246,7 +246,7 @@ def image_format(options: dict[str, Any]) -> ImageFormat:
 
 
 def request_notes(body: ApiRequest) -> list[str]:
-    """What of the request nbkit did not do as asked, for the response's `info.notes`."""
+    """What of the request nbkit did not do as asked, for the response's `info.warnings`."""
     notes = []
     extra = body.override_settings.model_extra if body.override_settings is not None else None
     if extra:
@@ -545,13 +545,15 @@ def encode_b64(image: Image.Image, infotext: str | None, fmt: ImageFormat) -> st
 
 
 def _sampler(body: ApiRequest) -> tuple[str, str]:
-    name = body.sampler_name or body.sampler_index or "Euler"
-    scheduler = body.scheduler or "Automatic"
-    try:
-        resolve(name, scheduler)
-    except ValueError as error:
-        raise ApiError(400, str(error), "SamplerNotFound") from None
-    return name, scheduler
+    """The sampler and schedule names as A1111's API reads them (`sampler_name`, else `sampler_index`).
+    Unknown names are not refused: generation falls back as A1111 does and says so in `info["warnings"]`."""
+    return body.sampler_name or body.sampler_index or "Euler", body.scheduler or "Automatic"
+
+
+def _sampler_that_ran(output: GenerationOutput) -> str:
+    """The sampler the infotext names (after a fallback, or a flow model's Euler), else the one asked."""
+    named = parse_infotext(output.infotexts[0]).sampler if output.infotexts else None
+    return named or output.request.sampler_name
 
 
 CONTROLNET_ARGS = ("alwayson_scripts", "controlnet", "args")
@@ -718,7 +720,7 @@ def to_generation_request(
             `override_settings`).
 
     Raises:
-        ApiError: an unknown sampler or schedule type (400), img2img without `init_images` (404, as A1111).
+        ApiError: img2img without `init_images` (404, as A1111).
         RequestValidationError: a script nbkit does not have, a malformed ControlNet unit or an unreadable
             image (422).
         LimitError: a request above the caps (400/413).
@@ -801,12 +803,12 @@ def to_generation_request(
 
 
 def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationOutput) -> dict[str, Any]:
-    """The `info` dict of A1111's txt2img/img2img response (sent as a JSON string); `notes` (nbkit's) lists
+    """The `info` dict of A1111's txt2img/img2img response (sent as a JSON string); `warnings` (nbkit's) lists
     what of the request was not done as asked (`request_notes`)."""
     seeds = output.seeds
     model = output.model
     count = len(output.images)
-    sampler, _schedule = resolve(request.sampler_name, request.scheduler)
+    sampler, _schedule = resolve(_sampler_that_ran(output), request.scheduler)
     # The CFG scale that ran, as the infotext names it: a distilled model ignores the one asked for.
     ran = parse_infotext(output.infotexts[0]).cfg_scale if output.infotexts else None
     return {
@@ -845,7 +847,9 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
         "is_using_inpainting_conditioning": False,
         "version": _version(),
         "interrupted": output.interrupted,
-        **({"notes": notes} if (notes := request_notes(body)) else {}),
+        # What was not done as asked: sampler/schedule fallbacks and substitutions, ignored options (A1111's
+        # info has no such key; clients that do not know it skip it).
+        "warnings": [*output.warnings, *request_notes(body)],
     }
 
 

@@ -171,6 +171,8 @@ class GenerationOutput:
         interrupted: True when stopped early.
         seconds: wall time.
         control_images: the control map of each ControlNet unit.
+        warnings: what was not done as asked: sampler and schedule fallbacks and substitutions (`Sampler substitution:
+            ...`; `nbkit.generation.samplers.SamplerNote`), for the API's `info`.
     """
 
     images: list[Image.Image]
@@ -182,6 +184,7 @@ class GenerationOutput:
     interrupted: bool = False
     seconds: float = 0.0
     control_images: list[Image.Image] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

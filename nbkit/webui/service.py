@@ -270,7 +270,7 @@ class GenerationService(ModelLoading):
         )
         from nbkit.generation.generate import check_inputs
 
-        check_inputs(settings)  # before the LoRAs load: an SD sampler on FLUX.1 is refused up front
+        check_inputs(settings)  # before the LoRAs load: a bad value is refused up front
         task = self._derive(request.mode, vae=vae, controlnet=control.stack)
         hires_pipeline = self._derive("img2img", vae=vae) if hires is not None else None
         self._passes = 2 if hires is not None else 1
@@ -322,6 +322,7 @@ class GenerationService(ModelLoading):
             interrupted=result.interrupted,
             seconds=time.time() - started,
             control_images=control.maps,
+            warnings=result.warnings,
         )
 
     def _with_model_defaults(self, request: GenerationRequest, family: Family) -> GenerationRequest:
