@@ -198,3 +198,43 @@ def test_the_hires_fix_runs_a_model_upscaler(server, http):
     assert decode(body["images"][0]).size == (96, 96)
     infotext = json.loads(body["info"])["infotexts"][0]
     assert "Hires upscaler: tiny-esrgan-4x" in infotext and "Hires upscaler requested" not in infotext
+
+
+def test_png_info_sends_to_every_generation_tab_and_to_extras(tmp_path):
+    import gradio as gr
+
+    from nbkit.webui.panel import Panel
+    from nbkit.webui.security import Limits
+    from nbkit.webui.tabs import SENT_FIELDS, _send, png_info_tab
+
+    text = (
+        "a dog\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, "
+        "Seed: 42, Size: 64x96, Denoising strength: 0.4, Hires upscale: 1.5, Hires steps: 3, "
+        "Hires upscaler: R-ESRGAN 4x+"
+    )
+    with gr.Blocks() as blocks, gr.Tabs() as tabs:
+        panels = {}
+        for mode in ("txt2img", "img2img", "inpaint", "controlnet"):
+            with gr.Tab(mode, id=mode):
+                panels[mode] = Panel(mode, Limits())
+        with gr.Tab("Extras", id="extras"):
+            extras = {"image": gr.Image()}
+        png_info_tab(panels, tabs, extras)
+    ids = {block.elem_id for block in blocks.blocks.values()}
+    assert {"pnginfo-send", "pnginfo-send-img2img", "pnginfo-send-inpaint", "pnginfo-send-controlnet"} <= ids
+    assert "pnginfo-send-extras" in ids
+    for mode, expected in (
+        (
+            "txt2img",
+            {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "R-ESRGAN 4x+", "hr_second_pass_steps": 3},
+        ),
+        ("img2img", {"denoising_strength": 0.4, "init_image": "picture.png"}),
+        ("inpaint", {"mask_editor": "picture.png"}),
+    ):
+        fields = [name for name in SENT_FIELDS if name in panels[mode].fields]
+        tab, *values = _send(mode, fields)(text, "picture.png")
+        sent = dict(zip(fields, values, strict=True))
+        assert tab.constructor_args["selected"] == mode
+        common = {"prompt": "a dog", "negative_prompt": "blurry", "steps": 12, "sampler_name": "DPM++ 2M"}
+        common.update(scheduler="Karras", cfg_scale=5.0, seed=42, width=64, height=96)
+        assert sent.items() >= {**common, **expected}.items()

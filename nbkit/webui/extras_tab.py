@@ -104,7 +104,9 @@ def extras_tab(
                     crop = gr.Checkbox(value=True, label="Crop to fit")
             go = gr.Button("Generate", variant="primary", elem_id="extras-generate")
         with gr.Column():
-            result = gr.Image(label="Result", type="pil", interactive=False, elem_id="extras-result")
+            result = gr.Image(
+                label="Result", type="pil", interactive=False, height=360, elem_id="extras-result"
+            )
             info = gr.HTML(elem_id="extras-info")
             gr.Markdown(f"*{FACE_RESTORATION_NOTE}.*")
     scale_by.select(lambda: 0, outputs=resize_mode)
