@@ -264,3 +264,37 @@ def test_spandrel_imports_without_torchvision_and_leaves_sys_modules_clean(tmp_p
     (broken / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     result = _shim_run(SHIM_CHECK, {"extra": [str(tmp_path / "broken")]})
     assert result["left"] == [] and result["esrgan"] and "torchvision" in result["refused"]
+
+
+def test_a_known_model_downloads_into_the_folder_checked_and_whole(tmp_path, folder):
+    """From a loopback server: the file lands under its name only once its sha256 matched."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from nbkit.generation.upscalers import KnownUpscaler
+
+    served = tmp_path / "served"
+    served.mkdir()
+    data = (folder / "tiny-esrgan-4x.safetensors").read_bytes()
+    (served / "model.safetensors").write_bytes(data)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/model.safetensors"
+    try:
+        upscalers = Upscalers(tmp_path / "upscalers", downloads=True)
+        wrong = KnownUpscaler("Wrong 4x", "wrong-4x.safetensors", 4, "0" * 64, url=url)
+        with pytest.raises(NbkitError, match="sha256"):
+            upscalers.fetch(wrong)
+        assert not (tmp_path / "upscalers" / "wrong-4x.safetensors").exists()
+        right = KnownUpscaler(
+            "Right 4x", "right-4x.safetensors", 4, hashlib.sha256(data).hexdigest(), url=url
+        )
+        path = upscalers.fetch(right)
+    finally:
+        httpd.shutdown()
+    assert path == tmp_path / "upscalers" / "right-4x.safetensors" and path.read_bytes() == data
+    assert [p.name for p in (tmp_path / "upscalers").iterdir() if not p.name.startswith(".")] == [path.name]
+    assert upscalers.upscale(_picture(), "right-4x", 4).size == (160, 112)

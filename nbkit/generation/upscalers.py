@@ -168,7 +168,7 @@ class UpscalerInfo:
             "model_name": self.path.stem if self.path is not None else None,
             "model_path": path,
             "model_url": self.known.source if self.known is not None else None,
-            "scale": self.scale,
+            "scale": self.scale if self.kind == "model" else 4,  # A1111 lists its PIL upscalers at 4
         }
 
 
@@ -437,7 +437,8 @@ class Upscalers:
     """The upscalers on offer: A1111's PIL ones, the model files of a folder and the known downloads.
 
     The folder is listed afresh on every `list()` (a file dropped in shows at once). One model is kept
-    loaded (the last one used). Not thread-safe: run `upscale` and `resize` through the GPU queue.
+    loaded (the last one used). `upscale` and `resize` are not thread-safe: run them through the GPU
+    queue; `fetch` may run beside them (downloads are serialised).
 
     Args:
         folder: `<storage root>/upscalers` (None: only the PIL upscalers).
@@ -463,6 +464,7 @@ class Upscalers:
         self.downloads = downloads
         self._loaded: tuple[tuple[str, int, int], Any] | None = None
         self._scales: dict[str, int] = {}  # file -> the factor its model has, once loaded
+        self._fetching = threading.Lock()  # two requests for one new model download it once
 
     # --- what there is ------------------------------------------------------------------------------
 
@@ -574,14 +576,15 @@ class Upscalers:
         if self.folder is None:
             raise NbkitError(f"{known.name} is not downloaded and there is no upscalers folder")
         target = self.folder / known.filename
-        if target.is_file():
-            return target
-        if not self._downloads_allowed():
-            self._offline_error(known)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if known.url is not None:
-            return _download_url(known, target)
-        return _download_hub(known, target)
+        with self._fetching:
+            if target.is_file():
+                return target
+            if not self._downloads_allowed():
+                self._offline_error(known)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if known.url is not None:
+                return _download_url(known, target)
+            return _download_hub(known, target)
 
     # --- upscaling ----------------------------------------------------------------------------------
 
