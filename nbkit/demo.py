@@ -9,6 +9,7 @@ stage calls the same code the notebooks call; nothing here is demo-only logic.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -242,6 +243,20 @@ def try_web_ui(session: Session, resolution: int, *, keep_running: bool, log: Ca
         log(
             f"web UI at {ui.local_url}: POST /sdapi/v1/txt2img answered with {len(images)} image ({saved.name})"
         )
+        # Extras: the picture upscaled 2x by a tiny random ESRGAN in the upscalers folder (a model upscaler
+        # through spandrel, as a real one would run; its texture is random).
+        from nbkit.generation.upscalers import save_tiny_esrgan
+
+        tiny = save_tiny_esrgan(ui.service.upscalers.folder)
+        upscaled = requests.post(
+            f"{ui.local_url.rstrip('/')}/sdapi/v1/extra-single-image",
+            json={"image": images[0], "upscaler_1": tiny.stem, "upscaling_resize": 2},
+            timeout=600,
+        )
+        upscaled.raise_for_status()
+        extras = saved.with_name(f"{saved.stem}-extras-2x.png")
+        extras.write_bytes(base64.b64decode(upscaled.json()["image"]))
+        log(f"POST /sdapi/v1/extra-single-image upscaled it 2x with {tiny.stem} ({extras.name})")
         if keep_running:
             log("The web UI keeps running; press Ctrl+C (or interrupt the cell) to stop it.")
             with contextlib.suppress(KeyboardInterrupt):

@@ -153,3 +153,52 @@ def test_a_flux_model_opens_on_a_flow_sampler_and_generates(browser, tmp_path, t
     assert "SGM Uniform" not in offered
     assert set(offered) == {"Automatic", "Simple", "Karras", "Exponential", "Beta"}, offered
     assert "CFG scale: 1," in info
+
+
+def test_extras_tab_upscales_a_picture_with_a_model(server, browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from nbkit.generation.upscalers import save_tiny_esrgan
+
+    save_tiny_esrgan(server.root / "upscalers", scale=2)  # listed when the page opens
+    picture = tmp_path / "source.png"
+    Image.new("RGB", (48, 32), "teal").save(picture)
+    _log_in(browser, server.url)
+    _wait(
+        lambda: [
+            tab
+            for tab in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']")
+            if tab.text == "Extras"
+        ],
+        30,
+        "the Extras tab",
+    )[0].click()
+    upload = _wait(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#extras-image input[type='file']"),
+        30,
+        "the source box",
+    )
+    upload.send_keys(str(picture))
+    menu = browser.find_element(By.CSS_SELECTOR, "#extras-upscaler-1 input")
+    _wait(lambda: menu.click() or True, 30, "the upscaler menu to open (not under the upload's spinner)")
+    _wait(
+        lambda: [
+            item
+            for item in browser.find_elements(By.CSS_SELECTOR, "#extras-upscaler-1 li")
+            if item.text.split("\n")[-1] == "tiny-esrgan-2x"
+        ],
+        30,
+        "the tiny ESRGAN in the upscaler menu",
+    )[0].click()
+    browser.find_element(By.CSS_SELECTOR, "#extras-generate").click()
+    info = _wait(
+        lambda: (
+            "Postprocess" in (text := browser.find_element(By.CSS_SELECTOR, "#extras-info").text) and text
+        ),
+        120,
+        "the result's info",
+    )
+    assert "Postprocess upscale by: 2, Postprocess upscaler: tiny-esrgan-2x" in info
+    assert browser.find_element(By.CSS_SELECTOR, "#extras-result img").get_attribute("src")
+    browser.save_screenshot(str(Path(os.environ.get("NBKIT_SCREENSHOT_DIR", tmp_path)) / "webui-extras.png"))

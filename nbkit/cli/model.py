@@ -16,8 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="the base models nbkit offers")
     listing.set_defaults(func=list_command)
 
-    tiny = actions.add_parser("tiny", help="save a tiny random-weight model (offline) as a diffusers folder")
-    tiny.add_argument("family", metavar="FAMILY", help=f"{', '.join(FAMILIES)} (tiny-FAMILY also accepted)")
+    tiny = actions.add_parser(
+        "tiny",
+        help="save a tiny random-weight model (offline) as a diffusers folder, or (esrgan) a tiny 4x "
+        "ESRGAN upscaler file into OUT_DIR (an upscalers folder)",
+    )
+    tiny.add_argument(
+        "family", metavar="FAMILY", help=f"{', '.join(FAMILIES)} (tiny-FAMILY also accepted), or esrgan"
+    )
     tiny.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     tiny.set_defaults(func=tiny_command, loads_models=True)
 
@@ -74,6 +80,11 @@ def tiny_command(args: argparse.Namespace) -> int:
     from nbkit.models.tiny import save_tiny_pipeline
 
     family = args.family.removeprefix("tiny-")
+    if family == "esrgan":
+        from nbkit.generation.upscalers import save_tiny_esrgan
+
+        print(save_tiny_esrgan(args.out_dir))
+        return 0
     print(save_tiny_pipeline(family, args.out_dir))
     return 0
 

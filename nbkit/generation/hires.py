@@ -1,5 +1,9 @@
 """A1111's hires fix: upscale the first pass (its latents, or its decoded images), then redraw it at the
 new size with an img2img pass (`nbkit.generation.generate.generate_images` runs both passes).
+
+The upscaler is one of A1111's latent modes (`LATENT_UPSCALERS`: interpolations of the latents), a PIL
+resize (`PIXEL_UPSCALERS`), or a model upscaler of `nbkit.generation.upscalers.Upscalers` (ESRGAN and
+the other spandrel architectures, from the upscalers folder or downloaded on first use).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from nbkit.families import Family
+    from nbkit.generation.upscalers import Upscalers
 
 SIZE_MULTIPLE = 8  # A1111's: the VAE's downsampling factor
 # A1111's latent upscalers: torch interpolation mode and antialiasing.
@@ -23,8 +28,8 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# A1111's pixel upscalers nbkit has; "None" is A1111's plain Lanczos resize. Its model-based ones
-# (ESRGAN, SwinIR, LDSR, ...) are done with Lanczos, and the infotext says so.
+# A1111's PIL upscalers; "None" is A1111's plain Lanczos resize. Model upscalers come from `HiresFix.upscalers`;
+# a name that is none of these (LDSR, say) is done with Lanczos, and the infotext says so.
 PIXEL_UPSCALERS = ("Lanczos", "Nearest", "None")
 
 
@@ -44,16 +49,18 @@ class HiresFix:
 
     Args:
         scale: the upscale factor (the size is rounded down to a multiple of 8).
-        upscaler: an A1111 upscaler name: the `LATENT_UPSCALERS` work on latents, `PIXEL_UPSCALERS` on
-            the decoded image; any other (a model-based one such as "R-ESRGAN 4x+") is done with Lanczos.
+        upscaler: an A1111 upscaler name: the `LATENT_UPSCALERS` work on latents, `PIXEL_UPSCALERS` and
+            the model upscalers of `upscalers` on the decoded image; any other is done with Lanczos.
         steps: the second pass's steps (0: as many as the first pass).
         denoising_strength: how much the second pass redraws (0..1].
+        upscalers: the model upscalers on offer (`nbkit.generation.upscalers.Upscalers`), or None.
     """
 
     scale: float = 2.0
     upscaler: str = "Latent"
     steps: int = 0
     denoising_strength: float = 0.7
+    upscalers: Upscalers | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def size(self, width: int, height: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
         """The upscaled (width, height), rounded down to a multiple of `multiple`."""
@@ -64,9 +71,15 @@ class HiresFix:
 
     @property
     def used_upscaler(self) -> str:
-        """The upscaler that is really used (Lanczos for the ones nbkit does not have)."""
-        known = self.upscaler in LATENT_UPSCALERS or self.upscaler in PIXEL_UPSCALERS
-        return self.upscaler if known else "Lanczos"
+        """The upscaler that is really used (Lanczos for a name nbkit does not have)."""
+        if self.upscaler in LATENT_UPSCALERS or self.upscaler in PIXEL_UPSCALERS:
+            return self.upscaler
+        if self.upscalers is not None and isinstance(self.upscaler, str):
+            try:
+                return self.upscalers.find(self.upscaler).name
+            except ValueError:
+                pass
+        return "Lanczos"
 
     def check(self, steps: int, family: Family) -> None:
         """Refuse settings the second pass cannot run.
@@ -91,7 +104,10 @@ class HiresFix:
             )
         if not isinstance(self.upscaler, str) or not self.upscaler.strip():
             raise ValueError(f"hires upscaler must be a name, got {self.upscaler!r}")
-        if not family.latent_hires and self.used_upscaler in LATENT_UPSCALERS:
+        used = self.used_upscaler
+        if used not in LATENT_UPSCALERS and used not in PIXEL_UPSCALERS and self.upscalers is not None:
+            self.upscalers.check_available(used)  # a model that cannot be had fails before the first pass
+        if not family.latent_hires and used in LATENT_UPSCALERS:
             raise ValueError(
                 f"hires upscaler {self.upscaler!r} works on latents, which {family.title} models pack into "
                 f"tokens; pick a pixel upscaler for them: {', '.join(PIXEL_UPSCALERS)}"
@@ -145,7 +161,11 @@ def upscale(images: Any, hires: HiresFix, width: int, height: int) -> Any:
         mode, antialias = LATENT_UPSCALERS[hires.used_upscaler]
         size = (height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
         return torch.nn.functional.interpolate(images, size=size, mode=mode, antialias=antialias)
-    resample = Image.Resampling.NEAREST if hires.used_upscaler == "Nearest" else Image.Resampling.LANCZOS
+    used = hires.used_upscaler
+    if used not in PIXEL_UPSCALERS and hires.upscalers is not None:
+        # A model upscaler, as A1111's resize_image runs it: by the larger factor, then Lanczos to the size.
+        return [hires.upscalers.resize(image, used, width, height) for image in images]
+    resample = Image.Resampling.NEAREST if used == "Nearest" else Image.Resampling.LANCZOS
     return [image.resize((width, height), resample) for image in images]
 
 

@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nbkit.errors import NbkitError
 from nbkit.generation.infotext import PNG_KEY, parse_infotext, read_infotext
 from nbkit.generation.samplers import list_samplers, list_schedulers
+from nbkit.webui.api_extras import extras_routes
 from nbkit.webui.api_models import (
     ALWAYSON_SCRIPTS,
     OPTION_DEFAULTS,
@@ -84,7 +85,7 @@ from nbkit.webui.api_models import (
     to_generation_request,
 )
 from nbkit.webui.queue import GpuQueue, QueueFull
-from nbkit.webui.requests import HR_UPSCALERS, GenerationOutput
+from nbkit.webui.requests import GenerationOutput
 from nbkit.webui.security import LimitError, Limits
 from nbkit.webui.service import GenerationService, cuda_memory
 
@@ -122,6 +123,10 @@ class ApiState:
     queue: GpuQueue
     limits: Limits = dataclasses.field(default_factory=Limits)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    async def run(self, job: Callable[[], Any], request: Request | None = None) -> Any:
+        """`run_queued` on this state (for route modules that `api` itself imports)."""
+        return await run_queued(self, job, request)
 
 
 async def run_queued(state: ApiState, job: Callable[[], Any], request: Request | None = None) -> Any:
@@ -188,7 +193,8 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
 def create_router(state: ApiState) -> APIRouter:
     """The `/sdapi/v1` routes on `state`."""
     router = APIRouter(prefix="/sdapi/v1")
-    for add_routes in (_generation_routes, _model_routes, _list_routes, _progress_routes, _info_routes):
+    routes = (_generation_routes, _model_routes, _list_routes, _progress_routes, _info_routes, extras_routes)
+    for add_routes in routes:
         add_routes(router, state)
     return router
 
@@ -318,7 +324,7 @@ def _model_routes(router: APIRouter, state: ApiState) -> None:
 
 
 def _list_routes(router: APIRouter, state: ApiState) -> None:
-    """What there is to choose from: samplers, schedule types, upscalers, LoRAs, VAEs, scripts."""
+    """What there is to choose from: samplers, schedule types, LoRAs, VAEs, scripts."""
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -327,17 +333,6 @@ def _list_routes(router: APIRouter, state: ApiState) -> None:
     @router.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
         return list_schedulers()
-
-    @router.get("/upscalers")
-    def upscalers() -> list[dict[str, Any]]:
-        return [
-            {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in HR_UPSCALERS
-        ]
-
-    @router.get("/latent-upscale-modes")
-    def latent_upscale_modes() -> list[dict[str, Any]]:
-        return [{"name": "Latent"}]
 
     @router.get("/loras")
     def loras() -> list[dict[str, Any]]:

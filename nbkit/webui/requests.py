@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from nbkit.generation.hires import LATENT_UPSCALERS
+from nbkit.generation.upscalers import KNOWN_UPSCALERS, PIL_UPSCALERS
 from nbkit.webui.models import ModelEntry
 from nbkit.webui.outputs import PNG, ImageFormat
 from nbkit.webui.security import Limits, check_request_caps
@@ -22,9 +24,9 @@ from nbkit.webui.security import Limits, check_request_caps
 Mode = Literal["txt2img", "img2img", "inpaint"]
 MODES = ("txt2img", "img2img", "inpaint")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
-# The hires fix upscalers the UI's menu and the API's /upscalers offer (A1111 names others; they map to
-# these, `nbkit.generation.hires.HiresFix.used_upscaler`).
-HR_UPSCALERS = ("Latent", "Lanczos")
+# The hires fix upscalers of the UI's menu, in A1111's order: the latent modes, the PIL upscalers and the
+# known downloadable models (the upscalers folder's own files join them when the page opens).
+HR_UPSCALERS = (*LATENT_UPSCALERS, *PIL_UPSCALERS, *KNOWN_UPSCALERS)
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # A1111's resize_mode 0..2
 DISTILLED_CFG_SCALE = 3.5  # Forge's default "Distilled CFG Scale" (FLUX.1-dev's guidance)
 # The fields a request may leave to the loaded model (`GenerationRequest.model_defaults`).
@@ -112,7 +114,7 @@ class GenerationRequest:
         resize_mode: A1111's: 0 just resize, 1 crop and resize, 2 resize and fill.
         enable_hr: txt2img hires fix: upscale, then a second img2img pass.
         hr_scale: the upscale factor.
-        hr_upscaler: `Latent` or `Lanczos` (and A1111's other names, mapped to these).
+        hr_upscaler: a latent mode, a PIL upscaler or a model upscaler's name (another is done with Lanczos).
         hr_second_pass_steps: steps of the second pass (0: as many as `steps`).
         vae: a VAE to use instead of the model's (None: the model's).
         controlnet: the ControlNet units, applied together (empty: none).

@@ -39,6 +39,7 @@ from nbkit.device import default_device
 from nbkit.errors import NbkitError
 from nbkit.families import Family
 from nbkit.generation.cache import PipelineCache
+from nbkit.generation.upscalers import FOLDER_NAME, Upscalers
 from nbkit.webui import controlnet as cn
 from nbkit.webui.inpaint import blur_mask, masked_content, paste_back
 from nbkit.webui.loading import ModelLoading
@@ -155,6 +156,9 @@ class GenerationService(ModelLoading):
         self._lora_hashes: dict[tuple, str] = {}
         self._memory_option: Any = None  # the model's memory plan on a GPU (nbkit.models.memory)
         self._family: Family | None = None  # the loaded model's family
+        # The extras routes' and the hires fix's upscalers: `<storage root>/upscalers` and known downloads.
+        root = catalog.storage_root
+        self.upscalers = Upscalers(root / FOLDER_NAME if root is not None else None, device=self.device)
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -244,6 +248,7 @@ class GenerationService(ModelLoading):
                 upscaler=request.hr_upscaler,
                 steps=request.hr_second_pass_steps,
                 denoising_strength=request.denoising_strength,
+                upscalers=self.upscalers,
             )
         lora_text = lora_hashes_text([(tag.name, self._lora_hash(lora.path)) for tag, lora in loras])
         if lora_text:

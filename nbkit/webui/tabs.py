@@ -1,4 +1,5 @@
-"""The web UI's tabs besides the generation panels: PNG Info, Outputs and Settings."""
+"""The web UI's tabs besides the generation panels and Extras: PNG Info (send to any tab), Outputs and
+Settings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import gradio as gr
 from nbkit.generation.infotext import parse_infotext, read_infotext
 from nbkit.generation.samplers import SAMPLERS, SCHEDULES
 from nbkit.webui.queue import GpuQueue, QueueFull
+from nbkit.webui.requests import HR_UPSCALERS
 from nbkit.webui.security import Limits
 from nbkit.webui.service import GenerationService
 
@@ -34,31 +36,73 @@ def _png_info(path: str | None) -> tuple[str, str]:
     return text, f"<table>{rows}</table>"
 
 
-def _send_to_txt2img(text: str) -> tuple:
-    """The txt2img fields an infotext sets (prompt, negative, steps, sampler, schedule, CFG, seed, size)."""
-    if not text:
-        gr.Warning("Drop an image with generation parameters first")
-        return (gr.skip(),) * 10
+# What PNG Info's send buttons set in a generation panel, in this order, where the panel has the field.
+SENT_FIELDS = (
+    "prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed", "width", "height",
+    "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "init_image",
+    "mask_editor",
+)  # fmt: skip
+
+
+def _sent_values(text: str, image: str | None) -> dict[str, Any]:
+    """The panel fields an infotext (and its picture) sets; a value the panels cannot take is left out."""
     info = parse_infotext(text)
-    size = info.size
-    sampler = info.sampler if info.sampler in SAMPLERS else gr.skip()
-    schedule = info.schedule if info.schedule in {s.label for s in SCHEDULES.values()} else gr.skip()
-    return (
-        gr.Tabs(selected="txt2img"),
-        info.prompt,
-        info.negative_prompt,
-        info.steps if info.steps is not None else gr.skip(),
-        sampler,
-        schedule,
-        info.cfg_scale if info.cfg_scale is not None else gr.skip(),
-        info.seed if info.seed is not None else gr.skip(),
-        size[0] if size else gr.skip(),
-        size[1] if size else gr.skip(),
-    )
+    values: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
+    if info.sampler in SAMPLERS:
+        values["sampler_name"] = info.sampler
+    if info.schedule in {s.label for s in SCHEDULES.values()}:
+        values["scheduler"] = info.schedule
+    for name, value in (
+        ("steps", info.steps), ("cfg_scale", info.cfg_scale), ("seed", info.seed),
+        ("denoising_strength", info.denoising_strength),
+    ):  # fmt: skip
+        if value is not None:
+            values[name] = value
+    if info.size:
+        values["width"], values["height"] = info.size
+    hires_scale = _number(info.parameters.get("Hires upscale"))
+    if hires_scale is not None:
+        values.update(enable_hr=True, hr_scale=hires_scale)
+        if info.parameters.get("Hires upscaler") in HR_UPSCALERS:
+            values["hr_upscaler"] = info.parameters["Hires upscaler"]
+        steps = _number(info.parameters.get("Hires steps"))
+        if steps is not None:
+            values["hr_second_pass_steps"] = int(steps)
+    if image:
+        values["init_image"] = values["mask_editor"] = image
+    return values
 
 
-def png_info_tab(panels: dict[str, Any], tabs: gr.Tabs) -> None:
-    """The PNG Info tab: read an image's infotext, and send it to the txt2img panel."""
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _send(mode: str, fields: list[str]) -> Any:
+    """The handler of one "Send to" button: the tab, then `fields`' values (skipped where none)."""
+
+    def send(text: str, image: str | None) -> tuple:
+        if not text:
+            gr.Warning("Drop an image with generation parameters first")
+            return (gr.skip(),) * (1 + len(fields))
+        values = _sent_values(text, image)
+        return (gr.Tabs(selected=mode), *(values.get(name, gr.skip()) for name in fields))
+
+    return send
+
+
+def png_info_tab(panels: dict[str, Any], tabs: gr.Tabs, extras: dict[str, Any] | None = None) -> None:
+    """The PNG Info tab: read an image's infotext, and send it (with the picture where a tab takes one)
+    to any generation tab, or the picture to Extras.
+
+    Args:
+        panels: the generation panels by mode (`txt2img`, `img2img`, `inpaint`, `controlnet`).
+        tabs: the UI's tabs (a send selects its tab).
+        extras: the Extras tab's components (`image`), or None for no "Send to extras".
+    """
+    labels = {"txt2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint", "controlnet": "ControlNet"}
     with gr.Tab("PNG Info", id="pnginfo"):
         with gr.Row():
             with gr.Column():
@@ -72,25 +116,35 @@ def png_info_tab(panels: dict[str, Any], tabs: gr.Tabs) -> None:
             with gr.Column():
                 png_text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo-text")
                 png_table = gr.HTML()
-                send = gr.Button("Send to txt2img", elem_id="pnginfo-send")
+                with gr.Row():
+                    buttons = {
+                        mode: gr.Button(
+                            f"Send to {labels.get(mode, mode)}",
+                            size="sm",
+                            # txt2img's keeps its first id, which scripts and tests know
+                            elem_id="pnginfo-send" if mode == "txt2img" else f"pnginfo-send-{mode}",
+                        )
+                        for mode in panels
+                    }
+                    if extras is not None:
+                        to_extras = gr.Button("Send to extras", size="sm", elem_id="pnginfo-send-extras")
         png_image.change(_png_info, inputs=png_image, outputs=[png_text, png_table])
-        t2i = panels["txt2img"].fields
-        send.click(
-            _send_to_txt2img,
-            inputs=png_text,
-            outputs=[
-                tabs,
-                t2i["prompt"],
-                t2i["negative_prompt"],
-                t2i["steps"],
-                t2i["sampler_name"],
-                t2i["scheduler"],
-                t2i["cfg_scale"],
-                t2i["seed"],
-                t2i["width"],
-                t2i["height"],
-            ],
-        )
+        for mode, button in buttons.items():
+            fields = [name for name in SENT_FIELDS if name in panels[mode].fields]
+            button.click(
+                _send(mode, fields),
+                inputs=[png_text, png_image],
+                outputs=[tabs, *(panels[mode].fields[name] for name in fields)],
+            )
+        if extras is not None:
+
+            def send_picture(image: str | None) -> tuple:
+                if not image:
+                    gr.Warning("Drop an image first")
+                    return gr.skip(), gr.skip()
+                return gr.Tabs(selected="extras"), image
+
+            to_extras.click(send_picture, inputs=png_image, outputs=[tabs, extras["image"]])
 
 
 def outputs_tab(blocks: gr.Blocks, service: GenerationService) -> None:

@@ -1,7 +1,7 @@
 """The gradio Blocks UI, shaped like AUTOMATIC1111's so its users feel at home.
 
-Tabs txt2img, img2img, inpaint (the mask is drawn in the browser), ControlNet, PNG Info, Outputs and
-Settings; a checkpoint dropdown with refresh on top. Every generation goes through the `GpuQueue`
+Tabs txt2img, img2img, inpaint (the mask is drawn in the browser), ControlNet, Extras, PNG Info, Outputs
+and Settings; a checkpoint dropdown with refresh on top. Every generation goes through the `GpuQueue`
 (the API's queue): the Generate handler submits the job and, while it waits, streams a progress bar.
 Errors (a bad value, a full queue, "training in progress") appear as messages in the page
 (`gr.Warning` / `gr.Error`), never as a dead page.
@@ -23,12 +23,12 @@ from PIL import Image
 from nbkit.errors import NbkitError
 from nbkit.generation.placement import as_family
 from nbkit.generation.samplers import SAMPLERS, sampler_tables
+from nbkit.webui.extras_tab import extras_tab
 from nbkit.webui.models import folder_family
 from nbkit.webui.panel import Panel, progress_html
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
-    HR_UPSCALERS,
     PIXEL_UPSCALER,
     ControlNetUnit,
     GenerationRequest,
@@ -303,7 +303,7 @@ def fitted_fields(
             updates.append(
                 (
                     fields["hr_upscaler"],
-                    gr.Dropdown(choices=list(HR_UPSCALERS), **upscaler) if upscaler else gr.skip(),
+                    gr.Dropdown(**upscaler) if upscaler else gr.skip(),
                 )
             )
     return updates
@@ -408,7 +408,8 @@ def build_ui(
                 with gr.Tab(label, id=mode):
                     panels[mode] = Panel(mode, limits)
                     _wire_panel(panels[mode], mode, service, queue, limits)
-            png_info_tab(panels, tabs)
+            extras = extras_tab(blocks, service, queue, limits, panels)
+            png_info_tab(panels, tabs, extras)
             if share_outputs and service.outputs is not None:
                 outputs_tab(blocks, service)
             settings_tab(blocks, service, queue, limits)
