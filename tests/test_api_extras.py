@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from webui_support import PASSWORD, USER, decode, png_b64, shared_server
 
+from nbkit.generation.infotext import read_infotext
 from nbkit.generation.upscalers import KNOWN_UPSCALERS, save_tiny_esrgan
 
 
@@ -145,6 +146,20 @@ def test_batch_images(server, http):
     body = response.json()
     assert [decode(image).size for image in body["images"]] == [(80, 48), (32, 64)]
     assert "Postprocess upscaler: tiny-esrgan-2x" in body["html_info"]
+
+
+def test_results_follow_the_samples_format_option(server, http):
+    """As A1111's extras: a JPEG when the option says jpg, with the generation's parameters in its EXIF."""
+    assert http.post(server.api + "/options", json={"samples_format": "jpg"}, timeout=30).status_code == 200
+    try:
+        encoded = _with_parameters(_picture(), "a red fox\nSteps: 2, Seed: 7")
+        response = _single(http, server, image=encoded, upscaler_1="Nearest", upscaling_resize=2)
+    finally:
+        http.post(server.api + "/options", json={"samples_format": "png"}, timeout=30)
+    assert response.status_code == 200, response.text
+    data = base64.b64decode(response.json()["image"])
+    assert Image.open(io.BytesIO(data)).format == "JPEG"
+    assert read_infotext(data) == "a red fox\nSteps: 2, Seed: 7"
 
 
 def test_refusals(server, http):

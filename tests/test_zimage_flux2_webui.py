@@ -208,7 +208,7 @@ def test_ui_fields_take_the_loaded_models_defaults(service):
     updates = fitted_fields(panels, service.family, defaults, set_values=True)
     values: dict[str, list] = {}
     for component, update in updates:
-        values.setdefault(names[id(component)], []).append(getattr(update, "constructor_args", {}))
+        values.setdefault(names[id(component)], []).append(update)
     steps = {"zimage": 8, "flux2": 4}[service.family]
     assert [args["value"] for args in values["steps"]] == [steps, steps]
     assert [args["value"] for args in values["cfg_scale"]] == [1.0, 1.0]
@@ -217,11 +217,7 @@ def test_ui_fields_take_the_loaded_models_defaults(service):
     assert all(args["visible"] is False for args in values["distilled_cfg_scale"])
 
     def sent(updates, name):
-        return [
-            getattr(update, "constructor_args", {}).get("value")
-            for c, update in updates
-            if names[id(c)] == name
-        ]
+        return [update.get("value") for c, update in updates if names[id(c)] == name]
 
     # The same model's defaults again: the values people set stay (only the menus' choices are sent).
     assert sent(fitted_fields(panels, service.family, defaults, set_values=False), "steps") == [None, None]

@@ -2,10 +2,11 @@
 
 `POST /extra-single-image` and `POST /extra-batch-images` take A1111's `ExtrasSingleImageRequest` /
 `ExtrasBatchImagesRequest` fields (`nbkit.generation.extras.ExtrasSettings`) and answer
-`{"html_info", "image"}` / `{"html_info", "images"}`: PNGs (raw base64) that keep the input's text
-chunks and add A1111's `postprocessing` chunk. The work runs through the one `GpuQueue`, one picture at
-a time (each decoded only when its turn comes); a known model upscaler not downloaded yet is fetched
-before the job queues, so a download never holds the queue. The result's size is capped by
+`{"html_info", "image"}` / `{"html_info", "images"}`: raw base64 images in the `samples_format` option
+(PNG by default, keeping the input's text chunks and adding A1111's `postprocessing` chunk, as A1111
+sends them). The work runs through the one `GpuQueue`, one picture at a time (each decoded only when
+its turn comes); a known model upscaler not downloaded yet is fetched before the job queues, so a
+download never holds the queue. The result's size is capped by
 `Limits.max_pixels`, the batch's length by `Limits.max_images`. A field sent as `null` takes its default.
 
 `GET /upscalers` lists "None" first, then "Lanczos", "Nearest" and every model upscaler (A1111's
@@ -27,9 +28,19 @@ from starlette.concurrency import run_in_threadpool
 
 from nbkit.generation.extras import FACE_RESTORATION_NOTE, ExtrasSettings, run_extras, uses_face_restoration
 from nbkit.generation.hires import LATENT_UPSCALERS
-from nbkit.generation.infotext import format_parameters
+from nbkit.generation.infotext import PNG_KEY, format_parameters
 from nbkit.generation.upscalers import KNOWN_UPSCALERS
-from nbkit.webui.api_models import MAX_LIST_ITEMS, STRICT, ApiError, Fraction, Name, decode_image
+from nbkit.webui.api_models import (
+    MAX_LIST_ITEMS,
+    OPTION_DEFAULTS,
+    STRICT,
+    ApiError,
+    Fraction,
+    Name,
+    decode_image,
+    image_format,
+)
+from nbkit.webui.outputs import PNG, ImageFormat, encode_image
 from nbkit.webui.security import LimitError, Limits, check_size, decode_base64_image_bytes
 
 if TYPE_CHECKING:
@@ -127,8 +138,19 @@ class RealesrganItem(BaseModel):
     scale: int | None = None
 
 
-def encode_result(image: Image.Image, chunks: dict[str, str]) -> str:
-    """Raw base64 of a PNG carrying `chunks` as text chunks (A1111 keeps the input's, adds its own)."""
+def encode_result(image: Image.Image, chunks: dict[str, str], fmt: ImageFormat = PNG) -> str:
+    """Raw base64 of the result in the `samples_format`, as A1111's extras send it.
+
+    A PNG carries `chunks` as text chunks (A1111 keeps the input's and adds its own); a JPEG or WebP
+    carries only the generation's `parameters`, in the EXIF UserComment, as A1111 writes them.
+
+    Args:
+        image: the processed picture.
+        chunks: its text chunks.
+        fmt: the format from the server's options.
+    """
+    if fmt.kind != "png":
+        return base64.b64encode(encode_image(image, chunks.get(PNG_KEY), fmt)).decode("ascii")
     info = PngImagePlugin.PngInfo()
     for key, value in chunks.items():
         info.add_text(key, value)
@@ -158,7 +180,7 @@ def _check_sizes(image: Image.Image, settings: ExtrasSettings, limits: Limits, w
 
 
 def _process(state: ApiState, settings: ExtrasSettings, encoded: str, what: str) -> tuple[str, str]:
-    """One picture's extras inside the GPU job: (base64 PNG, info text)."""
+    """One picture's extras inside the GPU job: (base64 image in the samples_format, info text)."""
     image = decode_image(encoded, state.limits, what)
     _check_sizes(image, settings, state.limits, what)
     chunks = {key: value for key, value in image.info.items() if isinstance(value, str)}
@@ -166,7 +188,7 @@ def _process(state: ApiState, settings: ExtrasSettings, encoded: str, what: str)
     text = format_parameters(info)
     if text:
         chunks[POSTPROCESSING_KEY] = text
-    return encode_result(result, chunks), text
+    return encode_result(result, chunks, image_format({**OPTION_DEFAULTS, **state.options})), text
 
 
 async def _fetch_models(state: ApiState, settings: ExtrasSettings) -> None:

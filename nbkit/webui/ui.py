@@ -254,7 +254,7 @@ def _current(service: GenerationService) -> str | None:
 def fitted_fields(
     panels: dict[str, Panel], family: str | None, defaults: Any, *, set_values: bool, opened: bool = False
 ) -> list[tuple[Any, Any]]:
-    """(component, update) for every panel's fields that follow the loaded model: the sampler and
+    """(component, update dict) for every panel's fields that follow the loaded model: the sampler and
     schedule menus take its family's tables, the distilled CFG slider shows only for a family with
     distilled guidance, and the hires upscaler is a pixel one for a family that packs its latents.
 
@@ -286,15 +286,15 @@ def fitted_fields(
         updates += [
             (
                 fields["sampler_name"],
-                gr.Dropdown(choices=list(samplers), **value(fields["sampler_name"], defaults.sampler, moved)),
+                gr.update(choices=list(samplers), **value(fields["sampler_name"], defaults.sampler, moved)),
             ),
             (
                 fields["scheduler"],
-                gr.Dropdown(choices=list(schedules), **value(fields["scheduler"], defaults.schedule, moved)),
+                gr.update(choices=list(schedules), **value(fields["scheduler"], defaults.schedule, moved)),
             ),
-            (fields["steps"], gr.Slider(**steps) if steps else gr.skip()),
-            (fields["cfg_scale"], gr.Slider(**cfg) if cfg else gr.skip()),
-            (fields["distilled_cfg_scale"], gr.Slider(visible=distilled)),
+            (fields["steps"], gr.update(**steps) if steps else gr.skip()),
+            (fields["cfg_scale"], gr.update(**cfg) if cfg else gr.skip()),
+            (fields["distilled_cfg_scale"], gr.update(visible=distilled)),
         ]
         if "hr_upscaler" in fields:
             pixels = not known.latent_hires
@@ -303,7 +303,7 @@ def fitted_fields(
             updates.append(
                 (
                     fields["hr_upscaler"],
-                    gr.Dropdown(**upscaler) if upscaler else gr.skip(),
+                    gr.update(**upscaler) if upscaler else gr.skip(),
                 )
             )
     return updates
