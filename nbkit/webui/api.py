@@ -67,6 +67,7 @@ from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import HR_UPSCALERS, GenerationOutput
 from nbkit.webui.security import LimitError, Limits, decode_base64_image_bytes
 from nbkit.webui.service import GenerationService, cuda_memory
+from nbkit.webui.vaes import vae_source
 
 logger = logging.getLogger(__name__)
 # How often a waiting request checks whether its client is still there (a check is one receive() poll).
@@ -175,6 +176,7 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
     async def generate(body: ApiRequest, http: Request) -> dict[str, Any]:
         request = await run_in_threadpool(to_generation_request, body, state.limits)
         if request.vae:
+            request = dataclasses.replace(request, vae=vae_source(service.catalog.storage_root, request.vae))
             _check_vae_path(service, request.vae)
         model = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
         if model is not None:
@@ -257,7 +259,7 @@ def _model_routes(router: APIRouter, state: ApiState) -> None:
 
 
 def _list_routes(router: APIRouter, state: ApiState) -> None:
-    """What there is to choose from: samplers, schedule types, upscalers, LoRAs, VAEs, scripts."""
+    """What there is to choose from: samplers, schedule types, upscalers, LoRAs, scripts."""
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -281,10 +283,6 @@ def _list_routes(router: APIRouter, state: ApiState) -> None:
     @router.get("/loras")
     def loras() -> list[dict[str, Any]]:
         return [entry.to_api() for entry in state.service.catalog.loras]
-
-    @router.get("/sd-vae")
-    def sd_vae() -> list[dict[str, Any]]:
-        return []
 
     @router.get("/scripts")
     def scripts() -> dict[str, list]:

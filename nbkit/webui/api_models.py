@@ -476,6 +476,7 @@ def to_generation_request(body: ApiRequest, limits: Limits) -> GenerationRequest
         distilled_cfg_scale=body.distilled_cfg_scale,
         width=body.width,
         height=body.height,
+        styles=list(body.styles),
         save_images=body.save_images,
     )
     if txt2img:

@@ -35,6 +35,7 @@ PIXEL_UPSCALER = "Lanczos"  # the hires upscaler a model that packs its latents 
 _COMMON_FIELDS = (
     "prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "distilled_cfg_scale",
     "width", "height", "sampler_name", "scheduler", "vae", "controlnet", "save_images", "model_defaults",
+    "styles",
 )  # fmt: skip
 _HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
 _IMAGE_FIELDS = (
@@ -100,6 +101,7 @@ class GenerationRequest:
         vae: a VAE to use instead of the model's (None: the model's).
         controlnet: a ControlNet unit, or None.
         save_images: save into the outputs folder.
+        styles: A1111 prompt style names to apply to the prompts.
         model_defaults: the fields an API client left out (of `MODEL_DEFAULT_FIELDS`): they take the loaded
             model's own settings where its family has them (`Family.generation_defaults` with `own`:
             Z-Image-Turbo's 8 steps at CFG 1, say), and `hr_upscaler` a pixel upscaler for a model
@@ -133,6 +135,7 @@ class GenerationRequest:
     vae: str | None = None
     controlnet: ControlNetUnit | None = None
     save_images: bool = True
+    styles: list[str] = dataclasses.field(default_factory=list)
     model_defaults: tuple[str, ...] = ()
 
 

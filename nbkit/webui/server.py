@@ -23,6 +23,7 @@ from typing import Any
 
 from nbkit.errors import NbkitError
 from nbkit.webui.api import ApiState, LastResortMiddleware, create_router, install_error_handlers
+from nbkit.webui.api_misc import misc_router
 from nbkit.webui.queue import GpuQueue
 from nbkit.webui.security import AccessMiddleware, Credentials, Limits
 from nbkit.webui.service import GenerationService
@@ -83,6 +84,7 @@ def create_app(
     state = ApiState(service, queue, limits)
     app.state.nbkit = state
     app.include_router(create_router(state))
+    app.include_router(misc_router(state))
     install_error_handlers(app)
     file_roots: list[Path] = []
     outputs = service.outputs.folder if service.outputs is not None else None
