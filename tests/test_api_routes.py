@@ -152,6 +152,9 @@ def test_embeddings_listed_loaded_or_skipped_and_a_pickle_payload_refused(server
     assert skipped["narrow"]["shape"] == server.width // 2
     assert not server.marker.exists()  # evil.pt was refused before anything of it ran
     assert any("evil.pt" in line and "refused" in line for line in server.output)
+    # A file added to the folder is found at the next use, as A1111 finds it.
+    save_file({"emb_params": torch.zeros(1, server.width)}, server.root / "embeddings" / "later.safetensors")
+    assert "later" in http.get(server.api + "/embeddings", timeout=60).json()["loaded"]
 
 
 def test_an_embedding_named_in_a_prompt_changes_the_image_and_is_hashed(server, http):
@@ -187,6 +190,10 @@ def test_styles_listed_and_applied_with_the_prompt_placeholder(server, http):
     lines = info["infotexts"][0].splitlines()
     assert lines[0] == info["prompt"] and lines[1] == "Negative prompt: ugly, blurry, lowres"
     assert body["parameters"]["prompt"] == "a cat" and info["styles"] == ["Painterly", "Sharp", "NoSuchStyle"]
+    # Reading the infotext finds the styles again (A1111's png-info, "Apply if any").
+    read = http.post(server.api + "/png-info", json={"image": body["images"][0]}, timeout=30).json()
+    assert read["parameters"]["Styles array"] == ["Painterly", "Sharp"]
+    assert read["parameters"]["Prompt"] == "a cat" and read["parameters"]["Negative prompt"] == "ugly"
 
 
 def test_unload_then_generate_and_reload(server, http):
@@ -272,7 +279,13 @@ def test_more_styles_files_and_old_two_column_form(tmp_path):
     assert database.apply("p", "n", ["Twice", "Old"]) == ("p, second, old text", "n, neg")
 
 
-def test_picking_an_embedding_adds_it_to_the_prompt():
+def test_the_ui_sends_its_styles_and_adds_embeddings_to_the_prompt():
+    from nbkit.webui.security import Limits
+    from nbkit.webui.ui import build_request
+
+    values = dict(prompt="a", negative_prompt="", seed=1, batch_size=1, n_iter=1, steps=2, cfg_scale=7)
+    values.update(width=64, height=64, sampler_name="Euler", scheduler="Automatic", styles=["S", "T"])
+    assert build_request("txt2img", values, Limits()).styles == ["S", "T"]
     assert add_to_prompt("", "emb") == "emb"
     assert add_to_prompt("a cat ", "emb") == "a cat emb"
 

@@ -355,7 +355,8 @@ def _info_routes(router: APIRouter, state: ApiState) -> None:
         items.pop(PNG_KEY, None)
         if not text:
             return {"info": "", "items": items, "parameters": {}}
-        return {"info": text, "items": items, "parameters": parse_infotext(text).to_a1111()}
+        parameters = state.service.styles.infotext_parameters(parse_infotext(text).to_a1111())
+        return {"info": text, "items": items, "parameters": parameters}
 
     @router.get("/memory")
     def memory() -> dict[str, Any]:

@@ -6,6 +6,9 @@ read: A1111's own (`string_to_param`), diffusers' and kohya's (one tensor), and 
 `clip_g`, one per text encoder). Pickled files are checked (`nbkit.convert.checkpoint_io`) and read only
 with `torch.load(weights_only=True)`, so a file that would run code is refused, and nothing of it runs.
 
+A file added to or removed from the folder is noticed at the next use (A1111 looks at the folders'
+times); one changed in place is read again on refresh-embeddings (`EmbeddingDatabase.refresh`).
+
 Which embeddings fit the loaded model the model's family says (`Family.textual_inversion`: its text
 encoders and the file keys that go to each); one whose keys or widths differ is listed as skipped, as
 A1111 lists one of another model's width. An embedding named in a prompt is loaded into the pipeline
@@ -249,13 +252,13 @@ class EmbeddingDatabase:
     def __init__(self, folder: str | os.PathLike | None):
         self.folder = Path(folder) if folder is not None else None
         self._lock = threading.Lock()
-        self._files: dict[Path, tuple[tuple[int, int], Embedding | None]] = {}
+        self._files: dict[Path, tuple[tuple[int, int], Embedding | str]] = {}  # read, or why not
         self.embeddings: dict[str, Embedding] = {}
         self.errors: dict[str, str] = {}  # name -> why it was not read
         self._tokens: dict[str, str] = {}  # name -> token in the current pipeline
         self._loaded: dict[str, Embedding] = {}  # name -> what that token holds
         self._next_token = 0  # tokens are never reused: a changed file's old one stays in the tokenizer
-        self._scanned = False
+        self._stamp: tuple | None = None  # the folders' times at the last scan (None: not scanned)
 
     def refresh(self) -> None:
         """Scan the folder again (A1111's refresh-embeddings); files that did not change are not re-read.
@@ -264,8 +267,9 @@ class EmbeddingDatabase:
         """
         found: dict[str, Embedding] = {}
         errors: dict[str, str] = {}
-        files: dict[Path, tuple[tuple[int, int], Embedding | None]] = {}
-        for path in self._paths():
+        files: dict[Path, tuple[tuple[int, int], Embedding | str]] = {}
+        paths, stamp = self._walk()
+        for path in paths:
             try:
                 stat = path.stat()
             except OSError:
@@ -273,26 +277,31 @@ class EmbeddingDatabase:
             key = (stat.st_size, stat.st_mtime_ns)
             known = self._files.get(path)
             if known is not None and known[0] == key:
-                embedding = known[1]
+                read = known[1]
             else:
                 try:
-                    embedding = read_embedding(path)
+                    read = read_embedding(path)
                 except (NbkitError, OSError) as error:
                     logger.warning("embedding %s skipped: %s", path, error)
-                    errors[path.stem] = str(error)
-                    embedding = None
-            files[path] = (key, embedding)
-            if embedding is not None:
-                found[embedding.name] = embedding  # a name found twice: the last one, as in A1111
+                    read = str(error)
+            files[path] = (key, read)
+            if isinstance(read, str):
+                errors[path.stem] = read
+            else:
+                found[read.name] = read  # a name found twice: the last one, as in A1111
         with self._lock:
-            self._files, self.embeddings, self.errors, self._scanned = files, found, errors, True
+            self._files, self.embeddings, self.errors, self._stamp = files, found, errors, stamp
 
-    def _paths(self) -> list[Path]:
+    def _walk(self) -> tuple[list[Path], tuple]:
+        """The embedding files, and the folders' modification times (a file added or removed changes
+        its folder's)."""
         if self.folder is None or not self.folder.is_dir():
-            return []
-        paths = []
+            return [], ()
+        paths: list[Path] = []
+        stamp = []
         for root, folders, names in os.walk(self.folder, followlinks=False):
             folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
+            stamp.append((root, os.stat(root).st_mtime_ns))
             paths += [
                 Path(root) / name
                 for name in sorted(names)
@@ -302,11 +311,12 @@ class EmbeddingDatabase:
                 logger.warning(
                     "more than %d embeddings in %s: the rest are left out", MAX_EMBEDDING_FILES, root
                 )
-                return paths[:MAX_EMBEDDING_FILES]
-        return paths
+                return paths[:MAX_EMBEDDING_FILES], tuple(stamp)
+        return paths, tuple(stamp)
 
     def _ensure_scanned(self) -> None:
-        if not self._scanned:
+        """Scan again when a folder changed (A1111 looks at its folders' times before each use)."""
+        if self._stamp is None or self._walk()[1] != self._stamp:
             self.refresh()
 
     def listing(self, pipeline: Any, family: Any) -> dict[str, dict[str, dict[str, Any]]]:

@@ -8,8 +8,8 @@ pattern names; a name defined twice keeps the last definition. The files are re-
 A style is applied as A1111 applies it: a style text holding `{prompt}` has the prompt put in its place,
 any other is appended after a comma; several styles apply in order, and the negative prompt gets the
 styles' negative texts the same way. A name that is not a style is ignored, as in A1111. The infotext
-holds the prompt with the styles applied, as A1111 writes it; A1111 finds the styles in it again when
-it reads the infotext (`extract_styles`).
+holds the prompt with the styles applied, as A1111 writes it; reading an infotext finds the styles in
+it again (`extract_styles`), as A1111's png-info does by default (`Styles array`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,16 @@ class StyleDatabase:
                     break
             else:
                 return list(reversed(found)), prompt, negative_prompt
+
+    def infotext_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A1111's parsed infotext (png-info's `parameters`) read with its default "Apply if any": when
+        styles are found in the prompts, `Styles array` names them and the prompts are without them."""
+        found, prompt, negative = self.extract_styles(
+            parameters.get("Prompt", ""), parameters.get("Negative prompt", "")
+        )
+        if not found:
+            return parameters
+        return {**parameters, "Prompt": prompt, "Negative prompt": negative, "Styles array": found}
 
 
 def _stat(path: Path) -> tuple[int, int]:
