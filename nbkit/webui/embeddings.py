@@ -12,10 +12,11 @@ times); one changed in place is read again on refresh-embeddings (`EmbeddingData
 Which embeddings fit the loaded model the model's family says (`Family.textual_inversion`: its text
 encoders and the file keys that go to each); one whose keys or widths differ is listed as skipped, as
 A1111 lists one of another model's width. An embedding named in a prompt is loaded into the pipeline
-with diffusers' `load_textual_inversion` under a token of nbkit's own (`<ti-N>`, which no prompt text
-and no vocabulary holds), and kept there until the model is unloaded; the prompt the model sees has
-the name replaced by that token, matched as A1111's tokenizer-level matching does (any case, not
-inside a longer word). The infotext names the embeddings used in `TI hashes`, with A1111's 12-hex
+with diffusers' `load_textual_inversion` under a token of nbkit's own (`<ti-N>`), and kept there until
+the model is unloaded; the prompt the model sees has the name replaced by that token, matched as
+A1111's tokenizer-level matching does (any case, not inside a longer word). The file stem itself would
+not do as the token: CLIP's tokenizer lower-cases the prompt, so diffusers' expansion of a multi-vector
+token misses a name written with capitals, and a stem may already be a piece of the vocabulary. The infotext names the embeddings used in `TI hashes`, with A1111's 12-hex
 short sha256 of each file.
 """
 
