@@ -410,6 +410,10 @@ class Family:
     # image_input_max_pixels: the largest image (width x height) its img2img, inpainting and hires-fix
     #     pipelines keep at its size (None: any); FLUX.2 [klein]'s shrinks a larger input to 1 megapixel.
     image_input_max_pixels: ClassVar[int | None] = None
+    # textual_inversion: how an A1111 textual-inversion embedding loads into its CLIP text encoders: one
+    #     (key in the embedding file, text encoder, tokenizer) per encoder; key None: the file holds one
+    #     encoder's vectors (SD 1.x/2.x), while SDXL's hold `clip_l` and `clip_g`. Empty: it takes none.
+    textual_inversion: ClassVar[tuple[tuple[str | None, str, str], ...]] = ()
 
     @property
     def flow_matching(self) -> bool:

@@ -144,6 +144,7 @@ class SDXL(StableDiffusionFamily):
         HubControlNet("controlnet-canny-sdxl-1.0", "diffusers/controlnet-canny-sdxl-1.0", "canny"),
         HubControlNet("controlnet-depth-sdxl-1.0", "diffusers/controlnet-depth-sdxl-1.0", "depth"),
     )
+    textual_inversion = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
 
     def fits_controlnet_config(self, config: Mapping[str, Any]) -> bool:
         return config.get("addition_embed_type") == "text_time"  # SDXL's size/crop conditioning

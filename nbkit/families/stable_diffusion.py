@@ -30,6 +30,7 @@ class StableDiffusionFamily(Family):
     """A Stable Diffusion family: a UNet denoiser, CLIP text encoders, a 4-channel VAE."""
 
     denoiser = "unet"
+    textual_inversion = ((None, "text_encoder", "tokenizer"),)
 
     def claims(self, configs: FolderConfigs) -> bool:
         """Whether a UNet folder's configs are of this family (the prediction type aside)."""

@@ -88,6 +88,8 @@ class GenerationSettings:
         extra_parameters: more infotext pairs, written after `Model` (e.g. "Lora hashes").
         infotext_prompts: the prompts the infotexts name, when they differ from `prompts` (A1111
             writes the prompt as typed, `<lora:...>` tags and all, while the model sees it without).
+        infotext_negative_prompt: the negative prompt the infotexts name, when it differs from the one
+            the model sees (an embedding's name the model sees as its token).
         inputs: more arguments for every pipeline call (img2img's `image` and `strength`, a mask, a
             control image); a PIL image is given once per image of the batch.
         hires: A1111's hires fix (text-to-image only), or None.
@@ -111,6 +113,7 @@ class GenerationSettings:
     model_hash: str | None = None
     extra_parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     infotext_prompts: list[str] | None = None
+    infotext_negative_prompt: str | None = None
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     hires: HiresFix | None = None
     distilled_guidance: float | None = None
@@ -219,6 +222,10 @@ def check_inputs(settings: GenerationSettings) -> None:
     shown = settings.infotext_prompts
     if shown is not None and (not isinstance(shown, list) or len(shown) != len(prompts)):
         raise ValueError(f"infotext_prompts must be a list of {len(prompts)} prompts, got {shown!r}")
+    if not isinstance(settings.infotext_negative_prompt, str | None):
+        raise ValueError(
+            f"infotext_negative_prompt must be a string, got {settings.infotext_negative_prompt!r}"
+        )
     if not isinstance(settings.inputs, dict):
         raise ValueError(f"inputs must be a dict, got {settings.inputs!r}")
     if settings.hires is not None:
@@ -356,6 +363,9 @@ def generate_images(
     seeds = resolve_seeds(settings.seeds, count)
     negatives = settings.negative_prompts()
     shown_prompts = settings.infotext_prompts or settings.prompts
+    shown_negatives = negatives
+    if settings.infotext_negative_prompt is not None:
+        shown_negatives = [settings.infotext_negative_prompt] * count
     hires = settings.hires
     if hires is not None and hires_pipeline is None:
         hires_pipeline = family.image_pipeline_class(pipeline, "img2img").from_pipe(pipeline)
@@ -440,7 +450,7 @@ def generate_images(
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
                 parameters = _parameters(settings, choice, scheduler, guidance, seeds[index], distilled)
-                infotexts.append(format_infotext(shown_prompts[index], negatives[index], parameters))
+                infotexts.append(format_infotext(shown_prompts[index], shown_negatives[index], parameters))
             if on_batch is not None:
                 on_batch(indices, images[-len(indices) :], infotexts[-len(indices) :])
             if interrupt is not None and interrupt.is_set():

@@ -88,6 +88,7 @@ from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import GenerationOutput
 from nbkit.webui.security import LimitError, Limits
 from nbkit.webui.service import GenerationService, cuda_memory
+from nbkit.webui.vaes import vae_source
 
 logger = logging.getLogger(__name__)
 # How often a waiting request checks whether its client is still there (a check is one receive() poll).
@@ -232,6 +233,7 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
         options = effective_options(state.options, body)
         request = await run_in_threadpool(to_generation_request, body, state.limits, options)
         if request.vae:
+            request = dataclasses.replace(request, vae=vae_source(service.catalog.storage_root, request.vae))
             _check_vae_path(service, request.vae)
         overrides = known_overrides(body)
         model = overrides.get("sd_model_checkpoint")
@@ -324,7 +326,7 @@ def _model_routes(router: APIRouter, state: ApiState) -> None:
 
 
 def _list_routes(router: APIRouter, state: ApiState) -> None:
-    """What there is to choose from: samplers, schedule types, LoRAs, VAEs, scripts."""
+    """What there is to choose from: samplers, schedule types, LoRAs."""
 
     @router.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -337,10 +339,6 @@ def _list_routes(router: APIRouter, state: ApiState) -> None:
     @router.get("/loras")
     def loras() -> list[dict[str, Any]]:
         return [entry.to_api() for entry in state.service.catalog.loras]
-
-    @router.get("/sd-vae")
-    def sd_vae() -> list[dict[str, Any]]:
-        return []
 
 
 def _progress_routes(router: APIRouter, state: ApiState) -> None:
@@ -410,7 +408,8 @@ def _info_routes(router: APIRouter, state: ApiState) -> None:
         items.pop(PNG_KEY, None)
         if not text:
             return {"info": "", "items": items, "parameters": {}}
-        return {"info": text, "items": items, "parameters": parse_infotext(text).to_a1111()}
+        parameters = state.service.styles.infotext_parameters(parse_infotext(text).to_a1111())
+        return {"info": text, "items": items, "parameters": parameters}
 
     @router.get("/memory", response_model=MemoryResponse)
     def memory() -> dict[str, Any]:

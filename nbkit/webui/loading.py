@@ -10,11 +10,17 @@ request with diffusers' `from_pipe`, sharing the loaded modules.
 ControlNets stay loaded between requests: those the current request uses, and up to `CONTROLNET_CACHE`
 in all (the least recently used go first, before another loads). A request's units run together as one
 `nbkit.webui.controlnet_stack.ControlNetStack` (`_controlnet_run`).
+
+What a request draws on from the storage root besides the checkpoint is here too: the textual-inversion
+embeddings (`nbkit.webui.embeddings`: loaded into the model when a prompt names them, kept until it is
+unloaded) and the prompt styles (`nbkit.webui.styles`). `unload_checkpoint` frees the model (A1111's
+unload-checkpoint); the next request, or `ensure_model` (reload-checkpoint), loads the same one again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from pathlib import Path
@@ -25,8 +31,12 @@ from nbkit.errors import NbkitError
 from nbkit.families import Family, get_family
 from nbkit.generation.cache import PipelineCache
 from nbkit.webui import controlnet as cn
+from nbkit.webui.embeddings import EmbeddingDatabase, ti_hashes_text
 from nbkit.webui.models import ModelCatalog, ModelEntry, folder_family
-from nbkit.webui.requests import ControlNetUnit
+from nbkit.webui.requests import ControlNetUnit, GenerationRequest
+from nbkit.webui.styles import StyleDatabase
+
+EMBEDDINGS_FOLDER = "embeddings"
 
 # Suffixes of the files a model source names; a missing path with one is a missing file, not a hub id.
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -253,7 +263,58 @@ class ModelLoading:
         self._vae = None
         self._controlnets = {}
         self._depth = None
+        self.embeddings.forget()  # their tokens go with the text encoders
         self._models.release()  # after the VAE and ControlNet are dropped: it frees their memory too
+
+    def unload_checkpoint(self) -> None:
+        """Free the loaded checkpoint's memory (A1111's unload-checkpoint); the next request, or
+        `ensure_model` (A1111's reload-checkpoint), loads the same checkpoint again."""
+        if self.current is not None:
+            self._wanted = self.current.title
+        self.unload()
+
+    # --- what requests draw on from the storage root: embeddings and styles ----------------------------
+
+    @functools.cached_property
+    def embeddings(self) -> EmbeddingDatabase:
+        """The textual-inversion embeddings of `<storage root>/embeddings/`."""
+        root = self.catalog.storage_root
+        return EmbeddingDatabase(root / EMBEDDINGS_FOLDER if root is not None else None)
+
+    @functools.cached_property
+    def styles(self) -> StyleDatabase:
+        """The prompt styles of `<storage root>/styles.csv` (and `styles*.csv`)."""
+        return StyleDatabase(self.catalog.storage_root)
+
+    def embedding_listing(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """A1111's GET /embeddings for the loaded model: `loaded` (they fit it) and `skipped`."""
+        from nbkit.generation.placement import as_family
+
+        pipeline = self.pipeline
+        return self.embeddings.listing(pipeline, as_family(self._family) if pipeline is not None else None)
+
+    def _with_styles(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with its styles applied to the prompts, as A1111 does before anything else."""
+        if not request.styles:
+            return request
+        prompt, negative = self.styles.apply(request.prompt, request.negative_prompt, request.styles)
+        return dataclasses.replace(request, prompt=prompt, negative_prompt=negative)
+
+    def _with_embeddings(
+        self, prompt: str, negative_prompt: str, infotext: dict[str, Any]
+    ) -> tuple[str, str]:
+        """The prompts as the model sees them, with the embeddings they name loaded and put in as their
+        tokens; `infotext` gets A1111's `TI hashes` of those used."""
+        from nbkit.generation.placement import as_family
+
+        embedded = self.embeddings.apply(self.pipeline, as_family(self._family), prompt, negative_prompt)
+        if embedded.loaded and self._offload:
+            # diffusers puts model offload back on the device the text encoder sat on, the CPU.
+            self.pipeline.enable_model_cpu_offload(device=self.device)
+        hashes = ti_hashes_text(embedded.used)
+        if hashes:
+            infotext["TI hashes"] = hashes
+        return embedded.prompt, embedded.negative_prompt
 
     def ensure_model(self) -> ModelEntry:
         """The loaded checkpoint, loading the wanted (or first) one when none is."""

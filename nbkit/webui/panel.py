@@ -13,6 +13,7 @@ import gradio as gr
 
 from nbkit.generation.samplers import SAMPLERS, SCHEDULES
 from nbkit.webui.controlnet import CONTROL_MODES, CONTROLNETS, PREPROCESSORS
+from nbkit.webui.prompt_tools import prompt_tools
 from nbkit.webui.requests import DISTILLED_CFG_SCALE, HR_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from nbkit.webui.security import Limits
 
@@ -44,6 +45,7 @@ class Panel:
                 f["negative_prompt"] = gr.Textbox(
                     label="Negative prompt", lines=2, elem_id=f"{mode}-negative"
                 )
+                self.embedding_picker = prompt_tools(mode, f)
             with gr.Column(scale=1, min_width=160):
                 self.generate = gr.Button(
                     "Generate", variant="primary", elem_id=f"{mode}-generate", elem_classes="nbkit-generate"

@@ -33,6 +33,7 @@ from nbkit.webui.api import (
     install_error_handlers,
 )
 from nbkit.webui.api_controlnet import controlnet_router
+from nbkit.webui.api_misc import misc_router
 from nbkit.webui.queue import GpuQueue
 from nbkit.webui.security import AccessMiddleware, Credentials, Limits
 from nbkit.webui.service import GenerationService
@@ -112,6 +113,7 @@ def create_app(
     app.state.nbkit = state
     app.include_router(create_router(state))
     app.include_router(controlnet_router(state))  # the ControlNet extension's routes and A1111's script lists
+    app.include_router(misc_router(state))
     install_error_handlers(app)
     file_roots: list[Path] = []
     outputs = service.outputs.folder if service.outputs is not None else None

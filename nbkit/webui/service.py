@@ -198,6 +198,7 @@ class GenerationService(ModelLoading):
         entry = self.ensure_model()
         family = as_family(self._family)
         request = self._with_model_defaults(request, family)
+        request = self._with_styles(request)
         if family.controlnet_group is None and request.controlnet:
             raise NbkitError(
                 f"ControlNet is not available for {entry.title}: nbkit offers ControlNet for the SD "
@@ -253,9 +254,11 @@ class GenerationService(ModelLoading):
         lora_text = lora_hashes_text([(tag.name, self._lora_hash(lora.path)) for tag, lora in loras])
         if lora_text:
             extra["Lora hashes"] = lora_text
+        prompt, negative_prompt = self._with_embeddings(prompt, request.negative_prompt, extra)
         settings = GenerationSettings(
             prompts=[prompt] * count,
-            negative_prompt=request.negative_prompt,
+            negative_prompt=negative_prompt,
+            infotext_negative_prompt=request.negative_prompt,
             seeds=seeds,
             steps=request.steps,
             width=request.width,

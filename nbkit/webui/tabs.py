@@ -207,7 +207,7 @@ def settings_tab(blocks: gr.Blocks, service: GenerationService, queue: GpuQueue,
 
         def do_unload() -> str:
             try:
-                queue.run(service.unload)
+                queue.run(service.unload_checkpoint)
             except QueueFull as error:
                 gr.Warning(f"Busy: {error}")
             return describe()

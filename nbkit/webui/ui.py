@@ -26,6 +26,7 @@ from nbkit.generation.samplers import SAMPLERS, sampler_tables
 from nbkit.webui.extras_tab import extras_tab
 from nbkit.webui.models import folder_family
 from nbkit.webui.panel import Panel, progress_html
+from nbkit.webui.prompt_tools import wire_prompt_tools
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
@@ -100,6 +101,7 @@ def build_request(mode: str, values: dict[str, Any], limits: Limits) -> Generati
         height=int(values["height"]),
         sampler_name=values["sampler_name"] or "Euler a",
         scheduler=values["scheduler"] or "Automatic",
+        styles=list(values.get("styles") or []),
         save_images=True,
         enable_hr=hires,
         hr_scale=float(values.get("hr_scale") or 2),
@@ -415,6 +417,7 @@ def build_ui(
             settings_tab(blocks, service, queue, limits)
 
         _wire_model_picker(blocks, model, refresh, status, panels, service, queue)
+        wire_prompt_tools(blocks, panels, service)
     # gradio embeds the API description (labels, defaults, checkpoint titles) in every page, the login
     # page included; the UI is for people and /sdapi/v1 is the API, so gradio's own is kept private.
     for function in blocks.fns.values():
