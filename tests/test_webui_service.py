@@ -111,8 +111,10 @@ def test_txt2img_batches_seeds_and_infotexts(sd1):
             3,
         )
         assert info.parameters["Sampler"] == "Euler a"
-    again = sd1.generate(_req(negative_prompt="blurry", seed=1236))
-    assert np.array_equal(_pixels(again)[0], _pixels(output)[2])  # image i depends on its seed only
+    # The second iteration is the batch its seeds make on their own (same batch size: CPU kernels may
+    # round differently for another batch size, so only the same shape is compared bit for bit).
+    again = sd1.generate(_req(negative_prompt="blurry", seed=1236, batch_size=2))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(again), _pixels(output)[2:], strict=True))
     other = sd1.generate(_req(negative_prompt="blurry", seed=99))
     assert not np.array_equal(_pixels(other)[0], _pixels(output)[0])
 
