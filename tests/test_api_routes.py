@@ -119,6 +119,9 @@ def test_lists_flags_and_ping_answer_a1111_shapes(server, http):
     # A listed VAE may be named by its model_name, as A1111 clients send it.
     _, info = _txt2img(http, server, prompt="a dog", override_settings={"sd_vae": "tiny-vae"})
     assert "VAE: tiny-vae" in info["infotexts"][0]
+    # A1111's textual-inversion/hypernetwork training routes say what nbkit trains instead.
+    created = http.post(server.api + "/create/embedding", json={"name": "x"}, timeout=30)
+    assert created.status_code == 501 and "nbkit train" in created.json()["detail"]
 
 
 def test_sysinfo_has_a1111_keys_and_no_secret(server, http):

@@ -12,6 +12,8 @@ Under `/sdapi/v1` (`misc_routes`), with A1111's paths and response shapes:
   `GET face-restorers`, `hypernetworks` and `extensions` are empty lists (nbkit has none of these:
   A1111 lists only extensions installed from a repository), `GET cmd-flags` is A1111's flag names with
   nbkit's values (never a credential).
+- `POST create/embedding`, `create/hypernetwork`, `train/embedding`, `train/hypernetwork`: 501 saying
+  what nbkit trains instead.
 Under `/internal` (`internal_routes`): `GET ping` (`{}`) and `GET sysinfo` (A1111's JSON text, with
 no secret in it: `nbkit.webui.sysinfo`).
 
@@ -60,6 +62,25 @@ def misc_routes(router: APIRouter, state: ApiState) -> None:
     _interrogate_route(router, state)
     _checkpoint_routes(router, state)
     _list_routes(router, state)
+    _training_routes(router)
+
+
+# A1111's routes that train textual inversions and hypernetworks. nbkit trains DreamBooth models and
+# LoRAs from a session instead, so these answer 501 with the way to do it, not a bare 404.
+TRAINING_ROUTES = ("/create/embedding", "/create/hypernetwork", "/train/embedding", "/train/hypernetwork")
+
+
+def _training_routes(router: APIRouter) -> None:
+    def not_offered() -> None:
+        raise ApiError(
+            501,
+            "nbkit does not create or train textual inversions or hypernetworks; it trains DreamBooth "
+            "models and LoRAs from a session (`nbkit train`, the fast-DreamBooth notebook)",
+            "NotImplemented",
+        )
+
+    for path in TRAINING_ROUTES:
+        router.add_api_route(path, not_offered, methods=["POST"], response_model=None)
 
 
 def _embedding_routes(router: APIRouter, state: ApiState) -> None:
