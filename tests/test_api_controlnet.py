@@ -319,3 +319,19 @@ def test_detect_returns_canny_maps_and_names_the_modules_it_has(server, http):
     assert unknown.status_code == 422 and "none, canny, depth_anything_v2" in unknown.text
     empty = http.post(server.url + "controlnet/detect", json={"controlnet_module": "canny"}, timeout=60)
     assert empty.status_code == 422 and "controlnet_input_images" in empty.text
+
+
+def test_a_controlnet_path_outside_the_storage_root_is_refused(server, http, tmp_path_factory):
+    """As `sd_vae`: a client names ControlNets, it does not make the server open folders elsewhere."""
+    from nbkit.models.tiny import save_tiny_controlnet
+
+    outside = tmp_path_factory.mktemp("elsewhere") / "tiny-outside"
+    save_tiny_controlnet("sd1", outside, seed=2)
+    for model in (str(outside), "/etc", "~/..", "../../etc"):
+        unit = {"module": "none", "model": model, "image": PICTURE}
+        body = {**SMALL, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+        response = http.post(server.api + "/txt2img", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert "only inside" in response.json()["detail"]
+    inside = {"module": "none", "model": str(server.root / "controlnet" / CANNY), "image": PICTURE}
+    _generate(http, server, [inside])  # a path inside the root is fine

@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nbkit.errors import NbkitError
 from nbkit.generation.infotext import PNG_KEY, parse_infotext, read_infotext
 from nbkit.generation.samplers import list_samplers, list_schedulers
+from nbkit.webui import controlnet as cn
 from nbkit.webui.api_extras import extras_routes
 from nbkit.webui.api_models import (
     ALWAYSON_SCRIPTS,
@@ -85,7 +86,7 @@ from nbkit.webui.api_models import (
     to_generation_request,
 )
 from nbkit.webui.queue import GpuQueue, QueueFull
-from nbkit.webui.requests import GenerationOutput
+from nbkit.webui.requests import GenerationOutput, GenerationRequest
 from nbkit.webui.security import LimitError, Limits
 from nbkit.webui.service import GenerationService, cuda_memory
 from nbkit.webui.vaes import vae_source
@@ -214,15 +215,41 @@ def _checkpoint(service: GenerationService, key: Any) -> str:
         raise ApiError(404, str(error), "CheckpointNotFound") from None
 
 
-def _check_vae_path(service: GenerationService, vae: str) -> None:
-    """A client names a VAE inside the storage root or the session (A1111 takes names from its VAE
-    folder): any other path would let it probe the server's files and make it parse them."""
+def _inside_storage(service: GenerationService, path: str) -> bool:
+    """Whether `path` is inside the storage root or the session: a client names files there (A1111 takes
+    names from its own folders); any other path would let it probe the server's files and make it
+    parse them."""
     catalog = service.catalog
     folders = [catalog.storage_root, getattr(catalog.session, "path", None)]
-    path = Path(vae).expanduser().resolve()
-    if not any(folder is not None and path.is_relative_to(Path(folder).resolve()) for folder in folders):
-        where = catalog.storage_root if catalog.storage_root is not None else "the storage root"
-        raise ApiError(400, f"sd_vae {vae!r}: the API opens VAE files and folders only inside {where}")
+    resolved = Path(path).expanduser().resolve()
+    return any(folder is not None and resolved.is_relative_to(Path(folder).resolve()) for folder in folders)
+
+
+def _where(service: GenerationService) -> Any:
+    return service.catalog.storage_root if service.catalog.storage_root is not None else "the storage root"
+
+
+def _check_vae_path(service: GenerationService, vae: str) -> None:
+    """A client names a VAE inside the storage root or the session (`_inside_storage`)."""
+    if not _inside_storage(service, vae):
+        raise ApiError(
+            400, f"sd_vae {vae!r}: the API opens VAE files and folders only inside {_where(service)}"
+        )
+
+
+def _check_controlnet_paths(service: GenerationService, request: GenerationRequest) -> None:
+    """A unit names a ControlNet by name (the registry's, a hub repo id, a folder in `<root>/controlnet/`);
+    a path is taken only inside the storage root or the session (`_inside_storage`)."""
+    for unit in request.controlnet:
+        model = unit.model.strip()
+        if cn.is_registry_name(model) or not any(mark in model for mark in ("/", "\\", "~")):
+            continue
+        if not _inside_storage(service, model):
+            raise ApiError(
+                400,
+                f"ControlNet model {model!r}: the API opens ControlNet folders "
+                f"only inside {_where(service)}; put the folder in <root>/controlnet/ and give its name",
+            )
 
 
 def _generation_routes(router: APIRouter, state: ApiState) -> None:
@@ -235,6 +262,7 @@ def _generation_routes(router: APIRouter, state: ApiState) -> None:
         if request.vae:
             request = dataclasses.replace(request, vae=vae_source(service.catalog.storage_root, request.vae))
             _check_vae_path(service, request.vae)
+        _check_controlnet_paths(service, request)
         overrides = known_overrides(body)
         model = overrides.get("sd_model_checkpoint")
         if model is not None:

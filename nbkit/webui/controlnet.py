@@ -293,6 +293,11 @@ def _group_of(name: str, local: dict[str, Path]) -> str | None:
         return None
 
 
+def is_registry_name(key: str) -> bool:
+    """Whether `key` is a `CONTROLNETS` key or its hub repo id."""
+    return any(key.strip() in (spec.key, spec.repo_id) for spec in CONTROLNETS.values())
+
+
 def find_controlnet(
     key: str, *, storage_root: str | os.PathLike | None = None, group: str | None = None
 ) -> ControlNetSource:
