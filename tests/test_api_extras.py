@@ -211,8 +211,20 @@ def test_the_hires_fix_runs_a_model_upscaler(server, http):
     assert response.status_code == 200, response.text
     body = response.json()
     assert decode(body["images"][0]).size == (96, 96)
-    infotext = json.loads(body["info"])["infotexts"][0]
+    info = json.loads(body["info"])
+    infotext = info["infotexts"][0]
     assert "Hires upscaler: tiny-esrgan-4x" in infotext and "Hires upscaler requested" not in infotext
+    assert info["warnings"] == []
+    # A name nbkit does not have runs Lanczos, and the answer says so (A1111 stops with an error).
+    response = http.post(
+        server.api + "/txt2img",
+        json={"prompt": "a dog", "width": 64, "height": 64, "steps": 2, "enable_hr": True, "hr_scale": 1.5,
+              "hr_upscaler": "../upscalers/nothing", "denoising_strength": 0.5},
+        timeout=180,
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    [warning] = json.loads(response.json()["info"])["warnings"]
+    assert "../upscalers/nothing" in warning and "Lanczos ran instead" in warning
 
 
 def test_png_info_sends_to_every_generation_tab_and_to_extras(tmp_path):

@@ -208,6 +208,45 @@ def test_an_unknown_override_is_ignored_and_named_in_the_info(server, http):
     assert "no-such-model" in _post(http, server, "/txt2img", unknown_model, status=404)["detail"]
 
 
+def test_fields_nbkit_does_not_act_on_are_named_in_the_warnings(server, http):
+    asked = {"restore_faces": True, "tiling": True, "hr_sampler_name": "Euler", "refiner_checkpoint": "None"}
+    overrides = {"eta_noise_seed_delta": 31337, "samples_format": "png"}
+    body = _post(http, server, "/txt2img", {**SMALL, **asked, "override_settings": overrides})
+    [note] = json.loads(body["info"])["warnings"]
+    assert note.endswith("restore_faces, tiling, hr_sampler_name, override_settings.eta_noise_seed_delta")
+    # What webuiapi sends by default asks for nothing nbkit lacks.
+    defaults = {
+        "restore_faces": False,
+        "tiling": None,
+        "hr_sampler_name": "Use same sampler",
+        "eta": 1.0,
+        "s_noise": 1,
+    }
+    assert json.loads(_post(http, server, "/txt2img", {**SMALL, **defaults})["info"])["warnings"] == []
+
+
+def test_clip_skip_reads_an_earlier_text_encoder_layer(server, http):
+    """A1111's "Clip skip" (`CLIP_stop_at_last_layers`, as Open WebUI and SillyTavern send it)."""
+    runs = {
+        skip: _post(
+            http,
+            server,
+            "/txt2img",
+            {
+                **SMALL,
+                "seed": SEED,
+                "prompt": "a dog",
+                "override_settings": {"CLIP_stop_at_last_layers": skip},
+            },
+        )
+        for skip in (1, 2)
+    }
+    assert not np.array_equal(_pixels(runs[1]["images"][0]), _pixels(runs[2]["images"][0]))
+    infos = {skip: json.loads(body["info"]) for skip, body in runs.items()}
+    assert "Clip skip" not in infos[1]["infotexts"][0]  # A1111 writes it only above 1
+    assert "Clip skip: 2" in infos[2]["infotexts"][0] and infos[2]["clip_skip"] == 2
+
+
 # --- firstpass_image and styles -------------------------------------------------------------------------
 
 

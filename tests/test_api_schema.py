@@ -27,7 +27,7 @@ from schemathesis.checks import (
 
 from nbkit.webui.security import Credentials, Limits
 
-API_PREFIXES = ("/sdapi/", "/controlnet/")
+API_PREFIXES = ("/sdapi/", "/controlnet/", "/internal/")  # A1111's API, the ControlNet extension, /internal
 # Every generation schemathesis asks for is refused above these, so the run stays short on a CPU.
 TINY = Limits(max_pixels=64 * 64, max_steps=2, max_images=2, max_image_bytes=2**20, max_body_bytes=4 * 2**20)
 LOGIN = Credentials("tester", "pw-for-the-schema-test")
@@ -58,12 +58,15 @@ def app(tmp_path_factory, tiny_model_dir):
 
 
 def _api_operations(app) -> set[tuple[str, str]]:
-    """(path, method) of every API route the app has, whoever added it."""
+    """(path, method) of every API route the app offers (A1111's training routes, answered 501, are left
+    out of the schema), whoever added it."""
     # FastAPI keeps an included router as one entry; its routes, with their full paths, come from here.
     return {
         (route.path, method)
         for route in iter_route_contexts(app.routes)
-        if isinstance(route.original_route, APIRoute) and route.path.startswith(API_PREFIXES)
+        if isinstance(route.original_route, APIRoute)
+        and route.original_route.include_in_schema
+        and route.path.startswith(API_PREFIXES)
         for method in route.methods
     }
 

@@ -24,7 +24,8 @@ from PIL import Image
 from pydantic import ValidationError
 from webui_support import png_b64, shared_server
 
-from nbkit.webui.api_models import OPTION_TYPES, ControlNetUnitArgs, Img2ImgRequest, Options, Txt2ImgRequest
+from nbkit.webui.api_models import OPTION_TYPES, Img2ImgRequest, Options, Txt2ImgRequest
+from nbkit.webui.controlnet_units import ControlNetUnitArgs
 
 SMALL = {"width": 64, "height": 64, "steps": 1}
 NaN = float("nan")

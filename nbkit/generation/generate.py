@@ -97,6 +97,8 @@ class GenerationSettings:
             3.5. Other families ignore it.
         family: the model's family (a key of `nbkit.families.FAMILIES`); None: told from the pipeline
             by `generate_images` (and the default family's rules in `check_inputs`).
+        clip_skip: A1111's "Clip skip": 1 reads the text encoder's last layer, 2 the one before, ...
+            (diffusers' `clip_skip` is one less); a pipeline without the option ignores it with a warning.
     """
 
     prompts: list[str]
@@ -118,6 +120,7 @@ class GenerationSettings:
     hires: HiresFix | None = None
     distilled_guidance: float | None = None
     family: str | None = None
+    clip_skip: int = 1
 
     def negative_prompts(self) -> list[str]:
         """The negative prompt of each image."""
@@ -159,8 +162,8 @@ class GenerationResult:
         seeds: each image's seed (the random ones drawn for -1).
         settings: the request.
         interrupted: True when `interrupt` stopped it early.
-        warnings: the sampler and schedule fallbacks and substitutions made (`Sampler substitution:
-            ...`), also in every infotext.
+        warnings: what was not done as asked: sampler and schedule fallbacks and substitutions
+            (`Sampler substitution: ...`, also in every infotext), a clip skip the model takes none of.
     """
 
     images: list[Image.Image]
@@ -303,6 +306,7 @@ def _parameters(
     guidance: Any,
     seed: int,
     distilled: Any = None,
+    clip_skip: int | None = None,
 ) -> dict[str, Any]:
     if choice is not None:
         names = (choice.sampler.name, choice.schedule.label)
@@ -320,9 +324,29 @@ def _parameters(
         "Model": settings.model_name,
         **(settings.hires.parameters() if settings.hires is not None else {}),
         **settings.extra_parameters,
+        "Clip skip": clip_skip,  # A1111 writes it only above 1
         **(choice.infotext_pairs() if choice is not None else {}),
         "Version": VERSION,
     }
+
+
+def _clip_layers(pipeline: Any, skip: int) -> list[tuple[Any, Any]]:
+    """(encoder, its layers) of each CLIP text encoder of the pipeline deeper than `skip` layers: those
+    A1111's clip skip shortens (the text encoders the img2img, inpaint, ControlNet and hires pipelines
+    share with it).
+
+    Run without their last `skip` layers, they give the hidden state `skip` layers before the last
+    through the final layer norm, which is A1111's clip skip. diffusers' own `clip_skip` argument reads
+    `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.
+    """
+    stacks = []
+    for name in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipeline, name, None)
+        encoder = getattr(getattr(model, "text_model", model), "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if layers is not None and len(layers) > skip:
+            stacks.append((encoder, layers))
+    return stacks
 
 
 def generate_images(
@@ -390,9 +414,23 @@ def generate_images(
     )
     if accepts(pipeline, "height"):  # img2img pipelines take the size from their image
         kwargs.update(height=settings.height, width=settings.width)
+    warnings = list(choice.warnings) if choice is not None else []
+    skipped_layers = max(settings.clip_skip - 1, 0)
+    stacks = (
+        _clip_layers(pipeline, skipped_layers) if skipped_layers and accepts(pipeline, "clip_skip") else []
+    )
+    clip_skip = settings.clip_skip if stacks else None
+    if skipped_layers and not stacks:
+        warnings.append(f"Clip skip {settings.clip_skip}: not applied, {family.title} models take none")
+    if hires is not None and hires.used_upscaler.casefold() != str(hires.upscaler).casefold():
+        warnings.append(
+            f"Hires upscaler {hires.upscaler!r}: not one nbkit has, {hires.used_upscaler} ran instead"
+        )
     size = (settings.width, settings.height)
     latent_hires = hires is not None and hires.used_upscaler in LATENT_UPSCALERS
     try:
+        for encoder, layers in stacks:
+            encoder.layers = layers[: len(layers) - skipped_layers]
         for p, new in zip(pipelines, schedulers, strict=True):
             p.scheduler = new
         for batch, start in enumerate(starts):
@@ -449,7 +487,9 @@ def generate_images(
             guidance = family.cfg_used(kwargs, settings.guidance_scale, pipeline)
             for index, image in zip(indices, batch_images, strict=True):
                 images.append(image)
-                parameters = _parameters(settings, choice, scheduler, guidance, seeds[index], distilled)
+                parameters = _parameters(
+                    settings, choice, scheduler, guidance, seeds[index], distilled, clip_skip
+                )
                 infotexts.append(format_infotext(shown_prompts[index], shown_negatives[index], parameters))
             if on_batch is not None:
                 on_batch(indices, images[-len(indices) :], infotexts[-len(indices) :])
@@ -457,9 +497,10 @@ def generate_images(
                 interrupted = True
                 break
     finally:
+        for encoder, layers in stacks:
+            encoder.layers = layers
         for p, original in zip(pipelines, originals, strict=True):
             p.scheduler = original
-    warnings = choice.warnings if choice is not None else []
     return GenerationResult(images, infotexts, seeds[: len(images)], settings, interrupted, warnings)
 
 

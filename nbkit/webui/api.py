@@ -59,10 +59,8 @@ from nbkit.generation.samplers import list_samplers, list_schedulers
 from nbkit.webui import controlnet as cn
 from nbkit.webui.api_extras import extras_routes
 from nbkit.webui.api_models import (
-    ALWAYSON_SCRIPTS,
     OPTION_DEFAULTS,
     OPTION_TYPES,
-    ApiError,
     ApiRequest,
     ErrorResponse,
     ImageResponse,
@@ -74,17 +72,14 @@ from nbkit.webui.api_models import (
     ProgressResponse,
     Txt2ImgRequest,
     build_info,
-    close_names,
     echo_parameters,
     effective_options,
-    encode_b64,
-    encode_png,
-    field_error,
-    image_bytes,
     image_format,
     known_overrides,
     to_generation_request,
 )
+from nbkit.webui.api_types import ApiError, close_names, encode_b64, encode_png, field_error, image_bytes
+from nbkit.webui.controlnet_units import ALWAYSON_SCRIPTS
 from nbkit.webui.queue import GpuQueue, QueueFull
 from nbkit.webui.requests import GenerationOutput, GenerationRequest
 from nbkit.webui.security import LimitError, Limits

@@ -27,11 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from nbkit.errors import NbkitError
 from nbkit.webui import controlnet as cn
 from nbkit.webui.api import ApiState, run_queued
-from nbkit.webui.api_models import (
-    ALWAYSON_SCRIPTS,
+from nbkit.webui.api_types import (
     MAX_LIST_ITEMS,
     STRICT,
-    ControlNetUnitArgs,
     Name,
     Real,
     Whole,
@@ -39,6 +37,7 @@ from nbkit.webui.api_models import (
     encode_png,
     field_error,
 )
+from nbkit.webui.controlnet_units import ALWAYSON_SCRIPTS, ControlNetUnitArgs
 from nbkit.webui.security import LimitError
 
 EXTENSION_API_VERSION = 3  # the extension's `get_api_version()` whose unit fields nbkit reads

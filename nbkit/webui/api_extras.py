@@ -30,16 +30,8 @@ from nbkit.generation.extras import FACE_RESTORATION_NOTE, ExtrasSettings, run_e
 from nbkit.generation.hires import LATENT_UPSCALERS
 from nbkit.generation.infotext import PNG_KEY, format_parameters
 from nbkit.generation.upscalers import KNOWN_UPSCALERS
-from nbkit.webui.api_models import (
-    MAX_LIST_ITEMS,
-    OPTION_DEFAULTS,
-    STRICT,
-    ApiError,
-    Fraction,
-    Name,
-    decode_image,
-    image_format,
-)
+from nbkit.webui.api_models import OPTION_DEFAULTS, image_format
+from nbkit.webui.api_types import MAX_LIST_ITEMS, STRICT, ApiError, Fraction, Name, decode_image
 from nbkit.webui.outputs import PNG, ImageFormat, encode_image
 from nbkit.webui.security import LimitError, Limits, check_size, decode_base64_image_bytes
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from nbkit.webui.api import ApiState, current_title, run_queued
-from nbkit.webui.api_models import STRICT, ApiError, Name, decode_image
+from nbkit.webui.api_types import STRICT, ApiError, Name, decode_image
 from nbkit.webui.sysinfo import sysinfo_text, system_info
 from nbkit.webui.vaes import list_vaes
 
@@ -80,7 +80,10 @@ def _training_routes(router: APIRouter) -> None:
         )
 
     for path in TRAINING_ROUTES:
-        router.add_api_route(path, not_offered, methods=["POST"], response_model=None)
+        # Not operations nbkit offers, so not in its schema (a client reading /openapi.json sees what works).
+        router.add_api_route(
+            path, not_offered, methods=["POST"], response_model=None, include_in_schema=False
+        )
 
 
 def _embedding_routes(router: APIRouter, state: ApiState) -> None:
@@ -247,13 +250,13 @@ def internal_routes(router: APIRouter, state: ApiState) -> None:
     def ping() -> dict:
         return {}
 
-    @router.get("/sysinfo")
+    @router.get("/sysinfo", response_class=PlainTextResponse)
     def sysinfo() -> PlainTextResponse:
         service = state.service
         root = service.catalog.storage_root
         config = {**state.options, "sd_model_checkpoint": current_title(service)}
         info = system_info(data_path=str(root) if root is not None else None, config=config)
-        name = f"sysinfo-{datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d-%H-%M')}.json"
+        name = f"sysinfo-{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d-%H-%M')}.json"
         return PlainTextResponse(
             sysinfo_text(info), headers={"Content-Disposition": f'inline; filename="{name}"'}
         )

@@ -18,115 +18,48 @@ in the response's `info` (`warnings`), since clients send their own extensions' 
 
 `to_generation_request` decodes the base64 images and maps A1111's fields (`hr_resize_x/y`,
 `alwayson_scripts`' ControlNet, `override_settings.sd_vae`) onto `nbkit.webui.requests.make_request`,
-which checks the caps.
+which checks the caps. The value types, the error and the image codecs these models are built from are in
+`nbkit.webui.api_types`; the ControlNet units in `nbkit.webui.controlnet_units`.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import difflib
-import io
-import math
 from typing import Annotated, Any
 
-from fastapi.exceptions import RequestValidationError
-from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
-from nbkit.errors import NbkitError
-from nbkit.generation.generate import MAX_SEED
 from nbkit.generation.hires import PIXEL_UPSCALERS, SIZE_MULTIPLE, HiresFix, upscale
 from nbkit.generation.infotext import parse_infotext
 from nbkit.generation.samplers import resolve
-from nbkit.webui import controlnet as cn
-from nbkit.webui.outputs import SAMPLES_FORMATS, ImageFormat, encode_image
+from nbkit.webui.api_types import (
+    INT32,
+    MAX_LIST_ITEMS,
+    MAX_NAME_CHARS,
+    STRICT,
+    ApiError,
+    Fraction,
+    FreeDict,
+    FreeList,
+    Guidance,
+    Name,
+    Names,
+    Prompt,
+    Real,
+    Seed,
+    Whole,
+    decode_image,
+    field_error,
+)
+from nbkit.webui.controlnet_units import AlwaysOnScripts, controlnet_units
+from nbkit.webui.outputs import SAMPLES_FORMATS, ImageFormat
 from nbkit.webui.requests import (
     DISTILLED_CFG_SCALE,
-    ControlNetUnit,
     GenerationOutput,
     GenerationRequest,
     make_request,
 )
-from nbkit.webui.security import LimitError, Limits, decode_base64_image_bytes
-
-
-class ApiError(Exception):
-    """An error answered as A1111 answers: JSON `{error, detail, body, errors}` with `status`."""
-
-    def __init__(self, status: int, detail: str, error: str | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.error = error or type(self).__name__
-
-
-def field_error(
-    loc: tuple[str | int, ...], message: str, kind: str = "value_error", value: Any = None
-) -> RequestValidationError:
-    """A 422 on one field, in the shape of FastAPI's own validation errors (`loc` starts at `body`).
-
-    Args:
-        loc: the field's path under the body.
-        message: what is wrong.
-        kind: the error type.
-        value: the value refused (its `input`).
-    """
-    return RequestValidationError([{"type": kind, "loc": ("body", *loc), "msg": message, "input": value}])
-
-
-def path_loc(path: str) -> tuple[str | int, ...]:
-    """A field path as written in messages (`init_images[0]`, `alwayson_scripts.controlnet.args.0.image`)
-    as a validation error's `loc`."""
-    parts = path.replace("[", ".").replace("]", "").split(".")
-    return tuple(int(part) if part.isdigit() else part for part in parts if part)
-
-
-def close_names(name: str, known: Any) -> str:
-    """`; close names: a, b` for the known names nearest `name` (empty when none is near)."""
-    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.6)
-    if not close:
-        close = difflib.get_close_matches(str(name).lower(), [k.lower() for k in known], n=3, cutoff=0.6)
-        close = [k for k in known if k.lower() in close]
-    return f"; close names: {', '.join(close)}" if close else ""
-
-
-# --- value types: A1111's fields with ranges where A1111 has none ------------------------------------
-
-MAX_PROMPT_CHARS = 65536  # far above any prompt (CLIP reads 77 tokens a chunk); bounds the tokenizer's work
-MAX_NAME_CHARS = 1024  # a sampler, checkpoint or module name
-MAX_LIST_ITEMS = 64  # styles, init images, ControlNet units, script args
-INT32 = 2**31 - 1
-
-Whole = Annotated[int, Field(ge=-INT32, le=INT32)]
-Seed = Annotated[int, Field(ge=-1, le=MAX_SEED)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-Guidance = Annotated[float, Field(ge=0.0, le=100.0)]
-Real = Annotated[float, Field(ge=-1e6, le=1e6)]
-Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
-Names = Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)]
-
-
-def _finite(value: Any, depth: int = 0) -> Any:
-    """Refuse NaN or Infinity anywhere in free-form JSON (script args, comments): they cannot be echoed."""
-    if depth > 32:
-        raise ValueError("nested too deeply (at most 32 levels)")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must not hold NaN or Infinity")
-    if isinstance(value, dict):
-        for item in value.values():
-            _finite(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _finite(item, depth + 1)
-    return value
-
-
-FreeList = Annotated[list[Any], Field(max_length=MAX_LIST_ITEMS), AfterValidator(_finite)]
-FreeDict = Annotated[dict[str, Any], Field(max_length=MAX_LIST_ITEMS), AfterValidator(_finite)]
-STRICT = ConfigDict(extra="ignore", allow_inf_nan=False)
-
+from nbkit.webui.security import Limits
 
 # --- A1111's options (GET/POST /options, override_settings): one table of names and value types -------
 
@@ -245,9 +178,45 @@ def image_format(options: dict[str, Any]) -> ImageFormat:
     )
 
 
+# A1111 fields nbkit accepts and does not act on: a value other than the default is named in the warnings.
+UNAPPLIED_FIELDS = (
+    "restore_faces", "tiling", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w",
+    "refiner_checkpoint", "refiner_switch_at", "eta", "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise",
+    "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+)  # fmt: skip
+# Values that ask for A1111's usual behaviour (its sampler defaults, as webuiapi sends them).
+USUAL_VALUES = {"eta": 1.0, "s_noise": 1.0}
+# What A1111's own UI sends for "none" in its checkpoint and sampler menus.
+UNSET_NAMES = ("", "none", "use same checkpoint", "use same sampler", "use same scheduler")
+# The options nbkit acts on; the others of `OPTION_TYPES` are kept (GET /options lists them) and do nothing.
+ACTED_OPTIONS = (*OPTION_DEFAULTS, "sd_model_checkpoint")
+
+
+def _unapplied(body: ApiRequest) -> list[str]:
+    names = []
+    for name in UNAPPLIED_FIELDS:
+        field = type(body).model_fields.get(name)
+        value = getattr(body, name, None)
+        if (
+            field is None or not value or value in (field.default, USUAL_VALUES.get(name))
+        ):  # false, 0, "", null
+            continue
+        if isinstance(value, str) and value.strip().casefold() in UNSET_NAMES:
+            continue
+        names.append(name)
+    given = (
+        body.override_settings.model_dump(exclude_unset=True) if body.override_settings is not None else {}
+    )
+    names += [f"override_settings.{name}" for name in given if name not in ACTED_OPTIONS]
+    return names
+
+
 def request_notes(body: ApiRequest) -> list[str]:
     """What of the request nbkit did not do as asked, for the response's `info.warnings`."""
     notes = []
+    unapplied = _unapplied(body)
+    if unapplied:
+        notes.append(f"not applied (nbkit does not have these): {', '.join(unapplied)}")
     extra = body.override_settings.model_extra if body.override_settings is not None else None
     if extra:
         names = [str(name)[:MAX_NAME_CHARS] for name in list(extra)[:MAX_NOTED_NAMES]]
@@ -262,108 +231,6 @@ def request_notes(body: ApiRequest) -> list[str]:
         else:
             notes.append("firstpass_image: ignored; A1111 uses it only in txt2img with enable_hr")
     return notes
-
-
-# --- always-on scripts: ControlNet (the sd-webui-controlnet extension's unit fields) ---------------------
-
-
-class ControlNetImage(BaseModel):
-    """The extension's `{"image": base64, "mask": base64}` form of a unit's image."""
-
-    model_config = STRICT
-    image: str
-    mask: str | None = None
-
-
-# A unit's image: base64, `{"image", "mask"}`, `[image, mask]` or `[{"image", "mask"}]` (the extension's forms).
-UnitImage = str | ControlNetImage | Annotated[list[str | ControlNetImage], Field(min_length=1, max_length=2)]
-# The extension's older field names, and Forge's `mask_image`: each is read as the field it names.
-_UNIT_ALIASES = {
-    "input_image": "image",
-    "guidance": "guidance_end",
-    "lowvram": "low_vram",
-    "mask_image": "mask",
-}
-
-
-class ControlNetUnitArgs(BaseModel):
-    """One unit of `alwayson_scripts.controlnet.args`, with the fields of the sd-webui-controlnet extension's
-    unit and webuiapi's `ControlNetUnit.to_dict()`.
-
-    `null` is the field's default; the older names (`input_image`, `guidance`, `lowvram`, `mask_image`)
-    are read as the fields they name (both given: a 422). `resize_mode` and `control_mode` take the
-    extension's ints or names; `threshold_a/b` are Canny's low/high thresholds and `processor_res` the
-    short side Canny sees the picture at (out of range, -1 included: the module's default). `low_vram`,
-    `hr_option` and `save_detected_map` are read and have no effect (nbkit places models by its own plan;
-    the hires pass runs without ControlNet). Other fields are ignored.
-    """
-
-    model_config = STRICT
-    enabled: bool = True
-    module: Name = "none"
-    model: Name = "None"
-    weight: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    image: UnitImage | None = None
-    mask: str | None = None
-    resize_mode: Whole | Name = "Crop and Resize"
-    low_vram: bool = False
-    processor_res: Whole = -1
-    threshold_a: Real = -1.0
-    threshold_b: Real = -1.0
-    guidance_start: Fraction = 0.0
-    guidance_end: Fraction = 1.0
-    control_mode: Whole | Name = "Balanced"
-    pixel_perfect: bool = False
-    hr_option: Name = "Both"
-    save_detected_map: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_and_aliases(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        # null (and webuiapi's "" for no image) is the default
-        data = {key: value for key, value in data.items() if value is not None and value != ""}
-        for alias, name in _UNIT_ALIASES.items():
-            if alias in data:
-                if name in data:
-                    raise ValueError(f"{alias!r} is the older name of {name!r}: give one of them")
-                data[name] = data.pop(alias)
-        return data
-
-    @model_validator(mode="after")
-    def _known_modes(self) -> ControlNetUnitArgs:
-        cn.resize_mode_index(self.resize_mode)
-        cn.control_mode_index(self.control_mode)
-        return self
-
-
-class ControlNetScript(BaseModel):
-    model_config = STRICT
-    args: Annotated[list[ControlNetUnitArgs], Field(max_length=MAX_LIST_ITEMS)] = Field(default_factory=list)
-
-
-ALWAYSON_SCRIPTS = ("controlnet",)
-
-
-class AlwaysOnScripts(BaseModel):
-    """`alwayson_scripts`: the scripts nbkit has, by A1111's case-insensitive names; no others."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    controlnet: ControlNetScript | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lower_names(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        named: dict[str, Any] = {}
-        for key, value in data.items():
-            name = str(key).lower() if str(key).lower() in ALWAYSON_SCRIPTS else key
-            if name in named:  # two spellings of one script: which one's units would be a guess
-                raise ValueError(f"{name} is given twice, under two spellings; send it once")
-            named[name] = value
-        return named
 
 
 # --- request models (A1111's fields and defaults; unknown fields are ignored) ------------------------
@@ -486,64 +353,6 @@ class PngInfoRequest(BaseModel):
 # --- conversions -------------------------------------------------------------------------------------
 
 
-def image_bytes(text: str, limits: Limits, what: str) -> bytes:
-    """The bytes of a base64 image (raw or `data:` URL), refused above the byte cap (413); text that
-    is not base64 is a 422 on the field `what` names."""
-    try:
-        return decode_base64_image_bytes(text, limits, what)
-    except LimitError as error:
-        if error.status != 422:
-            raise
-        raise field_error(path_loc(what), str(error), value=_shown(text)) from None
-
-
-def _shown(text: Any) -> Any:
-    """A refused value as an error shows it: long text (a base64 image) cut to its start."""
-    return text[:64] + "..." if isinstance(text, str) and len(text) > 64 else text
-
-
-def decode_image(text: str, limits: Limits, what: str) -> Image.Image:
-    """A PIL image from base64 (raw or `data:` URL), refused above the byte and pixel caps; an
-    unreadable one is a 422 on the field `what` names."""
-    data = image_bytes(text, limits, what)
-    try:
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:  # PIL's own bound, far above this server's
-            raise LimitError(
-                f"{what} declares a picture of more than {Image.MAX_IMAGE_PIXELS} pixels, above this "
-                "server's limit",
-                fix="send a smaller image",
-            ) from None
-        # Check the header's size before decoding pixels: a small file can declare a huge image.
-        if image.width * image.height > 4 * limits.max_pixels:
-            raise LimitError(
-                f"{what} is {image.width}x{image.height}, above this server's limit",
-                fix="send a smaller image",
-            )
-        image.load()
-    except LimitError:
-        raise
-    except Exception as error:  # PIL raises many types for a broken file
-        raise field_error(
-            path_loc(what),
-            f"{what} is not a readable image ({type(error).__name__}): send a PNG, JPEG or WebP as base64 "
-            "(raw or a data: URL)",
-            value=_shown(text),
-        ) from None
-    return image
-
-
-def encode_png(image: Image.Image, infotext: str | None) -> str:
-    """Raw base64 of a PNG carrying the infotext in its `parameters` chunk (no `data:` prefix)."""
-    return encode_b64(image, infotext, ImageFormat())
-
-
-def encode_b64(image: Image.Image, infotext: str | None, fmt: ImageFormat) -> str:
-    """Raw base64 of the image in `fmt` with its infotext where A1111 writes it (no `data:` prefix)."""
-    return base64.b64encode(encode_image(image, infotext, fmt)).decode("ascii")
-
-
 def _sampler(body: ApiRequest) -> tuple[str, str]:
     """The sampler and schedule names as A1111's API reads them (`sampler_name`, else `sampler_index`).
     Unknown names are not refused: generation falls back as A1111 does and says so in `info["warnings"]`."""
@@ -554,105 +363,6 @@ def _sampler_that_ran(output: GenerationOutput) -> str:
     """The sampler the infotext names (after a fallback, or a flow model's Euler), else the one asked."""
     named = parse_infotext(output.infotexts[0]).sampler if output.infotexts else None
     return named or output.request.sampler_name
-
-
-CONTROLNET_ARGS = ("alwayson_scripts", "controlnet", "args")
-
-
-def _preprocessor(module: str | None, loc: tuple[str | int, ...]) -> cn.Module:
-    """The preprocessor an extension module name names (`canny`, `depth_midas`, `none`, ...); a 422 naming
-    the ones nbkit has for another."""
-    try:
-        return cn.find_module(module)
-    except NbkitError as error:
-        raise field_error((*loc, "module"), f"{error.message}; {error.fix}") from None
-
-
-def _unit_image(
-    unit: ControlNetUnitArgs, limits: Limits, loc: tuple[str | int, ...]
-) -> tuple[Image.Image | None, Image.Image | None]:
-    """A unit's picture and mask from the extension's forms of `image` (and `mask`), decoded."""
-    image, mask = unit.image, unit.mask
-    where, mask_where = ("image",), ("mask",)
-    if isinstance(image, list):
-        if len(image) == 2 and all(isinstance(item, str) for item in image):
-            image, mask = image
-            where, mask_where = ("image", 0), ("image", 1)
-        elif len(image) == 1 and isinstance(image[0], ControlNetImage):
-            image, where = image[0], ("image", 0)
-        else:
-            raise field_error(
-                (*loc, "image"),
-                "give one picture per unit: base64, {image, mask}, [image, mask] or [{image, mask}]",
-            )
-    if isinstance(image, ControlNetImage):
-        image, mask = image.image, image.mask
-        where, mask_where = (*where, "image"), (*where, "mask")
-    if not image:
-        return None, None
-
-    def path(parts: tuple[str | int, ...]) -> str:
-        return ".".join(str(part) for part in (*loc, *parts))
-
-    picture = decode_image(image, limits, path(where))
-    return picture, decode_image(mask, limits, path(mask_where)) if mask else None
-
-
-def _controlnet(body: ApiRequest, limits: Limits) -> list[ControlNetUnit]:
-    """The enabled units of the ControlNet extension's arguments (`alwayson_scripts.controlnet.args`).
-
-    An enabled unit without a model (or, in txt2img, an image), with a module nbkit does not run or a
-    guidance range that runs no step is a 422 naming its field; more enabled units than
-    `Limits.max_controlnet_units` is a 400. In img2img a unit without an image uses the init image.
-    """
-    script = body.alwayson_scripts.controlnet
-    units = [(index, unit) for index, unit in enumerate(script.args if script else []) if unit.enabled]
-    if len(units) > limits.max_controlnet_units:
-        raise LimitError(
-            f"{len(units)} ControlNet units are enabled, above this server's limit of "
-            f"{limits.max_controlnet_units}",
-            fix="disable some units",
-        )
-    made = []
-    for index, unit in units:
-        loc = (*CONTROLNET_ARGS, index)
-        if unit.model.strip().lower() in ("", "none"):
-            raise field_error((*loc, "model"), "an enabled ControlNet unit needs a model")
-        module = _preprocessor(unit.module, loc)
-        if unit.guidance_start >= unit.guidance_end:
-            raise field_error(
-                (*loc, "guidance_start"),
-                f"guidance_start {unit.guidance_start} must be below guidance_end {unit.guidance_end}",
-            )
-        image, mask = _unit_image(unit, limits, loc)
-        if image is None and isinstance(body, Txt2ImgRequest):
-            raise field_error((*loc, "image"), "an enabled ControlNet unit needs an image in txt2img")
-        low, high = sorted(
-            int(slider.pick(value)) if slider else default
-            for slider, value, default in (
-                (module.threshold_a, unit.threshold_a, 100),
-                (module.threshold_b, unit.threshold_b, 200),
-            )
-        )
-        made.append(
-            ControlNetUnit(
-                model=unit.model,
-                image=image,
-                preprocessor=module.preprocessor,
-                weight=unit.weight,
-                guidance_start=unit.guidance_start,
-                guidance_end=unit.guidance_end,
-                low_threshold=low,
-                high_threshold=high,
-                mask=mask,
-                resize_mode=cn.resize_mode_index(unit.resize_mode),
-                processor_res=int(module.resolution.pick(unit.processor_res)) if module.resolution else 512,
-                pixel_perfect=unit.pixel_perfect,
-                control_mode=cn.control_mode_index(unit.control_mode),
-                module=module.name if unit.module.strip().lower() in ("", "none") else unit.module.strip(),
-            )
-        )
-    return made
 
 
 def _hires_size(body: Txt2ImgRequest) -> tuple[int, int] | None:
@@ -740,6 +450,7 @@ def to_generation_request(
         width=body.width,
         height=body.height,
         styles=list(body.styles),
+        clip_skip=options["CLIP_stop_at_last_layers"],
         # As A1111: the API saves when asked (`save_images`) and the `samples_save` option allows it.
         save_images=body.save_images and bool(options["samples_save"]),
         save_format=image_format(options),
@@ -771,7 +482,7 @@ def to_generation_request(
             sampler_name=sampler,
             scheduler=scheduler,
             vae=None if vae in (None, "", "Automatic", "None") else vae,
-            controlnet=_controlnet(body, limits),
+            controlnet=controlnet_units(body, limits, txt2img=isinstance(body, Txt2ImgRequest)),
         )
         if not txt2img:
             if not body.init_images:
@@ -843,7 +554,7 @@ def build_info(body: ApiRequest, request: GenerationRequest, output: GenerationO
         "infotexts": list(output.infotexts),
         "styles": list(body.styles),
         "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1,
+        "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": False,
         "version": _version(),
         "interrupted": output.interrupted,

@@ -38,7 +38,7 @@ PIXEL_UPSCALER = "Lanczos"  # the hires upscaler a model that packs its latents 
 _COMMON_FIELDS = (
     "prompt", "negative_prompt", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "distilled_cfg_scale",
     "width", "height", "sampler_name", "scheduler", "vae", "controlnet", "save_images", "model_defaults",
-    "styles", "save_format",
+    "styles", "save_format", "clip_skip",
 )  # fmt: skip
 _HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength")
 _IMAGE_FIELDS = (
@@ -101,6 +101,8 @@ class GenerationRequest:
         steps: sampling steps.
         cfg_scale: classifier-free guidance (FLUX.1: true CFG, only above 1 with a negative prompt).
         distilled_cfg_scale: FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale").
+        clip_skip: A1111's "Clip skip" (its `CLIP_stop_at_last_layers` option): 1 is the text encoder's
+            last layer, 2 the one before, ...
         width: image width (multiple of 8).
         height: image height (multiple of 8).
         sampler_name: an A1111 sampler ("Euler a", "DPM++ 2M Karras", ...).
@@ -136,6 +138,7 @@ class GenerationRequest:
     steps: int = 20
     cfg_scale: float = 7.0
     distilled_cfg_scale: float = DISTILLED_CFG_SCALE
+    clip_skip: int = 1
     width: int = 512
     height: int = 512
     sampler_name: str = "Euler a"

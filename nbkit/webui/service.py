@@ -274,6 +274,7 @@ class GenerationService(ModelLoading):
             inputs=inputs,
             hires=hires,
             distilled_guidance=request.distilled_cfg_scale,
+            clip_skip=request.clip_skip,
             family=family.name,
         )
         from nbkit.generation.generate import check_inputs
