@@ -134,7 +134,7 @@ def test_sd_sampler_runs_as_euler_and_controlnet_is_refused(service):
     assert info.sampler == "Euler" and info.schedule == "Karras" and "Sampler substitution" in info.parameters
     unit = ControlNetUnit(model="canny-sd15", image=Image.new("RGB", (64, 64)))
     with pytest.raises(NbkitError, match=r"ControlNet is not available.*FLUX\.1"):
-        service.generate(_req(controlnet=unit))
+        service.generate(_req(controlnet=[unit]))
 
 
 @pytest.mark.parametrize("name", ["fluxsubject", "fluxkohya"])

@@ -160,6 +160,16 @@ class SamplerNote:
         return f"{self.key}: {self.text}"
 
 
+# DPM fast's and DPM adaptive's stand-in: diffusers' singlestep third-order DPM-Solver++ over the
+# log-SNR range from the largest to the smallest training sigma.
+_DPM_SOLVER_STAND_IN = {
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 3,
+    "lower_order_final": True,
+    "use_exponential_sigmas": True,
+    "final_sigmas_type": "sigma_min",
+}
+
 # In A1111's order: k-diffusion samplers, then the timestep ones, then LCM.
 SAMPLERS: dict[str, Sampler] = {
     sampler.name: sampler
@@ -261,13 +271,7 @@ SAMPLERS: dict[str, Sampler] = {
             "DPM fast",
             "DPMSolverSinglestepScheduler",
             aliases=("k_dpm_fast",),
-            config={
-                "algorithm_type": "dpmsolver++",
-                "solver_order": 3,
-                "lower_order_final": True,
-                "use_exponential_sigmas": True,
-                "final_sigmas_type": "sigma_min",
-            },
+            config=_DPM_SOLVER_STAND_IN,
             options={"uses_ensd": "True"},
             follows_schedule=False,
             substitute=Substitute(
@@ -279,13 +283,7 @@ SAMPLERS: dict[str, Sampler] = {
             "DPM adaptive",
             "DPMSolverSinglestepScheduler",
             aliases=("k_dpm_ad",),
-            config={
-                "algorithm_type": "dpmsolver++",
-                "solver_order": 3,
-                "lower_order_final": True,
-                "use_exponential_sigmas": True,
-                "final_sigmas_type": "sigma_min",
-            },
+            config=_DPM_SOLVER_STAND_IN,
             options={"uses_ensd": "True"},
             follows_schedule=False,
             substitute=Substitute(
