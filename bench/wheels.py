@@ -1,23 +1,28 @@
 """Benchmark: cold install from the registry vs warm install from the wheelhouse vs a plain copy.
 
 Uses the network (PyPI through pip). The project's real `ui` + `train` sets of the profile that fits
-this runtime are installed into three fresh venvs that all see this runtime's torch (its package
-folders linked in through a .pth file, so nothing installs torch):
+this runtime are installed into fresh venvs that all see this runtime's torch (its package folders
+linked in through a .pth file, so nothing installs torch):
 
 - cold: plain `pip install --no-cache-dir --no-deps` of the locked versions from the registry;
-- warm: `nbkit.wheels.install` from a wheelhouse filled beforehand (`nbkit wheels build`, not timed);
-- copy: `cp -r` of the files the cold install put into site-packages (the floor).
+- warm: `nbkit.wheels.install` from a wheelhouse filled beforehand (`nbkit wheels build`, not timed),
+  run as its own process twice: with PATH stripped of every folder holding `uv`, and with uv on PATH
+  (this runtime's, or one pip-installed into the work folder);
+- copy: `cp -r` of the files the warm install wrote (site-packages and bin), into a fresh venv: the
+  floor for putting those files there.
 
-The last line is one JSON object with the three times and the ratios. Goals: warm <= 1.5x copy and
-warm <= 0.25x cold.
+Each of warm (both ways) and copy runs `--repeat` times, each into a fresh venv; the best time counts.
+The last line is one JSON object with the times and ratios. Goals: warm <= 1.5x copy with and without
+uv on PATH, and warm <= 0.25x cold.
 
-    python bench/wheels.py [--sets ui train] [--work /tmp/nbkit-bench-wheels]
+    python bench/wheels.py [--sets ui train] [--work /tmp/nbkit-bench-wheels] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,8 +32,13 @@ from pathlib import Path
 
 from nbkit.wheels.build import build
 from nbkit.wheels.house import requirements_text
-from nbkit.wheels.install import install
-from nbkit.wheels.profiles import is_protected, probe_runtime, select_profile
+from nbkit.wheels.profiles import Profile, is_protected, probe_runtime, select_profile
+
+WARM = (
+    "import sys; from nbkit.wheels import install; "
+    "r = install(sys.argv[1].split(','), sys.argv[2], sys.argv[3], python=sys.argv[4], log=lambda _: None); "
+    "print(len(r.installed))"
+)
 
 
 def _venv(path: Path, torch_site: Path) -> tuple[str, Path]:
@@ -55,10 +65,48 @@ def _torch_only(target: Path) -> Path:
     return target
 
 
+def _path_without_uv() -> str:
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(f for f in folders if f and shutil.which("uv", path=f) is None)
+
+
+def _path_with_uv(work: Path) -> str:
+    """PATH with uv on it: this runtime's, or one pip installs into the work folder."""
+    if shutil.which("uv"):
+        return os.environ["PATH"]
+    tool = work / "uv-tool"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "--target", str(tool), "uv"], check=True)  # fmt: skip
+    return os.pathsep.join([str(tool / "bin"), os.environ.get("PATH", "")])
+
+
+def _warm(profile: Profile, sets: list[str], house: Path, python: str, path: str, count: int) -> float:
+    """Seconds for `nbkit.wheels.install` in its own process, with `path` as PATH."""
+    env = {**os.environ, "PATH": path}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", WARM, ",".join(sets), str(house), profile.name, python],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert int(result.stdout.split()[-1]) == count, result.stdout + result.stderr
+    return seconds
+
+
+def _copy(entries: list[Path], site: Path, bin_entries: list[Path], bin_dir: Path) -> float:
+    start = time.perf_counter()
+    for entry in entries:
+        subprocess.run(["cp", "-r", str(entry), str(site / entry.name)], check=True)
+    for entry in bin_entries:
+        subprocess.run(["cp", str(entry), str(bin_dir / entry.name)], check=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["ui", "train"])
     parser.add_argument("--work", default="/tmp/nbkit-bench-wheels")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -72,8 +120,7 @@ def main() -> None:
     requirements = work / "requirements.txt"
     requirements.write_text(requirements_text(pins))
 
-    cold_python, cold_site = _venv(work / "cold", torch_site)
-    before = set(cold_site.iterdir())
+    cold_python, _ = _venv(work / "cold", torch_site)
     start = time.perf_counter()
     subprocess.run(
         [cold_python, "-m", "pip", "install", "-q", "--no-cache-dir", "--no-deps",
@@ -85,24 +132,25 @@ def main() -> None:
 
     house = work / "wheelhouse"
     build(profile, house, args.sets)
-    warm_python, _ = _venv(work / "warm", torch_site)
+    paths = {"no_uv": _path_without_uv(), "uv": _path_with_uv(work)}
+    assert shutil.which("uv", path=paths["no_uv"]) is None and shutil.which("uv", path=paths["uv"])
+    times: dict[str, list[float]] = {"no_uv": [], "uv": [], "copy": []}
+    for round_ in range(args.repeat):
+        for label, path in paths.items():
+            python, site = _venv(work / f"warm-{label}-{round_}", torch_site)
+            times[label].append(_warm(profile, args.sets, house, python, path, len(pins)))
+            print(f"warm, {label.replace('_', ' ')} on PATH: {times[label][-1]:.2f} s", flush=True)
+        bare_python, bare_site = _venv(work / f"bare-{round_}", torch_site)
+        new = sorted(set(site.iterdir()) - {bare_site / e.name for e in bare_site.iterdir()})
+        bin_dir = Path(python).parent
+        new_bin = sorted(e for e in bin_dir.iterdir() if not (Path(bare_python).parent / e.name).exists())
+        times["copy"].append(_copy(new, bare_site, new_bin, Path(bare_python).parent))
+        print(f"copy (cp -r of the same files): {times['copy'][-1]:.2f} s", flush=True)
     start = time.perf_counter()
-    report = install(args.sets, house, profile, python=warm_python)
-    warm = time.perf_counter() - start
-    assert len(report.installed) == len(pins), report.summary()
-    print(f"warm (nbkit wheels install from the wheelhouse): {warm:.1f} s", flush=True)
-    start = time.perf_counter()
-    again = install(args.sets, house, profile, python=warm_python, log=lambda _: None)
+    subprocess.run([sys.executable, "-c", WARM, ",".join(args.sets), str(house), profile.name, python],
+                   check=True, capture_output=True)  # fmt: skip
     noop = time.perf_counter() - start
-    assert not again.installed
-
-    _, copy_site = _venv(work / "copy", torch_site)
-    added = [entry for entry in cold_site.iterdir() if entry not in before]
-    start = time.perf_counter()
-    for entry in added:
-        subprocess.run(["cp", "-r", str(entry), str(copy_site / entry.name)], check=True)
-    copy = time.perf_counter() - start
-    print(f"copy (cp -r of the installed files): {copy:.1f} s", flush=True)
+    best = {label: min(values) for label, values in times.items()}
     print(
         json.dumps(
             {
@@ -110,12 +158,14 @@ def main() -> None:
                 "sets": args.sets,
                 "profile": profile.name,
                 "cold_s": round(cold, 2),
-                "warm_s": round(warm, 2),
-                "copy_s": round(copy, 2),
+                "warm_no_uv_s": round(best["no_uv"], 2),
+                "warm_uv_s": round(best["uv"], 2),
+                "copy_s": round(best["copy"], 2),
                 "second_call_s": round(noop, 3),
-                "warm_over_copy": round(warm / copy, 2),
-                "warm_over_cold": round(warm / cold, 3),
-                "installer": "uv" if shutil.which("uv") else "pip",
+                "warm_no_uv_over_copy": round(best["no_uv"] / best["copy"], 2),
+                "warm_uv_over_copy": round(best["uv"] / best["copy"], 2),
+                "warm_over_cold": round(max(best["no_uv"], best["uv"]) / cold, 3),
+                "runs": {label: [round(v, 2) for v in values] for label, values in times.items()},
             }
         )
     )

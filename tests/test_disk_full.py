@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_train_support import make_session
 
-from nbkit.errors import DiskFullError, DriveDisconnectedError
+from nbkit.errors import DiskFullError, DriveDisconnectedError, render
 from nbkit.fsio import (
     TEMP_PREFIX,
     atomic_directory,
@@ -280,7 +280,7 @@ def test_a_full_disk_mid_checkpoint_is_a_clear_error_and_the_previous_checkpoint
     error = caught.value
     assert error.path == str(session.path / "checkpoints" / "unet-000002")
     assert error.message.startswith("saving unet-000002/") and "failed: the disk is full" in error.message
-    assert "--resume" in error.fix and "unet-000001" in error.fix
+    assert "--resume" in render(error.fix, "cli") and "unet-000001" in error.fix
     monkeypatch.setattr(shutil, "copyfile", REAL_COPYFILE)
 
     reopened = Session.open("full")
@@ -346,7 +346,7 @@ def test_training_pauses_at_a_checkpoint_when_the_next_one_would_not_fit(tiny_mo
     assert error.message.startswith("training paused at unet step 1 of 3, with checkpoint unet-000001 saved")
     assert "not enough space for the next checkpoint" in error.message and error.free == 10**6
     assert error.needed > 10**6 and error.path == str(checkpoints)
-    assert "nbkit train tight --resume" in error.fix
+    assert "continue training with --resume" in render(error.fix, "cli")
     monkeypatch.setattr(shutil, "disk_usage", real_usage)
 
     manifest = Session.open("tight").manifest
@@ -385,5 +385,5 @@ def test_nbkit_train_on_a_full_disk_exits_2_with_the_fix_and_no_traceback(tiny_m
     assert "Traceback" not in completed.stderr
     message = completed.stderr[completed.stderr.index("nbkit: error:") :]
     assert str(session.path / "checkpoints" / "unet-000002") in message and "disk is full" in message
-    assert "How to fix: free space" in message and "nbkit train cli --resume" in message
+    assert "How to fix: free space" in message and "continue training with --resume" in message
     assert Session.open("cli").manifest.state.last_checkpoint == "checkpoints/unet-000001"

@@ -86,10 +86,15 @@ def test_modelspec_names_of_each_family():
 
 def test_unknown_model_lists_the_keys():
     with pytest.raises(NbkitError) as caught:
-        get_model("sd-1.5")
+        get_model("sd-9.9")
     message = str(caught.value)
-    assert "'sd-1.5' is not a model nbkit knows" in message
+    assert "'sd-9.9' is not a model nbkit knows" in message
     assert all(key in message for key in MODELS)
+
+
+@pytest.mark.parametrize("spelling", ["sd15", "sd1.5", "SD 1.5", "sd-1.5", "SD_15"])
+def test_common_spellings_of_a_key_find_it(spelling):
+    assert get_model(spelling).key == "sd15"
 
 
 @pytest.mark.parametrize(
@@ -117,7 +122,7 @@ def test_resolution_table(key, px, accepted):
     if accepted:
         assert validate_resolution(spec, px) == px
     else:
-        with pytest.raises(NbkitError, match="needs --force-resolution"):
+        with pytest.raises(NbkitError, match="needs force_resolution=True"):
             validate_resolution(spec, px)
         with pytest.warns(UserWarning, match=f"forcing resolution {px}"):
             assert validate_resolution(spec, px, force=True) == px
@@ -127,7 +132,7 @@ def test_768_on_sd15_says_why():
     with pytest.raises(NbkitError) as caught:
         validate_resolution(get_model("sd15"), 768)
     assert (
-        "SD 1.x was trained at 512; 768 needs --force-resolution and usually gives doubled subjects"
+        "SD 1.x was trained at 512; 768 needs force_resolution=True and usually gives doubled subjects"
         in str(caught.value)
     )
 
@@ -138,11 +143,12 @@ def test_a_tiny_model_says_what_it_is_built_at():
     message = str(caught.value)
     assert "the tiny test model tiny-sd1 is built at 64 px (SD 1.x itself was trained at 512)" in message
     assert "SD 1.x was trained at 64" not in message
-    assert "--force-resolution (force_resolution=True in Python)" in message
+    assert "try it anyway with force_resolution=True" in message
+    assert "try it anyway with --force-resolution" in caught.value.render("cli")
 
 
 def test_sdxl_below_768_says_why():
-    with pytest.raises(NbkitError, match="SDXL was trained at 1024; 512 needs --force-resolution"):
+    with pytest.raises(NbkitError, match="SDXL was trained at 1024; 512 needs force_resolution=True"):
         validate_resolution(get_model("sdxl"), 512)
 
 

@@ -594,7 +594,7 @@ def test_export_never_overwrites_a_zip_unless_asked(tmp_path, capsys):
     out.write_bytes(b"my other backup")
     with pytest.raises(NbkitError, match="already exists; not overwriting it") as caught:
         export_session("dog", out, root=tmp_path)
-    assert str(out) in str(caught.value) and "--overwrite" in caught.value.fix
+    assert str(out) in str(caught.value) and "--overwrite" in caught.value.render("cli")
     assert out.read_bytes() == b"my other backup"
     root = ["--root", str(tmp_path)]
     assert main(["session", "export", "dog", str(out), *root]) == 2

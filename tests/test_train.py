@@ -290,7 +290,7 @@ def test_an_unfinished_run_needs_resume_or_restart(tiny_model_dir):
     assert session.manifest.history[-1].status == "interrupted"
     with pytest.raises(NbkitError, match="unfinished run") as error:
         train("unfinished")
-    assert "--resume" in str(error.value)
+    assert "resume=True" in str(error.value) and "--resume" in error.value.render("cli")
     with pytest.raises(NbkitError, match="cannot resume: seed was 1234"):
         train("unfinished", {"seed": 99}, resume=True)
     restarted = train("unfinished", {"seed": None, "unet_lr": 5e-4}, restart=True, max_steps_this_run=1)

@@ -109,7 +109,7 @@ def test_every_train_option_has_help_and_shows_its_default():
     parser = build_parser()
     train_parser = parser._subparsers._group_actions[0].choices["train"]
     undocumented, without_default = [], []
-    no_default = {"-h", "--root", "--model", "--resume", "--restart", "--force-resolution"}
+    no_default = {"-h", "--root", "--model", "--resume", "--restart", "--more", "--force-resolution"}
     for action in train_parser._actions:
         if not action.option_strings:
             continue

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nbkit.errors import render
 from nbkit.tunnel import PROVIDERS, describe, make_tunnel, open_tunnel
 from nbkit.tunnel import localtunnel as localtunnel_module
 from nbkit.tunnel.cloudflared import CloudflaredTunnel
@@ -251,7 +252,7 @@ time.sleep(60)
     assert tunnel.public_url is None and not tunnel.alive
     assert tunnel.error.startswith("cloudflared: the public link dropped")
     assert "exited with code 3" in tunnel.error and "connection lost" in tunnel.error
-    assert "reopen()" in tunnel.error and "http://127.0.0.1:7861" in tunnel.error
+    assert "ui.reopen_tunnel()" in render(tunnel.error) and "http://127.0.0.1:7861" in tunnel.error
 
     assert tunnel.reopen() == "https://link-number-2.trycloudflare.com"
     assert tunnel.error is None and tunnel.alive
@@ -274,8 +275,8 @@ time.sleep(60)
     assert time.monotonic() - started < 8
     assert tunnel.public_url is None
     assert tunnel.error.startswith("cloudflared: no public link after 1 s, so it was stopped")
-    assert "Requesting new quick Tunnel" in tunnel.error and "reopen()" in tunnel.error
-    assert "--tunnel gradio" in tunnel.error
+    assert "Requesting new quick Tunnel" in tunnel.error and "ui.reopen_tunnel()" in render(tunnel.error)
+    assert "--tunnel gradio" in render(tunnel.error, "cli")
     (pid,) = read_pids(pids)
     assert wait_for(lambda: not running(pid))
 
@@ -288,7 +289,7 @@ def test_cloudflared_offline_exit(tmp_path):
     assert tunnel.public_url is None
     assert tunnel.error.startswith("cloudflared: could not reach api.trycloudflare.com, no internet?")
     assert "exited with code 1" in tunnel.error and "no such host" in tunnel.error
-    assert "internet connection" in tunnel.error and "reopen()" in tunnel.error
+    assert "internet connection" in tunnel.error and "ui.reopen_tunnel()" in render(tunnel.error)
 
 
 def test_cloudflared_binary_missing(tmp_path, monkeypatch):
@@ -297,7 +298,7 @@ def test_cloudflared_binary_missing(tmp_path, monkeypatch):
     assert tunnel.public_url is None
     assert tunnel.error.startswith("cloudflared: the cloudflared binary was not found")
     assert "https://github.com/cloudflare/cloudflared/releases" in tunnel.error
-    assert "binary=/path/to/cloudflared" in tunnel.error and "--tunnel gradio" in tunnel.error
+    assert "binary=/path/to/cloudflared" in tunnel.error and "--tunnel gradio" in render(tunnel.error, "cli")
 
 
 # -- localtunnel ------------------------------------------------------------------------------
@@ -307,7 +308,9 @@ def test_localtunnel_npx_missing(tmp_path):
     tunnel = open_tunnel("localtunnel", PORT, npx=str(tmp_path / "no-such-npx"))
     assert tunnel.public_url is None
     assert tunnel.error.startswith("localtunnel: npx (Node.js) was not found")
-    assert "apt-get install -y nodejs npm" in tunnel.error and "--tunnel cloudflared" in tunnel.error
+    assert "apt-get install -y nodejs npm" in tunnel.error and "--tunnel cloudflared" in render(
+        tunnel.error, "cli"
+    )
 
 
 def test_localtunnel_offline_npm_failure(tmp_path):
@@ -317,7 +320,7 @@ def test_localtunnel_offline_npm_failure(tmp_path):
     assert tunnel.error.startswith(
         "localtunnel: could not download the localtunnel package from npm, no internet? (exit code 1"
     )
-    assert "EAI_AGAIN registry.npmjs.org" in tunnel.error and "reopen()" in tunnel.error
+    assert "EAI_AGAIN registry.npmjs.org" in tunnel.error and "ui.reopen_tunnel()" in render(tunnel.error)
 
 
 def test_localtunnel_server_unreachable(tmp_path):
@@ -404,7 +407,7 @@ def test_ngrok_without_a_token(no_token):
     assert tunnel.public_url is None
     assert tunnel.error.startswith("ngrok: no auth token")
     assert "NGROK_AUTHTOKEN" in tunnel.error and "Colab secrets" in tunnel.error
-    assert "--tunnel cloudflared" in tunnel.error
+    assert "--tunnel cloudflared" in render(tunnel.error, "cli")
 
 
 def fake_colab(monkeypatch, secrets: dict[str, str], error: type[Exception] = KeyError):
@@ -480,7 +483,7 @@ def test_ngrok_agent_download_fails_offline(no_token, monkeypatch, tmp_path):
         "ngrok: could not download the ngrok agent, which pyngrok fetches on first use"
     )
     assert str(agent) in tunnel.error and "Temporary failure in name resolution" in tunnel.error
-    assert "PYNGROK_NGROK_PATH" in tunnel.error and "--tunnel cloudflared" in tunnel.error
+    assert "PYNGROK_NGROK_PATH" in tunnel.error and "--tunnel cloudflared" in render(tunnel.error, "cli")
     assert TOKEN not in tunnel.error and not agent.exists()
 
 
@@ -538,7 +541,9 @@ def test_ngrok_link_settings_drop_and_reopen(pyngrok_calls, monkeypatch, capsys)
 
     agent_up["value"] = False  # the agent died
     assert not tunnel.alive and tunnel.public_url is None
-    assert tunnel.error.startswith("ngrok: the public link dropped") and "reopen()" in tunnel.error
+    assert tunnel.error.startswith("ngrok: the public link dropped") and "ui.reopen_tunnel()" in render(
+        tunnel.error
+    )
     agent_up["value"] = True
     assert tunnel.reopen() == "https://link-2.ngrok-free.app" and tunnel.error is None
     tunnel.close()
@@ -593,7 +598,7 @@ def test_gradio_offline_api_server(frpc, monkeypatch):
     assert "frpc helper on first use and it is not there yet" in tunnel.error and str(frpc) in tunnel.error
     assert (
         "https://cdn-media.huggingface.co/frpc-gradio-" in tunnel.error
-        and "--tunnel cloudflared" in tunnel.error
+        and "--tunnel cloudflared" in render(tunnel.error, "cli")
     )
 
 
@@ -701,4 +706,4 @@ def test_every_provider_fails_softly_offline(no_token, tmp_path, monkeypatch, fr
         if name == "none":
             assert tunnel.error is None
         else:
-            assert tunnel.error.startswith(f"{name}: ") and "--tunnel " in tunnel.error
+            assert tunnel.error.startswith(f"{name}: ") and "--tunnel " in render(tunnel.error, "cli")

@@ -32,11 +32,15 @@ def _sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _project(root: Path, name: str, version: str, requires: list[str]) -> Path:
+def _project(root: Path, name: str, version: str, requires: list[str], extra: str = "") -> Path:
     folder = root / f"{name}-{version}"
     module = name.replace("-", "_")
     (folder / module).mkdir(parents=True)
-    (folder / module / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    (folder / module / "__init__.py").write_text(
+        f"VERSION = {version!r}\n\ndef main():\n    print(VERSION)\n"
+    )
+    if extra:  # a module only this version has
+        (folder / module / f"{extra}.py").write_text("")
     (folder / "pyproject.toml").write_text(
         textwrap.dedent(f"""\
         [build-system]
@@ -46,6 +50,7 @@ def _project(root: Path, name: str, version: str, requires: list[str]) -> Path:
         name = "{name}"
         version = "{version}"
         dependencies = {json.dumps(requires)}
+        scripts = {{ "{name}" = "{module}:main" }}
         """)
     )
     return folder
@@ -59,7 +64,7 @@ def index(tmp_path_factory) -> Path:
     projects = [
         _project(root, "nbk-alpha", "1.0", ["nbk-beta==1.0"]),
         _project(root, "nbk-beta", "1.0", []),
-        _project(root, "nbk-beta", "0.9", []),
+        _project(root, "nbk-beta", "0.9", [], extra="only_in_0_9"),
     ]
     for batch in (projects[:2], projects[2:]):  # pip builds one version of a name per call
         subprocess.run(
@@ -120,7 +125,7 @@ def _uninstall(python: str, *names: str) -> None:
 
 def test_install_into_a_fresh_venv_offline_then_no_op_then_from_the_wheelhouse(tmp_path, index, venv):
     profiles, house, messages = _profile(tmp_path / "profiles", index), tmp_path / "wh", []
-    kwargs = dict(python=venv, profiles_dir=profiles, prefer_uv=False, log=messages.append)
+    kwargs = dict(python=venv, profiles_dir=profiles, log=messages.append)
     report = install(["train"], house, index_args=[*LOCAL, str(index)], **kwargs)
     assert report.profile == "test"
     assert sorted(report.downloaded) == ["nbk-alpha", "nbk-beta"] and report.from_wheelhouse == []
@@ -132,7 +137,6 @@ def test_install_into_a_fresh_venv_offline_then_no_op_then_from_the_wheelhouse(t
 
     again = install(["train"], house, index_args=[*LOCAL, str(tmp_path / "nowhere")], **kwargs)
     assert again.installed == [] and sorted(again.already) == ["nbk-alpha", "nbk-beta"]
-    assert again.seconds < 1.0
 
     # a new runtime (the package gone) installs from the wheelhouse alone: the index is unreachable
     _uninstall(venv, "nbk-alpha")
@@ -150,7 +154,7 @@ def test_a_tampered_wheel_is_refused_removed_and_fetched_again(tmp_path, index, 
     _uninstall(venv, "nbk-alpha", "nbk-beta")
     report = install(
         ["train"], house, python=venv, profiles_dir=profiles, index_args=[*LOCAL, str(index)],
-        prefer_uv=False, log=messages.append,
+        log=messages.append,
     )  # fmt: skip
     assert report.downloaded == ["nbk-alpha"] and report.from_wheelhouse == ["nbk-beta"]
     refusal = next(m for m in messages if "does not match the lock" in m)
@@ -159,13 +163,83 @@ def test_a_tampered_wheel_is_refused_removed_and_fetched_again(tmp_path, index, 
     assert _imports(venv) == "1.0 1.0"
 
 
+def _run(python: str, code: str) -> str:
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_warm_install_needs_nothing_on_path_and_replaces_another_version(tmp_path, index):
+    """PATH holds neither uv nor pip: nbkit unpacks the wheels itself, over an older nbk-beta."""
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, capture_output=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *LOCAL, str(index),
+         "nbk-beta==0.9"], check=True, capture_output=True,
+    )  # fmt: skip
+    site = Path(_run(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
+    assert (site / "nbk_beta" / "only_in_0_9.py").is_file()
+    profiles, house = _profile(tmp_path / "profiles", index), tmp_path / "wh"
+    house.mkdir()
+    for name in ("nbk-alpha", "nbk-beta"):
+        (house / _wheel(index, name, "1.0").name).write_bytes(_wheel(index, name, "1.0").read_bytes())
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "nbkit", "wheels", "install", "--profiles-dir", str(profiles),
+         "--wheelhouse", str(house), "--python", python, "--set", "train",
+         "--find-links", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, check=False, env={"PATH": str(empty), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "installed: 2 (2 from the wheelhouse, 0 downloaded" in result.stdout
+    assert _imports(python) == "1.0 1.0"
+    assert not (site / "nbk_beta" / "only_in_0_9.py").exists()  # the old version's files are gone
+    versions = "from importlib.metadata import version as v; print(v('nbk-alpha'), v('nbk-beta'))"
+    assert _run(python, versions) == "1.0 1.0"
+    script = tmp_path / "venv" / "bin" / "nbk-alpha"  # the entry point's launcher
+    assert subprocess.run([str(script)], capture_output=True, text=True, check=True).stdout == "1.0\n"
+    dist_info = next(site.glob("nbk_alpha-1.0.dist-info"))
+    assert (dist_info / "INSTALLER").read_text() == "nbkit\n"
+    # RECORD lists every file, so pip (or nbkit) can remove the package again
+    _uninstall(python, "nbk-alpha", "nbk-beta")
+    assert not (site / "nbk_alpha").exists() and not script.exists() and not dist_info.exists()
+
+
+def _bad_wheel(path: Path, member: str, size: int = 10) -> bytes:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
+        archive.writestr("evil-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+        archive.writestr(member, b"x" * size)
+    return path.read_bytes()
+
+
+def test_a_wheel_naming_a_path_outside_or_too_big_is_refused(tmp_path, monkeypatch):
+    from nbkit.wheels import unpack
+
+    site = tmp_path / "prefix" / "site"
+    scheme = unpack.Scheme(site, site, tmp_path / "prefix" / "bin", tmp_path / "prefix",
+                           tmp_path / "prefix" / "include", sys.executable)  # fmt: skip
+    for member in ("../escape.py", "/abs.py", "evil-1.0.data/scripts/../../../escape.py", "a\\..\\b.py"):
+        data = _bad_wheel(tmp_path / "evil-1.0-py3-none-any.whl", member)
+        with pytest.raises(NbkitError, match="outside its install folder"):
+            unpack.unpack_wheel(data, "evil-1.0-py3-none-any.whl", scheme)
+        assert not (tmp_path / "escape.py").exists() and not list(site.rglob("*.py"))
+        assert not list(site.glob("*.dist-info/RECORD"))  # what was written is removed again
+    monkeypatch.setattr(unpack, "MAX_UNPACKED", 1000)
+    data = _bad_wheel(tmp_path / "big-1.0-py3-none-any.whl", "evil/big.py", size=2000)
+    with pytest.raises(NbkitError, match="over nbkit's bound"):
+        unpack.unpack_wheel(data, "evil-1.0-py3-none-any.whl", scheme)
+    assert not list(site.rglob("big.py"))
+
+
 def test_a_lock_whose_hash_does_not_match_is_refused(tmp_path, index, venv):
     profiles = _profile(tmp_path / "profiles", index, bad_hash=True)
     _uninstall(venv, "nbk-alpha", "nbk-beta")
     with pytest.raises(NbkitError, match="does not match the lock"):
         install(
             ["train"], tmp_path / "wh", python=venv, profiles_dir=profiles,
-            index_args=[*LOCAL, str(index)], prefer_uv=False, log=lambda _: None,
+            index_args=[*LOCAL, str(index)], log=lambda _: None,
         )  # fmt: skip
     assert "No module named" in _imports(venv)
     assert list((tmp_path / "wh").glob("*.whl")) == []  # nothing unverified lands in the wheelhouse

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except NbkitError as error:
-        print(f"nbkit: error: {error}", file=sys.stderr)
+        print(f"nbkit: error: {error.render('cli')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nbkit: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`nbkit session ...`: create, open, list, show, rename, delete, export, import and unlock sessions."""
+"""`nbkit session ...`: create, open, list, show, rename, delete, export, import, upload and unlock sessions."""
 
 from __future__ import annotations
 
@@ -152,8 +152,18 @@ def unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+def upload(args: argparse.Namespace) -> int:
+    from nbkit.session.hub_upload import upload_to_hub
+
+    url = upload_to_hub(args.name, args.repo_id, private=not args.public, root=args.root)
+    print(f"Uploaded {args.name} to {url}" + ("" if args.public else " (private)"))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("session", help="create, list, rename, delete, export and import sessions")
+    parser = subparsers.add_parser(
+        "session", help="create, list, rename, delete, export, import and upload sessions"
+    )
     parser.set_defaults(func=lambda _: parser.print_help() or 1)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
@@ -202,4 +212,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = action("import", import_, "make a session from an exported zip or a session folder")
     sub.add_argument("src", type=Path)
     sub.add_argument("--name", help="import under this name (needed if the session already exists)")
+    sub = action(
+        "upload",
+        upload,
+        "upload the session's exported model, sample images and a model card to the Hugging Face Hub",
+    )
+    sub.add_argument("name")
+    sub.add_argument("repo_id", metavar="REPO_ID", help="the hub repository, user/name (created if missing)")
+    sub.add_argument(
+        "--public",
+        action="store_true",
+        help="create the repository public (default: private); the token (write access) comes from HF_TOKEN "
+        "or the Colab secret HF_TOKEN, never from the command line",
+    )
     action("unlock", unlock, "remove a session's lock when its holder is gone for sure").add_argument("name")

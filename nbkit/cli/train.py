@@ -304,6 +304,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start over: delete an unfinished run's checkpoints, or train a finished session again "
         "(replacing its exported model)",
     )
+    mode.add_argument(
+        "--more",
+        action="store_true",
+        help="train a finished session further: give the new, larger total with --unet-steps N (or "
+        "--te-steps N when it trained the text encoder only); it continues from the last checkpoint, "
+        "optimizer and schedule included (from the exported model with a fresh optimizer when that "
+        "checkpoint is gone), and exports again, replacing the model",
+    )
     parser.add_argument(
         "--force-resolution",
         action="store_true",
@@ -342,7 +350,12 @@ def command(args: argparse.Namespace) -> int:
     from nbkit.train.plan import plan_run
 
     session = Session.open(args.session, root=args.root)
-    options = {"resume": args.resume, "restart": args.restart, "force_resolution": args.force_resolution}
+    options = {
+        "resume": args.resume,
+        "restart": args.restart,
+        "force_resolution": args.force_resolution,
+        "more": args.more,
+    }
     overrides = overrides_from_args(args)
     plan_run(session, overrides, **options)  # every input error in a second, before torch and diffusers load
 

@@ -96,6 +96,7 @@ def command(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             include_base_models=not args.no_base_models,
             extra_models=args.extra_model,
+            interface="cli",
         )
         try:
             print("Press Ctrl+C to stop.", flush=True)

@@ -63,8 +63,12 @@ class Flux1(FlowTransformerFamily):
         HubModel(
             "flux1-dev", "black-forest-labs/FLUX.1-dev",
             "FLUX.1 [dev] (gated: accept the licence on the hub, then set HF_TOKEN)", variant=None, gated=True,
+            aliases=("flux-dev",),
         ),
-        HubModel("flux1-schnell", "black-forest-labs/FLUX.1-schnell", "FLUX.1 [schnell] (4-step, Apache 2.0)", variant=None),
+        HubModel(
+            "flux1-schnell", "black-forest-labs/FLUX.1-schnell", "FLUX.1 [schnell] (4-step, Apache 2.0)",
+            variant=None, aliases=("flux-schnell",),
+        ),
     )  # fmt: skip
     # -- models: the tiny model, memory figures ---------------------------------------------------
 

@@ -35,6 +35,7 @@ from nbkit.images.captions import (
     check_caption_mode,
     compose_caption,
     decode_caption_file,
+    normalise_caption,
     token_from_filename,
     token_warnings,
     write_caption_file,
@@ -97,6 +98,7 @@ def import_images(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = DEFAULT_TIMEOUT,
+    token: str = "",
 ) -> ImageReport:
     """Import pictures into `session` and return the report (one row per file).
 
@@ -114,6 +116,7 @@ def import_images(
         max_bytes: the largest file accepted, also for downloads.
         max_pixels: the decompression-bomb guard.
         timeout: seconds a download may wait for the server.
+        token: the instance token of every imported picture ("" takes each one's from its file name).
     """
     check_crop_mode(crop)
     check_caption_mode(captions)
@@ -125,7 +128,7 @@ def import_images(
         report.add(source, "error", error.message, fix=error.fix)
     with session.lock("importing images"):
         return _import_locked(
-            session, gathered, report, resolution, crop, captions, detector, max_pixels, tokenizer
+            session, gathered, report, resolution, crop, captions, detector, max_pixels, tokenizer, token
         )
 
 
@@ -139,6 +142,7 @@ def _import_locked(
     detector: FaceDetector | None,
     max_pixels: int,
     tokenizer,
+    token: str = "",
 ) -> ImageReport:
     folder = session.dir(INSTANCE_DIR)
     had_originals = (folder / ORIGINALS_DIR).is_dir()
@@ -156,6 +160,7 @@ def _import_locked(
             record = _import_one(candidate, session, batch, report, resolution, crop, detector, max_pixels)
             if record is None:
                 continue
+            record.token = normalise_caption(token) or record.token
             stem_key = PurePath(candidate.name).stem.casefold()  # after reading: a download may rename it
             text = texts.get(stem_key, (None, None))[1]
             stem = PurePath(record.file).stem

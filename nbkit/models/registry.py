@@ -8,10 +8,12 @@ sizes, text encoders, model-spec names) is in `nbkit.families`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import warnings
 from typing import Literal
 
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, setting
 from nbkit.families import FAMILIES
 from nbkit.families.facts import RESOLUTION_STEP, HubModel, PredictionType
 
@@ -84,14 +86,33 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def _loose(name: str) -> str:
+    """A model name as people vary it: `SD 1.5`, `sd-1.5` and `sd15` are one name."""
+    return re.sub(r"[\s._-]", "", name.lower())
+
+
 def find_model(key_or_repo: str) -> ModelSpec | None:
-    """Return the registry entry for a key, hub repo id or alias (case-insensitive), or None."""
-    wanted = key_or_repo.strip().lower()
+    """Return the registry entry for a key, hub repo id or alias, or None.
+
+    Case, spaces, dots, dashes and underscores are ignored in keys and aliases (`SD 1.5` is `sd15`);
+    a hub repo id must match but for case.
+    """
+    wanted = key_or_repo.strip()
     for spec in MODELS.values():
-        names = (spec.key, spec.repo_id or "", *spec.aliases)
-        if wanted in (name.lower() for name in names):
+        if wanted.lower() in (name.lower() for name in (spec.key, spec.repo_id or "", *spec.aliases)):
+            return spec
+    if "/" in wanted:
+        return None
+    for spec in MODELS.values():
+        if _loose(wanted) in (_loose(name) for name in (spec.key, *spec.aliases) if "/" not in name):
             return spec
     return None
+
+
+def close_models(name: str) -> list[str]:
+    """The registry keys closest to `name`, for a did-you-mean (best first, at most three)."""
+    keys = {_loose(key): key for key in MODELS}
+    return [keys[match] for match in difflib.get_close_matches(_loose(name), keys, n=3, cutoff=0.6)]
 
 
 def get_model(key_or_repo: str) -> ModelSpec:
@@ -168,12 +189,13 @@ def validate_resolution(spec: ModelSpec, px: int, *, force: bool = False) -> int
     effect = (
         "usually gives doubled subjects" if px > allowed[-1] else "usually gives smeared, low-detail images"
     )
-    reason = f"{trained}; {px} needs --force-resolution and {effect}"
+    reason = f"{trained}; {px} needs {setting('force_resolution')} and {effect}"
     if not force:
         raise NbkitError(
             f"resolution {px} is outside {allowed[0]}-{allowed[-1]} for {spec.key}: {reason}",
-            fix=f"use {spec.native_resolution}, or pass --force-resolution (force_resolution=True in "
-            "Python) to try it anyway",
+            fix=f"use {spec.native_resolution}, or try it anyway with {setting('force_resolution')}",
         )
-    warnings.warn(f"forcing resolution {px} on {spec.key}: {reason}", UserWarning, stacklevel=2)
+    warnings.warn(
+        f"forcing resolution {px} on {spec.key}: {trained}; {px} {effect}", UserWarning, stacklevel=2
+    )
     return px

@@ -26,7 +26,7 @@ from nbkit.errors import NbkitError
 from nbkit.families import Family
 from nbkit.fsio import atomic_write_json, read_json
 from nbkit.models.download import download_url, token_for_url
-from nbkit.models.registry import MODELS, ModelSpec, find_model
+from nbkit.models.registry import MODELS, ModelSpec, close_models, find_model
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*(@[\w.\-/]+)?")
@@ -127,11 +127,36 @@ def resolve_source(
             cache_dir=models_cache(cache_root) / "hub",
         )
         return ResolvedSource("diffusers", path, spec, variant)
-    if any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")) or Path(text).suffix:
-        raise NbkitError("no such file or folder", path=local.absolute(), fix="check the path")
-    raise NbkitError(
+    raise _unknown_source(text)
+
+
+def check_source(source: str) -> None:
+    """Raise `resolve_source`'s error for a source that names nothing, without fetching anything: an
+    existing path, a URL, a registry name and a hub repo id pass (whether the repo exists is told when
+    it is fetched).
+
+    Args:
+        source: what the user typed.
+    """
+    text = source.strip()
+    if not text or Path(text).expanduser().exists() or re.match(r"https?://", text, re.IGNORECASE):
+        return
+    name = text.partition("@")[0]
+    if find_model(name) is None and not HUB_ID.fullmatch(text):
+        raise _unknown_source(text)
+
+
+def _unknown_source(text: str) -> NbkitError:
+    close = close_models(text)
+    looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~"))
+    if looks_like_path or (Path(text).suffix and not close):
+        return NbkitError(
+            "no such file or folder", path=Path(text).expanduser().absolute(), fix="check the path"
+        )
+    guess = f"did you mean {' or '.join(repr(key) for key in close)}? " if close else ""
+    return NbkitError(
         f"{text!r} is not a model nbkit knows, a hub repo id, a path or a URL",
-        fix=f"use one of: {', '.join(MODELS)}; or owner/name from huggingface.co",
+        fix=f"{guess}use one of: {', '.join(MODELS)}; or owner/name from huggingface.co",
     )
 
 

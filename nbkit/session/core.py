@@ -247,7 +247,7 @@ class Session:
             if allowed is not None and resolution not in allowed:
                 warnings.warn(
                     f"resolution {resolution} is not one of {base_model.source}'s sizes ({allowed[0]}-{allowed[-1]} "
-                    f"in steps of {allowed.step}): training will ask for --force-resolution",
+                    f"in steps of {allowed.step}): training will ask to force it",
                     NbkitWarning,
                     stacklevel=2,
                 )

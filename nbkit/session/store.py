@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError
+from nbkit.errors import NbkitError, NbkitWarning, SessionLockedError, setting
 from nbkit.fsio import OLD_PREFIX, TEMP_PREFIX, atomic_directory, atomic_path, retry_io
 from nbkit.session.core import (
     BACKUP_NAME,
@@ -289,7 +289,7 @@ def export_session(
         raise NbkitError(
             "the export file already exists; not overwriting it",
             path=out,
-            fix="choose another file name, or pass --overwrite (overwrite=True) to replace it",
+            fix=f"choose another file name, or replace it with {setting('overwrite')}",
         )
     leave_out = () if include_checkpoints else (CHECKPOINTS_DIR,)
     with SessionLock(folder, "export"), atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w") as archive:

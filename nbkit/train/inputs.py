@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbkit.env import has_native_bf16
 from nbkit.errors import NbkitError
+from nbkit.errors import setting as _setting
 from nbkit.families import get_family
 from nbkit.models.registry import validate_resolution
 from nbkit.session.base_model import model_spec
@@ -38,6 +39,8 @@ RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
 # The same for FLUX.1's conditioning; checkpoints written before these settings existed lack them.
 RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_guidance")
 QUANTIZATION_KEY = "the base model's quantization"
+
+RESTART = _setting("restart")
 
 
 def merge_config(stored: TrainConfig, overrides: dict[str, Any] | None) -> TrainConfig:
@@ -281,9 +284,9 @@ def check_resume(
         raise NbkitError(
             f"cannot resume: {key} was {before!r} in the checkpoint but is {now!r} now",
             path=where,
-            fix=f"resume with --quantize-base {before or 'none'} on a GPU it fits, or start over with --restart"
+            fix=f"resume with --quantize-base {before or 'none'} on a GPU it fits, or start over with {RESTART}"
             if key == QUANTIZATION_KEY
-            else f"resume with the checkpoint's {key} (drop the new setting), or start over with --restart",
+            else f"resume with the checkpoint's {key} (drop the new setting), or start over with {RESTART}",
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, setting
 from nbkit.families import FAMILIES
 
 # Messages the allocators of each backend put in their errors (torch raises plain RuntimeErrors for
@@ -198,5 +198,5 @@ def explain_oom(
     if not tips:
         fix = "every memory-saving setting is already on; use a machine with more memory (a bigger Colab GPU)"
     else:
-        fix = "change one of these and run again with --resume:\n    - " + "\n    - ".join(tips)
+        fix = f"change one of these and run again with {setting('resume')}:\n    - " + "\n    - ".join(tips)
     return NbkitError(message, fix=fix)

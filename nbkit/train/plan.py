@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, setting
 from nbkit.models.memory import DEFAULT_LORA_RANK
 from nbkit.session.base_model import base_model_ref, native_resolution
 from nbkit.session.core import Session
@@ -30,6 +30,7 @@ from nbkit.train.inputs import (
     merge_config,
     plan_gpu_memory,
 )
+from nbkit.train.more import plan_more
 
 
 @dataclasses.dataclass
@@ -44,6 +45,8 @@ class RunPlan:
         skipped: checkpoints newer than `resume_from` that failed their check, with the reason.
         recrop: instance images to crop again because the resolution changed.
         notes: what the GPU memory plan decided and why (`nbkit.models.memory.plan_training`).
+        from_model: training more without the last checkpoint: the exported model it starts from, as
+            `{"name", "stage", "step"}` (`nbkit.train.more`).
     """
 
     base_model: BaseModelRef
@@ -53,6 +56,7 @@ class RunPlan:
     skipped: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
     recrop: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    from_model: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A plain form to broadcast to the other processes of a multi-GPU run."""
@@ -64,6 +68,7 @@ class RunPlan:
             "skipped": [[str(path), why] for path, why in self.skipped],
             "recrop": list(self.recrop),
             "notes": list(self.notes),
+            "from_model": self.from_model,
         }
 
     @classmethod
@@ -77,6 +82,7 @@ class RunPlan:
             skipped=[(Path(path), why) for path, why in data["skipped"]],
             recrop=list(data["recrop"]),
             notes=list(data.get("notes", [])),
+            from_model=data.get("from_model"),
         )
 
 
@@ -87,6 +93,7 @@ def plan_run(
     resume: bool = False,
     restart: bool = False,
     force_resolution: bool = False,
+    more: bool = False,
 ) -> RunPlan:
     """Check everything a run needs and decide where it starts; writes nothing.
 
@@ -96,13 +103,21 @@ def plan_run(
         resume: continue from the last good checkpoint.
         restart: start over, deleting earlier checkpoints (and, on a finished session, replacing its model).
         force_resolution: accept a resolution outside the model's sensible range.
+        more: train a finished session further: its last stage continues from its last checkpoint (or
+            its exported model) to the stage's new, larger step count (`nbkit.train.more`).
 
     Raises:
         NbkitError: naming the bad setting, photo, or earlier run, and what to do.
     """
     if resume and restart:
         raise NbkitError(
-            "resume and restart both set", fix="pass one of them: --resume continues, --restart starts over"
+            "resume and restart both set",
+            fix=f"use one of them: {setting('resume')} continues, {setting('restart')} starts over",
+        )
+    if more and (resume or restart):
+        raise NbkitError(
+            f"{'resume' if resume else 'restart'} and more both set",
+            fix=f"use {setting('more')} alone to train a finished session further",
         )
     overrides = dict(config_overrides or {})
     model_source = overrides.pop("model", None)
@@ -130,7 +145,7 @@ def plan_run(
     state = session.manifest.state
     checkpoints_dir = session.path / "checkpoints"
     found, damaged = checkpointing.scan_checkpoints(checkpoints_dir)
-    if state.stage == "done" and not restart:
+    if state.stage == "done" and not restart and not more:
         exported = ", ".join(
             model.files.get("single_file") or model.name for model in session.manifest.models
         )
@@ -139,22 +154,25 @@ def plan_run(
             + (f" (its model: {exported})" if exported else "")
             + "; training it again would start from the base model and replace that model",
             path=session.path,
-            fix="to train again from scratch, pass --restart (restart=True); to use the model, open it in "
-            "the web UI or convert it (`nbkit convert`)",
+            fix=f"to train again from scratch, run it with {setting('restart')}; to use the model, open it "
+            "in the web UI or convert it (`nbkit convert`)",
         )
     plan = RunPlan(
         base_model=base_model, config=config, clear_checkpoints=restart, notes=list(memory_plan.notes)
     )
     if restart:
         found = []
+    elif more:
+        plan.resume_from, plan.from_model, note = plan_more(session, config, found)
+        plan.notes += [note] if note else []
     elif found or damaged or state.last_checkpoint:
         if not resume:
             newest = found[-1].path.name if found else state.last_checkpoint
             raise NbkitError(
                 f"the session has an unfinished run (last checkpoint {newest})",
                 path=checkpoints_dir,
-                fix="continue it with --resume (resume=True), or start over with --restart (restart=True), "
-                "which deletes its checkpoints",
+                fix=f"continue it with {setting('resume')}, or start over with {setting('restart')} "
+                "(which deletes its checkpoints)",
             )
         plan.resume_from = found[-1] if found else None
         newest = plan.resume_from.order if plan.resume_from else (-1, -1)
@@ -199,7 +217,9 @@ def start_run(session: Session, plan: RunPlan) -> None:
     manifest = session.manifest
     manifest.base_model = plan.base_model
     manifest.training = plan.config
-    if plan.resume_from is None:
+    if plan.from_model is not None:
+        pass  # training more from the exported model: the session stays `done` until its first checkpoint
+    elif plan.resume_from is None:
         manifest.state = TrainingState()
     else:
         manifest.state = TrainingState(

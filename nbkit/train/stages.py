@@ -239,6 +239,10 @@ def run_stage(
     try:
         if resume_from is not None and resume_from.stage == stage.name:
             accelerator.load_state(str(resume_from.path))
+            if resume_from.state().get("config", {}).get(f"{stage.name}_steps", stage.steps) != stage.steps:
+                continue_schedule(lr_scheduler)  # trained more: the rate of the schedule over the new total
+        elif start_step > 0:
+            continue_schedule(lr_scheduler, start_step * accelerator.num_processes)  # from exported weights
         if stage.name == "unet":
             for images in (context.instance, context.prior):
                 if images is not None:
@@ -253,6 +257,29 @@ def run_stage(
         accelerator.free_memory()
         for model in models:
             freeze(model, context.weight_dtype)
+
+
+def continue_schedule(lr_scheduler, last_epoch: int | None = None) -> None:
+    """Set the learning rate to what the stage's schedule gives at its current step (or at `last_epoch`,
+    in the scheduler's units), for a stage that continues to another step count than its checkpoint's.
+
+    A checkpoint restores the scheduler's step and the optimizer's last rate, which came from the
+    schedule over the old step count; the schedule's function is the new one's (`get_scheduler` builds
+    it from the stage's steps), so the rate is taken from it again.
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    if last_epoch is not None:
+        scheduler.last_epoch = last_epoch
+    rates = [
+        base * schedule(scheduler.last_epoch)
+        for base, schedule in zip(scheduler.base_lrs, lambdas, strict=True)
+    ]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates
 
 
 def offload_text_encoders(components: Components) -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from nbkit import gpu
-from nbkit.errors import DiskFullError, NbkitError, NbkitWarning
+from nbkit.errors import DiskFullError, NbkitError, NbkitWarning, setting
 from nbkit.fsio import disk_full_error, free_bytes, is_disk_full, make_room_fix
 from nbkit.session.core import Session
 from nbkit.session.manifest import TrainingState
@@ -82,6 +82,8 @@ def train(
     root: str | Path | None = None,
     max_steps_this_run: int | None = None,
     force_resolution: bool = False,
+    on_progress: Callable[[TrainResult], None] | None = None,
+    more: bool = False,
 ) -> TrainResult:
     """Train the session's model: stage 1 (text encoder), stage 2 (UNet), then export.
 
@@ -96,6 +98,12 @@ def train(
         max_steps_this_run: stop after this many optimizer steps, with a checkpoint at that step, as a
             planned disconnect (for splitting a run over several sittings); `resume=True` continues.
         force_resolution: accept a resolution outside the model's sensible range.
+        on_progress: called with the `TrainResult` so far after every step and every checkpoint (its
+            newest sample grid and loss plot written), on the main process; for a live display.
+        more: train a finished session further: give the last stage's new, larger total in
+            `config_overrides` (e.g. `{"unet_steps": 2000}`); it continues from the last checkpoint (or,
+            when that is gone, from the exported model with a fresh optimizer) and exports again,
+            replacing the model.
 
     Raises:
         NbkitError: before any work when the session is locked by another kernel, has no (captioned)
@@ -110,7 +118,7 @@ def train(
             f"max_steps_this_run is {max_steps_this_run}", fix="use 1 or more, or leave it unset"
         )
     session = session if isinstance(session, Session) else Session.open(session, root=root)
-    options = {"resume": resume, "restart": restart, "force_resolution": force_resolution}
+    options = {"resume": resume, "restart": restart, "force_resolution": force_resolution, "more": more}
     plan_run(session, config_overrides, **options)  # every input error, before the GPU is touched
 
     # The first PartialState fixes the backend for the process: it must see ACCELERATE_USE_CPU, which
@@ -133,7 +141,9 @@ def train(
         mixed_precision, weight_dtype = resolve_precision(plan.config.mixed_precision, state.device)
         accelerator = Accelerator(mixed_precision=mixed_precision)
         try:
-            result = _execute(session, accelerator, plan, weight_dtype, max_steps_this_run, stack, paused)
+            result = _execute(
+                session, accelerator, plan, weight_dtype, max_steps_this_run, stack, paused, on_progress
+            )
         except Exception as error:
             from nbkit.train.oom import explain_oom, is_oom
 
@@ -152,10 +162,10 @@ def _resume_hint(session: Session) -> str:
     state = session.manifest.state
     if state.last_checkpoint:
         return (
-            f"continue with `nbkit train {session.name} --resume` (in Python: train(..., resume=True)); "
-            f"the session keeps checkpoint {Path(state.last_checkpoint).name} ({state.stage} step {state.step})"
+            f"continue training with {setting('resume')}; the session keeps checkpoint "
+            f"{Path(state.last_checkpoint).name} ({state.stage} step {state.step})"
         )
-    return f"train again (`nbkit train {session.name}`); no checkpoint had been saved yet"
+    return "train again; no checkpoint had been saved yet"
 
 
 def _disk_full(session: Session, error: Exception, *, is_main: bool) -> DiskFullError | None:
@@ -264,7 +274,9 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
     )
 
 
-def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack, paused) -> TrainResult:
+def _execute(
+    session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack, paused, on_progress=None
+) -> TrainResult:
     main, device = accelerator.is_main_process, accelerator.device
     base_model, config, resume_from = plan.base_model, plan.config, plan.resume_from
     if device.type == "cuda":
@@ -294,7 +306,9 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
     result = TrainResult(
         session=session.path, finished=False, stage="idle", step=0, seed=config.seed, config=config
     )
-    reporter = _Reporter(session, components, config, result, accelerator, scratch) if main else None
+    reporter = (
+        _Reporter(session, components, config, result, accelerator, scratch, on_progress) if main else None
+    )
     context = RunContext(
         accelerator=accelerator,
         components=components,
@@ -330,7 +344,7 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
     if reporter is not None:
         reporter.context, reporter.stages, reporter.weight_dtype = context, stages, weight_dtype
     try:
-        finished = _run_stages(context, stages, resume_from, result)
+        finished = _run_stages(context, stages, resume_from, result, plan.from_model, session)
         if reporter is not None and reporter.paused is not None:
             paused.append(reporter.paused)
             finished = False  # paused after the last checkpoint: the export waits for room too
@@ -350,9 +364,18 @@ def _execute(session, accelerator, plan: RunPlan, weight_dtype, max_steps, stack
     return result
 
 
-def _run_stages(context: RunContext, stages: list[Stage], resume_from, result: TrainResult) -> bool:
+def _run_stages(
+    context: RunContext, stages: list[Stage], resume_from, result: TrainResult, from_model=None, session=None
+) -> bool:
     start = {stage.name: 0 for stage in stages}
     pending = list(stages)
+    if from_model is not None:  # training more without the last checkpoint: from the exported model
+        from nbkit.train.more import load_exported_roles
+
+        load_exported_roles(context, session.path, from_model["name"], session.manifest.models)
+        pending = [stage for stage in stages if stage.name == from_model["stage"]]
+        start[from_model["stage"]] = from_model["step"]
+        result.stage, result.step = from_model["stage"], from_model["step"]
     if resume_from is not None:
         order = checkpointing.STAGES.index(resume_from.stage)
         # Stages before the checkpoint's are done; its own is done if it reached its last step.
@@ -400,6 +423,7 @@ class _Reporter:
         result: TrainResult,
         accelerator,
         scratch: Path,
+        on_progress: Callable[[TrainResult], None] | None = None,
     ):
         from nbkit.train.progress_log import TrainingLog
 
@@ -410,12 +434,14 @@ class _Reporter:
         self.stages: list[Stage] = []
         self.paused: DiskFullError | None = None
         self.weight_dtype = torch.float32
+        self.on_progress = on_progress or _ignore
 
     def on_step(self, stage: Stage, step: int, loss: float, learning_rate: float) -> None:
         offset = self.config.text_encoder_steps if stage.name == "unet" else 0
         self.log.log(offset + step, stage.name, loss, learning_rate)
         self.result.losses.append((stage.name, step, loss))
         self.result.stage, self.result.step = stage.name, step
+        self.on_progress(self.result)
 
     def on_checkpoint(self, stage: Stage, step: int, path: Path) -> None:
         manifest = self.session.manifest
@@ -433,6 +459,7 @@ class _Reporter:
                 score_after_checkpoint(self.session, device=str(self.accelerator.device))
         self.log.flush()
         self.result.loss_plot = self.log.plot(self.session.dir("logs") / "loss.png")
+        self.on_progress(self.result)
         self._pause_if_full(stage, step, path)
 
     def _pause_if_full(self, stage: Stage, step: int, path: Path) -> None:

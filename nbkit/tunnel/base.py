@@ -25,6 +25,11 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
+from nbkit.errors import action, setting
+
+# What the user does for a new link, in each interface's words (`nbkit.errors.render`).
+REOPEN = action("reopen_tunnel")
+
 DEFAULT_TIMEOUT = 30.0
 LOG_LINES = 40  # the tail of a provider's output kept for error messages
 _T = TypeVar("_T")
@@ -198,7 +203,7 @@ class Tunnel:
                 self.reason = f"unexpected {type(e).__name__}: {self._scrub(str(e))}"
                 self.error = (
                     f"{self.provider}: unexpected {type(e).__name__}: {self._scrub(str(e))}. "
-                    f"Call reopen() to try again, or use another tunnel (--tunnel {self._fallback()})"
+                    f"To try again, {REOPEN}, or use another tunnel ({setting('tunnel', self._fallback())})"
                 )
             except BaseException:  # Ctrl+C or exit mid-open: nothing may keep running behind it
                 self.public_url = None
@@ -264,8 +269,8 @@ class Tunnel:
         self.public_url = None
         self.error = (
             f"{self.provider}: the public link dropped ({self._scrub(reason)}). The UI is still up on "
-            f"{self.local_url}: call reopen() for a new link, or use another tunnel "
-            f"(--tunnel {self._fallback()})"
+            f"{self.local_url}: {REOPEN} for a new link, or use another tunnel "
+            f"({setting('tunnel', self._fallback())})"
         )
 
     def _quiet_stop(self) -> None:
@@ -308,7 +313,7 @@ class ProcessTunnel(Tunnel):
         """The failure when the process exits before printing a URL."""
         return TunnelFailure(
             f"{self.command()[0]} exited with code {code} before printing a link (output: {tail(log)})",
-            f"Call reopen() to try again, or use another tunnel (--tunnel {self._fallback()})",
+            f"To try again, {REOPEN}, or use another tunnel ({setting('tunnel', self._fallback())})",
         )
 
     def explain_timeout(self, log: list[str]) -> TunnelFailure:
@@ -316,8 +321,8 @@ class ProcessTunnel(Tunnel):
         seen = f" (output so far: {tail(log)})" if tail(log) else " (no output)"
         return TunnelFailure(
             f"no public link after {self.timeout:g} s, so it was stopped{seen}",
-            "Check the runtime's internet connection and call reopen(), or use another tunnel "
-            f"(--tunnel {self._fallback()})",
+            f"Check the runtime's internet connection and {REOPEN}, or use another tunnel "
+            f"({setting('tunnel', self._fallback())})",
         )
 
     def after_open(self, url: str) -> None:
@@ -349,7 +354,7 @@ class ProcessTunnel(Tunnel):
         self._proc = proc  # before anything waits, so a close() or an interrupt reaches it
         if self._closing.is_set():  # a close() came while it started: it saw no process to stop
             self._stop()
-            raise TunnelFailure("closed while opening", "Call reopen() for a link")
+            raise TunnelFailure("closed while opening", f"For a link, {REOPEN}")
         reader = self._reader = threading.Thread(
             target=self._read, args=(proc, found, state), name=f"nbkit-tunnel-{self.provider}", daemon=True
         )
@@ -359,7 +364,7 @@ class ProcessTunnel(Tunnel):
             raise self.explain_timeout(list(self.log))
         if self._closing.is_set():
             self._stop()
-            raise TunnelFailure("closed while opening", "Call reopen() for a link")
+            raise TunnelFailure("closed while opening", f"For a link, {REOPEN}")
         if "url" not in state:
             reader.join(5)
             code = proc.wait()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-from nbkit.tunnel.base import DEFAULT_TIMEOUT, ProcessTunnel, TunnelFailure, tail
+from nbkit.errors import setting
+from nbkit.tunnel.base import DEFAULT_TIMEOUT, REOPEN, ProcessTunnel, TunnelFailure, tail
 
 # api.trycloudflare.com appears in the error lines ("Post https://api.trycloudflare.com/tunnel"): not a link
 URL_PATTERN = re.compile(r"https://(?!api\.)[a-z0-9][-a-z0-9]*\.trycloudflare\.com\b")
@@ -60,17 +61,17 @@ class CloudflaredTunnel(ProcessTunnel):
     def missing_binary(self, program: str) -> TunnelFailure:
         return TunnelFailure(
             f"the cloudflared binary was not found ({program!r} is not on PATH or not executable)",
-            f"{INSTALL}; or use another tunnel (--tunnel {self._fallback()})",
+            f"{INSTALL}; or use another tunnel ({setting('tunnel', self._fallback())})",
         )
 
     def explain_exit(self, code: int, log: list[str]) -> TunnelFailure:
         text = "\n".join(log)
         if "429" in text or "Too Many Requests" in text:
             reason = "trycloudflare.com refused a new quick tunnel for now (429 Too Many Requests)"
-            fix = "Wait a minute and call reopen(), or use another tunnel (--tunnel gradio)"
+            fix = f"Wait a minute and {REOPEN}, or use another tunnel ({setting('tunnel', 'gradio')})"
         elif "failed to request quick Tunnel" in text or "dial tcp" in text or "no such host" in text:
             reason = f"could not reach api.trycloudflare.com, no internet? (cloudflared exited with code {code}: {tail(log, 2)})"
-            fix = "Check the runtime's internet connection and call reopen(), or use another tunnel (--tunnel gradio)"
+            fix = f"Check the runtime's internet connection and {REOPEN}, or use another tunnel ({setting('tunnel', 'gradio')})"
         else:
             return super().explain_exit(code, log)
         return TunnelFailure(reason, fix)

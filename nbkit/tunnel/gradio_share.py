@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
+from nbkit.errors import setting
 from nbkit.tunnel.base import (
     DEFAULT_TIMEOUT,
+    REOPEN,
     Tunnel,
     TunnelFailure,
     local_host,
@@ -26,7 +28,7 @@ from nbkit.tunnel.base import (
     tail,
 )
 
-FALLBACK = "use another tunnel (--tunnel cloudflared)"
+FALLBACK = f"use another tunnel ({setting('tunnel', 'cloudflared')})"
 
 
 def frpc_folder() -> Path:
@@ -110,7 +112,7 @@ class GradioTunnel(Tunnel):
             if code is not None:
                 raise TunnelFailure(
                     f"gradio's frpc helper exited with code {code} before giving a link",
-                    f"Check the runtime's internet connection and call reopen(), or {FALLBACK}",
+                    f"Check the runtime's internet connection and {REOPEN}, or {FALLBACK}",
                 )
 
         try:
@@ -127,7 +129,7 @@ class GradioTunnel(Tunnel):
             self._frpc = ours()
             raise TunnelFailure(
                 f"no share link after {self.timeout:g} s, so it was stopped",
-                f"Check the runtime's internet connection or https://status.gradio.app and call reopen(), or {FALLBACK}",
+                f"Check the runtime's internet connection or https://status.gradio.app and {REOPEN}, or {FALLBACK}",
             ) from e
         except Exception as e:
             self._frpc = ours()
@@ -153,7 +155,7 @@ class GradioTunnel(Tunnel):
         if checksum and isinstance(error, checksum):
             return TunnelFailure(
                 f"gradio's downloaded frpc helper failed its checksum ({binary})",
-                f"Delete {binary} and call reopen() to download it again, or {FALLBACK}",
+                f"Delete {binary} and {REOPEN} to download it again, or {FALLBACK}",
             )
         if certificate and isinstance(error, certificate):
             return TunnelFailure(
@@ -164,13 +166,13 @@ class GradioTunnel(Tunnel):
             return TunnelFailure(
                 f"could not set up a share link ({_detail(error)}); gradio downloads its frpc helper on first "
                 f"use and it is not there yet ({binary})",
-                f"Check the runtime's internet connection and call reopen(); without internet, download "
+                f"Check the runtime's internet connection and {REOPEN}; without internet, download "
                 f"{tunneling.BINARY_URL} on another machine, rename it to {tunneling.BINARY_FILENAME}, make it "
                 f"executable and put it in {tunneling.BINARY_FOLDER}; or {FALLBACK}",
             )
         return TunnelFailure(
             f"could not create a share link ({_detail(error)})",
-            f"Check the runtime's internet connection or https://status.gradio.app and call reopen(), or {FALLBACK}",
+            f"Check the runtime's internet connection or https://status.gradio.app and {REOPEN}, or {FALLBACK}",
         )
 
     def _drain(self, frpc: Any, proc: Any, stream: Any, watch: bool) -> None:

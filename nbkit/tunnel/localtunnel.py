@@ -15,7 +15,8 @@ import ipaddress
 import re
 import urllib.request
 
-from nbkit.tunnel.base import DEFAULT_TIMEOUT, ProcessTunnel, TunnelFailure, local_host, tail
+from nbkit.errors import setting
+from nbkit.tunnel.base import DEFAULT_TIMEOUT, REOPEN, ProcessTunnel, TunnelFailure, local_host, tail
 
 URL_PATTERN = re.compile(r"your url is: (https?://\S+)", re.IGNORECASE)
 PASSWORD_URL = "https://loca.lt/mytunnelpassword"
@@ -94,7 +95,7 @@ class LocaltunnelTunnel(ProcessTunnel):
         return TunnelFailure(
             f"npx (Node.js) was not found ({program!r} is not on PATH or not executable)",
             "Install Node.js with npm (on Colab or Debian: `apt-get install -y nodejs npm`), "
-            f"or use another tunnel (--tunnel {self._fallback()})",
+            f"or use another tunnel ({setting('tunnel', self._fallback())})",
         )
 
     def explain_exit(self, code: int, log: list[str]) -> TunnelFailure:
@@ -110,7 +111,7 @@ class LocaltunnelTunnel(ProcessTunnel):
         return TunnelFailure(
             reason,
             "localtunnel's free server is often overloaded. Check the runtime's internet connection and "
-            f"call reopen(), or use another tunnel (--tunnel {self._fallback()})",
+            f"{REOPEN}, or use another tunnel ({setting('tunnel', self._fallback())})",
         )
 
     def after_open(self, url: str) -> None:

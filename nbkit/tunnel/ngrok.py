@@ -15,11 +15,12 @@ import os
 import uuid
 from typing import Any
 
-from nbkit.tunnel.base import DEFAULT_TIMEOUT, Tunnel, TunnelFailure, run_with_timeout, tail
+from nbkit.errors import setting
+from nbkit.tunnel.base import DEFAULT_TIMEOUT, REOPEN, Tunnel, TunnelFailure, run_with_timeout, tail
 
 TOKEN_NAMES = ("NGROK_AUTHTOKEN", "NGROK_TOKEN")
 TOKEN_PAGE = "https://dashboard.ngrok.com/get-started/your-authtoken"
-FALLBACK = "use another tunnel (--tunnel cloudflared)"
+FALLBACK = f"use another tunnel ({setting('tunnel', 'cloudflared')})"
 
 
 def find_token() -> tuple[str | None, str]:
@@ -151,7 +152,7 @@ class NgrokTunnel(Tunnel):
         except TimeoutError as e:
             raise TunnelFailure(
                 f"no link after {self.timeout:g} s, so the agent was stopped",
-                f"Check the runtime's internet connection and call reopen(), or {FALLBACK}",
+                f"Check the runtime's internet connection and {REOPEN}, or {FALLBACK}",
             ) from e
         except exception.PyngrokError as e:
             raise self._explain(e, config, exception, source) from e
@@ -163,7 +164,7 @@ class NgrokTunnel(Tunnel):
             return TunnelFailure(
                 f"could not download the ngrok agent, which pyngrok fetches on first use into "
                 f"{config.ngrok_path} ({detail})",
-                "Check the runtime's internet connection and call reopen(); or install ngrok yourself and "
+                f"Check the runtime's internet connection and {REOPEN}; or install ngrok yourself and "
                 f"set PYNGROK_NGROK_PATH (or the ngrok_path option) to it; or {FALLBACK}",
             )
         code = getattr(error, "ngrok_error_code", None)
@@ -176,11 +177,11 @@ class NgrokTunnel(Tunnel):
             return TunnelFailure(
                 f"this ngrok account already has an agent running elsewhere ({code}; free accounts get one)",
                 "Stop the other one (https://dashboard.ngrok.com/agents, or the other runtime) and call "
-                f"reopen(), or {FALLBACK}",
+                f"{REOPEN}, or {FALLBACK}",
             )
         return TunnelFailure(
             f"the ngrok agent could not open a tunnel ({detail})",
-            f"Check the runtime's internet connection and call reopen(), or {FALLBACK}",
+            f"Check the runtime's internet connection and {REOPEN}, or {FALLBACK}",
         )
 
     def _stop(self) -> None:

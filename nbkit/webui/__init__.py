@@ -23,10 +23,11 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nbkit.compat import check_versions
+from nbkit.errors import render
 from nbkit.tunnel import CHOICES, Watchdog, make_tunnel
 from nbkit.tunnel.watchdog import DEFAULT_INTERVAL
 from nbkit.webui.queue import DEFAULT_MAX_PENDING
@@ -64,6 +65,7 @@ class WebUI:
         self._password_shown = False  # a generated password is shown once
         self._listeners: list[Callable[[str | None], None]] = []
         self._display: Any = None  # the notebook's display handle of the links, updated in place
+        self._advice: tuple[str, Mapping[str, str] | None] = ("python", None)  # see `announce`
 
     @property
     def local_url(self) -> str:
@@ -142,7 +144,7 @@ class WebUI:
             with contextlib.suppress(Exception):  # a closed notebook must not stop the watchdog
                 from IPython.display import HTML
 
-                self._display.update(HTML(links_html(self)))
+                self._display.update(HTML(links_html(self, *self._advice)))
         elif self._display is False and url is not None:  # announced as text (the console)
             print(f"Public URL is now: {url}", flush=True)
         for listener in list(self._listeners):
@@ -220,8 +222,14 @@ def login_lines(ui: WebUI) -> list[str]:
     return [login, f"API: HTTP Basic with the same login ({ui.local_url}sdapi/v1/...)"]
 
 
-def links_html(ui: WebUI) -> str:
-    """The UI's links as HTML (the public one first, with its provider), and why there is no public one."""
+def links_html(ui: WebUI, interface: str = "python", words: Mapping[str, str] | None = None) -> str:
+    """The UI's links as HTML (the public one first, with its provider), and why there is no public one.
+
+    Args:
+        ui: the running UI.
+        interface: whose words the advice is in (`nbkit.errors.render`).
+        words: that interface's own words for the settings the advice names.
+    """
 
     def link(url: str, bold: bool = False) -> str:
         text = f"<b>{html.escape(url)}</b>" if bold else html.escape(url)
@@ -232,28 +240,38 @@ def links_html(ui: WebUI) -> str:
     if ui.tunnel_error:
         retry = " (trying again in the background)" if ui.watchdog is not None else ""
         lines.append(
-            f"<span style='color:#b45309'>Tunnel not open: {html.escape(ui.tunnel_error)}{retry}</span>"
+            f"<span style='color:#b45309'>Tunnel not open: "
+            f"{html.escape(render(ui.tunnel_error, interface, words))}{retry}</span>"
         )
     return f"<div style='font-size:1.1em'>nbkit web UI: {'<br>'.join(lines)}</div>"
 
 
-def announce(ui: WebUI, file: Any = None) -> None:
+def announce(
+    ui: WebUI, file: Any = None, *, interface: str = "python", words: Mapping[str, str] | None = None
+) -> None:
     """Print the URLs and the login (the links in place in a notebook, updated when they change).
 
     A password the user chose is never printed; a generated one is printed the first time only.
+
+    Args:
+        ui: the running UI.
+        file: where to print (stdout).
+        interface: whose words the tunnel's advice is in (`nbkit.errors.render`): `python`, `cli`.
+        words: an interface's own words for the settings the advice names (the notebook's fields).
     """
     file = file or sys.stdout
+    ui._advice = (interface, words)
     lines = [f"nbkit web UI running on local URL: {ui.local_url}"]
     if ui.public_url:
         lines.append(f"Public URL: {ui.public_url}{_via(ui)}")
     if ui.tunnel_error:
         retry = " (trying again in the background)" if ui.watchdog is not None else ""
-        lines.append(f"Tunnel not open: {ui.tunnel_error}{retry}")
+        lines.append(f"Tunnel not open: {render(ui.tunnel_error, interface, words)}{retry}")
     if in_notebook():
         try:
             from IPython.display import HTML, display
 
-            ui._display = display(HTML(links_html(ui)), display_id=True)
+            ui._display = display(HTML(links_html(ui, interface, words)), display_id=True)
             if ui.password_generated and not ui.password_shown:
                 # not into the saved notebook: nbkit.notebook's launch cell shows it masked with a copy button
                 lines = [
@@ -319,6 +337,7 @@ def launch(
     extra_models: list[str] | None = None,
     quiet: bool = False,
     tunnel_check: float | None = DEFAULT_INTERVAL,
+    interface: str = "python",
 ) -> WebUI:
     """Start the web UI and the A1111 API on one server.
 
@@ -346,6 +365,7 @@ def launch(
         quiet: do not print the URLs (the handle still has them).
         tunnel_check: seconds between the watchdog's checks of the public link (it reopens a dropped
             link, and `auto` falls back to the next provider); None: no watchdog.
+        interface: whose words the printed advice is in (`python` or `cli`, see `nbkit.errors.render`).
     """
     if tunnel not in TUNNELS:
         raise ValueError(f"tunnel must be one of {', '.join(TUNNELS)}, not {tunnel!r}")
@@ -419,7 +439,7 @@ def launch(
                 tunnel_handle, interval=tunnel_check, probe=_reaches_ui, on_change=ui._link_changed
             )
         if not quiet:
-            announce(ui)
+            announce(ui, interface=interface)
         if ui.watchdog is not None:
             ui.watchdog.start()  # after the announcement, so a change is shown where that is
         if block:

@@ -90,13 +90,25 @@ def checked_wheel(
         digest = sha256_file(wheel.path)
         if digest in pin.hashes:
             return wheel
-        log(
-            f"nbkit wheels: {wheel.path} does not match the lock ({digest[:19]}... is not a hash the lock "
-            f"allows for {pin.name}=={pin.version}): the file is corrupted or was replaced; removed, it "
-            "will be fetched again"
-        )
-        retry_io(lambda wheel=wheel: wheel.path.unlink(missing_ok=True), what=f"removing {wheel.path.name}")
+        refuse(wheel.path, digest, pin, log)
     return None
+
+
+def refuse(path: Path, digest: str, pin: Pin, log: Callable[[str], None] = print) -> None:
+    """Say that the wheel at `path` (sha256 `digest`) is not one `pin` allows, and remove it.
+
+    Args:
+        path: the wheel file.
+        digest: its `sha256:<hex>`.
+        pin: the lock's pin it was meant to be.
+        log: where the message goes.
+    """
+    log(
+        f"nbkit wheels: {path} does not match the lock ({digest[:19]}... is not a hash the lock "
+        f"allows for {pin.name}=={pin.version}): the file is corrupted or was replaced; removed, it "
+        "will be fetched again"
+    )
+    retry_io(lambda: path.unlink(missing_ok=True), what=f"removing {path.name}")
 
 
 def requirements_text(pins: Iterable[Pin]) -> str:

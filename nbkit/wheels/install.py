@@ -2,14 +2,16 @@
 
 What the runtime already has at the locked version is skipped; the rest comes from the wheelhouse,
 offline and hash-checked, after any missing wheel has been downloaded into it (so the next runtime
-needs no registry). The runtime's torch, torchvision, torchaudio, triton and CUDA libraries are never
-touched: they are left out of what is installed, and a constraints file pins them as they are.
+needs no registry). The wheels are installed by nbkit itself (`nbkit.wheels.unpack`: each verified wheel
+unpacked into the interpreter's site-packages), so the speed does not depend on whether uv is on PATH.
+The runtime's torch, torchvision, torchaudio, triton and CUDA libraries are never touched: they are left
+out of what is installed (and of what is removed), and the plain resolve pins them with a constraints
+file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 import tempfile
 import time
@@ -23,10 +25,9 @@ from packaging.version import Version
 
 from nbkit.errors import NbkitError
 from nbkit.wheels.house import (
-    checked_wheel,
+    candidates,
     default_wheelhouse,
     download,
-    requirements_text,
     run_quiet,
     wheels_in,
 )
@@ -40,6 +41,7 @@ from nbkit.wheels.profiles import (
     probe_runtime,
     select_profile,
 )
+from nbkit.wheels.unpack import install_wheels
 
 
 @dataclasses.dataclass
@@ -120,13 +122,6 @@ def _constraints(kept: dict[str, str]) -> str:
     return "".join(f"{name}=={version}\n" for name, version in sorted(kept.items()) if version != "absent")
 
 
-def _installer(python: str, prefer_uv: bool) -> list[str]:
-    uv = shutil.which("uv") if prefer_uv else None
-    if uv:
-        return [uv, "pip", "install", "--python", python, "--offline"]
-    return [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location"]
-
-
 def install(
     sets: Sequence[str] = ("train",),
     wheelhouse: str | Path | None = None,
@@ -136,7 +131,6 @@ def install(
     index_args: Sequence[str] = (),
     profiles_dir: str | Path | None = None,
     runtime: RuntimeSpec | None = None,
-    prefer_uv: bool = True,
     log: Callable[[str], None] = print,
 ) -> InstallReport:
     """Make the packages of `sets` importable, from the wheelhouse when it has them.
@@ -150,7 +144,6 @@ def install(
             "--find-links", DIR]`.
         profiles_dir: where the profiles are (default: nbkit's own).
         runtime: the runtime description (default: probed from `python`); tests fake it.
-        prefer_uv: install with uv when it is on PATH (pip otherwise).
         log: where messages go (default print).
     """
     start = time.perf_counter()
@@ -175,40 +168,57 @@ def install(
         return report
     house = Path(wheelhouse) if wheelhouse is not None else default_wheelhouse()
     wheels = wheels_in(house)
-    missing = [pin for pin in todo if checked_wheel(wheels, pin, runtime.tags, log) is None]
-    if missing:
-        download(missing, house, python=python, index_args=index_args, log=log)
-        wheels = wheels_in(house)
-        still = [pin.name for pin in missing if checked_wheel(wheels, pin, runtime.tags, log) is None]
+    paths = {pin.name: [w.path for w in candidates(wheels, pin, runtime.tags)] for pin in todo}
+    fetched = [pin for pin in todo if not paths[pin.name]]
+    if fetched:
+        paths.update(_fetch(fetched, house, runtime, python, index_args, log))
+    xformers = paths.get("xformers")
+    if xformers and (runtime.torch is None or not xformers_fits(xformers[0], runtime.torch)):
+        todo = [pin for pin in todo if pin.name != "xformers"]
+        report.skipped["xformers"] = (
+            f"no wheel built for torch {runtime.torch}; nbkit uses PyTorch's SDPA attention"
+        )
+    # each wheel is checked against the lock as it is read for unpacking; one that does not match is
+    # removed, fetched again and installed after the others
+    refused = install_wheels([(pin, paths[pin.name]) for pin in todo], python, log=log)
+    if refused:
+        paths.update(_fetch(refused, house, runtime, python, index_args, log))
+        still = install_wheels([(pin, paths[pin.name]) for pin in refused], python, log=log)
         if still:
-            raise NbkitError(
-                f"no wheel that matches the lock for {', '.join(still)} after downloading",
-                path=house,
-                fix="check the network, then run `nbkit wheels build` to fill the wheelhouse",
-            )
-    for pin in list(todo):
-        if pin.name == "xformers":
-            wheel = checked_wheel(wheels, pin, runtime.tags, log)
-            if runtime.torch is None or wheel is None or not xformers_fits(wheel.path, runtime.torch):
-                todo.remove(pin)
-                report.skipped["xformers"] = (
-                    f"no wheel built for torch {runtime.torch}; nbkit uses PyTorch's SDPA attention"
-                )
-    fetched = {pin.name for pin in missing}
-    report.downloaded = [pin.name for pin in todo if pin.name in fetched]
-    report.from_wheelhouse = [pin.name for pin in todo if pin.name not in fetched]
-    with tempfile.TemporaryDirectory(prefix="nbkit-install-") as tmp:
-        requirements, constraints = Path(tmp) / "requirements.txt", Path(tmp) / "constraints.txt"
-        requirements.write_text(requirements_text(todo), encoding="utf-8")
-        constraints.write_text(_constraints(kept), encoding="utf-8")
-        run_quiet(
-            [*_installer(python, prefer_uv), "--no-index", "--find-links", str(house), "--no-deps",
-             "--require-hashes", "-r", str(requirements), "-c", str(constraints)],
-            f"installing {len(todo)} package(s) from {house}",
-        )  # fmt: skip
+            raise _no_wheel([pin.name for pin in still], house)
+        fetched += refused
+    names = {pin.name for pin in fetched}
+    report.downloaded = [pin.name for pin in todo if pin.name in names]
+    report.from_wheelhouse = [pin.name for pin in todo if pin.name not in names]
     report.seconds = time.perf_counter() - start
     log(report.summary())
     return report
+
+
+def _fetch(
+    pins: Sequence[Pin],
+    house: Path,
+    runtime: RuntimeSpec,
+    python: str,
+    index_args: Sequence[str],
+    log: Callable[[str], None],
+) -> dict[str, list[Path]]:
+    """Download `pins`' wheels into `house` (hash-checked there); returns each pin's wheel files."""
+    download(pins, house, python=python, index_args=index_args, log=log)
+    wheels = wheels_in(house)
+    found = {pin.name: [w.path for w in candidates(wheels, pin, runtime.tags)] for pin in pins}
+    still = [name for name, paths in found.items() if not paths]
+    if still:
+        raise _no_wheel(still, house)
+    return found
+
+
+def _no_wheel(names: list[str], house: Path) -> NbkitError:
+    return NbkitError(
+        f"no wheel that matches the lock for {', '.join(names)} after downloading",
+        path=house,
+        fix="check the network, then run `nbkit wheels build` to fill the wheelhouse",
+    )
 
 
 def _plain_install(
