@@ -285,3 +285,19 @@ def test_a_flux_session_starts_from_flux_settings_and_refuses_sd_noise_settings(
     for setting in ({"min_snr_gamma": 5.0}, {"offset_noise": 0.05}):
         with pytest.raises(NbkitError, match="SD noise-schedule settings"):
             check_family_config("flux", training.replace(**setting))
+
+
+def test_a_class_prompt_set_after_a_stop_blocks_the_resume_only_when_prior_preservation_uses_it(tmp_path):
+    from nbkit.session.manifest import BaseModelRef
+    from nbkit.session.settings import TrainConfig
+    from nbkit.train.inputs import check_resume
+
+    base = BaseModelRef(source="tiny-sd1", family="sd1", prediction_type="epsilon")
+    config = TrainConfig()
+    saved = {"config": config.to_dict(), "base_model": base.to_dict()}
+    prior = config.prior
+    worded = config.replace(prior=prior.replace(class_prompt="photo of a dog").to_dict())
+    check_resume(worded, base, saved, tmp_path, quantization=None)  # prior off: the prompt trains nothing
+    used = config.replace(prior=prior.replace(class_prompt="photo of a dog", num_images=10).to_dict())
+    with pytest.raises(NbkitError, match=r"cannot resume: prior\.class_prompt was ''"):
+        check_resume(used, base, saved, tmp_path, quantization=None)

@@ -574,3 +574,30 @@ def test_a_flux_session_crops_at_multiples_of_16(tmp_path):
     )
     with pytest.raises(NbkitError, match="not a multiple of 64"):
         import_images(sd, {"zwx (1).png": encode(chelsea(), "PNG")}, resolution=80)
+
+
+def test_an_empty_folder_is_reported_as_empty_not_as_nothing_to_do(session, tmp_path):
+    (tmp_path / "empty").mkdir()
+    report = import_images(session, [tmp_path / "empty"])
+    (row,) = report.rows
+    assert (row.file, row.status) == ("empty/", "error") and "the folder is empty" in row.reason
+    assert report.failed
+
+
+def test_photos_without_a_caption_are_named_and_a_token_given_later_captions_them(session, tmp_path):
+    from nbkit.images import check_captions
+
+    folder = tmp_path / "numbered"
+    folder.mkdir()
+    for n in (1, 2):
+        two_colour(200 + 40 * n).save(folder / f"{n}.png")
+    import_images(session, [folder], crop="center")
+    with pytest.raises(NbkitError, match=r"2 photo\(s\) have no caption: 1\.png, 2\.png") as caught:
+        check_captions(session)
+    assert "token='zwx'" in str(caught.value) and "--token zwx" in caught.value.render("cli")
+    # Importing again with a token (no new photos) captions the ones already there.
+    report = import_images(session, [], token="zwx")
+    assert [row.reason for row in report.rows] == ["captioned with the token 'zwx'"] * 2
+    check_captions(session)
+    reopened = Session.open(session.name, root=session.path.parent.parent)
+    assert [(image.token, image.caption) for image in reopened.manifest.images] == [("zwx", "zwx")] * 2

@@ -10,7 +10,7 @@ from PIL import Image
 
 from nbkit.generation.generate import VERSION
 from nbkit.generation.infotext import format_infotext, parse_infotext
-from nbkit.train.samples import render_samples, show_samples
+from nbkit.train.samples import render_samples
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +79,6 @@ def test_bad_inputs_name_the_value(sd1_pipeline, tmp_path):
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         render_samples(sd1_pipeline, ["x"], seed=-1, steps=2, resolution=64, out_path=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
-
-
-def test_show_samples_is_a_no_op_outside_a_notebook(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
-    assert show_samples(tmp_path / "grid.png") is False
 
 
 def test_sdxl_grid_names_its_sampler(tiny_model_dir, tmp_path):

@@ -225,6 +225,10 @@ def test_scores_table_plot_and_suggestion_in_a_session(tmp_path, tiny_folders):
     assert np.array_equal(np.asarray(collected["unet-000020"][0].image), np.asarray(photos[0]))
     assert collected["unet-000010"][1].prompt == "zwx on a beach"
 
+    # Training kept the two newest checkpoints: unet-000010's samples are scored, but it cannot be
+    # exported any more, so it is never suggested.
+    for kept in ("unet-000015", "unet-000020"):
+        (session.path / "checkpoints" / kept).mkdir(parents=True)
     clip = load_backbone(tiny_folders["clip"], device="cpu")
     scores, paths = score_session(session, dino=PixelEmbedder(), clip=clip)
     by_name = {score.checkpoint: score for score in scores}
@@ -235,7 +239,8 @@ def test_scores_table_plot_and_suggestion_in_a_session(tmp_path, tiny_folders):
     assert by_name["unet-000015"].diversity is not None and by_name["unet-000010"].diversity is None
     assert all(score.clip_t is not None for score in scores)
     table = json.loads(paths["json"].read_text())
-    assert table["suggested_checkpoint"] in {"unet-000010", "unet-000015"}
+    assert table["suggested_checkpoint"] == "unet-000015"
+    assert [row["checkpoint"] for row in table["scores"]] == ["unet-000010", "unet-000015", "unet-000020"]
     assert paths["csv"].read_text().startswith("checkpoint,samples,dino")
     assert Image.open(paths["plot"]).size[0] > 100
     assert (session.path / "logs" / "vision_cache").is_dir()

@@ -35,10 +35,11 @@ def _box(text: str) -> tuple[int, int, int, int]:
 
 
 def add(args: argparse.Namespace) -> int:
-    from nbkit.images import import_images
+    from nbkit.images import check_captions, import_images
 
+    session = _session(args)
     report = import_images(
-        _session(args),
+        session,
         [str(source) for source in args.sources],
         crop=args.crop,
         captions=args.captions,
@@ -47,8 +48,10 @@ def add(args: argparse.Namespace) -> int:
         recursive=args.recursive,
         max_bytes=int(args.max_mb * 2**20),
         timeout=args.timeout,
+        token=args.token,
     )
     print(report)
+    check_captions(session)
     return 1 if report.failed else 0
 
 
@@ -126,6 +129,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what a .txt caption does to the file-name token",
     )
     sub.add_argument("--resolution", type=int, help="processed size (default: the session's)")
+    sub.add_argument(
+        "--token", default="", help="the instance token of these photos (default: from each file name)"
+    )
     sub.add_argument("--recursive", action="store_true", help="look into sub-folders")
     sub.add_argument(
         "--max-mb", type=float, default=50.0, help="the largest file accepted, in MB (default: 50)"

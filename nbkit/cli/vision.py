@@ -68,7 +68,7 @@ def check(args: argparse.Namespace) -> int:
 
 def score(args: argparse.Namespace) -> int:
     from nbkit.vision.backbones import load_backbone
-    from nbkit.vision.scoring import format_table, score_session
+    from nbkit.vision.scoring import format_table, kept_checkpoints, score_session
 
     session = _session(args)
     dino = load_backbone(args.dino, device=args.device) if args.dino != "none" else None
@@ -78,7 +78,7 @@ def score(args: argparse.Namespace) -> int:
             "--dino none and --clip none leave nothing to score with.", fix="Keep at least one model."
         )
     scores, paths = score_session(session, dino=dino, clip=clip, memorised=args.memorised)
-    print(format_table(scores))
+    print(format_table(scores, kept_checkpoints(session)))
     print(f"table: {paths['csv']}\nplot: {paths['plot']}")
     return 0
 

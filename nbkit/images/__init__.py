@@ -23,7 +23,7 @@ from nbkit.images.checks import BadImageError, CheckedImage, check_image, pixel_
 from nbkit.images.contact_sheet import make_contact_sheet, write_contact_sheet
 from nbkit.images.crop import CropChoice, FaceDetector, choose_crop, render_crop
 from nbkit.images.editor import CaptionEditor, caption_editor
-from nbkit.images.importing import import_images, session_resolution
+from nbkit.images.importing import check_captions, import_images, session_resolution
 from nbkit.images.manage import list_images, recrop_images, remove_images
 from nbkit.images.report import ImageReport, ReportRow
 from nbkit.images.sources import download, safe_filename
@@ -38,6 +38,7 @@ __all__ = [
     "ReportRow",
     "apply_caption_files",
     "caption_editor",
+    "check_captions",
     "check_image",
     "check_token",
     "choose_crop",

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, setting
 from nbkit.families import get_family
 from nbkit.fsio import atomic_write_bytes, clean_temporaries
 from nbkit.images.captions import (
@@ -170,6 +170,7 @@ def _import_locked(
             record.caption_source = "txt" if text else "filename"
             used_texts.add(stem_key)
         updates = _captions_for_existing(session, texts, used_texts, captions, report)
+        updates += _token_for_uncaptioned(session, normalise_caption(token), updates, report)
         if batch.records or updates:
             _commit(session, batch, updates, report, crop, resolution, started)
     except BaseException:
@@ -348,6 +349,48 @@ def _captions_for_existing(
                 fix="give it the same name as its image (zwx (1).txt for zwx (1).jpg)",
             )
     return updates
+
+
+def _token_for_uncaptioned(
+    session: Session, token: str, updates: list[ImageRecord], report: ImageReport
+) -> list[ImageRecord]:
+    """A given token also captions the session's photos that still have no caption (named `1.png`), so
+    importing again with a token fixes an earlier import instead of adding nothing."""
+    if not token:
+        return []
+    updated = {record.file for record in updates}
+    fixed = []
+    for record in session.manifest.images:
+        if record.file not in updated and not record.caption.strip():
+            fixed.append(dataclasses.replace(record, token=token, caption=token, caption_source="filename"))
+            report.add(PurePath(record.file).name, "ok", f"captioned with the token {token!r}")
+    return fixed
+
+
+def uncaptioned_images(session: Session) -> list[str]:
+    """The file names of the session's photos whose caption is empty (training would refuse them)."""
+    return [PurePath(record.file).name for record in session.manifest.images if not record.caption.strip()]
+
+
+def check_captions(session: Session) -> None:
+    """Refuse a session whose photos lack a caption, naming them and the ways to give one.
+
+    Args:
+        session: the open session.
+
+    Raises:
+        NbkitError: when any photo's caption is empty (its file name gave no token and no .txt came).
+    """
+    missing = uncaptioned_images(session)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NbkitError(
+            f"{len(missing)} photo(s) have no caption: {shown}: their file names give no instance token "
+            "and no .txt caption came with them",
+            path=session.dir(INSTANCE_DIR),
+            fix=f"import again with a token for them ({setting('token', 'zwx')}, a rare word for your "
+            "subject), or name the photos like 'zwx (1).jpg', or put a .txt caption next to each",
+        )
 
 
 def _commit(

@@ -115,6 +115,17 @@ def _add_path(gathered: Gathered, path: Path, max_bytes: int, recursive: bool) -
         files = [
             file for file in path.glob(pattern) if file.is_file() and not _is_junk(file.relative_to(path))
         ]
+        if not files:
+            where = "in it or its sub-folders" if recursive else "in it (sub-folders are not looked into)"
+            gathered.failures.append(
+                (
+                    f"{path.name}/",
+                    NbkitError(
+                        f"the folder is empty: no files {where}",
+                        fix="put your photos (JPEG, PNG or WebP) in it, or give the folder they are in",
+                    ),
+                )
+            )
         inside = path.resolve()
         for file in sorted(files, key=lambda file: natural_key(str(file.relative_to(path)))):
             label = f"{path.name}/{file.relative_to(path)}"

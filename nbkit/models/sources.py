@@ -149,7 +149,7 @@ def check_source(source: str) -> None:
 def _unknown_source(text: str) -> NbkitError:
     close = close_models(text)
     looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~"))
-    if looks_like_path or (Path(text).suffix and not close):
+    if looks_like_path or Path(text).suffix.lower() in SINGLE_FILE_SUFFIXES:
         return NbkitError(
             "no such file or folder", path=Path(text).expanduser().absolute(), fix="check the path"
         )

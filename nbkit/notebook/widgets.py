@@ -4,14 +4,14 @@ Neither waits for the user: a cell shows the widget and goes on, or stops with n
 what to do, and the widget's own callback does the work when the user acts on it. So "Run all" never
 hangs, and after picking or uploading the user runs the next cell.
 
-    picker = SessionPicker(root, base)   # picking opens the session and binds the notebook's `session`
+    picker = SessionPicker(root, base)   # picking opens the session for the cells below
     box = UploadBox(session)             # uploaded photos are imported at once
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,6 @@ def _widgets():
     return ipywidgets
 
 
-def _bind(variable: str, value: Any) -> None:
-    """Make `value` the notebook's `variable`, as if the cell had returned it (no-op outside IPython)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if variable and shell is not None:
-        shell.user_ns[variable] = value
-
-
 def picked_session(root: str | os.PathLike | None):
     """The session last picked in a `SessionPicker` for `root`, or None."""
     return _picked.get(str(root))
@@ -73,20 +62,26 @@ def picked_session(root: str | os.PathLike | None):
 class SessionPicker:
     """A dropdown of the sessions under the storage root and a box to name a new one.
 
-    Picking (or pressing Create) opens the session, makes it `self.session` and the notebook's
-    `variable`, so the cells below use it. Problems show as nbkit's one line under the widget.
+    Picking (or pressing Create) opens the session, makes it `self.session` and hands it to `on_pick`,
+    so the cells below use it. Problems show as nbkit's one line under the widget.
 
     Args:
         root: the storage root (None: `nbkit.env.storage_root()`).
         base: the `BaseModelRef` a new session is created on (None: the template's).
-        variable: the notebook variable the picked session is bound to ("" binds none).
+        on_pick: called with each session picked.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, base=None, *, variable: str = "session"):
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        base=None,
+        *,
+        on_pick: Callable[[Any], None] | None = None,
+    ):
         from nbkit.session.store import list_sessions
 
         widgets = _widgets()
-        self.root, self.base, self.variable = root, base, variable
+        self.root, self.base, self.on_pick = root, base, on_pick
         self.session = picked_session(root)
         names = [info.name for info in list_sessions(root) if not info.problem]
         current = self.session.name if self.session is not None and self.session.name in names else ""
@@ -121,7 +116,8 @@ class SessionPicker:
                 print(f"nbkit: {error}")
                 return None
             self.session = _picked[str(self.root)] = opened
-            _bind(self.variable, opened)
+            if self.on_pick is not None:
+                self.on_pick(opened)
             images = len(opened.manifest.images)
             done = "Opened" if existed else "Created"
             print(f"{done} session '{opened.name}' ({images} images): run the next cell")
@@ -203,16 +199,17 @@ class UILinks:
 
     Args:
         ui: the `WebUI` that `nbkit.webui.launch` returned.
+        words: the notebook's words for the settings the tunnel's advice names (`nbkit.errors.render`).
     """
 
-    def __init__(self, ui):
+    def __init__(self, ui, *, words: Mapping[str, str] | None = None):
         import secrets
 
         from nbkit.webui import links_html
 
         widgets = _widgets()
-        self.ui = ui
-        self.links = widgets.HTML(value=links_html(ui))
+        self.ui, self.words = ui, words
+        self.links = widgets.HTML(value=links_html(ui, "notebook", words))
         rows: list[Any] = [self.links]
         password = ui.reveal_password()
         self.password = self.login = None
@@ -242,7 +239,7 @@ class UILinks:
         """Show the UI's current links (called when they change)."""
         from nbkit.webui import links_html
 
-        self.links.value = links_html(self.ui)
+        self.links.value = links_html(self.ui, "notebook", self.words)
 
     def __repr__(self) -> str:  # the text a notebook saves beside the widget: links only
         public = f", public_url={self.ui.public_url!r}" if self.ui.public_url else ""

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nbkit.errors import NbkitError
-from nbkit.families import detect_family_from_config, get_family
+from nbkit.errors import NbkitError, setting
+from nbkit.families import FAMILIES, detect_family_from_config, get_family
 from nbkit.models.registry import MODELS, ModelSpec, find_model
 from nbkit.models.sources import resolve_source
 from nbkit.session.manifest import BaseModelRef
@@ -26,8 +26,8 @@ def base_model_ref(source: str) -> BaseModelRef:
         raise NbkitError(
             "a single-file checkpoint does not say which model family it is",
             path=resolved.path,
-            fix="create the session with this model and its family (`nbkit session create NAME --base-model "
-            "FILE --family FAMILY`), or convert it to a diffusers folder first",
+            fix=f"give its family with it ({setting('family', 'sd1')} for an SD 1.x file; the families are "
+            f"{', '.join(FAMILIES)}), or convert it to a diffusers folder first",
         )
     detected = detect_family_from_config(resolved.path)
     return BaseModelRef(source=source, family=detected.family, prediction_type=detected.prediction_type)

@@ -22,7 +22,10 @@ def suggested_checkpoint(session) -> str:
         session: an open `nbkit.session.core.Session`.
     """
     path = session.dir("logs") / "vision_scores.json"
-    fix = "run `nbkit vision score SESSION` (or train with --score) first, or name a checkpoint."
+    fix = (
+        "score the checkpoints first (`nbkit vision score SESSION`, training with score on, or the "
+        "notebook's Scores cell), or name a checkpoint."
+    )
     try:
         suggested = json.loads(path.read_text(encoding="utf-8")).get("suggested_checkpoint")
     except FileNotFoundError:
@@ -35,7 +38,7 @@ def suggested_checkpoint(session) -> str:
         raise NbkitError(
             "the scores suggest no checkpoint: every one memorised a training photo.",
             path=path,
-            fix="name a checkpoint with --checkpoint, or train with fewer steps or more photos.",
+            fix="name a checkpoint (one the score table lists), or train with fewer steps or more photos.",
         )
     return suggested
 

@@ -271,10 +271,13 @@ def check_resume(
     if "quantized_base" in saved and saved["quantized_base"] != quantization:
         mismatches.append((QUANTIZATION_KEY, saved["quantized_base"], quantization))
     saved_prior = saved_config.get("prior", {})
+    # With prior preservation off before and now, its class prompt trains nothing: a class word set
+    # (or suggested) after the stop does not block the resume.
+    prior_used = bool(saved_prior.get("num_images")) or bool(current["prior"]["num_images"])
     mismatches += [
         (f"prior.{key}", saved_prior.get(key), current["prior"][key])
         for key in RESUME_PRIOR_KEYS
-        if saved_prior.get(key) != current["prior"][key]
+        if prior_used and saved_prior.get(key) != current["prior"][key]
     ]
     for key in ("source", "family"):
         if saved_model.get(key) != getattr(base_model, key):

@@ -122,24 +122,3 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
         else:
             current = candidate
     return [*lines, current] if current else lines or [""]
-
-
-def show_samples(path: Path) -> bool:
-    """Display the grid in a notebook; does nothing outside one.
-
-    Args:
-        path: the grid PNG.
-
-    Returns:
-        True when it was shown.
-    """
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image as IPythonImage
-        from IPython.display import display
-    except ImportError:
-        return False
-    if get_ipython() is None:
-        return False
-    display(IPythonImage(filename=str(path)))
-    return True

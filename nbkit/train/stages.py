@@ -136,6 +136,7 @@ class RunContext:
         steps_left: optimizer steps this call may still take (None: no limit).
         base_state: what every checkpoint's `trainer_state.json` records besides stage and step
             (the config and base model a resume is checked against).
+        progress_bars: show a progress bar per stage (off where the caller shows its own progress).
     """
 
     accelerator: Accelerator
@@ -152,6 +153,7 @@ class RunContext:
     on_step: Callable[[Stage, int, float, float], None]
     steps_left: int | None = None
     base_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress_bars: bool = True
 
 
 def load_frozen_roles(
@@ -300,7 +302,7 @@ def _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_schedul
         initial=start_step,
         desc=f"stage {stage.index} ({stage.name.replace('_', ' ')})",
         unit="step",
-        disable=not accelerator.is_main_process,
+        disable=not (accelerator.is_main_process and context.progress_bars),
     )
     every = config.checkpoint_every
     with progress:

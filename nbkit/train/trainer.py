@@ -99,7 +99,8 @@ def train(
             planned disconnect (for splitting a run over several sittings); `resume=True` continues.
         force_resolution: accept a resolution outside the model's sensible range.
         on_progress: called with the `TrainResult` so far after every step and every checkpoint (its
-            newest sample grid and loss plot written), on the main process; for a live display.
+            newest sample grid and loss plot written), on the main process; for a live display, which
+            replaces the stages' progress bars.
         more: train a finished session further: give the last stage's new, larger total in
             `config_overrides` (e.g. `{"unet_steps": 2000}`); it continues from the last checkpoint (or,
             when that is gone, from the exported model with a fresh optimizer) and exports again,
@@ -323,6 +324,7 @@ def _execute(
         on_checkpoint=reporter.on_checkpoint if reporter else _ignore,
         on_step=reporter.on_step if reporter else _ignore,
         steps_left=max_steps,
+        progress_bars=on_progress is None,
         base_state={
             "config": config.to_dict(),
             "base_model": base_model.to_dict(),

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,15 +197,19 @@ def _diversity(embedded, prompts: Sequence[str]) -> float | None:
     return sum(per_prompt) / len(per_prompt) if per_prompt else None
 
 
-def suggest_checkpoint(scores: Sequence[CheckpointScore]) -> str | None:
+def suggest_checkpoint(scores: Sequence[CheckpointScore], kept: Collection[str] | None = None) -> str | None:
     """The checkpoint with the best fidelity (mean of DINO and CLIP-I) that memorises no photo.
 
     Ties go to the earlier checkpoint (less training, less overfitting). None when all memorise.
 
     Args:
         scores: `score_checkpoints`' rows.
+        kept: the checkpoints still in the session (None: all); the others were pruned and cannot be
+            exported, so they are never suggested.
     """
-    candidates = [score for score in scores if not score.memorised]
+    candidates = [
+        score for score in scores if not score.memorised and (kept is None or score.checkpoint in kept)
+    ]
     if not candidates:
         return None
     best = max(candidates, key=lambda score: score.fidelity)
@@ -215,20 +219,23 @@ def suggest_checkpoint(scores: Sequence[CheckpointScore]) -> str | None:
 COLUMNS = ("checkpoint", "samples", "dino", "clip_i", "clip_t", "diversity", "max_similarity", "memorised")
 
 
-def write_scores(logs_dir: str | os.PathLike, scores: Sequence[CheckpointScore]) -> dict[str, Path]:
+def write_scores(
+    logs_dir: str | os.PathLike, scores: Sequence[CheckpointScore], kept: Collection[str] | None = None
+) -> dict[str, Path]:
     """Write the table (`vision_scores.csv`, `vision_scores.json` with the suggestion) and the plot
     (`vision_scores.png`) into the session's `logs/`, atomically.
 
     Args:
         logs_dir: the session's `logs` folder.
         scores: the rows.
+        kept: the checkpoints still in the session (see `suggest_checkpoint`).
 
     Returns:
         `{"csv": ..., "json": ..., "plot": ...}`.
     """
     logs_dir = Path(logs_dir)
     rows = [dataclasses.asdict(score) for score in scores]
-    suggested = suggest_checkpoint(scores)
+    suggested = suggest_checkpoint(scores, kept)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
@@ -281,11 +288,12 @@ def _plot(scores: Sequence[CheckpointScore], suggested: str | None) -> bytes:
     return buffer.getvalue()
 
 
-def format_table(scores: Sequence[CheckpointScore]) -> str:
+def format_table(scores: Sequence[CheckpointScore], kept: Collection[str] | None = None) -> str:
     """The score table as aligned text, with the suggestion underneath.
 
     Args:
         scores: the rows.
+        kept: the checkpoints still in the session (see `suggest_checkpoint`).
     """
 
     def cell(value):
@@ -296,7 +304,7 @@ def format_table(scores: Sequence[CheckpointScore]) -> str:
     rows = [COLUMNS] + [tuple(cell(getattr(score, column)) for column in COLUMNS) for score in scores]
     widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)) for row in rows]
-    suggested = suggest_checkpoint(scores)
+    suggested = suggest_checkpoint(scores, kept)
     lines.append(
         f"suggested checkpoint: {suggested}"
         if suggested
@@ -342,7 +350,13 @@ def score_session(
     scores = score_checkpoints(
         samples, images, dino=dino, clip=clip, memorised=memorised, cache_dir=cache_dir
     )
-    return scores, write_scores(session.dir("logs"), scores)
+    return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
+
+
+def kept_checkpoints(session) -> set[str]:
+    """The names of the checkpoint folders still in the session (older ones are pruned by training)."""
+    folder = session.path / "checkpoints"
+    return {entry.name for entry in folder.iterdir() if entry.is_dir()} if folder.is_dir() else set()
 
 
 DINO_ENV = "NBKIT_VISION_DINO"
@@ -391,5 +405,5 @@ def score_after_checkpoint(
     """
     dino, clip = scoring_backbones(device)
     scores, paths = score_session(session, dino=dino, clip=clip)
-    print(format_table(scores), flush=True)
+    print(format_table(scores, kept_checkpoints(session)), flush=True)
     return scores, paths
