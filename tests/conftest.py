@@ -41,3 +41,17 @@ def pytest_terminal_summary(terminalreporter):
         for name, value in report.user_properties:
             if name.startswith("timing: "):
                 terminalreporter.write_line(f"{name.removeprefix('timing: ')} {value}")
+
+
+@pytest.fixture
+def one_thread_local_scratch(tmp_path, monkeypatch):
+    """One torch thread (several test processes share two cores; subprocesses, through OMP_NUM_THREADS,
+    sum floats in the same order) and the session's scratch under `tmp_path`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
+    yield
+    torch.set_num_threads(threads)

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 from child_process import paused_training
-from test_train_support import PROMPT, assert_same_tensors, load_tensors, make_session, subject_image
+from test_train_support import (
+    PROMPT,
+    assert_same_tensors,
+    load_tensors,
+    make_session,
+    subject_image,
+)
 
 from nbkit.errors import NbkitError
 from nbkit.families.flux1 import FLUX_FULL_FINE_TUNE
@@ -32,14 +38,7 @@ FLUX = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_local_scratch(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses sum floats in the same order
-    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_local_scratch")
 
 
 def _flux_session(name, tiny_model_dir, **training):

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 from child_process import paused_training
-from test_train_support import PROMPT, assert_same_tensors, load_tensors, make_session, subject_image
+from test_train_support import (
+    PROMPT,
+    assert_same_tensors,
+    load_tensors,
+    make_session,
+    subject_image,
+)
 
 from nbkit.errors import NbkitError
 from nbkit.families import get_family
@@ -28,14 +34,7 @@ SEQUENCE = 24  # the chat-templated prompt is about 20 tokens
 LORA = {"text_encoder_steps": 0, "lora_rank": 8, "unet_lr": 2e-3, "flux_max_sequence_length": SEQUENCE}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_local_scratch(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses sum floats in the same order
-    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_local_scratch")
 
 
 def _session(name, family, tiny_model_dir, **training):

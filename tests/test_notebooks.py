@@ -499,13 +499,13 @@ def test_the_stop_button_mid_training_keeps_the_checkpoint_and_run_all_with_resu
         assert re.search(r"Stopped\. The session keeps checkpoint unet-0000\d\d \(unet step \d+\)", line), (
             line
         )
-        assert "tick RESUME_TRAINING (Settings) and run all" in line
+        assert "tick RESUME_TRAINING in Settings and run all" in line
         assert re.search(r"Step \d+/40 \(UNet\), 0:00:\d\d elapsed", stopped)
 
         # The training cell run again: the fields to use, not the CLI's flags.
         again = kernel.run("7.")
-        assert "continue it with RESUME_TRAINING ticked (Settings)" in again, again
-        assert "RESTART_TRAINING ticked (Settings)" in again and "--resume" not in again
+        assert "continue it with RESUME_TRAINING ticked in Settings" in again, again
+        assert "RESTART_TRAINING ticked in Settings" in again and "--resume" not in again
 
         # A cell run before what it needs says which cell to run first.
         shown = kernel.run("12.")  # the web UI before training has finished
@@ -562,7 +562,7 @@ def test_mistakes_are_caught_at_the_cell_that_made_them(kernel_env, monkeypatch,
         kernel.change({"IMAGES": str(_photos(tmp_path / "numbered", names="{n}.png"))})
         shown = kernel.run("4.")
         assert "4 photo(s) have no caption: 1.png, 2.png, 3.png, 4.png" in shown
-        assert 'INSTANCE_TOKEN = "zwx" (Settings)' in shown
+        assert 'INSTANCE_TOKEN = "zwx" in Settings' in shown
         kernel.change({"INSTANCE_TOKEN": "zwx"})
         assert "4 photos in session 'mistakes'" in kernel.run("4.")
         # Class images with no class word: refused here, not dropped.

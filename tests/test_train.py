@@ -22,15 +22,7 @@ from nbkit.train import stages, trainer
 from nbkit.train.plan import plan_run
 from nbkit.train.trainer import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_local_scratch(tmp_path, monkeypatch):
-    # Several processes share two cores in CI: one thread each is many times faster than contending.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_local_scratch")
 
 
 def _pipeline(folder):

@@ -6,7 +6,12 @@ import shutil
 
 import pytest
 import torch
-from test_train_support import assert_same_tensors, load_tensors, make_session, model_state
+from test_train_support import (
+    assert_same_tensors,
+    load_tensors,
+    make_session,
+    model_state,
+)
 
 from nbkit.cli import main
 from nbkit.errors import NbkitError
@@ -15,15 +20,7 @@ from nbkit.train import stages
 from nbkit.train.components import trained_state_dict
 from nbkit.train.trainer import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_local_scratch(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_local_scratch")
 
 
 @pytest.fixture

@@ -13,7 +13,12 @@ import sys
 import pytest
 import torch
 from child_process import paused_training
-from test_train_support import assert_same_tensors, load_tensors, make_session, model_state
+from test_train_support import (
+    assert_same_tensors,
+    load_tensors,
+    make_session,
+    model_state,
+)
 
 from nbkit.session.core import Session
 from nbkit.train.trainer import train
@@ -34,15 +39,7 @@ RESUMABLE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_local_scratch(tmp_path, monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Subprocesses inherit these: the same thread count keeps float sums in the same order.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("NBKIT_SCRATCH", str(tmp_path / "scratch"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_local_scratch")
 
 
 def _final_checkpoint(result) -> dict[str, dict[str, torch.Tensor]]:

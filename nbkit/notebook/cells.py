@@ -175,7 +175,8 @@ def _picked(opened) -> None:
 
 
 @friendly(
-    "the photos imported before the stop are in the session (an import is all or nothing per photo): run the cell again for the rest"
+    "the import was undone (an import is all or nothing): the session's photos are as before; run the "
+    "cell again"
 )
 def add_images(
     folder: str = "", *, token: str = "", crop: str = "smart", replace: bool = False, upload: bool = True
@@ -288,7 +289,7 @@ def class_images(class_word: str = "", num_images: int = 0) -> None:
     if num_images and not prompt:
         raise NbkitError(
             f"{num_images} class images are asked for, but there is no class word to make them of",
-            fix='fill in CLASS_WORD (Settings) with what your subject is ("dog", "woman"), or set '
+            fix='fill in CLASS_WORD in Settings with what your subject is ("dog", "woman"), or set '
             "CLASS_IMAGES to 0",
         )
     if prompt:

@@ -20,12 +20,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # How the notebooks write the settings and actions nbkit's messages ask for (`nbkit.errors.render`).
 WORDS = {
-    "resume": "RESUME_TRAINING ticked (Settings)",
-    "restart": "RESTART_TRAINING ticked (Settings)",
-    "more": "TRAIN_MORE ticked (Settings)",
-    "token": 'INSTANCE_TOKEN = "{value}" (Settings)',
-    "tunnel": 'UI_TUNNEL = "{value}" (Settings)',
-    "family": 'MODEL_FAMILY = "{value}" (Settings)',
+    "resume": "RESUME_TRAINING ticked in Settings",
+    "restart": "RESTART_TRAINING ticked in Settings",
+    "more": "TRAIN_MORE ticked in Settings",
+    "token": 'INSTANCE_TOKEN = "{value}" in Settings',
+    "tunnel": 'UI_TUNNEL = "{value}" in Settings',
+    "family": 'MODEL_FAMILY = "{value}" in Settings',
     "reopen_tunnel()": "run the Web UI cell again",
 }
 

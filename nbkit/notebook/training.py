@@ -36,7 +36,7 @@ def form_settings(values: dict) -> dict:
         except (TypeError, ValueError):
             raise NbkitError(
                 f"{field} = {value!r} is not a number",
-                fix=f'write a number in {field} (Settings), or "auto" for the session\'s setting',
+                fix=f'write a number for {field} in Settings, or "auto" for the session\'s setting',
             ) from None
         if kind is int and number != float(value):
             raise NbkitError(
@@ -52,15 +52,15 @@ def _stopped_training() -> str:
     opened = state.session
     if opened is None:
         return "Nothing was trained."
-    saved = Session.open(opened.name, root=opened.path.parent.parent).manifest.state
+    saved = Session.open(opened.name, root=state.root).manifest.state  # as saved, not as held
     if not saved.last_checkpoint:
         return (
-            "No checkpoint of this run was saved yet. To start it again: tick RESUME_TRAINING (Settings) "
+            "No checkpoint of this run was saved yet. To start it again: tick RESUME_TRAINING in Settings "
             "and run all."
         )
     return (
         f"The session keeps checkpoint {Path(saved.last_checkpoint).name} ({saved.stage} step {saved.step}); "
-        "nothing else is lost. To continue from it: tick RESUME_TRAINING (Settings) and run all."
+        "nothing else is lost. To continue from it: tick RESUME_TRAINING in Settings and run all."
     )
 
 

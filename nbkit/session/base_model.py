@@ -23,11 +23,12 @@ def base_model_ref(source: str) -> BaseModelRef:
         )
     resolved = resolve_source(source)
     if resolved.kind != "diffusers":
+        example, family = next(iter(FAMILIES.items()))
         raise NbkitError(
             "a single-file checkpoint does not say which model family it is",
             path=resolved.path,
-            fix=f"give its family with it ({setting('family', 'sd1')} for an SD 1.x file; the families are "
-            f"{', '.join(FAMILIES)}), or convert it to a diffusers folder first",
+            fix=f"give its family with it ({setting('family', example)} for an {family.title} file; the "
+            f"families are {', '.join(FAMILIES)}), or convert it to a diffusers folder first",
         )
     detected = detect_family_from_config(resolved.path)
     return BaseModelRef(source=source, family=detected.family, prediction_type=detected.prediction_type)

@@ -61,6 +61,27 @@ class RuntimeSpec:
         return f"Python {self.python} · {self.platform} · {torch} · {cuda}"
 
 
+def python_json(python: str, args: list[str], what: str) -> dict:
+    """Run another interpreter and read the JSON it prints.
+
+    Args:
+        python: the interpreter.
+        args: its arguments (a script, or `-c` and code).
+        what: what it was asked, for the error (`describe the Python at`).
+
+    Raises:
+        NbkitError: when it fails, with the end of what it said.
+    """
+    result = subprocess.run([python, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise NbkitError(
+            f"could not {what} {python}: {result.stderr.strip()[-500:]}",
+            path=python,
+            fix="pass the path of a working Python interpreter",
+        )
+    return json.loads(result.stdout)
+
+
 def probe_runtime(python: str | None = None) -> RuntimeSpec:
     """Describe `python` (default: this interpreter, in-process) without importing torch.
 
@@ -72,14 +93,7 @@ def probe_runtime(python: str | None = None) -> RuntimeSpec:
 
         data = probe()
     else:
-        result = subprocess.run([python, str(PROBE_SCRIPT)], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise NbkitError(
-                f"could not describe the Python at {python}: {result.stderr.strip()[-500:]}",
-                path=python,
-                fix="pass the path of a working Python interpreter",
-            )
-        data = json.loads(result.stdout)
+        data = python_json(python, [str(PROBE_SCRIPT)], "describe the Python at")
     tags = data.pop("tags", None)
     return RuntimeSpec(**data, tags=None if tags is None else tuple(tags))
 

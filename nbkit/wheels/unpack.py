@@ -19,11 +19,9 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import zipfile
 import zlib
@@ -37,6 +35,7 @@ from nbkit.errors import NbkitError
 from nbkit.fsio import DISK_FULL_ERRNOS, disk_full_error, retry_io
 from nbkit.wheels.house import refuse, run_quiet
 from nbkit.wheels.lockfile import Pin
+from nbkit.wheels.profiles import python_json
 
 MAX_WHEEL = 2 << 30  # bytes of one wheel file
 MAX_UNPACKED = 8 << 30  # bytes one wheel may unpack to
@@ -98,14 +97,7 @@ def target_scheme(python: str) -> Scheme:
         paths = {**sysconfig.get_paths(), "python": sys.executable}
         paths["version"] = f"{sys.version_info.major}.{sys.version_info.minor}"
     else:
-        result = subprocess.run([python, "-c", _SCHEME_CODE], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise NbkitError(
-                f"could not read the install folders of {python}: {result.stderr.strip()[-500:]}",
-                path=python,
-                fix="pass the path of a working Python interpreter",
-            )
-        paths = json.loads(result.stdout)
+        paths = python_json(python, ["-c", _SCHEME_CODE], "read the install folders of")
     data = Path(paths["data"])
     return Scheme(
         purelib=Path(paths["purelib"]),
