@@ -161,11 +161,14 @@ def shown_text(cell) -> str:
             parts.append(output["text"])
         elif output["output_type"] == "error":
             parts.extend(output["traceback"])
-        else:
+        else:  # a display: what the browser renders of it (a widget's text is a stand-in)
             data = output.get("data", {})
-            parts.append(
-                data.get("text/markdown") or ("" if "image/png" in data else data.get("text/plain", ""))
-            )
+            if "text/html" in data:
+                parts.append(re.sub(r"<[^>]+>", " ", data["text/html"]))
+            elif "text/markdown" in data:
+                parts.append(data["text/markdown"])
+            elif not {"image/png", "application/vnd.jupyter.widget-view+json"} & set(data):
+                parts.append(data.get("text/plain", ""))
     return "\n".join(parts)
 
 
@@ -173,7 +176,7 @@ def shown_text(cell) -> str:
 # tracebacks.
 NOISE = re.compile(
     r"you may need to restart the kernel|gemm_4bit|kernels-community|Failed to load|Session\(name=|"
-    r"<nbkit\.|Traceback|KeyboardInterrupt|NameError"
+    r"<nbkit\.|\w+\(\w+=|Traceback|KeyboardInterrupt|NameError"
 )
 
 
