@@ -27,6 +27,7 @@ FIELDS = {
     "warmup_steps": "lr_warmup_steps",
     "seed": "seed",
     "offset_noise": "offset_noise",
+    "caption_dropout": "caption_dropout",
     "min_snr_gamma": "min_snr_gamma",
     "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints",
@@ -164,6 +165,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     option(
         "--offset-noise", "offset_noise", "offset noise strength, e.g. 0.1 (0: off)", type=float, metavar="X"
+    )
+    option(
+        "--caption-dropout",
+        "caption_dropout",
+        "share of photos trained on the empty prompt instead of their caption, e.g. 0.1 (0: off)",
+        type=float,
+        metavar="P",
     )
     option(
         "--min-snr-gamma",

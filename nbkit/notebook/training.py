@@ -20,6 +20,7 @@ NUMBERS = {
     "lora_rank": ("LORA_RANK", int),
     "checkpoint_every": ("CHECKPOINT_EVERY", int),
     "sample_steps": ("SAMPLE_STEPS", int),
+    "caption_dropout": ("CAPTION_DROPOUT", float),
 }
 
 

@@ -43,6 +43,9 @@ class TrainConfig(StrictConfig):
     resume still continues with the same steps, data order, optimizer and schedule state, but the last
     bits of the weights may differ from an uninterrupted run.
     `score` scores each checkpoint's samples with `nbkit.vision` (DINO, CLIP) into `logs/`.
+    `caption_dropout` is the share of instance images trained on the empty prompt instead of their
+    caption (kohya's caption dropout: the model learns the subject's look beyond the token); each
+    image's draw comes from its step's seeded generator, so a resumed run drops the same ones.
 
     `training_mode` `auto` fine-tunes the full model (`lora_rank` 0) where the GPU holds it and trains
     a rank-16 LoRA where it does not (SDXL on a T4 or L4), saying why; `full` refuses a GPU that cannot
@@ -74,6 +77,7 @@ class TrainConfig(StrictConfig):
     max_grad_norm: float = 1.0
     seed: int | None = None
     offset_noise: float = 0.0
+    caption_dropout: float = 0.0
     min_snr_gamma: float | None = None
     random_flip: bool = False
     prior: PriorPreservation = dataclasses.field(default_factory=PriorPreservation)

@@ -38,6 +38,8 @@ RESUME_KEYS = (
 RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
 # The same for FLUX.1's conditioning; checkpoints written before these settings existed lack them.
 RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_guidance")
+# Settings added later still: a checkpoint written before them resumes as it was trained (without).
+RESUME_LATER_KEYS = ("caption_dropout",)
 QUANTIZATION_KEY = "the base model's quantization"
 
 RESTART = _setting("restart")
@@ -170,6 +172,11 @@ def check_config(config: TrainConfig) -> None:
     _require(config.max_grad_norm >= 0, f"max_grad_norm is {config.max_grad_norm}", "use 0 (off) or more")
     _require(config.offset_noise >= 0, f"offset_noise is {config.offset_noise}", "use 0 (off) to about 0.1")
     _require(
+        0 <= config.caption_dropout < 1,
+        f"caption_dropout is {config.caption_dropout}",
+        "use a share from 0 (off) to below 1, e.g. 0.1",
+    )
+    _require(
         config.min_snr_gamma is None or config.min_snr_gamma > 0,
         f"min_snr_gamma is {config.min_snr_gamma}",
         "use a positive value (5 is usual) or leave it unset",
@@ -265,7 +272,7 @@ def check_resume(
     ]
     mismatches += [
         (key, saved_config[key], current[key])
-        for key in RESUME_FLUX_KEYS
+        for key in (*RESUME_FLUX_KEYS, *RESUME_LATER_KEYS)
         if key in saved_config and saved_config[key] != current[key]
     ]
     if "quantized_base" in saved and saved["quantized_base"] != quantization:

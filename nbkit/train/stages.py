@@ -76,16 +76,26 @@ class ImageSet:
 
     Args:
         latents: the cached VAE latents, one row per image.
-        captions: the prompt of each image.
+        captions: the prompt of each image; with `caption_dropout`, one more: the empty prompt.
         stream: the random stream that shuffles this set.
         token_ids: each caption's token ids, one tensor per tokenizer (for stage 1).
+        caption_dropout: the share of draws trained on the empty prompt (the last caption).
     """
 
-    def __init__(self, latents: LatentCache, captions: list[str], stream: int, token_ids: list[torch.Tensor]):
+    def __init__(
+        self,
+        latents: LatentCache,
+        captions: list[str],
+        stream: int,
+        token_ids: list[torch.Tensor],
+        caption_dropout: float = 0.0,
+    ):
         self.latents = latents
         self.captions = captions
         self.stream = stream
         self.token_ids = token_ids
+        self.caption_dropout = caption_dropout
+        self.count = len(captions) - (1 if caption_dropout else 0)  # the images
         self.embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def cache_embeddings(self, components: Components, *, max_sequence_length: int = 512) -> None:
@@ -354,26 +364,37 @@ def _draw(context: RunContext, images: ImageSet, stage: Stage, first: int, gener
         stage_index=stage.index,
         first_position=first,
         batch_size=config.batch_size,
-        count=len(images.captions),
+        count=images.count,
     )
     if config.random_flip:
         flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()
     else:
         flips = [False] * len(indices)
     latents = images.latents.sample(indices, flips, generator)
+    prompts = prompt_rows(images, indices, generator)
     if images.embeddings is not None and stage.name == "unet":
         embeds, pooled = images.embeddings
-        embeds, pooled = embeds[indices], None if pooled is None else pooled[indices]
+        embeds, pooled = embeds[prompts], None if pooled is None else pooled[prompts]
     else:
-        ids = [token_ids[indices].to(device) for token_ids in images.token_ids]
+        ids = [token_ids[prompts].to(device) for token_ids in images.token_ids]
         embeds, pooled = context.components.encode_prompts(
             text_encoders,
             ids,
-            [images.captions[index] for index in indices],
+            [images.captions[index] for index in prompts],
             max_sequence_length=config.flux_max_sequence_length,
             device=device,
         )
     return latents, embeds, pooled, images.latents.time_ids(indices)
+
+
+def prompt_rows(images: ImageSet, indices: list[int], generator: torch.Generator) -> list[int]:
+    """The caption row each drawn image trains with: its own, or the empty prompt's for the share
+    `caption_dropout` (drawn from the step's generator only when dropout is on, so runs without it
+    draw exactly what they did before)."""
+    if not images.caption_dropout:
+        return list(indices)
+    dropped = (torch.rand(len(indices), generator=generator) < images.caption_dropout).tolist()
+    return [images.count if drop else index for index, drop in zip(indices, dropped, strict=True)]
 
 
 def _micro_batch_loss(context: RunContext, stage: Stage, step: int, micro: int, wrapped) -> torch.Tensor:

@@ -240,7 +240,12 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
     latents = LatentCache(
         components.vae, paths, config.resolution, flip=config.random_flip, device=device, normalize=normalize
     )
-    instance = ImageSet(latents, captions, STREAM_INSTANCE_ORDER, tokenize(components, captions))
+    # Caption dropout trains some draws on the empty prompt: it is one more caption, encoded (and
+    # cached for stage 2) with the others.
+    prompts = [*captions, ""] if config.caption_dropout else captions
+    instance = ImageSet(
+        latents, prompts, STREAM_INSTANCE_ORDER, tokenize(components, prompts), config.caption_dropout
+    )
     prior = config.prior
     if prior.num_images == 0:
         return instance, None
