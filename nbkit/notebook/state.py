@@ -108,3 +108,11 @@ def need_session():
     if state.session is None:
         raise run_first("no session is open", "Session")
     return state.session
+
+
+def need_trained():
+    """The open session, which must have a trained model."""
+    opened = need_session()
+    if not opened.manifest.models:
+        raise run_first(f"session '{opened.name}' has no trained model", "Train")
+    return opened

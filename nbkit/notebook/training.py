@@ -7,7 +7,7 @@ from pathlib import Path
 from nbkit.errors import NbkitError
 from nbkit.notebook.cells import backbone
 from nbkit.notebook.progress import LiveTraining
-from nbkit.notebook.state import friendly, need_session, run_first, state
+from nbkit.notebook.state import friendly, need_session, need_trained, state
 from nbkit.notebook.widgets import show_image
 
 # The form's number fields: "auto" (or "") keeps the session's setting, which starts at the family's.
@@ -125,12 +125,6 @@ def scores() -> None:
     print('EXPORT = "suggested" in the Export cell exports the suggested checkpoint')
 
 
-def _trained(opened):
-    if not opened.manifest.models:
-        raise run_first(f"session '{opened.name}' has no trained model", "Train")
-    return opened.manifest.models
-
-
 @friendly("the export was not finished; the session is as before: run the cell again")
 def export(which: str = "last", *, file_format: str = "safetensors") -> None:
     """Export the final model, the suggested checkpoint, or a named one, as a single file.
@@ -143,9 +137,8 @@ def export(which: str = "last", *, file_format: str = "safetensors") -> None:
     from nbkit.convert import convert_to_single_file
     from nbkit.train.export_checkpoint import export_checkpoint
 
-    opened = need_session()
-    models = _trained(opened)
-    record = models[-1] if which in ("", "last") else export_checkpoint(opened, which)
+    opened = need_trained()
+    record = opened.manifest.models[-1] if which in ("", "last") else export_checkpoint(opened, which)
     if which not in ("", "last"):
         print(f"Exported the checkpoint at {record.stage} step {record.step} as model {record.name}")
     for role, path in record.files.items():
@@ -170,8 +163,7 @@ def upload(repo_id: str, *, public: bool = False) -> None:
 
     if not repo_id.strip():
         return
-    opened = need_session()
-    _trained(opened)
+    opened = need_trained()
     url = upload_to_hub(opened, repo_id.strip(), private=not public)
     print(f"Uploaded to {url}")
 
@@ -185,8 +177,7 @@ def disconnect(when: bool) -> None:
     """
     if not when:
         return
-    opened = need_session()
-    _trained(opened)
+    opened = need_trained()
     try:
         from google.colab import drive, runtime  # type: ignore[import-not-found]
     except ImportError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from nbkit.errors import NbkitError
-from nbkit.notebook.state import WORDS, friendly, need_root, run_first, state
+from nbkit.notebook.state import WORDS, friendly, need_root, need_trained, run_first, state
 from nbkit.notebook.widgets import UILinks, show
 
 
@@ -49,10 +49,8 @@ def launch_ui(*, tunnel: str = "auto", password: str = "", trained: bool = False
     from nbkit.webui import announce, in_notebook, launch
 
     root = need_root()
-    if trained and state.session is None:
-        raise run_first("no session is open", "Session")
-    if trained and not state.session.manifest.models:
-        raise run_first(f"session '{state.session.name}' has no trained model", "Train")
+    if trained:
+        need_trained()
     if state.ui is not None:
         state.ui.close()  # a second run of the cell replaces the UI instead of starting another
     state.ui = None
