@@ -292,6 +292,7 @@ def train_nbkit(case: Case, folder: Path, images: list[Path], args: argparse.Nam
     import torch
 
     from nbkit.families import detect_family_from_config
+    from nbkit.images.buckets import Sizing
     from nbkit.session.settings import TrainConfig
     from nbkit.train import stages
     from nbkit.train.components import enable_memory_savers, load_components, tokenize
@@ -328,8 +329,9 @@ def train_nbkit(case: Case, folder: Path, images: list[Path], args: argparse.Nam
     attention = enable_memory_savers(components, gradient_checkpointing=True, device=device)
     captions = [CAPTION] * len(images)
     normalize = components.family_adapter.latent_normalizer(components.vae)
+    sizing = Sizing(case.resolution, components.family_adapter.resolution_step, buckets=False)
     latents = LatentCache(
-        components.vae, images, case.resolution, flip=config.random_flip, device=device, normalize=normalize
+        components.vae, images, sizing, flip=config.random_flip, device=device, normalize=normalize
     )
     instance = stages.ImageSet(latents, captions, STREAM_INSTANCE_ORDER, tokenize(components, captions))
     scratch = Path(args.work_dir) / "scratch"

@@ -1,6 +1,6 @@
 """Stage-2 (UNet) DreamBooth speed and memory: nbkit's trainer versus a diffusers-example-style loop.
 
-Usage: `python bench/train.py [--steps 20] [--warmup 3] [--resolution 128] [--batch-size 1]`
+Usage: `python bench/train.py [--steps 20] [--warmup 3] [--resolution 128] [--batch-size 1] [--buckets]`
 
 The model is a small Stable Diffusion 1.x: the real topology (4-level UNet with 2 resnets and
 cross-attention per level, 8 heads, a 4-level VAE, a 12-layer CLIP text encoder) with the widths scaled
@@ -31,6 +31,11 @@ their tiny models (`nbkit model tiny zimage|flux2`), against the loops of `bench
 written like diffusers' Z-Image and FLUX.2 [klein] DreamBooth LoRA examples (Qwen3 prompt and VAE
 encoded every step); nbkit caches both.
 
+`--buckets` benches aspect-ratio buckets instead: nbkit against itself on the small SD 1.x, one side
+on square photos trained as squares, the other on photos of three aspects (1:4, 4:1 and 1:1, which
+at 128 px are buckets 64x256, 256x64 and 128x128: the same pixel area as the square, so any gap is
+the buckets' own cost: a latent cache per shape, a batch per bucket, kernels for three shapes).
+
 Steps/s is measured over the steps after `--warmup`. Peak RSS is the worker process's lifetime peak
 (loading, caching and training: what must fit in the machine), and `steps_peak_rss_mib` the peak
 sampled between the end of the first step and the last one (the training steady state). The last
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -118,8 +124,11 @@ def build_small_sd1(out_dir: Path) -> Path:
     return out_dir
 
 
-def make_instance_images(out_dir: Path, count: int, size: int) -> list[Path]:
-    """Synthetic photos: coloured shapes on noise, different per image, fixed by the index."""
+def make_instance_images(
+    out_dir: Path, count: int, size: int, aspects: tuple[tuple[int, int], ...] = ((1, 1),)
+) -> list[Path]:
+    """Synthetic photos: coloured shapes on noise, different per image, fixed by the index; image i
+    has the (width, height) ratio `aspects[i % len(aspects)]`, its short side `size`."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -127,11 +136,13 @@ def make_instance_images(out_dir: Path, count: int, size: int) -> list[Path]:
     paths = []
     for index in range(count):
         generator = np.random.default_rng(index)
-        pixels = generator.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        across, down = aspects[index % len(aspects)]
+        width, height = size * across // min(across, down), size * down // min(across, down)
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
         image = Image.fromarray(pixels)
         draw = ImageDraw.Draw(image)
         for _ in range(4):
-            x, y = generator.integers(0, size - 16, 2)
+            x, y = generator.integers(0, width - 16), generator.integers(0, height - 16)
             draw.ellipse(
                 (x, y, x + size // 3, y + size // 3),
                 fill=tuple(int(c) for c in generator.integers(0, 256, 3)),
@@ -440,6 +451,8 @@ def _with_sampler(reference: Callable) -> Callable:
 SIDES = {
     "reference": reference_stage2,
     "nbkit": nbkit_stage2,
+    "square": functools.partial(nbkit_stage2, extra={"buckets": False}),
+    "buckets": functools.partial(nbkit_stage2, extra={"buckets": True}),
     "flux-reference": reference_flux_lora,
     "flux-nbkit": nbkit_flux_lora,
     "zimage-reference": _with_sampler(train_references.reference_zimage_lora),
@@ -484,6 +497,9 @@ def main() -> None:
         "--family", choices=["sd1", *LORA_FAMILIES], default="sd1", help="sd1: full UNet; the others: LoRA"
     )
     parser.add_argument("--max-sequence-length", type=int, default=64, help="T5/Qwen3 prompt tokens")
+    parser.add_argument(
+        "--buckets", action="store_true", help="nbkit in aspect-ratio buckets against nbkit on squares (sd1)"
+    )
     parser.add_argument("--worker", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", help=argparse.SUPPRESS)
@@ -491,6 +507,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.warmup < 0 or args.steps < 2:
         parser.error("--steps must be at least 2 and --warmup at least 0")
+    if args.buckets and args.family != "sd1":
+        parser.error("--buckets benches the small SD 1.x")
     if args.worker:
         worker(args)
         return
@@ -504,11 +522,15 @@ def main() -> None:
         else:
             build_small_sd1(scratch / "model")
         make_instance_images(scratch / "images", IMAGE_COUNT, args.resolution)
+        # At 128 px these are the buckets 64x256, 256x64 and 128x128: the square's pixel area.
+        make_instance_images(scratch / "mixed", IMAGE_COUNT, args.resolution, ((1, 4), (4, 1), (1, 1)))
         results: dict[str, dict] = {}
         prefix = f"{args.family}-" if args.family in LORA_FAMILIES else ""
+        sides = ("square", "buckets") if args.buckets else ("reference", "nbkit")
         for attempt in range(args.repeats):
-            for side in ("reference", "nbkit"):
-                figures = _run_side(prefix + side, scratch, attempt, args)
+            for side in sides:
+                images = scratch / ("mixed" if side == "buckets" else "images")
+                figures = _run_side(prefix + side, scratch, images, attempt, args)
                 print(
                     f"{side:>9}: {figures['steps_per_s']:.3f} steps/s, peak RSS {figures['peak_rss_mib']:.0f} MiB "
                     f"({figures['steps_peak_rss_mib']:.0f} MiB during the steps), {figures['wall_s']} s in all",
@@ -517,9 +539,10 @@ def main() -> None:
                 # Best of the repeats: other processes on the machine only ever slow a run down.
                 if side not in results or figures["steps_per_s"] > results[side]["steps_per_s"]:
                     results[side] = figures
-    reference, nbkit = results["reference"], results["nbkit"]
+    reference, nbkit = results[sides[0]], results[sides[1]]
+    benchmark = f"train_{args.family}_lora" if args.family in LORA_FAMILIES else "train_stage2"
     summary = {
-        "benchmark": f"train_{args.family}_lora" if args.family in LORA_FAMILIES else "train_stage2",
+        "benchmark": "train_buckets" if args.buckets else benchmark,
         "model": LORA_FAMILIES.get(
             args.family, "sd1-topology UNet(64,128,256,256) VAE(32,64,128,128) CLIP 256x12"
         ),
@@ -530,8 +553,8 @@ def main() -> None:
         "threads": args.threads or "default",
         "repeats": args.repeats,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "reference": {key: round(value, 3) for key, value in reference.items()},
-        "nbkit": {key: round(value, 3) for key, value in nbkit.items()},
+        sides[0]: {key: round(value, 3) for key, value in reference.items()},
+        sides[1]: {key: round(value, 3) for key, value in nbkit.items()},
         "steps_per_s_ratio": round(nbkit["steps_per_s"] / reference["steps_per_s"], 3),
         "peak_rss_ratio": round(nbkit["peak_rss_mib"] / reference["peak_rss_mib"], 3),
         "steps_peak_rss_ratio": round(nbkit["steps_peak_rss_mib"] / reference["steps_peak_rss_mib"], 3),
@@ -539,11 +562,11 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def _run_side(side: str, scratch: Path, attempt: int, args: argparse.Namespace) -> dict:
+def _run_side(side: str, scratch: Path, images: Path, attempt: int, args: argparse.Namespace) -> dict:
     """Run one side in a fresh subprocess and return its figures."""
     result_file = scratch / f"{side}-{attempt}.json"
     command = [sys.executable, __file__, "--worker", side, "--result", str(result_file)]
-    command += ["--model-dir", str(scratch / "model"), "--images-dir", str(scratch / "images")]
+    command += ["--model-dir", str(scratch / "model"), "--images-dir", str(images)]
     environment = {
         **os.environ,
         "NBKIT_HOME": str(scratch / f"home-{side}-{attempt}"),

@@ -566,6 +566,10 @@ def test_a_flux_session_crops_at_multiples_of_16(tmp_path):
     session = Session.create("fx", root=tmp_path, base_model=flux, resolution=80)  # 80: a FLUX.1 step
     import_images(session, {"zwx (1).png": encode(chelsea(), "PNG")}, crop="center")
     (record,) = session.manifest.images
+    # FLUX.1 trains in buckets: the 3:2 cat gets the 3:2 bucket of 16-px steps within 80x80's area.
+    assert Image.open(session.path / record.file).size == (96, 64)
+    session.manifest.training = session.manifest.training.replace(buckets=False)
+    recrop_images(session, crop="center")
     assert Image.open(session.path / record.file).size == (80, 80)
     sd = Session.create(
         "sd",

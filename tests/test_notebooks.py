@@ -386,11 +386,17 @@ def test_both_notebooks_run_top_to_bottom(
             "CHECKPOINT_EVERY": "2",
             "SAMPLE_STEPS": "2",
             "EXPORT": "suggested",
+            "CAPTION_MODEL": "florence2",  # the tiny one here (NBKIT_VISION_MODELS=tiny)
+            "BUCKETS": "on",
         },
         tmp_path,
     )
     session = Session.open("ci_subject", root=home)
     assert len(session.manifest.images) == 4
+    # The captions cell wrote each caption with the token in it; the photos trained in buckets.
+    assert {image.caption_source for image in session.manifest.images} == {"auto"}
+    assert all("zwx" in image.caption for image in session.manifest.images)
+    assert session.manifest.training.buckets is True
     assert all((session.path / image.file).is_file() for image in session.manifest.images)
     assert session.manifest.state.stage == "done"
     single = session.path / "models" / "ci_subject.safetensors"
@@ -569,7 +575,7 @@ def test_mistakes_are_caught_at_the_cell_that_made_them(kernel_env, monkeypatch,
         kernel.change({"INSTANCE_TOKEN": "zwx"})
         assert "4 photos in session 'mistakes'" in kernel.run("4.")
         # Class images with no class word: refused here, not dropped.
-        shown = kernel.run("6.")
+        shown = kernel.run("5.")
         assert "10 class images are asked for, but there is no class word" in shown and "CLASS_WORD" in shown
         # The UI before training: not another model, the Train cell named.
         assert (

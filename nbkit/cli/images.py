@@ -1,4 +1,5 @@
-"""`nbkit images ...`: add, list, crop, caption and remove a session's instance images."""
+"""`nbkit images ...`: add, list, crop, caption (by hand or with a captioning model), mask (with
+CLIPSeg) and remove a session's instance images."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import argparse
 from pathlib import Path
 
 from nbkit.errors import NbkitError
+from nbkit.images.autocaption import CAPTIONERS, DEFAULT_BATCH_SIZE, DEFAULT_CAPTIONER
+from nbkit.images.automask import DEFAULT_BATCH_SIZE as MASK_BATCH_SIZE
+from nbkit.images.automask import DEFAULT_SEGMENTER, SEGMENTERS, THRESHOLD
 from nbkit.images.captions import CAPTION_MODES
 from nbkit.images.crop import CROP_MODES
 
@@ -91,6 +95,44 @@ def captions(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def caption(args: argparse.Namespace) -> int:
+    from nbkit.images import auto_caption
+
+    report = auto_caption(
+        _session(args),
+        args.model,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        class_word=args.class_word,
+        device=args.device,
+        tokenizer=_tokenizer(args),
+    )
+    print(report)
+    return 1 if report.failed else 0
+
+
+def mask(args: argparse.Namespace) -> int:
+    from nbkit.images import auto_mask
+
+    report = auto_mask(
+        _session(args),
+        args.model,
+        prompt=args.prompt,
+        threshold=args.threshold,
+        overwrite=args.overwrite,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(report)
+    return 1 if report.failed else 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def remove(args: argparse.Namespace) -> int:
     from nbkit.images import remove_images
 
@@ -102,7 +144,9 @@ def remove(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("images", help="add, list, crop and caption a session's instance images")
+    parser = subparsers.add_parser(
+        "images", help="add, list, crop, caption and mask a session's instance images"
+    )
     parser.set_defaults(func=lambda _: parser.print_help() or 1)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
@@ -159,6 +203,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read <stem>.txt files (default folder: captions/)",
     )
     sub.add_argument("--mode", choices=CAPTION_MODES, default="extend", help="for --apply (default: extend)")
+
+    sub = action("caption", caption, "caption the images with a model, the token and class word in each")
+    sub.add_argument(
+        "--model",
+        default=DEFAULT_CAPTIONER,
+        help=f"{', '.join(CAPTIONERS)}, a hub id, a model folder, or tiny:florence2|tiny:blip "
+        f"(default: {DEFAULT_CAPTIONER})",
+    )
+    sub.add_argument(
+        "--overwrite", action="store_true", help="also replace captions written by hand or from .txt files"
+    )
+    sub.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="images per model call (default: 8)"
+    )
+    sub.add_argument(
+        "--class-word", help="the subject's class, e.g. dog (default: the last word of the class prompt)"
+    )
+    sub.add_argument("--device", help="cuda or cpu (default: the GPU when there is one)")
+
+    sub = action("mask", mask, "make subject masks from the class word with CLIPSeg, for photos without one")
+    sub.add_argument(
+        "--model",
+        default=DEFAULT_SEGMENTER,
+        help=f"{', '.join(SEGMENTERS)}, a hub id, a model folder, or tiny:clipseg "
+        f"(default: {DEFAULT_SEGMENTER})",
+    )
+    sub.add_argument(
+        "--prompt", help="what the subject is, e.g. dog (default: the last word of the class prompt)"
+    )
+    sub.add_argument(
+        "--threshold",
+        type=float,
+        default=THRESHOLD,
+        help=f"CLIPSeg's probability up to which a pixel is background (default: {THRESHOLD}; "
+        "higher: a tighter mask)",
+    )
+    sub.add_argument("--overwrite", action="store_true", help="also replace masks given as files")
+    sub.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=MASK_BATCH_SIZE,
+        help=f"images per model call (default: {MASK_BATCH_SIZE})",
+    )
+    sub.add_argument("--device", help="cuda or cpu (default: the GPU when there is one)")
 
     sub = action("remove", remove, "remove images (their processed copy, original and caption)")
     sub.add_argument("images", nargs="*", help="the images to remove")

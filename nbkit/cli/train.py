@@ -39,6 +39,8 @@ FIELDS = {
     "sample_seed": "sample_seed",
     "score": "score",
     "random_flip": "random_flip",
+    "buckets": "buckets",
+    "mask_background": "mask_background",
     "gradient_checkpointing": "gradient_checkpointing",
     "use_8bit_adam": "use_8bit_adam",
     "deterministic": "deterministic",
@@ -64,6 +66,9 @@ def _default(field: str) -> str:
     )
     if field == "resolution":
         return "the base model's native size"
+    if field == "buckets":
+        squares = [family.title for family in FAMILIES.values() if not family.buckets_by_default]
+        return f"on; {', '.join(squares)}: off"
     if value is None or value == "" or value == []:
         return "none"
     # Families that start from their own value (the transformer families' LoRA settings) say so after
@@ -174,6 +179,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="P",
     )
     option(
+        "--mask-background",
+        "mask_background",
+        "masked loss: the weight of pixels outside the photos' subject masks, 0 (ignored) to 1 (none: off)",
+        type=float,
+        metavar="W",
+    )
+    option(
         "--min-snr-gamma",
         "min_snr_gamma",
         "Min-SNR loss weighting, e.g. 5 (none: off)",
@@ -280,6 +292,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--random-flip",
         "random_flip",
         "mirror photos at random",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    option(
+        "--buckets",
+        "buckets",
+        "train each photo at the aspect-ratio bucket nearest its shape, not a square "
+        "(photos are cropped again from their originals)",
         action=argparse.BooleanOptionalAction,
         default=None,
     )

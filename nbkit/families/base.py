@@ -78,6 +78,8 @@ class Family:
         training_defaults: settings a session of this family starts from instead of the SD-era
             defaults of `nbkit.session.settings.TrainConfig`.
         tiny_native_resolution: the size nbkit's tiny random-weight model of this family is built at.
+        buckets_by_default: a session trains in aspect-ratio buckets unless told otherwise
+            (`TrainConfig.buckets`); the SD 1.x/2.x families train squares, as fast-DreamBooth did.
         hub_models: the family's models on the hub, in the order menus list them.
         detection_priority: families are asked to claim a folder in descending order of this; the most
             general family (SD 1.x, any UNet that is nothing else) asks last.
@@ -98,6 +100,7 @@ class Family:
     denoiser: ClassVar[Literal["unet", "transformer"]] = "unet"
     training_defaults: ClassVar[Mapping[str, Any]] = {}
     tiny_native_resolution: ClassVar[int] = 64
+    buckets_by_default: ClassVar[bool] = True
     hub_models: ClassVar[tuple[HubModel, ...]] = ()
     detection_priority: ClassVar[int] = 0
 

@@ -22,6 +22,7 @@ class SD1(StableDiffusionFamily):
     modelspec_architecture = "stable-diffusion-v1"
     modelspec_implementation = "https://github.com/CompVis/stable-diffusion"
     tiny_native_resolution = 64
+    buckets_by_default = False
     hub_models = (
         HubModel(
             "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion 1.5",

@@ -26,6 +26,7 @@ class SD2(StableDiffusionFamily):
     modelspec_architecture = "stable-diffusion-v2-512"
     modelspec_implementation = _IMPLEMENTATION
     tiny_native_resolution = 64
+    buckets_by_default = False
     hub_models = (
         HubModel("sd21-512", "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512 px)"),
     )

@@ -1,15 +1,21 @@
-"""Instance images: import, check, smart-crop and caption, with a report row for every file.
+"""Instance images: import, check, smart-crop, caption and mask, with a report row for every file.
 
     from nbkit.images import import_images
     report = import_images(session, ["/content/drive/MyDrive/photos"])   # files, folders, zips, URLs
     report            # a table in a notebook: file, status, reason
+    auto_caption(session, model="florence2")   # captions with the token and class word in each
+    auto_mask(session)                          # subject masks from the class word, with CLIPSeg
     caption_editor(session)
 
 Modules: `sources` (where files come from), `checks` (decode and convert one file), `crop` (faces,
-saliency), `captions` (tokens from file names, .txt captions, token warnings), `importing` (the
-import itself), `manage` (list, re-crop, remove), `contact_sheet`, `editor` (ipywidgets), `report`.
+saliency), `captions` (tokens from file names, .txt captions, token warnings), `autocaption` (captions
+from Florence-2 or BLIP, with the subject's words), `masks` (subject masks), `automask` (masks from the
+class word, with CLIPSeg), `importing` (the import itself), `manage` (list, re-crop, remove),
+`contact_sheet`, `editor` (ipywidgets), `report`.
 """
 
+from nbkit.images.autocaption import auto_caption, insert_subject, load_captioner
+from nbkit.images.automask import auto_mask, load_masker
 from nbkit.images.captions import (
     apply_caption_files,
     check_token,
@@ -37,6 +43,8 @@ __all__ = [
     "ImageReport",
     "ReportRow",
     "apply_caption_files",
+    "auto_caption",
+    "auto_mask",
     "caption_editor",
     "check_captions",
     "check_image",
@@ -46,7 +54,10 @@ __all__ = [
     "download",
     "find_record",
     "import_images",
+    "insert_subject",
     "list_images",
+    "load_captioner",
+    "load_masker",
     "make_contact_sheet",
     "pixel_sha256",
     "recrop_images",

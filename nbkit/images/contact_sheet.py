@@ -1,4 +1,8 @@
-"""A contact sheet: every processed crop in one PNG grid, with file names, for a quick review.
+"""A contact sheet: every photo in one PNG grid, with file names, for a quick review.
+
+Each cell shows the upright original with its crop drawn on it (and, with a subject mask, everything
+outside the subject dimmed), and under the name the size the crop trains at (its aspect-ratio bucket),
+so a cut-off head, a mask that misses the subject or a photo in an odd bucket is seen at once.
 
 Crops that carry a warning (upscaled, unreadable EXIF, ...) get an amber frame, so the photos worth a
 second look stand out among thirty. So do photos `nbkit vision check` flagged (near-duplicate,
@@ -7,11 +11,12 @@ off-subject?), with ` [dup]` / ` [off?]` after the name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from nbkit.fsio import atomic_path
 from nbkit.images.checks import WARNING_PREFIX
@@ -19,12 +24,15 @@ from nbkit.images.vision_flags import read_vision_flags, short_flags
 
 if TYPE_CHECKING:
     from nbkit.session.core import Session
+    from nbkit.session.manifest import ImageRecord
 
 CONTACT_SHEET = "contact_sheet.png"
 MAX_COLUMNS = 8
 BACKGROUND = (245, 245, 245)
 WARNING_COLOUR = (214, 140, 0)
 MISSING_COLOUR = (200, 200, 200)
+CROP_COLOUR = (0, 160, 255)
+MASK_DIMMING = 0.6  # how far the background outside a subject mask is darkened
 
 
 def make_contact_sheet(
@@ -42,7 +50,8 @@ def make_contact_sheet(
     count = max(1, len(items))
     columns = columns or min(MAX_COLUMNS, math.ceil(math.sqrt(count)))
     rows = math.ceil(count / columns)
-    pad, label_height = 8, 18
+    pad = 8
+    label_height = 18 * max((label.count("\n") + 1 for label, _, _ in items), default=1)
     font = _font(12)
     cell_w, cell_h = thumb + pad, thumb + label_height + pad
     sheet = Image.new("RGB", (columns * cell_w + pad, rows * cell_h + pad), BACKGROUND)
@@ -59,7 +68,8 @@ def make_contact_sheet(
             sheet.paste(small, (x + (thumb - small.width) // 2, y + (thumb - small.height) // 2))
         if flagged:
             draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=WARNING_COLOUR, width=3)
-        draw.text((x, y + thumb + 3), _fit(label, font, thumb), fill=(40, 40, 40), font=font)
+        lines = "\n".join(_fit(line, font, thumb) for line in label.split("\n"))
+        draw.multiline_text((x, y + thumb + 3), lines, fill=(40, 40, 40), font=font, spacing=4)
     return sheet
 
 
@@ -82,8 +92,8 @@ def write_contact_sheet(session: Session, *, thumb: int = 160) -> Path | None:
     for record in session.manifest.images:
         found = vision.get(record.file, [])
         flagged = bool(found) or any(note.startswith(WARNING_PREFIX) for note in record.notes)
-        label = PurePath(record.file).name + short_flags(found)
-        items.append((label, _load(session.path / record.file), flagged))
+        label = f"{PurePath(record.file).name}{short_flags(found)}\n{record.width}x{record.height}"
+        items.append((label, _with_crop(session, record), flagged))
     sheet = make_contact_sheet(items, thumb=thumb)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
@@ -93,10 +103,27 @@ def write_contact_sheet(session: Session, *, thumb: int = 160) -> Path | None:
 def _load(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (256, 256))
-            return image.convert("RGB")
+            image.draft("RGB", (256, 256))  # JPEGs decode at a fraction of their size
+            return ImageOps.exif_transpose(image).convert("RGB")
     except OSError:
         return None
+
+
+def _with_crop(session: Session, record: ImageRecord) -> Image.Image | None:
+    """The original, upright, with the crop outlined; the processed picture when that cannot be drawn."""
+    original = _load(session.path / record.original) if record.crop_box and record.original_width else None
+    if original is None:
+        return _load(session.path / record.file)
+    if record.mask_original:
+        with contextlib.suppress(OSError), Image.open(session.path / record.mask_original) as opened:
+            mask = opened.convert("L").resize(original.size, Image.Resampling.BILINEAR)
+            dimmed = Image.blend(original, Image.new("RGB", original.size), MASK_DIMMING)
+            original = Image.composite(original, dimmed, mask)
+    scale = original.width / record.original_width
+    left, top, right, bottom = (round(value * scale) for value in record.crop_box)
+    line = max(2, round(max(original.size) / 80))
+    ImageDraw.Draw(original).rectangle((left, top, right - 1, bottom - 1), outline=CROP_COLOUR, width=line)
+    return original
 
 
 def _fit(label: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:

@@ -1,8 +1,9 @@
-"""Square crops at the training resolution that keep the subject: faces first, then what stands out.
+"""Crops at the training size that keep the subject: faces first, then what stands out.
 
 A plain center crop cuts the head off a portrait taken in landscape, or the dog off the edge of a
-beach photo. `choose_crop` keeps the largest square the picture allows (the most context and pixels)
-and only decides where it sits along the long side:
+beach photo. `choose_crop` keeps the largest box of the wanted aspect the picture allows (a square,
+or an aspect-ratio bucket's shape: the most context and pixels) and only decides where it sits along
+the axis with room to spare:
 
 - faces, found with the frontal-face Haar cascade that ships inside OpenCV (nothing downloaded), are
   kept whole, with a little more room below the face than above it for the neck and shoulders;
@@ -125,45 +126,73 @@ def check_crop_mode(mode: str) -> str:
     return mode
 
 
-def choose_crop(image: Image.Image, mode: CropMode, detector: FaceDetector | None = None) -> CropChoice:
+def choose_crop(
+    image: Image.Image,
+    mode: CropMode,
+    detector: FaceDetector | None = None,
+    aspect: tuple[int, int] = (1, 1),
+) -> CropChoice:
     """Decide the crop of `image` for `mode`.
 
     Args:
         image: the upright RGB picture.
         mode: `smart` (faces, then saliency), `center`, or `none` (the whole picture, not squared).
         detector: required for `smart`.
+        aspect: the crop's (width, height) ratio: a square, or an aspect-ratio bucket's size.
     """
     check_crop_mode(mode)
     width, height = image.size
     if mode == "none":
         return CropChoice(box=(0, 0, width, height), focus="none")
-    side = min(width, height)
-    center = CropChoice(box=_square_at(image.size, (width - side) // 2, (height - side) // 2), focus="center")
+    size = fit_box(image.size, aspect)
+    center = CropChoice(box=_box_at(size, (width - size[0]) // 2, (height - size[1]) // 2), focus="center")
     if mode == "center":
         return center
     if detector is None:
         raise NbkitError("smart crop needs a FaceDetector", fix="pass detector=FaceDetector()")
     faces = detector.detect(image)
     if faces:
-        return CropChoice(box=_square_around_faces(image.size, faces), focus="face", faces=faces)
-    if width == height:
+        return CropChoice(box=_box_around_faces(image.size, size, faces), focus="face", faces=faces)
+    if size == image.size:
         return center
-    return CropChoice(box=_square_at_busiest(image), focus="saliency")
+    return CropChoice(box=_box_at_busiest(image, size), focus="saliency")
 
 
-def render_crop(image: Image.Image, box: Box, resolution: int, *, square: bool = True) -> Image.Image:
-    """Cut `box` out of `image` and resize it: to `resolution` square, or short side `resolution`.
+def fit_box(size: tuple[int, int], aspect: tuple[int, int]) -> tuple[int, int]:
+    """The largest (width, height) of `aspect` inside a picture of `size`: it spans one axis whole.
+
+    Args:
+        size: the picture's (width, height).
+        aspect: the wanted (width, height) ratio.
+    """
+    width, height = size
+    if width * aspect[1] >= height * aspect[0]:  # wider than wanted: full height, room left and right
+        return min(width, max(1, round(height * aspect[0] / aspect[1]))), height
+    return width, min(height, max(1, round(width * aspect[1] / aspect[0])))
+
+
+def render_crop(
+    image: Image.Image,
+    box: Box,
+    resolution: int,
+    *,
+    square: bool = True,
+    size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Cut `box` out of `image` and resize it: to `size`, to `resolution` square, or short side
+    `resolution`.
 
     Args:
         image: the upright RGB picture.
         box: the crop in its pixels.
         resolution: the training size.
         square: False for crop mode `none`: keep the aspect ratio, scale the short side.
+        size: the exact (width, height) to render at (an aspect-ratio bucket); overrides the others.
     """
     left, top, right, bottom = box
-    if square:
+    if size is None and square:
         size = (resolution, resolution)
-    else:
+    elif size is None:
         scale = resolution / min(right - left, bottom - top)
         size = (
             max(resolution, round((right - left) * scale)),
@@ -172,26 +201,24 @@ def render_crop(image: Image.Image, box: Box, resolution: int, *, square: bool =
     return image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
 
-def _square_at(size: tuple[int, int], left: int, top: int) -> Box:
-    side = min(size)
-    return (left, top, left + side, top + side)
+def _box_at(size: tuple[int, int], left: int, top: int) -> Box:
+    return (left, top, left + size[0], top + size[1])
 
 
-def _square_around_faces(size: tuple[int, int], faces: list[Box]) -> Box:
-    width, height = size
-    side = min(width, height)
+def _box_around_faces(image_size: tuple[int, int], size: tuple[int, int], faces: list[Box]) -> Box:
+    width, height = image_size
     union = (
         min(b[0] for b in faces),
         min(b[1] for b in faces),
         max(b[2] for b in faces),
         max(b[3] for b in faces),
     )
-    target = union if union[2] - union[0] <= side and union[3] - union[1] <= side else faces[0]
+    target = union if union[2] - union[0] <= size[0] and union[3] - union[1] <= size[1] else faces[0]
     face_x = (target[0] + target[2]) / 2
     face_y = (target[1] + target[3]) / 2
-    left = _place(face_x - side / 2, target[0], target[2], side, width)
-    top = _place(face_y - FACE_HEIGHT_FRACTION * side, target[1], target[3], side, height)
-    return (left, top, left + side, top + side)
+    left = _place(face_x - size[0] / 2, target[0], target[2], size[0], width)
+    top = _place(face_y - FACE_HEIGHT_FRACTION * size[1], target[1], target[3], size[1], height)
+    return _box_at(size, left, top)
 
 
 def _place(wanted: float, low: int, high: int, side: int, limit: int) -> int:
@@ -200,15 +227,16 @@ def _place(wanted: float, low: int, high: int, side: int, limit: int) -> int:
     return int(min(max(round(start), 0), limit - side))
 
 
-def _square_at_busiest(image: Image.Image) -> Box:
+def _box_at_busiest(image: Image.Image, size: tuple[int, int]) -> Box:
+    """The box of `size` placed where the picture is busiest along the axis it does not span."""
     width, height = image.size
-    side = min(width, height)
+    horizontal = size[0] < width
+    long, side = (width, size[0]) if horizontal else (height, size[1])
     energy = _interest_map(image)
-    horizontal = width > height
     profile = energy.sum(axis=0 if horizontal else 1)
     positions = np.linspace(-1.0, 1.0, profile.size)
     profile = profile * (1.0 - CENTER_PULL * positions**2)
-    window = max(1, round(profile.size * side / max(width, height)))
+    window = max(1, round(profile.size * side / long))
     cumulative = np.concatenate([[0.0], np.cumsum(profile)])
     scores = cumulative[window:] - cumulative[:-window]
     # Among equally good windows take the one nearest the middle, so flat pictures crop centered.
@@ -216,9 +244,9 @@ def _square_at_busiest(image: Image.Image) -> Box:
     candidates = np.flatnonzero(scores >= best - 1e-9 * max(best, 1.0))
     middle = (scores.size - 1) / 2
     offset = int(candidates[np.argmin(np.abs(candidates - middle))])
-    start = round(offset * max(width, height) / profile.size)
-    start = min(max(start, 0), max(width, height) - side)
-    return (start, 0, start + side, side) if horizontal else (0, start, side, start + side)
+    start = round(offset * long / profile.size)
+    start = min(max(start, 0), long - side)
+    return _box_at(size, start, 0) if horizontal else _box_at(size, 0, start)
 
 
 def _interest_map(image: Image.Image) -> np.ndarray:

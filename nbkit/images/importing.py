@@ -30,6 +30,7 @@ from PIL import Image
 from nbkit.errors import NbkitError, setting
 from nbkit.families import get_family
 from nbkit.fsio import atomic_write_bytes, clean_temporaries
+from nbkit.images.buckets import Sizing
 from nbkit.images.captions import (
     CaptionMode,
     check_caption_mode,
@@ -42,7 +43,17 @@ from nbkit.images.captions import (
 )
 from nbkit.images.checks import DEFAULT_MAX_PIXELS, WARNING_PREFIX, CheckedImage, check_image, pixel_sha256
 from nbkit.images.contact_sheet import write_contact_sheet
-from nbkit.images.crop import CropChoice, CropMode, FaceDetector, check_crop_mode, choose_crop, render_crop
+from nbkit.images.crop import (
+    Box,
+    CropChoice,
+    CropMode,
+    FaceDetector,
+    check_crop_mode,
+    choose_crop,
+    fit_box,
+    render_crop,
+)
+from nbkit.images.masks import attach_mask, mask_files, photo_stem, read_mask
 from nbkit.images.report import ImageReport
 from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
 from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step
@@ -79,11 +90,27 @@ def session_resolution(session: Session) -> int:
     return session.manifest.training.resolution
 
 
-def check_session_resolution(session: Session, resolution: int | None) -> int:
-    """`resolution` (default: the session's), checked against the step of the session's model family."""
+def session_sizing(session: Session, resolution: int | None = None, buckets: bool | None = None) -> Sizing:
+    """How the session's photos are sized: `resolution` (default: the session's), checked against the
+    step of the session's model family, in buckets or squares (default: the session's setting, which
+    when unset is the family's default, `Family.buckets_by_default`).
+
+    Args:
+        session: the session.
+        resolution: the square training size, or None for the session's.
+        buckets: train in aspect-ratio buckets, or None for the session's setting.
+    """
     base_model = session.manifest.base_model
-    step = get_family(base_model.family).resolution_step if base_model else RESOLUTION_STEP
-    return check_resolution_step(resolution if resolution is not None else session_resolution(session), step)
+    family = get_family(base_model.family) if base_model else None
+    step = family.resolution_step if family else RESOLUTION_STEP
+    resolution = check_resolution_step(
+        resolution if resolution is not None else session_resolution(session), step
+    )
+    if buckets is None:
+        buckets = session.manifest.training.buckets
+    if buckets is None:
+        buckets = family.buckets_by_default if family else False
+    return Sizing(resolution, step, buckets)
 
 
 def import_images(
@@ -110,7 +137,8 @@ def import_images(
         crop: `smart` (faces, else saliency), `center`, or `none` (short side scaled, not squared).
         captions: what a `.txt` caption does to the file-name token: `extend` (appended after it, as
             fast-DreamBooth does) or `override`.
-        resolution: the processed size; defaults to the session's (`session_resolution`).
+        resolution: the processed size; defaults to the session's (`session_resolution`). Crops
+            have the shape of the photo's aspect-ratio bucket when the session trains in buckets.
         tokenizer: a CLIP tokenizer, to warn when the instance token is a word the model knows.
         recursive: look into sub-folders of folders.
         max_bytes: the largest file accepted, also for downloads.
@@ -120,7 +148,7 @@ def import_images(
     """
     check_crop_mode(crop)
     check_caption_mode(captions)
-    resolution = check_session_resolution(session, resolution)
+    sizing = session_sizing(session, resolution)
     detector = FaceDetector() if crop == "smart" else None
     gathered = gather(sources, max_bytes=max_bytes, timeout=timeout, recursive=recursive)
     report = ImageReport(title=f'Import into session "{session.name}"')
@@ -128,7 +156,7 @@ def import_images(
         report.add(source, "error", error.message, fix=error.fix)
     with session.lock("importing images"):
         return _import_locked(
-            session, gathered, report, resolution, crop, captions, detector, max_pixels, tokenizer, token
+            session, gathered, report, sizing, crop, captions, detector, max_pixels, tokenizer, token
         )
 
 
@@ -136,7 +164,7 @@ def _import_locked(
     session: Session,
     gathered: Gathered,
     report: ImageReport,
-    resolution: int,
+    sizing: Sizing,
     crop: CropMode,
     captions: CaptionMode,
     detector: FaceDetector | None,
@@ -154,12 +182,14 @@ def _import_locked(
         taken=_taken_stems(session, folder),
     )
     used_texts: set[str] = set()
+    new_stems: dict[str, int] = {}  # an uploaded photo's stem -> its record in the batch, for its mask
     started = now_iso()
     try:
         for candidate in gathered.images:
-            record = _import_one(candidate, session, batch, report, resolution, crop, detector, max_pixels)
+            record = _import_one(candidate, session, batch, report, sizing, crop, detector, max_pixels)
             if record is None:
                 continue
+            new_stems[PurePath(candidate.name).stem.casefold()] = len(batch.records) - 1
             record.token = normalise_caption(token) or record.token
             stem_key = PurePath(candidate.name).stem.casefold()  # after reading: a download may rename it
             text = texts.get(stem_key, (None, None))[1]
@@ -171,8 +201,9 @@ def _import_locked(
             used_texts.add(stem_key)
         updates = _captions_for_existing(session, texts, used_texts, captions, report)
         updates += _token_for_uncaptioned(session, normalise_caption(token), updates, report)
+        updates = _attach_masks(session, gathered.masks, new_stems, batch, updates, report, max_pixels)
         if batch.records or updates:
-            _commit(session, batch, updates, report, crop, resolution, started)
+            _commit(session, batch, updates, report, crop, sizing, started)
     except BaseException:
         for path in batch.written:
             path.unlink(missing_ok=True)
@@ -188,19 +219,68 @@ def _import_locked(
     return report
 
 
+def _attach_masks(
+    session: Session,
+    masks: list[Candidate],
+    new_stems: dict[str, int],
+    batch: _Batch,
+    updates: list[ImageRecord],
+    report: ImageReport,
+    max_pixels: int,
+) -> list[ImageRecord]:
+    """Pair each mask with its photo (one imported now, else one already in the session) and write it;
+    returns `updates` with the existing photos that got a mask."""
+    if not masks:
+        return updates
+    by_file = {record.file: record for record in updates}
+    existing = {PurePath(record.file).stem.casefold(): record for record in session.manifest.images}
+    for candidate in masks:
+        stem = photo_stem(candidate.name)
+        if stem in new_stems:
+            record = batch.records[new_stems[stem]]
+        elif stem in existing:
+            record = by_file.get(existing[stem].file, existing[stem])
+        else:
+            report.add(
+                candidate.display,
+                "error",
+                f"no photo named {stem}.* to be the mask of",
+                fix="name a mask like its photo plus .mask: `zwx (1).mask.png` for `zwx (1).jpg`",
+            )
+            continue
+        try:
+            size = (record.original_width or record.width, record.original_height or record.height)
+            mask = read_mask(candidate.read(), candidate.name, size, max_pixels=max_pixels)
+        except NbkitError as error:
+            report.add(candidate.display, "error", error.message, fix=error.fix)
+            continue
+        # Only new files are removed if the import fails: an earlier mask replaced now is not lost.
+        batch.written += [
+            path for path in (session.path / file for file in mask_files(record)) if not path.exists()
+        ]
+        masked = attach_mask(session, record, mask)
+        if stem in new_stems:
+            batch.records[new_stems[stem]] = masked
+        else:
+            by_file[masked.file] = masked
+        # No `saved_as`: the report counts photos imported by it, and a mask is none.
+        report.add(candidate.display, "ok", f"subject mask of {PurePath(record.file).name}, in {masked.mask}")
+    return list(by_file.values())
+
+
 def _import_one(
     candidate: Candidate,
     session: Session,
     batch: _Batch,
     report: ImageReport,
-    resolution: int,
+    sizing: Sizing,
     crop: CropMode,
     detector: FaceDetector | None,
     max_pixels: int,
 ) -> ImageRecord | None:
     try:
         data = candidate.read()
-        checked = check_image(data, name=candidate.name, max_pixels=max_pixels, resolution=resolution)
+        checked = check_image(data, name=candidate.name, max_pixels=max_pixels, resolution=sizing.resolution)
     except NbkitError as error:
         report.add(candidate.display, "error", error.message, fix=error.fix)
         return None
@@ -208,8 +288,7 @@ def _import_one(
     if digest in batch.hashes:
         report.add(candidate.display, "duplicate", f"same picture as {batch.hashes[digest]}")
         return None
-    choice = choose_crop(checked.image, crop, detector)
-    processed = render_crop(checked.image, choice.box, resolution, square=crop != "none")
+    choice, processed = crop_for_training(checked.image, crop, sizing, detector)
 
     stem = unique_stem(PurePath(candidate.name).stem, batch.taken)
     original = f"{INSTANCE_DIR}/{ORIGINALS_DIR}/{stem}{_original_suffix(candidate.name, checked)}"
@@ -238,10 +317,68 @@ def _import_one(
     report.add(
         candidate.display,
         "warning" if checked.warnings else "ok",
-        describe(checked, choice),
+        describe(checked, choice, processed.size),
         saved_as=file,
     )
     return record
+
+
+def crop_for_training(
+    image: Image.Image,
+    crop: CropMode,
+    sizing: Sizing,
+    detector: FaceDetector | None = None,
+    box: Box | None = None,
+) -> tuple[CropChoice, Image.Image]:
+    """Crop a picture for training: the crop decision and the processed picture.
+
+    With buckets the crop has the shape of the picture's bucket (of the hand-picked box's, when there
+    is one, which is then trimmed evenly to the bucket's aspect); without, it is square. Crop mode
+    `none` keeps the whole picture, short side at the resolution.
+
+    Args:
+        image: the upright RGB picture.
+        crop: `smart`, `center` or `none`.
+        sizing: the session's sizing (`session_sizing`).
+        detector: required for `smart` without a box.
+        box: a hand-picked crop, or None to choose one.
+    """
+    if crop == "none":
+        choice = CropChoice(box=box, focus="manual") if box is not None else choose_crop(image, crop)
+        return choice, render_crop(image, choice.box, sizing.resolution, square=False)
+    if box is None:
+        size = sizing.target(*image.size)
+        choice = choose_crop(image, crop, detector, aspect=size)
+    else:
+        size = sizing.target(box[2] - box[0], box[3] - box[1])
+        choice = CropChoice(box=_trim_to(box, size), focus="manual")
+    return choice, render_crop(image, choice.box, sizing.resolution, size=size)
+
+
+def fits(record: ImageRecord, sizing: Sizing) -> bool:
+    """Whether a record's processed picture has the size `sizing` gives it (else it is cropped again).
+
+    Args:
+        record: the image's record.
+        sizing: the run's sizing.
+    """
+    if record.crop == "none":
+        return min(record.width, record.height) == sizing.resolution
+    if record.focus == "manual" and record.crop_box:
+        left, top, right, bottom = record.crop_box
+        shape = (right - left, bottom - top)
+    else:
+        shape = (record.original_width or record.width, record.original_height or record.height)
+    return (record.width, record.height) == sizing.target(*shape)
+
+
+def _trim_to(box: Box, aspect: tuple[int, int]) -> Box:
+    """The largest box of `aspect` centred inside `box`."""
+    left, top, right, bottom = box
+    width, height = fit_box((right - left, bottom - top), aspect)
+    left += (right - left - width) // 2
+    top += (bottom - top - height) // 2
+    return (left, top, left + width, top + height)
 
 
 def apply_choice(record: ImageRecord, choice: CropChoice, crop: CropMode) -> None:
@@ -252,9 +389,12 @@ def apply_choice(record: ImageRecord, choice: CropChoice, crop: CropMode) -> Non
     record.face_box = list(choice.faces[0]) if choice.faces else None
 
 
-def describe(checked: CheckedImage, choice: CropChoice) -> str:
-    """The report's reason for an imported picture: size, format, crop, conversions and warnings."""
+def describe(checked: CheckedImage, choice: CropChoice, size: tuple[int, int] | None = None) -> str:
+    """The report's reason for an imported picture: size, format, crop (and the size it was cropped
+    to: the bucket), conversions and warnings."""
     crop = {"face": "face crop", "saliency": "saliency crop", "center": "center crop"}.get(choice.focus)
+    if crop and size:
+        crop += f" to {size[0]}x{size[1]}"
     parts = [
         f"{checked.image.width}x{checked.image.height} {checked.format}",
         crop,
@@ -399,7 +539,7 @@ def _commit(
     updates: list[ImageRecord],
     report: ImageReport,
     crop: str,
-    resolution: int,
+    sizing: Sizing,
     started: str,
 ) -> None:
     """Record the batch in session.json with one save; on failure the in-memory manifest is restored."""
@@ -413,7 +553,8 @@ def _commit(
         "errors": len(report.by_status("error")),
         "captions_updated": len(updates),
         "crop": crop,
-        "resolution": resolution,
+        "resolution": sizing.resolution,
+        "buckets": sizing.buckets,
     }
     manifest.record_run("images", "ok", detail, started=started)
     try:

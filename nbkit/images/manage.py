@@ -14,19 +14,13 @@ from PIL import Image
 
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_bytes
+from nbkit.images.buckets import Sizing
 from nbkit.images.captions import caption_path, find_record, token_warnings
 from nbkit.images.checks import DEFAULT_MAX_PIXELS, WARNING_PREFIX, CheckedImage, check_image
 from nbkit.images.contact_sheet import write_contact_sheet
-from nbkit.images.crop import (
-    Box,
-    CropChoice,
-    CropMode,
-    FaceDetector,
-    check_crop_mode,
-    choose_crop,
-    render_crop,
-)
-from nbkit.images.importing import apply_choice, check_session_resolution, describe, encode_png
+from nbkit.images.crop import Box, CropChoice, CropMode, FaceDetector, check_crop_mode
+from nbkit.images.importing import apply_choice, crop_for_training, describe, encode_png, session_sizing
+from nbkit.images.masks import recut_mask
 from nbkit.images.report import ImageReport
 from nbkit.session.manifest import ImageRecord
 
@@ -82,27 +76,27 @@ def recrop_images(
         crop: `smart`, `center` or `none`.
         resolution: the processed size; defaults to the session's.
         box: a hand-picked `(left, top, right, bottom)` in pixels of the upright original, square
-            unless `crop` is `none`; only with `names`.
+            unless `crop` is `none` or the session trains in buckets; only with `names`.
     """
     check_crop_mode(crop)
-    resolution = check_session_resolution(session, resolution)
+    sizing = session_sizing(session, resolution)
     records = _select(session, names)
     if box is not None and names is None:
         raise NbkitError("a crop box needs the image it is for", fix="name the image(s) to crop by hand")
     report = ImageReport(title=f'Re-crop in session "{session.name}"')
     with session.lock("cropping images"):
-        _recrop(session, [(record, crop, box) for record in records], resolution, report)
+        _recrop(session, [(record, crop, box) for record in records], sizing, report)
     return report
 
 
-def recrop_for_resolution(session: Session, files: Iterable[str], resolution: int) -> ImageReport:
-    """Crop images again at a new training size, each as it was cropped before (its mode, its hand-picked
-    box); for a caller that already holds the session's lock (training).
+def recrop_for_training(session: Session, files: Iterable[str], sizing: Sizing) -> ImageReport:
+    """Crop images again at a new training size or bucket setting, each as it was cropped before (its
+    mode, its hand-picked box); for a caller that already holds the session's lock (training).
 
     Args:
         session: the session.
         files: the images' `file` paths (as in session.json).
-        resolution: the new size.
+        sizing: the run's sizing.
     """
     wanted = set(files)
     jobs = [
@@ -110,12 +104,12 @@ def recrop_for_resolution(session: Session, files: Iterable[str], resolution: in
         for record in session.manifest.images
         if record.file in wanted
     ]
-    report = ImageReport(title=f'Re-crop at {resolution} px in session "{session.name}"')
-    _recrop(session, jobs, check_session_resolution(session, resolution), report)
+    report = ImageReport(title=f'Re-crop at {sizing.describe()} in session "{session.name}"')
+    _recrop(session, jobs, sizing, report)
     failed = [row for row in report.rows if row.status == "error"]
     if failed:
         raise NbkitError(
-            f"{len(failed)} image(s) could not be cropped again at {resolution} px: {failed[0].reason}",
+            f"{len(failed)} image(s) could not be cropped again at {sizing.describe()}: {failed[0].reason}",
             path=session.path / "instance_images" / failed[0].file,
             fix="import those photos again, or remove them (`nbkit images remove`)",
         )
@@ -125,7 +119,7 @@ def recrop_for_resolution(session: Session, files: Iterable[str], resolution: in
 def _recrop(
     session: Session,
     jobs: list[tuple[ImageRecord, CropMode, Box | None]],
-    resolution: int,
+    sizing: Sizing,
     report: ImageReport,
 ) -> None:
     """Crop each (record, mode, box) again and save session.json once (the caller holds the lock)."""
@@ -133,7 +127,7 @@ def _recrop(
     results = []
     for record, crop, box in jobs:
         try:
-            checked, choice, processed = _recrop_one(session, record, crop, resolution, box, detector)
+            checked, choice, processed = _recrop_one(session, record, crop, sizing, box, detector)
         except NbkitError as error:
             report.add(PurePath(record.file).name, "error", error.message, fix=error.fix)
             continue
@@ -150,10 +144,10 @@ def _recrop(
         atomic_write_bytes(session.path / record.file, png)
         apply_choice(record, choice, crop)
         record.notes, record.width, record.height = notes, width, height
+        recut_mask(session, record)  # the subject mask follows its photo's new crop
     modes = sorted({crop for _, crop, _ in jobs})
-    session.manifest.record_run(
-        "images", "ok", {"recropped": len(results), "crop": ",".join(modes), "resolution": resolution}
-    )
+    detail = {"recropped": len(results), "crop": ",".join(modes), "resolution": sizing.resolution}
+    session.manifest.record_run("images", "ok", {**detail, "buckets": sizing.buckets})
     session.save()
     report.contact_sheet = write_contact_sheet(session)
 
@@ -162,7 +156,7 @@ def _recrop_one(
     session: Session,
     record: ImageRecord,
     crop: CropMode,
-    resolution: int,
+    sizing: Sizing,
     box: Box | None,
     detector: FaceDetector | None,
 ) -> tuple[CheckedImage, CropChoice, Image.Image]:
@@ -172,12 +166,13 @@ def _recrop_one(
         raise NbkitError(
             f"its original is unreadable: {error.strerror}", fix="import the photo again"
         ) from None
-    checked = check_image(data, name=record.original, max_pixels=DEFAULT_MAX_PIXELS, resolution=resolution)
-    if box is None:
-        choice = choose_crop(checked.image, crop, detector)
-    else:
-        choice = CropChoice(box=check_box(box, checked.image.size, square=crop != "none"), focus="manual")
-    return checked, choice, render_crop(checked.image, choice.box, resolution, square=crop != "none")
+    checked = check_image(
+        data, name=record.original, max_pixels=DEFAULT_MAX_PIXELS, resolution=sizing.resolution
+    )
+    if box is not None:
+        box = check_box(box, checked.image.size, square=crop != "none" and not sizing.buckets)
+    choice, processed = crop_for_training(checked.image, crop, sizing, detector, box)
+    return checked, choice, processed
 
 
 def remove_images(session: Session, names: Iterable[str] | None = None) -> ImageReport:
@@ -202,6 +197,7 @@ def remove_images(session: Session, names: Iterable[str] | None = None) -> Image
             session.path / record.file,
             session.path / record.original,
             caption_path(session, record),
+            *(session.path / mask for mask in (record.mask, record.mask_original) if mask),
         ):
             path.unlink(missing_ok=True)
         report.add(PurePath(record.file).name, "ok", "removed")

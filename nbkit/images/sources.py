@@ -24,6 +24,7 @@ from nbkit.models.download import filename_from_response, iter_body, open_url, s
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
 CAPTION_SUFFIX = ".txt"
+MASK_SUFFIX = ".mask"  # `zwx (1).mask.png` is the subject mask of `zwx (1).jpg`
 # Left behind by operating systems and archivers; never the user's photos.
 JUNK_NAMES = {"thumbs.db", "desktop.ini", ".ds_store", "__macosx", ".picasa.ini"}
 ZIP_UTF8_FLAG = 0x800
@@ -55,10 +56,12 @@ class Candidate:
 
 @dataclasses.dataclass
 class Gathered:
-    """What the sources hold: images to import, caption files by stem, and sources that failed."""
+    """What the sources hold: images to import, caption files and subject masks (`<stem>.mask.png`),
+    and sources that failed."""
 
     images: list[Candidate] = dataclasses.field(default_factory=list)
     captions: list[Candidate] = dataclasses.field(default_factory=list)
+    masks: list[Candidate] = dataclasses.field(default_factory=list)
     failures: list[tuple[str, NbkitError]] = dataclasses.field(default_factory=list)
 
 
@@ -105,8 +108,12 @@ def gather(
 
 
 def _add(gathered: Gathered, candidate: Candidate) -> None:
-    is_caption = PurePath(candidate.name).suffix.lower() == CAPTION_SUFFIX
-    (gathered.captions if is_caption else gathered.images).append(candidate)
+    if PurePath(candidate.name).suffix.lower() == CAPTION_SUFFIX:
+        gathered.captions.append(candidate)
+    elif PurePath(candidate.name).stem.lower().endswith(MASK_SUFFIX):
+        gathered.masks.append(candidate)
+    else:
+        gathered.images.append(candidate)
 
 
 def _add_path(gathered: Gathered, path: Path, max_bytes: int, recursive: bool) -> None:

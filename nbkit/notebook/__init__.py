@@ -4,7 +4,17 @@ which cell to run first); an error shows as one paragraph in the notebook's word
 one line. `cells`, `training` and `ui_cells` hold the cells; `progress` the training cell's live view;
 `widgets` the session picker, upload box and the UI's links."""
 
-from nbkit.notebook.cells import add_images, base_model, captions, class_images, session, setup, storage
+from nbkit.notebook.cells import (
+    add_images,
+    auto_captions,
+    auto_masks,
+    base_model,
+    captions,
+    class_images,
+    session,
+    setup,
+    storage,
+)
 from nbkit.notebook.state import CellError, CellStopped, state
 from nbkit.notebook.training import disconnect, export, scores, train, upload
 from nbkit.notebook.ui_cells import controlnets, launch_ui, stop_ui, tidy, try_ui, ui_model
@@ -13,6 +23,8 @@ __all__ = [
     "CellError",
     "CellStopped",
     "add_images",
+    "auto_captions",
+    "auto_masks",
     "base_model",
     "captions",
     "class_images",

@@ -179,7 +179,13 @@ def _picked(opened) -> None:
     "cell again"
 )
 def add_images(
-    folder: str = "", *, token: str = "", crop: str = "smart", replace: bool = False, upload: bool = True
+    folder: str = "",
+    *,
+    token: str = "",
+    crop: str = "smart",
+    buckets: str = "auto",
+    replace: bool = False,
+    upload: bool = True,
 ) -> None:
     """Import photos (a folder, zip or URL; or Colab's upload button), then show the report and contact sheet.
 
@@ -189,12 +195,19 @@ def add_images(
         token: the instance token of the photos ("" takes it from each file name: `zwx (1).jpg`); it
             also captions photos already imported without one.
         crop: `smart`, `center` or `none`.
+        buckets: `on` crops each photo to its aspect-ratio bucket, `off` to a square, `auto` keeps the
+            session's setting (a new session's is its model family's).
         replace: remove the session's current images first.
         upload: with no folder, offer an upload.
     """
     from nbkit.images import check_captions, import_images, remove_images, write_contact_sheet
 
     opened = need_session()
+    wanted = bucket_choice(buckets)
+    if wanted is not None and wanted != opened.manifest.training.buckets:
+        # Set before the import, so the photos are cropped as they will train.
+        opened.manifest.training = opened.manifest.training.replace(buckets=wanted)
+        opened.save()
     colab = _colab_files()
     sources: Any = [folder] if folder else None
     # Colab's upload button waits for the user, so it is offered only while the session has no photos.
@@ -223,6 +236,14 @@ def add_images(
     print(f"{len(opened.manifest.images)} photos in session '{opened.name}'")
 
 
+def bucket_choice(value: str) -> bool | None:
+    """The form's BUCKETS: `on` True, `off` False, `auto` None (the session's setting)."""
+    choice = str(value).strip().lower()
+    if choice not in ("auto", "", "on", "off"):
+        raise NbkitError(f"BUCKETS = {value!r} is not a choice", fix='use "auto", "on" or "off" in Settings')
+    return {"on": True, "off": False}.get(choice)
+
+
 def _colab_files():
     """Colab's `google.colab.files`, or None elsewhere."""
     try:
@@ -230,6 +251,65 @@ def _colab_files():
     except ImportError:
         return None
     return files
+
+
+@friendly()
+def auto_captions(model: str = "florence2", *, overwrite: bool = False) -> None:
+    """Caption the photos with a captioning model, the instance token and class word in each; run before
+    the editor. Captions written by hand (or from .txt files) are kept unless `overwrite`.
+
+    Args:
+        model: `florence2`, `blip`, a hub id or a folder; "off" (or "") skips. `NBKIT_VISION_MODELS=tiny`
+            takes the offline tiny captioner of its kind, `off` skips (see `captioner`).
+        overwrite: also replace hand-written captions.
+    """
+    from nbkit.images import auto_caption
+
+    opened = need_session()
+    source = captioner(model)
+    if source is None:
+        print("Automatic captions are off")
+        return
+    show(auto_caption(opened, source, overwrite=overwrite))
+
+
+def captioner(model: str) -> str | None:
+    """The captioning model `NBKIT_VISION_MODELS` asks for in place of `model` (None: off).
+
+    `default` is `model` itself, `tiny` nbkit's offline tiny captioner of the same kind (`tiny:florence2`
+    for any model that is not a known name), `off` none.
+    """
+    from nbkit.images.autocaption import CAPTIONERS, DEFAULT_CAPTIONER
+
+    name = model.strip()
+    vision = _vision()
+    if vision == "off" or name.lower() in ("", "off", "none"):
+        return None
+    if vision == "tiny":
+        return f"tiny:{name.lower() if name.lower() in CAPTIONERS else DEFAULT_CAPTIONER}"
+    return name
+
+
+@friendly()
+def auto_masks(model: str = "off") -> None:
+    """Make subject masks from the class word with CLIPSeg, for the photos without one (masks given as
+    files are kept), then show the report and the contact sheet with the masks on it.
+
+    Args:
+        model: `clipseg`, a hub id or a folder; "off" (or "") skips. `NBKIT_VISION_MODELS=tiny` takes
+            the offline `tiny:clipseg`, `off` skips.
+    """
+    from nbkit.images import auto_mask
+
+    opened = need_session()
+    name = model.strip()
+    vision = _vision()
+    if vision == "off" or name.lower() in ("", "off", "none"):
+        print("Automatic masks are off")
+        return
+    report = auto_mask(opened, "tiny:clipseg" if vision == "tiny" else name)
+    show(report)
+    show_image(report.contact_sheet)
 
 
 @friendly()
@@ -300,4 +380,14 @@ def class_images(class_word: str = "", num_images: int = 0) -> None:
     print(f"Class prompt {prompt!r}, {num_images} class images" if prompt else "No class word")
 
 
-__all__ = ["add_images", "base_model", "captions", "class_images", "session", "setup", "storage"]
+__all__ = [
+    "add_images",
+    "auto_captions",
+    "auto_masks",
+    "base_model",
+    "captions",
+    "class_images",
+    "session",
+    "setup",
+    "storage",
+]

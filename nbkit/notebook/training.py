@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.notebook.cells import backbone
+from nbkit.notebook.cells import backbone, bucket_choice
 from nbkit.notebook.progress import LiveTraining
 from nbkit.notebook.state import friendly, need_session, need_trained, state
 from nbkit.notebook.widgets import show_image
@@ -21,6 +21,7 @@ NUMBERS = {
     "checkpoint_every": ("CHECKPOINT_EVERY", int),
     "sample_steps": ("SAMPLE_STEPS", int),
     "caption_dropout": ("CAPTION_DROPOUT", float),
+    "mask_background": ("MASK_BACKGROUND", float),
 }
 
 
@@ -72,6 +73,7 @@ def train(
     restart: bool = False,
     more: bool = False,
     sample_prompt: str = "",
+    buckets: str = "auto",
     **numbers,
 ) -> None:
     """Train (text encoder, then UNet or transformer), showing the step, the time left, each
@@ -85,6 +87,8 @@ def train(
         restart: start over (an unfinished run's checkpoints are deleted).
         more: train a finished session further, to the new UNET_STEPS.
         sample_prompt: the prompt sampled at each checkpoint ("" uses the first image's caption).
+        buckets: `on`/`off` trains in aspect-ratio buckets or squares (photos cropped again to suit);
+            `auto` keeps the session's setting.
         numbers: the form's numbers (`resolution`, `unet_steps`, `unet_lr`, ... as in `NUMBERS`).
     """
     from nbkit.images import check_captions
@@ -100,6 +104,8 @@ def train(
         )
         return
     settings = form_settings(numbers)
+    if (wanted := bucket_choice(buckets)) is not None:
+        settings["buckets"] = wanted
     prompt = sample_prompt or next((image.caption for image in opened.manifest.images if image.caption), "")
     if prompt:
         settings["sample_prompts"] = [prompt]

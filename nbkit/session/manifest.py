@@ -18,7 +18,7 @@ from nbkit.errors import NbkitError
 from nbkit.families import DEFAULT_FAMILY
 from nbkit.session.settings import TrainConfig
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Stage = Literal["idle", "text_encoder", "unet", "done"]
 
@@ -56,6 +56,11 @@ class ImageRecord(StrictConfig):
     so a renamed or re-saved copy of the same photo is recognised. `caption` is the full caption
     training uses; `token` the instance token from the file name (what fast-DreamBooth trains on
     without external captions). Boxes are `[left, top, right, bottom]` in pixels of the upright original.
+    `caption_source` says who wrote the caption: the file name's token, a .txt file, the editor, or a
+    captioning model (`auto`, the model in `caption_model`; `nbkit.images.autocaption`).
+    `mask` is the subject mask cropped like `file`, `mask_original` the mask as given ("" without one;
+    `nbkit.images.masks`); `mask_source` says where it came from: a file, or CLIPSeg (`auto`;
+    `nbkit.images.automask`).
     """
 
     file: str
@@ -67,13 +72,17 @@ class ImageRecord(StrictConfig):
     notes: list[str] = dataclasses.field(default_factory=list)
     source: str = ""
     token: str = ""
-    caption_source: Literal["filename", "txt", "editor"] = "filename"
+    caption_source: Literal["filename", "txt", "editor", "auto"] = "filename"
+    caption_model: str = ""
     original_width: int = 0
     original_height: int = 0
     crop: Literal["smart", "center", "none"] = "smart"
     focus: Literal["face", "saliency", "center", "none", "manual"] = "center"
     crop_box: list[int] | None = None
     face_box: list[int] | None = None
+    mask: str = ""
+    mask_original: str = ""
+    mask_source: Literal["file", "auto"] = "file"
 
 
 @dataclasses.dataclass
@@ -242,7 +251,16 @@ def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}
+def _upgrade_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """v3 had no aspect-ratio buckets: a session with images keeps its square crops (`buckets` false);
+    one without takes its family's default when it gets some."""
+    data = {**data, "schema_version": 4}
+    if data.get("images"):
+        data["training"] = {**(data.get("training") or {}), "buckets": False}
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3}
 
 
 def upgrade(data: dict[str, Any], *, where: str = "session.json") -> dict[str, Any]:

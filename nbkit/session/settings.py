@@ -47,6 +47,13 @@ class TrainConfig(StrictConfig):
     caption (kohya's caption dropout: the model learns the subject's look beyond the token); each
     image's draw comes from its step's seeded generator, so a resumed run drops the same ones.
 
+    `buckets` crops and trains each photo at the aspect-ratio bucket nearest its shape (about the
+    square training size's area, `nbkit.images.buckets`) instead of a square; None follows the
+    family (`Family.buckets_by_default`: on except for SD 1.x/2.x).
+
+    `mask_background` turns on masked loss: pixels outside the photos' subject masks
+    (`nbkit.images.masks`) count this much (0: not at all, 1: as the subject); None: off.
+
     `training_mode` `auto` fine-tunes the full model (`lora_rank` 0) where the GPU holds it and trains
     a rank-16 LoRA where it does not (SDXL on a T4 or L4), saying why; `full` refuses a GPU that cannot
     hold it before the run, with the figure; `lora` always trains a LoRA (`lora_rank`, or 16). The
@@ -78,6 +85,8 @@ class TrainConfig(StrictConfig):
     seed: int | None = None
     offset_noise: float = 0.0
     caption_dropout: float = 0.0
+    buckets: bool | None = None
+    mask_background: float | None = None
     min_snr_gamma: float | None = None
     random_flip: bool = False
     prior: PriorPreservation = dataclasses.field(default_factory=PriorPreservation)

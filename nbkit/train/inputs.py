@@ -39,7 +39,7 @@ RESUME_PRIOR_KEYS = ("class_prompt", "num_images")
 # The same for FLUX.1's conditioning; checkpoints written before these settings existed lack them.
 RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_guidance")
 # Settings added later still: a checkpoint written before them resumes as it was trained (without).
-RESUME_LATER_KEYS = ("caption_dropout",)
+RESUME_LATER_KEYS = ("caption_dropout", "buckets", "mask_background")
 QUANTIZATION_KEY = "the base model's quantization"
 
 RESTART = _setting("restart")
@@ -177,6 +177,11 @@ def check_config(config: TrainConfig) -> None:
         "use a share from 0 (off) to below 1, e.g. 0.1",
     )
     _require(
+        config.mask_background is None or 0 <= config.mask_background <= 1,
+        f"mask_background is {config.mask_background}",
+        "use a weight from 0 (background ignored) to 1 (as the subject), or leave it unset (off)",
+    )
+    _require(
         config.min_snr_gamma is None or config.min_snr_gamma > 0,
         f"min_snr_gamma is {config.min_snr_gamma}",
         "use a positive value (5 is usual) or leave it unset",
@@ -217,8 +222,9 @@ def check_config(config: TrainConfig) -> None:
     )
 
 
-def check_images(session_path: Path, images: list) -> None:
-    """The session must have instance images, each present and captioned."""
+def check_images(session_path: Path, images: list, *, masked: bool = False) -> None:
+    """The session must have instance images, each present and captioned; with masked loss
+    (`masked`), at least one with a subject mask, and every mask present."""
     if not images:
         raise NbkitError(
             "the session has no instance images",
@@ -239,6 +245,19 @@ def check_images(session_path: Path, images: list) -> None:
                 path=path,
                 fix="give it a caption with your subject's token (the captions cell, or captions/<name>.txt)",
             )
+        if masked and record.mask and not (session_path / record.mask).is_file():
+            raise NbkitError(
+                "a subject mask listed in session.json is missing",
+                path=session_path / record.mask,
+                fix="add the mask again (`nbkit images add SESSION <photo>.mask.png`)",
+            )
+    if masked and not any(record.mask for record in images):
+        raise NbkitError(
+            "masked loss is on (mask_background) but no photo has a subject mask",
+            path=session_path / "instance_images",
+            fix="add masks (`<photo>.mask.png` beside each photo, or `nbkit images mask`), or train "
+            "without masked loss (leave mask_background unset)",
+        )
 
 
 def check_resolution(base_model: BaseModelRef, resolution: int, *, force: bool = False) -> None:

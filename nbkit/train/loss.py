@@ -31,9 +31,16 @@ def sample_noise(
     return noise.to(device=latents.device, dtype=latents.dtype)
 
 
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample, computed in float32."""
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+def per_sample_mse(
+    prediction: torch.Tensor, target: torch.Tensor, pixel_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error per sample, computed in float32; with `pixel_weights` (B, 1, H, W), the
+    weighted mean, so a sample's loss does not shrink with the size of its subject."""
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if pixel_weights is None:
+        return errors.mean(dim=(1, 2, 3))
+    weights = pixel_weights.to(device=errors.device, dtype=torch.float32).expand_as(errors)
+    return (errors * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1e-6)
 
 
 def dreambooth_loss(
@@ -43,6 +50,7 @@ def dreambooth_loss(
     weights: torch.Tensor | None,
     num_class: int,
     prior_loss_weight: float,
+    pixel_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The DreamBooth loss of one batch whose last `num_class` samples are class (prior) images.
 
@@ -54,8 +62,9 @@ def dreambooth_loss(
         weights: optional per-sample weights (Min-SNR, say), same order as the batch.
         num_class: how many trailing samples are class images (0 without prior preservation).
         prior_loss_weight: the weight of the class-image loss.
+        pixel_weights: masked loss's per-pixel weights, (B, 1, H, W), or None for none.
     """
-    losses = per_sample_mse(prediction, target)
+    losses = per_sample_mse(prediction, target, pixel_weights)
     if weights is not None:
         losses = losses * weights.to(losses.device)
     num_instance = losses.shape[0] - num_class

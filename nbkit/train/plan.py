@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.errors import NbkitError, setting
+from nbkit.families import get_family
+from nbkit.images.buckets import Sizing
+from nbkit.images.importing import fits
 from nbkit.models.memory import DEFAULT_LORA_RANK
 from nbkit.session.base_model import base_model_ref, native_resolution
 from nbkit.session.core import Session
@@ -43,7 +46,7 @@ class RunPlan:
         resume_from: the checkpoint it continues from, or None for a fresh start.
         clear_checkpoints: delete earlier checkpoints when the run starts (`restart`).
         skipped: checkpoints newer than `resume_from` that failed their check, with the reason.
-        recrop: instance images to crop again because the resolution changed.
+        recrop: instance images to crop again because the resolution or the bucket setting changed.
         notes: what the GPU memory plan decided and why (`nbkit.models.memory.plan_training`).
         from_model: training more without the last checkpoint: the exported model it starts from, as
             `{"name", "stage", "step"}` (`nbkit.train.more`).
@@ -57,6 +60,12 @@ class RunPlan:
     recrop: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     from_model: dict[str, Any] | None = None
+
+    @property
+    def sizing(self) -> Sizing:
+        """How the run sizes its photos: its resolution, the family's step, buckets or squares."""
+        step = get_family(self.base_model.family).resolution_step
+        return Sizing(self.config.resolution, step, bool(self.config.buckets))
 
     def to_dict(self) -> dict[str, Any]:
         """A plain form to broadcast to the other processes of a multi-GPU run."""
@@ -132,9 +141,12 @@ def plan_run(
         overrides["resolution"] = native_resolution(base_model)  # the stored size belongs to the old model
     overrides = family_overrides(base_model.family, session.manifest.training, overrides)
     config = merge_config(session.manifest.training, overrides)
+    family = get_family(base_model.family)
+    if config.buckets is None:  # the session follows its family; the run records what that meant
+        config = config.replace(buckets=family.buckets_by_default)
     check_family_config(base_model.family, config)  # first: it says what the family cannot train at all
     check_config(config)
-    check_images(session.path, session.manifest.images)
+    check_images(session.path, session.manifest.images, masked=config.mask_background is not None)
     check_resolution(base_model, config.resolution, force=force_resolution)
     if config.training_mode == "lora" and config.lora_rank == 0:
         config = config.replace(lora_rank=DEFAULT_LORA_RANK)
@@ -192,12 +204,7 @@ def plan_run(
     if config.seed is None:  # a random one, as fast-DreamBooth; shown and saved, so runs can be repeated
         config = config.replace(seed=random.SystemRandom().randint(1, 999_999))
     plan.config = config
-    plan.recrop = [
-        record.file
-        for record in session.manifest.images
-        if min(record.width, record.height) != config.resolution
-        or (record.crop != "none" and record.width != record.height)
-    ]
+    plan.recrop = [record.file for record in session.manifest.images if not fits(record, plan.sizing)]
     return plan
 
 

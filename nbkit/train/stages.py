@@ -44,8 +44,8 @@ from nbkit.train.data import (
     STREAM_INIT,
     STREAM_STEP,
     LatentCache,
-    batch_indices,
     derive_seed,
+    draw_indices,
 )
 from nbkit.train.loss import dreambooth_loss, sample_noise
 
@@ -358,13 +358,13 @@ def _optimizer_step(context, stage, step, wrapped, parameters, optimizer, lr_sch
 
 def _draw(context: RunContext, images: ImageSet, stage: Stage, first: int, generator, text_encoders):
     config, device = context.config, context.accelerator.device
-    indices = batch_indices(
+    indices = draw_indices(
+        images.latents,
         seed=context.seed,
         stream=images.stream,
         stage_index=stage.index,
         first_position=first,
         batch_size=config.batch_size,
-        count=images.count,
     )
     if config.random_flip:
         flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()
@@ -384,7 +384,8 @@ def _draw(context: RunContext, images: ImageSet, stage: Stage, first: int, gener
             max_sequence_length=config.flux_max_sequence_length,
             device=device,
         )
-    return latents, embeds, pooled, images.latents.time_ids(indices)
+    weights = images.latents.pixel_weights(indices, flips, config.mask_background)
+    return latents, embeds, pooled, images.latents.time_ids(indices), weights
 
 
 def prompt_rows(images: ImageSet, indices: list[int], generator: torch.Generator) -> list[int]:
@@ -410,21 +411,37 @@ def _micro_batch_loss(context: RunContext, stage: Stage, step: int, micro: int, 
         parts = [_draw(context, context.instance, stage, first, generator, text_encoders)]
         if context.prior is not None:
             parts.append(_draw(context, context.prior, stage, first, generator, text_encoders))
-        latents, embeds, pooled, time_ids = (
-            None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True)
-        )
-        noise = sample_noise(latents, generator, config.offset_noise)
-        family = components.family_adapter
-        batch = family.noisy_latents(components.noise_scheduler, latents, noise, generator, config)
-        prediction = family.denoise(components.pipeline, unet, batch, embeds, pooled, time_ids, config)
-    total, _, _ = dreambooth_loss(
-        prediction,
-        batch.target,
-        weights=batch.weights,
-        num_class=0 if context.prior is None else config.batch_size,
-        prior_loss_weight=config.prior.loss_weight,
-    )
-    return total
+        # In buckets a photo's shape differs from the square class images': then a pass for each.
+        together = len({part[0].shape for part in parts}) == 1
+        batches = [_concatenate(parts)] if together else parts
+        passes = [_denoise(context, unet, drawn, generator) for drawn in batches]
+    losses = [
+        dreambooth_loss(
+            prediction,
+            noisy.target,
+            weights=noisy.weights,
+            num_class=config.batch_size if together and context.prior is not None else 0,
+            prior_loss_weight=config.prior.loss_weight,
+            pixel_weights=drawn[4],
+        )[0]
+        for (prediction, noisy), drawn in zip(passes, batches, strict=True)
+    ]
+    # Apart, the second pass's loss is the prior loss.
+    return losses[0] if together else losses[0] + config.prior.loss_weight * losses[1]
+
+
+def _concatenate(parts: list[tuple]) -> tuple:
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+
+
+def _denoise(context: RunContext, unet, part: tuple, generator: torch.Generator):
+    """The denoiser's prediction for one drawn batch, and the noised batch it predicted from."""
+    config, components = context.config, context.components
+    latents, embeds, pooled, time_ids, _ = part
+    noise = sample_noise(latents, generator, config.offset_noise)
+    family = components.family_adapter
+    batch = family.noisy_latents(components.noise_scheduler, latents, noise, generator, config)
+    return family.denoise(components.pipeline, unet, batch, embeds, pooled, time_ids, config), batch
 
 
 def _save_roles(context: RunContext, weights: list, folder: str) -> None:

@@ -210,15 +210,15 @@ def deterministic_mode(device: torch.device) -> Iterator[None]:
 
 
 def _begin(session: Session, plan: RunPlan, stack: contextlib.ExitStack):
-    """The run really starts: re-crop for a new resolution, apply the plan, open the history record."""
+    """The run really starts: re-crop for a new size or bucket setting, apply the plan, open the history record."""
     if plan.recrop:
-        from nbkit.images.manage import recrop_for_resolution
+        from nbkit.images.manage import recrop_for_training
 
         print(
-            f"nbkit: {len(plan.recrop)} instance image(s) are not {plan.config.resolution} px: "
+            f"nbkit: {len(plan.recrop)} instance image(s) are not cropped for {plan.sizing.describe()}: "
             "cropping them again from the kept originals"
         )
-        recrop_for_resolution(session, plan.recrop, plan.config.resolution)
+        recrop_for_training(session, plan.recrop, plan.sizing)
     start_run(session, plan)
     detail: dict[str, Any] = {
         "resume_from": None if plan.resume_from is None else plan.resume_from.path.name,
@@ -230,15 +230,25 @@ def _begin(session: Session, plan: RunPlan, stack: contextlib.ExitStack):
     return stack.enter_context(session.run_record("train", detail))
 
 
-def _image_sets(session: Session, accelerator: Accelerator, components, config: TrainConfig, scratch: Path):
-    device = accelerator.device
+def _image_sets(session: Session, accelerator: Accelerator, components, plan: RunPlan, scratch: Path):
+    device, config, sizing = accelerator.device, plan.config, plan.sizing
     records = session.manifest.images
+    masked = [record for record in records if record.mask] if config.mask_background is not None else []
     with accelerator.main_process_first():  # the main process copies; the others find the copies
         paths = copy_to_scratch([session.path / record.file for record in records], scratch / "instance")
+        mask_copies = copy_to_scratch([session.path / record.mask for record in masked], scratch / "masks")
+    by_file = {record.file: copy for record, copy in zip(masked, mask_copies, strict=True)}
+    masks = [by_file.get(record.file) for record in records]
     captions = [record.caption for record in records]
     normalize = components.family_adapter.latent_normalizer(components.vae)
     latents = LatentCache(
-        components.vae, paths, config.resolution, flip=config.random_flip, device=device, normalize=normalize
+        components.vae,
+        paths,
+        sizing,
+        flip=config.random_flip,
+        device=device,
+        normalize=normalize,
+        masks=masks,
     )
     # Caption dropout trains some draws on the empty prompt: it is one more caption, encoded (and
     # cached for stage 2) with the others.
@@ -270,7 +280,7 @@ def _image_sets(session: Session, accelerator: Accelerator, components, config: 
     class_latents = LatentCache(
         components.vae,
         class_paths,
-        config.resolution,
+        sizing,
         flip=config.random_flip,
         device=device,
         normalize=normalize,
@@ -307,7 +317,7 @@ def _execute(
     if record is not None and quantization is not None:
         record.detail["quantized_base"] = quantization
     accelerator.wait_for_everyone()  # the other processes read the re-cropped images
-    instance, prior = _image_sets(session, accelerator, components, config, scratch)
+    instance, prior = _image_sets(session, accelerator, components, plan, scratch)
 
     result = TrainResult(
         session=session.path, finished=False, stage="idle", step=0, seed=config.seed, config=config
