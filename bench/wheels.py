@@ -7,7 +7,10 @@ linked in through a .pth file, so nothing installs torch):
 - cold: plain `pip install --no-cache-dir --no-deps` of the locked versions from the registry;
 - warm: `nbkit.wheels.install` from a wheelhouse filled beforehand (`nbkit wheels build`, not timed),
   run as its own process twice: with PATH stripped of every folder holding `uv`, and with uv on PATH
-  (this runtime's, or one pip-installed into the work folder);
+  (this runtime's, or one pip-installed into the work folder). The wheelhouse is on the venvs'
+  filesystem here, so `build` also keeps each wheel unpacked beside it and the install hard-links those
+  files (`nbkit.wheels.trees`); a wheelhouse on another filesystem (Drive on Colab) is unpacked from
+  the zips instead: `--wheelhouse` on another filesystem (`/dev/shm`, a tmpfs) times that path;
 - copy: `cp -r` of the files the warm install wrote (site-packages and bin), into a fresh venv: the
   floor for putting those files there.
 
@@ -16,6 +19,7 @@ The last line is one JSON object with the times and ratios. Goals: warm <= 1.5x 
 uv on PATH, and warm <= 0.25x cold.
 
     python bench/wheels.py [--sets ui train] [--work /tmp/nbkit-bench-wheels] [--repeat 3]
+                           [--wheelhouse DIR]
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["ui", "train"])
     parser.add_argument("--work", default="/tmp/nbkit-bench-wheels")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--wheelhouse", help="where the wheelhouse goes (default: inside --work)")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -130,7 +135,8 @@ def main() -> None:
     cold = time.perf_counter() - start
     print(f"cold (pip from the registry): {cold:.1f} s, {len(pins)} packages", flush=True)
 
-    house = work / "wheelhouse"
+    house = Path(args.wheelhouse) if args.wheelhouse else work / "wheelhouse"
+    shutil.rmtree(house, ignore_errors=True)
     build(profile, house, args.sets)
     paths = {"no_uv": _path_without_uv(), "uv": _path_with_uv(work)}
     assert shutil.which("uv", path=paths["no_uv"]) is None and shutil.which("uv", path=paths["uv"])
@@ -157,6 +163,7 @@ def main() -> None:
                 "packages": len(pins),
                 "sets": args.sets,
                 "profile": profile.name,
+                "linked_trees": (house / "unpacked").is_dir(),
                 "cold_s": round(cold, 2),
                 "warm_no_uv_s": round(best["no_uv"], 2),
                 "warm_uv_s": round(best["uv"], 2),

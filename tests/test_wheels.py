@@ -3,8 +3,10 @@ a wheelhouse filled from a local folder index and installed into a fresh venv.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -206,6 +208,96 @@ def test_a_warm_install_needs_nothing_on_path_and_replaces_another_version(tmp_p
     assert not (site / "nbk_alpha").exists() and not script.exists() and not dist_info.exists()
 
 
+def _bare_venv(folder: Path) -> tuple[str, Path]:
+    """A venv without pip (made in a blink), and its site-packages."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, capture_output=True
+    )
+    python = str(folder / "bin" / "python")
+    return python, Path(_run(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
+
+
+def _remove(python: str, *names: str) -> None:
+    """Uninstall through nbkit's own RECORD reader (pip takes a second per call)."""
+    from nbkit.wheels.unpack import installed_metadata, remove_installed, target_scheme
+
+    scheme = target_scheme(python)
+    present = installed_metadata(scheme)
+    for name in names:
+        assert name not in present or remove_installed(present[name], scheme)
+
+
+def _house(folder: Path, index: Path) -> Path:
+    folder.mkdir()
+    for name in ("nbk-alpha", "nbk-beta"):
+        (folder / _wheel(index, name, "1.0").name).write_bytes(_wheel(index, name, "1.0").read_bytes())
+    return folder
+
+
+def test_a_warm_install_links_the_unpacked_tree_and_a_damaged_tree_is_unpacked_again(tmp_path, index, venv):
+    python, site = venv, Path(_run(venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
+    _remove(python, "nbk-alpha", "nbk-beta")
+    profiles, house, messages = _profile(tmp_path / "profiles", index), _house(tmp_path / "wh", index), []
+    wheel = house / _wheel(index, "nbk-alpha", "1.0").name
+    kwargs = dict(python=python, profiles_dir=profiles, index_args=[*LOCAL, str(index)], log=messages.append)
+    assert sorted(install(["train"], house, **kwargs).from_wheelhouse) == ["nbk-alpha", "nbk-beta"]
+    tree = house / "unpacked" / wheel.name.removesuffix(".whl")
+    cached, installed = tree / "files" / "nbk_alpha" / "__init__.py", site / "nbk_alpha" / "__init__.py"
+    assert installed.samefile(cached)  # a hard link: no bytes written
+    assert (site / "nbk_alpha-1.0.dist-info" / "RECORD").is_file() and _imports(python) == "1.0 1.0"
+    good = cached.read_bytes()
+
+    def reinstall(damage) -> list[str]:
+        _remove(python, "nbk-alpha")  # its files unlinked, the tree's stay
+        damage()
+        messages.clear()
+        report = install(["train"], house, **kwargs)
+        assert report.installed == ["nbk-alpha"] and _imports(python) == "1.0 1.0"
+        assert cached.read_bytes() == good and installed.samefile(cached)
+        return [m for m in messages if "is not the file unpacked" in m]
+
+    # truncated, then one byte flipped in place (same size, a later mtime): caught, unpacked again
+    for damage in (lambda: cached.write_bytes(good[:5]), lambda: cached.write_bytes(good.swapcase())):
+        caught = reinstall(damage)
+        assert len(caught) == 1 and str(cached) in caught[0] and f"unpacking {wheel.name} again" in caught[0]
+    # only touched: its hash still matches, nothing said, and the new mtime is recorded
+    assert reinstall(lambda: os.utime(cached, ns=(1, 1))) == []
+    files = json.loads((tree / "manifest.json").read_text())["files"]
+    assert next(f for f in files if f[0] == "nbk_alpha/__init__.py")[3] == 1
+    # the tree damaged and the wheel too: the tree is dropped unread (its wheel changed), the wheel is
+    # refused and fetched again, and the tree unpacked anew from it
+    _remove(python, "nbk-alpha")
+    cached.write_bytes(b"x")
+    wheel.write_bytes(wheel.read_bytes() + b"tampered")
+    messages.clear()
+    assert install(["train"], house, **kwargs).downloaded == ["nbk-alpha"] and _imports(python) == "1.0 1.0"
+    assert any("does not match the lock" in m and "fetched again" in m for m in messages)
+    assert installed.samefile(cached) and cached.read_bytes() == good
+
+
+def test_without_links_the_wheel_is_unpacked_or_the_tree_copied(tmp_path, index, monkeypatch):
+    """Across filesystems (a wheelhouse on Drive) no tree is kept; where a link is refused, files are copied."""
+    from nbkit.wheels import unpack
+
+    python, site = _bare_venv(tmp_path / "venv")
+    profiles, house = _profile(tmp_path / "profiles", index), _house(tmp_path / "wh", index)
+    kwargs = dict(python=python, profiles_dir=profiles, log=lambda _: None)
+    monkeypatch.setattr(unpack, "same_filesystem", lambda *_: False)
+    assert sorted(install(["train"], house, **kwargs).from_wheelhouse) == ["nbk-alpha", "nbk-beta"]
+    assert not (house / "unpacked").exists() and _imports(python) == "1.0 1.0"
+    assert (site / "nbk_alpha" / "__init__.py").stat().st_nlink == 1
+    monkeypatch.undo()
+
+    def no_links(*_):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    _remove(python, "nbk-alpha", "nbk-beta")
+    monkeypatch.setattr(os, "link", no_links)
+    assert sorted(install(["train"], house, **kwargs).from_wheelhouse) == ["nbk-alpha", "nbk-beta"]
+    assert (house / "unpacked").is_dir() and _imports(python) == "1.0 1.0"
+    assert (site / "nbk_alpha" / "__init__.py").stat().st_nlink == 1
+
+
 def _bad_wheel(path: Path, member: str, size: int = 10) -> bytes:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("evil-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
@@ -226,11 +318,16 @@ def test_a_wheel_naming_a_path_outside_or_too_big_is_refused(tmp_path, monkeypat
             unpack.unpack_wheel(data, "evil-1.0-py3-none-any.whl", scheme)
         assert not (tmp_path / "escape.py").exists() and not list(site.rglob("*.py"))
         assert not list(site.glob("*.dist-info/RECORD"))  # what was written is removed again
+        with pytest.raises(NbkitError, match="outside its install folder"):  # nor into a wheelhouse tree
+            unpack.fill_tree(data, tmp_path / "evil-1.0-py3-none-any.whl", "sha256:0")
+        assert not (tmp_path / "escape.py").exists() and not list((tmp_path / "unpacked").iterdir())
     monkeypatch.setattr(unpack, "MAX_UNPACKED", 1000)
     data = _bad_wheel(tmp_path / "big-1.0-py3-none-any.whl", "evil/big.py", size=2000)
     with pytest.raises(NbkitError, match="over nbkit's bound"):
         unpack.unpack_wheel(data, "evil-1.0-py3-none-any.whl", scheme)
-    assert not list(site.rglob("big.py"))
+    with pytest.raises(NbkitError, match="over nbkit's bound"):
+        unpack.fill_tree(data, tmp_path / "big-1.0-py3-none-any.whl", "sha256:0")
+    assert not list(site.rglob("big.py")) and not list((tmp_path / "unpacked").iterdir())
 
 
 def test_a_lock_whose_hash_does_not_match_is_refused(tmp_path, index, venv):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nbkit.errors import NbkitError
-from nbkit.wheels.house import checked_wheel, download, wheels_in
+from nbkit.wheels.house import candidates, checked_wheel, download, wheels_in
 from nbkit.wheels.lockfile import read_lock
 from nbkit.wheels.profiles import Profile, is_protected, probe_runtime
+from nbkit.wheels.trees import same_filesystem
+from nbkit.wheels.unpack import keep_tree, target_scheme
 
 
 def find_uv() -> str | None:
@@ -116,10 +120,20 @@ def build(
     index_args: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> tuple[int, int]:
-    """Fill `wheelhouse` with every wheel `profile`'s sets need (never torch's stack).
+    """Fill `wheelhouse` with every wheel `profile`'s sets need (never torch's stack), each kept unpacked
+    beside it too where the wheelhouse shares a filesystem with `python`'s site-packages (so installs
+    there link files instead of unzipping: `nbkit.wheels.trees`).
 
     Run it on the profile's runtime (or with `python` of that runtime): pip picks the wheels for the
     interpreter it runs under. Returns (wheels already there, wheels downloaded).
+
+    Args:
+        profile: the profile whose locks say what to fetch.
+        wheelhouse: the wheel folder.
+        sets: the package sets (default: all the profile has).
+        python: the interpreter of the runtime (default: this one).
+        index_args: pip's index options for downloads (default PyPI).
+        log: where messages go.
     """
     runtime = probe_runtime(python)
     if profile.mismatches(runtime):
@@ -131,4 +145,14 @@ def build(
     wheels = wheels_in(wheelhouse)
     missing = [pin for pin in pins if checked_wheel(wheels, pin, runtime.tags, log) is None]
     download(missing, wheelhouse, python=python, index_args=index_args, log=log)
+    site = target_scheme(python or sys.executable).purelib
+    wheels = wheels_in(wheelhouse)
+    linked = [
+        (wheel.path, pin)
+        for pin in pins
+        for wheel in candidates(wheels, pin, runtime.tags)[:1]
+        if same_filesystem(wheel.path, site)
+    ]
+    with ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 2))) as pool:
+        list(pool.map(lambda item: keep_tree(*item, log), linked))
     return len(pins) - len(missing), len(missing)

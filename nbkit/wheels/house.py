@@ -1,7 +1,7 @@
 """The wheelhouse: a flat folder of wheels under the storage root (on Drive on Colab).
 
 Every wheel is checked against the sha256 hashes of a lock before it is used; one that does not match
-is removed (and fetched again by whoever needs it). Reads go through `retry_io`, so a Drive hiccup is
+is removed with its unpacked tree (and fetched again by whoever needs it). Reads go through `retry_io`, so a Drive hiccup is
 retried instead of failing the setup.
 """
 
@@ -20,8 +20,9 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
 from nbkit.errors import NbkitError
-from nbkit.fsio import DISK_FULL_TEXTS, atomic_path, disk_full_error, retry_io
+from nbkit.fsio import DISK_FULL_TEXTS, TEMP_PREFIX, atomic_path, disk_full_error, retry_io
 from nbkit.wheels.lockfile import Pin
+from nbkit.wheels.trees import UNPACKED, remove_tree
 
 CHUNK = 1 << 20
 
@@ -95,7 +96,7 @@ def checked_wheel(
 
 
 def refuse(path: Path, digest: str, pin: Pin, log: Callable[[str], None] = print) -> None:
-    """Say that the wheel at `path` (sha256 `digest`) is not one `pin` allows, and remove it.
+    """Say that the wheel at `path` (sha256 `digest`) is not one `pin` allows, and remove it (and its tree).
 
     Args:
         path: the wheel file.
@@ -109,6 +110,7 @@ def refuse(path: Path, digest: str, pin: Pin, log: Callable[[str], None] = print
         "will be fetched again"
     )
     retry_io(lambda: path.unlink(missing_ok=True), what=f"removing {path.name}")
+    remove_tree(path)
 
 
 def requirements_text(pins: Iterable[Pin]) -> str:
@@ -238,18 +240,37 @@ def verify(wheelhouse: Path, pins: Sequence[Pin], *, remove_bad: bool = False) -
             report.bad.append(wheel.path)
             if remove_bad:
                 wheel.path.unlink(missing_ok=True)
+                remove_tree(wheel.path)
     report.missing = [pin for pin in pins if pin.name not in present]
     return report
 
 
 def prune(wheelhouse: Path, keep: Sequence[Pin], *, dry_run: bool = False) -> tuple[list[Path], int]:
-    """Remove the wheels of versions no pin in `keep` names; returns (removed, bytes freed)."""
+    """Remove the wheels of versions no pin in `keep` names; returns (removed, bytes of those wheels).
+
+    Their unpacked trees go with them, and so do trees whose wheel is gone and the temporary folders
+    of an unpack that was killed.
+
+    Args:
+        wheelhouse: the folder.
+        keep: the pins whose versions stay.
+        dry_run: remove nothing; only say what would go.
+    """
     wanted = {(pin.name, Version(pin.version)) for pin in keep}
     removed, freed = [], 0
+    kept = set()
     for wheel in wheels_in(wheelhouse):
         if (wheel.name, Version(wheel.version)) not in wanted:
             removed.append(wheel.path)
             freed += wheel.size
             if not dry_run:
                 wheel.path.unlink(missing_ok=True)
+                remove_tree(wheel.path)
+        else:
+            kept.add(wheel.path.name.removesuffix(".whl"))
+    trees = wheelhouse / UNPACKED
+    if not dry_run and trees.is_dir():
+        for entry in trees.iterdir():
+            if entry.name not in kept and (entry.name.startswith(TEMP_PREFIX) or entry.is_dir()):
+                shutil.rmtree(entry, ignore_errors=True)
     return removed, freed

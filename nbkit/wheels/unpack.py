@@ -8,15 +8,19 @@ removed). Nothing in a wheel is run: no setup script, no byte-compiling (Python 
 import). The bytes unpacked are the bytes whose sha256 was checked against the lock, read once into
 memory; a wheel bigger than `MAX_WHEEL`, or one that unpacks to more than `MAX_UNPACKED` or names a path
 outside its folder, is refused.
+
+Where the wheelhouse and site-packages share a filesystem, each wheel is also kept unpacked in the
+wheelhouse (`nbkit.wheels.trees`), and a warm install hard-links those files instead of inflating the
+zip again: the time of creating the links, not of writing the bytes.
 """
 
 from __future__ import annotations
 
-import base64
 import configparser
 import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import os
@@ -25,9 +29,10 @@ import shutil
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from packaging.utils import canonicalize_name
 
@@ -36,6 +41,7 @@ from nbkit.fsio import DISK_FULL_ERRNOS, disk_full_error, retry_io
 from nbkit.wheels.house import refuse, run_quiet
 from nbkit.wheels.lockfile import Pin
 from nbkit.wheels.profiles import python_json
+from nbkit.wheels.trees import Entry, Tree, b64_sha256, checked, new_partial, same_filesystem, save
 
 MAX_WHEEL = 2 << 30  # bytes of one wheel file
 MAX_UNPACKED = 8 << 30  # bytes one wheel may unpack to
@@ -109,11 +115,6 @@ def target_scheme(python: str) -> Scheme:
     )
 
 
-def _b64_sha256(data: bytes) -> str:
-    digest = hashlib.sha256(data).digest()
-    return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
 def _shebang(python: str) -> bytes:
     # pip's rule: a path with spaces, or too long for the kernel, goes through /bin/sh
     if " " in python or len(python) > 127:
@@ -163,7 +164,10 @@ def _launcher(python: str, target: str) -> bytes:
     return _shebang(python) + LAUNCHER.format(module=module, head=head, call=attr).encode()
 
 
+_T = TypeVar("_T")
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# a hard link refused by where it would go (another filesystem, no links there, too many): copied instead
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 class _Writer:
@@ -178,26 +182,30 @@ class _Writer:
         self.written: list[str] = []
         self.made: set[str] = set()
 
-    def write(
-        self, path: str, data: bytes, executable: bool, digest: str | None = None, record: str = ""
-    ) -> None:
-        """Write `data` to `path` (a new file) and list it in RECORD (as `record`, default relative to root)."""
+    def _create(self, path: str, make: Callable[[], _T]) -> _T:
+        """`make()`, which creates the file `path`: its folder made first, or an old file unlinked."""
         parent = os.path.dirname(path)
         if parent not in self.made:
             os.makedirs(parent, exist_ok=True)
             self.made.add(parent)
-        mode = 0o755 if executable else 0o644
         try:
-            handle = os.open(path, _CREATE, mode)
+            made = make()
         except FileExistsError:
             # never rewrite a file in place: a running process may have it mapped (a .so)
             os.unlink(path)
-            handle = os.open(path, _CREATE, mode)
+            made = make()
         except FileNotFoundError:
             # the folder was removed as empty while an older version of another package went
             os.makedirs(parent, exist_ok=True)
-            handle = os.open(path, _CREATE, mode)
+            made = make()
         self.written.append(path)
+        return made
+
+    def write(
+        self, path: str, data: bytes, executable: bool, digest: str | None = None, record: str = ""
+    ) -> None:
+        """Write `data` to `path` (a new file) and list it in RECORD (as `record`, default relative to root)."""
+        handle = self._create(path, lambda: os.open(path, _CREATE, 0o755 if executable else 0o644))
         try:
             view = memoryview(data)
             while view:
@@ -207,7 +215,21 @@ class _Writer:
         if executable:
             os.chmod(path, 0o755)  # the umask may have taken bits off
         name = record or os.path.relpath(path, self.root)
-        self.rows.append((name, digest or _b64_sha256(data), str(len(data))))
+        self.rows.append((name, digest or b64_sha256(data), str(len(data))))
+
+    def link(self, source: str, path: str, entry: Entry, record: str = "") -> None:
+        """Hard-link `source` (a tree's file, `entry` its manifest row) as `path` and list it in RECORD;
+        copied where a link is refused."""
+        try:
+            self._create(path, lambda: os.link(source, path))
+        except OSError as error:
+            if error.errno not in _NO_LINK:
+                raise
+            with open(source, "rb") as handle:
+                data = handle.read()
+            self.write(path, data, entry[4], entry[1], record)
+            return
+        self.rows.append((record or os.path.relpath(path, self.root), entry[1], str(entry[2])))
 
     def remove_all(self) -> None:
         for path in reversed(self.written):
@@ -265,60 +287,73 @@ class _Layout:
     root: str
     scheme: Scheme
 
+    @classmethod
+    def of(cls, wheel: str, dist_info: str, purelib: bool, scheme: Scheme) -> _Layout:
+        root = scheme.purelib if purelib else scheme.platlib
+        return cls(wheel, dist_info, dist_info[: -len(".dist-info")] + ".data", str(root), scheme)
 
-def _layout(archive: zipfile.ZipFile, wheel: str, scheme: Scheme) -> _Layout:
-    dist_info = _dist_info(archive, wheel)
+
+def _is_purelib(archive: zipfile.ZipFile, dist_info: str) -> bool:
     meta = archive.read(f"{dist_info}/WHEEL").decode("utf-8", "replace")
-    root = scheme.purelib if re.search(r"(?mi)^Root-Is-Purelib:\s*true\s*$", meta) else scheme.platlib
-    return _Layout(wheel, dist_info, dist_info[: -len(".dist-info")] + ".data", str(root), scheme)
+    return bool(re.search(r"(?mi)^Root-Is-Purelib:\s*true\s*$", meta))
 
 
-def _place_data(layout: _Layout, name: str, content: bytes) -> tuple[str, bytes, bool]:
-    """Where a `*.data/KEY/...` member goes, its content (a script's shebang rewritten), executable."""
+def _place_data(layout: _Layout, name: str) -> tuple[str, bool]:
+    """Where a `*.data/KEY/...` member goes, and whether it is a script (its shebang rewritten)."""
     _, key, rest = [*name.split("/", 2), "", ""][:3]
     if key not in SCHEME_KEYS or not rest:
         raise NbkitError(f"{layout.wheel} has an unknown data folder {key!r}", fix="remove the wheel")
     base = layout.scheme.path(key)
     if key == "headers":
         base = base / canonicalize_name(layout.dist_info.split("-", 1)[0])
-    if key != "scripts":
-        return _inside(str(base), rest, layout.wheel), content, False
+    return _inside(str(base), rest, layout.wheel), key == "scripts"
+
+
+def _script(layout: _Layout, content: bytes) -> bytes:
     if content.startswith((b"#!python", b"#!pythonw")):
-        content = _shebang(layout.scheme.python) + content.split(b"\n", 1)[-1]
-    return _inside(str(base), rest, layout.wheel), content, True
+        return _shebang(layout.scheme.python) + content.split(b"\n", 1)[-1]
+    return content
+
+
+def _members(archive: zipfile.ZipFile, data: memoryview, dist_info: str) -> Iterator[tuple[str, bytes, bool]]:
+    """Each file member but RECORD and INSTALLER (written anew): name, content, executable."""
+    skip = {f"{dist_info}/RECORD", f"{dist_info}/INSTALLER"}
+    for info in archive.infolist():
+        name = info.filename
+        if not name.endswith("/") and name not in skip:
+            yield name, _member(data, info, archive), bool((info.external_attr >> 16) & 0o111)
 
 
 def _write_members(archive: zipfile.ZipFile, data: memoryview, layout: _Layout, writer: _Writer) -> None:
     hashes = _record_hashes(archive, layout.dist_info)
-    skip = {f"{layout.dist_info}/RECORD", f"{layout.dist_info}/INSTALLER"}
     data_prefix = f"{layout.data_dir}/"
-    for info in archive.infolist():
-        name = info.filename
-        if name.endswith("/") or name in skip:
-            continue
-        content = _member(data, info, archive)
-        executable = bool((info.external_attr >> 16) & 0o111)
+    for name, content, executable in _members(archive, data, layout.dist_info):
         if name.startswith(data_prefix):
-            path, placed, script = _place_data(layout, name, content)
-            writer.write(path, placed, script or executable)
+            path, script = _place_data(layout, name)
+            writer.write(path, _script(layout, content) if script else content, script or executable)
         else:
             path = _inside(layout.root, name, layout.wheel)
             writer.write(path, content, executable, hashes.get(name), record=name)
 
 
-def _write_metadata(archive: zipfile.ZipFile, layout: _Layout, writer: _Writer) -> None:
+def _write_metadata(layout: _Layout, entry_points: str | None, writer: _Writer) -> None:
     """The entry points' launchers, then INSTALLER, then RECORD (last: it makes the package installed)."""
-    entry_points = f"{layout.dist_info}/entry_points.txt"
-    if entry_points in archive.NameToInfo:
-        for script, target in _entry_points(archive.read(entry_points).decode("utf-8")):
-            launcher = _launcher(layout.scheme.python, target)
-            writer.write(_inside(str(layout.scheme.scripts), script, layout.wheel), launcher, True)
+    for script, target in _entry_points(entry_points or ""):
+        launcher = _launcher(layout.scheme.python, target)
+        writer.write(_inside(str(layout.scheme.scripts), script, layout.wheel), launcher, True)
     root, dist_info = layout.root, layout.dist_info
     writer.write(_inside(root, f"{dist_info}/INSTALLER", layout.wheel), f"{INSTALLER}\n".encode(), False)
     record = _inside(root, f"{dist_info}/RECORD", layout.wheel)
     lines = io.StringIO()
     csv.writer(lines, lineterminator="\n").writerows([*writer.rows, (os.path.relpath(record, root), "", "")])
     writer.write(record, lines.getvalue().encode("utf-8"), False, "")
+
+
+def _open_wheel(data: bytes, wheel: str) -> tuple[zipfile.ZipFile, str]:
+    """The wheel's archive (its sizes checked against nbkit's bounds) and its `.dist-info`."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    _check_sizes(archive, wheel)
+    return archive, _dist_info(archive, wheel)
 
 
 def unpack_wheel(data: bytes, wheel: str, scheme: Scheme) -> str:
@@ -331,13 +366,77 @@ def unpack_wheel(data: bytes, wheel: str, scheme: Scheme) -> str:
         wheel: its file name, for messages.
         scheme: where to install (`target_scheme`).
     """
-    archive = zipfile.ZipFile(io.BytesIO(data))
-    _check_sizes(archive, wheel)
-    layout = _layout(archive, wheel, scheme)
+    archive, dist_info = _open_wheel(data, wheel)
+    layout = _Layout.of(wheel, dist_info, _is_purelib(archive, dist_info), scheme)
     writer = _Writer(layout.root)
     try:
         _write_members(archive, memoryview(data), layout, writer)
-        _write_metadata(archive, layout, writer)
+        entry_points = f"{dist_info}/entry_points.txt"
+        text = archive.read(entry_points).decode("utf-8") if entry_points in archive.NameToInfo else None
+        _write_metadata(layout, text, writer)
+    except BaseException:
+        writer.remove_all()
+        raise
+    return layout.dist_info
+
+
+def fill_tree(data: bytes, wheel: Path, digest: str) -> Tree:
+    """Unpack the wheel whose bytes are `data` (their sha256 `digest`, one of the lock's) into its tree
+    in the wheelhouse (`nbkit.wheels.trees`), replacing any; returns the tree.
+
+    The same paths are refused as by `unpack_wheel`; on any failure nothing is left.
+
+    Args:
+        data: the wheel file's bytes.
+        wheel: the wheel file.
+        digest: their `sha256:<hex>`.
+    """
+    archive, dist_info = _open_wheel(data, wheel.name)
+    purelib = _is_purelib(archive, dist_info)
+    partial = new_partial(wheel)
+    try:
+        files = f"{partial}/files"
+        writer = _Writer(files)
+        rows: list[Entry] = []
+        for name, content, executable in _members(archive, memoryview(data), dist_info):
+            # each file's own hash, for checking it later (a wheel's RECORD may lack some, or be wrong)
+            writer.write(_inside(files, name, wheel.name), content, executable, record=name)
+            rows.append((name, writer.rows[-1][1], len(content), 0, executable))
+        return save(partial, wheel, digest, dist_info, purelib, rows)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def place_tree(tree: Tree, scheme: Scheme) -> str:
+    """Install a checked tree into `scheme` by hard-linking its files (copied across filesystems),
+    scripts and launchers written with the target's shebang; returns its dist-info.
+
+    On any failure the files placed so far are removed and the error is raised.
+
+    Args:
+        tree: the tree (`nbkit.wheels.trees.checked` or `fill_tree`).
+        scheme: where to install (`target_scheme`).
+    """
+    layout = _Layout.of(tree.wheel, tree.dist_info, tree.purelib, scheme)
+    writer = _Writer(layout.root)
+    data_prefix = f"{layout.data_dir}/"
+    entry_points = None
+    try:
+        for entry in tree.files:
+            name, source = entry[0], tree.source(entry[0])
+            if name.startswith(data_prefix):
+                path, script = _place_data(layout, name)
+                if script:
+                    with open(source, "rb") as handle:
+                        writer.write(path, _script(layout, handle.read()), True)
+                else:
+                    writer.link(source, path, entry)
+            else:
+                writer.link(source, _inside(layout.root, name, layout.wheel), entry, record=name)
+                if name == f"{tree.dist_info}/entry_points.txt":
+                    with open(source, encoding="utf-8") as handle:
+                        entry_points = handle.read()
+        _write_metadata(layout, entry_points, writer)
     except BaseException:
         writer.remove_all()
         raise
@@ -405,8 +504,9 @@ def _remove_if_empty(folder: Path, roots: list[Path]) -> None:
         folder = folder.parent
 
 
-def _read_checked(path: Path, pin: Pin, log: Callable[[str], None]) -> bytes | None:
-    """The bytes of `path` when their sha256 is one of `pin`'s; otherwise None (the file removed, saying so)."""
+def _read_checked(path: Path, pin: Pin, log: Callable[[str], None]) -> tuple[bytes, str] | None:
+    """The bytes of `path` and their `sha256:<hex>` when it is one of `pin`'s; otherwise None (the file
+    removed, saying so)."""
     size = path.stat().st_size
     if size > MAX_WHEEL:
         raise NbkitError(f"{path} is {size} bytes, over nbkit's bound of {MAX_WHEEL}", path=path,
@@ -414,18 +514,50 @@ def _read_checked(path: Path, pin: Pin, log: Callable[[str], None]) -> bytes | N
     data = retry_io(path.read_bytes, what=f"reading {path.name}")
     digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
     if digest in pin.hashes:
-        return data
+        return data, digest
     refuse(path, digest, pin, log)
     return None
 
 
-def _replace(data: bytes, path: Path, scheme: Scheme, present: dict[str, list[Path]], python: str) -> None:
-    """Remove the installed version of the wheel's package (if any), then unpack the wheel."""
+def _kept_tree(data: bytes, path: Path, digest: str, log: Callable[[str], None]) -> Tree | None:
+    """`fill_tree`, or None (said) when the wheelhouse cannot hold the tree: the wheel is unpacked instead."""
+    try:
+        return fill_tree(data, path, digest)
+    except OSError as error:
+        log(f"nbkit wheels: could not keep {path.name} unpacked in the wheelhouse ({error}); "
+            "installing it from the wheel")  # fmt: skip
+        return None
+
+
+def keep_tree(path: Path, pin: Pin, log: Callable[[str], None] = print) -> bool:
+    """Give the wheel `path` a checked unpacked tree (`nbkit.wheels.trees`), unpacking it when it has
+    none or a damaged one; False when the wheel does not match the lock (removed, saying so) or the
+    wheelhouse cannot hold the tree (said).
+
+    Args:
+        path: the wheel file.
+        pin: the lock's pin it is for.
+        log: where messages go.
+    """
+    if checked(path, pin, log) is not None:
+        return True
+    found = _read_checked(path, pin, log)
+    return found is not None and _kept_tree(found[0], path, found[1], log) is not None
+
+
+def _replace(
+    path: Path, scheme: Scheme, present: dict[str, list[Path]], python: str, tree: Tree | None, data: bytes
+) -> None:
+    """Remove the installed version of the wheel's package (if any), then place its tree (when there is
+    one) or unpack the wheel's bytes."""
     name = canonicalize_name(path.name.split("-", 1)[0])
     if name in present and not remove_installed(present[name], scheme):
         _pip_uninstall(python, [name])  # installed without a RECORD (an old .egg-info)
     try:
-        unpack_wheel(data, path.name, scheme)
+        if tree is not None:
+            place_tree(tree, scheme)
+        else:
+            unpack_wheel(data, path.name, scheme)
     except OSError as error:
         if error.errno in DISK_FULL_ERRNOS:
             raise disk_full_error(scheme.purelib, error=error, what=f"installing {path.name}",
@@ -447,9 +579,12 @@ def install_wheels(
     """Install each pin from the first of its wheel files whose sha256 is the lock's, replacing other
     versions; returns the pins none of whose files matched (those files removed, saying so).
 
-    Each wheel is read once: the bytes checked are the bytes unpacked. A package's installed version is
-    removed only once its new wheel has been checked, so a refused wheel leaves it as it was. Several
-    wheels are installed at a time (unzipping, hashing and writing release the GIL).
+    Where the wheelhouse shares a filesystem with the interpreter's site-packages, a wheel is installed
+    by hard-linking the files of its unpacked tree (`nbkit.wheels.trees`), unpacked from the wheel first
+    when it has none or a damaged one; elsewhere it is unpacked from the wheel. Each wheel is read once:
+    the bytes checked are the bytes unpacked. A package's installed version is removed only once its new
+    wheel (or tree) has been checked, so a refused one leaves it as it was. Several wheels are installed
+    at a time (unzipping, hashing, linking and writing release the GIL).
 
     Args:
         wheels: each pin with its candidate wheel files.
@@ -462,10 +597,16 @@ def install_wheels(
 
     def one(pin: Pin, paths: Sequence[Path]) -> bool:
         for path in paths:
-            data = _read_checked(path, pin, log)
-            if data is not None:
-                _replace(data, path, scheme, present, python)
-                return True
+            linked = same_filesystem(path, scheme.purelib)
+            tree, data = (checked(path, pin, log) if linked else None), b""
+            if tree is None:
+                found = _read_checked(path, pin, log)
+                if found is None:
+                    continue
+                data, digest = found
+                tree = _kept_tree(data, path, digest, log) if linked else None
+            _replace(path, scheme, present, python, tree, data)
+            return True
         return False
 
     workers = workers or min(8, max(2, os.cpu_count() or 2))
