@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -9,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nbkit.images.buckets import MAX_ASPECT, bucket_sizes, nearest_bucket, training_size
+from nbkit.images.buckets import MAX_ASPECT, Sizing, bucket_sizes, nearest_bucket, training_size
+from nbkit.images.checks import check_image
 from nbkit.images.crop import choose_crop
 from nbkit.train.data import bucket_batch_indices
 
@@ -130,3 +132,23 @@ def test_sessions_from_before_buckets_keep_their_square_crops():
     assert with_images.training.buckets is False  # cropped square before: stays square
     empty = load_manifest({"name": "new", "schema_version": 3})
     assert empty.training.buckets is None  # nothing cropped yet: the family decides
+
+
+@pytest.mark.parametrize(
+    ("size", "buckets", "warned"),
+    [
+        ((90, 300), True, None),  # fills its 64x256 bucket: no upscaling
+        ((60, 250), True, "smaller than its 64x256 bucket"),
+        ((90, 300), False, "smaller than the 128 px training size"),  # the square needs 128 px across
+        ((200, 150), False, None),
+    ],
+)
+def test_the_upscaling_warning_measures_the_photo_against_its_own_training_size(size, buckets, warned):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format="PNG")
+    checked = check_image(buffer.getvalue(), name="p.png", sizing=Sizing(128, 64, buckets))
+    assert [w for w in checked.warnings if "upscaled" in w] == (
+        [] if warned is None else [checked.warnings[0]]
+    )
+    if warned:
+        assert checked.warnings[0].startswith(warned)

@@ -30,7 +30,7 @@ def schema1() -> dict:
 
 def test_schema1_fixture_upgrades_to_the_current_schema():
     manifest = load_manifest(schema1(), where="session_schema1.json")
-    assert manifest.schema_version == SCHEMA_VERSION == 4
+    assert manifest.schema_version == SCHEMA_VERSION == 5
     assert manifest.name == "old-dog"
     assert manifest.created == "2024-03-02T10:15:00+00:00"
     assert manifest.updated == "2024-03-02T11:40:12+00:00"

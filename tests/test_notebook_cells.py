@@ -98,3 +98,36 @@ def test_disconnect_needs_a_trained_model_and_gives_the_runtime_back_last(monkey
     nb.disconnect(True)
     assert calls == ["unassign", "flush", "unassign"]  # Drive's writes are flushed before the runtime goes
     assert "disconnecting the runtime" in capsys.readouterr().out
+
+
+def test_a_second_concept_comes_from_the_photos_and_class_word_cells_run_again(monkeypatch, tmp_path, capsys):
+    import io
+
+    from PIL import Image
+
+    from nbkit.session.concepts import concept_prompts, concepts
+
+    monkeypatch.setenv("NBKIT_VISION_MODELS", "off")
+    nb.state.session = Session.create("duo", root=tmp_path / "home")
+    for folder, colour in (("zwx", (220, 30, 30)), ("qrt", (30, 200, 30))):
+        (tmp_path / folder).mkdir()
+        for index in range(2):
+            buffer = io.BytesIO()
+            Image.new("RGB", (80 + 8 * index, 80), colour).save(buffer, format="PNG")
+            (tmp_path / folder / f"{folder} ({index}).png").write_bytes(buffer.getvalue())
+    nb.add_images(str(tmp_path / "zwx"), crop="center")
+    nb.class_images("person", 0)
+    # The class word cell for a concept with no photos yet names the field that adds them.
+    with pytest.raises(nb.CellError) as caught:
+        nb.class_images("dog", 2, concept="dog", repeats=3)
+    assert 'CONCEPT = "dog" in Settings' in str(caught.value)
+    nb.add_images(str(tmp_path / "qrt"), crop="center", concept="dog")
+    nb.class_images("dog", 2, concept="dog", repeats=3)
+    assert "Concept 'dog': class prompt 'dog', 2 class images" in capsys.readouterr().out
+    manifest = Session.open("duo", root=tmp_path / "home").manifest
+    views = [
+        (view.label, view.token, view.class_prompt, view.class_images, view.repeats)
+        for view in concepts(manifest)
+    ]
+    assert views == [("first", "zwx", "person", 0, 1), ("dog", "qrt", "dog", 2, 3)]
+    assert concept_prompts(manifest) == ["zwx", "qrt"]  # the training cell samples each concept

@@ -53,10 +53,33 @@ def add(args: argparse.Namespace) -> int:
         max_bytes=int(args.max_mb * 2**20),
         timeout=args.timeout,
         token=args.token,
+        concept=args.concept,
     )
     print(report)
     check_captions(session)
     return 1 if report.failed else 0
+
+
+def concept(args: argparse.Namespace) -> int:
+    from nbkit.session.concepts import concepts, set_concept
+
+    session = _session(args)
+    if args.name is not None:
+        with session.lock("changing a concept"):
+            set_concept(
+                session.manifest,
+                args.name,
+                class_word=args.class_word,
+                class_images=args.class_images,
+                repeats=args.repeats,
+            )
+            session.save()
+    for view in concepts(session.manifest):
+        print(
+            f"{view.label}: {len(view.images)} photo(s), token {view.token or '-'!r}, class word "
+            f"{view.class_prompt or '-'!r}, {view.class_images} class image(s), repeats {view.repeats}"
+        )
+    return 0
 
 
 def list_(args: argparse.Namespace) -> int:
@@ -176,6 +199,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.add_argument(
         "--token", default="", help="the instance token of these photos (default: from each file name)"
     )
+    sub.add_argument(
+        "--concept",
+        default="",
+        help="the concept these photos show, e.g. dog (default: the session's first; a new name adds one)",
+    )
     sub.add_argument("--recursive", action="store_true", help="look into sub-folders")
     sub.add_argument(
         "--max-mb", type=float, default=50.0, help="the largest file accepted, in MB (default: 50)"
@@ -183,6 +211,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a download's server")
 
     action("list", list_, "show the session's images, captions and warnings")
+
+    sub = action(
+        "concept", concept, "show the session's concepts, or set one's class word, class images, repeats"
+    )
+    sub.add_argument("name", nargs="?", help='the concept to set ("" for the first; default: show them all)')
+    sub.add_argument("--class-word", help="what the concept is (dog, woman): its class images' prompt")
+    sub.add_argument("--class-images", type=int, help="class images for prior preservation (0: none)")
+    sub.add_argument("--repeats", type=int, help="draws of each photo per epoch, relative to the first's 1")
 
     sub = action("crop", crop, "crop images again from their originals")
     sub.add_argument("images", nargs="*", help="the images (default: all)")

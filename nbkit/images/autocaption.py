@@ -43,6 +43,7 @@ from nbkit.errors import NbkitError
 from nbkit.images._tiny_captioners import TINY_CAPTIONERS, TINY_MAX_NEW_TOKENS, build_tiny_captioner
 from nbkit.images.captions import caption_warnings, normalise_caption, write_caption_file
 from nbkit.images.report import ImageReport
+from nbkit.session.concepts import concept_of, concepts
 
 if TYPE_CHECKING:
     from nbkit.session.core import Session
@@ -192,13 +193,14 @@ def clean_caption(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
 
 
-def session_class_word(session: Session) -> str:
-    """The session's class word: the last word of its class prompt ("photo of a dog" -> "dog"), or "".
+def session_class_word(session: Session, concept: str = "") -> str:
+    """A concept's class word: the last word of its class prompt ("photo of a dog" -> "dog"), or "".
 
     Args:
         session: the session.
+        concept: the concept ("": the session's first, whose class prompt is prior preservation's).
     """
-    prompt = session.manifest.training.prior.class_prompt.split(",")[0].split()
+    prompt = concept_of(session.manifest, concept).class_prompt.split(",")[0].split()
     return prompt[-1] if prompt else ""
 
 
@@ -536,8 +538,8 @@ def auto_caption(
         model: `florence2`, `blip`, a hub id, a folder, or `tiny:florence2` / `tiny:blip`.
         overwrite: caption every image, also those with a hand-written caption.
         batch_size: images per `generate` call.
-        class_word: the subject's class (`dog`); None takes the session's (`session_class_word`), ""
-            puts in the instance token only.
+        class_word: the subject's class (`dog`); None takes each photo's concept's
+            (`session_class_word`), "" puts in the instance token only.
         device: `cuda`, `cpu`, ...; default: CUDA when available.
         tokenizer: a CLIP tokenizer, for the exact caption-length warning.
 
@@ -551,11 +553,15 @@ def auto_caption(
             fix="add photos first (`nbkit images add SESSION FILES`, or the Photos cell)",
         )
     source = resolve_captioner(model)
-    class_word = session_class_word(session) if class_word is None else " ".join(class_word.split())
+    if class_word is None:
+        words = {view.name: session_class_word(session, view.name) for view in concepts(session.manifest)}
+        class_words = {record.file: words.get(record.concept, "") for record in session.manifest.images}
+    else:
+        class_words = {record.file: " ".join(class_word.split()) for record in session.manifest.images}
     reasons: dict[str, str] = {}
     todo: list[ImageRecord] = []
     for record in session.manifest.images:
-        reason = None if overwrite else _kept_because(record, source, class_word)
+        reason = None if overwrite else _kept_because(record, source, class_words[record.file])
         if reason:
             reasons[record.file] = reason
         elif not (session.path / record.file).is_file():
@@ -564,7 +570,7 @@ def auto_caption(
             todo.append(record)
     if todo:
         with session.lock("captioning images"):
-            _caption_records(session, todo, source, class_word, device=device, batch_size=batch_size)
+            _caption_records(session, todo, source, class_words, device=device, batch_size=batch_size)
     report = ImageReport(title=f'Automatic captions ({source}) in session "{session.name}"')
     for record in session.manifest.images:
         name, reason = PurePath(record.file).name, reasons.get(record.file)
@@ -577,7 +583,7 @@ def auto_caption(
             "warning" if problems else "ok",
             "; ".join([f'caption "{record.caption}"', *filter(None, [reason]), *problems]),
         )
-    if not class_word:
+    if not all(class_words.values()):
         report.warnings.append(
             "no class word yet (the class prompt is empty): captions name the subject by its token only; "
             "set the class word (the Class word cell, or `nbkit vision classify SESSION --accept`) and "
@@ -590,12 +596,13 @@ def _caption_records(
     session: Session,
     records: list[ImageRecord],
     source: str,
-    class_word: str,
+    class_words: dict[str, str],
     *,
     device: str | None,
     batch_size: int,
 ) -> None:
-    """Caption `records` and save them with one session.json write (the caller holds the lock)."""
+    """Caption `records` (with each one's class word, by file) and save them with one session.json
+    write (the caller holds the lock)."""
     captioner = load_captioner(source, device=device, batch_size=batch_size)
     captions: dict[str, str] = {}
     try:
@@ -608,7 +615,7 @@ def _caption_records(
                     images.append(image.convert("RGB"))
             for record, text in zip(batch, captioner.caption(images), strict=True):
                 # A captioner may write nothing; an image without a token then keeps what it had.
-                caption = normalise_caption(insert_subject(text, record.token, class_word))
+                caption = normalise_caption(insert_subject(text, record.token, class_words[record.file]))
                 captions[record.file] = caption or record.caption
     finally:
         # Training usually comes next and wants the whole GPU.
@@ -618,7 +625,8 @@ def _caption_records(
     history = list(session.manifest.history)
     for record in records:
         record.caption, record.caption_source, record.caption_model = captions[record.file], "auto", source
-    detail = {"model": source, "class_word": class_word, "captioned": len(captions)}
+    words = sorted({class_words[record.file] for record in records})
+    detail = {"model": source, "class_word": ", ".join(words), "captioned": len(captions)}
     session.manifest.record_run(RUN_KIND, "ok", detail)
     try:
         session.save()

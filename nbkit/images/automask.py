@@ -272,10 +272,12 @@ def auto_mask(
             reasons[record.file] = "missing"
         else:
             todo.append(record)
-    subject = " ".join((prompt or "").split()) or session_class_word(session)
+    given = " ".join((prompt or "").split())
+    subjects = {record.file: given or session_class_word(session, record.concept) for record in todo}
+    subject = ", ".join(sorted(set(subjects.values())))
     results: dict[str, float | NbkitError] = {}
     if todo:
-        if not subject:
+        if not all(subjects.values()):
             raise NbkitError(
                 "there is no class word to find the subject by (the class prompt is empty)",
                 fix='set CLASS_WORD in Settings ("dog", "woman") and run the Class word cell, or say what '
@@ -283,7 +285,7 @@ def auto_mask(
             )
         with session.lock("masking images"):
             results = _mask_records(
-                session, todo, source, subject, threshold=threshold, device=device, batch_size=batch_size
+                session, todo, source, subjects, threshold=threshold, device=device, batch_size=batch_size
             )
     title = f'Automatic masks ({source}, "{subject}")' if todo else f"Automatic masks ({source})"
     report = ImageReport(title=f'{title} in session "{session.name}"')
@@ -296,7 +298,7 @@ def auto_mask(
             report.add(
                 name,
                 "warning",
-                f'{source} found no "{subject}" here (its mask would cover {result:.1%}): {kept}',
+                f'{source} found no "{subjects[record.file]}" here (its mask would cover {result:.1%}): {kept}',
                 fix=f"give its mask as {PurePath(record.file).stem}.mask.png, or another prompt",
             )
         elif result is not None:
@@ -327,13 +329,14 @@ def _mask_records(
     session: Session,
     records: list[ImageRecord],
     source: str,
-    prompt: str,
+    prompts: dict[str, str],
     *,
     threshold: float,
     device: str | None,
     batch_size: int,
 ) -> dict[str, float | NbkitError]:
-    """Mask `records` and save them with one session.json write (the caller holds the lock).
+    """Mask `records` (each by its prompt, by file: its concept's class word) and save them with one
+    session.json write (the caller holds the lock).
 
     Returns each record's mask coverage, or the error that kept it from being read.
     """
@@ -344,10 +347,18 @@ def _mask_records(
     try:
         masker = load_masker(source, device=device, batch_size=batch_size)
         try:
-            # A batch at a time: a hundred full-size photos never sit in memory together.
-            for start in range(0, len(records), masker.batch_size):
+            # A batch of one prompt at a time: a hundred full-size photos never sit in memory together.
+            groups: dict[str, list[ImageRecord]] = {}
+            for record in records:
+                groups.setdefault(prompts[record.file], []).append(record)
+            batches = [
+                (prompt, group[start : start + masker.batch_size])
+                for prompt, group in groups.items()
+                for start in range(0, len(group), masker.batch_size)
+            ]
+            for prompt, chunk in batches:
                 batch: list[tuple[ImageRecord, Image.Image, tuple[int, int]]] = []
-                for record in records[start : start + masker.batch_size]:
+                for record in chunk:
                     try:
                         batch.append((record, *_upright(session, record)))
                     except NbkitError as error:
@@ -370,7 +381,8 @@ def _mask_records(
             del masker
             free_memory()
         if masked:
-            _save(session, masked, {"model": source, "prompt": prompt, "threshold": threshold})
+            detail = {"model": source, "prompt": ", ".join(groups), "threshold": threshold}
+            _save(session, masked, detail)
     except BaseException:
         for path, data in before.items():
             if data is None:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nbkit.errors import NbkitError
+from nbkit.images.buckets import Sizing
 
 # A 108-megapixel phone photo still opens; a 20000x20000 header (1.2 GB of RGB) does not.
 DEFAULT_MAX_PIXELS = 120_000_000
@@ -54,7 +55,12 @@ class CheckedImage:
 
 
 def check_image(
-    data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, resolution: int | None = None
+    data: bytes,
+    *,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resolution: int | None = None,
+    sizing: Sizing | None = None,
 ) -> CheckedImage:
     """Decode `data` completely and return it as an upright RGB image, or raise `BadImageError`.
 
@@ -63,6 +69,8 @@ def check_image(
         name: the file name, for messages.
         max_pixels: the decompression-bomb guard: larger images are refused before any pixel is decoded.
         resolution: the training size; a picture whose short side is smaller gets a warning.
+        sizing: the session's sizing, instead of `resolution`: in buckets, a picture gets the warning
+            when it is smaller than its bucket (a 90x300 photo fills a 64x256 bucket at 128 px).
 
     Raises:
         BadImageError: empty, not an image, truncated or corrupt, too large, or too small.
@@ -106,8 +114,18 @@ def check_image(
         raise BadImageError(
             f"{checked.image.width}x{checked.image.height} pixels is too small to learn anything from",
             path=name,
-            fix=f"use the full-size photo (at least {resolution or 512} px on the short side is best)",
+            fix="use the full-size photo (at least "
+            f"{sizing.resolution if sizing else resolution or 512} px on the short side is best)",
         )
+    if sizing is not None and sizing.buckets:
+        width, height = sizing.target(*checked.image.size)
+        if checked.image.width < width or checked.image.height < height:
+            checked.warnings.append(
+                f"smaller than its {width}x{height} bucket, so upscaled (blurry: costs likeness); "
+                "use the full-size photo if you have it"
+            )
+        return checked
+    resolution = sizing.resolution if sizing is not None else resolution
     if resolution and short_side < resolution:
         checked.warnings.append(
             f"smaller than the {resolution} px training size, so upscaled (blurry: costs likeness); "

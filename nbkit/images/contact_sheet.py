@@ -92,7 +92,8 @@ def write_contact_sheet(session: Session, *, thumb: int = 160) -> Path | None:
     for record in session.manifest.images:
         found = vision.get(record.file, [])
         flagged = bool(found) or any(note.startswith(WARNING_PREFIX) for note in record.notes)
-        label = f"{PurePath(record.file).name}{short_flags(found)}\n{record.width}x{record.height}"
+        size = f"{record.width}x{record.height}" + (f", {record.concept}" if record.concept else "")
+        label = f"{PurePath(record.file).name}{short_flags(found)}\n{size}"
         items.append((label, _with_crop(session, record), flagged))
     sheet = make_contact_sheet(items, thumb=thumb)
     with atomic_path(path) as tmp:

@@ -57,6 +57,7 @@ from nbkit.images.masks import attach_mask, mask_files, photo_stem, read_mask
 from nbkit.images.report import ImageReport
 from nbkit.images.sources import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, Candidate, Gathered, Source, gather
 from nbkit.models.registry import RESOLUTION_STEP, check_resolution_step
+from nbkit.session.concepts import check_name, set_concept
 from nbkit.session.manifest import ImageRecord, now_iso
 
 if TYPE_CHECKING:
@@ -126,6 +127,7 @@ def import_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = DEFAULT_TIMEOUT,
     token: str = "",
+    concept: str = "",
 ) -> ImageReport:
     """Import pictures into `session` and return the report (one row per file).
 
@@ -145,8 +147,11 @@ def import_images(
         max_pixels: the decompression-bomb guard.
         timeout: seconds a download may wait for the server.
         token: the instance token of every imported picture ("" takes each one's from its file name).
+        concept: the concept the pictures show ("": the session's first; a new name adds a concept,
+            `nbkit.session.concepts`).
     """
     check_crop_mode(crop)
+    concept = check_name(concept)
     check_caption_mode(captions)
     sizing = session_sizing(session, resolution)
     detector = FaceDetector() if crop == "smart" else None
@@ -156,7 +161,7 @@ def import_images(
         report.add(source, "error", error.message, fix=error.fix)
     with session.lock("importing images"):
         return _import_locked(
-            session, gathered, report, sizing, crop, captions, detector, max_pixels, tokenizer, token
+            session, gathered, report, sizing, crop, captions, detector, max_pixels, tokenizer, token, concept
         )
 
 
@@ -171,6 +176,7 @@ def _import_locked(
     max_pixels: int,
     tokenizer,
     token: str = "",
+    concept: str = "",
 ) -> ImageReport:
     folder = session.dir(INSTANCE_DIR)
     had_originals = (folder / ORIGINALS_DIR).is_dir()
@@ -191,6 +197,7 @@ def _import_locked(
                 continue
             new_stems[PurePath(candidate.name).stem.casefold()] = len(batch.records) - 1
             record.token = normalise_caption(token) or record.token
+            record.concept = concept
             stem_key = PurePath(candidate.name).stem.casefold()  # after reading: a download may rename it
             text = texts.get(stem_key, (None, None))[1]
             stem = PurePath(record.file).stem
@@ -200,10 +207,10 @@ def _import_locked(
             record.caption_source = "txt" if text else "filename"
             used_texts.add(stem_key)
         updates = _captions_for_existing(session, texts, used_texts, captions, report)
-        updates += _token_for_uncaptioned(session, normalise_caption(token), updates, report)
+        updates += _token_for_uncaptioned(session, normalise_caption(token), updates, report, concept)
         updates = _attach_masks(session, gathered.masks, new_stems, batch, updates, report, max_pixels)
         if batch.records or updates:
-            _commit(session, batch, updates, report, crop, sizing, started)
+            _commit(session, batch, updates, report, crop, sizing, started, concept)
     except BaseException:
         for path in batch.written:
             path.unlink(missing_ok=True)
@@ -280,7 +287,7 @@ def _import_one(
 ) -> ImageRecord | None:
     try:
         data = candidate.read()
-        checked = check_image(data, name=candidate.name, max_pixels=max_pixels, resolution=sizing.resolution)
+        checked = check_image(data, name=candidate.name, max_pixels=max_pixels, sizing=sizing)
     except NbkitError as error:
         report.add(candidate.display, "error", error.message, fix=error.fix)
         return None
@@ -492,16 +499,16 @@ def _captions_for_existing(
 
 
 def _token_for_uncaptioned(
-    session: Session, token: str, updates: list[ImageRecord], report: ImageReport
+    session: Session, token: str, updates: list[ImageRecord], report: ImageReport, concept: str = ""
 ) -> list[ImageRecord]:
-    """A given token also captions the session's photos that still have no caption (named `1.png`), so
+    """A given token also captions the concept's photos that still have no caption (named `1.png`), so
     importing again with a token fixes an earlier import instead of adding nothing."""
     if not token:
         return []
     updated = {record.file for record in updates}
     fixed = []
     for record in session.manifest.images:
-        if record.file not in updated and not record.caption.strip():
+        if record.file not in updated and not record.caption.strip() and record.concept == concept:
             fixed.append(dataclasses.replace(record, token=token, caption=token, caption_source="filename"))
             report.add(PurePath(record.file).name, "ok", f"captioned with the token {token!r}")
     return fixed
@@ -541,10 +548,13 @@ def _commit(
     crop: str,
     sizing: Sizing,
     started: str,
+    concept: str = "",
 ) -> None:
     """Record the batch in session.json with one save; on failure the in-memory manifest is restored."""
     manifest = session.manifest
-    images, history = list(manifest.images), list(manifest.history)
+    images, history, known = list(manifest.images), list(manifest.history), list(manifest.concepts)
+    if concept and all(record.name != concept for record in manifest.concepts):
+        set_concept(manifest, concept)
     by_file = {record.file: record for record in updates}
     manifest.images = [by_file.get(record.file, record) for record in manifest.images] + batch.records
     detail = {
@@ -555,10 +565,11 @@ def _commit(
         "crop": crop,
         "resolution": sizing.resolution,
         "buckets": sizing.buckets,
+        "concept": concept,
     }
     manifest.record_run("images", "ok", detail, started=started)
     try:
         session.save()
     except BaseException:
-        manifest.images, manifest.history = images, history
+        manifest.images, manifest.history, manifest.concepts = images, history, known
         raise

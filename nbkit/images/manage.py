@@ -44,6 +44,7 @@ def list_images(session: Session, *, tokenizer=None) -> ImageReport:
             [
                 f'caption "{record.caption}"',
                 f"{record.width}x{record.height}, {record.focus} crop",
+                *([f"concept {record.concept}"] if record.concept else []),
                 *notes,
                 *warnings,
             ]
@@ -166,9 +167,7 @@ def _recrop_one(
         raise NbkitError(
             f"its original is unreadable: {error.strerror}", fix="import the photo again"
         ) from None
-    checked = check_image(
-        data, name=record.original, max_pixels=DEFAULT_MAX_PIXELS, resolution=sizing.resolution
-    )
+    checked = check_image(data, name=record.original, max_pixels=DEFAULT_MAX_PIXELS, sizing=sizing)
     if box is not None:
         box = check_box(box, checked.image.size, square=crop != "none" and not sizing.buckets)
     choice, processed = crop_for_training(checked.image, crop, sizing, detector, box)

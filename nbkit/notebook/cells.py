@@ -186,6 +186,7 @@ def add_images(
     buckets: str = "auto",
     replace: bool = False,
     upload: bool = True,
+    concept: str = "",
 ) -> None:
     """Import photos (a folder, zip or URL; or Colab's upload button), then show the report and contact sheet.
 
@@ -199,6 +200,8 @@ def add_images(
             session's setting (a new session's is its model family's).
         replace: remove the session's current images first.
         upload: with no folder, offer an upload.
+        concept: what these photos show when the session trains several subjects ("": the first;
+            another name, e.g. `dog`, adds a concept: run the cell again with its photos).
     """
     from nbkit.images import check_captions, import_images, remove_images, write_contact_sheet
 
@@ -215,7 +218,9 @@ def add_images(
         sources = colab.upload()
     if replace and sources:
         remove_images(opened)
-    report = import_images(opened, sources, crop=crop, token=token) if sources or token else None
+    report = (
+        import_images(opened, sources, crop=crop, token=token, concept=concept) if sources or token else None
+    )
     if report is not None:
         show(report)
     if sources is None and upload and colab is None:
@@ -348,19 +353,23 @@ def backbone(kind: str):
 
 
 @friendly()
-def class_images(class_word: str = "", num_images: int = 0) -> None:
+def class_images(class_word: str = "", num_images: int = 0, *, concept: str = "", repeats: int = 1) -> None:
     """Set the class word (suggested from the photos when "") and prior preservation's class images.
 
     Args:
         class_word: what the subject is (`dog`, `woman`); "" takes the one suggested from the photos.
         num_images: class images for prior preservation (0: off); they are made at training.
+        concept: the concept these are for ("": the session's first).
+        repeats: draws of the concept's photos per epoch, relative to the first concept's 1.
     """
+    from nbkit.session.concepts import check_name, concept_of, set_concept
     from nbkit.vision.classword import apply_suggestion, suggest_class_word
     from nbkit.vision.scoring import instance_photos
 
     opened = need_session()
+    concept = check_name(concept)
     prompt = class_word.strip()
-    model = backbone("vit") if not prompt else None
+    model = backbone("vit") if not prompt and not concept else None
     if model is not None:
         files, images, _ = instance_photos(opened)
         suggestion = suggest_class_word(model, images, files)
@@ -372,12 +381,19 @@ def class_images(class_word: str = "", num_images: int = 0) -> None:
             fix='fill in CLASS_WORD in Settings with what your subject is ("dog", "woman"), or set '
             "CLASS_IMAGES to 0",
         )
-    if prompt:
-        training = opened.manifest.training
-        prior = training.prior.replace(class_prompt=prompt, num_images=num_images)
-        opened.manifest.training = training.replace(prior=prior.to_dict())
+    if concept:
+        concept_of(opened.manifest, concept)  # its photos come first
+    if prompt or concept:
+        set_concept(
+            opened.manifest,
+            concept,
+            class_word=prompt or None,
+            class_images=num_images if prompt else None,
+            repeats=repeats if concept else None,
+        )
         opened.save()
-    print(f"Class prompt {prompt!r}, {num_images} class images" if prompt else "No class word")
+    what = f"Concept {concept!r}: " if concept else ""
+    print(what + (f"class prompt {prompt!r}, {num_images} class images" if prompt else "no class word"))
 
 
 __all__ = [

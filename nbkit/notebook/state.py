@@ -26,6 +26,10 @@ WORDS = {
     "token": 'INSTANCE_TOKEN = "{value}" in Settings',
     "tunnel": 'UI_TUNNEL = "{value}" in Settings',
     "family": 'MODEL_FAMILY = "{value}" in Settings',
+    "concept": 'CONCEPT = "{value}" in Settings, with its photos in IMAGES, and the Photos cell run',
+    "repeats": "CONCEPT_REPEATS = {value} in Settings",
+    "class_word": 'CLASS_WORD = "{value}" in Settings, and the Class word cell run',
+    "class_images": "CLASS_IMAGES = {value} in Settings",
     "reopen_tunnel()": "run the Web UI cell again",
 }
 

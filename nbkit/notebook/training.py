@@ -9,6 +9,7 @@ from nbkit.notebook.cells import backbone, bucket_choice
 from nbkit.notebook.progress import LiveTraining
 from nbkit.notebook.state import friendly, need_session, need_trained, state
 from nbkit.notebook.widgets import show_image
+from nbkit.session.concepts import concept_prompts
 
 # The form's number fields: "auto" (or "") keeps the session's setting, which starts at the family's.
 NUMBERS = {
@@ -86,7 +87,8 @@ def train(
         resume: continue from the last checkpoint after a disconnect or a stop.
         restart: start over (an unfinished run's checkpoints are deleted).
         more: train a finished session further, to the new UNET_STEPS.
-        sample_prompt: the prompt sampled at each checkpoint ("" uses the first image's caption).
+        sample_prompt: the prompt sampled at each checkpoint ("" uses the first caption of each
+            concept's photos).
         buckets: `on`/`off` trains in aspect-ratio buckets or squares (photos cropped again to suit);
             `auto` keeps the session's setting.
         numbers: the form's numbers (`resolution`, `unet_steps`, `unet_lr`, ... as in `NUMBERS`).
@@ -106,9 +108,9 @@ def train(
     settings = form_settings(numbers)
     if (wanted := bucket_choice(buckets)) is not None:
         settings["buckets"] = wanted
-    prompt = sample_prompt or next((image.caption for image in opened.manifest.images if image.caption), "")
-    if prompt:
-        settings["sample_prompts"] = [prompt]
+    prompts = [sample_prompt] if sample_prompt else concept_prompts(opened.manifest)
+    if prompts:
+        settings["sample_prompts"] = prompts
     live = LiveTraining()
     state.result = run_training(opened, settings, resume=resume, restart=restart, more=more, on_progress=live)
     result = state.result

@@ -18,7 +18,7 @@ from nbkit.errors import NbkitError
 from nbkit.families import DEFAULT_FAMILY
 from nbkit.session.settings import TrainConfig
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 Stage = Literal["idle", "text_encoder", "unet", "done"]
 
@@ -61,6 +61,7 @@ class ImageRecord(StrictConfig):
     `mask` is the subject mask cropped like `file`, `mask_original` the mask as given ("" without one;
     `nbkit.images.masks`); `mask_source` says where it came from: a file, or CLIPSeg (`auto`;
     `nbkit.images.automask`).
+    `concept` names the concept the photo shows ("": the session's first; `nbkit.session.concepts`).
     """
 
     file: str
@@ -83,6 +84,27 @@ class ImageRecord(StrictConfig):
     mask: str = ""
     mask_original: str = ""
     mask_source: Literal["file", "auto"] = "file"
+    concept: str = ""
+
+
+@dataclasses.dataclass
+class Concept(StrictConfig):
+    """A subject (or style) a session trains beside its first one (`nbkit.session.concepts`).
+
+    The first concept ("") has no record: its class word and class images are `training.prior`'s and
+    its repeats 1.
+
+    Args:
+        name: the concept's name, also its class images' folder (`class_images/<name>/`).
+        class_prompt: its class word or prompt ("dog"), what its class images show ("" for none).
+        class_images: class images made of it for prior preservation (0: none).
+        repeats: how often each of its photos is drawn per epoch, relative to the first concept's 1.
+    """
+
+    name: str
+    class_prompt: str = ""
+    class_images: int = 0
+    repeats: int = 1
 
 
 @dataclasses.dataclass
@@ -155,6 +177,7 @@ class Manifest(StrictConfig):
     training: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     state: TrainingState = dataclasses.field(default_factory=TrainingState)
     images: list[ImageRecord] = dataclasses.field(default_factory=list)
+    concepts: list[Concept] = dataclasses.field(default_factory=list)
     history: list[RunRecord] = dataclasses.field(default_factory=list)
     models: list[ExportedModel] = dataclasses.field(default_factory=list)
 
@@ -260,7 +283,12 @@ def _upgrade_v3(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3}
+def _upgrade_v4(data: dict[str, Any]) -> dict[str, Any]:
+    """v4 had one concept per session: every photo is the first concept's, as before."""
+    return {**data, "schema_version": 5}
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3, 4: _upgrade_v4}
 
 
 def upgrade(data: dict[str, Any], *, where: str = "session.json") -> dict[str, Any]:

@@ -278,10 +278,20 @@ def bucket_batch_indices(
 
 
 def draw_indices(
-    latents: LatentCache, *, seed: int, stream: int, stage_index: int, first_position: int, batch_size: int
+    latents: LatentCache,
+    *,
+    seed: int,
+    stream: int,
+    stage_index: int,
+    first_position: int,
+    batch_size: int,
+    repeats: Sequence[int] | None = None,
 ) -> list[int]:
     """The images of one batch: from the stage's stream of draws, or from one bucket when the
     images have several training sizes.
+
+    With `repeats`, image i stands `repeats[i]` times in each epoch's draws (a concept with more
+    repeats is drawn more often); with every repeat 1 the draws are those of a run without them.
 
     Args:
         latents: the set's cached latents.
@@ -290,9 +300,17 @@ def draw_indices(
         stage_index: the stage, mixed into the seed.
         first_position: the batch's first draw.
         batch_size: images per batch.
+        repeats: draws of each image per epoch (None: 1 each).
     """
     order = {"seed": seed, "stream": stream, "stage_index": stage_index, "first_position": first_position}
+    entries = [index for index, times in enumerate(repeats or [1] * len(latents)) for _ in range(times)]
     buckets = latents.buckets
     if len(buckets) == 1:  # squares (or one bucket): the stream every run before buckets drew
-        return batch_indices(**order, batch_size=batch_size, count=len(latents))
-    return bucket_batch_indices(**order, batch_size=batch_size, buckets=buckets)
+        drawn = batch_indices(**order, batch_size=batch_size, count=len(entries))
+        return [entries[position] for position in drawn]
+    by_image: dict[int, list[int]] = {}
+    for position, index in enumerate(entries):
+        by_image.setdefault(index, []).append(position)
+    bucket_entries = [[position for index in bucket for position in by_image[index]] for bucket in buckets]
+    drawn = bucket_batch_indices(**order, batch_size=batch_size, buckets=bucket_entries)
+    return [entries[position] for position in drawn]

@@ -41,6 +41,7 @@ RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_
 # Settings added later still: a checkpoint written before them resumes as it was trained (without).
 RESUME_LATER_KEYS = ("caption_dropout", "buckets", "mask_background")
 QUANTIZATION_KEY = "the base model's quantization"
+CONCEPTS_KEY = "the concepts' settings"
 
 RESTART = _setting("restart")
 
@@ -271,6 +272,7 @@ def check_resume(
     where: Path,
     *,
     quantization: str | None = None,
+    concepts: list[dict] | None = None,
 ) -> None:
     """A resumed run must keep the settings its checkpoint was trained with.
 
@@ -281,6 +283,8 @@ def check_resume(
         where: the checkpoint folder, for the message.
         quantization: how the run loads its base (`check_memory`): a LoRA trained on an 8-bit
             transformer does not continue on a 4-bit one (another GPU) without being told.
+        concepts: the session's further concepts (`nbkit.session.concepts.concept_settings`); a
+            checkpoint written before concepts existed records none.
     """
     saved_config, saved_model = saved.get("config", {}), saved.get("base_model", {})
     current = config.to_dict()
@@ -296,6 +300,8 @@ def check_resume(
     ]
     if "quantized_base" in saved and saved["quantized_base"] != quantization:
         mismatches.append((QUANTIZATION_KEY, saved["quantized_base"], quantization))
+    if "concepts" in saved and saved["concepts"] != (concepts or []):
+        mismatches.append((CONCEPTS_KEY, saved["concepts"], concepts or []))
     saved_prior = saved_config.get("prior", {})
     # With prior preservation off before and now, its class prompt trains nothing: a class word set
     # (or suggested) after the stop does not block the resume.
@@ -310,12 +316,15 @@ def check_resume(
             mismatches.append((f"base model {key}", saved_model.get(key), getattr(base_model, key)))
     if mismatches:
         key, before, now = mismatches[0]
+        fixes = {
+            QUANTIZATION_KEY: f"resume with --quantize-base {before or 'none'} on a GPU it fits",
+            CONCEPTS_KEY: "set the concepts' class words, class images and repeats back as they were",
+        }
+        back = fixes.get(key, f"resume with the checkpoint's {key} (drop the new setting)")
         raise NbkitError(
             f"cannot resume: {key} was {before!r} in the checkpoint but is {now!r} now",
             path=where,
-            fix=f"resume with --quantize-base {before or 'none'} on a GPU it fits, or start over with {RESTART}"
-            if key == QUANTIZATION_KEY
-            else f"resume with the checkpoint's {key} (drop the new setting), or start over with {RESTART}",
+            fix=f"{back}, or start over with {RESTART}",
         )
 
 

@@ -19,6 +19,7 @@ from nbkit.images.buckets import Sizing
 from nbkit.images.importing import fits
 from nbkit.models.memory import DEFAULT_LORA_RANK
 from nbkit.session.base_model import base_model_ref, native_resolution
+from nbkit.session.concepts import check_concepts, concept_settings
 from nbkit.session.core import Session
 from nbkit.session.manifest import BaseModelRef, TrainingState
 from nbkit.session.settings import TrainConfig
@@ -147,6 +148,7 @@ def plan_run(
     check_family_config(base_model.family, config)  # first: it says what the family cannot train at all
     check_config(config)
     check_images(session.path, session.manifest.images, masked=config.mask_background is not None)
+    check_concepts(session.manifest)
     check_resolution(base_model, config.resolution, force=force_resolution)
     if config.training_mode == "lora" and config.lora_rank == 0:
         config = config.replace(lora_rank=DEFAULT_LORA_RANK)
@@ -200,7 +202,14 @@ def plan_run(
         saved = plan.resume_from.state()
         if config.seed is None:
             config = config.replace(seed=saved["config"]["seed"])
-        check_resume(config, base_model, saved, plan.resume_from.path, quantization=quantization)
+        check_resume(
+            config,
+            base_model,
+            saved,
+            plan.resume_from.path,
+            quantization=quantization,
+            concepts=concept_settings(session.manifest),
+        )
     if config.seed is None:  # a random one, as fast-DreamBooth; shown and saved, so runs can be repeated
         config = config.replace(seed=random.SystemRandom().randint(1, 999_999))
     plan.config = config

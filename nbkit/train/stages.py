@@ -80,6 +80,7 @@ class ImageSet:
         stream: the random stream that shuffles this set.
         token_ids: each caption's token ids, one tensor per tokenizer (for stage 1).
         caption_dropout: the share of draws trained on the empty prompt (the last caption).
+        repeats: draws of each image per epoch (its concept's repeats; None: 1 each).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class ImageSet:
         stream: int,
         token_ids: list[torch.Tensor],
         caption_dropout: float = 0.0,
+        repeats: list[int] | None = None,
     ):
         self.latents = latents
+        self.repeats = repeats
         self.captions = captions
         self.stream = stream
         self.token_ids = token_ids
@@ -365,6 +368,7 @@ def _draw(context: RunContext, images: ImageSet, stage: Stage, first: int, gener
         stage_index=stage.index,
         first_position=first,
         batch_size=config.batch_size,
+        repeats=images.repeats,
     )
     if config.random_flip:
         flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()

@@ -25,6 +25,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from nbkit import gpu
 from nbkit.errors import DiskFullError, NbkitError, NbkitWarning, setting
 from nbkit.fsio import disk_full_error, free_bytes, is_disk_full, make_room_fix
+from nbkit.session.concepts import concept_settings, concepts, repeats_per_image
 from nbkit.session.core import Session
 from nbkit.session.manifest import TrainingState
 from nbkit.session.settings import TrainConfig
@@ -254,29 +255,37 @@ def _image_sets(session: Session, accelerator: Accelerator, components, plan: Ru
     # cached for stage 2) with the others.
     prompts = [*captions, ""] if config.caption_dropout else captions
     instance = ImageSet(
-        latents, prompts, STREAM_INSTANCE_ORDER, tokenize(components, prompts), config.caption_dropout
+        latents,
+        prompts,
+        STREAM_INSTANCE_ORDER,
+        tokenize(components, prompts),
+        config.caption_dropout,
+        repeats=repeats_per_image(session.manifest),
     )
-    prior = config.prior
-    if prior.num_images == 0:
+    wanted = [view for view in concepts(session.manifest) if view.class_images and view.class_prompt]
+    if not wanted:
         return instance, None
     from nbkit.train.class_images import class_image_path, ensure_class_images
 
-    class_dir = session.dir("class_images")
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            ensure_class_images(
-                components.pipeline,
-                prior.class_prompt,
-                prior.num_images,
-                class_dir,
-                seed=0,  # fixed, so the set is reused whatever the training seed
-                steps=prior.generation_steps,
-                resolution=config.resolution,
-                model=session.manifest.base_model.source,
-            )
-        sources = [class_image_path(class_dir, index) for index in range(prior.num_images)]
-        class_paths = copy_to_scratch(sources, scratch / "class")
-    class_captions = [prior.class_prompt] * len(class_paths)
+    class_paths, class_captions = [], []
+    for view in wanted:  # each concept's class images in its own folder, drawn as one set
+        class_dir = session.dir("class_images") / view.name  # the first's: the folder itself
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                ensure_class_images(
+                    components.pipeline,
+                    view.class_prompt,
+                    view.class_images,
+                    class_dir,
+                    seed=0,  # fixed, so the set is reused whatever the training seed
+                    steps=config.prior.generation_steps,
+                    resolution=config.resolution,
+                    model=session.manifest.base_model.source,
+                )
+            sources = [class_image_path(class_dir, index) for index in range(view.class_images)]
+            folder = scratch / ("class" if not view.name else f"class-{view.name}")
+            class_paths += copy_to_scratch(sources, folder)
+        class_captions += [view.class_prompt] * view.class_images
     class_latents = LatentCache(
         components.vae,
         class_paths,
@@ -344,6 +353,7 @@ def _execute(
             "config": config.to_dict(),
             "base_model": base_model.to_dict(),
             "quantized_base": quantization,
+            "concepts": concept_settings(session.manifest),
         },
     )
     stages = [

@@ -28,6 +28,7 @@ from PIL import Image
 from nbkit.errors import NbkitError
 from nbkit.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from nbkit.generation.infotext import parse_infotext
+from nbkit.session.concepts import concept_for_prompt, concepts
 from nbkit.vision.embeddings import embed_cached, image_content_key
 
 MEMORISED_COSINE = 0.95
@@ -53,6 +54,7 @@ class CheckpointScore:
     diversity: float | None
     max_similarity: float
     memorised: bool
+    concept: str = ""
 
     @property
     def fidelity(self) -> float:
@@ -207,16 +209,30 @@ def suggest_checkpoint(scores: Sequence[CheckpointScore], kept: Collection[str] 
         kept: the checkpoints still in the session (None: all); the others were pruned and cannot be
             exported, so they are never suggested.
     """
-    candidates = [
-        score for score in scores if not score.memorised and (kept is None or score.checkpoint in kept)
-    ]
-    if not candidates:
+    # With several concepts a checkpoint has a row each: it memorises if one does, and its fidelity
+    # is their mean.
+    rows: dict[str, list[CheckpointScore]] = {}
+    for score in scores:
+        rows.setdefault(score.checkpoint, []).append(score)
+    fidelity = {
+        name: sum(row.fidelity for row in group) / len(group)
+        for name, group in rows.items()
+        if not any(row.memorised for row in group) and (kept is None or name in kept)
+    }
+    if not fidelity:
         return None
-    best = max(candidates, key=lambda score: score.fidelity)
-    return next(score.checkpoint for score in candidates if score.fidelity == best.fidelity)
+    best = max(fidelity.values())
+    return next(name for name, value in fidelity.items() if value == best)
 
 
 COLUMNS = ("checkpoint", "samples", "dino", "clip_i", "clip_t", "diversity", "max_similarity", "memorised")
+
+
+def _columns(scores: Sequence[CheckpointScore]) -> tuple[str, ...]:
+    """The table's columns: with a `concept` column after the checkpoint when the rows are per concept."""
+    if any(score.concept for score in scores):
+        return (COLUMNS[0], "concept", *COLUMNS[1:])
+    return COLUMNS
 
 
 def write_scores(
@@ -234,10 +250,11 @@ def write_scores(
         `{"csv": ..., "json": ..., "plot": ...}`.
     """
     logs_dir = Path(logs_dir)
-    rows = [dataclasses.asdict(score) for score in scores]
+    columns = _columns(scores)
+    rows = [{column: getattr(score, column) for column in columns} for score in scores]
     suggested = suggest_checkpoint(scores, kept)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     paths = {
@@ -262,19 +279,29 @@ def _plot(scores: Sequence[CheckpointScore], suggested: str | None) -> bytes:
 
     figure = Figure(figsize=(7, 4), dpi=100)
     axes = figure.subplots()
-    names = [score.checkpoint for score in scores]
+    names = list(dict.fromkeys(score.checkpoint for score in scores))
     positions = list(range(len(names)))
-    for column, label in (
-        ("dino", "DINO"),
-        ("clip_i", "CLIP-I"),
-        ("clip_t", "CLIP-T"),
-        ("diversity", "diversity"),
-    ):
-        values = [getattr(score, column) for score in scores]
-        if any(value is not None for value in values):
-            axes.plot(positions, [math.nan if v is None else v for v in values], marker="o", label=label)
-    for position, score in zip(positions, scores, strict=True):
-        if score.memorised:
+    # A line per score and concept (one concept: its lines are named by the score alone).
+    by_concept: dict[str, dict[str, CheckpointScore]] = {}
+    for score in scores:
+        by_concept.setdefault(score.concept, {})[score.checkpoint] = score
+    for concept, rows in by_concept.items():
+        for column, label in (
+            ("dino", "DINO"),
+            ("clip_i", "CLIP-I"),
+            ("clip_t", "CLIP-T"),
+            ("diversity", "diversity"),
+        ):
+            values = [getattr(rows[name], column) if name in rows else None for name in names]
+            if any(value is not None for value in values):
+                axes.plot(
+                    positions,
+                    [math.nan if v is None else v for v in values],
+                    marker="o",
+                    label=f"{label} ({concept})" if concept else label,
+                )
+    for position, name in enumerate(names):
+        if any(score.memorised for score in scores if score.checkpoint == name):
             axes.axvspan(position - 0.4, position + 0.4, color="red", alpha=0.15)
     if suggested in names:
         axes.axvline(names.index(suggested), color="green", linestyle="--", label=f"suggested: {suggested}")
@@ -301,8 +328,9 @@ def format_table(scores: Sequence[CheckpointScore], kept: Collection[str] | None
             return f"{value:.3f}"
         return "-" if value is None else str(value)
 
-    rows = [COLUMNS] + [tuple(cell(getattr(score, column)) for column in COLUMNS) for score in scores]
-    widths = [max(len(row[index]) for row in rows) for index in range(len(COLUMNS))]
+    columns = _columns(scores)
+    rows = [columns] + [tuple(cell(getattr(score, column)) for column in columns) for score in scores]
+    widths = [max(len(row[index]) for row in rows) for index in range(len(columns))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)) for row in rows]
     suggested = suggest_checkpoint(scores, kept)
     lines.append(
@@ -331,6 +359,10 @@ def score_session(
 ) -> tuple[list[CheckpointScore], dict[str, Path]]:
     """Score every checkpoint's samples in a session and write the table and plot into `logs/`.
 
+    With several concepts (`nbkit.session.concepts`) each sample is scored against the photos of the
+    concept whose token its prompt names, giving a row per checkpoint and concept; samples naming no
+    concept's token (or several) are left out of those rows.
+
     Args:
         session: an open `nbkit.session.core.Session`.
         dino: DINO backbone (or None).
@@ -347,9 +379,29 @@ def score_session(
         )
     _, images, _ = instance_photos(session)
     cache_dir = session.dir("logs") / "vision_cache"
-    scores = score_checkpoints(
-        samples, images, dino=dino, clip=clip, memorised=memorised, cache_dir=cache_dir
-    )
+    options = {"dino": dino, "clip": clip, "memorised": memorised, "cache_dir": cache_dir}
+    views = [view for view in concepts(session.manifest) if view.images]
+    if len(views) < 2:
+        scores = score_checkpoints(samples, images, **options)
+        return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
+    scores = []
+    for view in views:
+        mine = {
+            name: chosen
+            for name, items in samples.items()
+            if (chosen := [item for item in items if concept_for_prompt(views, item.prompt) == view])
+        }
+        if mine:
+            rows = score_checkpoints(mine, [images[index] for index in view.images], **options)
+            scores += [dataclasses.replace(row, concept=view.label) for row in rows]
+    if not scores:
+        raise NbkitError(
+            "no sample prompt names a concept's token, so no sample can be scored against its photos",
+            fix="sample with prompts that name each concept's token ("
+            + ", ".join(repr(view.token) for view in views)
+            + ")",
+        )
+    scores.sort(key=lambda row: row.checkpoint)
     return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
 
 
