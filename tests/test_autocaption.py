@@ -296,3 +296,27 @@ def test_insert_subject_puts_the_subject_in_once_and_changes_nothing_else(words,
 
 def _mentions(word: str, class_word: str) -> bool:
     return bool(class_word) and word.strip(",.()").casefold() in class_nouns(class_word)
+
+
+def test_the_caption_editors_button_writes_a_caption_to_edit_and_saves_nothing_itself(session, monkeypatch):
+    from nbkit.images import caption_editor
+
+    assert len(caption_editor(session).widget.children[4].children) == 1  # no model: no button
+    editor = caption_editor(session, captioner="tiny:florence2")
+    editor.next.click()  # zwx (2), captioned "zwx upside down" from its .txt file
+    before = captions(session)
+    editor.write_button.click()
+    written = editor.text.value
+    assert written.startswith("zwx cat") and written != "zwx upside down", editor.status.value
+    assert "then Save caption" in editor.status.value
+    assert captions(session) == before  # only in the text box until saved
+    loads = []
+    monkeypatch.setattr("nbkit.images.autocaption.load_captioner", lambda *a, **k: loads.append(a))
+    editor.next.click()
+    editor.write_button.click()  # the model loaded on the first click is kept
+    assert loads == [] and editor.text.value.startswith("zwx cat")
+    editor.previous.click()
+    editor.text.value = written
+    editor.save_button.click()
+    record = reopen(session).manifest.images[1]
+    assert (record.caption, record.caption_source) == (written, "editor")

@@ -592,6 +592,20 @@ def auto_caption(
     return report
 
 
+def suggest_caption(session: Session, record: ImageRecord, captioner: Captioner) -> str:
+    """What `captioner` writes for one photo, with its token and its concept's class word put in; the
+    session is not changed (the caption editor shows it for the user to edit and save).
+
+    Args:
+        session: the session.
+        record: the photo.
+        captioner: a loaded captioner (`load_captioner`).
+    """
+    with Image.open(session.path / record.file) as image:
+        text = captioner.caption([image.convert("RGB")])[0]
+    return normalise_caption(insert_subject(text, record.token, session_class_word(session, record.concept)))
+
+
 def _caption_records(
     session: Session,
     records: list[ImageRecord],

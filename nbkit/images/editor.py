@@ -1,4 +1,5 @@
-"""A notebook caption editor: pick an image, see its crop, edit its caption, save.
+"""A notebook caption editor: pick an image, see its crop, edit its caption (or have a captioning
+model write one to start from), save.
 
 Saving goes through `set_caption`: session.json is saved atomically and `captions/<stem>.txt` is
 rewritten atomically, so a runtime reset mid-save never leaves half a caption. ipywidgets is imported
@@ -28,9 +29,12 @@ class CaptionEditor:
         session: the session whose captions to edit.
         tokenizer: a CLIP tokenizer, for the exact caption-length warning.
         thumb: the preview size in pixels.
+        captioner: a captioning model (`florence2`, `blip`, a hub id, a folder, `tiny:florence2`); with
+            one, a button writes the picked photo's caption with it into the text box, to edit and
+            save. It is loaded on the first click and kept for the next.
     """
 
-    def __init__(self, session: Session, *, tokenizer=None, thumb: int = 320):
+    def __init__(self, session: Session, *, tokenizer=None, thumb: int = 320, captioner: str | None = None):
         try:
             import ipywidgets as widgets
         except ImportError:
@@ -48,18 +52,26 @@ class CaptionEditor:
         self.token = widgets.HTML()
         self.text = widgets.Textarea(placeholder="caption", layout=widgets.Layout(width="100%", height="5em"))
         self.save_button = widgets.Button(description="Save caption", button_style="primary", icon="save")
+        self.captioner_name, self._captioner = captioner, None
+        self.write_button = widgets.Button(
+            description=f"Write with {captioner}"[:40],
+            icon="magic",
+            tooltip="caption this photo with the model",
+        )
         self.status = widgets.HTML()
         self.picker.observe(lambda change: self.show(), names="value")
         self.previous.on_click(lambda button: self._step(-1))
         self.next.on_click(lambda button: self._step(1))
         self.save_button.on_click(lambda button: self.save())
+        self.write_button.on_click(lambda button: self.write())
+        buttons = [self.save_button, self.write_button] if captioner else [self.save_button]
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.picker, self.previous, self.next]),
                 self.picture,
                 self.token,
                 self.text,
-                self.save_button,
+                widgets.HBox(buttons),
                 self.status,
             ]
         )
@@ -87,6 +99,24 @@ class CaptionEditor:
         )
         self.status.value = f"<span style='color:#1a7f37'>Saved.</span>{notes}"
 
+    def write(self) -> None:
+        """Put the captioning model's caption of the picked photo (its token and class word in it) into
+        the text box; nothing is saved until Save."""
+        from nbkit.images.autocaption import load_captioner, suggest_caption
+
+        if not self.captioner_name:
+            return
+        self.status.value = "Writing a caption..."
+        try:
+            if self._captioner is None:
+                self._captioner = load_captioner(self.captioner_name)
+            record = find_record(self.session, self.picker.value)
+            self.text.value = suggest_caption(self.session, record, self._captioner)
+        except NbkitError as error:
+            self.status.value = f"<span style='color:#cf222e'>No caption: {html.escape(str(error))}</span>"
+            return
+        self.status.value = "Written by the model: edit it if you like, then Save caption."
+
     def _step(self, offset: int) -> None:
         values = [value for _, value in self.picker.options]
         self.picker.value = values[(values.index(self.picker.value) + offset) % len(values)]
@@ -95,14 +125,15 @@ class CaptionEditor:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-def caption_editor(session: Session, *, tokenizer=None) -> CaptionEditor:
+def caption_editor(session: Session, *, tokenizer=None, captioner: str | None = None) -> CaptionEditor:
     """Make a caption editor for `session` (display the result in a notebook cell).
 
     Args:
         session: the session whose captions to edit.
         tokenizer: a CLIP tokenizer, for the exact caption-length warning.
+        captioner: a captioning model for the editor's "Write with" button (None: no button).
     """
-    return CaptionEditor(session, tokenizer=tokenizer)
+    return CaptionEditor(session, tokenizer=tokenizer, captioner=captioner)
 
 
 def _preview_png(path, size: int) -> bytes:

@@ -318,11 +318,16 @@ def auto_masks(model: str = "off") -> None:
 
 
 @friendly()
-def captions() -> None:
-    """The caption editor: pick an image, edit its caption, save."""
+def captions(model: str = "") -> None:
+    """The caption editor: pick an image, edit its caption (or have `model` write one), save.
+
+    Args:
+        model: the captioning model of the editor's "Write with" button ("" or "off": no button; see
+            `captioner`).
+    """
     from nbkit.images import caption_editor
 
-    show(caption_editor(need_session()))
+    show(caption_editor(need_session(), captioner=captioner(model)))
 
 
 def _vision() -> str:
