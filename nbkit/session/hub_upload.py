@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from nbkit.errors import NbkitError
 from nbkit.families import get_family
 from nbkit.models.registry import find_model
+from nbkit.secrets import find_secret
 from nbkit.session.core import Session
 from nbkit.session.manifest import ExportedModel
 
@@ -75,24 +76,9 @@ def find_token(token: str | None = None) -> str:
     """
     if token and token.strip():
         return token.strip()
-    value = os.environ.get(TOKEN_NAME, "").strip()
-    if value:
-        return value
-    where = f"no Hugging Face token was given and the environment variable {TOKEN_NAME} is not set"
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-    except ImportError:
-        raise NbkitError(where, fix=_TOKEN_FIX) from None
-    try:
-        value = (userdata.get(TOKEN_NAME) or "").strip()
-    except Exception as error:  # SecretNotFoundError, NotebookAccessError, TimeoutException
-        if "Access" in type(error).__name__:
-            where = f"the Colab secret {TOKEN_NAME} exists but this notebook may not read it"
-        else:
-            where += f", nor is there a Colab secret {TOKEN_NAME}"
-        raise NbkitError(where, fix=_TOKEN_FIX) from None
-    if not value:
-        raise NbkitError(f"{where}, and the Colab secret {TOKEN_NAME} is empty", fix=_TOKEN_FIX)
+    value, why = find_secret((TOKEN_NAME,))
+    if value is None:
+        raise NbkitError(f"no Hugging Face token was given, nor found: {why}", fix=_TOKEN_FIX)
     return value
 
 

@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from nbkit.errors import setting
+from nbkit.secrets import find_secret
 from nbkit.tunnel.base import DEFAULT_TIMEOUT, REOPEN, Tunnel, TunnelFailure, run_with_timeout, tail
 
 TOKEN_NAMES = ("NGROK_AUTHTOKEN", "NGROK_TOKEN")
@@ -24,34 +25,9 @@ FALLBACK = f"use another tunnel ({setting('tunnel', 'cloudflared')})"
 
 
 def find_token() -> tuple[str | None, str]:
-    """The ngrok auth token and where it came from, or (None, why none was found).
-
-    Looks at NGROK_AUTHTOKEN and NGROK_TOKEN in the environment, then at Colab secrets of the same
-    names when `google.colab` is importable.
-    """
-    for name in TOKEN_NAMES:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value, f"the environment variable {name}"
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
-    except ImportError:
-        return None, "not in the environment (NGROK_AUTHTOKEN, NGROK_TOKEN)"
-    denied = False
-    for name in TOKEN_NAMES:
-        try:
-            value = (userdata.get(name) or "").strip()
-        except Exception as e:  # SecretNotFoundError, NotebookAccessError, TimeoutException
-            denied = denied or "Access" in type(e).__name__
-            continue
-        if value:
-            return value, f"the Colab secret {name}"
-    if denied:
-        return (
-            None,
-            "the Colab secret exists but this notebook may not read it (turn on its 'Notebook access')",
-        )
-    return None, "not in the environment nor in Colab secrets (NGROK_AUTHTOKEN, NGROK_TOKEN)"
+    """The ngrok auth token and where it came from, or (None, why none was found): NGROK_AUTHTOKEN and
+    NGROK_TOKEN in the environment, then Colab secrets of the same names (`nbkit.secrets`)."""
+    return find_secret(TOKEN_NAMES)
 
 
 class NgrokTunnel(Tunnel):
