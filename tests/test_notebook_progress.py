@@ -8,9 +8,9 @@ from nbkit.notebook.progress import LiveTraining, position
 from nbkit.session.settings import TrainConfig
 
 
-def _result(stage: str, step: int, **config) -> types.SimpleNamespace:
+def _result(stage: str, step: int, denoiser: str = "UNet", **config) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        stage=stage, step=step, config=TrainConfig(**config), samples=[], loss_plot=None
+        stage=stage, step=step, config=TrainConfig(**config), samples=[], loss_plot=None, denoiser=denoiser
     )
 
 
@@ -31,3 +31,14 @@ def test_the_time_left_comes_from_this_calls_own_pace(monkeypatch):
     assert live.status == "Step 51/100 (UNet), 0:00:10 elapsed"
     live(_result("unet", 61, **config))  # 10 steps in 10 s: 39 left
     assert live.status == "Step 61/100 (UNet), 0:00:20 elapsed, about 0:00:39 left"
+
+
+def test_the_second_stage_is_named_by_the_familys_denoiser():
+    from nbkit.families import get_family
+
+    live = LiveTraining(min_interval=0)
+    flux = get_family("flux")
+    live(_result("unet", 3, denoiser=flux.denoiser_title, text_encoder_steps=0, unet_steps=10))
+    assert live.status.startswith("Step 3/10 (transformer)")
+    live(_result("text_encoder", 2, text_encoder_steps=5, unet_steps=10))
+    assert live.status.startswith("Step 2/15 (text encoder)")

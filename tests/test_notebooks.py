@@ -462,6 +462,8 @@ def test_dreambooth_notebook_trains_a_transformer_lora_with_the_default_settings
     (model,) = session.manifest.models
     assert (model.kind, model.family, model.resolution) == ("lora", family, 64)
     assert not list((session.path / "checkpoints").glob("text_encoder-*"))  # no text-encoder stage
+    trained = shown_text(kernel.cell("7."))
+    assert "Step 4/4 (transformer)" in trained and "UNet" not in trained  # its stage by its denoiser
     (output,) = [p for p in session.dir("outputs").glob("*/*.png") if p.parent.name != "samples"]
     info = read_infotext(output)
     assert f"<lora:{Path(model.files['kohya']).stem}:1>" in info

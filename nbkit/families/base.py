@@ -296,6 +296,11 @@ class Family:
         """The pipeline attributes of its tokenizers, one per text encoder."""
         return ("tokenizer", "tokenizer_2")[: self.text_encoder_count]
 
+    @property
+    def denoiser_title(self) -> str:
+        """How messages name the denoiser stage 2 trains: `UNet` or `transformer`."""
+        return "UNet" if self.denoiser == "unet" else "transformer"
+
     def check_training_settings(self, config: Any) -> None:
         """Refuse training settings this family cannot train with (raises `NbkitError`).
 

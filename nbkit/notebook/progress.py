@@ -11,7 +11,7 @@ import datetime
 import time
 from pathlib import Path
 
-STAGES = {"text_encoder": "text encoder", "unet": "UNet", "done": "done"}
+STAGES = {"text_encoder": "text encoder", "done": "done"}  # stage 2 is named by its denoiser
 
 
 def _clock(seconds: float) -> str:
@@ -67,7 +67,7 @@ class LiveTraining:
         started, at = self.first or (now, done)
         rate = (done - at) / (now - started) if now > started and done > at else 0.0
         left = f", about {_clock((total - done) / rate)} left" if rate and done < total else ""
-        stage = STAGES.get(result.stage, result.stage)
+        stage = result.denoiser if result.stage == "unet" else STAGES.get(result.stage, result.stage)
         return f"Step {done}/{total} ({stage}), {_clock(now - self.started)} elapsed{left}"
 
     def _show(self, key: str, obj) -> None:

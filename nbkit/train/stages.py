@@ -308,12 +308,19 @@ def offload_text_encoders(components: Components) -> None:
     free_memory()
 
 
+def stage_title(context: RunContext, stage: Stage) -> str:
+    """The stage as messages name it: `text encoder`, or the denoiser (`UNet`, `transformer`)."""
+    return (
+        "text encoder" if stage.name == "text_encoder" else context.components.family_adapter.denoiser_title
+    )
+
+
 def _loop(context, stage, start_step, wrapped, parameters, optimizer, lr_scheduler) -> bool:
     accelerator, config = context.accelerator, context.config
     progress = tqdm(
         total=stage.steps,
         initial=start_step,
-        desc=f"stage {stage.index} ({stage.name.replace('_', ' ')})",
+        desc=f"stage {stage.index} ({stage_title(context, stage)})",
         unit="step",
         disable=not (accelerator.is_main_process and context.progress_bars),
     )

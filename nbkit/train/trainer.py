@@ -57,6 +57,7 @@ class TrainResult:
         loss_plot: the loss curve PNG, if one was drawn.
         losses: (stage, step, loss) of every step this call took.
         config: the effective training settings.
+        denoiser: how messages name stage 2's denoiser (`UNet`, `transformer`).
     """
 
     session: Path
@@ -72,6 +73,7 @@ class TrainResult:
     loss_plot: Path | None = None
     losses: list[tuple[str, int, float]] = dataclasses.field(default_factory=list)
     config: TrainConfig | None = None
+    denoiser: str = "UNet"
 
 
 def train(
@@ -329,7 +331,13 @@ def _execute(
     instance, prior = _image_sets(session, accelerator, components, plan, scratch)
 
     result = TrainResult(
-        session=session.path, finished=False, stage="idle", step=0, seed=config.seed, config=config
+        session=session.path,
+        finished=False,
+        stage="idle",
+        step=0,
+        seed=config.seed,
+        config=config,
+        denoiser=components.family_adapter.denoiser_title,
     )
     reporter = (
         _Reporter(session, components, config, result, accelerator, scratch, on_progress) if main else None
