@@ -185,6 +185,19 @@ def test_model_card_of_a_local_base_model_has_no_hub_base_model(tmp_path):
     assert "A DreamBooth fine-tune of my-model (SD 1.x)" in card and str(tmp_path) not in card
 
 
+def test_model_card_of_two_concepts_lists_each_trigger():
+    from nbkit.session.concepts import set_concept
+
+    session = _session()
+    assert "## Concepts" not in model_card(session)  # one concept: its trigger alone
+    manifest = session.manifest
+    manifest.images[2].token, manifest.images[2].concept = "qrt", "cat"
+    set_concept(manifest, "cat", class_word="cat", repeats=2)
+    card = model_card(session)
+    assert "| first | zwx | photo of a dog | 2 | 1 |" in card
+    assert "| cat | qrt | cat | 1 | 2 |" in card
+
+
 def test_cli_upload_uses_hf_token_and_prints_the_url_not_the_token(monkeypatch, capsys):
     _session()
     api = FakeApi()

@@ -22,6 +22,7 @@ from nbkit.errors import NbkitError
 from nbkit.families import get_family
 from nbkit.models.registry import find_model
 from nbkit.secrets import find_secret
+from nbkit.session.concepts import concepts
 from nbkit.session.core import Session
 from nbkit.session.manifest import ExportedModel
 
@@ -161,6 +162,7 @@ def model_card(session: Session, *, samples: list[str] | None = None) -> str:
         lines.append(f"- class word: `{class_word}` (class prompt `{config.prior.class_prompt}`)")
     if model.prompt_tag():
         lines.append(f"- in AUTOMATIC1111 / Forge: add `{model.prompt_tag()}` to the prompt")
+    lines += _concepts_table(manifest)
     lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
     rows = [
         ("base model", base_name),
@@ -188,6 +190,19 @@ def model_card(session: Session, *, samples: list[str] | None = None) -> str:
         lines += ["", "## Samples", ""]
         lines += [f"![{PurePosixPath(path).stem}]({path})" for path in samples]
     return "\n".join(lines) + "\n"
+
+
+def _concepts_table(manifest) -> list[str]:
+    """The card's table of concepts, when the model learnt more than one (none otherwise)."""
+    views = [view for view in concepts(manifest) if view.images]
+    if len(views) < 2:
+        return []
+    lines = ["", "## Concepts", "", "| concept | instance token | class word | photos | repeats |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for view in views:
+        row = (view.label, view.token or "-", view.class_prompt or "-", len(view.images), view.repeats)
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return lines
 
 
 def _main_model(session: Session) -> ExportedModel:
