@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from test_train_support import make_session
+from test_vision import PixelEmbedder
 
 from nbkit.errors import NbkitError
 from nbkit.images import auto_caption, import_images
@@ -24,6 +25,8 @@ from nbkit.session.concepts import (
     concept_for_prompt,
     concept_prompts,
     concepts,
+    counting_class_images,
+    remove_concept,
     repeats_per_image,
     set_concept,
 )
@@ -146,6 +149,31 @@ def test_concepts_are_listed_with_their_tokens_class_words_and_repeats(tiny_mode
         set_concept(session.manifest, "../dog")
     with pytest.raises(NbkitError, match="repeats is 0"):
         set_concept(session.manifest, "dog", repeats=0)
+    with pytest.raises(NbkitError, match="asks for 3 class images but has no class word"):
+        set_concept(session.manifest, "cat", class_images=3)
+    assert [view.name for view in concepts(session.manifest)] == ["", "dog"]  # refused: nothing added
+    # `first`, as listings name it, is the first concept, not a new one.
+    assert set_concept(session.manifest, "First", class_word="woman").name == ""
+    assert session.manifest.training.prior.class_prompt == "woman"
+    with pytest.raises(NbkitError, match="still has 2 photo"):
+        remove_concept(session.manifest, "dog")
+    set_concept(session.manifest, "cat", class_word="cat")
+    remove_concept(session.manifest, "cat")
+    assert [view.name for view in concepts(session.manifest)] == ["", "dog"]
+    # Two concepts with one token cannot be told apart by a prompt: refused before training.
+    session.manifest.images[2].token = session.manifest.images[3].token = "zwx"
+    with pytest.raises(NbkitError, match="share the instance token 'zwx'"):
+        check_concepts(session.manifest)
+    session.manifest.images[2].token = session.manifest.images[3].token = "qrt"
+    # Another concept's class images double the batch the memory figures count, as the first's do.
+    from nbkit.families import get_family
+    from nbkit.models.memory import training_run
+
+    set_concept(session.manifest, "", class_images=0)
+    counted = counting_class_images(session.manifest, session.manifest.training)
+    assert training_run(get_family("sd1"), counted).batch == 2 * session.manifest.training.batch_size
+    set_concept(session.manifest, "dog", class_images=0)
+    assert counting_class_images(session.manifest, session.manifest.training).prior.num_images == 0
     stray = ImageRecord(
         file="x.png", original="x.png", sha256="0", caption="x", width=8, height=8, concept="cat"
     )
@@ -203,15 +231,46 @@ def test_two_concepts_train_at_their_repeats_with_their_class_images_and_scores(
     assert (session.path / "logs" / "vision_scores.csv").read_text().startswith("checkpoint,concept,")
 
 
-def test_a_resume_refuses_changed_concept_settings(tiny_model_dir):
+def test_a_resume_refuses_changed_concept_settings_and_ignores_what_trains_nothing(tiny_model_dir):
     _two_concepts("changed", tiny_model_dir("sd1"), text_encoder_steps=0, unet_steps=4, checkpoint_every=2)
-    assert not train("changed", max_steps_this_run=2).finished
     session = Session.open("changed")
+    set_concept(session.manifest, "cat", class_word="cat", repeats=5)  # no photos: trains nothing
+    session.save()
+    assert not train("changed", max_steps_this_run=2).finished
+    assert not (session.path / "class_images" / "cat").exists()  # no class images for it either
+    session = Session.open("changed")
+    set_concept(session.manifest, "cat", class_word="kitten", repeats=2)  # still nothing to train
     set_concept(session.manifest, "dog", repeats=2)
     session.save()
-    with pytest.raises(NbkitError, match="concepts' settings") as caught:
+    with pytest.raises(
+        NbkitError, match="concept 'dog' repeats was 3 in the checkpoint but is 2 now"
+    ) as caught:
         train("changed", resume=True)
-    assert "restart" in caught.value.fix
+    assert "set concept 'dog' repeats back to 3" in caught.value.fix and "restart" in caught.value.fix
+    set_concept(session.manifest, "dog", repeats=3)
+    session.save()
+    assert train("changed", resume=True).finished
+
+
+def test_scores_without_a_token_in_any_prompt_compare_with_all_photos(tiny_model_dir, monkeypatch):
+    from nbkit.vision.scoring import CheckpointScore, score_session, suggest_checkpoint
+
+    monkeypatch.setenv("NBKIT_VISION_DINO", "none")
+    monkeypatch.setenv("NBKIT_VISION_CLIP", "tiny:clip")
+    _two_concepts(
+        "untokened", tiny_model_dir("sd1"), text_encoder_steps=0, unet_steps=2, checkpoint_every=2,
+        sample_prompts=["a photo of a person"], score=True,
+    )  # fmt: skip
+    assert train("untokened").finished  # scoring at the checkpoint did not stop the run
+    scores, _ = score_session(Session.open("untokened"), clip=None, dino=PixelEmbedder())
+    assert [(row.checkpoint, row.concept) for row in scores] == [("unet-000002", "")]
+
+    # A checkpoint scored for one concept only is not compared with those scored for both.
+    def row(name, concept, fidelity):
+        return CheckpointScore(name, 1, fidelity, None, None, None, 0.5, False, concept)
+
+    rows = [row("a", "first", 0.9), row("b", "first", 0.5), row("b", "dog", 0.5)]
+    assert suggest_checkpoint(rows) == "b"
 
 
 def test_automatic_captions_use_each_concepts_class_word(tiny_model_dir):
@@ -240,6 +299,12 @@ def test_cli_adds_a_concept_and_sets_its_repeats(tmp_path, tiny_model_dir):
         return run.stdout
 
     nbkit("add", "cli", str(folder), "--concept", "dog", "--crop", "center")
+    refused = subprocess.run(
+        [sys.executable, "-m", "nbkit", "images", "concept", "cli", "--repeats", "2", "--root", root],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "without a concept's name" in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
     shown = nbkit("concept", "cli", "dog", "--class-word", "dog", "--class-images", "4", "--repeats", "2")
     assert "dog: 2 photo(s), token 'qrt', class word 'dog', 4 class image(s), repeats 2" in shown
     stored = Session.open("cli", root=root).manifest

@@ -131,3 +131,7 @@ def test_a_second_concept_comes_from_the_photos_and_class_word_cells_run_again(m
     ]
     assert views == [("first", "zwx", "person", 0, 1), ("dog", "qrt", "dog", 2, 3)]
     assert concept_prompts(manifest) == ["zwx", "qrt"]  # the training cell samples each concept
+    # REMOVE_EXISTING_PHOTOS with CONCEPT set replaces that concept's photos only.
+    nb.add_images(str(tmp_path / "qrt"), crop="center", concept="dog", replace=True)
+    manifest = Session.open("duo", root=tmp_path / "home").manifest
+    assert [(view.label, len(view.images)) for view in concepts(manifest)] == [("first", 2), ("dog", 2)]

@@ -61,18 +61,22 @@ def add(args: argparse.Namespace) -> int:
 
 
 def concept(args: argparse.Namespace) -> int:
-    from nbkit.session.concepts import concepts, set_concept
+    from nbkit.errors import NbkitError
+    from nbkit.session.concepts import concepts, remove_concept, set_concept
 
     session = _session(args)
+    changes = {"class_word": args.class_word, "class_images": args.class_images, "repeats": args.repeats}
+    if args.name is None and (args.remove or any(value is not None for value in changes.values())):
+        raise NbkitError(
+            "which concept? the settings were given without a concept's name",
+            fix="name it: `nbkit images concept SESSION NAME --repeats 2` (`first` for the first concept)",
+        )
     if args.name is not None:
         with session.lock("changing a concept"):
-            set_concept(
-                session.manifest,
-                args.name,
-                class_word=args.class_word,
-                class_images=args.class_images,
-                repeats=args.repeats,
-            )
+            if args.remove:
+                remove_concept(session.manifest, args.name)
+            else:
+                set_concept(session.manifest, args.name, **changes)
             session.save()
     for view in concepts(session.manifest):
         print(
@@ -215,10 +219,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = action(
         "concept", concept, "show the session's concepts, or set one's class word, class images, repeats"
     )
-    sub.add_argument("name", nargs="?", help='the concept to set ("" for the first; default: show them all)')
+    sub.add_argument(
+        "name", nargs="?", help="the concept to set ('first' for the first; default: show them all)"
+    )
     sub.add_argument("--class-word", help="what the concept is (dog, woman): its class images' prompt")
     sub.add_argument("--class-images", type=int, help="class images for prior preservation (0: none)")
     sub.add_argument("--repeats", type=int, help="draws of each photo per epoch, relative to the first's 1")
+    sub.add_argument("--remove", action="store_true", help="remove the concept (it must have no photos left)")
 
     sub = action("crop", crop, "crop images again from their originals")
     sub.add_argument("images", nargs="*", help="the images (default: all)")

@@ -28,7 +28,7 @@ def classify(args: argparse.Namespace) -> int:
     from nbkit.vision.scoring import instance_photos
 
     session = _session(args)
-    files, images, _ = instance_photos(session)
+    files, images, _ = instance_photos(session, concept="")  # the class word it sets is the first's
     suggestion = suggest_class_word(load_backbone(args.model, device=args.device), images, files)
     print(suggestion)
     if args.accept:

@@ -583,11 +583,19 @@ def auto_caption(
             "warning" if problems else "ok",
             "; ".join([f'caption "{record.caption}"', *filter(None, [reason]), *problems]),
         )
-    if not all(class_words.values()):
+    without = sorted({record.concept for record in session.manifest.images if not class_words[record.file]})
+    if without == [""]:
         report.warnings.append(
             "no class word yet (the class prompt is empty): captions name the subject by its token only; "
             "set the class word (the Class word cell, or `nbkit vision classify SESSION --accept`) and "
             "caption again: automatic captions then get it"
+        )
+    elif without:
+        names = ", ".join(repr(name or "first") for name in without)
+        report.warnings.append(
+            f"concept(s) {names} have no class word yet: their captions name the subject by its token only; "
+            "give each one (`nbkit images concept SESSION NAME --class-word dog`, or the Class word cell "
+            "with CONCEPT) and caption again"
         )
     return report
 

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageStat
 
 from nbkit.device import free_memory
-from nbkit.errors import NbkitError
+from nbkit.errors import NbkitError, setting
 from nbkit.images._tiny_segmenters import TINY_SEGMENTERS, build_tiny_segmenter
 from nbkit.images.autocaption import (
     LoadedModel,
@@ -277,7 +277,14 @@ def auto_mask(
     subject = ", ".join(sorted(set(subjects.values())))
     results: dict[str, float | NbkitError] = {}
     if todo:
-        if not all(subjects.values()):
+        missing = sorted({record.concept for record in todo if not subjects[record.file]})
+        if missing and missing != [""]:  # a further concept: the form's CLASS_WORD is the first's
+            raise NbkitError(
+                f"concept {missing[-1]!r} has no class word to find its subject by",
+                fix=f"give it one ({setting('class_word', 'dog')} with {setting('concept', missing[-1])}; "
+                f"`nbkit images concept SESSION {missing[-1]} --class-word dog`)",
+            )
+        if missing:
             raise NbkitError(
                 "there is no class word to find the subject by (the class prompt is empty)",
                 fix='set CLASS_WORD in Settings ("dog", "woman") and run the Class word cell, or say what '

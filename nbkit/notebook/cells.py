@@ -198,12 +198,13 @@ def add_images(
         crop: `smart`, `center` or `none`.
         buckets: `on` crops each photo to its aspect-ratio bucket, `off` to a square, `auto` keeps the
             session's setting (a new session's is its model family's).
-        replace: remove the session's current images first.
+        replace: remove the concept's current photos first (the session's, without concepts).
         upload: with no folder, offer an upload.
         concept: what these photos show when the session trains several subjects ("": the first;
             another name, e.g. `dog`, adds a concept: run the cell again with its photos).
     """
     from nbkit.images import check_captions, import_images, remove_images, write_contact_sheet
+    from nbkit.session.concepts import check_name
 
     opened = need_session()
     wanted = bucket_choice(buckets)
@@ -211,20 +212,22 @@ def add_images(
         # Set before the import, so the photos are cropped as they will train.
         opened.manifest.training = opened.manifest.training.replace(buckets=wanted)
         opened.save()
+    concept = check_name(concept)
+    mine = [record.file for record in opened.manifest.images if record.concept == concept]
     colab = _colab_files()
     sources: Any = [folder] if folder else None
-    # Colab's upload button waits for the user, so it is offered only while the session has no photos.
-    if sources is None and upload and colab is not None and not opened.manifest.images:
+    # Colab's upload button waits for the user, so it is offered only while the concept has no photos.
+    if sources is None and upload and colab is not None and not mine:
         sources = colab.upload()
-    if replace and sources:
-        remove_images(opened)
+    if replace and sources and mine:
+        remove_images(opened, mine)  # this concept's photos only
     report = (
         import_images(opened, sources, crop=crop, token=token, concept=concept) if sources or token else None
     )
     if report is not None:
         show(report)
     if sources is None and upload and colab is None:
-        show(UploadBox(opened, crop=crop, replace=replace))
+        show(UploadBox(opened, crop=crop, replace=replace, concept=concept))
     if not opened.manifest.images:
         raise NbkitError(
             f"none of the files in {folder} could be imported (the report above says why, file by file)"
@@ -376,7 +379,7 @@ def class_images(class_word: str = "", num_images: int = 0, *, concept: str = ""
     prompt = class_word.strip()
     model = backbone("vit") if not prompt and not concept else None
     if model is not None:
-        files, images, _ = instance_photos(opened)
+        files, images, _ = instance_photos(opened, concept="")  # the first concept's word
         suggestion = suggest_class_word(model, images, files)
         print(suggestion)
         prompt = apply_suggestion(opened, suggestion)

@@ -142,12 +142,13 @@ class UploadBox:
     Args:
         session: the open session.
         crop: `smart`, `center` or `none`.
-        replace: remove the session's current images before the first upload is imported.
+        replace: remove the concept's current photos before the first upload is imported.
+        concept: the concept the photos show ("": the session's first).
     """
 
-    def __init__(self, session, *, crop: str = "smart", replace: bool = False):
+    def __init__(self, session, *, crop: str = "smart", replace: bool = False, concept: str = ""):
         widgets = _widgets()
-        self.session, self.crop, self.replace = session, crop, replace
+        self.session, self.crop, self.replace, self.concept = session, crop, replace, concept
         self.upload = widgets.FileUpload(accept="image/*,.zip,.txt", multiple=True, description="Photos")
         self.output = widgets.Output()
         self.upload.observe(lambda change: self.receive(change["new"]), names="value")
@@ -162,10 +163,11 @@ class UploadBox:
             return None
         with self.output:
             try:
-                if self.replace:
-                    remove_images(self.session)
-                    self.replace = False
-                report = import_images(self.session, files, crop=self.crop)
+                mine = [r.file for r in self.session.manifest.images if r.concept == self.concept]
+                if self.replace and mine:
+                    remove_images(self.session, mine)
+                self.replace = False
+                report = import_images(self.session, files, crop=self.crop, concept=self.concept)
             except NbkitError as error:
                 print(f"nbkit: {error}")
                 return None

@@ -17,9 +17,11 @@ import re
 
 from nbkit.errors import NbkitError, setting
 from nbkit.session.manifest import Concept, Manifest
+from nbkit.session.settings import PriorPreservation, TrainConfig
 
 # A folder name on every filesystem Drive syncs to, and a word in a message.
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+FIRST = "first"  # how listings and messages name the first concept, whose name is ""
 MAX_REPEATS = 100
 
 
@@ -46,16 +48,18 @@ class ConceptView:
     @property
     def label(self) -> str:
         """How messages name it: its name, or "first" for the unnamed one."""
-        return self.name or "first"
+        return self.name or FIRST
 
 
 def check_name(name: str) -> str:
     """`name` as a concept name (lower case), or a `ValueError`-style refusal naming the rule.
 
     Args:
-        name: what the user typed ("" is the first concept).
+        name: what the user typed ("" is the first concept, and so is `first`, as listings call it).
     """
     name = name.strip().lower()
+    if name == FIRST:
+        return ""
     if name and not NAME.fullmatch(name):
         raise NbkitError(
             f"{name!r} is not a concept name",
@@ -64,13 +68,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def concepts(manifest: Manifest) -> list[ConceptView]:
+def concepts(manifest: Manifest, prior: PriorPreservation | None = None) -> list[ConceptView]:
     """The session's concepts, the first ("") first and then in the order they were added; a concept
-    without photos is listed too (its photos may come later)."""
+    without photos is listed too (its photos may come later).
+
+    Args:
+        manifest: the session's manifest.
+        prior: the run's prior preservation settings, the first concept's class word and images
+            (default: the session's).
+    """
     members: dict[str, list[int]] = collections.defaultdict(list)
     for index, record in enumerate(manifest.images):
         members[record.concept].append(index)
-    prior = manifest.training.prior
+    prior = prior or manifest.training.prior
     views = [
         ConceptView(
             "", _token(manifest, members[""]), prior.class_prompt, prior.num_images, 1, tuple(members[""])
@@ -118,6 +128,7 @@ def set_concept(
     repeats: int | None = None,
 ) -> ConceptView:
     """Create the concept `name` or change its settings (None keeps a setting); the caller saves.
+    Class images need a class word to be made of.
 
     The first concept's class word and class images are the prior preservation settings; its repeats
     stay 1 (give the others more, or fewer, relative to it).
@@ -149,6 +160,7 @@ def set_concept(
             class_prompt=prior.class_prompt if class_word is None else class_word.strip(),
             num_images=prior.num_images if class_images is None else class_images,
         )
+        _need_class_word(name, prior.class_prompt, prior.num_images)
         manifest.training = manifest.training.replace(prior=prior.to_dict())
         return concept_of(manifest, name)
     record = next((concept for concept in manifest.concepts if concept.name == name), None)
@@ -161,14 +173,40 @@ def set_concept(
         )
         if value is not None
     }
+    changed = Concept(name=name, **changes) if record is None else dataclasses.replace(record, **changes)
+    _need_class_word(name, changed.class_prompt, changed.class_images)
     if record is None:
-        manifest.concepts.append(Concept(name=name, **changes))
+        manifest.concepts.append(changed)
     else:
-        manifest.concepts = [
-            dataclasses.replace(concept, **changes) if concept is record else concept
-            for concept in manifest.concepts
-        ]
+        manifest.concepts = [changed if concept is record else concept for concept in manifest.concepts]
     return concept_of(manifest, name)
+
+
+def _need_class_word(name: str, class_prompt: str, class_images: int) -> None:
+    if class_images and not class_prompt.strip():
+        raise NbkitError(
+            f"concept {name or FIRST!r} asks for {class_images} class images but has no class word to make "
+            "them of",
+            fix=f"give it one ({setting('class_word', 'dog')}), or {setting('class_images', '0')}",
+        )
+
+
+def remove_concept(manifest: Manifest, name: str) -> None:
+    """Remove the record of concept `name`, which must have no photos left; the caller saves.
+
+    Args:
+        manifest: the session's manifest.
+        name: a further concept (the first one cannot be removed).
+    """
+    view = concept_of(manifest, name)
+    if not view.name:
+        raise NbkitError("the first concept cannot be removed", fix="remove its photos instead")
+    if view.images:
+        raise NbkitError(
+            f"concept {view.name!r} still has {len(view.images)} photo(s)",
+            fix="remove them first (`nbkit images remove SESSION FILE ...`), then the concept",
+        )
+    manifest.concepts = [concept for concept in manifest.concepts if concept.name != view.name]
 
 
 def check_concepts(manifest: Manifest) -> None:
@@ -184,12 +222,19 @@ def check_concepts(manifest: Manifest) -> None:
                 f"the photo {record.file} is of concept {record.concept!r}, which session.json does not list",
                 fix=f"import it again with {setting('concept', record.concept)}, or remove it from the session",
             )
-    for view in concepts(manifest)[1:]:
-        if view.class_images and not view.class_prompt:
+    views = [view for view in concepts(manifest) if view.images]
+    for view in views:
+        if view.name:  # the first concept's class word is prior preservation's, checked with the config
+            _need_class_word(view.name, view.class_prompt, view.class_images)
+    tokens: dict[str, str] = {}
+    for view in views:
+        other = tokens.setdefault(view.token.lower(), view.label)
+        if view.token and other != view.label:
             raise NbkitError(
-                f"concept {view.label!r} asks for {view.class_images} class images but has no class word",
-                fix=f"give it one ({setting('class_word', 'dog')} for concept {view.name!r}), or "
-                + setting("class_images", "0"),
+                f"concepts {other!r} and {view.label!r} share the instance token {view.token!r}, so "
+                "prompts cannot call up one without the other",
+                fix=f"import concept {view.label!r}'s photos again with another token "
+                f"({setting('token', 'qrt')}, a rare word)",
             )
 
 
@@ -211,10 +256,29 @@ def concept_for_prompt(views: list[ConceptView], prompt: str) -> ConceptView | N
     return named[0] if len(named) == 1 else None
 
 
-def concept_settings(manifest: Manifest) -> list[dict]:
-    """The further concepts' settings, as a checkpoint records them: a resume must keep them (their
-    repeats and class images decide what each step draws)."""
-    return [concept.to_dict() for concept in manifest.concepts]
+def concept_settings(manifest: Manifest) -> dict[str, dict]:
+    """The further concepts' settings that decide what each step draws (their repeats and class
+    images), by name, as a checkpoint records them: a resume must keep them. Concepts without photos
+    train nothing and are left out, and so is the class word of a concept without class images."""
+    return {
+        view.name: {
+            "repeats": view.repeats,
+            "class_images": view.class_images,
+            **({"class_prompt": view.class_prompt} if view.class_images else {}),
+        }
+        for view in concepts(manifest)[1:]
+        if view.images
+    }
+
+
+def counting_class_images(manifest: Manifest, config: TrainConfig) -> TrainConfig:
+    """`config` as GPU memory figures and advice should see it: with prior preservation on when any
+    concept with photos has class images (each step then draws a class batch as well)."""
+    if config.prior.num_images or not any(
+        view.class_images for view in concepts(manifest)[1:] if view.images
+    ):
+        return config
+    return config.replace(prior=config.prior.replace(num_images=1).to_dict())
 
 
 def concept_prompts(manifest: Manifest) -> list[str]:

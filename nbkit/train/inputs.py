@@ -41,7 +41,6 @@ RESUME_FLUX_KEYS = ("flux_max_sequence_length", "flux_timestep_sampling", "flux_
 # Settings added later still: a checkpoint written before them resumes as it was trained (without).
 RESUME_LATER_KEYS = ("caption_dropout", "buckets", "mask_background")
 QUANTIZATION_KEY = "the base model's quantization"
-CONCEPTS_KEY = "the concepts' settings"
 
 RESTART = _setting("restart")
 
@@ -272,7 +271,7 @@ def check_resume(
     where: Path,
     *,
     quantization: str | None = None,
-    concepts: list[dict] | None = None,
+    concepts: dict[str, dict] | None = None,
 ) -> None:
     """A resumed run must keep the settings its checkpoint was trained with.
 
@@ -300,8 +299,8 @@ def check_resume(
     ]
     if "quantized_base" in saved and saved["quantized_base"] != quantization:
         mismatches.append((QUANTIZATION_KEY, saved["quantized_base"], quantization))
-    if "concepts" in saved and saved["concepts"] != (concepts or []):
-        mismatches.append((CONCEPTS_KEY, saved["concepts"], concepts or []))
+    if "concepts" in saved:
+        mismatches += _concept_changes(saved["concepts"], concepts or {})
     saved_prior = saved_config.get("prior", {})
     # With prior preservation off before and now, its class prompt trains nothing: a class word set
     # (or suggested) after the stop does not block the resume.
@@ -316,16 +315,38 @@ def check_resume(
             mismatches.append((f"base model {key}", saved_model.get(key), getattr(base_model, key)))
     if mismatches:
         key, before, now = mismatches[0]
-        fixes = {
-            QUANTIZATION_KEY: f"resume with --quantize-base {before or 'none'} on a GPU it fits",
-            CONCEPTS_KEY: "set the concepts' class words, class images and repeats back as they were",
-        }
-        back = fixes.get(key, f"resume with the checkpoint's {key} (drop the new setting)")
+        if key == QUANTIZATION_KEY:
+            back = f"resume with --quantize-base {before or 'none'} on a GPU it fits"
+        elif key.startswith("concept ") and before is None:
+            back = f"{key} came after the checkpoint: remove its photos to resume without it"
+        elif key.startswith("concept ") and now is None:
+            back = f"{key} has no photos now: import them again to resume with it"
+        elif key.startswith("concept "):
+            back = f"set {key} back to {before!r} (`nbkit images concept`)"
+        else:
+            back = f"resume with the checkpoint's {key} (drop the new setting)"
         raise NbkitError(
             f"cannot resume: {key} was {before!r} in the checkpoint but is {now!r} now",
             path=where,
             fix=f"{back}, or start over with {RESTART}",
         )
+
+
+def _concept_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(`concept 'dog' repeats`, before, now) for each setting of a further concept that changed since
+    the checkpoint; a concept added or gone (its photos all removed) shows as its whole settings."""
+    changes = []
+    for name in [*saved, *(name for name in current if name not in saved)]:
+        before, now = saved.get(name), current.get(name)
+        if before is None or now is None:
+            changes.append((f"concept {name!r}", before, now))
+            continue
+        changes += [
+            (f"concept {name!r} {field}", before.get(field), now.get(field))
+            for field in sorted({*before, *now})
+            if before.get(field) != now.get(field)
+        ]
+    return changes
 
 
 def resolve_precision(setting: str, device: torch.device) -> tuple[str, torch.dtype]:

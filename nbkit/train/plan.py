@@ -19,7 +19,7 @@ from nbkit.images.buckets import Sizing
 from nbkit.images.importing import fits
 from nbkit.models.memory import DEFAULT_LORA_RANK
 from nbkit.session.base_model import base_model_ref, native_resolution
-from nbkit.session.concepts import check_concepts, concept_settings
+from nbkit.session.concepts import check_concepts, concept_settings, counting_class_images
 from nbkit.session.core import Session
 from nbkit.session.manifest import BaseModelRef, TrainingState
 from nbkit.session.settings import TrainConfig
@@ -152,7 +152,8 @@ def plan_run(
     check_resolution(base_model, config.resolution, force=force_resolution)
     if config.training_mode == "lora" and config.lora_rank == 0:
         config = config.replace(lora_rank=DEFAULT_LORA_RANK)
-    memory_plan = plan_gpu_memory(base_model, config)  # before anything is written
+    # before anything is written; other concepts' class images double the batch as the first's do
+    memory_plan = plan_gpu_memory(base_model, counting_class_images(session.manifest, config))
     config = config.replace(**memory_plan.changes)
     quantization = memory_plan.quantization
 

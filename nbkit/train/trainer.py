@@ -25,7 +25,7 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from nbkit import gpu
 from nbkit.errors import DiskFullError, NbkitError, NbkitWarning, setting
 from nbkit.fsio import disk_full_error, free_bytes, is_disk_full, make_room_fix
-from nbkit.session.concepts import concept_settings, concepts, repeats_per_image
+from nbkit.session.concepts import concept_settings, concepts, counting_class_images, repeats_per_image
 from nbkit.session.core import Session
 from nbkit.session.manifest import TrainingState
 from nbkit.session.settings import TrainConfig
@@ -152,7 +152,8 @@ def train(
             from nbkit.train.oom import explain_oom, is_oom
 
             if is_oom(error):
-                raise explain_oom(plan.config, error, family=plan.base_model.family) from error
+                counted = counting_class_images(session.manifest, plan.config)
+                raise explain_oom(counted, error, family=plan.base_model.family) from error
             full = _disk_full(session, error, is_main=state.is_main_process)
             if full is not None:
                 raise full from error
@@ -264,7 +265,10 @@ def _image_sets(session: Session, accelerator: Accelerator, components, plan: Ru
         config.caption_dropout,
         repeats=repeats_per_image(session.manifest),
     )
-    wanted = [view for view in concepts(session.manifest) if view.class_images and view.class_prompt]
+    # The run's prior settings (not the session's: other processes never saw them saved); concepts
+    # without photos train nothing, their class images included.
+    views = concepts(session.manifest, config.prior)
+    wanted = [view for view in views if view.images and view.class_images and view.class_prompt]
     if not wanted:
         return instance, None
     from nbkit.train.class_images import class_image_path, ensure_class_images
@@ -314,7 +318,8 @@ def _execute(
         shutil.rmtree(scratch / "checkpoints", ignore_errors=True)  # staging of a killed run
         clean_stale_scratch(current=session)
     accelerator.wait_for_everyone()
-    quantization = check_memory(base_model, config)  # FLUX.1 on a smaller GPU: the transformer in 8/4 bits
+    # FLUX.1 on a smaller GPU: the transformer in 8/4 bits
+    quantization = check_memory(base_model, counting_class_images(session.manifest, config))
     components = load_components(
         base_model.source,
         base_model.family,

@@ -210,14 +210,17 @@ def suggest_checkpoint(scores: Sequence[CheckpointScore], kept: Collection[str] 
             exported, so they are never suggested.
     """
     # With several concepts a checkpoint has a row each: it memorises if one does, and its fidelity
-    # is their mean.
+    # is their mean; one without a row for every concept is not compared with those that have.
     rows: dict[str, list[CheckpointScore]] = {}
     for score in scores:
         rows.setdefault(score.checkpoint, []).append(score)
+    every = {score.concept for score in scores}
     fidelity = {
         name: sum(row.fidelity for row in group) / len(group)
         for name, group in rows.items()
-        if not any(row.memorised for row in group) and (kept is None or name in kept)
+        if not any(row.memorised for row in group)
+        and {row.concept for row in group} == every
+        and (kept is None or name in kept)
     }
     if not fidelity:
         return None
@@ -341,15 +344,17 @@ def format_table(scores: Sequence[CheckpointScore], kept: Collection[str] | None
     return "\n".join(lines)
 
 
-def instance_photos(session) -> tuple[list[str], list[Image.Image], list[str]]:
+def instance_photos(session, concept: str | None = None) -> tuple[list[str], list[Image.Image], list[str]]:
     """The session's processed instance photos: `(files, images, content keys)`.
 
     Args:
         session: an open `nbkit.session.core.Session`.
+        concept: only this concept's photos ("": the first's); None: all.
     """
     from nbkit.vision.embeddings import load_images
 
-    files = [record.file for record in session.manifest.images]
+    records = session.manifest.images
+    files = [record.file for record in records if concept is None or record.concept == concept]
     images, keys = load_images([session.path / file for file in files])
     return files, images, keys
 
@@ -361,7 +366,8 @@ def score_session(
 
     With several concepts (`nbkit.session.concepts`) each sample is scored against the photos of the
     concept whose token its prompt names, giving a row per checkpoint and concept; samples naming no
-    concept's token (or several) are left out of those rows.
+    concept's token (or several) are left out of those rows. When no sample names one, every sample is
+    scored against all the photos, as in a session of one concept.
 
     Args:
         session: an open `nbkit.session.core.Session`.
@@ -394,13 +400,9 @@ def score_session(
         if mine:
             rows = score_checkpoints(mine, [images[index] for index in view.images], **options)
             scores += [dataclasses.replace(row, concept=view.label) for row in rows]
-    if not scores:
-        raise NbkitError(
-            "no sample prompt names a concept's token, so no sample can be scored against its photos",
-            fix="sample with prompts that name each concept's token ("
-            + ", ".join(repr(view.token) for view in views)
-            + ")",
-        )
+    if not scores:  # no prompt names one concept's token: each sample against all the photos
+        scores = score_checkpoints(samples, images, **options)
+        return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
     scores.sort(key=lambda row: row.checkpoint)
     return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
 
