@@ -233,8 +233,8 @@ def check_concepts(manifest: Manifest) -> None:
             raise NbkitError(
                 f"concepts {other!r} and {view.label!r} share the instance token {view.token!r}, so "
                 "prompts cannot call up one without the other",
-                fix=f"import concept {view.label!r}'s photos again with another token "
-                f"({setting('token', 'qrt')}, a rare word)",
+                fix=f"remove concept {view.label!r}'s photos and import them again with another token "
+                f"({setting('token', 'qrt')}, a rare word), or named after it (`qrt (1).jpg`)",
             )
 
 
