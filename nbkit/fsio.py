@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -356,6 +357,15 @@ def clean_temporaries(directory: str | os.PathLike) -> list[Path]:
                 entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def sha256_of(path: str | os.PathLike) -> hashlib._Hash:
+    """The sha256 of a file's bytes, read 1 MiB at a time (any size, little memory)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    return hasher
 
 
 def read_json(path: str | os.PathLike) -> Any:

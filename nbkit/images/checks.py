@@ -59,7 +59,6 @@ def check_image(
     *,
     name: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    resolution: int | None = None,
     sizing: Sizing | None = None,
 ) -> CheckedImage:
     """Decode `data` completely and return it as an upright RGB image, or raise `BadImageError`.
@@ -68,9 +67,8 @@ def check_image(
         data: the file's bytes.
         name: the file name, for messages.
         max_pixels: the decompression-bomb guard: larger images are refused before any pixel is decoded.
-        resolution: the training size; a picture whose short side is smaller gets a warning.
-        sizing: the session's sizing, instead of `resolution`: in buckets, a picture gets the warning
-            when it is smaller than its bucket (a 90x300 photo fills a 64x256 bucket at 128 px).
+        sizing: the session's training size; a picture smaller than what it trains at (the square,
+            or in buckets its bucket: a 90x300 photo fills a 64x256 bucket at 128 px) gets a warning.
 
     Raises:
         BadImageError: empty, not an image, truncated or corrupt, too large, or too small.
@@ -115,7 +113,7 @@ def check_image(
             f"{checked.image.width}x{checked.image.height} pixels is too small to learn anything from",
             path=name,
             fix="use the full-size photo (at least "
-            f"{sizing.resolution if sizing else resolution or 512} px on the short side is best)",
+            f"{sizing.resolution if sizing else 512} px on the short side is best)",
         )
     if sizing is not None and sizing.buckets:
         width, height = sizing.target(*checked.image.size)
@@ -125,10 +123,9 @@ def check_image(
                 "use the full-size photo if you have it"
             )
         return checked
-    resolution = sizing.resolution if sizing is not None else resolution
-    if resolution and short_side < resolution:
+    if sizing is not None and short_side < sizing.resolution:
         checked.warnings.append(
-            f"smaller than the {resolution} px training size, so upscaled (blurry: costs likeness); "
+            f"smaller than the {sizing.resolution} px training size, so upscaled (blurry: costs likeness); "
             "use the full-size photo if you have it"
         )
     return checked

@@ -9,7 +9,6 @@ written by `nbkit.convert.flux_lora`; its role is still `kohya`, the file the we
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nbkit.fsio import atomic_directory
+from nbkit.fsio import atomic_directory, sha256_of
 from nbkit.session.manifest import ExportedModel
 from nbkit.train.components import Components, cast_to
 
@@ -41,11 +40,7 @@ def package_versions() -> dict[str, str]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path).hexdigest()
 
 
 def training_metadata(

@@ -387,23 +387,20 @@ def score_session(
     cache_dir = session.dir("logs") / "vision_cache"
     options = {"dino": dino, "clip": clip, "memorised": memorised, "cache_dir": cache_dir}
     views = [view for view in concepts(session.manifest) if view.images]
-    if len(views) < 2:
-        scores = score_checkpoints(samples, images, **options)
-        return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
     scores = []
-    for view in views:
-        mine = {
-            name: chosen
-            for name, items in samples.items()
-            if (chosen := [item for item in items if concept_for_prompt(views, item.prompt) == view])
-        }
-        if mine:
-            rows = score_checkpoints(mine, [images[index] for index in view.images], **options)
-            scores += [dataclasses.replace(row, concept=view.label) for row in rows]
-    if not scores:  # no prompt names one concept's token: each sample against all the photos
+    if len(views) > 1:
+        for view in views:
+            mine = {
+                name: chosen
+                for name, items in samples.items()
+                if (chosen := [item for item in items if concept_for_prompt(views, item.prompt) == view])
+            }
+            if mine:
+                rows = score_checkpoints(mine, [images[index] for index in view.images], **options)
+                scores += [dataclasses.replace(row, concept=view.label) for row in rows]
+        scores.sort(key=lambda row: row.checkpoint)
+    if not scores:  # one concept, or no prompt names one concept's token: every sample against all photos
         scores = score_checkpoints(samples, images, **options)
-        return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
-    scores.sort(key=lambda row: row.checkpoint)
     return scores, write_scores(session.dir("logs"), scores, kept_checkpoints(session))
 
 

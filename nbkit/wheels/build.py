@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from nbkit.wheels.house import candidates, checked_wheel, download, wheels_in
 from nbkit.wheels.lockfile import read_lock
 from nbkit.wheels.profiles import Profile, is_protected, probe_runtime
 from nbkit.wheels.trees import same_filesystem
-from nbkit.wheels.unpack import keep_tree, target_scheme
+from nbkit.wheels.unpack import default_workers, keep_tree, target_scheme
 
 
 def find_uv() -> str | None:
@@ -153,6 +152,6 @@ def build(
         for wheel in candidates(wheels, pin, runtime.tags)[:1]
         if same_filesystem(wheel.path, site)
     ]
-    with ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 2))) as pool:
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
         list(pool.map(lambda item: keep_tree(*item, log), linked))
     return len(pins) - len(missing), len(missing)

@@ -8,7 +8,6 @@ retried instead of failing the setup.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -20,11 +19,9 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import Version
 
 from nbkit.errors import NbkitError
-from nbkit.fsio import DISK_FULL_TEXTS, TEMP_PREFIX, atomic_path, disk_full_error, retry_io
+from nbkit.fsio import DISK_FULL_TEXTS, TEMP_PREFIX, atomic_path, disk_full_error, retry_io, sha256_of
 from nbkit.wheels.lockfile import Pin
 from nbkit.wheels.trees import UNPACKED, remove_tree
-
-CHUNK = 1 << 20
 
 
 def default_wheelhouse() -> Path:
@@ -37,14 +34,7 @@ def default_wheelhouse() -> Path:
 def sha256_file(path: Path) -> str:
     """`sha256:<hex>` of a file, retried on transient mount errors."""
 
-    def digest() -> str:
-        hasher = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                hasher.update(chunk)
-        return f"sha256:{hasher.hexdigest()}"
-
-    return retry_io(digest, what=f"reading {path.name}")
+    return retry_io(lambda: f"sha256:{sha256_of(path).hexdigest()}", what=f"reading {path.name}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,13 +30,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from nbkit.fsio import TEMP_PREFIX
+from nbkit.fsio import TEMP_PREFIX, sha256_of
 from nbkit.wheels.lockfile import Pin
 
 UNPACKED = "unpacked"
 MANIFEST = "manifest.json"
 FORMAT = 1
-CHUNK = 1 << 20
 
 # one file of a tree: (member name, RECORD-style `sha256=<urlsafe b64>`, size, mtime in ns, executable)
 Entry = tuple[str, str, int, int, bool]
@@ -106,11 +105,7 @@ def b64_sha256(data: bytes) -> str:
 
 
 def _file_b64_sha256(path: str) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            hasher.update(chunk)
-    return _record_hash(hasher)
+    return _record_hash(sha256_of(path))
 
 
 def save(partial: Path, wheel: Path, digest: str, dist_info: str, purelib: bool, rows: list[Entry]) -> Tree:

@@ -569,6 +569,12 @@ def _replace(
         ) from error
 
 
+def default_workers() -> int:
+    """Threads that unpack, hash and link wheels at once: the CPU count, 2 to 8 (the work releases
+    the GIL)."""
+    return min(8, max(2, os.cpu_count() or 2))
+
+
 def install_wheels(
     wheels: Sequence[tuple[Pin, Sequence[Path]]],
     python: str,
@@ -609,7 +615,7 @@ def install_wheels(
             return True
         return False
 
-    workers = workers or min(8, max(2, os.cpu_count() or 2))
+    workers = workers or default_workers()
     # biggest first, so the long ones start early
     ordered = sorted(
         wheels, key=lambda item: max((p.stat().st_size for p in item[1]), default=0), reverse=True
